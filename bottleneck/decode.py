@@ -1,0 +1,122 @@
+"""Decode image bytes into the RGB pixels a backbone expects, robustly.
+
+Any file Pillow can read becomes a (size, size, 3) uint8 array: EXIF orientation applied,
+grayscale / palette / CMYK / 16-bit / float images converted to 8-bit RGB, transparency
+composited onto white, animations reduced to their first frame. Anything else raises
+`ImageDecodeError` with a one-line reason; nothing here ever raises another exception type.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import BottleneckError
+
+#: Twice Pillow's own warning threshold: about 179 megapixels, more than any camera makes.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+#: Part of every backbone fingerprint: bump when decoding changes the pixels it produces.
+DECODE_VERSION = "pillow-rgb-white-alpha-bilinear-v1"
+
+_ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S"})
+
+# Our own pixel limit is checked before decoding; Pillow's would only warn or refuse at other sizes.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(BottleneckError):
+    """One image could not be decoded; the message is the one-line reason recorded for it."""
+
+
+def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    array = array.astype(np.float64)
+    if mode in _SIXTEEN_BIT_MODES:
+        array = array / 257.0
+    elif mode == "F":
+        array = array * 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else array
+    else:  # 32-bit integers: 8- or 16-bit data stored wide, or arbitrary ranges
+        peak = np.nanmax(array, initial=0.0)
+        if peak > 65535:
+            array = array * (255.0 / peak)
+        elif peak > 255:
+            array = array / 257.0
+    return np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        gray = _scale_to_uint8(np.asarray(image), mode)
+        return Image.fromarray(gray, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in image.info
+    ) or (mode in ("L", "RGB", "1") and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image Pillow can read (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"refused as a decompression bomb: {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,} (--max-pixels)"
+        )
+    return image
+
+
+def _load_upright(image: Image.Image, size: int) -> Image.Image:
+    if image.format == "JPEG":
+        # Let the JPEG decoder downscale by DCT scaling, keeping at least twice the target size.
+        image.draft(image.mode, (2 * size, 2 * size))
+    image.load()
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost us the picture
+        return image
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "truncated" in text.lower():
+        return f"truncated image ({text})"
+    return f"cannot decode: {text}" if len(text) < 200 else f"cannot decode: {text[:197]}..."
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to a (size, size, 3) uint8 RGB array, or raise `ImageDecodeError`."""
+    try:
+        image = _open_checked(data, max_pixels)
+        with image:
+            upright = _load_upright(image, size)
+            rgb = to_rgb(upright)
+            resized = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(resized, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # hostile files raise anything: SyntaxError, struct.error, MemoryError...
+        raise ImageDecodeError(_describe(exc)) from None

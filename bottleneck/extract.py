@@ -1,0 +1,293 @@
+"""Turn a folder of labelled images into features in the store: the `features` command's engine.
+
+Images whose content is already in the store are never read again (their hash is remembered
+by path and stamp). The rest are read, hashed and decoded by a pool of threads while the
+backbone runs on the previous batch, and each computed batch is committed to the store at
+once, so an interrupted run loses at most the batch in flight.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from . import __version__
+from .backbone import RANDOM_WEIGHTS_WARNING, BackboneSpec, FeatureModel
+from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .discover import Discovery, ImageFile, discover_images
+from .errors import CacheError, DataError
+from .hashing import HashIndex, sha256_bytes
+from .store import Failure, FeatureStore, StoreWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass
+class ExtractionResult:
+    """What a `features` run did."""
+
+    images: int
+    computed: int
+    reused: int
+    failed: int
+    store: Path
+    seconds: float
+    classes: list[str]
+    failures: list[Failure] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    pretrained: bool = True
+
+    @property
+    def images_per_second(self) -> float:
+        """Computed images per second, or all images per second when none needed computing."""
+        done = self.computed or self.images
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "images": self.images,
+            "computed": self.computed,
+            "reused": self.reused,
+            "failed": self.failed,
+            "store": str(self.store),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+        }
+
+
+@dataclass
+class _Outcome:
+    image: ImageFile
+    content_hash: str = ""
+    stamp: tuple[int, int, int] | None = None
+    pixels: np.ndarray | None = None
+    failure: Failure | None = None
+    known: bool = False  # the content already has features
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix_str(self, text: str) -> None: ...
+    def write(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def prepare_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    """Create the cache folder if needed and check that it is writable."""
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheError(f"cannot write to cache folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def store_attrs(spec: BackboneSpec, weights_id: str) -> dict:
+    """The attributes every store file carries about its backbone."""
+    import h5py
+    import PIL
+
+    return {
+        "architecture": spec.architecture,
+        "weights": spec.weights,
+        "weights_id": weights_id,
+        "pretrained": spec.pretrained,
+        "warning": "" if spec.pretrained else RANDOM_WEIGHTS_WARNING,
+        "input_size": spec.input_size,
+        "pooling": spec.pooling,
+        "preprocessing": spec.arch.preprocessing,
+        "feature_dim": spec.arch.feature_dim,
+        "bottleneck_version": __version__,
+        "pillow_version": PIL.__version__,
+        "h5py_version": h5py.__version__,
+    }
+
+
+def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex) -> FeatureStore:
+    """The store of `spec` in `cache_dir` (weights files are hashed through the index)."""
+    identity = spec.identity(index.hash_file)
+    fingerprint = spec.fingerprint(index.hash_file)
+    return FeatureStore(cache_dir, fingerprint, spec.arch.feature_dim, store_attrs(spec, identity["weights"]))
+
+
+def _read_and_decode(image: ImageFile, known_hash: str | None, writer: StoreWriter, size: int, max_pixels: int) -> _Outcome:
+    path = str(image.path)
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            data = handle.read()
+    except OSError as exc:
+        return _Outcome(image, failure=Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
+    outcome = _Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=(st.st_size, st.st_mtime_ns, st.st_ino))
+    if outcome.content_hash in writer.known_hashes:
+        outcome.known = True
+        return outcome
+    earlier = writer.known_failures.get(outcome.content_hash)
+    if earlier is not None:
+        outcome.failure = Failure(path, outcome.content_hash, earlier.reason)
+        return outcome
+    try:
+        outcome.pixels = decode_image(data, size, max_pixels)
+    except ImageDecodeError as exc:
+        outcome.failure = Failure(path, outcome.content_hash, str(exc))
+    return outcome
+
+
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """`map` over a thread pool, in order, with at most `ahead` items in flight."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        source = iter(items)
+        try:
+            for item in islice(source, ahead):
+                pending.append(pool.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in islice(source, 1):
+                    pending.append(pool.submit(fn, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _Batcher:
+    """Collects decoded images, runs the backbone on full batches and commits them."""
+
+    def __init__(self, spec: BackboneSpec, writer: StoreWriter, batch_size: int, on_model: Callable[[str], None]):
+        self.spec, self.writer, self.batch_size = spec, writer, batch_size
+        self.on_model = on_model
+        self.model: FeatureModel | None = None
+        self.pixels: list[np.ndarray] = []
+        self.hashes: list[str] = []
+        self.paths: list[str] = []
+        self.computed = 0
+
+    def holds(self, content_hash: str) -> bool:
+        return content_hash in self.hashes
+
+    def add(self, outcome: _Outcome) -> None:
+        self.pixels.append(outcome.pixels)
+        self.hashes.append(outcome.content_hash)
+        self.paths.append(str(outcome.image.path))
+        if len(self.pixels) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pixels:
+            return
+        if self.model is None:
+            self.on_model(f"loading backbone {self.spec.architecture} ({self.spec.weights} weights)")
+            self.model = FeatureModel(self.spec)
+        features = self.model(np.stack(self.pixels))
+        self.writer.commit(self.hashes, features, self.paths)
+        self.computed += len(self.hashes)
+        self.pixels, self.hashes, self.paths = [], [], []
+
+
+def _make_bar(total: int, progress: bool):
+    if not progress or total == 0:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+
+def extract_features(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    spec: BackboneSpec,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    lock_timeout: float | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> ExtractionResult:
+    """Compute the features of every image under `data_dir` that the store lacks."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1; got {batch_size}")
+    started = time.monotonic()
+    discovery = discover_images(data_dir)
+    cache = prepare_cache_dir(cache_dir)
+    index = HashIndex(cache)
+    try:
+        store = open_store(cache, spec, index)
+        with store.writer(lock_timeout, on_wait=log) as writer:
+            counts, failures = _run(discovery, writer, index, spec, batch_size, workers, max_pixels, progress, log)
+    finally:
+        index.close()
+    computed, reused = counts["computed"], counts["reused"]
+    if computed + reused == 0:
+        first = failures[0]
+        raise DataError(f"no image could be used: all {len(failures)} failed (first: {first.path}: {first.reason})")
+    return ExtractionResult(
+        images=len(discovery.images),
+        computed=computed,
+        reused=reused,
+        failed=len(failures),
+        store=store.path,
+        seconds=time.monotonic() - started,
+        classes=discovery.classes,
+        failures=failures,
+        skipped=discovery.skipped,
+        pretrained=spec.pretrained,
+    )
+
+
+def _run(discovery: Discovery, writer: StoreWriter, index: HashIndex, spec: BackboneSpec, batch_size: int,
+         workers: int | None, max_pixels: int, progress: bool, log: Callable[[str], None]) -> tuple[Counter, list[Failure]]:
+    counts: Counter = Counter()
+    failures: list[Failure] = []
+    todo: list[tuple[ImageFile, str | None]] = []
+    for image in discovery.images:
+        known_hash = index.lookup(str(image.path), (image.size, image.mtime_ns, image.inode))
+        if known_hash in writer.known_hashes:
+            counts["reused"] += 1
+        elif known_hash is not None and known_hash in writer.known_failures:
+            failures.append(Failure(str(image.path), known_hash, writer.known_failures[known_hash].reason))
+        else:
+            todo.append((image, known_hash))
+
+    bar = _make_bar(len(todo), progress)
+    batcher = _Batcher(spec, writer, batch_size, on_model=bar.write if progress else log)
+    workers = workers or os.cpu_count() or 1
+    ahead = max(2 * batch_size, 4 * workers)
+    size = spec.input_size
+    try:
+        for outcome in _bounded_map(lambda job: _read_and_decode(job[0], job[1], writer, size, max_pixels), todo, workers, ahead):
+            if outcome.stamp is not None and outcome.content_hash:
+                index.remember(str(outcome.image.path), outcome.stamp, outcome.content_hash)
+            if outcome.failure is not None:
+                failures.append(outcome.failure)
+                writer.add_failure(outcome.failure)
+            elif outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash):
+                counts["reused"] += 1
+            else:
+                batcher.add(outcome)
+                if not batcher.pixels:  # a batch was just committed
+                    index.flush()
+            bar.update(1)
+            bar.set_postfix_str(f"computed {batcher.computed}, reused {counts['reused']}, failed {len(failures)}")
+        batcher.flush()
+    finally:
+        bar.close()
+        index.flush()
+    counts["computed"] = batcher.computed
+    extra = batcher.model.versions if batcher.model is not None else {}
+    writer.finish({f"{name}_version": version for name, version in extra.items()})
+    return counts, failures

@@ -1,0 +1,96 @@
+"""Content keys: the SHA-256 of a file's bytes, remembered by path, size, mtime and inode.
+
+The index is a small SQLite file in the cache folder, so a rerun over unchanged files reads no
+image at all. SQLite gives us atomic commits and safe concurrent use for free.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+from .errors import CacheError
+
+INDEX_NAME = "file-hashes.sqlite"
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode): what must be unchanged for a remembered hash to stay valid."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class HashIndex:
+    """Remembers the SHA-256 of files by absolute path and stamp (size, mtime, inode)."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.path = Path(cache_dir) / INDEX_NAME
+        try:
+            self._db = sqlite3.connect(self.path, timeout=60)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER,"
+                " mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
+            )
+            self._db.commit()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot use the hash index {self.path}: {exc}") from None
+        self._known: dict[str, tuple[int, int, int, str]] | None = None
+        self._pending: list[tuple[str, int, int, int, str]] = []
+
+    def _load(self) -> dict[str, tuple[int, int, int, str]]:
+        if self._known is None:
+            rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files")
+            self._known = {row[0]: tuple(row[1:]) for row in rows}
+        return self._known
+
+    def lookup(self, path: str, stamp: tuple[int, int, int]) -> str | None:
+        """The remembered hash of `path` if its stamp is unchanged, else None."""
+        entry = self._load().get(path)
+        if entry is not None and entry[:3] == stamp:
+            return entry[3]
+        return None
+
+    def remember(self, path: str, stamp: tuple[int, int, int], sha256: str) -> None:
+        """Queue `path`'s hash; `flush` writes the queue in one transaction."""
+        self._load()[path] = (*stamp, sha256)
+        self._pending.append((path, *stamp, sha256))
+
+    def flush(self) -> None:
+        """Write the queued hashes to disk."""
+        if not self._pending:
+            return
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self._pending)
+        self._pending.clear()
+
+    def hash_file(self, path: str | os.PathLike) -> str:
+        """The file's SHA-256, from the index when the file is unchanged."""
+        key = str(Path(path).absolute())
+        stamp = file_stamp(key)
+        known = self.lookup(key, stamp)
+        if known is None:
+            known = sha256_file(key)
+            self.remember(key, stamp, known)
+            self.flush()
+        return known
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
