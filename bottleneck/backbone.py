@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +47,7 @@ ARCHITECTURES = {
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"
+RANDOM_WEIGHTS_SEED = 0
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: these features come from an untrained network (--weights none)"
 
 
@@ -89,9 +91,12 @@ class BackboneSpec:
         return self.weights != WEIGHTS_NONE
 
     def weights_id(self, file_hasher: Callable[[str], str] | None = None) -> str:
-        """'imagenet', 'none', or 'sha256:<hex>' of the weights file."""
-        if self.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE):
+        """'imagenet', 'none-seed0-keras<version>', or 'sha256:<hex>' of the weights file."""
+        if self.weights == WEIGHTS_IMAGENET:
             return self.weights
+        if self.weights == WEIGHTS_NONE:
+            # Random weights are seeded, so they are the same network on every run of one Keras version.
+            return f"none-seed{RANDOM_WEIGHTS_SEED}-keras{_installed_version('keras')}"
         hasher = file_hasher or _sha256_of
         return "sha256:" + hasher(str(Path(self.weights).absolute()))
 
@@ -110,8 +115,17 @@ class BackboneSpec:
         """A readable, unique name for this exact backbone, e.g. 'inception_v3-299-imagenet-1a2b3c4d5e6f'."""
         identity = self.identity(file_hasher)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        tag = identity["weights"] if not identity["weights"].startswith("sha256:") else "file"
+        tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
         return f"{self.architecture}-{self.input_size}-{tag}-{digest}"
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "missing"
 
 
 def _sha256_of(path: str) -> str:
@@ -152,6 +166,7 @@ def build_keras_backbone(spec: BackboneSpec):
                 "local no-top weights file, or --weights none for random weights (tests only)"
             ) from None
     else:
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         model = builder(include_top=False, weights=None, input_shape=shape, pooling=spec.pooling)
         if spec.weights != WEIGHTS_NONE:
             try:
@@ -186,3 +201,9 @@ class FeatureModel:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, feature_dim) float32."""
         return self._features(batch).numpy().astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=4)
+def get_feature_model(spec: BackboneSpec) -> FeatureModel:
+    """A `FeatureModel` for `spec`, built once per process (later runs in one process reuse it)."""
+    return FeatureModel(spec)

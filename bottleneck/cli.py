@@ -88,7 +88,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_json()))
     if args.strict and result.failed:
-        raise StrictModeError(f"{result.failed} images failed and --strict is set (see the list above)")
+        noun = "image" if result.failed == 1 else "images"
+        raise StrictModeError(f"{result.failed} {noun} failed and --strict is set (see the list above)")
     return 0
 
 

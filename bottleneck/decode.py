@@ -26,6 +26,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S"})
 
 # Our own pixel limit is checked before decoding; Pillow's would only warn or refuse at other sizes.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Damaged files make Pillow warn (bad EXIF, short TIFF tags); the outcome is recorded per image instead.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from . import __version__
-from .backbone import RANDOM_WEIGHTS_WARNING, BackboneSpec, FeatureModel
+from .backbone import RANDOM_WEIGHTS_WARNING, BackboneSpec, FeatureModel, get_feature_model
 from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .discover import Discovery, ImageFile, discover_images
 from .errors import CacheError, DataError
@@ -191,7 +191,7 @@ class _Batcher:
             return
         if self.model is None:
             self.on_model(f"loading backbone {self.spec.architecture} ({self.spec.weights} weights)")
-            self.model = FeatureModel(self.spec)
+            self.model = get_feature_model(self.spec)
         features = self.model(np.stack(self.pixels))
         self.writer.commit(self.hashes, features, self.paths)
         self.computed += len(self.hashes)

@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic image folders, made fresh by each test that needs one."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Keep TensorFlow quiet and single-process friendly in tests.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TEST_SIZE = 75  # the smallest input InceptionV3 takes: fast enough for tests on 2 cores
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (30, 60, 200)}
+
+
+def synthetic_image(colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A colour field with a seeded pattern, so every image has distinct content."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = np.empty((height, width, 3), np.float64)
+    base[:] = colour
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = 40 * np.sin((xx * (1 + seed % 5) + yy * (seed % 3)) / 6.0)
+    pixels = base + stripes[..., None] + rng.normal(0, 12, base.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_dataset(root: Path, per_class: int = 3, classes: dict = COLOURS, fmt: str = "PNG", start: int = 0) -> list[Path]:
+    """Write `per_class` images for each class into root/<class>/; return their paths."""
+    paths = []
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    for c, (label, colour) in enumerate(classes.items()):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            path = folder / f"{label}_{i:03d}.{ext}"
+            synthetic_image(colour, seed=c * 1000 + i).save(path, fmt)
+            paths.append(path)
+    return paths
+
+
+def image_bytes(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    make_dataset(root)
+    return root

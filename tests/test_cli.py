@@ -1,0 +1,81 @@
+"""The command line: instant help, one-line errors with exit code 2, the JSON summary."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bottleneck.cli import build_parser, main
+
+from .conftest import TEST_SIZE, make_dataset
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_answers_without_loading_tensorflow():
+    probe = (
+        "import sys, contextlib, io\n"
+        "from bottleneck.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['features', '--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_every_command_has_help_with_an_example():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        assert command.description and "example:" in (command.epilog or ""), name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["features", "{tmp}/missing"], "bottleneck: error: data folder not found: {tmp}/missing"),
+        (["features", "{data}", "--image-size", "50", "--weights", "none"],
+         "bottleneck: error: --image-size must be between 75 and 2048 for inception_v3; got 50"),
+        (["features", "{data}", "--cache", "{tmp}/afile/cache", "--weights", "none"],
+         "bottleneck: error: cannot write to cache folder {tmp}/afile/cache: Not a directory"),
+        (["features", "{data}", "--weights", "{tmp}/nope.h5"],
+         "bottleneck: error: weights file not found: {tmp}/nope.h5 (use --weights imagenet, none, or a path)"),
+    ],
+    ids=["missing-data", "small-size", "unwritable-cache", "missing-weights"],
+)
+def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=1)
+    (tmp_path / "afile").write_text("x")
+    filled = [a.format(tmp=tmp_path, data=data) for a in argv]
+    code, out, err = run_cli(capsys, *filled)
+    assert code == 2
+    assert err.strip() == message.format(tmp=tmp_path)
+    assert "Traceback" not in err and out == ""
+
+
+def test_json_summary_is_the_last_line_and_strict_fails_on_bad_files(capsys, tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=2)
+    (data / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    argv = ["features", str(data), "--cache", str(cache), "--weights", "none", "--image-size", str(TEST_SIZE), "--json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) == {"images", "computed", "reused", "failed", "store", "seconds", "images_per_second"}
+    assert (summary["images"], summary["computed"], summary["failed"]) == (7, 6, 1)
+    assert "RANDOM WEIGHTS" in err and "broken.jpg: not an image Pillow can read" in err
+
+    code, out, err = run_cli(capsys, *argv, "--strict")
+    assert code == 2
+    assert json.loads(out.strip().splitlines()[-1])["reused"] == 6
+    assert err.strip().splitlines()[-1] == "bottleneck: error: 1 image failed and --strict is set (see the list above)"

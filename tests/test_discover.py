@@ -1,0 +1,73 @@
+"""Finding labelled images: class folders, nesting, hidden and non-image files, duplicates, errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bottleneck.discover import discover_images
+from bottleneck.errors import DataError
+
+from .conftest import make_dataset, synthetic_image
+
+
+def test_one_class_per_folder_nested_folders_belong_to_their_class(tmp_path):
+    make_dataset(tmp_path, per_class=2)
+    nested = tmp_path / "red" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    synthetic_image((1, 2, 3), 9).save(nested / "x.PNG")
+    found = discover_images(tmp_path)
+    assert found.classes == ["blue", "green", "red"]
+    assert len(found.images) == 7
+    deep = [im for im in found.images if im.relpath == "red/more/deeper/x.PNG"]
+    assert deep and deep[0].label == "red"
+
+
+def test_labels_are_folder_names_unchanged(tmp_path):
+    make_dataset(tmp_path, per_class=1, classes={"Great Dane": (1, 1, 1), "great_dane": (9, 9, 9)})
+    assert discover_images(tmp_path).classes == ["Great Dane", "great_dane"]
+
+
+def test_hidden_non_image_and_stray_files_are_skipped_and_counted(tmp_path):
+    make_dataset(tmp_path, per_class=1)
+    (tmp_path / "red" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "red" / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden_class").mkdir()
+    (tmp_path / "README.md").write_text("top level file")
+    (tmp_path / "__MACOSX").mkdir()
+    found = discover_images(tmp_path)
+    assert len(found.images) == 3
+    assert found.skipped == {"hidden": 3, "not an image extension": 1, "outside a class folder": 1}
+
+
+def test_extensions_are_case_insensitive_and_links_count_once(tmp_path):
+    make_dataset(tmp_path, per_class=1)
+    original = next((tmp_path / "red").iterdir())
+    os.link(original, tmp_path / "red" / "HARDLINK.JPEG")
+    os.symlink(original, tmp_path / "red" / "symlink.Png")
+    os.symlink(tmp_path / "red", tmp_path / "red" / "loop")  # a folder link back to itself
+    found = discover_images(tmp_path)
+    assert len(found.images) == 3
+    assert found.skipped["same file listed twice"] == 2
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "data folder not found: {root}"),
+        (lambda root: root.mkdir(), "no images found in {root} (expected one sub-folder per class holding image files)"),
+        (lambda root: root.write_text("x"), "data path is not a folder: {root}"),
+        (
+            lambda root: make_dataset(root, per_class=2, classes={"only": (1, 2, 3)}),
+            "found 1 class folder with images in {root} (only); need at least 2, one sub-folder per class",
+        ),
+    ],
+    ids=["missing", "empty", "file", "one-class"],
+)
+def test_unusable_data_folders_get_one_line_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError) as caught:
+        discover_images(root)
+    assert str(caught.value) == message.format(root=root.absolute())
