@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -165,7 +165,11 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: 
 
 
 class _Batcher:
-    """Collects decoded images, runs the backbone on full batches and commits them."""
+    """Collects decoded images, runs the backbone on full batches, commits them in the background.
+
+    One commit is in flight at a time, so the backbone never waits for the disk and a killed run
+    loses at most the batch being computed and the one being written.
+    """
 
     def __init__(self, spec: BackboneSpec, writer: StoreWriter, batch_size: int, on_model: Callable[[str], None]):
         self.spec, self.writer, self.batch_size = spec, writer, batch_size
@@ -175,16 +179,23 @@ class _Batcher:
         self.hashes: list[str] = []
         self.paths: list[str] = []
         self.computed = 0
+        self._taken: set[str] = set()  # every hash computed or queued in this run
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._in_flight: Future | None = None
 
     def holds(self, content_hash: str) -> bool:
-        return content_hash in self.hashes
+        return content_hash in self._taken
 
-    def add(self, outcome: _Outcome) -> None:
+    def add(self, outcome: _Outcome) -> bool:
+        """Queue one decoded image; return True when that completed a batch."""
         self.pixels.append(outcome.pixels)
         self.hashes.append(outcome.content_hash)
+        self._taken.add(outcome.content_hash)
         self.paths.append(str(outcome.image.path))
         if len(self.pixels) >= self.batch_size:
             self.flush()
+            return True
+        return False
 
     def flush(self) -> None:
         if not self.pixels:
@@ -193,9 +204,22 @@ class _Batcher:
             self.on_model(f"loading backbone {self.spec.architecture} ({self.spec.weights} weights)")
             self.model = get_feature_model(self.spec)
         features = self.model(np.stack(self.pixels))
-        self.writer.commit(self.hashes, features, self.paths)
+        self._wait_for_commit()
+        self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths)
         self.computed += len(self.hashes)
         self.pixels, self.hashes, self.paths = [], [], []
+
+    def _wait_for_commit(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # re-raises a failed write here, in the main thread
+            self._in_flight = None
+
+    def close(self) -> None:
+        """Wait for the last commit and stop the commit thread."""
+        try:
+            self._wait_for_commit()
+        finally:
+            self._committer.shutdown(wait=True)
 
 
 def _make_bar(total: int, progress: bool):
@@ -277,14 +301,13 @@ def _run(discovery: Discovery, writer: StoreWriter, index: HashIndex, spec: Back
                 writer.add_failure(outcome.failure)
             elif outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash):
                 counts["reused"] += 1
-            else:
-                batcher.add(outcome)
-                if not batcher.pixels:  # a batch was just committed
-                    index.flush()
+            elif batcher.add(outcome):
+                index.flush()
             bar.update(1)
             bar.set_postfix_str(f"computed {batcher.computed}, reused {counts['reused']}, failed {len(failures)}")
         batcher.flush()
     finally:
+        batcher.close()
         bar.close()
         index.flush()
     counts["computed"] = batcher.computed

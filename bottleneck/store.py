@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -241,6 +242,7 @@ class StoreWriter:
         self.known_hashes: set[str] = hashes
         self.known_failures: dict[str, Failure] = {f.key: f for f in failures}
         self._pending_failures: list[Failure] = []
+        self._failures_lock = threading.Lock()  # failures arrive from the main thread, commits from another
         self._seq = 0
         self.committed_rows = 0
 
@@ -261,8 +263,9 @@ class StoreWriter:
 
     def add_failure(self, failure: Failure) -> None:
         """Record a failure; it is committed with the next batch or at `finish`."""
-        self.known_failures[failure.key] = failure
-        self._pending_failures.append(failure)
+        with self._failures_lock:
+            self.known_failures[failure.key] = failure
+            self._pending_failures.append(failure)
 
     def commit(self, hashes: list[str], features: np.ndarray, paths: list[str]) -> None:
         """Write one batch (and pending failures) as a part file, atomically."""
@@ -271,14 +274,19 @@ class StoreWriter:
         self.store.parts_dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.h5"
-        failures = self._pending_failures
+        with self._failures_lock:
+            failures, self._pending_failures = self._pending_failures, []
 
         def write(handle: h5py.File) -> None:
             _write_rows(handle, hashes, features, paths)
             _write_failures(handle, failures)
 
-        _write_atomically(self.store.parts_dir / name, write)
-        self._pending_failures = []
+        try:
+            _write_atomically(self.store.parts_dir / name, write)
+        except BaseException:
+            with self._failures_lock:
+                self._pending_failures[:0] = failures
+            raise
         self.known_hashes.update(hashes)
         self.committed_rows += len(hashes)
 

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""`make bench`: how fast `bottleneck features` is, against the model alone and a naive loop.
+
+All figures come from one run on this machine, so compare the ratios, not absolute times.
+
+- model alone: the bare backbone in one `tf.function` on pre-decoded uint8 tensors, per batch size;
+- ours: `extract_features` end to end (read, hash, decode, resize, backbone, HDF5 commits) on
+  realistic 500x375 JPEGs, model already built (steady-state throughput);
+- naive: what the old `retrain.py` does: decode one image, one model call per image, one text
+  file of comma-separated floats per image;
+- rerun: the whole `bottleneck features` command, as a new process, over an unchanged folder.
+
+Photos: crops and flips of the two photographs scikit-learn ships, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bottleneck.backbone import BackboneSpec, get_feature_model  # noqa: E402
+from bottleneck.decode import decode_image  # noqa: E402
+from bottleneck.extract import extract_features  # noqa: E402
+
+
+def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` distinct 500x375 JPEGs (quality 90) cut from scikit-learn's sample photographs."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    paths = []
+    for i in range(count):
+        label = ["china", "flower"][i % 2]
+        photo = photos[i % 2]
+        scale = rng.uniform(0.6, 1.0)
+        w, h = int(photo.width * scale), int(photo.height * scale)
+        x, y = rng.integers(0, photo.width - w + 1), rng.integers(0, photo.height - h + 1)
+        image = photo.crop((x, y, x + w, y + h)).resize((500, 375), Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{label}_{i:05d}.jpg"
+        image.save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def model_alone(spec: BackboneSpec, batch_size: int, images: int) -> float:
+    """Images/s of the bare backbone on pre-decoded tensors."""
+    model = get_feature_model(spec)
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, spec.input_size, spec.input_size, 3), np.uint8)
+    model(batch)  # warm-up: tracing and first-call allocations
+    calls = max(1, images // batch_size)
+    start = time.perf_counter()
+    for _ in range(calls):
+        model(batch)
+    return calls * batch_size / (time.perf_counter() - start)
+
+
+def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int) -> dict:
+    """`extract_features` end to end with the model already built."""
+    result = extract_features(data, cache, spec, batch_size=batch_size)
+    assert result.computed == result.images, result
+    return {"images_per_second": result.computed / result.seconds, "seconds": result.seconds}
+
+
+def naive(spec: BackboneSpec, paths: list[Path], out: Path) -> float:
+    """retrain.py's way: one image per model call, one text file of floats per image."""
+    model = get_feature_model(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for path in paths:
+        pixels = decode_image(path.read_bytes(), spec.input_size)
+        values = model(pixels[None])[0]
+        (out / f"{path.name}_inception_v3.txt").write_text(",".join(str(float(v)) for v in values))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def cli_rerun_seconds(data: Path, cache: Path, spec: BackboneSpec) -> float:
+    """Wall time of a whole `bottleneck features` process over a folder already in the cache."""
+    command = [sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache),
+               "--weights", spec.weights, "--image-size", str(spec.input_size), "--json", "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["computed"] == 0, summary
+    return seconds
+
+
+def rerun_at_scale(count: int, work: Path) -> dict:
+    """Fill a cache with `count` small images at the smallest input size, then time an unchanged rerun."""
+    spec = BackboneSpec(weights="none", image_size=75)
+    data, cache = work / "many", work / "many-cache"
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        folder = data / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i:06d}.png")
+    first = extract_features(data, cache, spec, batch_size=64)
+    return {"images": count, "first_run_seconds": round(first.seconds, 1),
+            "unchanged_rerun_seconds": round(cli_rerun_seconds(data, cache, spec), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=96, help="photos for each end-to-end measurement")
+    parser.add_argument("--image-size", type=int, default=299)
+    parser.add_argument("--batch-sizes", default="1,8,16,32")
+    parser.add_argument("--rerun-images", type=int, default=10000, help="images in the unchanged-rerun test (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Random weights run exactly as fast as ImageNet's, and need no download.
+    spec = BackboneSpec(weights="none", image_size=args.image_size)
+    figures: dict = {"image_size": args.image_size, "cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bottleneck-bench-") as tmp:
+        work = Path(tmp)
+        paths = make_photos(work / "photos", args.images)
+        alone = {b: model_alone(spec, b, max(args.images // 2, b * 3)) for b in map(int, args.batch_sizes.split(","))}
+        best_batch = max(alone, key=alone.get)
+        figures["model_alone_images_per_second"] = {str(b): round(v, 2) for b, v in alone.items()}
+        figures["best_batch_size"] = best_batch
+        end_to_end = ours(spec, work / "photos", work / "cache", best_batch)
+        # Measure the model again after our run: the ratio uses the mean of both, so drift cancels.
+        alone[best_batch] = (alone[best_batch] + model_alone(spec, best_batch, max(args.images // 2, best_batch * 3))) / 2
+        figures["ours_images_per_second"] = round(end_to_end["images_per_second"], 2)
+        figures["naive_images_per_second"] = round(naive(spec, paths, work / "naive"), 2)
+        figures["ours_vs_model_alone"] = round(end_to_end["images_per_second"] / alone[best_batch], 3)
+        figures["ours_vs_naive"] = round(end_to_end["images_per_second"] / figures["naive_images_per_second"], 3)
+        figures["rerun_unchanged_seconds"] = round(cli_rerun_seconds(work / "photos", work / "cache", spec), 2)
+        if args.rerun_images:
+            figures["rerun_at_scale"] = rerun_at_scale(args.rerun_images, work)
+    print_table(figures)
+    if args.json:
+        print(json.dumps(figures))
+
+
+def print_table(figures: dict) -> None:
+    alone = figures["model_alone_images_per_second"]
+    best = figures["best_batch_size"]
+    rows = [("model alone, batch " + b, f"{v:.2f} images/s") for b, v in alone.items()]
+    rows += [
+        (f"bottleneck features, batch {best}", f"{figures['ours_images_per_second']:.2f} images/s"),
+        ("naive loop (retrain.py style)", f"{figures['naive_images_per_second']:.2f} images/s"),
+        ("ours / model alone (best batch)", f"{figures['ours_vs_model_alone']:.3f}"),
+        ("ours / naive", f"{figures['ours_vs_naive']:.3f}"),
+        ("unchanged rerun, whole command", f"{figures['rerun_unchanged_seconds']:.2f} s"),
+    ]
+    if "rerun_at_scale" in figures:
+        scale = figures["rerun_at_scale"]
+        rows.append((f"unchanged rerun, {scale['images']:,} images", f"{scale['unchanged_rerun_seconds']:.2f} s"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\nInceptionV3 at {figures['image_size']}x{figures['image_size']}, {figures['cores']} cores, one run:")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
