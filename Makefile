@@ -9,7 +9,7 @@ DATA ?= data
 CACHE ?= cache
 ARGS ?=
 
-.PHONY: install test features bench clean
+.PHONY: install test demo features bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,16 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The built-in dataset: scikit-learn's digits as PNG files. Pretrained weights cannot be fetched
+# offline, so the demo runs the seeded random-weights backbone at the smallest input size; pass
+# DEMO_ARGS="--weights imagenet --image-size 299" on a machine with internet.
+DEMO_DATA ?= $(CACHE)/demo-digits
+DEMO_ARGS ?= --weights none --image-size 75
+
+demo: $(STAMP)
+	$(BIN)/python scripts/make_digits.py $(DEMO_DATA)
+	$(BIN)/bottleneck features $(DEMO_DATA) --cache $(CACHE) --batch-size 32 $(DEMO_ARGS)
 
 features: $(STAMP)
 	$(BIN)/bottleneck features $(DATA) --cache $(CACHE) $(ARGS)
