@@ -61,8 +61,10 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
         out(f"  WARNING: {RANDOM_WEIGHTS_WARNING}")
     if result.failures:
         out("  failed:")
+        from .store import printable
+
         for failure in result.failures[:_FAILURES_SHOWN]:
-            out(f"    {failure.path}: {failure.reason}")
+            out(f"    {printable(failure.path)}: {failure.reason}")
         if len(result.failures) > _FAILURES_SHOWN:
             out(f"    ... and {len(result.failures) - _FAILURES_SHOWN} more (all in the store's 'failures' group)")
 

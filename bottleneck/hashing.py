@@ -44,7 +44,7 @@ class HashIndex:
         try:
             self._db = sqlite3.connect(self.path, timeout=60)
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER,"
+                "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER,"
                 " mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
             )
             self._db.commit()
@@ -56,7 +56,7 @@ class HashIndex:
     def _load(self) -> dict[str, tuple[int, int, int, str]]:
         if self._known is None:
             rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files")
-            self._known = {row[0]: tuple(row[1:]) for row in rows}
+            self._known = {os.fsdecode(row[0]): tuple(row[1:]) for row in rows}
         return self._known
 
     def lookup(self, path: str, stamp: tuple[int, int, int]) -> str | None:
@@ -69,7 +69,8 @@ class HashIndex:
     def remember(self, path: str, stamp: tuple[int, int, int], sha256: str) -> None:
         """Queue `path`'s hash; `flush` writes the queue in one transaction."""
         self._load()[path] = (*stamp, sha256)
-        self._pending.append((path, *stamp, sha256))
+        # Paths are stored as bytes: Linux file names need not be valid UTF-8.
+        self._pending.append((os.fsencode(path), *stamp, sha256))
 
     def flush(self) -> None:
         """Write the queued hashes to disk."""

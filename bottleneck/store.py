@@ -85,8 +85,13 @@ def _write_atomically(target: Path, write: Callable[[h5py.File], None]) -> None:
     _fsync_dir(target.parent)
 
 
+def printable(text: str) -> str:
+    """UTF-8-safe text: file names that are not valid UTF-8 keep their bytes as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _string_array(values: list[str]) -> np.ndarray:
-    return np.array(values, dtype=object)
+    return np.array([printable(v) for v in values], dtype=object)
 
 
 def _write_failures(handle: h5py.File, failures: list[Failure]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,15 +68,17 @@ def test_json_summary_is_the_last_line_and_strict_fails_on_bad_files(capsys, tmp
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)
     (data / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (data / "red" / os.fsdecode(b"not utf8 \xff.png")).write_bytes(b"")
     argv = ["features", str(data), "--cache", str(cache), "--weights", "none", "--image-size", str(TEST_SIZE), "--json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"images", "computed", "reused", "failed", "store", "seconds", "images_per_second"}
-    assert (summary["images"], summary["computed"], summary["failed"]) == (7, 6, 1)
+    assert (summary["images"], summary["computed"], summary["failed"]) == (8, 6, 2)
     assert "RANDOM WEIGHTS" in err and "broken.jpg: not an image Pillow can read" in err
+    assert "not utf8 \ufffd.png: empty file (0 bytes)" in err
 
     code, out, err = run_cli(capsys, *argv, "--strict")
     assert code == 2
     assert json.loads(out.strip().splitlines()[-1])["reused"] == 6
-    assert err.strip().splitlines()[-1] == "bottleneck: error: 1 image failed and --strict is set (see the list above)"
+    assert err.strip().splitlines()[-1] == "bottleneck: error: 2 images failed and --strict is set (see the list above)"

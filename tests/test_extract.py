@@ -183,3 +183,17 @@ def test_two_runs_at_once_share_the_work_and_never_corrupt(tmp_path):
     reports = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     assert sorted(r["computed"] for r in reports) == [0, 18]
     assert len(stored(cache).content_hash) == 18
+
+
+def test_file_names_that_are_not_utf8_are_stored(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=1)
+    odd = os.fsdecode(b"caf\xe9 latin-1.png")  # a name written by an old Windows tool
+    synthetic_image((1, 2, 3), 99).save(data / "red" / odd, "PNG")
+    (data / "blue" / os.fsdecode(b"broken \xff.jpg")).write_text("not an image")
+    result = extract_features(data, tmp_path / "cache", SPEC)
+    assert (result.computed, result.failed) == (4, 1)
+    again = extract_features(data, tmp_path / "cache", SPEC)
+    assert (again.computed, again.reused) == (0, 4)
+    with h5py.File(result.store, "r") as handle:
+        assert any("caf" in p for p in handle["source_path"].asstr()[()])
