@@ -71,20 +71,16 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Compute the backbone features of every image under DATA into the cache."""
-    from .extract import extract_features
+    from .extract import ExtractOptions, extract_features
 
-    spec = _spec_from(args)
-    result = extract_features(
-        args.data,
-        args.cache,
-        spec,
+    options = ExtractOptions(
         batch_size=args.batch_size,
         workers=args.workers,
         max_pixels=args.max_pixels,
         lock_timeout=args.lock_timeout,
         progress=not args.no_progress and sys.stderr.isatty(),
-        log=_stderr,
     )
+    result = extract_features(args.data, args.cache, _spec_from(args), options, log=_stderr)
     out = _stderr if args.json else print
     _summarise_features(result, out)
     if args.json:

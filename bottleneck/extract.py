@@ -230,87 +230,115 @@ def _make_bar(total: int, progress: bool):
     return tqdm(total=total, unit="img", desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run an extraction; checked once, before any work starts."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None  # decoding threads; None: one per CPU core
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    lock_timeout: float | None = None  # None: wait for another run as long as it takes
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "workers", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+
+@dataclass
+class _Tally:
+    reused: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    todo: list[tuple[ImageFile, str | None]] = field(default_factory=list)
+
+
 def extract_features(
     data_dir: str | os.PathLike,
     cache_dir: str | os.PathLike,
     spec: BackboneSpec,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    lock_timeout: float | None = None,
-    progress: bool = False,
+    options: ExtractOptions | None = None,
     log: Callable[[str], None] = lambda message: None,
+    **option_values,
 ) -> ExtractionResult:
-    """Compute the features of every image under `data_dir` that the store lacks."""
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1; got {batch_size}")
+    """Compute the features of every image under `data_dir` that the store lacks.
+
+    Options come as an `ExtractOptions` or as its fields by keyword (`batch_size=32`).
+    """
+    options = options or ExtractOptions(**option_values)
     started = time.monotonic()
     discovery = discover_images(data_dir)
     cache = prepare_cache_dir(cache_dir)
     index = HashIndex(cache)
     try:
         store = open_store(cache, spec, index)
-        with store.writer(lock_timeout, on_wait=log) as writer:
-            counts, failures = _run(discovery, writer, index, spec, batch_size, workers, max_pixels, progress, log)
+        with store.writer(options.lock_timeout, on_wait=log) as writer:
+            tally = _sort_out(discovery, writer, index)
+            computed = _compute(tally, writer, index, spec, options, log)
     finally:
         index.close()
-    computed, reused = counts["computed"], counts["reused"]
-    if computed + reused == 0:
-        first = failures[0]
-        raise DataError(f"no image could be used: all {len(failures)} failed (first: {first.path}: {first.reason})")
+    if computed + tally.reused == 0:
+        first = tally.failures[0]
+        raise DataError(f"no image could be used: all {len(tally.failures)} failed (first: {first.path}: {first.reason})")
     return ExtractionResult(
         images=len(discovery.images),
         computed=computed,
-        reused=reused,
-        failed=len(failures),
+        reused=tally.reused,
+        failed=len(tally.failures),
         store=store.path,
         seconds=time.monotonic() - started,
         classes=discovery.classes,
-        failures=failures,
+        failures=tally.failures,
         skipped=discovery.skipped,
         pretrained=spec.pretrained,
     )
 
 
-def _run(discovery: Discovery, writer: StoreWriter, index: HashIndex, spec: BackboneSpec, batch_size: int,
-         workers: int | None, max_pixels: int, progress: bool, log: Callable[[str], None]) -> tuple[Counter, list[Failure]]:
-    counts: Counter = Counter()
-    failures: list[Failure] = []
-    todo: list[tuple[ImageFile, str | None]] = []
+def _sort_out(discovery: Discovery, writer: StoreWriter, index: HashIndex) -> _Tally:
+    """Settle unchanged files from the hash index alone; the rest must be read."""
+    tally = _Tally()
     for image in discovery.images:
         known_hash = index.lookup(str(image.path), (image.size, image.mtime_ns, image.inode))
         if known_hash in writer.known_hashes:
-            counts["reused"] += 1
+            tally.reused += 1
         elif known_hash is not None and known_hash in writer.known_failures:
-            failures.append(Failure(str(image.path), known_hash, writer.known_failures[known_hash].reason))
+            tally.failures.append(Failure(str(image.path), known_hash, writer.known_failures[known_hash].reason))
         else:
-            todo.append((image, known_hash))
+            tally.todo.append((image, known_hash))
+    return tally
 
-    bar = _make_bar(len(todo), progress)
-    batcher = _Batcher(spec, writer, batch_size, on_model=bar.write if progress else log)
-    workers = workers or os.cpu_count() or 1
-    ahead = max(2 * batch_size, 4 * workers)
-    size = spec.input_size
+
+def _compute(tally: _Tally, writer: StoreWriter, index: HashIndex, spec: BackboneSpec,
+             options: ExtractOptions, log: Callable[[str], None]) -> int:
+    """Read, hash, decode and compute `tally.todo`; commit as it goes; return how many were computed."""
+    bar = _make_bar(len(tally.todo), options.progress)
+    batcher = _Batcher(spec, writer, options.batch_size, on_model=bar.write if options.progress else log)
+    workers = options.workers or os.cpu_count() or 1
+    ahead = max(2 * options.batch_size, 4 * workers)
+
+    def prepare(job: tuple[ImageFile, str | None]) -> _Outcome:
+        return _read_and_decode(job[0], job[1], writer, spec.input_size, options.max_pixels)
+
     try:
-        for outcome in _bounded_map(lambda job: _read_and_decode(job[0], job[1], writer, size, max_pixels), todo, workers, ahead):
+        for outcome in _bounded_map(prepare, tally.todo, workers, ahead):
             if outcome.stamp is not None and outcome.content_hash:
                 index.remember(str(outcome.image.path), outcome.stamp, outcome.content_hash)
             if outcome.failure is not None:
-                failures.append(outcome.failure)
+                tally.failures.append(outcome.failure)
                 writer.add_failure(outcome.failure)
             elif outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash):
-                counts["reused"] += 1
+                tally.reused += 1
             elif batcher.add(outcome):
                 index.flush()
             bar.update(1)
-            bar.set_postfix_str(f"computed {batcher.computed}, reused {counts['reused']}, failed {len(failures)}")
+            bar.set_postfix_str(f"computed {batcher.computed}, reused {tally.reused}, failed {len(tally.failures)}")
         batcher.flush()
+        bar.set_postfix_str(f"computed {batcher.computed}, reused {tally.reused}, failed {len(tally.failures)}")
     finally:
         batcher.close()
         bar.close()
         index.flush()
-    counts["computed"] = batcher.computed
-    extra = batcher.model.versions if batcher.model is not None else {}
-    writer.finish({f"{name}_version": version for name, version in extra.items()})
-    return counts, failures
+    versions = batcher.model.versions if batcher.model is not None else {}
+    writer.finish({f"{name}_version": version for name, version in versions.items()})
+    return batcher.computed

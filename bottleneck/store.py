@@ -254,7 +254,7 @@ class StoreWriter:
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.store.cache_dir, self.store.parts_dir):
             if folder.is_dir():
-                for tmp in folder.glob(f".*.tmp"):
+                for tmp in folder.glob(".*.tmp"):
                     if tmp.name.startswith((f".{self.store.fingerprint}", ".part-")):
                         tmp.unlink(missing_ok=True)
 
