@@ -134,9 +134,11 @@ def _sha256_of(path: str) -> str:
     return sha256_file(path)
 
 
-def _import_keras():
+def import_tensorflow():
+    """(tensorflow, keras), quietly, or a one-line error if TensorFlow is not installed."""
     try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TensorFlow's C++ start-up chatter (CPU features, tf.data attribute notes) is not for users.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import keras  # noqa: F401
         import tensorflow as tf
     except ImportError:
@@ -153,7 +155,7 @@ def _first_line(exc: BaseException) -> str:
 
 def build_keras_backbone(spec: BackboneSpec):
     """The frozen Keras model of `spec`: uint8-free, takes preprocessed float input, returns pooled features."""
-    tf, keras = _import_keras()
+    tf, keras = import_tensorflow()
     builder = getattr(keras.applications, spec.arch.keras_builder)
     shape = (spec.input_size, spec.input_size, 3)
     if spec.weights == WEIGHTS_IMAGENET:
@@ -184,7 +186,7 @@ class FeatureModel:
     """Runs the frozen backbone on uint8 RGB batches; preprocessing happens inside the graph."""
 
     def __init__(self, spec: BackboneSpec):
-        tf, keras = _import_keras()
+        tf, keras = import_tensorflow()
         self.spec = spec
         self.model = build_keras_backbone(spec)
         preprocess = getattr(keras.applications, spec.arch.keras_module).preprocess_input

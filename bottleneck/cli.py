@@ -27,13 +27,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that pick a backbone, shared by every command that reads or writes a store."""
-    group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", default="inception_v3", help="architecture (default: inception_v3)")
+def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """The flags that pick a backbone, shared by every command that reads or writes a store.
+
+    With `optional`, leaving them all out means "the only store in the cache".
+    """
+    group = parser.add_argument_group("backbone" + (" (default: the only store in the cache)" if optional else ""))
+    group.add_argument("--backbone", default=None if optional else "inception_v3", help="architecture (default: inception_v3)")
     group.add_argument(
         "--weights",
-        default="imagenet",
+        default=None if optional else "imagenet",
         help="'imagenet' (Keras downloads them once), 'none' (random, for tests), or a path to a "
         "no-top Keras weights file (.h5 or .weights.h5) (default: imagenet)",
     )
@@ -44,7 +47,10 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
 def _spec_from(args: argparse.Namespace):
     from .backbone import BackboneSpec
 
-    return BackboneSpec(architecture=args.backbone, weights=args.weights, image_size=args.image_size)
+    if args.backbone is None and args.weights is None and args.image_size is None:
+        return None
+    return BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
+                        image_size=args.image_size)
 
 
 def _summarise_features(result, out: Callable[[str], None]) -> None:
@@ -91,6 +97,69 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_head(args: argparse.Namespace) -> int:
+    """Train a softmax head on the cached features of DATA and write a run folder."""
+    from .runs import HeadConfig, train_head
+    from .splits import SplitConfig
+
+    head = HeadConfig(head=args.head, C=args.C, class_weight=args.class_weight, epochs=args.epochs,
+                      learning_rate=args.learning_rate, dropout=args.dropout, batch_size=args.batch_size,
+                      patience=args.patience)
+    split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
+    result = train_head(args.data, args.cache, args.runs, _spec_from(args), head, split, args.split_file,
+                        args.folds, log=_stderr, argv=["bottleneck", *sys.argv[1:]])
+    out = _stderr if args.json else print
+    metrics = result.metrics
+    out(f"{args.head} head -> {result.run_dir}  ({metrics['training_seconds']:.1f} s to train)")
+    for name, split_metrics in metrics["splits"].items():
+        if split_metrics:
+            out(f"  {name:<10} accuracy {split_metrics['accuracy']:.4f}  macro F1 {split_metrics['macro_f1']:.4f}  "
+                f"log loss {split_metrics['log_loss']:.4f}  ({split_metrics['images']} images)")
+    if "cross_validation" in metrics:
+        cv = metrics["cross_validation"]
+        out(f"  {cv['folds']}-fold CV accuracy {cv['mean_accuracy']:.4f} +- {cv['std_accuracy']:.4f}")
+    excluded = metrics["excluded"]
+    if excluded["failed_extraction"]:
+        out(f"  {excluded['failed_extraction']} images left out: their extraction failed")
+    if metrics["warning"]:
+        out(f"  WARNING: {metrics['warning']}")
+    if args.json:
+        print(json.dumps({"run_dir": str(result.run_dir), "accuracy": result.accuracy()}))
+    return 0
+
+
+def _add_train_head(commands) -> None:
+    parser = commands.add_parser(
+        "train-head",
+        help="train a softmax head on cached features and write a run folder",
+        description="Train a head on the cached features of DATA (no image is decoded, no backbone is "
+        "loaded) and write RUNS/<run-id>/ with config.json, split.csv, the model and metrics.json.",
+        epilog="example: bottleneck train-head --data data/flowers --cache cache --head logreg --runs runs --json",
+    )
+    parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
+    parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    parser.add_argument("--runs", default="runs", help="folder for run folders (default: ./runs)")
+    parser.add_argument("--head", choices=["logreg", "keras"], default="logreg", help="head type (default: logreg)")
+    add_backbone_arguments(parser, optional=True)
+    split = parser.add_argument_group("split")
+    split.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: 0)")
+    split.add_argument("--val-pct", type=float, default=10.0, help="validation percentage (default: 10)")
+    split.add_argument("--test-pct", type=float, default=10.0, help="test percentage (default: 10)")
+    split.add_argument("--split-file", default=None, help="reuse a saved split.csv")
+    split.add_argument("--folds", type=_positive_int, default=None, help="also k-fold cross-validate over train+validation")
+    head = parser.add_argument_group("head")
+    head.add_argument("--C", type=float, default=None, help="logreg: inverse regularisation strength (default: 1)")
+    head.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
+    head.add_argument("--epochs", type=_positive_int, default=None, help="keras: most epochs (default: 200)")
+    head.add_argument("--learning-rate", type=float, default=None, help="keras: Adam learning rate (default: 0.001)")
+    head.add_argument("--dropout", type=float, default=None, help="keras: dropout on the features (default: 0)")
+    head.add_argument("--batch-size", type=_positive_int, default=None, help="keras: batch size (default: 64)")
+    head.add_argument("--patience", type=_positive_int, default=None, help="keras: early-stopping patience (default: 10)")
+    parser.add_argument("--json", action="store_true",
+                        help="print {run_dir, accuracy} as the last line of stdout (the summary goes to stderr)")
+    parser.set_defaults(handler=cmd_train_head)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .decode import DEFAULT_MAX_PIXELS
     from .extract import DEFAULT_BATCH_SIZE
@@ -126,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")
     features.add_argument("--no-progress", action="store_true", help="no progress bar")
     features.set_defaults(handler=cmd_features)
+    _add_train_head(commands)
     return parser
 
 

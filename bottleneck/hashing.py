@@ -88,7 +88,6 @@ class HashIndex:
         if known is None:
             known = sha256_file(key)
             self.remember(key, stamp, known)
-            self.flush()
         return known
 
     def close(self) -> None:

@@ -1,0 +1,184 @@
+"""One experiment: a head trained on cached features, written to RUNS/<run-id>/ with everything
+needed to reproduce and compare it (config, split.csv, model, metrics.json)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .backbone import BackboneSpec
+from .dataset import LabelledFeatures, load_labelled_features
+from .errors import DataError
+from .heads import make_head
+from .metrics import misclassified, split_metrics
+from .splits import SPLITS, SplitConfig, assign_folds, assign_splits, read_split_csv, write_split_csv
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Which head and its settings; None means the head's default."""
+
+    head: str = "logreg"
+    C: float | None = None
+    class_weight: str | None = None
+    epochs: int | None = None
+    learning_rate: float | None = None
+    dropout: float | None = None
+    batch_size: int | None = None
+    patience: int | None = None
+
+    def params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "head" and v is not None}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+    def accuracy(self) -> dict:
+        return {name: (split or {}).get("accuracy") for name, split in self.metrics["splits"].items()}
+
+
+def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
+    items = list(zip(data.relpaths, data.labels))
+    drawn = assign_splits(items, config)
+    if split_file is None:
+        return [drawn[p] for p in data.relpaths]
+    saved = read_split_csv(split_file)
+    unknown = [p for p in data.relpaths if p not in saved]
+    if unknown:
+        log(f"warning: {len(unknown)} images are not in {split_file}; they get the split drawn for them")
+    return [saved[p][1] if p in saved else drawn[p] for p in data.relpaths]
+
+
+def _check_classes(labels: list[str], splits: list[str], log: Callable[[str], None]) -> None:
+    counts = Counter(labels)
+    single = sorted(label for label, n in counts.items() if n < 2)
+    if single:
+        raise DataError(
+            f"class {single[0]!r} has a single image with features"
+            + (f" (and {len(single) - 1} more classes)" if len(single) > 1 else "")
+            + "; each class needs at least 2 (3 for train, validation and test)"
+        )
+    train_classes = {label for label, split in zip(labels, splits) if split == "train"}
+    absent = sorted(set(counts) - train_classes)
+    if absent:
+        raise DataError(f"class {absent[0]!r} has no training image in this split; give it more images or another split")
+    small = sorted(label for label, n in counts.items() if n < 3)
+    if small:
+        log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
+
+
+def _cross_validate(head: HeadConfig, seed: int, X: np.ndarray, y: list[str], paths: list[str], folds: int) -> dict:
+    fold_of = assign_folds(list(zip(paths, y)), folds, seed)
+    scores = []
+    for k in range(folds):
+        held = np.array([fold_of[p] == k for p in paths])
+        model = make_head(head.head, random_state=seed, **head.params())
+        y_arr = np.array(y)
+        model.fit(X[~held], y_arr[~held], validation_data=(X[held], y_arr[held]))
+        scores.append(float(np.mean(model.predict(X[held]) == y_arr[held])))
+    return {"folds": folds, "accuracy": scores, "mean_accuracy": float(np.mean(scores)), "std_accuracy": float(np.std(scores))}
+
+
+def _new_run_dir(runs: Path, head: str) -> tuple[Path, Path]:
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{head}-{secrets.token_hex(2)}"
+    final = runs / run_id
+    staging = runs / f".{run_id}.tmp"
+    staging.mkdir(parents=True)
+    return final, staging
+
+
+def train_head(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    spec: BackboneSpec | None = None,
+    head: HeadConfig = HeadConfig(),
+    split: SplitConfig = SplitConfig(),
+    split_file: str | None = None,
+    folds: int | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    argv: list[str] | None = None,
+) -> RunResult:
+    """Train one head on the cached features of DATA and write its run folder; return its metrics."""
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log)
+    splits = _splits_for(data, split, split_file, log)
+    _check_classes(data.labels, splits, log)
+    labels_all = np.array(data.labels)
+    mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
+    model = make_head(head.head, random_state=split.seed, **head.params())
+    started = time.perf_counter()
+    X = data.features
+    model.fit(X[mask["train"]], labels_all[mask["train"]],
+              validation_data=(X[mask["validation"]], labels_all[mask["validation"]]))
+    training_seconds = time.perf_counter() - started
+    labels = [str(c) for c in model.classes_]
+    metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
+                     "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing)},
+                     "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
+    for name in SPLITS:
+        idx = np.flatnonzero(mask[name])
+        known = [i for i in idx if data.labels[i] in labels]
+        proba = model.predict_proba(X[known]) if known else np.zeros((0, len(labels)))
+        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
+        if name == "test":
+            metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
+    if model.history_:
+        metrics["history"] = model.history_
+    if folds:
+        trainval = mask["train"] | mask["validation"]
+        metrics["cross_validation"] = _cross_validate(
+            head, split.seed, X[trainval], list(labels_all[trainval]), [p for p, m in zip(data.relpaths, trainval) if m], folds)
+
+    runs = Path(runs_dir)
+    final, staging = _new_run_dir(runs, head.head)
+    try:
+        write_split_csv(staging / "split.csv", list(zip(data.relpaths, data.labels, splits)))
+        model_path = model.save(staging)
+        config = {
+            "command": argv if argv is not None else sys.argv,
+            "data": str(Path(data_dir).absolute()),
+            "head": head.head,
+            "params": head.params(),
+            "seed": split.seed,
+            "val_pct": split.val_pct,
+            "test_pct": split.test_pct,
+            "split_file": split_file,
+            "folds": folds,
+            "store": str(data.store_path.absolute()),
+            "fingerprint": str(data.attrs.get("fingerprint", "")),
+            "backbone": {k: (v.item() if hasattr(v, "item") else v) for k, v in data.attrs.items()},
+            "model": model_path.name,
+            "versions": _versions(),
+        }
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        staging.rename(final)  # a run folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RunResult(final, metrics)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"bottleneck": __version__, "python": sys.version.split()[0]}
+    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,139 @@
+"""Train / validation / test splits that are deterministic, stable, grouped and stratified.
+
+Each file lands in a split by a hash of (seed, its group key), where the group key is its path
+relative to DATA with any `_nohash_...` suffix of the file name removed (as `retrain.py` did), so
+near-duplicates that share a prefix share a split. Nothing depends on the working directory or
+the machine. Adding or removing files never moves another file, except in a class whose hash
+draw left a split empty: then the groups nearest the empty split's range move into it, so every
+class with at least three groups has a train, a validation and a test image.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+SPLITS = ("train", "validation", "test")
+_NOHASH = re.compile(r"_nohash_.*$")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Percentages of validation and test images, and the seed of the draw."""
+
+    val_pct: float = 10.0
+    test_pct: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val_pct < 100 and 0 <= self.test_pct < 100 and self.val_pct + self.test_pct < 100):
+            raise DataError(
+                f"--val-pct and --test-pct must be between 0 and 100 and leave some training images; "
+                f"got {self.val_pct:g} and {self.test_pct:g}"
+            )
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        v, t = self.val_pct / 100, self.test_pct / 100
+        return {"validation": (0.0, v), "test": (v, v + t), "train": (v + t, 1.0)}
+
+
+def group_key(relpath: str) -> str:
+    """The key that decides a file's split: its relative path without a `_nohash_` suffix."""
+    folder, _, name = relpath.rpartition("/")
+    stem, ext = os.path.splitext(name)
+    if _NOHASH.search(stem):
+        name = _NOHASH.sub("", stem)
+    return f"{folder}/{name}" if folder else name
+
+
+def draw(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) from the seed and a group key."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_of(p: float, ranges: dict[str, tuple[float, float]]) -> str:
+    for name in ("validation", "test"):
+        low, high = ranges[name]
+        if low <= p < high:
+            return name
+    return "train"
+
+
+def _distance(p: float, interval: tuple[float, float]) -> float:
+    low, high = interval
+    return 0.0 if low <= p < high else min(abs(p - low), abs(p - high))
+
+
+def _fill_empty_splits(groups: dict[str, float], assigned: dict[str, str], config: SplitConfig) -> None:
+    ranges = config.ranges()
+    wanted = [s for s in ("validation", "test", "train") if ranges[s][1] > ranges[s][0]]
+    for split in wanted:
+        counts = defaultdict(int)
+        for s in assigned.values():
+            counts[s] += 1
+        if counts[split]:
+            continue
+        movable = [k for k, s in assigned.items() if counts[s] > 1]
+        if not movable:
+            return
+        chosen = min(movable, key=lambda k: (_distance(groups[k], ranges[split]), k))
+        assigned[chosen] = split
+
+
+def assign_splits(items: list[tuple[str, str]], config: SplitConfig) -> dict[str, str]:
+    """Map each (relpath, label) to 'train', 'validation' or 'test'."""
+    ranges = config.ranges()
+    by_class: dict[str, dict[str, float]] = defaultdict(dict)
+    for relpath, label in items:
+        key = group_key(relpath)
+        by_class[label][key] = draw(config.seed, key)
+    group_split: dict[tuple[str, str], str] = {}
+    for label, groups in by_class.items():
+        assigned = {key: _split_of(p, ranges) for key, p in groups.items()}
+        if len(groups) >= 3:
+            _fill_empty_splits(groups, assigned, config)
+        group_split.update({(label, key): split for key, split in assigned.items()})
+    return {relpath: group_split[(label, group_key(relpath))] for relpath, label in items}
+
+
+def assign_folds(items: list[tuple[str, str]], folds: int, seed: int) -> dict[str, int]:
+    """Map each (relpath, label) to a fold in 0..folds-1, stratified by class, grouped by key."""
+    by_class: dict[str, set[str]] = defaultdict(set)
+    for relpath, label in items:
+        by_class[label].add(group_key(relpath))
+    fold_of: dict[tuple[str, str], int] = {}
+    for label, keys in by_class.items():
+        ordered = sorted(keys, key=lambda k: (draw(seed + 1, k), k))
+        fold_of.update({(label, key): i % folds for i, key in enumerate(ordered)})
+    return {relpath: fold_of[(label, group_key(relpath))] for relpath, label in items}
+
+
+def write_split_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    """Write `split.csv`: columns path,label,split; path relative to DATA."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(sorted(rows))
+
+
+def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """Read a saved `split.csv` into {path: (label, split)}."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
+                raise DataError(f"split file {path} needs the columns path,label,split")
+            rows = {row["path"]: (row["label"], row["split"]) for row in reader}
+    except OSError as exc:
+        raise DataError(f"cannot read split file {path}: {exc.strerror or exc}") from None
+    bad = sorted({split for _, split in rows.values()} - set(SPLITS))
+    if bad:
+        raise DataError(f"split file {path} has unknown split names: {', '.join(bad)} (use train, validation, test)")
+    return rows

@@ -1,0 +1,129 @@
+"""Heads trained from the cache: run folders, metrics, reproducibility, reuse of splits, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import joblib
+import numpy as np
+import pytest
+
+from bottleneck.backbone import BackboneSpec
+from bottleneck.cli import main
+from bottleneck.errors import CacheError, DataError
+from bottleneck.extract import extract_features
+from bottleneck.runs import HeadConfig, train_head
+from bottleneck.splits import SplitConfig, read_split_csv
+
+from .conftest import TEST_SIZE, make_dataset
+
+SPEC = BackboneSpec(weights="none", image_size=TEST_SIZE)
+SPLIT = SplitConfig(val_pct=20, test_pct=20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    data, cache = root / "data", root / "cache"
+    make_dataset(data, per_class=8)
+    (data / "red" / "broken.jpg").write_text("not an image")
+    extract_features(data, cache, SPEC)
+    return data, cache
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "training_seconds"}
+
+
+def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp_path):
+    data, cache = extracted
+    first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
+    names = sorted(p.name for p in first.run_dir.iterdir())
+    assert names == ["config.json", "metrics.json", "model.joblib", "split.csv"]
+    metrics = json.loads((first.run_dir / "metrics.json").read_text())
+    assert metrics["head"] == "logreg" and metrics["excluded"] == {"failed_extraction": 1, "not_in_cache": 0}
+    for name in ("train", "validation", "test"):
+        split = metrics["splits"][name]
+        assert {"accuracy", "macro_f1", "log_loss", "per_class", "labels", "confusion_matrix"} <= set(split)
+        assert split["labels"] == ["blue", "green", "red"]
+        assert np.array(split["confusion_matrix"]).sum() == split["images"]
+    assert "top5_accuracy" not in metrics["splits"]["test"]  # only 3 classes
+    assert not metrics["pretrained"] and "RANDOM WEIGHTS" in metrics["warning"]
+    rows = read_split_csv(first.run_dir / "split.csv")
+    assert len(rows) == 24 and {s for _, s in rows.values()} == {"train", "validation", "test"}
+    config = json.loads((first.run_dir / "config.json").read_text())
+    assert config["fingerprint"] == SPEC.fingerprint() and config["seed"] == 1 and "scikit-learn" in config["versions"]
+
+    pipeline = joblib.load(first.run_dir / "model.joblib")  # plain joblib, no bottleneck needed
+    assert list(pipeline.classes_) == ["blue", "green", "red"]
+
+    second = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
+    assert second.run_dir != first.run_dir
+    assert without_timing(second.metrics) == without_timing(first.metrics)
+
+
+def test_keras_head_saves_a_plain_keras_model_and_repeats(extracted, tmp_path):
+    import keras
+
+    data, cache = extracted
+    head = HeadConfig("keras", epochs=15, dropout=0.2)
+    first = train_head(data, cache, tmp_path / "runs", SPEC, head, SPLIT)
+    assert (first.run_dir / "model.keras").exists()
+    assert json.loads((first.run_dir / "labels.json").read_text()) == ["blue", "green", "red"]
+    assert len(first.metrics["history"]["loss"]) >= 1 and "val_loss" in first.metrics["history"]
+    model = keras.saving.load_model(first.run_dir / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 3)
+    second = train_head(data, cache, tmp_path / "runs", SPEC, head, SPLIT)
+    for name in ("train", "validation", "test"):
+        a, b = first.metrics["splits"][name], second.metrics["splits"][name]
+        assert a["accuracy"] == b["accuracy"] and abs(a["log_loss"] - b["log_loss"]) < 1e-6
+
+
+def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
+    data, cache = extracted
+    first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
+    other_seed = SplitConfig(val_pct=20, test_pct=20, seed=99)
+    reused = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), other_seed,
+                        split_file=str(first.run_dir / "split.csv"), folds=3)
+    assert (reused.run_dir / "split.csv").read_text() == (first.run_dir / "split.csv").read_text()
+    cv = reused.metrics["cross_validation"]
+    assert cv["folds"] == 3 and len(cv["accuracy"]) == 3 and 0 <= cv["mean_accuracy"] <= 1
+
+
+def test_new_images_without_features_are_counted_and_named(extracted, tmp_path):
+    data, cache = extracted
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    make_dataset(copy, per_class=1, start=90)
+    warnings = []
+    result = train_head(copy, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, log=warnings.append)
+    assert result.metrics["excluded"]["not_in_cache"] == 3
+    assert warnings[0].startswith("warning: 3 images under ") and "run `bottleneck features" in warnings[0]
+
+
+def test_bad_input_gets_one_clear_line(extracted, tmp_path):
+    data, cache = extracted
+    with pytest.raises(CacheError, match=r"^no feature cache in .*: run `bottleneck features DATA --cache"):
+        train_head(data, tmp_path / "empty-cache", tmp_path / "runs")
+    with pytest.raises(CacheError, match=r"^no features for backbone inception_v3-299-none-\w+ in .*another backbone \(inception_v3-75-none-"):
+        train_head(data, cache, tmp_path / "runs", BackboneSpec(weights="none"))
+    lonely = tmp_path / "lonely"
+    shutil.copytree(data, lonely)
+    for extra in sorted((lonely / "blue").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(DataError, match=r"^class 'blue' has a single image with features; each class needs at least 2"):
+        train_head(lonely, cache, tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_train_head_json(extracted, tmp_path, capsys):
+    data, cache = extracted
+    code = main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"),
+                 "--head", "logreg", "--C", "0.5", "--class-weight", "balanced", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) == {"run_dir", "accuracy"} and set(summary["accuracy"]) == {"train", "validation", "test"}
+    assert "WARNING: RANDOM WEIGHTS" in err
+    code = main(["train-head", "--data", str(data), "--cache", str(tmp_path / "nothing"), "--runs", str(tmp_path / "r")])
+    assert code == 2 and capsys.readouterr().err.startswith("bottleneck: error: no feature cache in ")
