@@ -7,9 +7,11 @@ EXTRAS ?= cpu,test
 
 DATA ?= data
 CACHE ?= cache
+RUNS ?= runs
+HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install test demo features bench clean
+.PHONY: install browser test demo features train-head report bench clean
 
 install: $(STAMP)
 
@@ -19,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The report test opens the page in headless Chromium; install it where it is missing (Debian, as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The built-in dataset: scikit-learn's digits as PNG files. Pretrained weights cannot be fetched
@@ -34,6 +41,12 @@ demo: $(STAMP)
 
 features: $(STAMP)
 	$(BIN)/bottleneck features $(DATA) --cache $(CACHE) $(ARGS)
+
+train-head: $(STAMP)
+	$(BIN)/bottleneck train-head --data $(DATA) --cache $(CACHE) --head $(HEAD) --runs $(RUNS) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/python scripts/report.py --runs $(RUNS) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)

@@ -128,6 +128,29 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML report of a runs folder; print its tables as Markdown."""
+    from .report import write_report
+
+    path, markdown = write_report(args.runs, args.out)
+    print(markdown, end="")
+    _stderr(f"report -> {path}")
+    return 0
+
+
+def _add_report(commands) -> None:
+    parser = commands.add_parser(
+        "report",
+        help="write an HTML report comparing runs (tables also printed as Markdown)",
+        description="Write one self-contained HTML page over every run in RUNS: a comparison table, and per "
+        "run the confusion matrix, per-class metrics, learning curve and misclassified test images.",
+        epilog="example: bottleneck report --runs runs --out runs/report.html",
+    )
+    parser.add_argument("--runs", default="runs", help="folder of run folders (default: ./runs)")
+    parser.add_argument("--out", default=None, help="HTML file to write (default: RUNS/report.html)")
+    parser.set_defaults(handler=cmd_report)
+
+
 def _add_train_head(commands) -> None:
     parser = commands.add_parser(
         "train-head",
@@ -196,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--no-progress", action="store_true", help="no progress bar")
     features.set_defaults(handler=cmd_features)
     _add_train_head(commands)
+    _add_report(commands)
     return parser
 
 

@@ -1,0 +1,236 @@
+"""The report over a folder of runs: one self-contained HTML page, and the same tables in Markdown.
+
+The page embeds its pictures (confusion matrices, learning curves, thumbnails of misclassified
+test images) as data URIs, so it can be mailed or archived as one file.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+_THUMBNAILS_PER_RUN = 24
+_THUMBNAIL_SIDE = 112
+
+
+@dataclass
+class Run:
+    """One run folder, read back."""
+
+    run_id: str
+    folder: Path
+    config: dict
+    metrics: dict
+
+    def accuracy(self, split: str) -> float | None:
+        found = self.metrics["splits"].get(split)
+        return found["accuracy"] if found else None
+
+    def settings(self) -> str:
+        params = self.metrics.get("params") or {}
+        return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "defaults"
+
+
+def load_runs(runs_dir: str | os.PathLike) -> list[Run]:
+    """Every finished run under `runs_dir`, oldest first."""
+    root = Path(runs_dir)
+    runs = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        metrics_file, config_file = folder / "metrics.json", folder / "config.json"
+        if folder.name.startswith(".") or not metrics_file.is_file() or not config_file.is_file():
+            continue
+        try:
+            runs.append(Run(folder.name, folder, json.loads(config_file.read_text()), json.loads(metrics_file.read_text())))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read run {folder}: {exc}") from None
+    if not runs:
+        raise DataError(f"no runs in {root}: train one with `bottleneck train-head --data DATA --runs {root}`")
+    return runs
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_rows(runs: list[Run]) -> list[list[str]]:
+    """Header and one row per run: head, settings, split seed, accuracies, macro F1, training time."""
+    rows = [["run", "head", "settings", "split seed", "backbone", "train acc", "val acc", "test acc", "test macro F1", "train s"]]
+    for run in runs:
+        test = run.metrics["splits"].get("test") or {}
+        backbone = run.config.get("fingerprint", "?") + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
+        rows.append([run.run_id, run.metrics["head"], run.settings(), str(run.metrics.get("seed")), backbone,
+                     _fmt(run.accuracy("train")), _fmt(run.accuracy("validation")), _fmt(run.accuracy("test")),
+                     _fmt(test.get("macro_f1")), _fmt(run.metrics.get("training_seconds"), 2)])
+    return rows
+
+
+def per_class_rows(split: dict) -> list[list[str]]:
+    rows = [["label", "precision", "recall", "F1", "support"]]
+    for label, scores in split["per_class"].items():
+        rows.append([label, _fmt(scores["precision"], 3), _fmt(scores["recall"], 3), _fmt(scores["f1"], 3), str(scores["support"])])
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    clean = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+    lines = ["| " + " | ".join(clean[0]) + " |", "|" + "---|" * len(clean[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in clean[1:]]
+    return "\n".join(lines)
+
+
+def markdown_report(runs: list[Run]) -> str:
+    """The comparison table and, per run, the per-class test metrics, in Markdown."""
+    parts = ["# Runs", "", markdown_table(comparison_rows(runs))]
+    if any(not run.metrics.get("pretrained", True) for run in runs):
+        parts += ["", "**WARNING: runs marked RANDOM WEIGHTS use features of an untrained backbone.**"]
+    for run in runs:
+        test = run.metrics["splits"].get("test")
+        if test:
+            parts += ["", f"## {run.run_id}: per-class test metrics", "", markdown_table(per_class_rows(test))]
+    return "\n".join(parts) + "\n"
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def confusion_png(split: dict) -> str:
+    """The confusion matrix (rows true, columns predicted) as a PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.array(split["confusion_matrix"])
+    labels = split["labels"]
+    side = min(12, 2.5 + 0.45 * len(labels))
+    figure, axes = plt.subplots(figsize=(side, side))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 6 else 0)
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(labels) <= 25:
+        peak = matrix.max() or 1
+        for (i, j), count in np.ndenumerate(matrix):
+            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    return _png(figure)
+
+
+def learning_curve_png(history: dict) -> str:
+    """Loss and accuracy per epoch, training and validation, as a PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key, axes in (("loss", loss_axes), ("accuracy", acc_axes)):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in history:
+                values = history[prefix + key]
+                axes.plot(range(1, len(values) + 1), values, style, label=("validation " if prefix else "train ") + key)
+        axes.set_xlabel("epoch")
+        axes.legend()
+    return _png(figure)
+
+
+def thumbnail_uri(path: Path) -> str | None:
+    """A small JPEG data URI of the image at `path`, or None if it cannot be read."""
+    from PIL import Image, ImageOps
+
+    from .decode import to_rgb
+
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(ImageOps.exif_transpose(image))
+            image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+    except Exception:  # a moved or damaged file must not break the report
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _run_section(run: Run) -> str:
+    parts = [f'<section id="{html.escape(run.run_id)}"><h2>{html.escape(run.run_id)}</h2>',
+             f"<p>{html.escape(run.metrics['head'])} head, {html.escape(run.settings())}, split seed "
+             f"{run.metrics.get('seed')}, backbone <code>{html.escape(str(run.config.get('fingerprint', '?')))}</code></p>"]
+    if not run.metrics.get("pretrained", True):
+        parts.append(f'<p class="warning">{html.escape(run.metrics.get("warning") or "RANDOM WEIGHTS")}</p>')
+    cv = run.metrics.get("cross_validation")
+    if cv:
+        parts.append(f"<p>{cv['folds']}-fold cross-validation accuracy {cv['mean_accuracy']:.4f} &plusmn; {cv['std_accuracy']:.4f}</p>")
+    test = run.metrics["splits"].get("test")
+    if test:
+        parts.append('<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'
+                     "<figcaption>test confusion matrix (rows true, columns predicted)</figcaption></figure>")
+        parts.append("<div><h3>per-class test metrics</h3>" + _html_table(per_class_rows(test)) + "</div></div>")
+    if run.metrics.get("history"):
+        parts.append('<figure><img alt="learning curve" src="' + learning_curve_png(run.metrics["history"]) + '">'
+                     "<figcaption>learning curve</figcaption></figure>")
+    wrong = run.metrics.get("misclassified") or []
+    if wrong:
+        data_root = Path(run.config.get("data", "."))
+        parts.append(f"<h3>misclassified test images ({len(wrong)})</h3><div class=\"thumbs\">")
+        for row in wrong[:_THUMBNAILS_PER_RUN]:
+            uri = thumbnail_uri(data_root / row["path"])
+            picture = f'<img alt="{html.escape(row["path"])}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
+            parts.append(f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
+                         f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
+th { background: #f0f0f0; } td { font-variant-numeric: tabular-nums; }
+.warning { background: #fee; border: 1px solid #c00; color: #900; padding: 0.5em; font-weight: bold; }
+.row { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 0.8em; } .thumbs figure { width: 150px; margin: 0; font-size: 0.8em; }
+.missing { width: 112px; height: 112px; background: #eee; display: flex; align-items: center; justify-content: center; }
+section { border-top: 2px solid #ddd; margin-top: 2em; }
+"""
+
+
+def html_report(runs: list[Run]) -> str:
+    """The whole report as one HTML document with every picture embedded."""
+    warning = ""
+    if any(not run.metrics.get("pretrained", True) for run in runs):
+        warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
+    sections = "\n".join(_run_section(run) for run in runs)
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>bottleneck runs</title><style>{_STYLE}</style></head>"
+            f"<body><h1>bottleneck runs</h1>{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}{sections}</body></html>\n")
+
+
+def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Write the HTML report (default RUNS/report.html); return its path and the Markdown tables."""
+    runs = load_runs(runs_dir)
+    target = Path(out) if out else Path(runs_dir) / "report.html"
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(html_report(runs), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise DataError(f"cannot write report {target}: {exc.strerror or exc}") from None
+    return target, markdown_report(runs)
