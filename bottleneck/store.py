@@ -185,8 +185,16 @@ class FeatureStore:
     def load(self) -> StoredFeatures:
         """Read the store and any committed parts (rows de-duplicated by content hash)."""
         plan = self._plan()
-        blocks = list(self._blocks(plan))
-        features = np.concatenate(blocks) if blocks else np.zeros((0, self.feature_dim), np.float32)
+        features = np.empty((len(plan.hashes), self.feature_dim), np.float32)
+        row = 0
+        for path, keep in plan.sources:
+            with self._open(path) as handle:
+                dataset = handle["features"]
+                if len(keep) == dataset.shape[0]:  # the common case: one straight read into place
+                    dataset.read_direct(features, dest_sel=np.s_[row : row + len(keep)])
+                else:
+                    features[row : row + len(keep)] = dataset[keep]
+            row += len(keep)
         return StoredFeatures(plan.hashes, features, plan.paths, plan.failures, plan.attrs)
 
     def known(self) -> tuple[set[str], list[Failure]]:

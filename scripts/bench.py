@@ -114,12 +114,47 @@ def rerun_at_scale(count: int, work: Path) -> dict:
             "unchanged_rerun_seconds": round(cli_rerun_seconds(data, cache, spec), 2)}
 
 
+def cache_read_and_logreg(work: Path, rows: int, classes: int = 10, dim: int = 2048) -> dict:
+    """Read `rows` x `dim` float32 features back from a store (vs a raw read of the file), train logreg on them."""
+    from bottleneck.heads import LogRegHead
+    from bottleneck.store import FeatureStore
+
+    rng = np.random.default_rng(2)
+    store = FeatureStore(work / "big-cache", "bench-store", dim, {"pretrained": False})
+    labels = rng.integers(0, classes, rows)
+    centres = rng.normal(0, 1, (classes, dim)).astype(np.float32)
+    with store.writer() as writer:
+        for start in range(0, rows, 5000):
+            part = labels[start:start + 5000]
+            features = centres[part] + rng.normal(0, 12, (len(part), dim)).astype(np.float32)  # overlapping classes
+            writer.commit([f"{i:064x}" for i in range(start, start + len(part))], features, [""] * len(part))
+        writer.finish()
+    megabytes = rows * dim * 4 / 1e6
+    start = time.perf_counter()
+    with open(store.path, "rb") as handle:  # the disk's own speed for this file (page cache warm, as ours)
+        while handle.read(64 << 20):
+            pass
+    raw = time.perf_counter() - start
+    start = time.perf_counter()
+    loaded = store.load()
+    ours_seconds = time.perf_counter() - start
+    assert loaded.features.shape == (rows, dim)
+    start = time.perf_counter()
+    head = LogRegHead().fit(loaded.features, labels.astype(str))
+    train_seconds = time.perf_counter() - start
+    accuracy = float(np.mean(head.predict(loaded.features) == labels.astype(str)))
+    return {"rows": rows, "megabytes": round(megabytes), "load_mb_per_second": round(megabytes / ours_seconds),
+            "raw_read_mb_per_second": round(megabytes / raw), "logreg_train_seconds": round(train_seconds, 1),
+            "logreg_train_accuracy": round(accuracy, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=96, help="photos for each end-to-end measurement")
     parser.add_argument("--image-size", type=int, default=299)
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--rerun-images", type=int, default=10000, help="images in the unchanged-rerun test (0: skip)")
+    parser.add_argument("--cache-rows", type=int, default=50000, help="rows in the cache-read and logreg test (0: skip)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -143,6 +178,8 @@ def main() -> None:
         figures["rerun_unchanged_seconds"] = round(cli_rerun_seconds(work / "photos", work / "cache", spec), 2)
         if args.rerun_images:
             figures["rerun_at_scale"] = rerun_at_scale(args.rerun_images, work)
+        if args.cache_rows:
+            figures["cache_read"] = cache_read_and_logreg(work, args.cache_rows)
     print_table(figures)
     if args.json:
         print(json.dumps(figures))
@@ -162,6 +199,11 @@ def print_table(figures: dict) -> None:
     if "rerun_at_scale" in figures:
         scale = figures["rerun_at_scale"]
         rows.append((f"unchanged rerun, {scale['images']:,} images", f"{scale['unchanged_rerun_seconds']:.2f} s"))
+    if "cache_read" in figures:
+        read = figures["cache_read"]
+        rows.append((f"load {read['rows']:,} x 2048 features ({read['megabytes']} MB)",
+                     f"{read['load_mb_per_second']} MB/s (raw read of the file: {read['raw_read_mb_per_second']} MB/s)"))
+        rows.append((f"logreg head on {read['rows']:,} x 2048", f"{read['logreg_train_seconds']} s"))
     width = max(len(r[0]) for r in rows)
     print(f"\nInceptionV3 at {figures['image_size']}x{figures['image_size']}, {figures['cores']} cores, one run:")
     for name, value in rows:

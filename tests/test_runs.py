@@ -127,3 +127,29 @@ def test_cli_train_head_json(extracted, tmp_path, capsys):
     assert "WARNING: RANDOM WEIGHTS" in err
     code = main(["train-head", "--data", str(data), "--cache", str(tmp_path / "nothing"), "--runs", str(tmp_path / "r")])
     assert code == 2 and capsys.readouterr().err.startswith("bottleneck: error: no feature cache in ")
+
+
+def test_top5_accuracy_only_over_five_classes():
+    from bottleneck.metrics import split_metrics
+
+    labels = [f"c{i}" for i in range(7)]
+    proba = np.eye(7)[[1, 2, 3, 4, 5, 6, 0]] * 0.5 + np.eye(7) * 0.3 + 0.2 / 7
+    result = split_metrics(proba, labels, labels)
+    assert result["accuracy"] == 0.0 and result["top5_accuracy"] == 1.0
+    assert "top5_accuracy" not in split_metrics(np.eye(3), labels[:3], labels[:3])
+
+
+def test_logreg_training_never_loads_tensorflow(extracted, tmp_path):
+    data, cache = extracted
+    probe = (
+        "import sys\n"
+        "from bottleneck.cli import main\n"
+        f"code = main(['train-head', '--data', {str(data)!r}, '--cache', {str(cache)!r}, '--runs', {str(tmp_path)!r}])\n"
+        "assert code == 0 and 'tensorflow' not in sys.modules, sorted(m for m in sys.modules if 'tensorflow' in m)[:3]\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
