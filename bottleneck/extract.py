@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,7 @@ from .store import Failure, FeatureStore, StoreWriter
 T = TypeVar("T")
 R = TypeVar("R")
 DEFAULT_BATCH_SIZE = 16
+DECODE_NICENESS = 10
 
 
 @dataclass
@@ -146,9 +148,17 @@ def _read_and_decode(image: ImageFile, known_hash: str | None, writer: StoreWrit
     return outcome
 
 
+def _lower_thread_priority() -> None:
+    """Let the backbone's threads win the CPU: decoding only has to keep ahead of the model."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
     """`map` over a thread pool, in order, with at most `ahead` items in flight."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=_lower_thread_priority) as pool:
         pending: deque = deque()
         source = iter(items)
         try:
