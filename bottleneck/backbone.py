@@ -1,8 +1,14 @@
 """The frozen backbone: which network, which weights, which input, and its fingerprint.
 
-A `BackboneSpec` is plain data and never imports TensorFlow, so the fingerprint (which names
-the feature store) is known at once. `FeatureModel` builds the Keras model, with the
-backbone's own preprocessing inside one `tf.function`, only when an image must be computed.
+Three kinds of backbone share one `BackboneSpec`:
+
+- a Keras application (`inception_v3`) with `--weights imagenet | none | PATH`;
+- a user's own `.keras` model file cut at `--layer NAME` (spatial outputs are average-pooled);
+- `pixels`: the resized image itself, flattened: the no-transfer baseline.
+
+A spec is plain data and never imports TensorFlow, so the fingerprint (which names the feature
+store) is known at once. `FeatureModel` builds the network, with its preprocessing inside one
+`tf.function`, only when an image must be computed.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import numpy as np
 
 from .decode import DECODE_VERSION
 from .errors import BackboneError
+from .keras_file import read_keras_file
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,15 @@ ARCHITECTURES = {
         preprocessing="inception: x / 127.5 - 1 (RGB)",
     ),
 }
+PIXELS = "pixels"
+PIXELS_DEFAULT_SIZE = 16
+
+#: Preprocessing a user's model can ask for; 'none' means the model does its own (a Rescaling layer).
+PREPROCESSING = {
+    "none": "none: raw 0-255 RGB floats (the model rescales)",
+    "unit": "unit: x / 255 (RGB)",
+    "inception": "inception: x / 127.5 - 1 (RGB)",
+}
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"
@@ -53,30 +69,59 @@ RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: these features come from an untrained 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything that decides a feature vector: architecture, weights, input size, pooling."""
+    """Everything that decides a feature vector: network, weights, layer, input size, preprocessing."""
 
-    architecture: str = "inception_v3"
-    weights: str = WEIGHTS_IMAGENET  # 'imagenet', 'none', or a path to a Keras weights file
-    image_size: int | None = None  # None: the architecture's default
+    architecture: str = "inception_v3"  # a Keras application, 'pixels', or a path to a .keras file
+    weights: str = WEIGHTS_IMAGENET  # Keras applications: 'imagenet', 'none', or a weights file
+    image_size: int | None = None  # None: the architecture's or the model file's own
     pooling: str = "avg"
+    layer: str | None = None  # .keras files: the layer to cut at
+    preprocess: str | None = None  # .keras files: a key of PREPROCESSING (default 'none')
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise BackboneError(
-                f"unknown backbone {self.architecture!r}; choose one of: {', '.join(ARCHITECTURES)}"
-            )
+        if self.kind == "application":
+            self._check_application()
+        elif self.kind == "file":
+            self._check_model_file()
+        elif self.input_size < 1 or self.input_size > 256:
+            raise BackboneError(f"--image-size must be between 1 and 256 for pixels; got {self.input_size}")
+
+    @property
+    def kind(self) -> str:
+        """'application', 'file' or 'pixels'."""
+        if self.architecture == PIXELS:
+            return "pixels"
+        if self.architecture in ARCHITECTURES:
+            return "application"
+        if self.architecture.endswith(".keras") or Path(self.architecture).is_file():
+            return "file"
+        raise BackboneError(
+            f"unknown backbone {self.architecture!r}; choose one of: {', '.join([*ARCHITECTURES, PIXELS])}, "
+            "or a path to a .keras model file"
+        )
+
+    def _check_application(self) -> None:
         arch = ARCHITECTURES[self.architecture]
-        size = self.input_size
-        if not arch.min_size <= size <= 2048:
-            raise BackboneError(
-                f"--image-size must be between {arch.min_size} and 2048 for {arch.name}; got {size}"
-            )
-        if self.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE):
-            path = Path(self.weights)
-            if not path.is_file():
-                raise BackboneError(
-                    f"weights file not found: {self.weights} (use --weights imagenet, none, or a path)"
-                )
+        if not arch.min_size <= self.input_size <= 2048:
+            raise BackboneError(f"--image-size must be between {arch.min_size} and 2048 for {arch.name}; got {self.input_size}")
+        if self.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(self.weights).is_file():
+            raise BackboneError(f"weights file not found: {self.weights} (use --weights imagenet, none, or a path)")
+
+    def _check_model_file(self) -> None:
+        info = read_keras_file(self.architecture)
+        if not self.layer:
+            raise BackboneError(f"--layer is needed with a model file; layers of {self.architecture}: "
+                                f"{', '.join(info.layer_names[-5:])}")
+        info.check_layer(self.layer)
+        height, width, _ = info.input_shape
+        if height and width and height != width:
+            raise BackboneError(f"{self.architecture} takes {height}x{width} images; only square inputs are supported")
+        if height and self.image_size and self.image_size != height:
+            raise BackboneError(f"{self.architecture} takes {height}x{height} images; got --image-size {self.image_size}")
+        if not (height or self.image_size):
+            raise BackboneError(f"{self.architecture} does not fix its input size: pass --image-size")
+        if (self.preprocess or "none") not in PREPROCESSING:
+            raise BackboneError(f"unknown --preprocess {self.preprocess!r}; choose one of: {', '.join(PREPROCESSING)}")
 
     @property
     def arch(self) -> Architecture:
@@ -84,39 +129,78 @@ class BackboneSpec:
 
     @property
     def input_size(self) -> int:
-        return self.image_size or self.arch.default_size
+        if self.image_size:
+            return self.image_size
+        if self.architecture == PIXELS:
+            return PIXELS_DEFAULT_SIZE
+        if self.architecture in ARCHITECTURES:
+            return self.arch.default_size
+        return int(read_keras_file(self.architecture).input_shape[0])
+
+    @property
+    def name(self) -> str:
+        """A short name: the application, 'pixels', or the model file's stem."""
+        return Path(self.architecture).stem if self.kind == "file" else self.architecture
 
     @property
     def pretrained(self) -> bool:
-        return self.weights != WEIGHTS_NONE
+        return not (self.kind == "application" and self.weights == WEIGHTS_NONE)
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Length of a feature vector, or None for a model file (known once it is built)."""
+        if self.kind == "application":
+            return self.arch.feature_dim
+        if self.kind == "pixels":
+            return self.input_size * self.input_size * 3
+        return None
+
+    @property
+    def preprocessing(self) -> str:
+        if self.kind == "application":
+            return self.arch.preprocessing
+        if self.kind == "pixels":
+            return "pixels: x / 255, flattened"
+        return PREPROCESSING[self.preprocess or "none"]
 
     def weights_id(self, file_hasher: Callable[[str], str] | None = None) -> str:
-        """'imagenet', 'none-seed0-keras<version>', or 'sha256:<hex>' of the weights file."""
+        """'imagenet', 'none-seed0-keras<version>', 'sha256:<hex>' of the weights or model file, or 'none'."""
+        hasher = file_hasher or _sha256_of
+        if self.kind == "file":
+            return "sha256:" + hasher(str(Path(self.architecture).absolute()))
+        if self.kind == "pixels":
+            return "none"
         if self.weights == WEIGHTS_IMAGENET:
             return self.weights
         if self.weights == WEIGHTS_NONE:
             # Random weights are seeded, so they are the same network on every run of one Keras version.
             return f"none-seed{RANDOM_WEIGHTS_SEED}-keras{_installed_version('keras')}"
-        hasher = file_hasher or _sha256_of
         return "sha256:" + hasher(str(Path(self.weights).absolute()))
 
     def identity(self, file_hasher: Callable[[str], str] | None = None) -> dict:
         """The fields the fingerprint covers, as plain JSON-able data."""
-        return {
-            "architecture": self.architecture,
+        identity = {
+            "architecture": self.architecture if self.kind != "file" else "keras-file",
             "weights": self.weights_id(file_hasher),
             "input_size": self.input_size,
             "pooling": self.pooling,
-            "preprocessing": self.arch.preprocessing,
+            "preprocessing": self.preprocessing,
             "decode": DECODE_VERSION,
         }
+        if self.kind == "file":
+            identity["layer"] = self.layer
+        return identity
 
     def fingerprint(self, file_hasher: Callable[[str], str] | None = None) -> str:
         """A readable, unique name for this exact backbone, e.g. 'inception_v3-299-imagenet-1a2b3c4d5e6f'."""
         identity = self.identity(file_hasher)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
-        return f"{self.architecture}-{self.input_size}-{tag}-{digest}"
+        if self.kind == "application":
+            tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
+        else:
+            tag = {"file": self.layer, "pixels": "raw"}[self.kind]
+        safe_name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{self.name}-{self.input_size}-{tag}")
+        return f"{safe_name}-{digest}"
 
 
 def _installed_version(package: str) -> str:
@@ -154,7 +238,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_keras_backbone(spec: BackboneSpec):
-    """The frozen Keras model of `spec`: uint8-free, takes preprocessed float input, returns pooled features."""
+    """The frozen Keras application of `spec`: takes preprocessed float input, returns pooled features."""
     tf, keras = import_tensorflow()
     builder = getattr(keras.applications, spec.arch.keras_builder)
     shape = (spec.input_size, spec.input_size, 3)
@@ -182,26 +266,70 @@ def build_keras_backbone(spec: BackboneSpec):
     return model
 
 
+def build_file_backbone(spec: BackboneSpec):
+    """A user's `.keras` model cut at `spec.layer`, average-pooled when that layer is spatial."""
+    tf, keras = import_tensorflow()
+    try:
+        # safe_mode refuses the Lambda layers that would run code stored in the file.
+        full = keras.saving.load_model(spec.architecture, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({_first_line(exc)})") from None
+    output = full.get_layer(spec.layer).output
+    if len(output.shape) == 4:
+        output = keras.layers.GlobalAveragePooling2D(name="bottleneck_pool")(output)
+    elif len(output.shape) != 2:
+        output = keras.layers.Flatten(name="bottleneck_flatten")(output)
+    model = keras.Model(full.inputs, output, name=f"{full.name}_to_{spec.layer}")
+    model.trainable = False
+    return model
+
+
+def _identity(x):
+    return x
+
+
+def _to_unit(x):
+    return x / 255.0
+
+
+def _to_plus_minus_one(x):
+    return x / 127.5 - 1.0
+
+
+def _graph_preprocessing(spec: BackboneSpec, keras):
+    if spec.kind == "application":
+        return getattr(keras.applications, spec.arch.keras_module).preprocess_input
+    return {"none": _identity, "unit": _to_unit, "inception": _to_plus_minus_one}[spec.preprocess or "none"]
+
+
 class FeatureModel:
     """Runs the frozen backbone on uint8 RGB batches; preprocessing happens inside the graph."""
 
     def __init__(self, spec: BackboneSpec):
-        tf, keras = import_tensorflow()
         self.spec = spec
-        self.model = build_keras_backbone(spec)
-        preprocess = getattr(keras.applications, spec.arch.keras_module).preprocess_input
-        model = self.model
+        if spec.kind == "pixels":
+            self.feature_dim = spec.feature_dim
+            self.versions: dict = {}
+            self._features = None
+            return
+        tf, keras = import_tensorflow()
+        model = build_keras_backbone(spec) if spec.kind == "application" else build_file_backbone(spec)
+        preprocess = _graph_preprocessing(spec, keras)
         size = spec.input_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def features(batch):
             return model(preprocess(tf.cast(batch, tf.float32)), training=False)
 
+        self.model = model
+        self.feature_dim = int(model.output_shape[-1])
         self._features = features
         self.versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, feature_dim) float32."""
+        if self._features is None:
+            return batch.reshape(len(batch), -1).astype(np.float32) / 255.0
         return self._features(batch).numpy().astype(np.float32, copy=False)
 
 

@@ -33,7 +33,12 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
     With `optional`, leaving them all out means "the only store in the cache".
     """
     group = parser.add_argument_group("backbone" + (" (default: the only store in the cache)" if optional else ""))
-    group.add_argument("--backbone", default=None if optional else "inception_v3", help="architecture (default: inception_v3)")
+    group.add_argument("--backbone", default=None if optional else "inception_v3",
+                       help="inception_v3, pixels (the raw image: a no-transfer baseline), or a .keras model file "
+                       "(default: inception_v3)")
+    group.add_argument("--layer", default=None, help="with a .keras model file: the layer to extract (spatial layers are average-pooled)")
+    group.add_argument("--preprocess", default=None, choices=["none", "unit", "inception"],
+                       help="with a .keras model file: none (the model rescales itself; default), unit (x/255), inception (x/127.5-1)")
     group.add_argument(
         "--weights",
         default=None if optional else "imagenet",
@@ -47,10 +52,10 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
 def _spec_from(args: argparse.Namespace):
     from .backbone import BackboneSpec
 
-    if args.backbone is None and args.weights is None and args.image_size is None:
+    if all(getattr(args, name) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess")):
         return None
     return BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
-                        image_size=args.image_size)
+                        image_size=args.image_size, layer=args.layer, preprocess=args.preprocess)
 
 
 def _summarise_features(result, out: Callable[[str], None]) -> None:
@@ -138,6 +143,76 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train a small convolutional base on a source dataset and save it as a .keras file."""
+    from .pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(image_size=args.image_size, blocks=args.blocks, filters=args.filters, epochs=args.epochs,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    result = pretrain(args.data, args.out, config, args.split_file, log=_stderr)
+    accuracy = "-" if result.validation_accuracy is None else f"{result.validation_accuracy:.4f}"
+    print(f"saved {result.path} ({len(result.classes)} classes, {result.epochs_run} epochs, validation accuracy "
+          f"{accuracy}, {result.seconds:.1f} s)")
+    print(f"  extract with: bottleneck features DATA --backbone {result.path} --layer {result.layer}")
+    return 0
+
+
+def _add_pretrain(commands) -> None:
+    parser = commands.add_parser(
+        "pretrain",
+        help="train your own small convolutional base on a source dataset",
+        description="Train a small conv/BN/ReLU base with global pooling (layer 'features') and a softmax top on "
+        "DATA's train split (validation split for early stopping), and save it as a .keras file.",
+        epilog="example: bottleneck pretrain --data data/source --out cache/base.keras --epochs 20",
+    )
+    parser.add_argument("--data", required=True, help="source images, one sub-folder per class")
+    parser.add_argument("--out", required=True, help="the .keras file to write")
+    parser.add_argument("--image-size", type=_positive_int, default=32, help="square input size (default: 32)")
+    parser.add_argument("--blocks", type=_positive_int, default=3, help="conv blocks (default: 3)")
+    parser.add_argument("--filters", type=_positive_int, default=32, help="filters of the first block, doubled per block (default: 32)")
+    parser.add_argument("--epochs", type=int, default=30, help="most epochs; 0 saves the untrained network (default: 30)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training (default: 0)")
+    parser.add_argument("--split-file", default=None, help="train on the train rows (and stop early on the validation rows) of this split.csv")
+    parser.set_defaults(handler=cmd_pretrain)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """How far apart two image sets are in the cached feature space."""
+    from .dataset import load_labelled_features
+    from .domain import compare_features
+
+    spec = _spec_from(args)
+    a = load_labelled_features(args.data_a, args.cache, spec, log=_stderr)
+    b = load_labelled_features(args.data_b, args.cache, spec, log=_stderr)
+    result = compare_features(a.features, b.features, permutations=args.permutations)
+    out = _stderr if args.json else print
+    out(f"{args.data_a} ({result['images_a']} images) vs {args.data_b} ({result['images_b']} images) in {a.store_path.name}:")
+    out(f"  Frechet distance {result['frechet_distance']:.4f}")
+    out(f"  MMD^2 {result['mmd2']:.5f}, permutation p-value {result['mmd_p_value']:.4f} ({result['permutations']} permutations)")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _add_compare(commands) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="measure how far apart two image sets are in the cached feature space",
+        description="Frechet distance between Gaussian fits and a kernel MMD with a permutation p-value, "
+        "from cached features only (run `features` on both folders first).",
+        epilog="example: bottleneck compare data/source data/target --cache cache --backbone base.keras --layer features",
+    )
+    parser.add_argument("data_a", metavar="DATA_A")
+    parser.add_argument("data_b", metavar="DATA_B")
+    parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    add_backbone_arguments(parser, optional=True)
+    parser.add_argument("--permutations", type=_positive_int, default=200, help="permutations for the p-value (default: 200)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    parser.set_defaults(handler=cmd_compare)
+
+
 def _add_report(commands) -> None:
     parser = commands.add_parser(
         "report",
@@ -220,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(handler=cmd_features)
     _add_train_head(commands)
     _add_report(commands)
+    _add_pretrain(commands)
+    _add_compare(commands)
     return parser
 
 

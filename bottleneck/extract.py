@@ -97,7 +97,7 @@ def prepare_cache_dir(cache_dir: str | os.PathLike) -> Path:
     return path
 
 
-def store_attrs(spec: BackboneSpec, weights_id: str) -> dict:
+def store_attrs(spec: BackboneSpec, weights_id: str, feature_dim: int) -> dict:
     """The attributes every store file carries about its backbone."""
     import h5py
     import PIL
@@ -110,19 +110,32 @@ def store_attrs(spec: BackboneSpec, weights_id: str) -> dict:
         "warning": "" if spec.pretrained else RANDOM_WEIGHTS_WARNING,
         "input_size": spec.input_size,
         "pooling": spec.pooling,
-        "preprocessing": spec.arch.preprocessing,
-        "feature_dim": spec.arch.feature_dim,
+        "layer": spec.layer or "",
+        "preprocessing": spec.preprocessing,
+        "feature_dim": feature_dim,
         "bottleneck_version": __version__,
         "pillow_version": PIL.__version__,
         "h5py_version": h5py.__version__,
     }
 
 
+def _feature_dim(spec: BackboneSpec, store_file: Path) -> int:
+    if spec.feature_dim is not None:
+        return spec.feature_dim
+    if store_file.exists():  # a model file's store already says, so a rerun need not load the model
+        import h5py
+
+        with h5py.File(store_file, "r") as handle:
+            return int(handle.attrs["feature_dim"])
+    return get_feature_model(spec).feature_dim
+
+
 def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex) -> FeatureStore:
-    """The store of `spec` in `cache_dir` (weights files are hashed through the index)."""
+    """The store of `spec` in `cache_dir` (weights and model files are hashed through the index)."""
     identity = spec.identity(index.hash_file)
     fingerprint = spec.fingerprint(index.hash_file)
-    return FeatureStore(cache_dir, fingerprint, spec.arch.feature_dim, store_attrs(spec, identity["weights"]))
+    dim = _feature_dim(spec, Path(cache_dir) / f"{fingerprint}.h5")
+    return FeatureStore(cache_dir, fingerprint, dim, store_attrs(spec, identity["weights"], dim))
 
 
 def _read_and_decode(image: ImageFile, known_hash: str | None, writer: StoreWriter, size: int, max_pixels: int) -> _Outcome:
@@ -211,7 +224,8 @@ class _Batcher:
         if not self.pixels:
             return
         if self.model is None:
-            self.on_model(f"loading backbone {self.spec.architecture} ({self.spec.weights} weights)")
+            detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
+            self.on_model(f"loading backbone {self.spec.architecture} ({detail})")
             self.model = get_feature_model(self.spec)
         features = self.model(np.stack(self.pixels))
         self._wait_for_commit()

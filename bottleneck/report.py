@@ -179,6 +179,10 @@ def _run_section(run: Run) -> str:
     cv = run.metrics.get("cross_validation")
     if cv:
         parts.append(f"<p>{cv['folds']}-fold cross-validation accuracy {cv['mean_accuracy']:.4f} &plusmn; {cv['std_accuracy']:.4f}</p>")
+    domain = (run.metrics.get("domain") or {}).get("train_vs_test")
+    if domain:
+        parts.append(f"<p>train vs test in feature space: Frechet distance {domain['frechet_distance']:.3f}, "
+                     f"MMD&sup2; {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})</p>")
     test = run.metrics["splits"].get("test")
     if test:
         parts.append('<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'

@@ -137,6 +137,11 @@ def train_head(
             metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
     if model.history_:
         metrics["history"] = model.history_
+    if mask["train"].sum() >= 2 and mask["test"].sum() >= 2:
+        from .domain import compare_features
+
+        metrics["domain"] = {"train_vs_test": compare_features(X[mask["train"]], X[mask["test"]], max_per_set=500,
+                                                               permutations=100, seed=split.seed)}
     if folds:
         trainval = mask["train"] | mask["validation"]
         metrics["cross_validation"] = _cross_validate(
