@@ -29,15 +29,9 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# The built-in dataset: scikit-learn's digits as PNG files. Pretrained weights cannot be fetched
-# offline, so the demo runs the seeded random-weights backbone at the smallest input size; pass
-# DEMO_ARGS="--weights imagenet --image-size 299" on a machine with internet.
-DEMO_DATA ?= $(CACHE)/demo-digits
-DEMO_ARGS ?= --weights none --image-size 75
-
+# The whole transfer-learning story on scikit-learn's digits, offline (see bottleneck/demo.py).
 demo: $(STAMP)
-	$(BIN)/python scripts/make_digits.py $(DEMO_DATA)
-	$(BIN)/bottleneck features $(DEMO_DATA) --cache $(CACHE) --batch-size 32 $(DEMO_ARGS)
+	$(BIN)/bottleneck demo --work $(CACHE)/demo --cache $(CACHE) $(ARGS)
 
 features: $(STAMP)
 	$(BIN)/bottleneck features $(DATA) --cache $(CACHE) $(ARGS)

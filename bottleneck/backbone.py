@@ -225,6 +225,8 @@ def import_tensorflow():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import keras  # noqa: F401
         import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
     except ImportError:
         raise BackboneError(
             "TensorFlow is not installed: pip install 'bottleneck[cpu]' (or '[gpu]' on a CUDA machine)"

@@ -84,9 +84,12 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(runs: list[Run]) -> str:
+def markdown_report(runs: list[Run], summary: dict | None = None) -> str:
     """The comparison table and, per run, the per-class test metrics, in Markdown."""
-    parts = ["# Runs", "", markdown_table(comparison_rows(runs))]
+    parts = []
+    if summary:
+        parts += [f"# {summary['title']}", "", markdown_table(summary["rows"]), ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    parts += ["# Runs", "", markdown_table(comparison_rows(runs))]
     if any(not run.metrics.get("pretrained", True) for run in runs):
         parts += ["", "**WARNING: runs marked RANDOM WEIGHTS use features of an untrained backbone.**"]
     for run in runs:
@@ -217,24 +220,36 @@ section { border-top: 2px solid #ddd; margin-top: 2em; }
 """
 
 
-def html_report(runs: list[Run]) -> str:
+def _summary_html(summary: dict | None) -> str:
+    if not summary:
+        return ""
+    notes = "".join(
+        f'<p class="{"warning" if n.startswith("WARNING") else "note"}">{html.escape(n)}</p>' for n in summary["notes"])
+    return f"<h2>{html.escape(summary['title'])}</h2>{_html_table(summary['rows'])}{notes}"
+
+
+def html_report(runs: list[Run], summary: dict | None = None) -> str:
     """The whole report as one HTML document with every picture embedded."""
     warning = ""
     if any(not run.metrics.get("pretrained", True) for run in runs):
         warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
     sections = "\n".join(_run_section(run) for run in runs)
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>bottleneck runs</title><style>{_STYLE}</style></head>"
-            f"<body><h1>bottleneck runs</h1>{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}{sections}</body></html>\n")
+            f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}{sections}</body></html>\n")
 
 
-def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """Write the HTML report (default RUNS/report.html); return its path and the Markdown tables."""
+def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 summary: dict | None = None) -> tuple[Path, str]:
+    """Write the HTML report (default RUNS/report.html); return its path and the Markdown tables.
+
+    `summary` ({title, rows, notes}) is an extra table shown first, as the demo's comparison.
+    """
     runs = load_runs(runs_dir)
     target = Path(out) if out else Path(runs_dir) / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(html_report(runs), encoding="utf-8")
+        tmp.write_text(html_report(runs, summary), encoding="utf-8")
         os.replace(tmp, target)
     except OSError as exc:
         raise DataError(f"cannot write report {target}: {exc.strerror or exc}") from None
-    return target, markdown_report(runs)
+    return target, markdown_report(runs, summary)

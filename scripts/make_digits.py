@@ -1,36 +1,17 @@
 #!/usr/bin/env python
 """Write scikit-learn's bundled handwritten digits as PNG files, one folder per digit.
 
-The 8x8 images are upscaled so they go through the real decoding path as ordinary image files.
-Nothing is downloaded: the digits ship with scikit-learn. Existing files are left as they are,
-so a second run changes nothing (and `bottleneck features` then computes nothing).
+    python scripts/make_digits.py OUT [--digits 0,1,2] [--size 64]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def write_digits(out: Path, digits: list[int], size: int = 64) -> int:
-    """Write every bundled image of the given digits into out/<digit>/; return how many exist."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    count = 0
-    for index, (image, target) in enumerate(zip(bunch.images, bunch.target)):
-        if int(target) not in digits:
-            continue
-        folder = out / str(int(target))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"digit_{index:04d}.png"
-        if not path.exists():
-            pixels = (255 - image * (255 / 16)).astype(np.uint8)  # dark ink on white paper
-            Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).save(path)
-        count += 1
-    return count
+from bottleneck.demo import write_digits  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +21,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="side of the upscaled PNGs in pixels")
     args = parser.parse_args()
     digits = [int(d) for d in args.digits.split(",")]
-    count = write_digits(args.out, digits, args.size)
-    print(f"{count} digit images in {args.out} ({len(digits)} classes)")
+    print(f"{write_digits(args.out, digits, args.size)} digit images in {args.out} ({len(digits)} classes)")
 
 
 if __name__ == "__main__":
