@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
 
 from .errors import CacheError
 
+T = TypeVar("T")
 FORMAT_VERSION = 1
 _COPY_ROWS = 4096
 _HASH_DTYPE = "S64"
@@ -120,6 +121,10 @@ def _write_rows(handle: h5py.File, hashes: list[str], features: np.ndarray, path
     handle.create_dataset("source_path", data=_string_array(paths), dtype=h5py.string_dtype())
 
 
+class _PartMerged(Exception):
+    """A part file vanished between listing and reading: a writer merged it into the store."""
+
+
 @dataclass
 class _MergePlan:
     sources: list[tuple[Path, np.ndarray]] = field(default_factory=list)
@@ -150,6 +155,10 @@ class FeatureStore:
     def _open(self, path: Path) -> h5py.File:
         try:
             return h5py.File(path, "r")
+        except FileNotFoundError:
+            if path.parent == self.parts_dir:  # a writer just merged it into the store file
+                raise _PartMerged(path) from None
+            raise CacheError(f"feature store {path} disappeared while being read") from None
         except OSError as exc:
             raise CacheError(f"cannot read feature store {path} ({exc}); delete it to rebuild") from None
 
@@ -182,8 +191,20 @@ class FeatureStore:
                     rows = keep[start : start + _COPY_ROWS]
                     yield dataset[rows[0] : rows[-1] + 1] if whole else dataset[rows]
 
+    def _reading(self, read: Callable[[], T]) -> T:
+        """Run `read`, again if a writer merged a part away under it (readers take no lock)."""
+        for _ in range(10):
+            try:
+                return read()
+            except _PartMerged:
+                time.sleep(0.05)
+        return read()
+
     def load(self) -> StoredFeatures:
         """Read the store and any committed parts (rows de-duplicated by content hash)."""
+        return self._reading(self._load)
+
+    def _load(self) -> StoredFeatures:
         plan = self._plan()
         features = np.empty((len(plan.hashes), self.feature_dim), np.float32)
         row = 0
@@ -199,7 +220,7 @@ class FeatureStore:
 
     def known(self) -> tuple[set[str], list[Failure]]:
         """The content hashes with features, and the recorded failures, without reading features."""
-        plan = self._plan()
+        plan = self._reading(self._plan)
         return plan.seen, plan.failures
 
     @contextlib.contextmanager

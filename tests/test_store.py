@@ -119,3 +119,16 @@ def test_corrupt_store_file_is_a_clear_error(tmp_path):
     store.path.write_bytes(b"not hdf5")
     with pytest.raises(CacheError, match="cannot read feature store .* delete it to rebuild"):
         store.load()
+
+
+def test_a_reader_survives_a_merge_under_it(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    with store.writer() as writer:
+        writer.commit(*rows(2))
+        writer.commit(*rows(2, start=2))
+        listed = store.part_files()
+        writer.finish()  # the parts are merged and removed
+    listings = iter([listed])  # the first listing is stale (taken before the merge), later ones are empty
+
+    monkeypatch.setattr(FeatureStore, "part_files", lambda self: next(listings, []))
+    assert store.load().content_hash == rows(4)[0]
