@@ -147,19 +147,24 @@ def _features_command(data: Path, cache: Path, *extra: str) -> list[str]:
             "--weights", "none", "--no-progress", *extra]
 
 
-def test_killed_run_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_killed_run_resumes_where_it_stopped(tmp_path, stop):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=14)
     spec = BackboneSpec(weights="none", image_size=299)
     parts = cache / f"{spec.fingerprint()}.parts"
-    run = subprocess.Popen(_features_command(data, cache, "--batch-size", "2"), stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(_features_command(data, cache, "--batch-size", "2"), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while len(list(parts.glob("part-*.h5"))) < 3:
         assert run.poll() is None, "the run finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    run.send_signal(stop)
+    err = run.communicate(timeout=60)[1]
+    if stop == signal.SIGINT:
+        assert run.returncode == 130
+        assert err.strip().splitlines()[-1] == (
+            "bottleneck: interrupted; committed batches are kept, run the same command again to resume")
     store = open_store(cache, spec, HashIndex(cache))
     committed = len(store.load().content_hash)  # parts left by a killed run read correctly
     assert committed >= 6
