@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,openvino,test
 
 DATA ?= data
 CACHE ?= cache

@@ -38,6 +38,7 @@ class Architecture:
     min_size: int
     feature_dim: int
     preprocessing: str  # what preprocess_input does, recorded in the fingerprint
+    preprocess_mode: str  # the same, as a key of _PREPROCESS_FUNCTIONS
 
 
 ARCHITECTURES = {
@@ -49,6 +50,7 @@ ARCHITECTURES = {
         min_size=75,
         feature_dim=2048,
         preprocessing="inception: x / 127.5 - 1 (RGB)",
+        preprocess_mode="inception",
     ),
 }
 PIXELS = "pixels"
@@ -298,10 +300,17 @@ def _to_plus_minus_one(x):
     return x / 127.5 - 1.0
 
 
-def _graph_preprocessing(spec: BackboneSpec, keras):
+_PREPROCESS_FUNCTIONS = {"none": _identity, "unit": _to_unit, "inception": _to_plus_minus_one}
+
+
+def preprocessing_function(spec: BackboneSpec) -> Callable:
+    """The spec's preprocessing as arithmetic that works on NumPy arrays and tensors alike.
+
+    For InceptionV3 this is exactly Keras' `inception_v3.preprocess_input` ("tf" mode).
+    """
     if spec.kind == "application":
-        return getattr(keras.applications, spec.arch.keras_module).preprocess_input
-    return {"none": _identity, "unit": _to_unit, "inception": _to_plus_minus_one}[spec.preprocess or "none"]
+        return _PREPROCESS_FUNCTIONS[spec.arch.preprocess_mode]
+    return _PREPROCESS_FUNCTIONS[spec.preprocess or "none"]
 
 
 class FeatureModel:
@@ -316,7 +325,7 @@ class FeatureModel:
             return
         tf, keras = import_tensorflow()
         model = build_keras_backbone(spec) if spec.kind == "application" else build_file_backbone(spec)
-        preprocess = _graph_preprocessing(spec, keras)
+        preprocess = preprocessing_function(spec)
         size = spec.input_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
@@ -335,7 +344,30 @@ class FeatureModel:
         return self._features(batch).numpy().astype(np.float32, copy=False)
 
 
+RUNTIMES = ("tensorflow", "openvino")
+
+
+def get_feature_model(spec: BackboneSpec, runtime: str = "tensorflow", cache_dir: Path | None = None):
+    """A feature model for `spec`, built once per process (later runs in one process reuse it).
+
+    `runtime='openvino'` converts the network once per fingerprint into `cache_dir` and runs it
+    with OpenVINO (an optional extra), which is faster on CPUs; `pixels` needs no runtime.
+    """
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and spec.kind != "pixels":
+        folder = (Path(cache_dir or "cache") / f"{spec.fingerprint()}.openvino").resolve()
+        return _openvino_model(spec, folder)
+    return _tensorflow_model(spec)
+
+
 @lru_cache(maxsize=4)
-def get_feature_model(spec: BackboneSpec) -> FeatureModel:
-    """A `FeatureModel` for `spec`, built once per process (later runs in one process reuse it)."""
+def _tensorflow_model(spec: BackboneSpec) -> FeatureModel:
     return FeatureModel(spec)
+
+
+@lru_cache(maxsize=4)
+def _openvino_model(spec: BackboneSpec, folder: Path):
+    from .runtime import OpenVinoFeatureModel
+
+    return OpenVinoFeatureModel(spec, folder)

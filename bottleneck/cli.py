@@ -90,6 +90,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         lock_timeout=args.lock_timeout,
         progress=not args.no_progress and sys.stderr.isatty(),
+        runtime=args.runtime,
     )
     result = extract_features(args.data, args.cache, _spec_from(args), options, log=_stderr)
     out = _stderr if args.json else print
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                           help="when another run writes the same store, wait at most this long "
                           "(default: wait until it finishes; 0: refuse at once)")
+    features.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
+                          help="run the backbone with TensorFlow (default) or OpenVINO (faster on CPUs; "
+                          "pip install 'bottleneck[openvino]'; converted once per backbone into the cache)")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")
     features.add_argument("--json", action="store_true",
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")

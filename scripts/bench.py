@@ -72,11 +72,30 @@ def model_alone(spec: BackboneSpec, batch_size: int, images: int) -> float:
     return calls * batch_size / (time.perf_counter() - start)
 
 
-def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int) -> dict:
-    """`extract_features` end to end with the model already built."""
-    result = extract_features(data, cache, spec, batch_size=batch_size)
+def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int, runtime: str = "tensorflow",
+         converted: Path | None = None) -> dict:
+    """`extract_features` end to end with the model already built (OpenVINO: already converted)."""
+    if converted is not None:  # share one conversion between rounds, as a cache folder does between runs
+        cache.mkdir(parents=True, exist_ok=True)
+        link = cache / f"{spec.fingerprint()}.openvino"
+        if not link.exists():
+            link.symlink_to(converted, target_is_directory=True)
+    result = extract_features(data, cache, spec, batch_size=batch_size, runtime=runtime)
     assert result.computed == result.images, result
     return {"images_per_second": result.computed / result.seconds, "seconds": result.seconds}
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """float32 matrix-multiply speed of this machine (all cores): the ceiling for a conv net."""
+    a = np.random.default_rng(0).random((n, n), np.float32)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+INCEPTION_V3_GFLOP_AT_299 = 11.4  # multiply-adds counted twice, for one 299x299 image
 
 
 def naive(spec: BackboneSpec, paths: list[Path], out: Path) -> float:
@@ -159,8 +178,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds of model alone / ours / naive (median taken)")
     parser.add_argument("--rerun-images", type=int, default=10000, help="images in the unchanged-rerun test (0: skip)")
     parser.add_argument("--cache-rows", type=int, default=50000, help="rows in the cache-read and logreg test (0: skip)")
+    parser.add_argument("--no-openvino", dest="openvino", action="store_false",
+                        help="skip the OpenVINO runtime (measured by default when it is installed)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
+    if args.openvino:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            args.openvino = False
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Random weights run exactly as fast as ImageNet's, and need no download.
     spec = BackboneSpec(weights="none", image_size=args.image_size)
@@ -172,19 +198,35 @@ def main() -> None:
         best_batch = max(sweep, key=sweep.get)
         figures["model_alone_sweep_images_per_second"] = {str(b): round(v, 2) for b, v in sweep.items()}
         figures["best_batch_size"] = best_batch
+        if args.openvino:  # convert once, as the cache keeps it between runs; not part of any timing
+            from bottleneck.runtime import convert_to_openvino
+
+            convert_to_openvino(spec, work / "ov-converted")
         # Paired rounds (model alone, ours, naive in turn): drift on a shared machine hits all three.
         rounds = []
         for round_number in range(args.rounds):
             alone = model_alone(spec, best_batch, args.images)
             end_to_end = ours(spec, work / "photos", work / f"cache-{round_number}", best_batch)["images_per_second"]
             loop = naive(spec, paths, work / f"naive-{round_number}")
-            rounds.append({"model_alone": alone, "ours": end_to_end, "naive": loop})
+            measured = {"model_alone": alone, "ours": end_to_end, "naive": loop}
+            if args.openvino:
+                measured["ours_openvino"] = ours(spec, work / "photos", work / f"ov-cache-{round_number}", best_batch,
+                                                 runtime="openvino", converted=work / "ov-converted")["images_per_second"]
+            rounds.append(measured)
         figures["rounds"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
         figures["model_alone_images_per_second"] = round(median([r["model_alone"] for r in rounds]), 2)
         figures["ours_images_per_second"] = round(median([r["ours"] for r in rounds]), 2)
         figures["naive_images_per_second"] = round(median([r["naive"] for r in rounds]), 2)
         figures["ours_vs_model_alone"] = round(median([r["ours"] / r["model_alone"] for r in rounds]), 3)
         figures["ours_vs_naive"] = round(median([r["ours"] / r["naive"] for r in rounds]), 3)
+        if args.openvino:
+            peak = matmul_peak_gflops()
+            limit = peak / (INCEPTION_V3_GFLOP_AT_299 * (args.image_size / 299) ** 2)
+            figures["matmul_peak_gflops"] = round(peak, 1)
+            figures["physical_limit_images_per_second"] = round(limit, 2)
+            figures["ours_openvino_images_per_second"] = round(median([r["ours_openvino"] for r in rounds]), 2)
+            figures["ours_openvino_vs_model_alone"] = round(median([r["ours_openvino"] / r["model_alone"] for r in rounds]), 3)
+            figures["ours_openvino_vs_physical_limit"] = round(figures["ours_openvino_images_per_second"] / limit, 3)
         figures["rerun_unchanged_seconds"] = round(cli_rerun_seconds(work / "photos", work / "cache-0", spec), 2)
         if args.rerun_images:
             figures["rerun_at_scale"] = rerun_at_scale(args.rerun_images, work)
@@ -207,6 +249,14 @@ def print_table(figures: dict) -> None:
         ("ours / naive (paired median)", f"{figures['ours_vs_naive']:.3f}"),
         ("unchanged rerun, whole command", f"{figures['rerun_unchanged_seconds']:.2f} s"),
     ]
+    if "ours_openvino_images_per_second" in figures:
+        rows += [
+            (f"bottleneck features --runtime openvino, batch {best}", f"{figures['ours_openvino_images_per_second']:.2f} images/s"),
+            ("openvino ours / TF model alone (paired median)", f"{figures['ours_openvino_vs_model_alone']:.3f}"),
+            (f"physical limit ({figures['matmul_peak_gflops']} GFLOP/s matmul peak)",
+             f"{figures['physical_limit_images_per_second']:.2f} images/s"),
+            ("openvino ours / physical limit", f"{figures['ours_openvino_vs_physical_limit']:.3f}"),
+        ]
     if "rerun_at_scale" in figures:
         scale = figures["rerun_at_scale"]
         rows.append((f"unchanged rerun, {scale['images']:,} images", f"{scale['unchanged_rerun_seconds']:.2f} s"))

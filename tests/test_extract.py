@@ -202,3 +202,16 @@ def test_file_names_that_are_not_utf8_are_stored(tmp_path):
     assert (again.computed, again.reused) == (0, 4)
     with h5py.File(result.store, "r") as handle:
         assert any("caf" in p for p in handle["source_path"].asstr()[()])
+
+
+def test_openvino_runtime_gives_tensorflows_features(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=2)
+    tf_run = extract_features(data, tmp_path / "tf-cache", SPEC)
+    ov_run = extract_features(data, tmp_path / "ov-cache", SPEC, runtime="openvino")
+    assert ov_run.computed == tf_run.computed == 6
+    assert (tmp_path / "ov-cache" / f"{SPEC.fingerprint()}.openvino" / "model.xml").exists()
+    reference, converted = stored(tmp_path / "tf-cache"), stored(tmp_path / "ov-cache")
+    rows = converted.rows_by_hash()
+    order = [rows[h] for h in reference.content_hash]
+    np.testing.assert_allclose(converted.features[order], reference.features, rtol=1e-4, atol=1e-5)
