@@ -146,7 +146,22 @@ class BackboneSpec:
 
     @property
     def pretrained(self) -> bool:
-        return not (self.kind == "application" and self.weights == WEIGHTS_NONE)
+        """False for random weights: `--weights none`, or a model file that `pretrain --epochs 0` saved."""
+        if self.kind == "application":
+            return self.weights != WEIGHTS_NONE
+        if self.kind == "file":
+            info = Path(self.architecture + ".info.json")
+            try:
+                return json.loads(info.read_text()).get("epochs_run", 1) > 0
+            except (OSError, ValueError, AttributeError):
+                return True  # a model from elsewhere: trained, as far as we can tell
+        return True
+
+    @property
+    def random_weights_warning(self) -> str:
+        if self.kind == "file":
+            return f"RANDOM WEIGHTS: {self.architecture} was saved untrained (pretrain --epochs 0)"
+        return RANDOM_WEIGHTS_WARNING
 
     @property
     def feature_dim(self) -> int | None:

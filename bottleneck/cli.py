@@ -66,10 +66,8 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
         + (f", skipped {sum(result.skipped.values())} ({skipped})" if skipped else "")
         + f" in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
     )
-    if not result.pretrained:
-        from .backbone import RANDOM_WEIGHTS_WARNING
-
-        out(f"  WARNING: {RANDOM_WEIGHTS_WARNING}")
+    if result.warning:
+        out(f"  WARNING: {result.warning}")
     if result.failures:
         out("  failed:")
         from .store import printable

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from . import __version__
-from .backbone import RANDOM_WEIGHTS_WARNING, RUNTIMES, BackboneSpec, get_feature_model
+from .backbone import RUNTIMES, BackboneSpec, get_feature_model
 from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .discover import Discovery, ImageFile, discover_images
 from .errors import CacheError, DataError
@@ -48,6 +48,7 @@ class ExtractionResult:
     failures: list[Failure] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     pretrained: bool = True
+    warning: str = ""  # set when the backbone has random weights
 
     @property
     def images_per_second(self) -> float:
@@ -104,10 +105,10 @@ def store_attrs(spec: BackboneSpec, weights_id: str, feature_dim: int) -> dict:
 
     return {
         "architecture": spec.architecture,
-        "weights": spec.weights,
+        "weights": spec.weights if spec.kind == "application" else spec.kind,
         "weights_id": weights_id,
         "pretrained": spec.pretrained,
-        "warning": "" if spec.pretrained else RANDOM_WEIGHTS_WARNING,
+        "warning": "" if spec.pretrained else spec.random_weights_warning,
         "input_size": spec.input_size,
         "pooling": spec.pooling,
         "layer": spec.layer or "",
@@ -321,6 +322,7 @@ def extract_features(
         failures=tally.failures,
         skipped=discovery.skipped,
         pretrained=spec.pretrained,
+        warning="" if spec.pretrained else spec.random_weights_warning,
     )
 
 

@@ -146,8 +146,13 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     os.replace(tmp, out)  # a model file appears whole or not at all
     labels_file(out).write_text(json.dumps(classes))
     val_acc = history.get("val_accuracy")
-    return PretrainResult(out, FEATURE_LAYER, classes, len(history.get("loss", [])),
-                          float(max(val_acc)) if val_acc else None, time.perf_counter() - started)
+    result = PretrainResult(out, FEATURE_LAYER, classes, len(history.get("loss", [])),
+                            float(max(val_acc)) if val_acc else None, time.perf_counter() - started)
+    # Read by BackboneSpec.pretrained: an untrained base must be flagged as random weights everywhere.
+    out.with_name(out.name + ".info.json").write_text(json.dumps(
+        {"classes": classes, "epochs_run": result.epochs_run, "validation_accuracy": result.validation_accuracy,
+         "config": config.__dict__}))
+    return result
 
 
 def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLike, split_file: str | None,

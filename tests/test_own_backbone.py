@@ -118,4 +118,8 @@ def test_pretrain_cli_with_zero_epochs_saves_the_untrained_network(base, tmp_pat
                  "--epochs", "0", "--image-size", "16", "--blocks", "2", "--filters", "4"])
     out = capsys.readouterr().out
     assert code == 0 and "0 epochs" in out and "--layer features" in out
-    assert (tmp_path / "random.keras").exists()
+    spec = BackboneSpec(architecture=str(tmp_path / "random.keras"), layer="features")
+    assert not spec.pretrained and "saved untrained" in spec.random_weights_warning
+    assert BackboneSpec(architecture=str(root / "base.keras"), layer="features").pretrained
+    result = extract_features(root / "target", tmp_path / "cache", spec)
+    assert not result.pretrained and result.warning.startswith("RANDOM WEIGHTS")
