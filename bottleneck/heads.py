@@ -166,9 +166,13 @@ HEADS = {"logreg": LogRegHead, "keras": KerasHead}
 
 
 def make_head(name: str, **params) -> BaseEstimator:
-    """A head by name with the parameters it takes (others are ignored)."""
+    """A head by name; a parameter it does not take is an error, not silently ignored."""
     if name not in HEADS:
         raise BottleneckError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
     cls = HEADS[name]
     accepted = cls().get_params()
-    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
+    foreign = sorted(k for k, v in params.items() if k not in accepted and v is not None)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise BottleneckError(f"{flags} does not apply to the {name} head")
+    return cls(**{k: v for k, v in params.items() if v is not None})

@@ -113,12 +113,12 @@ def train_head(
     argv: list[str] | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics."""
+    model = make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
     data = load_labelled_features(data_dir, cache_dir, spec, log=log)
     splits = _splits_for(data, split, split_file, log)
     _check_classes(data.labels, splits, log)
     labels_all = np.array(data.labels)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
-    model = make_head(head.head, random_state=split.seed, **head.params())
     started = time.perf_counter()
     X = data.features
     model.fit(X[mask["train"]], labels_all[mask["train"]],

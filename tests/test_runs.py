@@ -10,7 +10,7 @@ import pytest
 
 from bottleneck.backbone import BackboneSpec
 from bottleneck.cli import main
-from bottleneck.errors import CacheError, DataError
+from bottleneck.errors import BottleneckError, CacheError, DataError
 from bottleneck.extract import extract_features
 from bottleneck.runs import HeadConfig, train_head
 from bottleneck.splits import SplitConfig, read_split_csv
@@ -113,6 +113,8 @@ def test_bad_input_gets_one_clear_line(extracted, tmp_path):
         extra.unlink()
     with pytest.raises(DataError, match=r"^class 'blue' has a single image with features; each class needs at least 2"):
         train_head(lonely, cache, tmp_path / "runs")
+    with pytest.raises(BottleneckError, match=r"^--epochs does not apply to the logreg head$"):
+        train_head(data, cache, tmp_path / "runs", head=HeadConfig("logreg", epochs=5))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
