@@ -57,10 +57,6 @@ class Discovery:
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
 
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_FOLDERS

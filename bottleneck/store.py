@@ -278,7 +278,6 @@ class StoreWriter:
         self._pending_failures: list[Failure] = []
         self._failures_lock = threading.Lock()  # failures arrive from the main thread, commits from another
         self._seq = 0
-        self.committed_rows = 0
 
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.store.cache_dir, self.store.parts_dir):
@@ -322,7 +321,6 @@ class StoreWriter:
                 self._pending_failures[:0] = failures
             raise
         self.known_hashes.update(hashes)
-        self.committed_rows += len(hashes)
 
     def finish(self, extra_attrs: dict | None = None) -> bool:
         """Merge the store and its parts into one store file; return whether anything changed."""
