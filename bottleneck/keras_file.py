@@ -9,6 +9,7 @@ import difflib
 import json
 import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import BackboneError
@@ -40,6 +41,13 @@ def read_keras_file(path: str | Path) -> KerasFileInfo:
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"model file not found: {path}")
+    stat = path.stat()
+    return _read_unchanged(path, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _read_unchanged(path: Path, size: int, mtime_ns: int) -> KerasFileInfo:
+    # A spec asks for its input size and layers many times; the file is parsed once while unchanged.
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
