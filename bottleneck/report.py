@@ -99,23 +99,28 @@ def markdown_report(runs: list[Run], summary: dict | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here, none needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+    _pyplot().close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def confusion_png(split: dict) -> str:
     """The confusion matrix (rows true, columns predicted) as a PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     matrix = np.array(split["confusion_matrix"])
     labels = split["labels"]
     side = min(12, 2.5 + 0.45 * len(labels))
@@ -134,11 +139,7 @@ def confusion_png(split: dict) -> str:
 
 def learning_curve_png(history: dict) -> str:
     """Loss and accuracy per epoch, training and validation, as a PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(9, 3.2))
     for key, axes in (("loss", loss_axes), ("accuracy", acc_axes)):
         for prefix, style in (("", "-"), ("val_", "--")):
