@@ -63,6 +63,23 @@ class StoredFeatures:
         return {h: i for i, h in enumerate(self.content_hash)}
 
 
+@dataclass
+class StoreIndex:
+    """What a store holds, without its features: row `i` of `read_rows_at` has `content_hash[i]`."""
+
+    content_hash: list[str]
+    source_path: list[str]
+    failures: list[Failure]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.content_hash)
+
+    def rows_by_hash(self) -> dict[str, int]:
+        return {h: i for i, h in enumerate(self.content_hash)}
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -146,11 +163,42 @@ class FeatureStore:
         self.path = self.cache_dir / f"{fingerprint}.h5"
         self.parts_dir = self.cache_dir / f"{fingerprint}.parts"
         self.lock_path = self.cache_dir / f"{fingerprint}.lock"
+        self.segments_dir = self.cache_dir / f"{fingerprint}.segments"
 
     def part_files(self) -> list[Path]:
         if not self.parts_dir.is_dir():
             return []
         return sorted(p for p in self.parts_dir.glob("part-*.h5"))
+
+    def segment_path(self, name: str) -> Path:
+        """Where the segment called `name` lives (whether or not it exists)."""
+        return self.segments_dir / f"seg-{name}.h5"
+
+    def segment_files(self) -> list[Path]:
+        if not self.segments_dir.is_dir():
+            return []
+        return sorted(self.segments_dir.glob("seg-*.h5"))
+
+    def write_segment(self, name: str, hashes: list[str], features: np.ndarray, paths: list[str],
+                      failures: list[Failure] = ()) -> Path:
+        """Write one segment of rows atomically, without the store's lock (names must be unique per writer).
+
+        An engine's shard writes its rows this way; the next `finish` of a writer holding the lock
+        brings them into the store. A segment that exists already is left as it is (a retried shard).
+        """
+        target = self.segment_path(name)
+        if target.exists():
+            return target
+        if features.shape != (len(hashes), self.feature_dim):
+            raise CacheError(f"segment of shape {features.shape} does not fit a store of dimension {self.feature_dim}")
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+
+        def write(handle: h5py.File) -> None:
+            _write_rows(handle, hashes, features, paths)
+            _write_failures(handle, list(failures))
+
+        _write_atomically(target, write)
+        return target
 
     def _open(self, path: Path) -> h5py.File:
         try:
@@ -166,7 +214,7 @@ class FeatureStore:
         """Which rows of the store file and of each part survive de-duplication by content hash."""
         plan = _MergePlan()
         failures: dict[str, Failure] = {}
-        for path in ([self.path] if self.path.exists() else []) + self.part_files():
+        for path in ([self.path] if self.path.exists() else []) + self.segment_files() + self.part_files():
             with self._open(path) as handle:
                 plan.attrs = plan.attrs or dict(handle.attrs)
                 file_hashes = _read_hashes(handle)
@@ -245,6 +293,34 @@ class FeatureStore:
             raise CacheError(f"{len(hashes) - found} requested rows are not in the feature store {self.path}")
         return features
 
+    def index(self) -> StoreIndex:
+        """Hashes, paths and failures of every row, in `read_rows_at` order, without reading features."""
+        plan = self._reading(self._plan)
+        return StoreIndex(plan.hashes, plan.paths, plan.failures, plan.attrs)
+
+    def read_rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """Features (float32) of the given row numbers of `index()`, in the order given, reading only those rows."""
+        return self._reading(lambda: self._read_rows_at(np.asarray(rows, dtype=np.int64)))
+
+    def _read_rows_at(self, rows: np.ndarray) -> np.ndarray:
+        plan = self._plan()
+        total = len(plan.hashes)
+        if rows.size and (rows.min() < 0 or rows.max() >= total):
+            raise CacheError(f"row {int(rows.max())} is outside the feature store {self.path} ({total} rows)")
+        features = np.empty((len(rows), self.feature_dim), np.float32)
+        start = 0
+        for path, keep in plan.sources:
+            inside = np.flatnonzero((rows >= start) & (rows < start + len(keep)))
+            if inside.size:
+                file_rows = keep[rows[inside] - start]
+                order = np.argsort(file_rows, kind="stable")
+                unique_rows, inverse = np.unique(file_rows[order], return_inverse=True)
+                with self._open(path) as handle:
+                    block = handle["features"][unique_rows]  # h5py wants increasing, distinct rows
+                features[inside[order]] = block[inverse]
+            start += len(keep)
+        return features
+
     def known(self) -> tuple[set[str], list[Failure]]:
         """The content hashes with features, and the recorded failures, without reading features."""
         plan = self._reading(self._plan)
@@ -307,14 +383,14 @@ class StoreWriter:
         self._seq = 0
 
     def _remove_stale_temporaries(self) -> None:
-        for folder in (self.store.cache_dir, self.store.parts_dir):
+        for folder in (self.store.cache_dir, self.store.parts_dir, self.store.segments_dir):
             if folder.is_dir():
                 for tmp in folder.glob(".*.tmp"):
-                    if tmp.name.startswith((f".{self.store.fingerprint}", ".part-")):
+                    if tmp.name.startswith((f".{self.store.fingerprint}", ".part-", ".seg-")):
                         tmp.unlink(missing_ok=True)
 
     def _drop_unreadable_parts(self) -> None:
-        for part in self.store.part_files():
+        for part in self.store.part_files() + self.store.segment_files():
             try:
                 with h5py.File(part, "r") as handle:
                     _read_hashes(handle)
@@ -353,7 +429,7 @@ class StoreWriter:
         """Merge the store and its parts into one store file; return whether anything changed."""
         if self._pending_failures:
             self.commit([], np.zeros((0, self.store.feature_dim), np.float32), [])
-        parts = self.store.part_files()
+        parts = self.store.segment_files() + self.store.part_files()
         if not parts and self.store.path.exists():
             return False
         plan = self.store._plan()
@@ -374,8 +450,9 @@ class StoreWriter:
         _write_atomically(self.store.path, write)
         for part in parts:
             part.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.store.parts_dir.rmdir()
+        for folder in (self.store.parts_dir, self.store.segments_dir):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         return True
 
     def _merged_attrs(self, previous: dict, extra: dict) -> dict:
