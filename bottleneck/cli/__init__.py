@@ -10,12 +10,12 @@ import sys
 from typing import Sequence
 
 from bottleneck import __version__
-from bottleneck.cli import backbones, compare, demo, export, features, fine_tune, predict, pretrain, report, train_head
+from bottleneck.cli import backbones, cache, compare, demo, export, features, fine_tune, predict, pretrain, report, train_head
 from bottleneck.cli.common import EXIT_USAGE, stderr
 from bottleneck.errors import BottleneckError
 
 #: In the order `--help` lists them.
-COMMANDS = (features, train_head, fine_tune, predict, export, report, pretrain, compare, backbones, demo)
+COMMANDS = (features, train_head, fine_tune, predict, export, report, pretrain, compare, cache, backbones, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,113 @@
+"""`bottleneck cache info | compact | gc`: what a cache folder holds, one file per store, what can go."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bottleneck.cli.common import stderr
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def info(args: argparse.Namespace) -> int:
+    """List every store: backbone, rows, failures, segments, size on disk."""
+    from bottleneck.features.maintenance import store_info, stores_in
+
+    infos = [store_info(store) for store in stores_in(args.cache, args.store)]
+    out = stderr if args.json else print
+    if not infos:
+        out(f"{args.cache}: no feature store")
+    for item in infos:
+        weights = item["weights"] or "?"
+        warning = "" if item["pretrained"] in (None, True) else "  RANDOM WEIGHTS"
+        pending = f", {item['pending']} pending (brought in by the next run)" if item["pending"] else ""
+        out(f"{item['fingerprint']}  {item['architecture'] or '?'} ({weights}, {item['input_size'] or '?'} px, "
+            f"{item['feature_dim']}-d {item['dtype']}){warning}")
+        out(f"  {item['rows']} images, {item['failures']} failures, {item['segments']} segments{pending}, "
+            f"{_size(item['bytes'])}, updated {item['updated'] or '?'}")
+    if args.json:
+        print(json.dumps({"cache": str(args.cache), "stores": infos}, default=str))
+    return 0
+
+
+def compact(args: argparse.Namespace) -> int:
+    """Rewrite each store's segments into one file (optionally converting its dtype)."""
+    from bottleneck.features.maintenance import compact as compact_store, stores_in
+
+    results = []
+    for store in stores_in(args.cache, args.store):
+        started = time.monotonic()
+        changed, before, after = compact_store(store, args.dtype, args.lock_timeout, on_wait=stderr)
+        seconds = time.monotonic() - started
+        results.append({"fingerprint": store.fingerprint, "changed": changed, "bytes_before": before,
+                        "bytes_after": after, "seconds": round(seconds, 3)})
+        line = (f"{store.fingerprint}: {_size(before)} -> {_size(after)} in one segment ({seconds:.1f} s)" if changed
+                else f"{store.fingerprint}: already one segment, nothing to do")
+        (stderr if args.json else print)(line)
+    if args.json:
+        print(json.dumps({"stores": results}))
+    return 0
+
+
+def gc(args: argparse.Namespace) -> int:
+    """List (or with --delete, remove) what no store or run needs."""
+    from bottleneck.features.maintenance import collect_garbage
+
+    garbage, busy = collect_garbage(args.cache, args.runs or (), delete=args.delete)
+    out = stderr if args.json else print
+    verb = "removed" if args.delete else "would remove"
+    for item in garbage:
+        out(f"{verb} {item.path} ({_size(item.bytes)}): {item.reason}")
+    for fingerprint in busy:
+        out(f"skipped {fingerprint}: a run is writing it")
+    total = sum(item.bytes for item in garbage)
+    out(f"{verb} {len(garbage)} items, {_size(total)}" + ("" if args.delete or not garbage else "; pass --delete to remove them"))
+    if args.json:
+        print(json.dumps({"deleted": args.delete, "bytes": total, "items": [g.as_json() for g in garbage], "busy": busy}))
+    return 0
+
+
+def _lock_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds of at least 0, got {text}")
+    return value
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "cache",
+        help="list, compact or clean a cache folder",
+        description="Look after a cache folder: `info` lists its stores, `compact` rewrites a store's segments into "
+        "one file, `gc` lists what no store or run needs (and removes it with --delete).",
+        epilog="example: bottleneck cache info --cache cache; bottleneck cache gc --cache cache --runs runs --delete",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, handler, text in (("info", info, "list stores: backbone, images, failures, segments, size"),
+                                ("compact", compact, "rewrite each store into one segment (optional, explicit)"),
+                                ("gc", gc, "list what can go; --delete removes it")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+        action.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+        if name != "gc":
+            action.add_argument("store", nargs="*", metavar="FINGERPRINT", help="only these stores (a prefix is enough)")
+        action.set_defaults(handler=handler)
+        if name == "compact":
+            action.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                                help="also convert the rows (float16 halves the size; heads still compute in float32)")
+            action.add_argument("--lock-timeout", type=_lock_timeout, default=None, metavar="SECONDS",
+                                help="wait at most this long for a run writing the store (default: as long as it takes)")
+        if name == "gc":
+            action.add_argument("--runs", action="append", metavar="RUNS",
+                                help="also remove stores that no run in this folder uses (repeatable)")
+            action.add_argument("--delete", action="store_true", help="remove what is listed (default: a dry run)")

@@ -1,0 +1,169 @@
+"""Looking after a cache folder: what it holds (`cache info`), one file per store (`cache compact`),
+and what can go (`cache gc`). Every change takes the store's lock, like a run that writes it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import h5py
+
+from bottleneck.errors import CacheError
+from bottleneck.features.store import FeatureStore, exclusive_lock
+
+#: What a cache folder holds besides stores: kept by `gc`.
+_SHARED_FILES = ("hashes.sqlite", "hashes.sqlite-wal", "hashes.sqlite-shm", "decoder-warnings.log")
+
+
+def _fingerprints(cache: Path) -> list[str]:
+    """Every store in `cache`: an index file, or segments and parts left by a first run that never finished."""
+    names = {p.stem for p in cache.glob("*.h5") if not p.name.startswith(".")}
+    names |= {p.name[: -len(suffix)] for suffix in (".segments", ".parts") for p in cache.glob("*" + suffix) if p.is_dir()}
+    return sorted(names)
+
+
+def _feature_dim(cache: Path, fingerprint: str) -> int:
+    candidates = [cache / f"{fingerprint}.h5"]
+    for folder in (cache / f"{fingerprint}.segments", cache / f"{fingerprint}.parts"):
+        if folder.is_dir():
+            candidates.extend(sorted(folder.glob("*.h5")))
+    for path in candidates:
+        try:
+            with h5py.File(path, "r") as handle:
+                if "feature_dim" in handle.attrs:
+                    return int(handle.attrs["feature_dim"])
+                return int(handle["features"].shape[1])
+        except (OSError, KeyError, IndexError):
+            continue
+    raise CacheError(f"no readable file of the feature store {fingerprint} in {cache}")
+
+
+def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[FeatureStore]:
+    """The stores of a cache folder (all of them, or those whose fingerprint starts with one of `only`)."""
+    cache = Path(cache_dir)
+    if not cache.is_dir():
+        raise CacheError(f"no cache folder at {cache}")
+    wanted = list(only)
+    found = [fp for fp in _fingerprints(cache) if not wanted or any(fp.startswith(w) for w in wanted)]
+    unmatched = [w for w in wanted if not any(fp.startswith(w) for fp in found)]
+    if unmatched:
+        raise CacheError(f"no feature store {unmatched[0]!r} in {cache} (`bottleneck cache info --cache {cache}` lists them)")
+    return [FeatureStore(cache, fp, _feature_dim(cache, fp), {}) for fp in found]
+
+
+def store_info(store: FeatureStore) -> dict:
+    """One store, as `cache info` reports it."""
+    summary = store.summary()
+    attrs = summary.pop("attrs")
+    summary.update({key: attrs.get(key) for key in ("architecture", "weights", "input_size", "feature_dim", "pretrained",
+                                                    "created", "updated")})
+    return summary
+
+
+def compact(store: FeatureStore, dtype: str | None = None, lock_timeout: float | None = None,
+            on_wait: Callable[[str], None] | None = None) -> tuple[bool, int, int]:
+    """Rewrite a store into one segment; return (changed, bytes before, bytes after)."""
+    before = _bytes(store.files())
+    with store.writer(lock_timeout, on_wait) as writer:
+        changed = writer.compact(dtype)
+    return changed, before, _bytes(store.files())
+
+
+@dataclass
+class Garbage:
+    """Something `gc` would remove, and why."""
+
+    path: Path
+    reason: str
+    bytes: int
+
+    def as_json(self) -> dict:
+        return {"path": str(self.path), "reason": self.reason, "bytes": self.bytes}
+
+
+def _bytes(paths: Iterable[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        elif path.exists():
+            total += path.stat().st_size
+    return total
+
+
+def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
+    """The store fingerprints the runs under `runs_dirs` were trained on."""
+    found: set[str] = set()
+    for runs in runs_dirs:
+        folder = Path(runs)
+        if not folder.is_dir():
+            raise CacheError(f"--runs {folder} is not a folder of runs")
+        for config in folder.rglob("config.json"):
+            try:
+                recorded = json.loads(config.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(recorded, dict):
+                for key in ("fingerprint", "store"):
+                    value = str(recorded.get(key) or "")
+                    if value:
+                        found.add(Path(value).stem if key == "store" else value.split()[0])
+    return found
+
+
+def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.PathLike] = (),
+                    delete: bool = False) -> tuple[list[Garbage], list[str]]:
+    """What can be removed from a cache folder (removed with `delete`), and the stores skipped as busy.
+
+    Always: temporary files of killed runs, and segments whose rows all live on in newer segments
+    (left by a merge interrupted before its clean-up). With `runs_dirs`: also every store that no
+    run in them was trained on. Each store is looked at, and cleaned, under its lock.
+    """
+    cache = Path(cache_dir)
+    runs_dirs = list(runs_dirs)
+    keep = referenced_fingerprints(runs_dirs) if runs_dirs else None
+    garbage: list[Garbage] = []
+    busy: list[str] = []
+    for store in stores_in(cache):
+        try:
+            with exclusive_lock(store.lock_path, timeout=0):
+                if keep is not None and store.fingerprint not in keep:
+                    files = [p for p in (store.path, store.segments_dir, store.parts_dir) if p.exists()]
+                    found = [Garbage(p, "no run under --runs uses this store", _bytes([p])) for p in files]
+                else:
+                    found = _leftovers(store)
+                if delete:
+                    _remove(found)
+                garbage.extend(found)
+            if delete and keep is not None and store.fingerprint not in keep:
+                store.lock_path.unlink(missing_ok=True)
+        except CacheError:
+            busy.append(store.fingerprint)
+    stray = [Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp])) for tmp in cache.glob(".*.tmp")
+             if not any(tmp.name.startswith(f".{fp}") for fp in busy)]
+    if delete:
+        _remove(stray)
+    return garbage + stray, busy
+
+
+def _leftovers(store: FeatureStore) -> list[Garbage]:
+    found = []
+    for folder in (store.segments_dir, store.parts_dir):
+        if folder.is_dir():
+            found.extend(Garbage(p, "temporary file of a run that was killed", _bytes([p])) for p in folder.glob(".*.tmp"))
+    plan = store._reading(store._plan)
+    for source in plan.sources:
+        if source.kind == "segment" and not source.indexed and not source.keep.size and not source.failures:
+            found.append(Garbage(source.path, "every row is in a newer segment (an interrupted merge)", _bytes([source.path])))
+    return found
+
+
+def _remove(garbage: list[Garbage]) -> None:
+    for item in garbage:
+        if item.path.is_dir():
+            shutil.rmtree(item.path, ignore_errors=True)
+        else:
+            item.path.unlink(missing_ok=True)
