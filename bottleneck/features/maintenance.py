@@ -14,8 +14,6 @@ import h5py
 from bottleneck.errors import CacheError
 from bottleneck.features.store import FeatureStore, exclusive_lock
 
-#: What a cache folder holds besides stores: kept by `gc`.
-_SHARED_FILES = ("hashes.sqlite", "hashes.sqlite-wal", "hashes.sqlite-shm", "decoder-warnings.log")
 
 
 def _fingerprints(cache: Path) -> list[str]:
