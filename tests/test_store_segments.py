@@ -208,3 +208,17 @@ def test_a_file_system_without_locks_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="does not support file locking.*local disk"):
         with make_store(tmp_path).writer():
             pass
+
+
+def test_hdf5_refusing_to_lock_is_one_clear_line(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    add(store, 3, 0)
+
+    def refuse(*args, **kwargs):
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')")
+
+    monkeypatch.setattr(store_module.h5py, "File", refuse)
+    with pytest.raises(CacheError, match="does not support file locking, which HDF5 uses.*HDF5_USE_FILE_LOCKING=FALSE"):
+        store.load()
+    with pytest.raises(CacheError, match="does not support file locking"):
+        store.write_segment("x", *rows(2, 10))

@@ -106,10 +106,24 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+_NO_LOCKS = ("the file system of {folder} does not support file locking, which HDF5 uses: put the cache on a "
+             "local disk, or set HDF5_USE_FILE_LOCKING=FALSE if only one run at a time touches it")
+
+
+def _is_lock_failure(exc: OSError) -> bool:
+    return "unable to lock file" in str(exc).lower()
+
+
 def _write_atomically(target: Path, write: Callable[[h5py.File], None]) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as handle:
+        try:
+            handle = h5py.File(tmp, "w")
+        except OSError as exc:
+            if _is_lock_failure(exc):
+                raise CacheError(_NO_LOCKS.format(folder=target.parent)) from None
+            raise
+        with handle:
             write(handle)
         with open(tmp, "rb+") as raw:
             os.fsync(raw.fileno())
@@ -298,6 +312,8 @@ class FeatureStore:
                 raise _PartMerged(path) from None
             raise CacheError(f"feature store {path} disappeared while being read") from None
         except OSError as exc:
+            if _is_lock_failure(exc):
+                raise CacheError(_NO_LOCKS.format(folder=path.parent)) from None
             raise CacheError(f"cannot read feature store {path} ({exc}); delete it to rebuild") from None
 
     def _index_contents(self) -> tuple[bool, list[str], dict]:
