@@ -222,3 +222,21 @@ def test_hdf5_refusing_to_lock_is_one_clear_line(tmp_path, monkeypatch):
         store.load()
     with pytest.raises(CacheError, match="does not support file locking"):
         store.write_segment("x", *rows(2, 10))
+
+
+def test_a_store_damaged_inside_is_one_clear_line_and_a_damaged_part_is_skipped(tmp_path):
+    store = make_store(tmp_path)
+    add(store, 5, 0)
+    store.parts_dir.mkdir()
+    with h5py.File(store.parts_dir / "part-x.h5", "w") as handle:
+        handle["content_hash"] = np.array(rows(2, 5)[0], dtype="S64")  # cut short: no features
+    assert store.load().content_hash == rows(5, 0)[0]
+    [segment] = store.segment_files()
+    with h5py.File(segment, "a") as handle:
+        del handle["features"]
+    with pytest.raises(CacheError, match=r"^the feature store fp.h5 is damaged \(seg-.*features.*\); delete fp.h5 and fp.segments/ to rebuild it$"):
+        store.load()
+    with h5py.File(store.path, "a") as handle:
+        del handle["segments/name"]
+    with pytest.raises(CacheError, match="^the index fp.h5 is damaged"):
+        store.index()

@@ -187,6 +187,11 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def _reason(exc: Exception) -> str:
+    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 class _PartMerged(Exception):
     """A part or segment vanished between listing and reading: a writer merged it away."""
 
@@ -324,7 +329,11 @@ class FeatureStore:
             attrs = dict(handle.attrs)
             if "segments" not in handle:
                 return False, [], attrs
-            return True, [str(n) for n in handle["segments/name"].asstr()[()]], attrs
+            try:
+                return True, [str(n) for n in handle["segments/name"].asstr()[()]], attrs
+            except (KeyError, ValueError, UnicodeDecodeError) as exc:
+                raise CacheError(f"the index {self.path.name} is damaged ({_reason(exc)}); delete it and the next "
+                                 f"`bottleneck features` run rebuilds it from {self.segments_dir.name}/") from None
 
     def _listing(self, tolerate_missing: bool) -> tuple[list[tuple[Path, str, bool]], _Plan]:
         plan = _Plan()
@@ -352,12 +361,20 @@ class FeatureStore:
         listing, plan = self._listing(tolerate_missing)
         failures: dict[str, Failure] = {}
         for path, kind, indexed in listing:
-            with self._open(path) as handle:
-                plan.attrs = plan.attrs or dict(handle.attrs)
-                file_hashes = _read_hashes(handle)
-                keep = [i for i, h in enumerate(file_hashes) if h not in plan.seen]
-                kept = [file_hashes[i] for i in keep]
-                file_failures = _read_failures(handle)
+            try:
+                with self._open(path) as handle:
+                    plan.attrs = plan.attrs or dict(handle.attrs)
+                    file_hashes = _read_hashes(handle)
+                    if handle["features"].shape != (len(file_hashes), self.feature_dim):
+                        raise ValueError(f"features of shape {handle['features'].shape} for {len(file_hashes)} rows")
+                    file_failures = _read_failures(handle)
+            except (KeyError, ValueError, UnicodeDecodeError, CacheError) as exc:
+                if kind == "part" or (kind == "segment" and not indexed):
+                    continue  # cut short by a killed run: the next writer drops it and its rows are computed again
+                raise CacheError(f"the feature store {self.path.name} is damaged ({path.name}: {_reason(exc)}); "
+                                 f"delete {self.path.name} and {self.segments_dir.name}/ to rebuild it") from None
+            keep = [i for i, h in enumerate(file_hashes) if h not in plan.seen]
+            kept = [file_hashes[i] for i in keep]
             plan.sources.append(_Source(path, kind, len(file_hashes), np.array(keep, dtype=np.int64), kept,
                                         file_failures, indexed))
             plan.hashes.extend(kept)
