@@ -10,18 +10,23 @@ from bottleneck.cli.common import add_backbone_arguments, positive_int, print_sp
 
 def run(args: argparse.Namespace) -> int:
     """Train a softmax head on the cached features of DATA and write a run folder."""
+    from bottleneck.learn.memory import parse_size
     from bottleneck.learn.runs import HeadConfig, train_head
     from bottleneck.learn.splits import SplitConfig
+
+    max_memory = None if args.max_memory is None else parse_size(args.max_memory)  # a bad size fails before any work
 
     head = HeadConfig(head=args.head, C=args.C, class_weight=args.class_weight, epochs=args.epochs,
                       learning_rate=args.learning_rate, dropout=args.dropout, batch_size=args.batch_size,
                       patience=args.patience)
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
-                        args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]])
+                        args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory)
     out = stderr if args.json else print
     metrics = result.metrics
-    out(f"{args.head} head -> {result.run_dir}  ({metrics['training_seconds']:.1f} s to train)")
+    streamed = metrics.get("training", {}).get("mode") == "streamed"
+    out(f"{args.head} head -> {result.run_dir}  ({metrics['training_seconds']:.1f} s to train"
+        + (", streamed from the store" if streamed else "") + ")")
     print_split_scores(metrics, out)
     if "cross_validation" in metrics:
         cv = metrics["cross_validation"]
@@ -63,6 +68,9 @@ def add_parser(commands) -> None:
     head.add_argument("--dropout", type=float, default=None, help="keras: dropout on the features (default: 0)")
     head.add_argument("--batch-size", type=positive_int, default=None, help="keras: batch size (default: 64)")
     head.add_argument("--patience", type=positive_int, default=None, help="keras: early-stopping patience (default: 10)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for features, e.g. 512M, 2G, 1.5GB or bytes (default: a quarter of the available "
+                        "memory); larger feature sets are streamed from the store in chunks")
     parser.add_argument("--json", action="store_true",
                         help="print {run_dir, accuracy} as the last line of stdout (the summary goes to stderr)")
     parser.set_defaults(handler=run)

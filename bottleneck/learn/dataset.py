@@ -1,7 +1,9 @@
 """Labelled features for a data folder, read from the cache: what every training step starts from.
 
 Training never loads the backbone or decodes an image: images are matched to store rows by
-content hash (unchanged files are not even read, thanks to the hash index).
+content hash (unchanged files are not even read, thanks to the hash index). Features that fit
+the memory budget are read into one array; larger ones stay in the store as `FeatureRows` that
+read chunk by chunk (see `bottleneck.learn.memory`).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -19,6 +21,107 @@ from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.store import FeatureStore
+from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
+
+#: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
+_DENSE_ENOUGH = 0.25
+
+
+class FeatureRows:
+    """n rows of float32 features, held in one array or left in a store and read in chunks.
+
+    Positions 0..n-1 are this object's own; in a store, position i is store row `rows[i]`
+    (duplicates allowed: two images with one content share a row). `chunks` reads spans of
+    at most `chunk_rows` consecutive store rows (one contiguous read where the span is dense
+    enough), so a pass over the data holds one chunk at a time.
+    """
+
+    def __init__(self, array: np.ndarray | None = None, *, store: FeatureStore | None = None,
+                 rows: np.ndarray | None = None, dim: int | None = None, chunk_rows: int = 4096):
+        self.array = array
+        self.store = store
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.dim = int(array.shape[1]) if array is not None else int(dim)
+        self.chunk_rows = max(1, int(chunk_rows))
+        self._groups: dict[int, list[np.ndarray]] = {}
+
+    @property
+    def in_memory(self) -> bool:
+        return self.array is not None
+
+    def __len__(self) -> int:
+        return len(self.array) if self.array is not None else len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of these features as float32."""
+        return len(self) * self.dim * 4
+
+    def subset(self, positions) -> "FeatureRows":
+        """The rows at `positions` (indices or a boolean mask), as FeatureRows of the same kind."""
+        positions = np.asarray(positions)
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        if self.array is not None:
+            return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
+        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
+
+    def _groups_of(self, chunk_rows: int) -> list[np.ndarray]:
+        """Positions grouped by spans of at most `chunk_rows` consecutive store rows, in store order."""
+        if chunk_rows not in self._groups:
+            groups = []
+            if self.array is not None:
+                groups = [np.arange(start, min(start + chunk_rows, len(self))) for start in range(0, len(self), chunk_rows)]
+            else:
+                order = np.argsort(self.rows, kind="stable")
+                ordered = self.rows[order]
+                i = 0
+                while i < len(order):
+                    end = int(np.searchsorted(ordered, ordered[i] + chunk_rows, side="left"))
+                    end = min(end, i + chunk_rows)
+                    groups.append(order[i:end])
+                    i = end
+            self._groups[chunk_rows] = groups
+        return self._groups[chunk_rows]
+
+    def batches(self, chunk_rows: int, batch_size: int) -> int:
+        """How many batches `chunks(chunk_rows)` yields when each chunk is cut into `batch_size` rows."""
+        return sum(-(-len(group) // batch_size) for group in self._groups_of(int(chunk_rows)))
+
+    def _read(self, positions: np.ndarray) -> np.ndarray:
+        """Features at `positions`, which lie within one span of `chunk_rows` store rows."""
+        if self.array is not None:
+            return self.array[positions]
+        rows = self.rows[positions]
+        first, last = int(rows.min()), int(rows.max())
+        if len(rows) >= _DENSE_ENOUGH * (last - first + 1):  # one contiguous read beats a scattered one
+            return self.store.read_rows_at(np.arange(first, last + 1))[rows - first]
+        return self.store.read_rows_at(rows)
+
+    def chunks(self, chunk_rows: int | None = None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, features) chunk by chunk; with `rng`, chunks and the rows in each come shuffled."""
+        groups = self._groups_of(int(chunk_rows or self.chunk_rows))
+        order = range(len(groups)) if rng is None else rng.permutation(len(groups))
+        for g in order:
+            positions = groups[g] if rng is None else groups[g][rng.permutation(len(groups[g]))]
+            yield positions, self._read(positions)
+
+    def take(self, positions) -> np.ndarray:
+        """Features at `positions`, in that order (read chunk by chunk from a store)."""
+        return self.subset(positions).materialise()
+
+    def materialise(self) -> np.ndarray:
+        """All rows as one (n, d) float32 array."""
+        if self.array is not None:
+            return self.array
+        out = np.empty((len(self), self.dim), np.float32)
+        for positions, block in self.chunks():
+            out[positions] = block
+        return out
 
 
 @dataclass
@@ -27,15 +130,26 @@ class LabelledFeatures:
 
     relpaths: list[str]
     labels: list[str]
-    features: np.ndarray  # (n, d) float32
+    rows: FeatureRows  # (n, d) float32, in memory or in the store
     store_path: Path
     attrs: dict
     missing: list[str] = field(default_factory=list)  # under DATA, not in the cache
     failed: list[str] = field(default_factory=list)  # extraction failed for these
+    memory: MemoryPlan | None = None
 
     @property
     def classes(self) -> list[str]:
         return sorted(set(self.labels))
+
+    @property
+    def features(self) -> np.ndarray:
+        """All features as one array; refused when they were left in the store for being over the memory budget."""
+        if not self.rows.in_memory:
+            raise MemoryBudgetError(
+                f"the features of these {len(self.rows)} images ({human(self.rows.nbytes)}) do not fit the memory "
+                f"budget ({human(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
+                f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory")
+        return self.rows.array
 
 
 def _stores_in(cache: Path) -> list[Path]:
@@ -79,8 +193,18 @@ def load_labelled_features(
     cache_dir: str | os.PathLike,
     spec: BackboneSpec | None = None,
     log: Callable[[str], None] = lambda message: None,
+    max_memory: int | None = None,
+    batch_size: int = 0,
+    stream: bool | None = None,
+    chunk_rows: int | None = None,
 ) -> LabelledFeatures:
-    """Match the images under DATA to cached features; warn about images the cache lacks."""
+    """Match the images under DATA to cached features; warn about images the cache lacks.
+
+    The store's index matches images to rows without reading features; then the features are
+    read into memory if they fit `max_memory` bytes (default: a quarter of the available memory),
+    else left in the store as chunked `FeatureRows` (chunks big enough for `batch_size` rows).
+    `stream` and `chunk_rows` override that choice (see `plan_memory`).
+    """
     discovery = discover_images(data_dir)
     cache = Path(cache_dir)
     index = HashIndex(cache) if cache.is_dir() else None
@@ -92,7 +216,7 @@ def load_labelled_features(
     finally:
         if index:
             index.close()
-    contents = store.load()
+    contents = store.index()
     rows = contents.rows_by_hash()
     failed_hashes = {f.content_hash for f in contents.failures}
     keep, missing, failed = [], [], []
@@ -114,13 +238,21 @@ def load_labelled_features(
             f"(added since extraction?) and are left out; run `bottleneck features {shlex.quote(str(data_dir))} "
             f"--cache {shlex.quote(str(cache))}` with the same backbone flags to add them"
         )
-    order = [row for _, row in keep]
+    order = np.array([row for _, row in keep], dtype=np.int64)
+    attrs = contents.attrs
+    del contents, rows  # the index of a large store is large too
+    dim = store.feature_dim
+    memory = plan_memory(len(order), dim, max_memory, batch_size, stream, chunk_rows)
+    features = FeatureRows(store=store, rows=order, dim=dim, chunk_rows=memory.chunk_rows)
+    if not memory.streamed:
+        features = FeatureRows(features.materialise(), chunk_rows=memory.chunk_rows)
     return LabelledFeatures(
         relpaths=[image.relpath for image, _ in keep],
         labels=[image.label for image, _ in keep],
-        features=contents.features[order],
+        rows=features,
+        memory=memory,
         store_path=store.path,
-        attrs=contents.attrs,
+        attrs=attrs,
         missing=missing,
         failed=failed,
     )

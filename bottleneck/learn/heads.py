@@ -4,6 +4,9 @@ Both take labels as strings and return probabilities in the order of `classes_`,
 scikit-learn tool (cross-validation, grid search, metrics) works on them. Each saves an
 artefact that opens without this package: a plain scikit-learn `Pipeline` (joblib) or a
 Keras model (`.keras`) with its labels in a JSON file beside it.
+
+Both also train on features too large for memory (`fit_rows`, `predict_proba_rows` over
+`bottleneck.learn.dataset.FeatureRows`, read chunk by chunk) and save the same artefacts then.
 """
 from __future__ import annotations
 
@@ -16,6 +19,25 @@ from sklearn.utils.validation import check_is_fitted
 
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError
+
+
+def _streamed_scaler(rows, chunk_rows: int):
+    """A StandardScaler fitted chunk by chunk (`partial_fit`): the mean and variance of every row, one pass."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    for _, block in rows.chunks(chunk_rows):
+        scaler.partial_fit(block)
+    return scaler
+
+
+def _sample_weights(y_index: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray | None:
+    if class_weight != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    values = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_index)
+    return values[y_index]
 
 
 def _check_features(X, expected: int | None = None) -> np.ndarray:
@@ -59,7 +81,97 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.classes_ = self.pipeline_.classes_
         self.n_features_in_ = X.shape[1]
         self.history_ = None
+        self.solver_ = "lbfgs"
         return self
+
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "LogRegHead":
+        """Fit on features too large for memory (`FeatureRows`), reading `chunk_rows` rows at a time.
+
+        Why this solver: it minimises exactly the objective `fit` does (scikit-learn's
+        multinomial logistic regression: mean weighted cross-entropy + ||W||^2 / (2 C sum(w)),
+        intercept unpenalised; binomial for two classes) with the same L-BFGS and tolerances,
+        but every loss-and-gradient evaluation is one streamed pass over the chunks. So the
+        model is the in-memory one up to solver tolerance, it is deterministic (chunks in a
+        fixed order, no learning rate, no shuffling), and the saved artefact is the same
+        Pipeline(StandardScaler, LogisticRegression) whose `predict_proba` is a softmax, which
+        `export` folds into one Dense layer. SGDClassifier(log_loss) was not used: its
+        multiclass model is one-vs-rest (its probabilities are normalised sigmoids, not a
+        softmax, so they do not fold into a Dense softmax) and it depends on a step-size schedule.
+        The cost is time: one read of the training rows per L-BFGS iteration (and line search).
+        The scaler is fitted in one streamed pass first (`partial_fit`).
+        """
+        from scipy.optimize import minimize
+        from scipy.special import logsumexp
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        y = np.asarray(y)
+        classes = np.array(sorted(set(y.tolist())))
+        y_index = np.searchsorted(classes, y)
+        n, d, k = len(rows), rows.dim, len(classes)
+        if k < 2:
+            raise BottleneckError(f"logreg needs at least 2 classes in the training split; got {k}")
+        outputs = 1 if k == 2 else k
+        scaler = _streamed_scaler(rows, chunk_rows)
+        mean = scaler.mean_.astype(np.float32)
+        scale = scaler.scale_.astype(np.float32)
+        weights = _sample_weights(y_index, k, self.class_weight)
+        total = float(n if weights is None else weights.sum())
+        l2 = 1.0 / (self.C * total)
+        passes = [0]
+
+        def loss_and_gradient(w: np.ndarray) -> tuple[float, np.ndarray]:
+            w = w.reshape(outputs, d + 1)
+            coef32 = w[:, :d].astype(np.float32)
+            loss, gradient = 0.0, np.zeros_like(w)
+            for positions, block in rows.chunks(chunk_rows):
+                block -= mean
+                block /= scale
+                z = (block @ coef32.T).astype(np.float64) + w[:, d]
+                logits = np.hstack([np.zeros((len(z), 1)), z]) if k == 2 else z
+                target = y_index[positions]
+                log_norm = logsumexp(logits, axis=1)
+                residual = np.exp(logits - log_norm[:, None])
+                residual[np.arange(len(target)), target] -= 1.0
+                pointwise = log_norm - logits[np.arange(len(target)), target]
+                if k == 2:
+                    residual = residual[:, 1:]
+                if weights is not None:
+                    sw = weights[positions]
+                    pointwise = pointwise * sw
+                    residual *= sw[:, None]
+                loss += float(pointwise.sum())
+                gradient[:, :d] += residual.T.astype(np.float32) @ block
+                gradient[:, d] += residual.sum(axis=0)
+            passes[0] += 1
+            loss /= total
+            gradient /= total
+            loss += 0.5 * l2 * float(np.sum(w[:, :d] ** 2))
+            gradient[:, :d] += l2 * w[:, :d]
+            return loss, gradient.ravel()
+
+        result = minimize(loss_and_gradient, np.zeros(outputs * (d + 1)), method="L-BFGS-B", jac=True,
+                          options={"maxiter": self.max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+        w = result.x.reshape(outputs, d + 1)
+        logreg = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+                                    random_state=self.random_state)
+        logreg.classes_ = classes
+        logreg.coef_ = np.ascontiguousarray(w[:, :d])
+        logreg.intercept_ = w[:, d].copy()
+        logreg.n_features_in_ = d
+        logreg.n_iter_ = np.array([result.nit], dtype=np.int32)
+        self.pipeline_ = make_pipeline(scaler, logreg)
+        self.classes_ = classes
+        self.n_features_in_ = d
+        self.history_ = None
+        self.solver_ = "lbfgs, streamed"
+        self.passes_ = passes[0] + 1  # and one for the scaler
+        self.converged_ = bool(result.success)
+        return self
+
+    def predict_proba_rows(self, rows, chunk_rows: int = 4096) -> np.ndarray:
+        """`predict_proba` of `FeatureRows`, chunk by chunk."""
+        return _proba_by_chunks(self.predict_proba, rows, len(self.classes_), chunk_rows)
 
     def predict_proba(self, X) -> np.ndarray:
         """Probabilities of shape (n_samples, n_classes), columns in `classes_` order."""
@@ -76,6 +188,13 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         path = Path(folder) / "model.joblib"
         joblib.dump(self.pipeline_, path)
         return path
+
+
+def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np.ndarray:
+    out = np.zeros((len(rows), n_classes))
+    for positions, block in rows.chunks(chunk_rows):
+        out[positions] = predict_proba(block)
+    return out
 
 
 class KerasHead(ClassifierMixin, BaseEstimator):
@@ -102,12 +221,17 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.random_state = random_state
 
-    def _build(self, X: np.ndarray, n_classes: int):
+    def _build(self, X: np.ndarray | None, n_classes: int, moments: tuple | None = None):
+        """The model; the normalisation is adapted on X, or set from streamed (dim, mean, variance)."""
         _, keras = import_tensorflow()
 
-        inputs = keras.Input((X.shape[1],), name="features")
-        normalise = keras.layers.Normalization(name="standardise")
-        normalise.adapt(X)
+        dim = X.shape[1] if X is not None else moments[0]
+        inputs = keras.Input((dim,), name="features")
+        if X is not None:
+            normalise = keras.layers.Normalization(name="standardise")
+            normalise.adapt(X)
+        else:
+            normalise = keras.layers.Normalization(name="standardise", mean=moments[1], variance=moments[2])
         x = normalise(inputs)
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
@@ -144,7 +268,71 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                                   class_weight=weights, callbacks=[stop], verbose=0, shuffle=True)
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = X.shape[1]
+        self.solver_ = "adam"
         return self
+
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KerasHead":
+        """Fit on features too large for memory (`FeatureRows`), streamed from the store chunk by chunk.
+
+        Each epoch visits the chunks in a seeded random order and the rows of each chunk in a
+        seeded random order (seeded by `random_state` and the epoch), in batches of `batch_size`
+        within a chunk. The normalisation takes the mean and variance of a first streamed pass;
+        validation is streamed too, and early stopping works as in `fit`.
+        """
+        tf, keras = import_tensorflow()
+        keras.utils.set_random_seed(self.random_state)
+        tf.config.experimental.enable_op_determinism()
+        y = np.asarray(y)
+        self.classes_ = np.array(sorted(set(y.tolist())))
+        index = {label: i for i, label in enumerate(self.classes_)}
+        y_index = np.array([index[label] for label in y], dtype=np.int64)
+        weights = _sample_weights(y_index, len(self.classes_), self.class_weight)
+        scaler = _streamed_scaler(rows, chunk_rows)
+        d = rows.dim
+        signature = (tf.TensorSpec((None, d), tf.float32), tf.TensorSpec((None,), tf.int64))
+        if weights is not None:
+            signature += (tf.TensorSpec((None,), tf.float32),)
+        epoch = [0]
+
+        def training_batches():
+            rng = np.random.default_rng([self.random_state, epoch[0]])
+            epoch[0] += 1
+            for positions, block in rows.chunks(chunk_rows, rng):
+                for start in range(0, len(positions), self.batch_size):
+                    at = positions[start : start + self.batch_size]
+                    batch = (block[start : start + self.batch_size], y_index[at])
+                    yield batch + ((weights[at].astype(np.float32),) if weights is not None else ())
+
+        train = tf.data.Dataset.from_generator(training_batches, output_signature=signature).apply(
+            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, self.batch_size)))
+        validation = None
+        if validation_data is not None and len(validation_data[1]):
+            val_rows, yv = validation_data
+            known = np.array([i for i, label in enumerate(yv) if label in index], dtype=np.int64)
+            if known.size:
+                val_rows = val_rows.subset(known)
+                yv_index = np.array([index[yv[i]] for i in known], dtype=np.int64)
+
+                def validation_batches():
+                    for positions, block in val_rows.chunks(chunk_rows):
+                        for start in range(0, len(positions), 1024):
+                            yield block[start : start + 1024], yv_index[positions[start : start + 1024]]
+
+                validation = tf.data.Dataset.from_generator(validation_batches, output_signature=signature[:2]).apply(
+                    tf.data.experimental.assert_cardinality(val_rows.batches(chunk_rows, 1024)))
+        self.model_ = self._build(None, len(self.classes_), (d, scaler.mean_, scaler.var_))
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation is not None else "loss",
+                                             patience=self.patience, restore_best_weights=True)
+        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, callbacks=[stop], verbose=0,
+                                  shuffle=False)
+        self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
+        self.n_features_in_ = d
+        self.solver_ = "adam, streamed"
+        return self
+
+    def predict_proba_rows(self, rows, chunk_rows: int = 4096) -> np.ndarray:
+        """`predict_proba` of `FeatureRows`, chunk by chunk."""
+        return _proba_by_chunks(self.predict_proba, rows, len(self.classes_), chunk_rows)
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)

@@ -18,9 +18,10 @@ import numpy as np
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
-from bottleneck.learn.dataset import LabelledFeatures, load_labelled_features
+from bottleneck.learn.dataset import FeatureRows, LabelledFeatures, load_labelled_features
 from bottleneck.errors import BottleneckError, DataError
-from bottleneck.learn.heads import make_head
+from bottleneck.learn.heads import KerasHead, make_head
+from bottleneck.learn.memory import parse_size
 from bottleneck.learn.metrics import misclassified, split_metrics
 from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, assign_splits, read_split_csv, write_split_csv
 
@@ -85,16 +86,37 @@ def _check_classes(labels: list[str], splits: list[str], log: Callable[[str], No
         log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
 
 
-def _cross_validate(head: HeadConfig, seed: int, X: np.ndarray, y: list[str], paths: list[str], folds: int) -> dict:
+def _fit(model, rows: FeatureRows, y: np.ndarray, validation: tuple[FeatureRows, np.ndarray], chunk_rows: int) -> None:
+    """In memory exactly as ever; streamed (`fit_rows`) when the rows are left in the store."""
+    if rows.in_memory:
+        model.fit(rows.array, y, validation_data=(validation[0].materialise(), validation[1]))
+    else:
+        model.fit_rows(rows, y, validation_data=validation, chunk_rows=chunk_rows)
+
+
+def _proba(model, rows: FeatureRows, chunk_rows: int) -> np.ndarray:
+    return model.predict_proba(rows.array) if rows.in_memory else model.predict_proba_rows(rows, chunk_rows)
+
+
+def _cross_validate(head: HeadConfig, seed: int, X: FeatureRows, y: list[str], paths: list[str], folds: int,
+                    chunk_rows: int) -> dict:
     fold_of = assign_folds(list(zip(paths, y)), folds, seed)
     scores = []
     for k in range(folds):
         held = np.array([fold_of[p] == k for p in paths])
         model = make_head(head.head, random_state=seed, **head.params())
         y_arr = np.array(y)
-        model.fit(X[~held], y_arr[~held], validation_data=(X[held], y_arr[held]))
-        scores.append(float(np.mean(model.predict(X[held]) == y_arr[held])))
+        _fit(model, X.subset(~held), y_arr[~held], (X.subset(held), y_arr[held]), chunk_rows)
+        predicted = model.classes_[np.argmax(_proba(model, X.subset(held), chunk_rows), axis=1)]
+        scores.append(float(np.mean(predicted == y_arr[held])))
     return {"folds": folds, "accuracy": scores, "mean_accuracy": float(np.mean(scores)), "std_accuracy": float(np.std(scores))}
+
+
+def _domain_sample(rows: FeatureRows, count: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `count` rows, drawn as `compare_features` draws them, reading only those."""
+    if len(rows) <= count:
+        return rows.materialise()
+    return rows.take(rng.choice(len(rows), count, replace=False))
 
 
 def new_run_dir(runs: Path, head: str) -> tuple[Path, Path]:
@@ -116,27 +138,64 @@ def train_head(
     folds: int | None = None,
     log: Callable[[str], None] = lambda message: None,
     argv: list[str] | None = None,
+    max_memory: int | str | None = None,
+    stream: bool | None = None,
+    chunk_rows: int | None = None,
 ) -> RunResult:
-    """Train one head on the cached features of DATA and write its run folder; return its metrics."""
-    model = make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log)
+    """Train one head on the cached features of DATA and write its run folder; return its metrics.
+
+    `max_memory` (bytes, or a size such as '512M'; default a quarter of the available memory)
+    bounds the features held at once: over it, the head streams them from the store.
+    `stream` and `chunk_rows` force streaming and its chunk size (for tests and benchmarks).
+    """
+    make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
+    budget = None if max_memory is None else parse_size(max_memory)
+    batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
+                                  stream=stream, chunk_rows=chunk_rows)
+    return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
+                             data_dir=data_dir, spec=spec)
+
+
+def train_on_features(
+    data: LabelledFeatures,
+    runs_dir: str | os.PathLike,
+    head: HeadConfig = HeadConfig(),
+    split: SplitConfig = SplitConfig(),
+    *,
+    split_file: str | None = None,
+    folds: int | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    argv: list[str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    spec: BackboneSpec | None = None,
+) -> RunResult:
+    """Split, train, evaluate and write the run folder for features already matched to DATA."""
+    model = make_head(head.head, random_state=split.seed, **head.params())
     splits = _splits_for(data, split, split_file, log)
     _check_classes(data.labels, splits, log)
     labels_all = np.array(data.labels)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
+    X = data.rows
+    chunk_rows = data.memory.chunk_rows if data.memory else X.chunk_rows
+    if data.memory and data.memory.streamed:
+        log(f"streaming features from the store in chunks of {chunk_rows} rows: {data.memory.reason}")
     started = time.perf_counter()
-    X = data.features
-    model.fit(X[mask["train"]], labels_all[mask["train"]],
-              validation_data=(X[mask["validation"]], labels_all[mask["validation"]]))
+    _fit(model, X.subset(mask["train"]), labels_all[mask["train"]],
+         (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
     metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing)},
                      "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
+    if data.memory:
+        metrics["training"] = dict(data.memory.record(), solver=getattr(model, "solver_", None))
+        if hasattr(model, "passes_"):
+            metrics["training"].update(passes=model.passes_, converged=model.converged_)
     for name in SPLITS:
         idx = np.flatnonzero(mask[name])
         known = [i for i in idx if data.labels[i] in labels]
-        proba = model.predict_proba(X[known]) if known else np.zeros((0, len(labels)))
+        proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
         metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
         if name == "test":
             metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
@@ -146,12 +205,16 @@ def train_head(
     if mask["train"].sum() >= 2 and mask["test"].sum() >= 2:
         from bottleneck.inspect.domain import compare_features
 
-        metrics["domain"] = {"train_vs_test": compare_features(X[mask["train"]], X[mask["test"]], max_per_set=500,
+        rng = np.random.default_rng(split.seed)  # the draw compare_features would make: the same rows
+        train_sample = _domain_sample(X.subset(mask["train"]), 500, rng)
+        test_sample = _domain_sample(X.subset(mask["test"]), 500, rng)
+        metrics["domain"] = {"train_vs_test": compare_features(train_sample, test_sample, max_per_set=500,
                                                                permutations=100, seed=split.seed)}
     if folds:
         trainval = mask["train"] | mask["validation"]
         metrics["cross_validation"] = _cross_validate(
-            head, split.seed, X[trainval], list(labels_all[trainval]), [p for p, m in zip(data.relpaths, trainval) if m], folds)
+            head, split.seed, X.subset(trainval), list(labels_all[trainval]),
+            [p for p, m in zip(data.relpaths, trainval) if m], folds, chunk_rows)
 
     runs = Path(runs_dir)
     final, staging = new_run_dir(runs, head.head)
@@ -161,7 +224,7 @@ def train_head(
         model_path = model.save(staging)
         config = {
             "command": argv if argv is not None else sys.argv,
-            "data": str(Path(data_dir).absolute()),
+            "data": str(Path(data_dir).absolute()) if data_dir is not None else None,
             "head": head.head,
             "params": head.params(),
             "seed": split.seed,
@@ -169,6 +232,7 @@ def train_head(
             "test_pct": split.test_pct,
             "split_file": split_file,
             "folds": folds,
+            "max_memory_bytes": data.memory.max_memory_bytes if data.memory else None,
             "store": str(data.store_path.absolute()),
             "fingerprint": str(data.attrs.get("fingerprint", "")),
             "backbone": {k: (v.item() if hasattr(v, "item") else v) for k, v in data.attrs.items()},
