@@ -24,6 +24,12 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
         out(f"  {result.decoder_log}")
     if result.warning:
         out(f"  WARNING: {result.warning}")
+    if result.engine != "local":
+        out(f"  engine {result.engine}: {result.shards} shards"
+            + (f", {len(result.failed_shards)} failed (their images are not in the store; run the same command "
+               "again to retry them)" if result.failed_shards else ""))
+        for line in result.failed_shards[:_FAILURES_SHOWN]:
+            out(f"    {line}")
     if result.failures:
         out("  failed:")
         from bottleneck.features.store import printable
@@ -45,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         lock_timeout=args.lock_timeout,
         progress=not args.no_progress and sys.stderr.isatty(),
         runtime=args.runtime,
+        engine=args.engine,
+        shard_size=args.shard_size,
+        ray_address=args.ray_address,
+        gpus_per_worker=args.gpus_per_worker,
     )
     result = extract_features(args.data, args.cache, spec_from(args), options, log=stderr)
     out = stderr if args.json else print
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS
+    from bottleneck.features.engines import DEFAULT_SHARD_SIZE
     from bottleneck.features.extract import DEFAULT_BATCH_SIZE
 
     features = commands.add_parser(
@@ -66,7 +77,8 @@ def add_parser(commands) -> None:
         help="compute backbone features of a folder of images into the cache",
         description="Compute the features of every image under DATA (one sub-folder per class) into "
         "CACHE/<backbone-fingerprint>.h5. Images already in the cache are not computed again.",
-        epilog="example: bottleneck features data/flowers --cache cache --image-size 299 --json",
+        epilog="example: bottleneck features data/flowers --cache cache --image-size 299 --json "
+        "(on a cluster: --engine ray --ray-address HOST:PORT --gpus-per-worker 1)",
     )
     features.add_argument("data", metavar="DATA", help="folder with one sub-folder of images per class")
     features.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
@@ -74,7 +86,9 @@ def add_parser(commands) -> None:
     features.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                           help=f"images per backbone call (default: {DEFAULT_BATCH_SIZE})")
     features.add_argument("--workers", type=positive_int, default=None,
-                          help="decoding threads (default: one per CPU core)")
+                          help="local engine: decoding threads (default: one per CPU core); ray engine: actors, "
+                          "each loading the backbone once (default: one per machine, or per GPU group with "
+                          "--gpus-per-worker)")
     features.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                           help=f"refuse images with more pixels than this (default: {DEFAULT_MAX_PIXELS:,})")
     features.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
@@ -83,6 +97,18 @@ def add_parser(commands) -> None:
     features.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
                           help="run the backbone with TensorFlow (default) or OpenVINO (faster on CPUs; "
                           "pip install 'bottleneck[openvino]'; converted once per backbone into the cache)")
+    engine = features.add_argument_group("engine")
+    engine.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this process, batches committed as they go (default); ray: shards of "
+                        "--shard-size images over a pool of Ray Data actors, on this machine or a cluster, each "
+                        "written as one store segment, failed shards retried (pip install 'bottleneck[ray]')")
+    engine.add_argument("--shard-size", type=int, default=None, metavar="N",
+                        help=f"ray: images per shard (default: {DEFAULT_SHARD_SIZE})")
+    engine.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="ray: a running cluster (HOST:PORT, ray://HOST:PORT or auto); DATA and the cache "
+                        "must be at the same paths on every node (default: start a local Ray instance)")
+    engine.add_argument("--gpus-per-worker", type=float, default=None, metavar="N",
+                        help="ray: GPUs each actor holds (default: none)")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")
     features.add_argument("--json", action="store_true",
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")

@@ -1,0 +1,225 @@
+"""The local engine (the default): one process, batches committed as they are computed.
+
+A pool of lower-priority threads reads, hashes and decodes ahead while the backbone runs on the
+previous batch, and each computed batch is committed to the store at once by another thread, so
+an interrupted run loses at most the batch in flight. `--workers` is the number of decoding
+threads here. The reading and decoding helpers are shared with the sharded engines' workers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from bottleneck.backbones.build import get_feature_model
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.features.decode import ImageDecodeError, decode_image
+from bottleneck.features.discover import ImageFile
+from bottleneck.features.hashing import sha256_bytes
+from bottleneck.features.noise import decoding
+from bottleneck.features.store import Failure, StoreWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+DECODE_NICENESS = 10
+
+
+@dataclass
+class Outcome:
+    image: ImageFile
+    content_hash: str = ""
+    stamp: tuple[int, int, int] | None = None
+    pixels: np.ndarray | None = None
+    failure: Failure | None = None
+    known: bool = False  # the content already has features
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix_str(self, text: str) -> None: ...
+    def write(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def make_bar(total: int, progress: bool, unit: str = "img"):
+    if not progress or total == 0:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+
+def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, max_pixels: int) -> Outcome:
+    """Read, hash and decode one image; `known` has `known_hashes` and `known_failures` (a StoreWriter does)."""
+    path = str(image.path)
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            data = handle.read()
+    except OSError as exc:
+        return Outcome(image, failure=Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
+    outcome = Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=(st.st_size, st.st_mtime_ns, st.st_ino))
+    if outcome.content_hash in known.known_hashes:
+        outcome.known = True
+        return outcome
+    earlier = known.known_failures.get(outcome.content_hash)
+    if earlier is not None:
+        outcome.failure = Failure(path, outcome.content_hash, earlier.reason)
+        return outcome
+    try:
+        with decoding(path):
+            outcome.pixels = decode_image(data, size, max_pixels)
+    except ImageDecodeError as exc:
+        outcome.failure = Failure(path, outcome.content_hash, str(exc))
+    return outcome
+
+
+def _lower_thread_priority() -> None:
+    """Let the backbone's threads win the CPU: decoding only has to keep ahead of the model."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """`map` over a thread pool, in order, with at most `ahead` items in flight."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=_lower_thread_priority) as pool:
+        pending: deque = deque()
+        source = iter(items)
+        try:
+            for item in islice(source, ahead):
+                pending.append(pool.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in islice(source, 1):
+                    pending.append(pool.submit(fn, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _Batcher:
+    """Collects decoded images, runs the backbone on full batches, commits them in the background.
+
+    One commit is in flight at a time, so the backbone never waits for the disk and a killed run
+    loses at most the batch being computed and the one being written.
+    """
+
+    def __init__(self, spec: BackboneSpec, writer: StoreWriter, batch_size: int, runtime: str,
+                 on_model: Callable[[str], None]):
+        self.spec, self.writer, self.batch_size, self.runtime = spec, writer, batch_size, runtime
+        self.on_model = on_model
+        self.model = None
+        self.pixels: list[np.ndarray] = []
+        self.hashes: list[str] = []
+        self.paths: list[str] = []
+        self.computed = 0
+        self._taken: set[str] = set()  # every hash computed or queued in this run
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._in_flight: Future | None = None
+
+    def holds(self, content_hash: str) -> bool:
+        return content_hash in self._taken
+
+    def add(self, outcome: Outcome) -> bool:
+        """Queue one decoded image; return True when that completed a batch."""
+        self.pixels.append(outcome.pixels)
+        self.hashes.append(outcome.content_hash)
+        self._taken.add(outcome.content_hash)
+        self.paths.append(str(outcome.image.path))
+        if len(self.pixels) >= self.batch_size:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if not self.pixels:
+            return
+        if self.model is None:
+            detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
+            runtime = f", {self.runtime}" if self.runtime != "tensorflow" else ""
+            self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
+            self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
+        features = self.model(np.stack(self.pixels))
+        self._wait_for_commit()
+        self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths)
+        self.computed += len(self.hashes)
+        self.pixels, self.hashes, self.paths = [], [], []
+
+    def _wait_for_commit(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # re-raises a failed write here, in the main thread
+            self._in_flight = None
+
+    def close(self) -> None:
+        """Wait for the last commit and stop the commit thread."""
+        try:
+            self._wait_for_commit()
+        finally:
+            self._committer.shutdown(wait=True)
+
+
+class LocalEngine:
+    """Today's pipeline in this process: decoding threads ahead of the backbone, parts committed per batch."""
+
+    name = "local"
+
+    def __init__(self, options):
+        self.options = options
+
+    def check(self) -> None:
+        """Nothing to check before the run."""
+
+    def start(self, spec: BackboneSpec, cache_dir, log: Callable[[str], None]) -> None:
+        """Load the backbone (once per process) before decoding starts."""
+        if spec.kind != "pixels":
+            get_feature_model(spec, self.options.runtime, cache_dir)
+
+    def stop(self) -> None:
+        """Nothing to release."""
+
+    def run(self, tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
+        """Read, hash, decode and compute `tally.todo`; commit as it goes."""
+        options = self.options
+        bar = make_bar(len(tally.todo), options.progress)
+        batcher = _Batcher(spec, writer, options.batch_size, options.runtime, on_model=bar.write if options.progress else log)
+        workers = options.workers or os.cpu_count() or 1
+        ahead = max(2 * options.batch_size, 4 * workers)
+
+        def prepare(job: tuple[ImageFile, str | None]) -> Outcome:
+            return read_and_decode(job[0], job[1], writer, spec.input_size, options.max_pixels)
+
+        try:
+            for outcome in bounded_map(prepare, tally.todo, workers, ahead):
+                if outcome.stamp is not None and outcome.content_hash:
+                    index.remember(str(outcome.image.path), outcome.stamp, outcome.content_hash)
+                if outcome.failure is not None:
+                    tally.failures.append(outcome.failure)
+                    writer.add_failure(outcome.failure)
+                elif outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash):
+                    tally.reused += 1
+                    tally.hash_of[str(outcome.image.path)] = outcome.content_hash
+                else:
+                    tally.hash_of[str(outcome.image.path)] = outcome.content_hash
+                    if batcher.add(outcome):
+                        index.flush()
+                bar.update(1)
+                bar.set_postfix_str(f"computed {batcher.computed}, reused {tally.reused}, failed {len(tally.failures)}")
+            batcher.flush()
+            bar.set_postfix_str(f"computed {batcher.computed}, reused {tally.reused}, failed {len(tally.failures)}")
+        finally:
+            batcher.close()
+            bar.close()
+            index.flush()
+        tally.computed += batcher.computed
+        if batcher.model is not None:
+            tally.versions = dict(batcher.model.versions)
