@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,openvino,test
+EXTRAS ?= cpu,openvino,test,ray
 
 DATA ?= data
 CACHE ?= cache

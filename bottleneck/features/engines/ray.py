@@ -188,7 +188,9 @@ class RayEngine(ShardedEngine):
 
     def map_shards(self, job: ShardJob, shards: list[Shard], log: Callable[[str], None]) -> Iterator[ShardResult]:
         ray = self._ray
-        context = ray.data.DataContext.get_current()
+        with warnings.catch_warnings():  # Ray Data's own deprecation notes about its defaults
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context = ray.data.DataContext.get_current()
         context.max_errored_blocks = -1  # a shard that fails every try is reported; the others go on
         context.enable_progress_bars = False  # ours counts images
         context.print_on_execution_start = False
