@@ -240,3 +240,22 @@ def test_a_store_damaged_inside_is_one_clear_line_and_a_damaged_part_is_skipped(
         del handle["segments/name"]
     with pytest.raises(CacheError, match="^the index fp.h5 is damaged"):
         store.index()
+
+
+def test_features_dtype_float16_end_to_end(tmp_path, capsys):
+    from tests.conftest import make_dataset
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=3)
+    flags = ["--cache", str(cache), "--backbone", "pixels", "--image-size", "16", "--no-progress"]
+    assert main(["features", str(data), *flags, "--dtype", "float16", "--json"]) == 0
+    [index] = cache.glob("*.h5")
+    with h5py.File(index, "r") as handle:
+        assert handle["features"].dtype == np.float16 and handle.attrs["dtype"] == "float16"
+    capsys.readouterr()
+    assert main(["features", str(data), *flags, "--dtype", "float32"]) == 2
+    assert "keeps its features as float16, not float32" in capsys.readouterr().err
+    assert main(["features", str(data), *flags]) == 0  # no --dtype: the store's own
+    runs = tmp_path / "runs"
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]["train"] == 1.0

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         ray_address=args.ray_address,
         gpus_per_worker=args.gpus_per_worker,
+        dtype=args.dtype,
     )
     result = extract_features(args.data, args.cache, spec_from(args), options, log=stderr)
     out = stderr if args.json else print
@@ -109,6 +110,9 @@ def add_parser(commands) -> None:
                         "must be at the same paths on every node (default: start a local Ray instance)")
     engine.add_argument("--gpus-per-worker", type=float, default=None, metavar="N",
                         help="ray: GPUs each actor holds (default: none)")
+    features.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                          help="how a new store keeps its features: float16 halves disk and reads (heads still compute "
+                          "in float32); an existing store keeps its own (default: float32)")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")
     features.add_argument("--json", action="store_true",
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")

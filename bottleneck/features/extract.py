@@ -25,7 +25,7 @@ from bottleneck.features.engines import DEFAULT_SHARD_SIZE, ENGINES, Tally, get_
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.noise import decoder_noise_to, describe
-from bottleneck.features.store import Failure, FeatureStore, StoreWriter
+from bottleneck.features.store import DTYPES, Failure, FeatureStore, StoreWriter
 
 DEFAULT_BATCH_SIZE = 16
 DECODER_LOG = "decoder-warnings.log"
@@ -118,12 +118,15 @@ def _feature_dim(spec: BackboneSpec, store_file: Path) -> int:
     return get_feature_model(spec).feature_dim
 
 
-def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex) -> FeatureStore:
-    """The store of `spec` in `cache_dir` (weights and model files are hashed through the index)."""
+def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex, dtype: str | None = None) -> FeatureStore:
+    """The store of `spec` in `cache_dir` (weights and model files are hashed through the index).
+
+    `dtype` (float32 or float16) is how a new store keeps its rows; None: as the store does, else float32.
+    """
     identity = spec.identity(index.hash_file)
     fingerprint = spec.fingerprint(index.hash_file)
     dim = _feature_dim(spec, Path(cache_dir) / f"{fingerprint}.h5")
-    return FeatureStore(cache_dir, fingerprint, dim, store_attrs(spec, identity["weights"], dim))
+    return FeatureStore(cache_dir, fingerprint, dim, store_attrs(spec, identity["weights"], dim), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class ExtractOptions:
     shard_size: int | None = None  # ray: images per shard (None: DEFAULT_SHARD_SIZE)
     ray_address: str | None = None  # ray: a running cluster (None: start a local Ray instance)
     gpus_per_worker: float | None = None  # ray: GPUs each actor holds (None: none)
+    dtype: str | None = None  # how a new store keeps its rows: float32 or float16 (None: as the store does)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers", "max_pixels", "shard_size"):
@@ -150,6 +154,8 @@ class ExtractOptions:
             raise DataError(f"--gpus-per-worker must be 0 or more; got {self.gpus_per_worker}")
         if self.runtime not in RUNTIMES:
             raise DataError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        if self.dtype not in (None, *DTYPES):
+            raise DataError(f"unknown --dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.engine not in ENGINES:
             raise DataError(f"unknown --engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
         if self.engine != "ray":
@@ -229,7 +235,7 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     index = HashIndex(cache)
     noise = None
     try:
-        store = open_store(cache, spec, index)
+        store = open_store(cache, spec, index, options.dtype)
         with store.writer(options.lock_timeout, on_wait=log) as writer:
             tally = _sort_out(images, writer, index)
             try:
