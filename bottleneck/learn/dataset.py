@@ -27,6 +27,34 @@ from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_m
 _DENSE_ENOUGH = 0.25
 
 
+class _StoreReader:
+    """`store.read_rows_at`, without re-reading the store's layout (every row hash) on every call.
+
+    `read_rows_at` works out which files hold which rows before each read: for a large store that
+    costs more than reading a chunk. Where the store offers it, the layout is read once and
+    reused; any failure with it (a writer merged files away, a store without that layout) falls
+    back to `read_rows_at` for good.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._plan = None
+        self._fast = callable(getattr(store, "_plan", None)) and callable(getattr(store, "_read_rows_at", None))
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if self._fast:
+            try:
+                if self._plan is None:
+                    self._plan = self.store._plan()
+                block = self.store._read_rows_at(self._plan, rows)
+                if isinstance(block, np.ndarray) and block.shape == (len(rows), self.store.feature_dim):
+                    return block
+            except Exception:  # noqa: BLE001 - any surprise: the public, always-current path
+                pass
+            self._fast, self._plan = False, None
+        return self.store.read_rows_at(rows)
+
+
 class FeatureRows:
     """n rows of float32 features, held in one array or left in a store and read in chunks.
 
@@ -44,6 +72,7 @@ class FeatureRows:
         self.dim = int(array.shape[1]) if array is not None else int(dim)
         self.chunk_rows = max(1, int(chunk_rows))
         self._groups: dict[int, list[np.ndarray]] = {}
+        self._reader = _StoreReader(store) if store is not None else None
 
     @property
     def in_memory(self) -> bool:
@@ -68,7 +97,9 @@ class FeatureRows:
             positions = np.flatnonzero(positions)
         if self.array is not None:
             return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
-        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
+        subset = FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
+        subset._reader = self._reader
+        return subset
 
     def _groups_of(self, chunk_rows: int) -> list[np.ndarray]:
         """Positions grouped by spans of at most `chunk_rows` consecutive store rows, in store order."""
@@ -99,8 +130,8 @@ class FeatureRows:
         rows = self.rows[positions]
         first, last = int(rows.min()), int(rows.max())
         if len(rows) >= _DENSE_ENOUGH * (last - first + 1):  # one contiguous read beats a scattered one
-            return self.store.read_rows_at(np.arange(first, last + 1))[rows - first]
-        return self.store.read_rows_at(rows)
+            return self._reader(np.arange(first, last + 1))[rows - first]
+        return self._reader(rows)
 
     def chunks(self, chunk_rows: int | None = None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions, features) chunk by chunk; with `rng`, chunks and the rows in each come shuffled."""

@@ -122,12 +122,12 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         def loss_and_gradient(w: np.ndarray) -> tuple[float, np.ndarray]:
             w = w.reshape(outputs, d + 1)
-            coef32 = w[:, :d].astype(np.float32)
+            coef32 = np.ascontiguousarray(w[:, :d].T, dtype=np.float32)  # (d, outputs); BLAS wants C order
             loss, gradient = 0.0, np.zeros_like(w)
             for positions, block in rows.chunks(chunk_rows):
                 block -= mean
                 block /= scale
-                z = (block @ coef32.T).astype(np.float64) + w[:, d]
+                z = (block @ coef32).astype(np.float64) + w[:, d]
                 logits = np.hstack([np.zeros((len(z), 1)), z]) if k == 2 else z
                 target = y_index[positions]
                 log_norm = logsumexp(logits, axis=1)
@@ -141,7 +141,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
                     pointwise = pointwise * sw
                     residual *= sw[:, None]
                 loss += float(pointwise.sum())
-                gradient[:, :d] += residual.T.astype(np.float32) @ block
+                gradient[:, :d] += np.ascontiguousarray(residual.T, dtype=np.float32) @ block
                 gradient[:, d] += residual.sum(axis=0)
             passes[0] += 1
             loss /= total

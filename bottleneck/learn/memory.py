@@ -17,8 +17,8 @@ from bottleneck.errors import BottleneckError
 DEFAULT_FRACTION = 0.25
 #: In memory, features take about this many times their own size (split copies, scaler, solver).
 IN_MEMORY_FACTOR = 3
-#: Streaming, one chunk takes about this many times its own size (the store's read buffers while reading, then the chunk).
-STREAM_FACTOR = 4
+#: Streaming, one chunk takes about this many times its own size (the store's read buffers, then the scaler's float64 temporaries).
+STREAM_FACTOR = 6
 #: A budget must hold a chunk of at least this many rows.
 MIN_CHUNK_ROWS = 64
 #: Chunks larger than this gain nothing (one read is already long): the cap keeps passes responsive.
