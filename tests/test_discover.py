@@ -110,3 +110,44 @@ def test_every_extension_of_a_format_pillow_opens_is_an_image_extension():
     assert expected - IMAGE_EXTENSIONS == set()
     assert {".mpo", ".jpg", ".png", ".tif"} <= IMAGE_EXTENSIONS
     assert not {".bufr", ".grib", ".h5", ".mpg", ".wmf", ".pdf"} & IMAGE_EXTENSIONS  # stubs, save-only
+
+
+def test_a_link_from_one_class_into_another_never_relabels_images(tmp_path):
+    make_dataset(tmp_path, per_class=2)
+    os.symlink("../blue", tmp_path / "red" / "blue_link")  # ln -s ../bees data/ants/bees_link
+    found = discover_images(tmp_path)
+    assert sorted((im.relpath, im.label) for im in found.images) == sorted(
+        (p.relative_to(tmp_path).as_posix(), p.parent.name) for p in tmp_path.glob("*/*.png"))
+    assert found.skipped["link into another class (left out)"] == 2
+    assert len(found.conflicts) == 2 and "red/blue_link/" in found.conflicts[0] and "(class 'blue')" in found.conflicts[0]
+
+
+def test_a_link_to_data_itself_leaves_every_label_alone(tmp_path):
+    make_dataset(tmp_path, per_class=2)
+    os.symlink("..", tmp_path / "red" / "everything")
+    found = discover_images(tmp_path)
+    assert {im.relpath.split("/")[0] + ":" + im.label for im in found.images} == {"red:red", "green:green", "blue:blue"}
+    assert len(found.images) == 6
+
+
+def test_a_hard_link_in_two_classes_is_a_conflict_left_out_of_both(tmp_path):
+    make_dataset(tmp_path, per_class=2)
+    first = sorted((tmp_path / "blue").glob("*.png"))[0]
+    os.link(first, tmp_path / "red" / "also-blue.png")
+    found = discover_images(tmp_path)
+    assert all(im.path != first and im.relpath != "red/also-blue.png" for im in found.images)
+    assert found.skipped["in two classes (left out)"] == 2
+    assert found.conflicts == [f"blue/{first.name} and red/also-blue.png are one file in classes 'blue', 'red': left out of every class"]
+
+
+def test_features_names_the_link_in_its_summary(tmp_path, capsys):
+    from bottleneck.cli import main
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=2)
+    os.symlink("../blue", data / "red" / "blue_link")
+    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", "pixels",
+                 "--image-size", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "6 images in 3 classes" in out and "link into another class (left out) 2" in out
+    assert "WARNING: 2 files are reachable from two class folders" in out and "red/blue_link/" in out

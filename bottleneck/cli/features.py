@@ -20,6 +20,13 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
         + (f", skipped {sum(result.skipped.values())} ({skipped})" if skipped else "")
         + f" in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
     )
+    if result.conflicts:
+        out(f"  WARNING: {len(result.conflicts)} files are reachable from two class folders; none takes its label "
+            "from the order of the walk:")
+        for line in result.conflicts[:_FAILURES_SHOWN]:
+            out(f"    {line}")
+        if len(result.conflicts) > _FAILURES_SHOWN:
+            out(f"    ... and {len(result.conflicts) - _FAILURES_SHOWN} more")
     if result.decoder_warnings:
         out(f"  {result.decoder_log}")
     if result.warning:

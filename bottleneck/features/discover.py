@@ -4,6 +4,11 @@ Nested folders inside a class folder belong to that class. Hidden files and fold
 skipped, so are files whose extension no image reader claims. Each file is listed once even
 when it is reachable twice (symbolic or hard links, `a.jpg` and `A.JPG` on a case-insensitive
 disk): files are identified by device and inode.
+
+A file reachable from two class folders never gets its label from the order of the walk: where
+exactly one of its paths involves no symbolic link, that path's class wins and the links are left
+out and reported; otherwise (hard links, two links) the file is a conflict, left out of every
+class and reported.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class ImageFile:
     size: int
     mtime_ns: int
     inode: int
+    dev: int = 0
 
 
 @dataclass
@@ -86,14 +92,55 @@ class Discovery:
     images: list[ImageFile]
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
+    conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
+
+
+LINKED_FROM_ANOTHER_CLASS = "link into another class (left out)"
+IN_TWO_CLASSES = "in two classes (left out)"
+
+
+def _settle_labels(found: list[tuple[ImageFile, bool]], skipped: Counter) -> tuple[list[ImageFile], list[str]]:
+    """One entry per file; a file reachable from two classes is settled by its real path, or left out."""
+    by_file: dict[tuple[int, int], list[tuple[ImageFile, bool]]] = {}
+    for image, real in found:
+        by_file.setdefault((image.dev, image.inode), []).append((image, real))
+    images, conflicts = [], []
+    for copies in by_file.values():
+        copies.sort(key=lambda c: c[0].relpath)
+        labels = {image.label for image, _ in copies}
+        if len(labels) == 1:
+            images.append(next((image for image, real in copies if real), copies[0][0]))
+            if len(copies) > 1:
+                skipped["same file listed twice"] += len(copies) - 1
+            continue
+        real = [image for image, is_real in copies if is_real]
+        if len(real) == 1 or len({image.label for image in real}) == 1:
+            winner = real[0]
+            images.append(winner)
+            links = [image for image, _ in copies if image.label != winner.label]
+            skipped[LINKED_FROM_ANOTHER_CLASS] += len(links)
+            if len(copies) - 1 > len(links):
+                skipped["same file listed twice"] += len(copies) - 1 - len(links)
+            conflicts.append(f"{links[0].relpath} links to {winner.relpath} (class {winner.label!r}): "
+                             f"the link is left out" + (f" (and {len(links) - 1} more links)" if len(links) > 1 else ""))
+        else:
+            skipped[IN_TWO_CLASSES] += len(copies)
+            conflicts.append(f"{' and '.join(image.relpath for image, _ in copies[:3])} are one file in classes "
+                             f"{', '.join(repr(label) for label in sorted(labels))}: left out of every class")
+    return images, conflicts
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_FOLDERS
 
 
-def _walk_class(class_dir: Path, root: Path, label: str, seen: set, skipped: Counter) -> list[ImageFile]:
-    found: list[ImageFile] = []
+def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipped: Counter,
+                real_root: str | None = None) -> list[tuple[ImageFile, bool]]:
+    """Every image file under `class_dir`, with whether its path involves no symbolic link.
+
+    With `seen`, a file already in it is skipped (and added to it otherwise); without, every path is kept.
+    """
+    found: list[tuple[ImageFile, bool]] = []
     pending = [class_dir]
     visited_dirs: set[tuple[int, int]] = set()
     while pending:
@@ -126,21 +173,17 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set, skipped: Cou
                 skipped["unreadable entry"] += 1
                 continue
             key = (st.st_dev, st.st_ino)
-            if key in seen:
-                skipped["same file listed twice"] += 1
-                continue
-            seen.add(key)
+            if seen is not None:
+                if key in seen:
+                    skipped["same file listed twice"] += 1
+                    continue
+                seen.add(key)
             path = Path(entry.path)
-            found.append(
-                ImageFile(
-                    path=path.absolute(),
-                    relpath=path.relative_to(root).as_posix(),
-                    label=label,
-                    size=st.st_size,
-                    mtime_ns=st.st_mtime_ns,
-                    inode=st.st_ino,
-                )
-            )
+            relpath = path.relative_to(root).as_posix()
+            real = real_root is not None and os.path.realpath(path) == os.path.join(real_root, *relpath.split("/"))
+            image = ImageFile(path=path.absolute(), relpath=relpath, label=label, size=st.st_size,
+                              mtime_ns=st.st_mtime_ns, inode=st.st_ino, dev=st.st_dev)
+            found.append((image, real))
     return found
 
 
@@ -153,8 +196,8 @@ def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discov
         raise DataError(f"data path is not a folder: {root}")
     root = root.absolute()
     skipped: Counter = Counter()
-    seen: set[tuple[int, int]] = set()
-    images: list[ImageFile] = []
+    found: list[tuple[ImageFile, bool]] = []
+    real_root = os.path.realpath(root)
     try:
         top = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
@@ -163,9 +206,10 @@ def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discov
         if _is_hidden(entry.name):
             skipped["hidden"] += 1
         elif entry.is_dir():
-            images.extend(_walk_class(Path(entry.path), root, entry.name, seen, skipped))
+            found.extend(_walk_class(Path(entry.path), root, entry.name, None, skipped, real_root))
         else:
             skipped["outside a class folder"] += 1
+    images, conflicts = _settle_labels(found, skipped)
     images.sort(key=lambda im: im.relpath)
     classes = sorted({im.label for im in images})
     if not images:
@@ -177,9 +221,9 @@ def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discov
             f"found {len(classes)} class folder with images in {root} ({', '.join(classes)}); "
             f"need at least {min_classes}, one sub-folder per class"
         )
-    return Discovery(root=root, images=images, classes=classes, skipped=skipped)
+    return Discovery(root=root, images=images, classes=classes, skipped=skipped, conflicts=conflicts)
 
 
 def walk_images(folder: Path, root: Path, label: str, seen: set, skipped: Counter) -> list[ImageFile]:
     """The image files under `folder` (recursively), each once across calls sharing `seen`; skips are counted."""
-    return _walk_class(folder, root, label, seen, skipped)
+    return [image for image, _ in _walk_class(folder, root, label, seen, skipped)]

@@ -51,6 +51,7 @@ class ExtractionResult:
     engine: str = "local"
     shards: int = 0  # sharded engines: how many shards the work was cut into
     failed_shards: list[str] = field(default_factory=list)  # one line per shard that failed every try
+    conflicts: list[str] = field(default_factory=list)  # files reachable from two class folders
 
     @property
     def images_per_second(self) -> float:
@@ -210,6 +211,7 @@ def extract_features(
         classes=discovery.classes,
         failures=done.failures,
         skipped=discovery.skipped,
+        conflicts=discovery.conflicts,
         pretrained=spec.pretrained,
         warning="" if spec.pretrained else spec.random_weights_warning,
         decoder_warnings=done.decoder_warnings,
