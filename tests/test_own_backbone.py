@@ -123,3 +123,25 @@ def test_pretrain_cli_with_zero_epochs_saves_the_untrained_network(base, tmp_pat
     assert BackboneSpec(architecture=str(root / "base.keras"), layer="features").pretrained
     result = extract_features(root / "target", tmp_path / "cache", spec)
     assert not result.pretrained and result.warning.startswith("RANDOM WEIGHTS")
+
+
+def test_a_model_file_with_a_nan_weight_stores_no_features_and_says_why(tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    kernel, bias = model.get_layer("conv").get_weights()
+    kernel[0, 0, 0, 0] = np.nan  # one damaged weight
+    model.get_layer("conv").set_weights([kernel, bias])
+    model.save(tmp_path / "nan.keras")
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=2)
+    assert main(["features", str(data), "--cache", str(cache), "--backbone", str(tmp_path / "nan.keras"),
+                 "--layer", "features", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no image could be used: all 6 failed" in err and "non-finite features (NaN or infinity)" in err
+    store = open_store(cache, BackboneSpec(architecture=str(tmp_path / "nan.keras"), layer="features"), HashIndex(cache))
+    contents = store.load()
+    assert contents.content_hash == [] and len(contents.failures) == 6

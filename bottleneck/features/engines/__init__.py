@@ -46,6 +46,15 @@ SHARD_TRIES = 3
 FAULT_ENV = "BOTTLENECK_TEST_FAULT"
 
 
+NON_FINITE = ("the backbone gave non-finite features (NaN or infinity) for this image: its weights or model "
+              "file may be damaged")
+
+
+def non_finite_rows(features: np.ndarray) -> np.ndarray:
+    """Which rows hold a NaN or an infinity: never stored, they would poison every head trained on them."""
+    return ~np.isfinite(features).all(axis=1) if len(features) else np.zeros(0, dtype=bool)
+
+
 @dataclass
 class Tally:
     """What a run knows about its images so far."""
@@ -287,6 +296,12 @@ class ShardRunner:
         if self.model is not None:
             result.versions = dict(getattr(self.model, "versions", {}) or {})
         features = np.concatenate(blocks) if blocks else np.zeros((0, self.store.feature_dim), np.float32)
+        bad = non_finite_rows(features)
+        if bad.any():
+            result.failures.extend(Failure(path, content_hash, NON_FINITE)
+                                   for (path, content_hash), is_bad in zip(result.rows, bad) if is_bad)
+            result.rows = [row for row, is_bad in zip(result.rows, bad) if not is_bad]
+            features = features[~bad]
         return ShardOutput(result, features)
 
     def write(self, output: ShardOutput) -> ShardResult:

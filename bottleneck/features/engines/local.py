@@ -25,6 +25,7 @@ from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
+from bottleneck.features.engines import NON_FINITE, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,6 +124,7 @@ class _Batcher:
         self.hashes: list[str] = []
         self.paths: list[str] = []
         self.computed = 0
+        self.non_finite: list[Failure] = []  # images the backbone gave NaN or infinity for
         self._taken: set[str] = set()  # every hash computed or queued in this run
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self._in_flight: Future | None = None
@@ -149,7 +151,16 @@ class _Batcher:
             runtime = f", {self.runtime}" if self.runtime != "tensorflow" else ""
             self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
             self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
-        features = self.model(np.stack(self.pixels))
+        features = np.asarray(self.model(np.stack(self.pixels)))
+        bad = non_finite_rows(features)
+        if bad.any():
+            for path, content_hash in zip(np.array(self.paths)[bad], np.array(self.hashes)[bad]):
+                failure = Failure(str(path), str(content_hash), NON_FINITE)
+                self.non_finite.append(failure)
+                self.writer.add_failure(failure)
+            features = features[~bad]
+            self.hashes = [h for h, is_bad in zip(self.hashes, bad) if not is_bad]
+            self.paths = [p for p, is_bad in zip(self.paths, bad) if not is_bad]
         self._wait_for_commit()
         self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths)
         self.computed += len(self.hashes)
@@ -166,6 +177,17 @@ class _Batcher:
             self._wait_for_commit()
         finally:
             self._committer.shutdown(wait=True)
+
+
+def _count_non_finite(tally, non_finite: list[Failure]) -> None:
+    """Images whose features came out non-finite are failures, with every other path of the same content."""
+    bad = {failure.content_hash: failure.reason for failure in non_finite}
+    for path, content_hash in list(tally.hash_of.items()):
+        if content_hash in bad:
+            del tally.hash_of[path]
+            tally.failures.append(Failure(path, content_hash, bad[content_hash]))
+            if path not in {failure.path for failure in non_finite}:
+                tally.reused -= 1
 
 
 class LocalEngine:
@@ -221,5 +243,6 @@ class LocalEngine:
             bar.close()
             index.flush()
         tally.computed += batcher.computed
+        _count_non_finite(tally, batcher.non_finite)
         if batcher.model is not None:
             tally.versions = dict(batcher.model.versions)
