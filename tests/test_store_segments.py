@@ -259,3 +259,16 @@ def test_features_dtype_float16_end_to_end(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]["train"] == 1.0
+
+
+def test_a_snapshot_keeps_reading_the_right_rows_while_a_writer_merges(tmp_path):
+    store = make_store(tmp_path)
+    add(store, 6, 0)
+    add(store, 3, 6)  # small: merges with the first segment, which is deleted
+    snapshot = store.snapshot()
+    want = np.concatenate([rows(6, 0)[1], rows(3, 6)[1]])
+    np.testing.assert_array_equal(snapshot.read_rows_at([8, 0]), want[[8, 0]])
+    add(store, 20, 9)  # merges every small segment into a new one: the snapshot's files are gone
+    assert not any(p.exists() for p in (s.path for s in snapshot._plan.sources))
+    np.testing.assert_array_equal(snapshot.read_rows_at([8, 0, 3]), want[[8, 0, 3]])
+    assert snapshot.rows == 9

@@ -468,6 +468,10 @@ class FeatureStore:
             start += source.keep.size
         return features
 
+    def snapshot(self) -> "StoreSnapshot":
+        """The store as it is now: its row hashes, and reads by row number that stay right while writers merge."""
+        return StoreSnapshot(self)
+
     def read_rows(self, hashes: list[str]) -> np.ndarray:
         """Features of `hashes`, in that order, reading only their rows (each must be in the store or a part)."""
         def read(tolerate_missing: bool) -> np.ndarray:
@@ -509,6 +513,53 @@ class FeatureStore:
         """Hold this store's lock and yield a `StoreWriter`; release the lock at exit."""
         with exclusive_lock(self.lock_path, lock_timeout, on_wait):
             yield StoreWriter(self)
+
+
+class StoreSnapshot:
+    """A store's rows as they were when taken: `content_hash[i]` is row i of `read_rows_at`.
+
+    Many reads pay for the store's layout once (a pass over data reads chunk after chunk). If a
+    writer merges files away meanwhile, the layout is read again and row numbers are translated
+    through the content hashes, so a reader never gets another image's row.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._plan = store._reading(store._plan)
+        self.content_hash: list[str] = self._plan.hashes
+        self.failures: list[Failure] = self._plan.failures
+        self.attrs: dict = self._plan.attrs
+        self._translate: np.ndarray | None = None  # row numbers of this snapshot -> rows of the current layout
+
+    @property
+    def rows(self) -> int:
+        return len(self.content_hash)
+
+    def rows_by_hash(self) -> dict[str, int]:
+        return {h: i for i, h in enumerate(self.content_hash)}
+
+    def read_rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """Features (float32) of rows of this snapshot, in the order given (any order, repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise CacheError(f"row {int(rows.max())} is outside the feature store {self.store.path} ({self.rows} rows)")
+        for _ in range(10):
+            current = rows if self._translate is None else self._translate[rows]
+            try:
+                return self.store._read_rows_at(self._plan, current)
+            except _PartMerged:
+                time.sleep(0.05)
+                self._relayout()
+        raise CacheError(f"the feature store {self.store.path} keeps changing under this reader; try again")
+
+    def _relayout(self) -> None:
+        self._plan = self.store._reading(self.store._plan)
+        row_of = {h: i for i, h in enumerate(self._plan.hashes)}
+        translate = np.array([row_of.get(h, -1) for h in self.content_hash], dtype=np.int64)
+        if (translate < 0).any():
+            raise CacheError(f"rows of the feature store {self.store.path} vanished while being read (a segment was "
+                             "deleted?); run the command again")
+        self._translate = translate
 
 
 @contextlib.contextmanager

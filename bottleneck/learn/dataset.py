@@ -20,39 +20,11 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
-from bottleneck.features.store import FeatureStore
+from bottleneck.features.store import FeatureStore, StoreSnapshot
 from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
 _DENSE_ENOUGH = 0.25
-
-
-class _StoreReader:
-    """`store.read_rows_at`, without re-reading the store's layout (every row hash) on every call.
-
-    `read_rows_at` works out which files hold which rows before each read: for a large store that
-    costs more than reading a chunk. Where the store offers it, the layout is read once and
-    reused; any failure with it (a writer merged files away, a store without that layout) falls
-    back to `read_rows_at` for good.
-    """
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-        self._plan = None
-        self._fast = callable(getattr(store, "_plan", None)) and callable(getattr(store, "_read_rows_at", None))
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        if self._fast:
-            try:
-                if self._plan is None:
-                    self._plan = self.store._plan()
-                block = self.store._read_rows_at(self._plan, rows)
-                if isinstance(block, np.ndarray) and block.shape == (len(rows), self.store.feature_dim):
-                    return block
-            except Exception:  # noqa: BLE001 - any surprise: the public, always-current path
-                pass
-            self._fast, self._plan = False, None
-        return self.store.read_rows_at(rows)
 
 
 class FeatureRows:
@@ -64,7 +36,7 @@ class FeatureRows:
     enough), so a pass over the data holds one chunk at a time.
     """
 
-    def __init__(self, array: np.ndarray | None = None, *, store: FeatureStore | None = None,
+    def __init__(self, array: np.ndarray | None = None, *, store: StoreSnapshot | None = None,
                  rows: np.ndarray | None = None, dim: int | None = None, chunk_rows: int = 4096):
         self.array = array
         self.store = store
@@ -72,7 +44,7 @@ class FeatureRows:
         self.dim = int(array.shape[1]) if array is not None else int(dim)
         self.chunk_rows = max(1, int(chunk_rows))
         self._groups: dict[int, list[np.ndarray]] = {}
-        self._reader = _StoreReader(store) if store is not None else None
+        self._reader = store.read_rows_at if store is not None else None
 
     @property
     def in_memory(self) -> bool:
@@ -97,9 +69,7 @@ class FeatureRows:
             positions = np.flatnonzero(positions)
         if self.array is not None:
             return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
-        subset = FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
-        subset._reader = self._reader
-        return subset
+        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
 
     def _groups_of(self, chunk_rows: int) -> list[np.ndarray]:
         """Positions grouped by spans of at most `chunk_rows` consecutive store rows, in store order."""
@@ -247,7 +217,7 @@ def load_labelled_features(
     finally:
         if index:
             index.close()
-    contents = store.index()
+    contents = store.snapshot()  # matches images to rows, then serves every read of those rows
     rows = contents.rows_by_hash()
     failed_hashes = {f.content_hash for f in contents.failures}
     keep, missing, failed = [], [], []
@@ -271,10 +241,10 @@ def load_labelled_features(
         )
     order = np.array([row for _, row in keep], dtype=np.int64)
     attrs = contents.attrs
-    del contents, rows  # the index of a large store is large too
+    del rows  # the index of a large store is large too
     dim = store.feature_dim
     memory = plan_memory(len(order), dim, max_memory, batch_size, stream, chunk_rows)
-    features = FeatureRows(store=store, rows=order, dim=dim, chunk_rows=memory.chunk_rows)
+    features = FeatureRows(store=contents, rows=order, dim=dim, chunk_rows=memory.chunk_rows)
     if not memory.streamed:
         features = FeatureRows(features.materialise(), chunk_rows=memory.chunk_rows)
     return LabelledFeatures(
