@@ -25,6 +25,7 @@ SPLIT = SplitConfig(val_pct=20, test_pct=30, seed=4)
 # Run in a plain interpreter: only TensorFlow, Keras and NumPy; the test checks bottleneck was never imported.
 PLAIN_LOADER = """
 import json, sys
+sys.modules["bottleneck"] = None  # this package made unimportable (pandas, imported by TensorFlow, would try it)
 import numpy as np, tensorflow as tf, keras
 out, pixels_file, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 pixels = np.load(pixels_file)
@@ -42,7 +43,7 @@ for image in pixels:
     interpreter.invoke()
     rows.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].tolist())
 result["model.tflite"] = rows
-result["bottleneck_imported"] = any(name.startswith("bottleneck") for name in sys.modules)
+result["bottleneck_imported"] = any(name.startswith("bottleneck") and sys.modules[name] is not None for name in sys.modules)
 print(json.dumps(result))
 """
 
