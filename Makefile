@@ -11,7 +11,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install browser test demo features train-head report bench clean
+.PHONY: install browser test demo features train-head report bench bench-scale clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# How the store and the heads grow: synthetic stores of 10k, 100k and 1M rows (ARGS=--quick for a smoke test).
+bench-scale: $(STAMP)
+	$(BIN)/python scripts/bench_scale.py --out $(CACHE)/bench-scale $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

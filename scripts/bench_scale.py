@@ -27,7 +27,6 @@ Prints a markdown table, writes `OUT/results.json` and a log-log plot (`--plot`)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -113,6 +112,15 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 4 * 2**30
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM): unlike ru_maxrss, not inherited from the parent across exec."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def drop_from_page_cache(paths) -> None:
@@ -248,6 +256,17 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
     del block
     out.update(stream_s=seconds, stream_MBps=rows * dim * 4 / MB / seconds, stream_rows_per_s=rows / seconds,
                stream_chunks=chunks)
+    import h5py
+
+    drop_from_page_cache(store.files())
+    t = time.perf_counter()
+    with h5py.File(store.path, "r") as handle:  # the same chunks straight from the index's virtual dataset
+        dataset = handle["features"]
+        for start in range(0, rows, CHUNK_ROWS):
+            block = dataset[start : min(rows, start + CHUNK_ROWS)]
+    seconds = time.perf_counter() - t
+    del block
+    out.update(raw_stream_s=seconds, raw_stream_MBps=rows * dim * 4 / MB / seconds)
     latency = []
     for _ in range(3):  # warm: the same chunk again, so this is the per-call overhead plus a memory copy
         t = time.perf_counter()
@@ -258,7 +277,7 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
 
 
 def head(cache: Path, rows: int, dim: int, max_memory: str, iters: int, kind: str = "logreg") -> dict:
-    """Train a head in a subprocess on every row; its peak RSS is its own ru_maxrss."""
+    """Train a head in a subprocess on every row; its peak RSS is its own VmHWM."""
     command = [sys.executable, str(Path(__file__).resolve()), "--head-worker", str(cache), "--dim", str(dim),
                "--rows", str(rows), "--max-memory", max_memory, "--head-iters", str(iters), "--head", kind]
     t = time.perf_counter()
@@ -280,7 +299,7 @@ def head_worker(args) -> None:
     from bottleneck.learn.memory import parse_size, plan_memory
 
     store = open_store(Path(args.head_worker), args.dim)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak_rss()
     t = time.perf_counter()
     contents = store.index()
     n = min(args.rows, contents.rows)
@@ -309,7 +328,7 @@ def head_worker(args) -> None:
     sample = np.random.default_rng(SEED).choice(n, min(n, 2000), replace=False)
     sample.sort()
     accuracy = float(np.mean(model.predict(rows.take(sample)) == y[sample]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"rows": n, "mode": plan.mode, "chunk_rows": plan.chunk_rows, "max_memory_bytes": budget,
                       "index_s": index_s, "read_s": read_s, "fit_s": fit_s, "passes": passes,
                       "seconds_per_pass": (fit_s + read_s) / passes if passes else None,
@@ -369,9 +388,10 @@ def fmt(value, digits=3):
 def table(results: dict) -> str:
     fs = results.get("file_system") or {}
     lines = [
-        "| rows | store | add 1,000: s | add 1,000: MB written | unchanged finish: s / bytes | known(): s "
-        "| rerun per 10k images: s | load: MB/s | streamed 16k chunks: MB/s | one chunk: ms | head (logreg) | s per pass | peak RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| rows | store | add 1,000: s (open / commits / finish) | add 1,000: MB written | unchanged finish: s / bytes | known(): s "
+        "| rerun per 10k images: s | load(): MB/s | read_rows_at, 16k chunks: MB/s | same chunks, h5py: MB/s | one chunk: ms "
+        "| head (logreg) | s per pass | peak RSS |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for entry in results["sizes"]:
         n = entry["rows"]
@@ -390,13 +410,15 @@ def table(results: dict) -> str:
         lines.append("| " + " | ".join([
             f"{n:,}",
             f"{entry['store_bytes'] / 2**30:.2f} GiB",
-            fmt(median([a["seconds"] for a in adds])) if adds else "–",
+            (f"{fmt(median([a['seconds'] for a in adds]))} ({fmt(median([a['open_s'] for a in adds]), 2)} / "
+             f"{fmt(median([a['commit_s'] for a in adds]), 2)} / {fmt(median([a['finish_s'] for a in adds]), 2)})") if adds else "–",
             fmt(statistics.mean(a["bytes_written"] for a in adds) / MB) if adds else "–",
             f"{fmt(rerun.get('finish_s'))} / {rerun.get('finish_bytes', '–')}" if rerun else "–",
             fmt(rerun.get("known_s")),
             fmt(per_10k),
             fmt(rd.get("load_MBps")) if "load_MBps" in rd else ("skipped" if rd else "–"),
             fmt(rd.get("stream_MBps")),
+            fmt(rd.get("raw_stream_MBps")),
             fmt(rd["chunk_warm_s"] * 1000) if "chunk_warm_s" in rd else "–",
             head_cell,
             fmt(hd.get("seconds_per_pass")),
@@ -426,9 +448,10 @@ def plot(results: dict, target: Path) -> None:
     series(left, [e["unchanged"]["finish_s"] for e in sizes], "unchanged finish (no-op)", "s-")
     series(left, [e["unchanged"]["known_s"] for e in sizes], "known(): every hash", "^-")
     series(left, [e["reads"].get("load_s") for e in sizes], "load() every row", "v-")
-    series(left, [e["reads"].get("stream_s") for e in sizes], "streamed pass, 16k chunks", "D-")
+    series(left, [e["reads"].get("stream_s") for e in sizes], "read_rows_at pass, 16k chunks", "D-")
+    series(left, [e["reads"].get("raw_stream_s") for e in sizes], "same chunks, h5py on the index", "d--")
     series(left, [e["reads"].get("chunk_warm_s") for e in sizes], "one 16k chunk (warm)", "x--")
-    series(left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg: one pass", "P-")
+    series(left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg head: one pass over the rows", "P-")
     lo, hi = left.get_ylim()
     anchor = min(v for v in [e["reads"].get("stream_s") or e["unchanged"]["known_s"] for e in sizes])
     left.plot(n, anchor * n / n[0], ":", color="grey", label="O(n) reference")
@@ -472,12 +495,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="cache/bench-scale", help="results.json and the synthetic stores go here")
     parser.add_argument("--plot", default="docs/bench-scale.png", help="the PNG plot ('' for none)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic stores")
+    parser.add_argument("--report", metavar="RESULTS_JSON", default=None,
+                        help="print the table and draw the plot of an earlier run's results.json, measuring nothing")
     parser.add_argument("--head-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--head", default="logreg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.head_worker:
         head_worker(args)
+        return 0
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        report(results, Path(args.plot) if args.plot else None)
         return 0
     global WRITE_COUNTER
     out = Path(args.out)
@@ -551,17 +580,23 @@ def main(argv=None) -> int:
         save()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nStore growth, {args.dim} float32 features per row; bytes counted by /proc/self/io {WRITE_COUNTER}.\n")
+    report(results, plot_path)
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def report(results: dict, plot_path: Path | None) -> None:
+    print(f"\nStore growth, {results['dim']} float32 features per row; bytes counted by /proc/self/io "
+          f"{results['write_counter']}.\n")
     print(table(results))
-    fs = results["file_system"]
-    print(f"\nFile-system part of a rerun: {fs['files']} unchanged tiny PNGs in {fs['rerun_s']:.3f} s "
-          f"= {fs['rerun_per_10k_s']:.2f} s per 10k images (in process; the CLI, start-up included: "
-          f"{fmt(fs['cli_rerun_s'])} s).")
+    fs = results.get("file_system")
+    if fs:
+        print(f"\nFile-system part of a rerun: {fs['files']} unchanged tiny PNGs in {fs['rerun_s']:.3f} s "
+              f"= {fs['rerun_per_10k_s']:.2f} s per 10k images (in process; the CLI, start-up included: "
+              f"{fmt(fs['cli_rerun_s'])} s).")
     if plot_path:
         plot(results, plot_path)
         print(f"plot: {plot_path}")
-    print(f"results: {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":
