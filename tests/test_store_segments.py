@@ -268,6 +268,7 @@ def test_a_snapshot_keeps_reading_the_right_rows_while_a_writer_merges(tmp_path)
     snapshot = store.snapshot()
     want = np.concatenate([rows(6, 0)[1], rows(3, 6)[1]])
     np.testing.assert_array_equal(snapshot.read_rows_at([8, 0]), want[[8, 0]])
+    np.testing.assert_array_equal(snapshot.read_rows_at(np.arange(2, 9)), want[2:9])  # a chunk in store order
     add(store, 20, 9)  # merges every small segment into a new one: the snapshot's files are gone
     assert not any(p.exists() for p in (s.path for s in snapshot._plan.sources))
     np.testing.assert_array_equal(snapshot.read_rows_at([8, 0, 3]), want[[8, 0, 3]])

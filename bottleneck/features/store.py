@@ -40,7 +40,7 @@ from typing import Callable, Iterator, TypeVar
 import h5py
 import numpy as np
 
-from bottleneck.errors import CacheError
+from bottleneck.errors import CacheError, disk_full, is_disk_full
 
 T = TypeVar("T")
 FORMAT_VERSION = 2
@@ -114,7 +114,7 @@ def _is_lock_failure(exc: OSError) -> bool:
     return "unable to lock file" in str(exc).lower()
 
 
-def _write_atomically(target: Path, write: Callable[[h5py.File], None]) -> None:
+def _write_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -128,6 +128,10 @@ def _write_atomically(target: Path, write: Callable[[h5py.File], None]) -> None:
         with open(tmp, "rb+") as raw:
             os.fsync(raw.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(target.parent, needed_bytes) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -175,6 +179,11 @@ def _write_rows(handle: h5py.File, hashes: list[str], features: np.ndarray, path
     handle.create_dataset("features", data=_as_stored(features, dtype))
     handle.create_dataset("content_hash", data=np.array(hashes, dtype=_HASH_DTYPE))
     handle.create_dataset("source_path", data=_string_array(paths), dtype=h5py.string_dtype())
+
+
+def _is_run(values: np.ndarray) -> bool:
+    """Consecutive increasing integers (a, a+1, ..., b)."""
+    return values.size > 0 and int(values[-1]) - int(values[0]) == values.size - 1 and bool(np.all(np.diff(values) == 1))
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -242,6 +251,7 @@ class FeatureStore:
         self.parts_dir = self.cache_dir / f"{fingerprint}.parts"
         self.segments_dir = self.cache_dir / f"{fingerprint}.segments"
         self.lock_path = self.cache_dir / f"{fingerprint}.lock"
+        self._contents_cache: dict[Path, tuple[tuple[int, int, int], tuple[dict, list[str], list[Failure]]]] = {}
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -304,7 +314,7 @@ class FeatureStore:
             _write_failures(handle, list(failures))
             handle.attrs["dtype"] = dtype
 
-        _write_atomically(target, write)
+        _write_atomically(target, write, features.nbytes)
         return target
 
     # ---- reading -----------------------------------------------------------------------------
@@ -356,29 +366,58 @@ class FeatureStore:
         listing.extend((path, "part", False) for path in self.part_files())
         return listing, plan
 
+    def _file_contents(self, path: Path) -> tuple[dict, list[str], list[Failure]]:
+        """(attributes, row hashes, failures) of one file; remembered while the file is unchanged.
+
+        Segments are written once, so a writer that plans the store again at its end (or a reader
+        that plans it for every read) decodes each segment's hashes once, not every time.
+        """
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+        cached = self._contents_cache.get(path)
+        if cached is not None and stamp is not None and cached[0] == stamp:
+            return cached[1]
+        with self._open(path) as handle:
+            attrs = dict(handle.attrs)
+            file_hashes = _read_hashes(handle)
+            if handle["features"].shape != (len(file_hashes), self.feature_dim):
+                raise ValueError(f"features of shape {handle['features'].shape} for {len(file_hashes)} rows")
+            contents = (attrs, file_hashes, _read_failures(handle))
+        if stamp is not None and path != self.path:  # the index file is replaced, not kept: never cached
+            self._contents_cache[path] = (stamp, contents)
+        return contents
+
     def _plan(self, tolerate_missing: bool = False) -> _Plan:
         """Which rows of which files make up the store, de-duplicated by content hash (first wins)."""
         listing, plan = self._listing(tolerate_missing)
         failures: dict[str, Failure] = {}
         for path, kind, indexed in listing:
             try:
-                with self._open(path) as handle:
-                    plan.attrs = plan.attrs or dict(handle.attrs)
-                    file_hashes = _read_hashes(handle)
-                    if handle["features"].shape != (len(file_hashes), self.feature_dim):
-                        raise ValueError(f"features of shape {handle['features'].shape} for {len(file_hashes)} rows")
-                    file_failures = _read_failures(handle)
+                attrs, file_hashes, file_failures = self._file_contents(path)
+                plan.attrs = plan.attrs or attrs
             except (KeyError, ValueError, UnicodeDecodeError, CacheError) as exc:
                 if kind == "part" or (kind == "segment" and not indexed):
                     continue  # cut short by a killed run: the next writer drops it and its rows are computed again
                 raise CacheError(f"the feature store {self.path.name} is damaged ({path.name}: {_reason(exc)}); "
                                  f"delete {self.path.name} and {self.segments_dir.name}/ to rebuild it") from None
-            keep = [i for i, h in enumerate(file_hashes) if h not in plan.seen]
-            kept = [file_hashes[i] for i in keep]
-            plan.sources.append(_Source(path, kind, len(file_hashes), np.array(keep, dtype=np.int64), kept,
-                                        file_failures, indexed))
+            before = len(plan.seen)
+            plan.seen.update(file_hashes)
+            if len(plan.seen) - before == len(file_hashes):  # the common case, no duplicate: at C speed
+                keep, kept = np.arange(len(file_hashes), dtype=np.int64), file_hashes
+            else:
+                plan.seen.difference_update(file_hashes)
+                plan.seen.update(plan.hashes)  # undo, then keep the first of every content
+                chosen: list[int] = []
+                for i, h in enumerate(file_hashes):
+                    if h not in plan.seen:
+                        plan.seen.add(h)
+                        chosen.append(i)
+                keep, kept = np.array(chosen, dtype=np.int64), [file_hashes[i] for i in chosen]
+            plan.sources.append(_Source(path, kind, len(file_hashes), keep, kept, file_failures, indexed))
             plan.hashes.extend(kept)
-            plan.seen.update(kept)
             for failure in file_failures:
                 failures[failure.key] = failure
         plan.failures = [f for f in failures.values() if f.content_hash not in plan.seen]
@@ -456,6 +495,13 @@ class FeatureStore:
             inside = np.flatnonzero((rows >= start) & (rows < start + source.keep.size))
             if inside.size:
                 file_rows = source.keep[rows[inside] - start]
+                first = int(file_rows[0])
+                if _is_run(inside) and _is_run(file_rows):  # a chunk in store order: straight into place
+                    with self._open(source.path) as handle:
+                        handle["features"].read_direct(features, source_sel=np.s_[first : first + inside.size],
+                                                       dest_sel=np.s_[int(inside[0]) : int(inside[0]) + inside.size])
+                    start += source.keep.size
+                    continue
                 order = np.argsort(file_rows, kind="stable")
                 unique_rows, inverse = np.unique(file_rows[order], return_inverse=True)
                 with self._open(source.path) as handle:
@@ -664,7 +710,7 @@ class StoreWriter:
             _write_failures(handle, failures)
 
         try:
-            _write_atomically(self.store.parts_dir / name, write)
+            _write_atomically(self.store.parts_dir / name, write, features.nbytes)
         except BaseException:
             with self._failures_lock:
                 self._pending_failures[:0] = failures
@@ -759,7 +805,7 @@ class StoreWriter:
             _write_failures(handle, failures)
             handle.attrs["dtype"] = self.dtype
 
-        _write_atomically(path, write)
+        _write_atomically(path, write, len(hashes) * self.store.feature_dim * np.dtype(self.dtype).itemsize)
         return _Source(path, "segment", len(hashes), np.arange(len(hashes), dtype=np.int64), hashes, failures)
 
     def _legacy_as_segment(self, source: _Source) -> _Source:
@@ -780,7 +826,7 @@ class StoreWriter:
         """The index: virtual `features` and `content_hash` over the segments' kept rows, atomically."""
         rows = sum(int(s.keep.size) for s in segments)
         dim = self.store.feature_dim
-        hashes = {h for s in segments for h in s.hashes}
+        hashes = plan.seen  # every content in the store: the segments hold exactly the plan's rows
         failures = {f.key: f for s in segments for f in s.failures}
         failures.update({f.key: f for f in plan.failures})
         attrs = self._merged_attrs(plan.attrs, extra)
