@@ -19,3 +19,35 @@ class BackboneError(BottleneckError):
 
 class StrictModeError(BottleneckError):
     """Some images failed and `--strict` asked for that to be an error."""
+
+
+class DiskFullError(CacheError):
+    """The disk filled up while writing; what was committed before is kept."""
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """ENOSPC, also as HDF5 and SQLite word it (they do not always set errno)."""
+    import errno
+
+    text = str(exc).lower()
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text or "errno = 28" in text \
+        or "disk is full" in text
+
+
+def disk_full(folder, needed_bytes: int | None = None) -> DiskFullError:
+    """'disk full at <folder>: N MB needed, M MB free', with what to do."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    needed = ""
+    if needed_bytes:
+        needed = f"{needed_bytes / 1e6:.1f} MB needed, " if needed_bytes >= 100_000 else f"{needed_bytes / 1e3:.1f} KB needed, "
+    return DiskFullError(f"disk full at {where}: {needed}{free}; what was committed is kept: free some space and "
+                         "run the same command again")

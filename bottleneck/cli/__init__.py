@@ -7,15 +7,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from bottleneck import __version__
 from bottleneck.cli import backbones, cache, compare, demo, export, features, fine_tune, predict, pretrain, report, train_head
 from bottleneck.cli.common import EXIT_USAGE, stderr
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, disk_full, is_disk_full
 
 #: In the order `--help` lists them.
 COMMANDS = (features, train_head, fine_tune, predict, export, report, pretrain, compare, cache, backbones, demo)
+
+
+#: What an interrupted command keeps (commands that write one folder or file atomically keep nothing half-done).
+INTERRUPTED = {
+    "features": "committed batches are kept, run the same command again to resume",
+    "predict": "features computed so far are cached, run the same command again to go on",
+    "fine-tune": "finished epochs are kept, run the same command again to resume",
+    "pretrain": "nothing was written",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        stderr("bottleneck: interrupted; committed batches are kept, run the same command again to resume")
+        stderr(f"bottleneck: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}")
         return 130
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        stderr(f"bottleneck: error: {disk_full(Path(exc.filename).parent if exc.filename else Path.cwd())}")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

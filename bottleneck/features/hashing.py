@@ -1,19 +1,23 @@
 """Content keys: the SHA-256 of a file's bytes, remembered by path, size, mtime and inode.
 
 The index is a small SQLite file in the cache folder, so a rerun over unchanged files reads no
-image at all. SQLite gives us atomic commits and safe concurrent use for free.
+image at all. SQLite gives us atomic commits and safe concurrent use for free. It is only a cache
+of hashes, so it never stops a run: a damaged index is rebuilt (with a line saying so), and where
+it cannot be written (a read-only cache, a full disk) hashes are kept in memory for this run.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
-from bottleneck.errors import CacheError
 
 INDEX_NAME = "file-hashes.sqlite"
 _CHUNK = 1 << 20
+_SCHEMA = "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
+_DAMAGED = ("file is not a database", "malformed", "database corrupt", "no such table", "no such column")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -41,21 +45,56 @@ class HashIndex:
 
     def __init__(self, cache_dir: str | os.PathLike):
         self.path = Path(cache_dir) / INDEX_NAME
-        try:
-            self._db = sqlite3.connect(self.path, timeout=60)
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER,"
-                " mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
-            )
-            self._db.commit()
-        except sqlite3.Error as exc:
-            raise CacheError(f"cannot use the hash index {self.path}: {exc}") from None
+        self.writable = True
+        self._db = self._connect()
         self._known: dict[str, tuple[int, int, int, str]] | None = None
         self._pending: list[tuple[str, int, int, int, str]] = []
 
+    def _connect(self) -> sqlite3.Connection:
+        db = None
+        try:
+            db = sqlite3.connect(self.path, timeout=60)
+            db.execute(_SCHEMA)
+            db.commit()
+            db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files LIMIT 1").fetchall()
+            return db
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            if _is_damaged(exc) and self._remove_damaged():
+                _say(f"the hash index {self.path} was damaged ({exc}); rebuilt it (it only caches file hashes)")
+                return self._connect()
+            return self._read_only_or_memory()
+
+    def _remove_damaged(self) -> bool:
+        try:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            return True
+        except OSError:
+            return False
+
+    def _read_only_or_memory(self) -> sqlite3.Connection:
+        """The cache cannot be written: read what the index holds, remember new hashes in memory only."""
+        self.writable = False
+        if self.path.exists():
+            try:
+                db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=60)
+                db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files LIMIT 1").fetchall()
+                return db
+            except sqlite3.Error:
+                pass
+        db = sqlite3.connect(":memory:")
+        db.execute(_SCHEMA)
+        return db
+
     def _load(self) -> dict[str, tuple[int, int, int, str]]:
         if self._known is None:
-            rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files")
+            try:
+                rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files").fetchall()
+            except sqlite3.Error as exc:  # damaged beyond its first page
+                _say(f"the hash index {self.path} could not be read ({exc}); files are hashed again")
+                rows = []
             self._known = {os.fsdecode(row[0]): tuple(row[1:]) for row in rows}
         return self._known
 
@@ -73,11 +112,15 @@ class HashIndex:
         self._pending.append((os.fsencode(path), *stamp, sha256))
 
     def flush(self) -> None:
-        """Write the queued hashes to disk."""
+        """Write the queued hashes to disk (where the disk takes them: they are only a cache)."""
         if not self._pending:
             return
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self._pending)
+        if self.writable:
+            try:
+                with self._db:
+                    self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self._pending)
+            except sqlite3.Error:  # read-only or full disk: this run keeps them in memory
+                self.writable = False
         self._pending.clear()
 
     def hash_file(self, path: str | os.PathLike) -> str:
@@ -93,4 +136,12 @@ class HashIndex:
     def close(self) -> None:
         self.flush()
         self._db.close()
+
+
+def _is_damaged(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and any(text in str(exc).lower() for text in _DAMAGED)
+
+
+def _say(message: str) -> None:
+    print(f"bottleneck: {message}", file=sys.stderr, flush=True)
 

@@ -147,9 +147,10 @@ class _Batcher:
         if not self.pixels:
             return
         if self.model is None:
-            detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
-            runtime = f", {self.runtime}" if self.runtime != "tensorflow" else ""
-            self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
+            if self.spec.kind != "pixels":  # the raw image: there is no network, no weights to load
+                detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
+                runtime = f", {self.runtime}" if self.runtime != "tensorflow" else ""
+                self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
             self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
         features = np.asarray(self.model(np.stack(self.pixels)))
         bad = non_finite_rows(features)

@@ -1,0 +1,100 @@
+"""Faults and hostile input: nothing wrong stored, nothing lost, one line and never a traceback."""
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from bottleneck.cli import main
+from bottleneck.features import hashing, store as store_module
+from bottleneck.features.hashing import INDEX_NAME, HashIndex
+from bottleneck.features.store import FeatureStore
+
+from .conftest import make_dataset
+
+PIXELS = ["--backbone", "pixels", "--image-size", "8"]
+
+
+@pytest.fixture
+def extracted(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    return data, cache
+
+
+def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(extracted, capsys):
+    data, cache = extracted
+    (cache / INDEX_NAME).write_bytes(b"this is not a database" * 100)
+    capsys.readouterr()
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["reused"] == 12
+    assert "hash index" in captured.err and "damaged" in captured.err and "rebuilt it" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_a_read_only_cache_still_trains(extracted, tmp_path, monkeypatch, capsys):
+    data, cache = extracted
+    real_connect = sqlite3.connect
+
+    def read_only(target, *args, **kwargs):
+        if str(target) == str(cache / INDEX_NAME):  # what a read-only folder or file gives
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return real_connect(target, *args, **kwargs)
+
+    monkeypatch.setattr(hashing.sqlite3, "connect", read_only)
+    index = HashIndex(cache)
+    assert not index.writable
+    index.close()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_committed(extracted, monkeypatch, capsys):
+    data, cache = extracted
+    [index_file] = cache.glob("*.h5")
+    fingerprint = index_file.stem
+    make_dataset(data, per_class=6, start=4)  # more images to compute
+    real_file = store_module.h5py.File
+
+    def full(path, mode="r", *args, **kwargs):
+        if mode == "w":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_file(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.h5py, "File", full)
+    capsys.readouterr()
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bottleneck: error: disk full at {cache / (fingerprint + '.parts')}: 12.3 KB needed, "), err  # one batch of 16 images
+    assert "MB free" in err and "run the same command again" in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.setattr(store_module.h5py, "File", real_file)
+    assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 12  # the old store is whole
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0  # room again: it finishes
+    assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 30
+
+
+@pytest.mark.parametrize("command", [["train-head", "--data", "D", "--cache", "C", "--runs", "R"], ["report", "--runs", "R"]])
+def test_ctrl_c_outside_extraction_does_not_talk_about_batches(command, tmp_path, monkeypatch, capsys):
+    from bottleneck.cli import report, train_head
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_head, "run", interrupted)
+    monkeypatch.setattr(report, "run", interrupted)
+    assert main([part.replace("D", str(tmp_path)).replace("C", str(tmp_path)).replace("R", str(tmp_path)) if len(part) == 1 else part
+                 for part in command]) == 130
+    assert capsys.readouterr().err.strip() == "bottleneck: interrupted; nothing was written"
+
+
+def test_the_pixels_backbone_does_not_claim_to_load_weights(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=2)
+    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *PIXELS, "--no-progress"]) == 0
+    assert "weights" not in capsys.readouterr().err
