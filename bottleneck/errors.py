@@ -1,4 +1,9 @@
 """The one family of user-facing errors. The CLI prints them as one line and exits with code 2."""
+import threading
+
+#: Set when the user pressed Ctrl-C (or sent SIGTERM). Python raises KeyboardInterrupt in the main thread,
+#: but a library that runs Python code inside C (a finalizer, a callback) can swallow it; long loops check this.
+INTERRUPTED = threading.Event()
 
 
 class BottleneckError(Exception):

@@ -13,7 +13,7 @@ number, written as segments of 50k rows with `FeatureStore.write_segment` and in
 - an unchanged rerun: a writer opened and finished with nothing new (should write 0 bytes),
   and `store.known()` / `store.index()` (every content hash: O(n));
 - feature reads: `store.load()` where the features fit the memory allowance, and a streamed
-  pass of `read_rows_at` over chunks of 16k rows, both after dropping the store's files from
+  pass over chunks of 16k rows through one `store.snapshot()` (as streamed heads read), both after dropping the store's files from
   the page cache (posix_fadvise DONTNEED: our files only), plus the warm latency of one chunk;
 - a logistic-regression head trained in a subprocess (peak RSS is its own ru_maxrss) on every
   row, held in memory or streamed from the store as `--max-memory` decides, for a capped number
@@ -249,8 +249,9 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
     drop_from_page_cache(store.files())
     t = time.perf_counter()
     chunks = 0
+    snapshot = store.snapshot()  # what a streamed head reads through: the layout is read once per pass
     for start in range(0, rows, CHUNK_ROWS):
-        block = store.read_rows_at(np.arange(start, min(rows, start + CHUNK_ROWS)))
+        block = snapshot.read_rows_at(np.arange(start, min(rows, start + CHUNK_ROWS)))
         chunks += 1
     seconds = time.perf_counter() - t
     del block
@@ -270,7 +271,7 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
     latency = []
     for _ in range(3):  # warm: the same chunk again, so this is the per-call overhead plus a memory copy
         t = time.perf_counter()
-        store.read_rows_at(np.arange(0, min(rows, CHUNK_ROWS)))
+        snapshot.read_rows_at(np.arange(0, min(rows, CHUNK_ROWS)))
         latency.append(time.perf_counter() - t)
     out["chunk_warm_s"] = median(latency)
     return out
@@ -310,7 +311,7 @@ def head_worker(args) -> None:
     params = {"max_iter": args.head_iters} if args.head == "logreg" else {"epochs": args.head_iters, "patience": 1000}
     model = make_head(args.head, random_state=SEED, **params)
     plan = plan_memory(n, args.dim, budget, 64 if args.head == "keras" else 0)
-    rows = FeatureRows(store=store, rows=np.arange(n), dim=args.dim, chunk_rows=plan.chunk_rows)
+    rows = FeatureRows(store=store.snapshot(), rows=np.arange(n), dim=args.dim, chunk_rows=plan.chunk_rows)
     t = time.perf_counter()
     if plan.streamed:
         read_s = 0.0
@@ -389,7 +390,7 @@ def table(results: dict) -> str:
     fs = results.get("file_system") or {}
     lines = [
         "| rows | store | add 1,000: s (open / commits / finish) | add 1,000: MB written | unchanged finish: s / bytes | known(): s "
-        "| rerun per 10k images: s | load(): MB/s | read_rows_at, 16k chunks: MB/s | same chunks, h5py: MB/s | one chunk: ms "
+        "| rerun per 10k images: s | load(): MB/s | snapshot, 16k chunks: MB/s | same chunks, h5py: MB/s | one chunk: ms "
         "| head (logreg) | s per pass | peak RSS |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -448,7 +449,7 @@ def plot(results: dict, target: Path) -> None:
     series(left, [e["unchanged"]["finish_s"] for e in sizes], "unchanged finish (no-op)", "s-")
     series(left, [e["unchanged"]["known_s"] for e in sizes], "known(): every hash", "^-")
     series(left, [e["reads"].get("load_s") for e in sizes], "load() every row", "v-")
-    series(left, [e["reads"].get("stream_s") for e in sizes], "read_rows_at pass, 16k chunks", "D-")
+    series(left, [e["reads"].get("stream_s") for e in sizes], "snapshot pass, 16k chunks", "D-")
     series(left, [e["reads"].get("raw_stream_s") for e in sizes], "same chunks, h5py on the index", "d--")
     series(left, [e["reads"].get("chunk_warm_s") for e in sizes], "one 16k chunk (warm)", "x--")
     series(left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg head: one pass over the rows", "P-")

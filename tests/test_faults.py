@@ -98,3 +98,67 @@ def test_the_pixels_backbone_does_not_claim_to_load_weights(tmp_path, capsys):
     make_dataset(data, per_class=2)
     assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *PIXELS, "--no-progress"]) == 0
     assert "weights" not in capsys.readouterr().err
+
+
+def test_train_head_uses_features_a_killed_run_left_outside_the_index(extracted, tmp_path, capsys):
+    data, cache = extracted
+    [index_file] = cache.glob("*.h5")
+    index_file.unlink()  # as if killed after writing its segment, before the index
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]["train"] == 1.0
+
+
+def test_an_unreadable_image_is_left_out_of_training_and_counted(extracted, tmp_path, monkeypatch, capsys):
+    data, cache = extracted
+    victim = sorted((data / "red").iterdir())[0]
+    real_hash = HashIndex.hash_file
+
+    def no_permission(self, path):
+        if str(path) == str(victim.absolute()):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_hash(self, path)
+
+    monkeypatch.setattr(HashIndex, "hash_file", no_permission)
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
+
+
+def test_a_runs_folder_that_cannot_be_written_fails_before_training(extracted, tmp_path, capsys):
+    data, cache = extracted
+    blocker = tmp_path / "runs-file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bottleneck: error: cannot write run folders to --runs {blocker}: ") and len(err.splitlines()) == 1
+
+
+def test_a_run_folder_half_written_by_a_killed_run_is_cleared(extracted, tmp_path):
+    data, cache = extracted
+    runs = tmp_path / "runs"
+    (runs / ".20260101-000000-logreg-abcd.999999999.tmp").mkdir(parents=True)  # its process is long gone
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
+    assert [p.name.startswith(".") for p in runs.iterdir()] == [False]
+
+
+def test_sigterm_stops_features_like_ctrl_c_and_the_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=40)
+    command = [sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache), *PIXELS,
+               "--no-progress", "--batch-size", "1", "--workers", "1"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("*.parts/part-*.h5")):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "bottleneck: interrupted; committed batches are kept, run the same command again to resume"
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0

@@ -7,25 +7,48 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from bottleneck import __version__
 from bottleneck.cli import backbones, cache, compare, demo, export, features, fine_tune, predict, pretrain, report, train_head
 from bottleneck.cli.common import EXIT_USAGE, stderr
-from bottleneck.errors import BottleneckError, disk_full, is_disk_full
+from bottleneck.errors import INTERRUPTED, BottleneckError, disk_full, is_disk_full
 
 #: In the order `--help` lists them.
 COMMANDS = (features, train_head, fine_tune, predict, export, report, pretrain, compare, cache, backbones, demo)
 
 
 #: What an interrupted command keeps (commands that write one folder or file atomically keep nothing half-done).
-INTERRUPTED = {
+KEPT_WHEN_INTERRUPTED = {
     "features": "committed batches are kept, run the same command again to resume",
     "predict": "features computed so far are cached, run the same command again to go on",
     "fine-tune": "finished epochs are kept, run the same command again to resume",
     "pretrain": "nothing was written",
 }
+
+
+def _interrupt(signum, frame) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts():
+    """Ctrl-C and SIGTERM both stop a command the same way: KeyboardInterrupt, and a flag long loops check."""
+    import signal
+
+    INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(previous) -> None:
+    import signal
+
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bottleneck` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _catch_interrupts()
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        if INTERRUPTED.is_set():  # a library swallowed the KeyboardInterrupt: still say so, and fail
+            raise KeyboardInterrupt
+        return code
     except BottleneckError as exc:
         stderr(f"bottleneck: error: {exc}")
         return EXIT_USAGE
@@ -53,13 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        stderr(f"bottleneck: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}")
+        stderr(f"bottleneck: interrupted; {KEPT_WHEN_INTERRUPTED.get(args.command, 'nothing was written')}")
         return 130
     except OSError as exc:
         if not is_disk_full(exc):
             raise
         stderr(f"bottleneck: error: {disk_full(Path(exc.filename).parent if exc.filename else Path.cwd())}")
         return EXIT_USAGE
+    finally:
+        _restore(previous)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from bottleneck.features.store import FeatureStore, exclusive_lock
 
 
 
-def _fingerprints(cache: Path) -> list[str]:
+def fingerprints_in(cache: Path) -> list[str]:
     """Every store in `cache`: an index file, or segments and parts left by a first run that never finished."""
     names = {p.stem for p in cache.glob("*.h5") if not p.name.startswith(".")}
     names |= {p.name[: -len(suffix)] for suffix in (".segments", ".parts") for p in cache.glob("*" + suffix) if p.is_dir()}
@@ -36,7 +36,12 @@ def _feature_dim(cache: Path, fingerprint: str) -> int:
                 return int(handle["features"].shape[1])
         except (OSError, KeyError, IndexError):
             continue
-    raise CacheError(f"no readable file of the feature store {fingerprint} in {cache}")
+    raise CacheError(f"no readable file of the feature store {fingerprint} in {cache}; delete {fingerprint}.* to rebuild it")
+
+
+def store_of(cache: Path, fingerprint: str) -> FeatureStore:
+    """The store `fingerprint` of a cache folder, whatever state a run left it in."""
+    return FeatureStore(cache, fingerprint, _feature_dim(cache, fingerprint), {})
 
 
 def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[FeatureStore]:
@@ -45,11 +50,11 @@ def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[Fe
     if not cache.is_dir():
         raise CacheError(f"no cache folder at {cache}")
     wanted = list(only)
-    found = [fp for fp in _fingerprints(cache) if not wanted or any(fp.startswith(w) for w in wanted)]
+    found = [fp for fp in fingerprints_in(cache) if not wanted or any(fp.startswith(w) for w in wanted)]
     unmatched = [w for w in wanted if not any(fp.startswith(w) for fp in found)]
     if unmatched:
         raise CacheError(f"no feature store {unmatched[0]!r} in {cache} (`bottleneck cache info --cache {cache}` lists them)")
-    return [FeatureStore(cache, fp, _feature_dim(cache, fp), {}) for fp in found]
+    return [store_of(cache, fp) for fp in found]
 
 
 def store_info(store: FeatureStore) -> dict:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import h5py
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
@@ -153,40 +152,38 @@ class LabelledFeatures:
         return self.rows.array
 
 
-def _stores_in(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.glob("*.h5") if not p.name.startswith("."))
-
-
-def _store_from_file(path: Path) -> FeatureStore:
-    try:
-        with h5py.File(path, "r") as handle:
-            fingerprint = str(handle.attrs["fingerprint"])
-            dim = int(handle.attrs["feature_dim"])
-    except (OSError, KeyError) as exc:
-        raise CacheError(f"{path} is not a bottleneck feature store ({exc})") from None
-    return FeatureStore(path.parent, fingerprint, dim, {})
-
-
 def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: HashIndex | None = None) -> FeatureStore:
-    """The store for `spec` in the cache, or the only store there when `spec` is None."""
+    """The store for `spec` in the cache, or the only store there when `spec` is None.
+
+    A store counts as soon as a run committed anything to it, even if that run was killed before
+    it brought its parts into the index: its features are used as `features` itself would.
+    """
+    from bottleneck.features.maintenance import fingerprints_in, store_of
+
     cache = Path(cache_dir)
-    stores = _stores_in(cache) if cache.is_dir() else []
-    if not stores:
+    found = fingerprints_in(cache) if cache.is_dir() else []
+    if not found:
         raise CacheError(f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first")
     if spec is None:
-        if len(stores) > 1:
-            names = ", ".join(p.stem for p in stores)
-            raise CacheError(f"{cache} holds {len(stores)} feature stores ({names}); pick one with --weights / --image-size")
-        return _store_from_file(stores[0])
+        if len(found) > 1:
+            raise CacheError(f"{cache} holds {len(found)} feature stores ({', '.join(found)}); pick one with the backbone "
+                             "flags (--backbone, --weights, --image-size)")
+        return store_of(cache, found[0])
     fingerprint = spec.fingerprint(index.hash_file if index else None)
-    wanted = cache / f"{fingerprint}.h5"
-    if not wanted.exists():
-        names = ", ".join(p.stem for p in stores)
+    if fingerprint not in found:
         raise CacheError(
             f"no features for backbone {fingerprint} in {cache}; it holds features of another backbone "
-            f"({names}): run `bottleneck features` with these backbone flags, or use the flags of that store"
+            f"({', '.join(found)}): run `bottleneck features` with these backbone flags, or use the flags of that store"
         )
-    return _store_from_file(wanted)
+    return store_of(cache, fingerprint)
+
+
+def _content_hash(index: HashIndex, path: Path) -> str:
+    """The file's content hash, or '' when it cannot be read (it then counts as failed, like in `features`)."""
+    try:
+        return index.hash_file(path)
+    except OSError:
+        return ""
 
 
 def load_labelled_features(
@@ -211,9 +208,7 @@ def load_labelled_features(
     index = HashIndex(cache) if cache.is_dir() else None
     try:
         store = find_store(cache, spec, index)
-        hashes = [index.hash_file(image.path) for image in discovery.images] if index else []
-    except OSError as exc:
-        raise DataError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        hashes = [_content_hash(index, image.path) for image in discovery.images]
     finally:
         if index:
             index.close()
@@ -224,7 +219,7 @@ def load_labelled_features(
     for image, content_hash in zip(discovery.images, hashes):
         if content_hash in rows:
             keep.append((image, rows[content_hash]))
-        elif content_hash in failed_hashes:
+        elif not content_hash or content_hash in failed_hashes:
             failed.append(image.relpath)
         else:
             missing.append(image.relpath)

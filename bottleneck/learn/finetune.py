@@ -339,13 +339,13 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
               on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
     """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent)."""
-    from bottleneck.learn.runs import PREDICTIONS_FILE, new_run_dir, versions, write_predictions_csv
+    from bottleneck.learn.runs import PREDICTIONS_FILE, new_run_dir, prepare_runs_dir, versions, write_predictions_csv
 
     tf, keras = import_tensorflow()
     run = load_run(run_dir)
     if run.spec.kind == "pixels" and not run.fine_tuned:
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
-    runs = Path(runs_dir) if runs_dir else run.folder.parent
+    runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training
     work = _WorkFolder(runs / f".fine-tune-{run.run_id}-{config.key()}")
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()

@@ -119,10 +119,43 @@ def _domain_sample(rows: FeatureRows, count: int, rng: np.random.Generator) -> n
     return rows.take(rng.choice(len(rows), count, replace=False))
 
 
+def prepare_runs_dir(runs_dir: str | os.PathLike) -> Path:
+    """Make sure run folders can be written to `runs_dir` (before any training), and clear what killed runs left."""
+    runs = Path(runs_dir)
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        probe = runs / f".write-test-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise DataError(f"cannot write run folders to --runs {runs}: {exc.strerror or exc}") from None
+    _remove_abandoned_staging(runs)
+    return runs
+
+
+def _remove_abandoned_staging(runs: Path) -> None:
+    """`.RUN.PID.tmp` folders whose process is gone: a run killed while writing its folder."""
+    for staging in runs.glob(".*.tmp"):
+        pid = staging.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if staging.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def new_run_dir(runs: Path, head: str) -> tuple[Path, Path]:
+    """(the final run folder, the staging folder to write it in and rename)."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{head}-{secrets.token_hex(2)}"
     final = runs / run_id
-    staging = runs / f".{run_id}.tmp"
+    staging = runs / f".{run_id}.{os.getpid()}.tmp"
     staging.mkdir(parents=True)
     return final, staging
 
@@ -150,6 +183,7 @@ def train_head(
     """
     make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
     budget = None if max_memory is None else parse_size(max_memory)
+    prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
                                   stream=stream, chunk_rows=chunk_rows)

@@ -25,6 +25,7 @@ from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
+from bottleneck.errors import INTERRUPTED
 from bottleneck.features.engines import NON_FINITE, non_finite_rows
 
 T = TypeVar("T")
@@ -223,6 +224,8 @@ class LocalEngine:
 
         try:
             for outcome in bounded_map(prepare, tally.todo, workers, ahead):
+                if INTERRUPTED.is_set():  # a KeyboardInterrupt some library swallowed
+                    raise KeyboardInterrupt
                 if outcome.stamp is not None and outcome.content_hash:
                     index.remember(str(outcome.image.path), outcome.stamp, outcome.content_hash)
                 if outcome.failure is not None:
