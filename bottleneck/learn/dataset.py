@@ -33,11 +33,19 @@ class FeatureRows:
     (duplicates allowed: two images with one content share a row). `chunks` reads spans of
     at most `chunk_rows` consecutive store rows (one contiguous read where the span is dense
     enough), so a pass over the data holds one chunk at a time.
+
+    Every chunk read from a store is checked as it is read: a row that is not finite (NaN or
+    infinity: bit rot in a segment file, since `features` never stores such rows) stops the read
+    with a one-line `CacheError` naming the store and the segment, rather than reaching
+    scikit-learn or Keras. Features read whole into memory are checked once, by
+    `load_labelled_features`, which leaves such images out (it reads them with `check_finite=False`).
     """
 
     def __init__(self, array: np.ndarray | None = None, *, store: StoreSnapshot | None = None,
-                 rows: np.ndarray | None = None, dim: int | None = None, chunk_rows: int = 4096):
+                 rows: np.ndarray | None = None, dim: int | None = None, chunk_rows: int = 4096,
+                 check_finite: bool = True):
         self.array = array
+        self.check_finite = check_finite
         self.store = store
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.dim = int(array.shape[1]) if array is not None else int(dim)
@@ -68,7 +76,8 @@ class FeatureRows:
             positions = np.flatnonzero(positions)
         if self.array is not None:
             return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
-        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows)
+        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows,
+                           check_finite=self.check_finite)
 
     def _groups_of(self, chunk_rows: int) -> list[np.ndarray]:
         """Positions grouped by spans of at most `chunk_rows` consecutive store rows, in store order."""
@@ -99,8 +108,14 @@ class FeatureRows:
         rows = self.rows[positions]
         first, last = int(rows.min()), int(rows.max())
         if len(rows) >= _DENSE_ENOUGH * (last - first + 1):  # one contiguous read beats a scattered one
-            return self._reader(np.arange(first, last + 1))[rows - first]
-        return self._reader(rows)
+            block = self._reader(np.arange(first, last + 1))[rows - first]
+        else:
+            block = self._reader(rows)
+        if self.check_finite:
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                raise CacheError(non_finite_message(self.store, rows[bad], "and a streamed read stops there"))
+        return block
 
     def chunks(self, chunk_rows: int | None = None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions, features) chunk by chunk; with `rng`, chunks and the rows in each come shuffled."""
@@ -135,6 +150,7 @@ class LabelledFeatures:
     attrs: dict
     missing: list[str] = field(default_factory=list)  # under DATA, not in the cache
     failed: list[str] = field(default_factory=list)  # extraction failed for these
+    non_finite: list[str] = field(default_factory=list)  # left out: their stored features are NaN or infinite
     memory: MemoryPlan | None = None
 
     @property
@@ -150,6 +166,42 @@ class LabelledFeatures:
                 f"budget ({human(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
                 f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory")
         return self.rows.array
+
+
+def _store_path(store) -> str:
+    """The path of a store or of a snapshot's store, for messages."""
+    path = getattr(store, "path", None) or getattr(getattr(store, "store", None), "path", None)
+    return str(path) if path is not None else "the feature store"
+
+
+def damaged_segments(store, rows: np.ndarray) -> list[str]:
+    """The files (segments or parts) that hold the given rows of a store snapshot, for messages; [] if unknown."""
+    plan = getattr(store, "_plan", None)
+    sources = getattr(plan, "sources", None)
+    if sources is None:
+        return []
+    translate = getattr(store, "_translate", None)
+    rows = np.asarray(rows, dtype=np.int64) if translate is None else translate[np.asarray(rows, dtype=np.int64)]
+    found, start = [], 0
+    for source in sources:
+        size = source.keep.size
+        if size and ((rows >= start) & (rows < start + size)).any():
+            found.append(str(source.path))
+        start += size
+    return found
+
+
+def non_finite_message(store, rows: np.ndarray, outcome: str, images: int | None = None) -> str:
+    """'N images have non-finite features ... in STORE (bit rot?) OUTCOME: delete SEGMENT and ...'."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    segments = damaged_segments(store, rows)
+    count = len(rows) if images is None else images
+    fix = (f"delete the damaged segment {segments[0]}" if len(segments) == 1
+           else f"delete the damaged segments {', '.join(segments)}" if segments
+           else "run `bottleneck cache info` to list its segments and delete the damaged one")
+    return (f"{count} image{'s' if count != 1 else ''} ha{'ve' if count != 1 else 's'} non-finite features (NaN or infinity) "
+            f"in the feature store {_store_path(store)} (bit rot?) {outcome}: {fix}, then run `bottleneck features` "
+            "again to recompute them")
 
 
 def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: HashIndex | None = None) -> FeatureStore:
@@ -240,8 +292,22 @@ def load_labelled_features(
     dim = store.feature_dim
     memory = plan_memory(len(order), dim, max_memory, batch_size, stream, chunk_rows)
     features = FeatureRows(store=contents, rows=order, dim=dim, chunk_rows=memory.chunk_rows)
+    non_finite: list[str] = []
     if not memory.streamed:
-        features = FeatureRows(features.materialise(), chunk_rows=memory.chunk_rows)
+        features.check_finite = False  # checked here, once, to leave the damaged rows out
+        array = features.materialise()
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            non_finite = [keep[i][0].relpath for i in bad]
+            if not finite.any():
+                raise CacheError(non_finite_message(contents, order[bad], "and no image under "
+                                                    f"{discovery.root} is left to use", images=len(bad)))
+            log("warning: " + non_finite_message(contents, order[bad], "and are left out" if len(bad) > 1
+                                                 else "and is left out", images=len(bad)))
+            keep = [item for item, ok in zip(keep, finite) if ok]
+            array = array[finite]
+        features = FeatureRows(array, chunk_rows=memory.chunk_rows)
     return LabelledFeatures(
         relpaths=[image.relpath for image, _ in keep],
         labels=[image.label for image, _ in keep],
@@ -251,4 +317,5 @@ def load_labelled_features(
         attrs=attrs,
         missing=missing,
         failed=failed,
+        non_finite=non_finite,
     )

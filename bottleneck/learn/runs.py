@@ -220,7 +220,8 @@ def train_on_features(
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
     metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
-                     "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing)},
+                     "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
+                                  "non_finite": len(data.non_finite)},
                      "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
     if data.memory:
         metrics["training"] = dict(data.memory.record(), solver=getattr(model, "solver_", None))
