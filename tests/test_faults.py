@@ -142,7 +142,8 @@ def test_a_run_folder_half_written_by_a_killed_run_is_cleared(extracted, tmp_pat
     assert [p.name.startswith(".") for p in runs.iterdir()] == [False]
 
 
-def test_sigterm_stops_features_like_ctrl_c_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_features_and_the_rerun_resumes(tmp_path, stop, capsys):
     import signal
     import subprocess
     import sys
@@ -157,8 +158,13 @@ def test_sigterm_stops_features_like_ctrl_c_and_the_rerun_resumes(tmp_path):
     while not list(cache.glob("*.parts/part-*.h5")):
         assert run.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(getattr(signal, stop))
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "bottleneck: interrupted; committed batches are kept, run the same command again to resume"
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    committed = len(FeatureStore(cache, next(cache.glob("*.parts")).name[: -len(".parts")], 192, {}).load().content_hash)
+    assert 1 <= committed < 120
+    capsys.readouterr()
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["computed"], summary["reused"]) == (120 - committed, committed)
