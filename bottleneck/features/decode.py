@@ -19,6 +19,31 @@ from bottleneck.errors import BottleneckError
 #: Twice Pillow's own warning threshold: about 179 megapixels, more than any camera makes.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
+#: No image Pillow decodes for us stores more than 8 bytes a pixel uncompressed (16-bit RGBA); with room
+#: for metadata, embedded previews and further frames, a file larger than `max_file_bytes` cannot be an
+#: image within --max-pixels, and is refused before it is read (a 64 GB file would not fit in memory).
+MAX_BYTES_PER_PIXEL = 8
+FILE_SLACK_BYTES = 256 * 2**20
+
+
+def max_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The largest file read as an image: 8 bytes a pixel of `max_pixels`, plus 256 MiB (1.6 GiB by default)."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + FILE_SLACK_BYTES
+
+
+def too_large(size_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """The one-line reason a file of `size_bytes` is refused unread, or None if it may be read."""
+    limit = max_file_bytes(max_pixels)
+    if size_bytes <= limit:
+        return None
+    return (f"file of {_gib(size_bytes)} is larger than any image bottleneck decodes (limit {_gib(limit)}: "
+            f"8 bytes a pixel of --max-pixels {max_pixels:,}, plus 256 MiB); not read")
+
+
+def _gib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
+
+
 #: Part of every backbone fingerprint: bump when decoding changes the pixels it produces. Pillow's major
 #: version is in it because resampling changes between majors (Pillow 13 reordered the bilinear passes,
 #: moving pixels by one level): a store is never extended with features of other pixels.

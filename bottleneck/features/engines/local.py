@@ -20,7 +20,7 @@ import numpy as np
 
 from bottleneck.backbones.build import get_feature_model
 from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.features.decode import ImageDecodeError, decode_image
+from bottleneck.features.decode import ImageDecodeError, decode_image, too_large
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
@@ -64,9 +64,15 @@ def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, 
     try:
         with open(path, "rb") as handle:
             st = os.fstat(handle.fileno())
+            refused = too_large(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
+            if refused:
+                return Outcome(image, failure=Failure(path, "", refused))
             data = handle.read()
     except OSError as exc:
         return Outcome(image, failure=Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
+    except MemoryError:
+        return Outcome(image, failure=Failure(path, "", f"cannot read file: {st.st_size / 2**20:.1f} MiB do not fit in "
+                                                        "memory now"))
     outcome = Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=(st.st_size, st.st_mtime_ns, st.st_ino))
     if outcome.content_hash in known.known_hashes:
         outcome.known = True
