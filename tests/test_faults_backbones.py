@@ -26,3 +26,31 @@ def test_a_64_gb_file_in_data_is_refused_unread_as_a_failure_of_that_file(tmp_pa
     assert "Traceback" not in captured.err
     [line] = [line for line in captured.err.splitlines() if "huge.png" in line]
     assert "file of 64.0 GiB is larger than any image bottleneck decodes (limit 1.6 GiB" in line
+
+
+def _tiny_model_file(path, *input_shapes):
+    import keras
+
+    inputs = [keras.Input(shape, name=f"image_{i}") for i, shape in enumerate(input_shapes)]
+    x = inputs[0] if len(inputs) == 1 else keras.layers.Concatenate(name="join")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x)).save(path)
+    return path
+
+
+def test_a_model_file_whose_input_is_not_rgb_is_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=1)
+    gray = _tiny_model_file(tmp_path / "gray.keras", (16, 16, 1))
+    two = _tiny_model_file(tmp_path / "two.keras", (16, 16, 3), (16, 16, 3))
+    for model, expected in [(gray, f"bottleneck: error: {gray} takes 1-channel input; a backbone must take RGB "
+                                   "(3-channel) images"),
+                            (two, f"bottleneck: error: {two} takes 2 inputs; a backbone must take one RGB (3-channel) "
+                                  "image input")]:
+        capsys.readouterr()
+        code = main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", str(model),
+                     "--layer", "gap", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2
+        [line] = err.strip().splitlines()
+        assert line.startswith(expected)

@@ -175,6 +175,12 @@ def build_file_backbone(spec: BackboneSpec):
         full = keras.saving.load_model(spec.architecture, compile=False, safe_mode=True)
     except Exception as exc:
         raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({_first_line(exc)})") from None
+    inputs = list(full.inputs)
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    if len(shape) != 4 or shape[-1] != 3:
+        what = f"{len(inputs)} inputs" if len(inputs) != 1 else f"input of shape {shape[1:]}"
+        raise BackboneError(f"{spec.architecture} takes {what}; a backbone must take one RGB (3-channel) image "
+                            "input: save a model whose Input has shape (height, width, 3)")
     output = full.get_layer(spec.layer).output
     if len(output.shape) == 4:
         output = keras.layers.GlobalAveragePooling2D(name="bottleneck_pool")(output)

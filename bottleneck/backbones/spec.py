@@ -86,7 +86,10 @@ class BackboneSpec:
             raise BackboneError(f"--layer is needed with a model file; layers of {self.architecture}: "
                                 f"{', '.join(info.layer_names[-5:])}")
         info.check_layer(self.layer)
-        height, width, _ = info.input_shape
+        height, width, channels = info.input_shape
+        if channels is not None and channels != 3:
+            raise BackboneError(f"{self.architecture} takes {channels}-channel input; a backbone must take RGB "
+                                "(3-channel) images: save a model whose Input has shape (height, width, 3)")
         if height and width and height != width:
             raise BackboneError(f"{self.architecture} takes {height}x{width} images; only square inputs are supported")
         if height and self.image_size and self.image_size != height:
