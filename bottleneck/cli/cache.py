@@ -5,7 +5,7 @@ import argparse
 import json
 import time
 
-from bottleneck.cli.common import stderr
+from bottleneck.cli.common import LOCK_TIMEOUT, stderr
 
 
 def _size(n: int) -> str:
@@ -74,16 +74,6 @@ def gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lock_timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds of at least 0, got {text}")
-    return value
-
-
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "cache",
@@ -105,8 +95,8 @@ def add_parser(commands) -> None:
         if name == "compact":
             action.add_argument("--dtype", choices=["float32", "float16"], default=None,
                                 help="also convert the rows (float16 halves the size; heads still compute in float32)")
-            action.add_argument("--lock-timeout", type=_lock_timeout, default=None, metavar="SECONDS",
-                                help="wait at most this long for a run writing the store (default: as long as it takes)")
+            action.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
+                                help="wait at most this long for a run writing the store, %(type)s (default: as long as it takes)")
         if name == "gc":
             action.add_argument("--runs", action="append", metavar="RUNS",
                                 help="also remove stores that no run in this folder uses (repeatable)")

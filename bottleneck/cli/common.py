@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 EXIT_USAGE = 2
@@ -11,14 +12,106 @@ def stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def positive_int(text: str) -> int:
+class Bounded:
+    """An argparse `type=` for a number within bounds: refuses words, nan, infinities and values out of range.
+
+    `numeric = True` marks it for the test that feeds every numeric flag hostile values; `__name__` is the
+    range in words, so a flag's help says it with `%(type)s`. With `library_checks_low`, values under the low bound
+    and non-finite ones go on to the library, which refuses them in one line naming the flag (`bottleneck: error:
+    ...`, exit 2): for flags whose library check came first and whose message scripts may already match.
+    """
+
+    numeric = True
+
+    def __init__(self, kind: type, low: float | None, high: float | None, *, low_open: bool = False,
+                 high_open: bool = False, note: str = "", library_checks_low: bool = False) -> None:
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.note = kind, low, high, low_open, high_open, note
+        self.library_checks_low = library_checks_low
+        self.__name__ = self._range()
+
+    def _range(self) -> str:
+        if self.kind is int and self.low is not None and self.high is not None:
+            return f"{self.low} to {self.high}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'more than' if self.low_open else 'at least'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'less than' if self.high_open else 'at most'} {self.high:g}")
+        return " and ".join(parts) or "any finite number"
+
+    def accepts(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __call__(self, text: str):
+        what = "a whole number" if self.kind is int else "a number"
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what} ({self.__name__}), got {text!r}") from None
+        if self.library_checks_low and not (self.kind is float and value == math.inf) and \
+                not (self.high is not None and value > self.high):
+            return value  # nan, -inf and values under the low bound: the library refuses them in one line
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number ({self.__name__}), got {text!r}")
+        if not self.accepts(value):
+            scope = f"from {self.__name__}" if self.kind is int else self.__name__
+            raise argparse.ArgumentTypeError(f"expected {what} {scope}, got {text!r}"
+                                             + (f" ({self.note})" if self.note else ""))
+        return value
+
+    def __repr__(self) -> str:
+        return f"<{self.kind.__name__} {self.__name__}>"
+
+
+def bounded_int(low: int, high: int, note: str = "", library_checks_low: bool = False) -> Bounded:
+    """A whole number from `low` to `high` (both included)."""
+    return Bounded(int, low, high, note=note, library_checks_low=library_checks_low)
+
+
+def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 note: str = "", library_checks_low: bool = False) -> Bounded:
+    """A finite number (never nan or inf) within the bounds; `*_open` leaves a bound itself out."""
+    return Bounded(float, low, high, low_open=low_open, high_open=high_open, note=note,
+                   library_checks_low=library_checks_low)
+
+
+#: The most `--max-memory` may say: more is no budget at all (and '1e400' must not reach int()).
+MAX_MEMORY_LIMIT = 2**50
+
+
+def memory_budget(text: str | None) -> int | None:
+    """`--max-memory` in bytes ('512M', '2G', '1.5GB' or bytes, by `learn.memory.parse_size`), at most 1 PiB.
+
+    Parsed in the command (not by argparse) so a bad size is one line, `bottleneck: error: --max-memory ...`.
+    """
+    from bottleneck.learn.memory import MemoryBudgetError, parse_size
+
+    if text is None:
+        return None
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
+        size = parse_size(text)
+    except (OverflowError, ValueError):  # '1e400': a float infinity
+        size = MAX_MEMORY_LIMIT + 1
+    if size > MAX_MEMORY_LIMIT:
+        raise MemoryBudgetError(f"--max-memory {text!r} is more than 1P (1 PiB); give a size such as 512M or 2G, "
+                                "or leave the flag out for a quarter of the available memory")
+    return size
+
+
+#: Shared bounds, so a flag means the same range in every command.
+BATCH_SIZE = bounded_int(1, 4096)
+WORKERS = bounded_int(1, 1024)
+EPOCHS = bounded_int(1, 100_000)
+PATIENCE = bounded_int(1, 100_000)
+SEED = bounded_int(0, 2**32 - 1)
+LEARNING_RATE = finite_float(0, 10, low_open=True)
+LOCK_TIMEOUT = finite_float(0, 10_000_000, note="seconds; leave the flag out to wait as long as it takes")
+#: Applications refuse more than 2048 (backbones/spec.py); a model file with a free input size would take any
+#: size and be killed by the kernel (100000 px asked for 24 GB): the same cap, checked before anything is built.
+IMAGE_SIZE = bounded_int(1, 2048, note="larger inputs do not fit in memory; `bottleneck backbones` lists each "
+                         "backbone's default and minimum")
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -40,8 +133,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
         help="'imagenet' (Keras downloads them once), 'none' (random, for tests), or a path to a "
         "no-top Keras weights file (.h5 or .weights.h5) (default: imagenet)",
     )
-    group.add_argument("--image-size", type=positive_int, default=None, metavar="N",
-                       help="square input size in pixels (default: the backbone's own, e.g. 299 for inception_v3; "
+    group.add_argument("--image-size", type=IMAGE_SIZE, default=None, metavar="N",
+                       help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
                        "`bottleneck backbones` lists each one's default and minimum)")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bottleneck.cli.common import add_backbone_arguments, positive_int, spec_from, stderr
+from bottleneck.cli.common import add_backbone_arguments, bounded_int, spec_from, stderr
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +37,7 @@ def add_parser(commands) -> None:
     parser.add_argument("data_b", metavar="DATA_B")
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     add_backbone_arguments(parser, optional=True)
-    parser.add_argument("--permutations", type=positive_int, default=200, help="permutations for the p-value (default: 200)")
+    parser.add_argument("--permutations", type=bounded_int(1, 100_000), default=200,
+                        help="permutations for the p-value, %(type)s (default: 200)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     parser.set_defaults(handler=run)

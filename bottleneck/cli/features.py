@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Callable
 
-from bottleneck.cli.common import add_backbone_arguments, positive_int, spec_from, stderr
+from bottleneck.cli.common import (BATCH_SIZE, LOCK_TIMEOUT, WORKERS, add_backbone_arguments, bounded_int, finite_float,
+                                   spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
 _FAILURES_SHOWN = 10
@@ -91,16 +92,16 @@ def add_parser(commands) -> None:
     features.add_argument("data", metavar="DATA", help="folder with one sub-folder of images per class")
     features.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     add_backbone_arguments(features)
-    features.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                          help=f"images per backbone call (default: {DEFAULT_BATCH_SIZE})")
-    features.add_argument("--workers", type=positive_int, default=None,
-                          help="local engine: decoding threads (default: one per CPU core); ray engine: actors, "
+    features.add_argument("--batch-size", type=BATCH_SIZE, default=DEFAULT_BATCH_SIZE,
+                          help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})")
+    features.add_argument("--workers", type=WORKERS, default=None,
+                          help="%(type)s; local engine: decoding threads (default: one per CPU core); ray engine: actors, "
                           "each loading the backbone once (default: one per machine, or per GPU group with "
                           "--gpus-per-worker)")
-    features.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                          help=f"refuse images with more pixels than this (default: {DEFAULT_MAX_PIXELS:,})")
-    features.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
-                          help="when another run writes the same store, wait at most this long "
+    features.add_argument("--max-pixels", type=bounded_int(1, 10**12), default=DEFAULT_MAX_PIXELS,
+                          help=f"refuse images with more pixels than this, %(type)s (default: {DEFAULT_MAX_PIXELS:,})")
+    features.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
+                          help="when another run writes the same store, wait at most this long, %(type)s "
                           "(default: wait until it finishes; 0: refuse at once)")
     features.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
                           help="run the backbone with TensorFlow (default) or OpenVINO (faster on CPUs; "
@@ -110,13 +111,13 @@ def add_parser(commands) -> None:
                         help="local: this process, batches committed as they go (default); ray: shards of "
                         "--shard-size images over a pool of Ray Data actors, on this machine or a cluster, each "
                         "written as one store segment, failed shards retried (pip install 'bottleneck[ray]')")
-    engine.add_argument("--shard-size", type=int, default=None, metavar="N",
-                        help=f"ray: images per shard (default: {DEFAULT_SHARD_SIZE})")
+    engine.add_argument("--shard-size", type=bounded_int(1, 1_000_000, library_checks_low=True), default=None, metavar="N",
+                        help=f"ray: images per shard, %(type)s (default: {DEFAULT_SHARD_SIZE})")
     engine.add_argument("--ray-address", default=None, metavar="ADDRESS",
                         help="ray: a running cluster (HOST:PORT, ray://HOST:PORT or auto); DATA and the cache "
                         "must be at the same paths on every node (default: start a local Ray instance)")
-    engine.add_argument("--gpus-per-worker", type=float, default=None, metavar="N",
-                        help="ray: GPUs each actor holds (default: none)")
+    engine.add_argument("--gpus-per-worker", type=finite_float(0, 1024), default=None, metavar="N",
+                        help="ray: GPUs each actor holds, %(type)s (default: none)")
     features.add_argument("--dtype", choices=["float32", "float16"], default=None,
                           help="how a new store keeps its features: float16 halves disk and reads (heads still compute "
                           "in float32); an existing store keeps its own (default: float32)")

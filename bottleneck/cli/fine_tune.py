@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import positive_int, print_split_scores, stderr
+from bottleneck.cli.common import BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, print_split_scores, stderr
 
 
 def _augmentations(text: str) -> tuple[str, ...]:
@@ -45,19 +45,20 @@ def add_parser(commands) -> None:
     parser.add_argument("--run", required=True, help="a run folder written by train-head (or fine-tune)")
     parser.add_argument("--runs", default=None, help="folder for the new run (default: beside the parent run)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--unfreeze", type=positive_int, default=None, metavar="N",
-                       help="unfreeze the top N backbone layers with weights (default: all; BatchNorm always stays frozen)")
+    which.add_argument("--unfreeze", type=bounded_int(1, 100_000), default=None, metavar="N",
+                       help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm always stays frozen)")
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="unfreeze LAYER and every layer above it")
     parser.add_argument("--gradual", action="store_true",
                         help="train the head alone for one epoch, then unfreeze one group of layers per epoch")
-    parser.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
-    parser.add_argument("--epochs", type=positive_int, default=10, help="most epochs (default: 10)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default: 16)")
-    parser.add_argument("--patience", type=positive_int, default=3,
-                        help="epochs without a better validation loss before stopping (default: 3)")
+    parser.add_argument("--learning-rate", type=finite_float(0, 10, low_open=True, library_checks_low=True), default=1e-5, help="Adam learning rate, %(type)s (default: 1e-5)")
+    parser.add_argument("--epochs", type=EPOCHS, default=10, help="most epochs, %(type)s (default: 10)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=16, help="batch size, %(type)s (default: 16)")
+    parser.add_argument("--patience", type=PATIENCE, default=3,
+                        help="epochs without a better validation loss before stopping, %(type)s (default: 3)")
     parser.add_argument("--augment", default="", metavar="LIST",
                         help="comma-separated seeded augmentations: flip, crop, brightness (default: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights' updates, order and augmentation (default: 0)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seed of the weights' updates, order and augmentation, %(type)s (default: 0)")
     parser.add_argument("--json", action="store_true",
                         help="print {run_dir, accuracy, parent_run} as the last line of stdout")
     parser.set_defaults(handler=run)

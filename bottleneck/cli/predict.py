@@ -6,7 +6,7 @@ import csv
 import json
 import sys
 
-from bottleneck.cli.common import positive_int, stderr
+from bottleneck.cli.common import BATCH_SIZE, LOCK_TIMEOUT, WORKERS, bounded_int, stderr
 
 
 def _table(predictions) -> str:
@@ -67,15 +67,15 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
     parser.add_argument("--run", required=True, help="a run folder written by train-head or fine-tune")
-    parser.add_argument("--top", type=positive_int, default=3, help="labels shown per image (default: 3)")
+    parser.add_argument("--top", type=bounded_int(1, 1000), default=3, help="labels shown per image, %(type)s (default: 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")
     parser.add_argument("--csv", default=None, metavar="FILE", help="write the predictions to a CSV file")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help=f"images per backbone call (default: {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: one per CPU core)")
-    parser.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
-                        help="wait at most this long for another run writing the same store (default: no limit)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)")
+    parser.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
+                        help="wait at most this long for another run writing the same store, %(type)s (default: no limit)")
     parser.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
                         help="run the backbone with TensorFlow (default) or OpenVINO")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

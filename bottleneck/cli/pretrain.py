@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bottleneck.cli.common import positive_int, stderr
+from bottleneck.cli.common import BATCH_SIZE, LEARNING_RATE, SEED, bounded_int, stderr
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,12 +30,15 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--data", required=True, help="source images, one sub-folder per class")
     parser.add_argument("--out", required=True, help="the .keras file to write")
-    parser.add_argument("--image-size", type=positive_int, default=32, help="square input size (default: 32)")
-    parser.add_argument("--blocks", type=positive_int, default=3, help="conv blocks (default: 3)")
-    parser.add_argument("--filters", type=positive_int, default=32, help="filters of the first block, doubled per block (default: 32)")
-    parser.add_argument("--epochs", type=int, default=30, help="most epochs; 0 saves the untrained network (default: 30)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training (default: 0)")
+    parser.add_argument("--image-size", type=bounded_int(8, 512), default=32, help="square input size, %(type)s (default: 32)")
+    parser.add_argument("--blocks", type=bounded_int(1, 6), default=3,
+                        help="conv blocks, %(type)s, each but the last halving the size (default: 3)")
+    parser.add_argument("--filters", type=bounded_int(1, 1024), default=32,
+                        help="filters of the first block, doubled per block, %(type)s (default: 32)")
+    parser.add_argument("--epochs", type=bounded_int(0, 100_000), default=30,
+                        help="most epochs, %(type)s; 0 saves the untrained network (default: 30)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=64, help="batch size, %(type)s (default: 64)")
+    parser.add_argument("--learning-rate", type=LEARNING_RATE, default=1e-3, help="Adam learning rate, %(type)s (default: 0.001)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the training, %(type)s (default: 0)")
     parser.add_argument("--split-file", default=None, help="train on the train rows (and stop early on the validation rows) of this split.csv")
     parser.set_defaults(handler=run)

@@ -5,17 +5,19 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import add_backbone_arguments, positive_int, print_split_scores, spec_from, stderr
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, SEED, add_backbone_arguments,
+                                   bounded_int, finite_float, memory_budget, print_split_scores, spec_from, stderr)
+
+#: --val-pct and --test-pct.
+PERCENT = finite_float(0, 100, high_open=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train a softmax head on the cached features of DATA and write a run folder."""
-    from bottleneck.learn.memory import parse_size
     from bottleneck.learn.runs import HeadConfig, train_head
     from bottleneck.learn.splits import SplitConfig
 
-    max_memory = None if args.max_memory is None else parse_size(args.max_memory)  # a bad size fails before any work
-
+    max_memory = memory_budget(args.max_memory)  # a bad size fails before any work
     head = HeadConfig(head=args.head, C=args.C, class_weight=args.class_weight, epochs=args.epochs,
                       learning_rate=args.learning_rate, dropout=args.dropout, batch_size=args.batch_size,
                       patience=args.patience)
@@ -55,21 +57,27 @@ def add_parser(commands) -> None:
     parser.add_argument("--head", choices=["logreg", "keras"], default="logreg", help="head type (default: logreg)")
     add_backbone_arguments(parser, optional=True)
     split = parser.add_argument_group("split")
-    split.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: 0)")
-    split.add_argument("--val-pct", type=float, default=10.0, help="validation percentage (default: 10)")
-    split.add_argument("--test-pct", type=float, default=10.0, help="test percentage (default: 10)")
+    split.add_argument("--seed", type=SEED, default=0, help="seed of the split and of training, %(type)s (default: 0)")
+    split.add_argument("--val-pct", type=PERCENT, default=10.0,
+                       help="validation percentage, %(type)s; with --test-pct, less than 100 (default: 10)")
+    split.add_argument("--test-pct", type=PERCENT, default=10.0,
+                       help="test percentage, %(type)s; with --val-pct, less than 100 (default: 10)")
     split.add_argument("--split-file", default=None, help="reuse a saved split.csv")
-    split.add_argument("--folds", type=positive_int, default=None, help="also k-fold cross-validate over train+validation")
+    split.add_argument("--folds", type=bounded_int(2, 1000), default=None,
+                       help="also k-fold cross-validate over train+validation, %(type)s and at most the training and "
+                       "validation images of the smallest class")
     head = parser.add_argument_group("head")
-    head.add_argument("--C", type=float, default=None, help="logreg: inverse regularisation strength (default: 1)")
+    head.add_argument("--C", type=finite_float(0, 1e6, low_open=True), default=None,
+                      help="logreg: inverse regularisation strength, %(type)s (default: 1)")
     head.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
-    head.add_argument("--epochs", type=positive_int, default=None, help="keras: most epochs (default: 200)")
-    head.add_argument("--learning-rate", type=float, default=None, help="keras: Adam learning rate (default: 0.001)")
-    head.add_argument("--dropout", type=float, default=None, help="keras: dropout on the features (default: 0)")
-    head.add_argument("--batch-size", type=positive_int, default=None, help="keras: batch size (default: 64)")
-    head.add_argument("--patience", type=positive_int, default=None, help="keras: early-stopping patience (default: 10)")
+    head.add_argument("--epochs", type=EPOCHS, default=None, help="keras: most epochs, %(type)s (default: 200)")
+    head.add_argument("--learning-rate", type=LEARNING_RATE, default=None, help="keras: Adam learning rate, %(type)s (default: 0.001)")
+    head.add_argument("--dropout", type=finite_float(0, 1, high_open=True), default=None,
+                      help="keras: dropout on the features, %(type)s (default: 0)")
+    head.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="keras: batch size, %(type)s (default: 64)")
+    head.add_argument("--patience", type=PATIENCE, default=None, help="keras: early-stopping patience, %(type)s (default: 10)")
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
-                        help="memory for features, e.g. 512M, 2G, 1.5GB or bytes (default: a quarter of the available "
+                        help="memory for features, e.g. 512M, 2G, 1.5GB or bytes, at most 1P (default: a quarter of the available "
                         "memory); larger feature sets are streamed from the store in chunks")
     parser.add_argument("--json", action="store_true",
                         help="print {run_dir, accuracy} as the last line of stdout (the summary goes to stderr)")

@@ -1,0 +1,144 @@
+"""Hostile values for every numeric flag (found by walking the parsers, so a new flag is covered without new
+code): one clear line, exit 2, never a traceback, no work started."""
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from bottleneck.cli import build_parser, main
+from bottleneck.cli.common import MAX_MEMORY_LIMIT
+
+HOSTILE = ("nan", "inf", "-inf", "NaN", "-1", "0", "1e400", "99999999999999999999", "abc", "", "1.5", "0x10")
+
+#: Flags typed as text but meaning a number, parsed by their command before any work.
+TEXT_NUMBERS = {("train-head", "--max-memory")}
+NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "BYTES", "PIXELS"}
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """(argv prefix, parser) for every leaf command, `cache info`, `cache compact` and `cache gc` included."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield prefix, parser
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, (*prefix, name))
+
+
+def _minimal_args(parser: argparse.ArgumentParser, skip: argparse.Action) -> list[str]:
+    """Dummy values for the required arguments, so the only thing wrong is the flag under test."""
+    argv = []
+    for action in parser._actions:
+        if action is skip or isinstance(action, argparse._SubParsersAction):
+            continue
+        if not action.option_strings and action.nargs not in ("*", "?"):
+            argv.append("x")
+        elif action.option_strings and action.required:
+            argv += [action.option_strings[0], "x"]
+    return argv
+
+
+def _numeric_flags():
+    for prefix, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and (action.type in (int, float) or getattr(action.type, "numeric", False)):
+                yield pytest.param(prefix, action.option_strings[0], id=" ".join([*prefix, action.option_strings[0]]))
+
+
+def _find(prefix, flag):
+    for found_prefix, parser in _commands(build_parser()):
+        if found_prefix == prefix:
+            return parser, next(a for a in parser._actions if flag in a.option_strings)
+    raise AssertionError(prefix)
+
+
+def test_the_walk_finds_every_command_and_the_known_numeric_flags():
+    found = {(" ".join(p), f) for p, f in (param.values for param in _numeric_flags())}
+    commands = {" ".join(p) for p, _ in _commands(build_parser())}
+    assert {"features", "train-head", "fine-tune", "predict", "export", "report", "pretrain", "compare", "cache info",
+            "cache compact", "cache gc", "backbones", "demo"} == commands
+    assert {("train-head", "--C"), ("train-head", "--seed"), ("train-head", "--folds"), ("train-head", "--dropout"),
+            ("train-head", "--learning-rate"), ("features", "--lock-timeout"), ("cache compact", "--lock-timeout"),
+            ("features", "--batch-size"), ("features", "--image-size"), ("features", "--gpus-per-worker"),
+            ("predict", "--top"), ("compare", "--permutations"), ("pretrain", "--epochs"), ("demo", "--labelled")} <= found
+
+
+def test_every_numeric_flag_is_bounded_and_its_help_says_the_bounds():
+    for prefix, parser in _commands(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            flag = " ".join([*prefix, *action.option_strings[:1]])
+            assert action.type not in (int, float), f"{flag} takes any {action.type.__name__}: use bounded_int or finite_float"
+            if action.type is not None and action.type is not str:
+                assert getattr(action.type, "numeric", False), f"{flag}: an unmarked type {action.type!r}"
+                assert action.type.__name__ in text, f"{flag}: the help does not say {action.type.__name__!r}"
+            elif action.option_strings and action.metavar in NUMBER_METAVARS:
+                assert (" ".join(prefix), action.option_strings[0]) in TEXT_NUMBERS, f"{flag} looks numeric, has no type"
+
+
+@pytest.mark.parametrize("prefix, flag", list(_numeric_flags()))
+def test_hostile_values_are_refused_by_the_flag_before_any_work(prefix, flag, capsys):
+    """SystemExit comes from argparse: a command that started returns its code instead."""
+    parser, action = _find(prefix, flag)
+    refused = 0
+    for value in HOSTILE:
+        if value in ("-1", "0", "1.5", "0x10") and _valid(action.type, value):
+            continue  # e.g. --epochs 0 for pretrain saves the untrained network; --gpus-per-worker 1.5 is fine
+        try:
+            code = main([*prefix, *_minimal_args(parser, action), f"{flag}={value}"])
+        except SystemExit as caught:  # argparse: usage, then the one error line
+            err = capsys.readouterr().err
+            assert caught.code == 2, (flag, value)
+            last = err.strip().splitlines()[-1]
+            assert re.match(rf"^bottleneck( \S+)*: error: argument {re.escape(flag)}: expected ", last), (value, last)
+        else:  # left to the library's own check (`library_checks_low`): one line naming the flag, before any work
+            err = capsys.readouterr().err
+            assert action.type.library_checks_low and code == 2, (flag, value, err)
+            assert re.fullmatch(rf"bottleneck: error: {re.escape(flag)} must be .*", err.strip()), (value, err)
+        assert "Traceback" not in err
+        refused += 1
+    assert refused >= 8
+
+
+def _valid(kind, value: str) -> bool:
+    try:
+        kind(value)
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
+def test_the_bounds_read_well(capsys):
+    with pytest.raises(SystemExit):
+        main(["features", "data", "--backbone", "model.keras", "--layer", "x", "--image-size", "100000"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bottleneck features: error: argument --image-size: expected a whole number from 1 to 2048, got '100000' "
+        "(larger inputs do not fit in memory; `bottleneck backbones` lists each backbone's default and minimum)")
+    with pytest.raises(SystemExit):
+        main(["train-head", "--data", "x", "--learning-rate", "nan"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bottleneck train-head: error: argument --learning-rate: expected a finite number (more than 0 and at most 10), "
+        "got 'nan'")
+    with pytest.raises(SystemExit):
+        main(["cache", "compact", "--lock-timeout", "-5"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bottleneck cache compact: error: argument --lock-timeout: expected a number at least 0 and at most 1e+07, "
+        "got '-5' (seconds; leave the flag out to wait as long as it takes)")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1e400", "--max-memory '1e400' is more than 1P (1 PiB)"),
+    ("99999999999999999999", "--max-memory '99999999999999999999' is more than 1P"),
+    ("nan", "--max-memory 'nan' is not a size"), ("-1", "--max-memory '-1' is not a size"),
+    ("inf", "--max-memory 'inf' is not a size"), ("0", "--max-memory must be more than 0 bytes"),
+    ("abc", "--max-memory 'abc' is not a size"),
+])
+def test_max_memory_hostile_sizes_are_one_line(value, expected, tmp_path, capsys):
+    assert main(["train-head", "--data", str(tmp_path / "nothing"), "--runs", str(tmp_path / "runs"),
+                 "--max-memory", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bottleneck: error: {expected}") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+    assert MAX_MEMORY_LIMIT == 2**50
