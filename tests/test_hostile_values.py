@@ -1,14 +1,17 @@
 """Hostile values for every numeric flag (found by walking the parsers, so a new flag is covered without new
-code): one clear line, exit 2, never a traceback, no work started."""
+code), and hostile split files and class layouts: one clear line, exit 2, never a traceback, no work started."""
 from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
 from bottleneck.cli import build_parser, main
 from bottleneck.cli.common import MAX_MEMORY_LIMIT
+
+from .conftest import make_dataset
 
 HOSTILE = ("nan", "inf", "-inf", "NaN", "-1", "0", "1e400", "99999999999999999999", "abc", "", "1.5", "0x10")
 
@@ -142,3 +145,113 @@ def test_max_memory_hostile_sizes_are_one_line(value, expected, tmp_path, capsys
     assert err.startswith(f"bottleneck: error: {expected}") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before any work
     assert MAX_MEMORY_LIMIT == 2**50
+
+
+# Split files and classes, on features of the `pixels` backbone at 8x8.
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    data, cache = root / "data", root / "cache"
+    make_dataset(data, per_class=6, classes={"red": (200, 40, 40), "blue": (30, 60, 200)})
+    assert main(["features", str(data), "--cache", str(cache), "--backbone", "pixels", "--image-size", "8",
+                 "--no-progress"]) == 0
+    return data, cache
+
+
+def _train(extracted, tmp_path, *extra) -> tuple[int, str]:
+    data, cache = extracted
+    return main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"),
+                 "--val-pct", "20", "--test-pct", "20", *extra]), str(tmp_path / "runs")
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("bottleneck: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _no_run_written(runs: str) -> bool:
+    return not Path(runs).exists() or not any(p for p in Path(runs).iterdir() if not p.name.startswith("."))
+
+
+def _split_file(tmp_path, extracted, edit) -> Path:
+    data, _ = extracted
+    rows = [f"{p.parent.name}/{p.name},{p.parent.name},{'train' if i % 3 else 'test'}"
+            for i, p in enumerate(sorted(data.glob("*/*.png")))]
+    path = tmp_path / "split.csv"
+    path.write_text("\n".join(["path,label,split", *edit(rows)]) + "\n")
+    return path
+
+
+def test_split_file_with_a_short_row_names_file_and_line(extracted, tmp_path, capsys):
+    split = _split_file(tmp_path, extracted, lambda rows: [*rows[:3], rows[3].rsplit(",", 1)[0], *rows[4:]])
+    code, runs = _train(extracted, tmp_path, "--split-file", str(split))
+    assert code == 2 and _no_run_written(runs)
+    assert _one_line(capsys) == (f"bottleneck: error: split file {split}, line 5: 2 of the 3 columns path,label,split; "
+                                 "complete or delete that row")
+
+
+def test_split_file_with_unknown_split_names_the_first_line(extracted, tmp_path, capsys):
+    split = _split_file(tmp_path, extracted, lambda rows: [*rows[:2], rows[2].rsplit(",", 1)[0] + ",holdout",
+                                                           rows[3].rsplit(",", 1)[0] + ",", *rows[4:]])
+    code, runs = _train(extracted, tmp_path, "--split-file", str(split))
+    assert code == 2 and _no_run_written(runs)
+    assert _one_line(capsys) == (f"bottleneck: error: split file {split} has unknown split names: holdout, '' "
+                                 "(first on line 4; use train, validation, test)")
+
+
+def test_split_file_listing_a_path_twice_differently_is_refused(extracted, tmp_path, capsys):
+    split = _split_file(tmp_path, extracted, lambda rows: [*rows, rows[1].rsplit(",", 1)[0] + ",validation"])
+    code, _ = _train(extracted, tmp_path, "--split-file", str(split))
+    assert code == 2
+    assert re.fullmatch(rf"bottleneck: error: split file {re.escape(str(split))}, line 14: 'blue/blue_001.png' again, "
+                        r"with another label or split than on line 3; keep one of the two rows", _one_line(capsys))
+
+
+def test_split_file_label_contradicting_the_folders_is_refused(extracted, tmp_path, capsys):
+    def relabel(rows):
+        return [row.replace(",red,", ",blue,") if row.startswith("red/") and i % 2 else row for i, row in enumerate(rows)]
+
+    split = _split_file(tmp_path, extracted, relabel)
+    code, runs = _train(extracted, tmp_path, "--split-file", str(split))
+    assert code == 2 and _no_run_written(runs)
+    assert _one_line(capsys) == (
+        f"bottleneck: error: split file {split} labels 3 images other than their class folders do, first "
+        "red/red_001.png ('blue', folder 'red'); labels come from the folders: move the images or fix the label column")
+    good = _split_file(tmp_path, extracted, lambda rows: rows)
+    assert _train(extracted, tmp_path, "--split-file", str(good))[0] == 0  # the same file, labels right: trained
+
+
+def test_more_folds_than_the_smallest_class_is_refused_before_training(extracted, tmp_path, capsys):
+    code, runs = _train(extracted, tmp_path, "--folds", "9")
+    assert code == 2 and _no_run_written(runs)
+    assert re.fullmatch(r"bottleneck: error: --folds 9 is more than class '\w+' can fill: it has \d training and "
+                        r"validation images \(near-duplicates named _nohash_ count once\); use --folds \d or fewer, or "
+                        r"give that class more images", _one_line(capsys))
+    assert _train(extracted, tmp_path, "--folds", "2")[0] == 0
+
+
+def test_val_and_test_leaving_no_training_images_is_one_line(extracted, tmp_path, capsys):
+    code, runs = _train(extracted, tmp_path, "--val-pct", "60", "--test-pct", "40")
+    assert code == 2 and _no_run_written(runs)
+    assert "leave some training images; got 60 and 40" in _one_line(capsys)
+
+
+def test_only_one_class_with_usable_images_is_one_line(tmp_path, capsys):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=4, classes={"red": (200, 40, 40)})
+    (data / "blue").mkdir()
+    for i in range(3):
+        (data / "blue" / f"broken_{i}.png").write_bytes(b"not an image")
+    assert main(["features", str(data), "--cache", str(cache), "--backbone", "pixels", "--image-size", "8",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 2
+    assert _one_line(capsys) == (
+        "bottleneck: error: only class 'red' has images with features; the images of 1 other class ('blue') were left "
+        "out: failed extraction 3; a head needs at least 2 classes: fix or remove the failed images and run "
+        "`bottleneck features` again")
+    assert _no_run_written(str(tmp_path / "runs"))

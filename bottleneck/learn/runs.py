@@ -23,7 +23,8 @@ from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.learn.metrics import misclassified, split_metrics
-from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, assign_splits, read_split_csv, write_split_csv
+from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_key, read_split_csv,
+                                     write_split_csv)
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,36 @@ def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | N
     if split_file is None:
         return [drawn[p] for p in data.relpaths]
     saved = read_split_csv(split_file)
+    contradicted = [(p, saved[p][0], label) for p, label in items if p in saved and saved[p][0] != label]
+    if contradicted:
+        from bottleneck.features.store import printable
+
+        path, said, folder = contradicted[0]
+        raise DataError(
+            f"split file {split_file} labels {len(contradicted)} images other than their class folders do, first "
+            f"{printable(path)} ({printable(said)!r}, folder {printable(folder)!r}); labels come from the folders: "
+            "move the images or fix the label column")
     unknown = [p for p in data.relpaths if p not in saved]
     if unknown:
         log(f"warning: {len(unknown)} images are not in {split_file}; they get the split drawn for them")
     return [saved[p][1] if p in saved else drawn[p] for p in data.relpaths]
 
 
-def _check_classes(labels: list[str], splits: list[str], log: Callable[[str], None]) -> None:
+def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None) -> None:
+    """Refuse, before any training, what no head can learn from: one class, a class without training images,
+    more folds than the smallest class has images for."""
+    labels = data.labels
     counts = Counter(labels)
+    if len(counts) < 2:
+        left_out = {"failed extraction": data.failed, "not in the cache": data.missing,
+                    "damaged features": data.non_finite}
+        others = sorted({p.split("/", 1)[0] for paths in left_out.values() for p in paths if "/" in p} - set(counts))
+        why = (f"; the images of {len(others)} other class{'es' if len(others) > 1 else ''} "
+               f"({', '.join(repr(c) for c in others[:3])}{', ...' if len(others) > 3 else ''}) were left out: "
+               + ", ".join(f"{reason} {len(paths)}" for reason, paths in left_out.items() if paths) if others else "")
+        only = f"only class {next(iter(counts))!r} has images with features" if counts else "no image has features"
+        raise DataError(f"{only}{why}; a head needs at least 2 classes: fix or remove the failed images and run "
+                        "`bottleneck features` again")
     single = sorted(label for label, n in counts.items() if n < 2)
     if single:
         raise DataError(
@@ -84,6 +107,24 @@ def _check_classes(labels: list[str], splits: list[str], log: Callable[[str], No
     small = sorted(label for label, n in counts.items() if n < 3)
     if small:
         log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
+    if folds is not None:
+        _check_folds(data, splits, folds)
+
+
+def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
+    """K-fold needs each class in every fold: at least `folds` groups of training and validation images."""
+    if folds < 2:
+        raise DataError(f"--folds must be at least 2; got {folds}")
+    groups: dict[str, set[str]] = {}
+    for relpath, label, split in zip(data.relpaths, data.labels, splits):
+        if split != "test":
+            groups.setdefault(label, set()).add(group_key(relpath))
+    label, fewest = min(((label, len(keys)) for label, keys in groups.items()), key=lambda item: (item[1], item[0]))
+    if fewest < folds:
+        fix = f"use --folds {fewest}" + (" or fewer" if fewest > 2 else "") if fewest >= 2 else "leave --folds out"
+        raise DataError(f"--folds {folds} is more than class {label!r} can fill: it has {fewest} training and "
+                        f"validation image{'s' if fewest != 1 else ''} (near-duplicates named _nohash_ count once); "
+                        f"{fix}, or give that class more images")
 
 
 def _fit(model, rows: FeatureRows, y: np.ndarray, validation: tuple[FeatureRows, np.ndarray], chunk_rows: int) -> None:
@@ -207,7 +248,7 @@ def train_on_features(
     """Split, train, evaluate and write the run folder for features already matched to DATA."""
     model = make_head(head.head, random_state=split.seed, **head.params())
     splits = _splits_for(data, split, split_file, log)
-    _check_classes(data.labels, splits, log)
+    _check_classes(data, splits, log, folds)
     labels_all = np.array(data.labels)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
     X = data.rows

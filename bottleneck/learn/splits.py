@@ -124,16 +124,46 @@ def write_split_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
 
 
 def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
-    """Read a saved `split.csv` into {path: (label, split)}."""
+    """Read a saved `split.csv` into {path: (label, split)}; a short row, an unknown split name or a path listed
+    twice differently is refused with the file and line number."""
+    rows: dict[str, tuple[str, str]] = {}
+    where: dict[str, int] = {}
+    bad: dict[str, int] = {}
+    reader = None
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or not {"path", "label", "split"} <= set(header):
                 raise DataError(f"split file {path} needs the columns path,label,split")
-            rows = {row["path"]: (row["label"], row["split"]) for row in reader}
+            column = {name: header.index(name) for name in ("path", "label", "split")}
+            width = max(column.values()) + 1
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) < width:
+                    raise DataError(f"split file {path}, line {line}: {len(row)} of the {width} columns "
+                                    f"{','.join(header[:width])}; complete or delete that row")
+                relpath, label, split = (row[column[name]] for name in ("path", "label", "split"))
+                if split not in SPLITS:
+                    bad.setdefault(split, line)
+                if relpath in rows and rows[relpath] != (label, split):
+                    raise DataError(f"split file {path}, line {line}: {_shown(relpath)!r} again, with another label or split "
+                                    f"than on line {where[relpath]}; keep one of the two rows")
+                rows[relpath] = (label, split)
+                where.setdefault(relpath, line)
     except OSError as exc:
         raise DataError(f"cannot read split file {path}: {exc.strerror or exc}") from None
-    bad = sorted({split for _, split in rows.values()} - set(SPLITS))
+    except csv.Error as exc:
+        raise DataError(f"split file {path}, line {reader.line_num if reader else 1}: not CSV ({exc})") from None
     if bad:
-        raise DataError(f"split file {path} has unknown split names: {', '.join(bad)} (use train, validation, test)")
+        names = sorted(bad, key=bad.get)
+        raise DataError(f"split file {path} has unknown split names: {', '.join(_shown(n) if n else repr(n) for n in names)} "
+                        f"(first on line {bad[names[0]]}; use train, validation, test)")
     return rows
+
+
+def _shown(text: str) -> str:
+    """Text safe to print: bytes that are not UTF-8 (kept by surrogateescape) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
