@@ -10,7 +10,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the HTML report of a runs folder; print its tables as Markdown."""
     from bottleneck.inspect.report import write_report
 
-    path, markdown = write_report(args.runs, args.out)
+    path, markdown = write_report(args.runs, args.out, log=stderr)
     print(markdown, end="")
     stderr(f"report -> {path}")
     return 0

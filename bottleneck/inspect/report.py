@@ -10,10 +10,11 @@ import html
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from bottleneck.errors import DataError
+from bottleneck.errors import DataError, disk_full, is_disk_full
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112
@@ -21,12 +22,13 @@ _THUMBNAIL_SIDE = 112
 
 @dataclass
 class Run:
-    """One run folder, read back."""
+    """One run folder, read back; its texts made printable (see `shown`), its image paths kept as they are."""
 
     run_id: str
     folder: Path
     config: dict
     metrics: dict
+    image_files: list[Path] = field(default_factory=list)  # the misclassified test images, in `metrics` order
 
     def accuracy(self, split: str) -> float | None:
         found = self.metrics["splits"].get(split)
@@ -37,20 +39,90 @@ class Run:
         return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "defaults"
 
 
-def load_runs(runs_dir: str | os.PathLike) -> list[Run]:
-    """Every finished run under `runs_dir`, oldest first."""
+def shown(value) -> str:
+    """`value` as text that any UTF-8 page or terminal takes: bytes of a name that are not UTF-8 become \\xNN."""
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate that is no escaped byte (hand-written JSON)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _displayable(value):
+    """A copy of JSON data whose every string (keys too) is `shown`."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {shown(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_displayable(v) for v in value]
+    return value
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
+
+
+def _shape_problem(config, metrics) -> str | None:
+    """What makes this config.json / metrics.json pair unlike what train-head writes, or None."""
+    for name, value in (("config.json", config), ("metrics.json", metrics)):
+        if not isinstance(value, dict):
+            return f"its {name} holds {_json_kind(value)}, not an object"
+    if not isinstance(metrics.get("head"), str):
+        return "its metrics.json names no head"
+    splits = metrics.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) or v is None for v in splits.values()):
+        return "its metrics.json has no splits"
+    return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"its {path.name} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise DataError(f"its {path.name} is damaged ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read its {path.name} ({exc.strerror or exc})") from None
+
+
+def _read_run(folder: Path) -> Run:
+    """One run folder; a `DataError` saying why when it cannot be read or is not a run's."""
+    config, metrics = (_read_json(folder / name) for name in ("config.json", "metrics.json"))
+    problem = _shape_problem(config, metrics)
+    if problem:
+        raise DataError(problem)
+    wrong = metrics.get("misclassified") or []
+    data_root = Path(config["data"]) if isinstance(config.get("data"), str) else Path(".")
+    files = [data_root / row["path"] if isinstance(row, dict) and isinstance(row.get("path"), str) else Path("")
+             for row in (wrong if isinstance(wrong, list) else [])]
+    return Run(shown(folder.name), folder, _displayable(config), _displayable(metrics), files)
+
+
+def _skipped(folder: Path, why: str) -> str:
+    return (f"warning: skipped run {shown(folder)}: {why}; the report shows the other runs (train that run again, "
+            "or move its folder out of the runs folder)")
+
+
+def load_runs(runs_dir: str | os.PathLike, log: Callable[[str], None] = lambda message: None) -> list[Run]:
+    """Every finished run under `runs_dir`, oldest first; one that cannot be read is skipped with a line to `log`."""
     root = Path(runs_dir)
-    runs = []
+    runs, skipped = [], 0
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         metrics_file, config_file = folder / "metrics.json", folder / "config.json"
         if folder.name.startswith(".") or not metrics_file.is_file() or not config_file.is_file():
             continue
         try:
-            runs.append(Run(folder.name, folder, json.loads(config_file.read_text()), json.loads(metrics_file.read_text())))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read run {folder}: {exc}") from None
+            runs.append(_read_run(folder))
+        except DataError as exc:
+            log(_skipped(folder, str(exc)))
+            skipped += 1
+    if not runs and skipped:
+        raise DataError(f"none of the {skipped} runs in {shown(root)} can be read (each named above): train one with "
+                        f"`bottleneck train-head --data DATA --runs {shown(root)}`")
     if not runs:
-        raise DataError(f"no runs in {root}: train one with `bottleneck train-head --data DATA --runs {root}`")
+        raise DataError(f"no runs in {shown(root)}: train one with `bottleneck train-head --data DATA --runs {shown(root)}`")
     return beside_parents(runs)
 
 
@@ -58,10 +130,14 @@ def beside_parents(runs: list[Run]) -> list[Run]:
     """Oldest first, each fine-tuned run right after the run it started from."""
     children: dict[str, list[Run]] = {}
     ids = {run.run_id for run in runs}
-    for run in runs:
+
+    def parent_of(run: Run) -> str | None:
         parent = run.config.get("parent_run")
-        if parent in ids:
-            children.setdefault(parent, []).append(run)
+        return parent if isinstance(parent, str) and parent in ids else None
+
+    for run in runs:
+        if parent_of(run):
+            children.setdefault(parent_of(run), []).append(run)
     ordered: list[Run] = []
 
     def visit(run: Run) -> None:
@@ -70,9 +146,10 @@ def beside_parents(runs: list[Run]) -> list[Run]:
             visit(child)
 
     for run in runs:
-        if run.config.get("parent_run") not in ids:
+        if not parent_of(run):
             visit(run)
-    return ordered
+    seen = {id(run) for run in ordered}
+    return ordered + [run for run in runs if id(run) not in seen]  # parents in a loop (hand-edited configs)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -220,10 +297,9 @@ def _run_section(run: Run) -> str:
                      "<figcaption>learning curve</figcaption></figure>")
     wrong = run.metrics.get("misclassified") or []
     if wrong:
-        data_root = Path(run.config.get("data", "."))
         parts.append(f"<h3>misclassified test images ({len(wrong)})</h3><div class=\"thumbs\">")
-        for row in wrong[:_THUMBNAILS_PER_RUN]:
-            uri = thumbnail_uri(data_root / row["path"])
+        for row, image_file in zip(wrong[:_THUMBNAILS_PER_RUN], run.image_files):
+            uri = thumbnail_uri(image_file)  # the file's own name, not the printable one
             picture = f'<img alt="{html.escape(row["path"])}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
             parts.append(f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
                          f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>")
@@ -252,28 +328,69 @@ def _summary_html(summary: dict | None) -> str:
     return f"<h2>{html.escape(summary['title'])}</h2>{_html_table(summary['rows'])}{notes}"
 
 
-def html_report(runs: list[Run], summary: dict | None = None) -> str:
-    """The whole report as one HTML document with every picture embedded."""
+def html_report(runs: list[Run], summary: dict | None = None, sections: dict[int, str] | None = None) -> str:
+    """The whole report as one HTML document with every picture embedded (`sections`: already rendered, by run id())."""
     warning = ""
     if any(not run.metrics.get("pretrained", True) for run in runs):
         warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
-    sections = "\n".join(_run_section(run) for run in runs)
+    sections = "\n".join((sections or {}).get(id(run)) or _run_section(run) for run in runs)
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>bottleneck runs</title><style>{_STYLE}</style></head>"
             f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}{sections}</body></html>\n")
 
 
+#: What reading a metrics.json of an unexpected shape raises, deep inside the tables and pictures.
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
+
+
+def _renderable(runs: list[Run], log: Callable[[str], None]) -> tuple[list[Run], dict[int, str]]:
+    """The runs whose tables and pictures can be drawn, with their HTML sections; the others skipped with a line."""
+    kept, sections = [], {}
+    for run in runs:
+        try:
+            comparison_rows([run])
+            markdown_report([run])
+            sections[id(run)] = _run_section(run)
+        except _SHAPE_ERRORS as exc:
+            log(_skipped(run.folder, f"its metrics.json is not as train-head writes it ({type(exc).__name__}: {shown(exc)})"))
+            continue
+        kept.append(run)
+    if not kept:
+        raise DataError(f"none of the {len(runs)} runs in {shown(runs[0].folder.parent)} can be shown (each named above): "
+                        "train one again with `bottleneck train-head`")
+    return kept, sections
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a folder of that name, or no permission: the write below says so
+        pass
+
+
 def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 summary: dict | None = None) -> tuple[Path, str]:
+                 summary: dict | None = None, log: Callable[[str], None] = lambda message: None) -> tuple[Path, str]:
     """Write the HTML report (default RUNS/report.html); return its path and the Markdown tables.
 
     `summary` ({title, rows, notes}) is an extra table shown first, as the demo's comparison.
+    A run that cannot be read or drawn is left out with a warning line to `log`. The page is
+    written under a temporary name and renamed; that name is removed when the write fails and,
+    if a killed run (or an older version) left it, at the start of the next.
     """
-    runs = load_runs(runs_dir)
     target = Path(out) if out else Path(runs_dir) / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
+    for leftover in (tmp, Path(runs_dir) / ".report.html.tmp"):  # left by a killed run, or an older version
+        _remove(leftover)
+    if target.is_dir():
+        raise DataError(f"--out {shown(target)} is a folder: name the HTML file to write, as "
+                        f"--out {shown(target / 'report.html')}")
+    runs, sections = _renderable(load_runs(runs_dir, log), log)
+    page = html_report(runs, summary, sections)
     try:
-        tmp.write_text(html_report(runs, summary), encoding="utf-8")
+        tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, target)
     except OSError as exc:
-        raise DataError(f"cannot write report {target}: {exc.strerror or exc}") from None
+        _remove(tmp)
+        if is_disk_full(exc):
+            raise disk_full(target.parent, len(page.encode("utf-8"))) from None
+        raise DataError(f"cannot write report {shown(target)}: {exc.strerror or exc}") from None
     return target, markdown_report(runs, summary)
