@@ -54,3 +54,72 @@ def test_a_model_file_whose_input_is_not_rgb_is_one_line(tmp_path, capsys):
         assert code == 2
         [line] = err.strip().splitlines()
         assert line.startswith(expected)
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_damaged_openvino_model_is_converted_again_and_killed_conversions_are_cleared(tmp_path, capsys):
+    import os
+    import time
+
+    import numpy as np
+
+    from bottleneck.backbones.build import FeatureModel
+    from bottleneck.backbones.openvino import RECORD_FILE, OpenVinoFeatureModel, conversion_problem
+    from bottleneck.backbones.spec import BackboneSpec
+
+    spec = BackboneSpec(architecture=str(_tiny_model_file(tmp_path / "rgb.keras", (16, 16, 3))), layer="gap")
+    folder = tmp_path / "cache" / f"{spec.fingerprint()}.openvino"
+    batch = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    reference = FeatureModel(spec)(batch)
+    OpenVinoFeatureModel(spec, folder)
+    assert conversion_problem(folder) is None and (folder / RECORD_FILE).is_file()
+
+    with open(folder / "model.bin", "r+b") as handle:  # some weights overwritten, the files still load
+        handle.seek(64)
+        handle.write(b"\x3f" * 256)
+    killed = tmp_path / "cache" / f".{folder.name}.{_dead_pid()}.x1"  # a conversion killed half-way
+    older = tmp_path / "cache" / f".{folder.name}.outdated.x2"  # named before process ids, hours old
+    busy = tmp_path / "cache" / f".{folder.name}.{os.getppid()}.x3"  # a conversion running now
+    for leftover in (killed, older, busy):
+        leftover.mkdir()
+        (leftover / "model.bin").write_bytes(b"\0" * 1_000_000)
+    os.utime(older, (time.time() - 7200, time.time() - 7200))
+    capsys.readouterr()
+
+    model = OpenVinoFeatureModel(spec, folder)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"bottleneck: removed 2.0 MB of OpenVINO conversion that a killed run left beside {folder}",
+                   f"bottleneck: the OpenVINO model in {folder} does not match the record of its files "
+                   "(model.bin changed: damaged?): converting it again"]
+    np.testing.assert_allclose(model(batch), reference, rtol=1e-4, atol=1e-5)
+    assert not killed.exists() and not older.exists() and busy.exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, busy.name])
+
+    (folder / RECORD_FILE).unlink()  # killed before the record was written, or converted by an older version
+    assert conversion_problem(folder).startswith("has no record of its files")
+    (folder / RECORD_FILE).write_text("{not json")
+    assert conversion_problem(folder).startswith("has an unreadable record of its files")
+
+
+def test_an_openvino_conversion_that_does_not_compute_tensorflows_features_is_refused(tmp_path):
+    import numpy as np
+    import pytest
+
+    from bottleneck.backbones.build import FeatureModel
+    from bottleneck.backbones.openvino import _check_against_tensorflow
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.errors import BackboneError
+
+    spec = BackboneSpec(architecture=str(_tiny_model_file(tmp_path / "rgb.keras", (16, 16, 3))), layer="gap")
+    network = FeatureModel(spec).model
+    assert _check_against_tensorflow(network, lambda x: [np.asarray(network(x))], 16) == 0.0
+    with pytest.raises(BackboneError, match=r"^OpenVINO's conversion of rgb_features does not compute TensorFlow's "
+                                            r"features \(off by up to .* on a check input.*use --runtime tensorflow$"):
+        _check_against_tensorflow(network, lambda x: [np.asarray(network(x)) * 1.04], 16)  # 4% off, like a damaged .bin

@@ -5,12 +5,22 @@ exported as a SavedModel, converted with `openvino.convert_model` and kept in th
 `<fingerprint>.openvino/model.xml` + `.bin`, so later runs load it without TensorFlow. It takes
 float32 RGB pixels in 0..255, like the TensorFlow runtime after its cast, so both run one graph;
 their features agree within float tolerance (a test checks this) and share one store.
+
+Because they share one store, a conversion is trusted only as far as it is checked: at conversion its
+features are compared with TensorFlow's on fixed inputs (refused if off), and the SHA-256 of its files
+is recorded last in `verified.json`; a folder whose files do not match (damaged), without a record
+(cut short, or older) or unreadable is converted again, with a line saying so. Conversions are made in
+a temporary folder named with the process id and renamed; those left by killed runs are removed.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +28,25 @@ import numpy as np
 from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
-from bottleneck.errors import BackboneError
+from bottleneck.errors import BackboneError, CacheError
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.
 FORMAT_FILE = "format.txt"
 FORMAT = "feature network v2: float32 RGB 0-255 pixels in, preprocessing included, float32 weights\n"
+
+#: Written last, atomically, once the conversion computed TensorFlow's features: the format and the
+#: SHA-256 of each model file. A folder whose files do not match it (damaged, half-copied) is
+#: converted again, never run: its features would be stored under the fingerprint TensorFlow shares.
+RECORD_FILE = "verified.json"
+MODEL_FILES = ("model.xml", "model.bin")
+
+#: How close OpenVINO's features must be to TensorFlow's on the check inputs (as tests/test_extract.py asks).
+RTOL, ATOL = 1e-4, 1e-5
+CHECK_INPUTS = 2
+
+#: A temporary folder whose process is gone, or older than this without a process id, was left by a killed run.
+LEFTOVER_AGE_S = 3600
 
 
 def _import_openvino():
@@ -34,49 +57,167 @@ def _import_openvino():
     return openvino
 
 
+def _say(message: str) -> None:
+    print(f"bottleneck: {message}", file=sys.stderr, flush=True)
+
+
 def is_current_conversion(folder: Path) -> bool:
-    """True if `folder` holds a conversion of the whole feature network (this format)."""
+    """True if `folder` holds a conversion of the whole feature network (this format); its files are not checked."""
     try:
         return (folder / "model.xml").is_file() and (folder / FORMAT_FILE).read_text() == FORMAT
     except OSError:
         return False
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    from bottleneck.features.hashing import sha256_file
+
+    return {name: sha256_file(folder / name) for name in MODEL_FILES}
+
+
+def conversion_problem(folder: Path) -> str | None:
+    """None if `folder` holds a verified conversion of this format whose files match its record; else what is wrong."""
+    if not folder.exists():
+        return "is missing"
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except FileNotFoundError:
+        return f"has no record of its files ({RECORD_FILE}: converted by an older version, or the conversion was cut short)"
+    except (OSError, ValueError) as exc:
+        return f"has an unreadable record of its files ({getattr(exc, 'strerror', None) or exc})"
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not is_current_conversion(folder):
+        return "is of an older format"
+    try:
+        hashes = _file_hashes(folder)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    changed = [name for name in MODEL_FILES if hashes[name] != record.get("sha256", {}).get(name)]
+    if changed:
+        return f"does not match the record of its files ({' and '.join(changed)} changed: damaged?)"
+    return None
+
+
+def _check_against_tensorflow(network, compiled, size: int) -> float:
+    """Largest difference between OpenVINO's and TensorFlow's features on fixed inputs; a `BackboneError` if off."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (1, size, size, 3)).astype(np.float32)
+    ramp = np.broadcast_to(np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(1, size, size, 3),
+                           (1, size, size, 3))
+    pixels = np.concatenate([noise, ramp])[:CHECK_INPUTS]
+    expected = np.asarray(network(pixels, training=False), dtype=np.float32)
+    got = np.asarray(compiled(pixels)[0], dtype=np.float32)
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
+        off = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+        raise BackboneError(f"OpenVINO's conversion of {network.name} does not compute TensorFlow's features "
+                            f"(off by up to {off:.3g} on a check input, tolerance {RTOL:g} relative); "
+                            "use --runtime tensorflow")
+    return float(np.max(np.abs(got - expected)))
+
+
 def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
     """Export `spec`'s feature network and write its OpenVINO model into the folder `target`, atomically.
 
-    An older conversion in `target` is replaced.
+    The conversion is checked against TensorFlow on fixed inputs and its files' hashes recorded. It is
+    made in a temporary folder beside `target` (named with this process's id: a killed conversion leaves
+    only that, which a later run removes) and renamed; a `target` that fails `conversion_problem` is replaced.
     """
     ov = _import_openvino()
     network = FeatureModel(spec).model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        network.export(str(staging / "savedmodel"), verbose=False)
-        # Full float32 weights: save_model's default fp16 compression costs ~1e-3 relative error,
-        # and features must match TensorFlow's to share one store.
-        ov.save_model(ov.convert_model(str(staging / "savedmodel")), str(staging / "model.xml"), compress_to_fp16=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    except OSError as exc:
+        raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
+                         "use --runtime tensorflow or another --cache") from None
+    try:
+        try:
+            network.export(str(staging / "savedmodel"), verbose=False)
+            # Full float32 weights: save_model's default fp16 compression costs ~1e-3 relative error,
+            # and features must match TensorFlow's to share one store.
+            ov.save_model(ov.convert_model(str(staging / "savedmodel")), str(staging / "model.xml"),
+                          compress_to_fp16=False)
+            compiled = ov.Core().compile_model(str(staging / "model.xml"), "CPU")
+        except OSError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise BackboneError(f"OpenVINO cannot convert {spec.name} ({first}); use --runtime tensorflow") from None
+        difference = _check_against_tensorflow(network, compiled, spec.input_size)
+        del compiled
         shutil.rmtree(staging / "savedmodel")
         (staging / FORMAT_FILE).write_text(FORMAT)
+        record = {"format": FORMAT, "sha256": _file_hashes(staging),
+                  "checked_against_tensorflow": {"inputs": CHECK_INPUTS, "max_abs_difference": difference}}
+        (staging / (RECORD_FILE + ".tmp")).write_text(json.dumps(record, indent=1))
+        os.replace(staging / (RECORD_FILE + ".tmp"), staging / RECORD_FILE)  # last: the folder is complete
+        if target.exists() and conversion_problem(target) is not None:
+            _set_aside(target)
         _replace_folder(staging, target)
+    except OSError as exc:
+        raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
+                         "use --runtime tensorflow or another --cache") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _set_aside(target: Path) -> None:
+    """Remove `target` by renaming it away first, so no reader sees it half-deleted."""
+    outdated = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.outdated.", dir=target.parent))
+    try:
+        os.replace(target, outdated / "old")
+    except OSError:
+        pass  # another process moved it first
+    shutil.rmtree(outdated, ignore_errors=True)
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
     """Move `staging` to `target`, setting aside an outdated `target`; another process's fresh one wins."""
     if target.exists() and not is_current_conversion(target):
-        outdated = Path(tempfile.mkdtemp(prefix=f".{target.name}.outdated.", dir=target.parent))
-        try:
-            os.replace(target, outdated / "old")
-        except OSError:
-            pass  # another process moved it first
-        shutil.rmtree(outdated, ignore_errors=True)
+        _set_aside(target)
     try:
         os.replace(staging, target)
     except OSError:
         if not is_current_conversion(target):  # not a concurrent conversion of the same network
             raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # not ours to signal, but there
+        return True
+    return True
+
+
+def remove_leftovers(target: Path) -> int:
+    """Remove the temporary folders that killed conversions of `target` left beside it; their size in bytes."""
+    removed = 0
+    prefix = f".{target.name}."
+    try:
+        entries = [entry for entry in target.parent.iterdir() if entry.name.startswith(prefix) and entry.is_dir()]
+    except OSError:
+        return 0
+    for entry in entries:
+        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
+        pid = int(match.group(1)) if match else None
+        try:
+            age = time.time() - entry.stat().st_mtime
+        except OSError:
+            continue
+        if pid == os.getpid() or (pid is None and age < LEFTOVER_AGE_S):
+            continue  # this process's own, or an unnamed one that may still be in use
+        if pid is not None and _alive(pid) and age < 24 * 3600:
+            continue  # another process is converting now
+        try:
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        except OSError:  # removed under us by another run's clean-up
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed += size
+    return removed
 
 
 class OpenVinoFeatureModel:
@@ -85,7 +226,13 @@ class OpenVinoFeatureModel:
     def __init__(self, spec: BackboneSpec, folder: Path):
         ov = _import_openvino()
         self.spec = spec
-        if not is_current_conversion(folder):
+        left = remove_leftovers(folder)
+        if left:
+            _say(f"removed {left / 1e6:.1f} MB of OpenVINO conversion that a killed run left beside {folder}")
+        problem = conversion_problem(folder)
+        if problem is not None:
+            if folder.exists():
+                _say(f"the OpenVINO model in {folder} {problem}: converting it again")
             convert_to_openvino(spec, folder)
         self._compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU")
         self.feature_dim = int(self._compiled.outputs[0].get_partial_shape()[-1].get_length())
