@@ -168,3 +168,23 @@ def test_ctrl_c_and_sigterm_stop_features_and_the_rerun_resumes(tmp_path, stop, 
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["computed"], summary["reused"]) == (120 - committed, committed)
+
+
+def test_predict_never_classifies_features_that_rotted_in_the_store(extracted, tmp_path, capsys):
+    import h5py
+
+    data, cache = extracted
+    runs = tmp_path / "runs"
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
+    [run] = runs.iterdir()
+    [segment] = cache.glob("*.segments/seg-*.h5")
+    with h5py.File(segment, "a") as handle:
+        rotted = handle["source_path"].asstr()[0]
+        handle["features"][0] = np.nan
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), str(data), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    errors = {line["path"]: line["error"] for line in lines if "error" in line}
+    assert len(errors) == 1 and "not finite" in next(iter(errors.values()))
+    assert rotted.endswith(next(iter(errors)))
+    assert sum("top" in line for line in lines) == 11

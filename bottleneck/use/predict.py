@@ -113,9 +113,15 @@ def predict_images(
         done = compute_into_store(images, run.cache_dir, run.spec, options or ExtractOptions(), log)
         computed, reused = done.computed, done.reused
         usable = [image for image in images if str(image.path) in done.hash_of]
-        probabilities = run.classify(done.store.read_rows([done.hash_of[str(im.path)] for im in usable])) if usable else []
-        by_path = {str(image.path): _top(p, run.labels, top) for image, p in zip(usable, probabilities)}
+        features = done.store.read_rows([done.hash_of[str(im.path)] for im in usable]) if usable else np.zeros((0, 1))
+        finite = np.isfinite(features).all(axis=1)
         reasons = {failure.path: failure.reason for failure in done.failures}
+        for image in (im for im, ok in zip(usable, finite) if not ok):  # bit rot in the store: never a guess
+            reasons[str(image.path)] = ("its cached features are not finite (NaN or infinity: bit rot in the store?); "
+                                        "`bottleneck cache info` lists the store's segments: delete the damaged one")
+        usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
+        probabilities = run.classify(features) if usable else []
+        by_path = {str(image.path): _top(p, run.labels, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)
             found = by_path.get(key)
