@@ -123,3 +123,46 @@ def test_an_openvino_conversion_that_does_not_compute_tensorflows_features_is_re
     with pytest.raises(BackboneError, match=r"^OpenVINO's conversion of rgb_features does not compute TensorFlow's "
                                             r"features \(off by up to .* on a check input.*use --runtime tensorflow$"):
         _check_against_tensorflow(network, lambda x: [np.asarray(network(x)) * 1.04], 16)  # 4% off, like a damaged .bin
+
+
+def test_a_weights_file_of_another_architecture_is_one_line_without_keras_warnings(tmp_path, capfd):
+    import logging
+    import warnings
+
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=1)
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(16, 3, name="Conv1"),
+                              keras.layers.BatchNormalization(name="bn_Conv1"), keras.layers.GlobalAveragePooling2D()])
+    modern, legacy = tmp_path / "other.weights.h5", tmp_path / "other.h5"
+    other.save_weights(modern)
+    with h5py.File(legacy, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, other)
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    for weights in (modern, legacy):
+        capfd.readouterr()
+        logged = Records()
+        logging.getLogger().addHandler(logged)
+        try:
+            with warnings.catch_warnings(record=True) as escaped:
+                warnings.simplefilter("always")
+                code = main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", "mobilenet_v2",
+                             "--weights", str(weights), "--image-size", "32", "--no-progress"])
+        finally:
+            logging.getLogger().removeHandler(logged)
+        err = capfd.readouterr().err
+        assert code == 2
+        assert err.strip().splitlines() == [err.strip()]
+        assert err.startswith(f"bottleneck: error: weights file {weights} does not fit mobilenet_v2 without its top (")
+        assert [str(w.message) for w in escaped] == [] and logged.messages == []
