@@ -1,5 +1,3 @@
-import sys
+from bottleneck.cli import console
 
-from bottleneck.cli import main
-
-sys.exit(main())
+console()

@@ -14,7 +14,9 @@ from typing import Sequence
 from bottleneck import __version__
 from bottleneck.cli import backbones, cache, compare, demo, export, features, fine_tune, predict, pretrain, report, train_head
 from bottleneck.cli.common import EXIT_USAGE, stderr
-from bottleneck.errors import INTERRUPTED, BottleneckError, disk_full, is_disk_full
+from bottleneck.errors import INTERRUPTED, BottleneckError, DiskFullError, disk_full, is_disk_full
+
+DISK_WAS_FULL = threading.Event()
 
 #: In the order `--help` lists them.
 COMMANDS = (features, train_head, fine_tune, predict, export, report, pretrain, compare, cache, backbones, demo)
@@ -39,6 +41,7 @@ def _catch_interrupts():
     import signal
 
     INTERRUPTED.clear()
+    DISK_WAS_FULL.clear()
     if threading.current_thread() is not threading.main_thread():
         return None
     return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -74,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KeyboardInterrupt
         return code
     except BottleneckError as exc:
+        if isinstance(exc, DiskFullError):
+            DISK_WAS_FULL.set()
         stderr(f"bottleneck: error: {exc}")
         return EXIT_USAGE
     except BrokenPipeError:  # `bottleneck predict ... | head`: the reader has all it wanted
@@ -85,11 +90,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if not is_disk_full(exc):
             raise
+        DISK_WAS_FULL.set()
         stderr(f"bottleneck: error: {disk_full(Path(exc.filename).parent if exc.filename else Path.cwd())}")
         return EXIT_USAGE
     finally:
         _restore(previous)
 
 
+def console() -> None:
+    """The `bottleneck` console script: `main`, then exit; after a full disk, without HDF5's clean-up.
+
+    A file HDF5 could not flush stays open inside the library, and its clean-up at interpreter exit
+    would crash on it (a segmentation fault after our one line); what was committed is on disk already.
+    """
+    code = main()
+    if DISK_WAS_FULL.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -27,9 +27,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
+import io
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,17 +117,54 @@ def _is_lock_failure(exc: OSError) -> bool:
     return "unable to lock file" in str(exc).lower()
 
 
+def _write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
+    """Create `path` and `write` it; a full disk is one OSError(ENOSPC), without h5py's tracebacks.
+
+    When a write fills the disk, every HDF5 object freed afterwards tries to flush again, and h5py
+    prints a traceback for each from its deallocators straight to sys.stderr; writing and closing
+    run with sys.stderr caught, and what was caught is passed on unless the disk was full.
+    """
+    try:
+        handle = h5py.File(path, "w")
+    except OSError as exc:
+        if _is_lock_failure(exc):
+            raise CacheError(_NO_LOCKS.format(folder=path.parent)) from None
+        raise
+    error: BaseException | None = None
+    real, sys.stderr = sys.stderr, io.StringIO()
+    hook, sys.unraisablehook = sys.unraisablehook, sys.__unraisablehook__  # which writes to the caught stderr
+    try:
+        try:
+            write(handle)
+        except (OSError, RuntimeError) as exc:
+            error = exc
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            handle.close()
+        except (OSError, RuntimeError) as exc:
+            error = error or exc
+        if error is not None:
+            error.__traceback__ = None  # frees the half-written file's objects here, while stderr is caught
+            del handle
+            gc.collect()
+        caught = sys.stderr.getvalue()
+    finally:
+        sys.stderr, sys.unraisablehook = real, hook
+    full = error is not None and (is_disk_full(error) if isinstance(error, OSError) else "errno = 28" in str(error))
+    if caught and not full:
+        real.write(caught)
+    if full:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    if error is not None:
+        raise error
+
+
 def _write_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        try:
-            handle = h5py.File(tmp, "w")
-        except OSError as exc:
-            if _is_lock_failure(exc):
-                raise CacheError(_NO_LOCKS.format(folder=target.parent)) from None
-            raise
-        with handle:
-            write(handle)
+        _write_hdf5(tmp, write)
         with open(tmp, "rb+") as raw:
             os.fsync(raw.fileno())
         os.replace(tmp, target)

@@ -1,0 +1,110 @@
+"""A real full disk (a small tmpfs: the tests run as root here) under every command that writes.
+
+Each command ends with one line, `bottleneck: error: disk full at ...`, exit code 2, no traceback,
+no temporary file left behind, and what existed before is intact; with room again it finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bottleneck.cli import main
+
+from .conftest import make_dataset
+
+PIXELS = ["--backbone", "pixels", "--image-size", "8"]
+
+
+class SmallDisk(type(Path())):
+    """A mounted tmpfs that can be given more room."""
+
+    def resize(self, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs, remountable with more room; refused where mounting is not allowed (not root)."""
+    mount_point = SmallDisk(tmp_path / "small-disk")
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); test_faults.py injects ENOSPC instead")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill the disk of `folder` but `leave` bytes."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler", "wb") as handle:
+        handle.write(b"\0" * max(0, free - leave))
+
+
+def bottleneck(*args: str) -> tuple[int, str, str]:
+    """Run the command in its own process: HDF5 is not fit to go on in-process after writes failed."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bottleneck", *args], capture_output=True, text=True)
+    return done.returncode, done.stdout, done.stderr
+
+
+def one_disk_full_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("bottleneck:")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("bottleneck: error: disk full at "), err
+    return lines[0]
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_features_on_a_full_disk_then_with_room(tmp_path, small_disk, capsys):
+    data, cache = tmp_path / "data", small_disk / "cache"
+    make_dataset(data, per_class=60)
+    big = ["--backbone", "pixels", "--image-size", "32"]  # 12 KB a row: 180 rows do not fit in 1 MB
+    code, _, err = bottleneck("features", str(data), "--cache", str(cache), *big, "--no-progress", "--batch-size", "4")
+    assert code == 2
+    one_disk_full_line(err)
+    small_disk.resize("20m")
+    assert main(["features", str(data), "--cache", str(cache), *big, "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["computed"] + summary["reused"] == 180 and summary["reused"] > 0  # committed batches were kept
+    assert temporaries(cache) == []
+
+
+@pytest.fixture
+def trained(tmp_path):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
+    return data, cache, runs
+
+
+def test_train_head_report_and_predict_on_a_full_disk(trained, small_disk, capsys):
+    data, cache, runs = trained
+    [run] = runs.iterdir()
+    fill(small_disk, leave=0)
+    capsys.readouterr()
+    code, _, err = bottleneck("train-head", "--data", str(data), "--cache", str(cache), "--runs", str(small_disk / "runs"))
+    assert code == 2
+    one_disk_full_line(err)
+    assert temporaries(small_disk) == [] and not any(p.name.startswith(".") for p in (small_disk / "runs").glob("*"))
+    code, _, err = bottleneck("report", "--runs", str(runs), "--out", str(small_disk / "report.html"))
+    assert code == 2
+    one_disk_full_line(err)
+    assert temporaries(small_disk) == [] and not (small_disk / "report.html").exists()
+    small_disk.resize("30m")
+    (small_disk / "filler").unlink()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(small_disk / "runs")]) == 0
+    assert main(["report", "--runs", str(runs), "--out", str(small_disk / "report.html")]) == 0
+    capsys.readouterr()
+    assert run.exists()
