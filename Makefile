@@ -26,8 +26,9 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The whole transfer-learning story on scikit-learn's digits, offline (see bottleneck/demo.py).
 demo: $(STAMP)
