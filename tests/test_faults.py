@@ -188,3 +188,18 @@ def test_predict_never_classifies_features_that_rotted_in_the_store(extracted, t
     assert len(errors) == 1 and "not finite" in next(iter(errors.values()))
     assert rotted.endswith(next(iter(errors)))
     assert sum("top" in line for line in lines) == 11
+
+
+def test_train_head_does_not_read_a_64_gb_file_features_refused(extracted, tmp_path, monkeypatch):
+    data, cache = extracted
+    with open(data / "red" / "huge.png", "wb") as handle:
+        handle.truncate(64 * 2**30)  # sparse: no disk used
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("a 64 GB file was read")
+
+    monkeypatch.setattr(hashing, "sha256_file", never)
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1

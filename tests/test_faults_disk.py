@@ -108,3 +108,25 @@ def test_train_head_report_and_predict_on_a_full_disk(trained, small_disk, capsy
     assert main(["report", "--runs", str(runs), "--out", str(small_disk / "report.html")]) == 0
     capsys.readouterr()
     assert run.exists()
+
+
+def test_predict_and_export_on_a_full_disk(tmp_path, small_disk, capsys):
+    data, cache, runs = tmp_path / "data", small_disk / "cache", tmp_path / "runs"
+    small_disk.resize("20m")
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
+    [run] = runs.iterdir()
+    fresh = tmp_path / "fresh"
+    make_dataset(fresh, per_class=40, start=10)  # new images: predict must write their features
+    fill(small_disk, leave=0)
+    code, _, err = bottleneck("predict", "--run", str(run), str(fresh))
+    assert code == 2
+    one_disk_full_line(err)
+    code, _, err = bottleneck("export", "--run", str(run), "--out", str(small_disk / "exported"))
+    assert code == 2
+    one_disk_full_line(err)
+    assert temporaries(small_disk) == [] and not (small_disk / "exported").exists()
+    (small_disk / "filler").unlink()
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), str(fresh), "--json"]) == 0

@@ -18,7 +18,8 @@ import numpy as np
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
-from bottleneck.features.hashing import HashIndex
+from bottleneck.features.decode import too_large
+from bottleneck.features.hashing import HashIndex, file_stamp
 from bottleneck.features.store import FeatureStore, StoreSnapshot
 from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
 
@@ -231,8 +232,19 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
 
 
 def _content_hash(index: HashIndex, path: Path) -> str:
-    """The file's content hash, or '' when it cannot be read (it then counts as failed, like in `features`)."""
+    """The file's content hash, or '' when it cannot be read (it then counts as failed, like in `features`).
+
+    A file `features` never hashed that is larger than any image (a 64 GB file dropped into DATA) is
+    not read either: `features` refused it the same way.
+    """
     try:
+        key = str(Path(path).absolute())
+        stamp = file_stamp(key)
+        known = index.lookup(key, stamp)
+        if known is not None:
+            return known
+        if too_large(stamp[0]):
+            return ""
         return index.hash_file(path)
     except OSError:
         return ""
