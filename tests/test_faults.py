@@ -203,3 +203,26 @@ def test_train_head_does_not_read_a_64_gb_file_features_refused(extracted, tmp_p
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 0
     [run] = (tmp_path / "runs").iterdir()
     assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
+
+
+def test_sigterm_during_train_head_writes_nothing_and_says_so(extracted, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, cache = extracted
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "bottleneck", "train-head", "--data", str(data), "--cache", str(cache),
+               "--runs", str(runs), "--head", "keras", "--epochs", "100000", "--patience", "100000"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not runs.exists():  # checked and created before training starts
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(3)  # into TensorFlow's start-up or training
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "bottleneck: interrupted; nothing was written"
+    assert list(runs.iterdir()) == []
