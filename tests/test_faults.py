@@ -118,7 +118,13 @@ def test_an_unreadable_image_is_left_out_of_training_and_counted(extracted, tmp_
             raise PermissionError(13, "Permission denied", str(path))
         return real_hash(self, path)
 
+    real_lookup = HashIndex.lookup
+
+    def never_hashed(self, path, stamp):  # as when features could not read it either
+        return None if str(path) == str(victim.absolute()) else real_lookup(self, path, stamp)
+
     monkeypatch.setattr(HashIndex, "hash_file", no_permission)
+    monkeypatch.setattr(HashIndex, "lookup", never_hashed)
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 0
     [run] = (tmp_path / "runs").iterdir()
     assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
