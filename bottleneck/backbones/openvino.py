@@ -29,6 +29,7 @@ from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
+from bottleneck.features.store import process_alive
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.
@@ -181,16 +182,6 @@ def _replace_folder(staging: Path, target: Path) -> None:
             raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # not ours to signal, but there
-        return True
-    return True
-
-
 def remove_leftovers(target: Path) -> int:
     """Remove the temporary folders that killed conversions of `target` left beside it; their size in bytes."""
     removed = 0
@@ -208,7 +199,7 @@ def remove_leftovers(target: Path) -> int:
             continue
         if pid == os.getpid() or (pid is None and age < LEFTOVER_AGE_S):
             continue  # this process's own, or an unnamed one that may still be in use
-        if pid is not None and _alive(pid) and age < 24 * 3600:
+        if pid is not None and process_alive(pid) and age < 24 * 3600:
             continue  # another process is converting now
         try:
             size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())

@@ -654,6 +654,17 @@ class StoreSnapshot:
         self._translate = translate
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine: a leftover of a dead one may be cleared."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[str], None] | None = None):
     """Hold an exclusive lock on `lock_path` (waiting up to `timeout` seconds; None: as long as it takes)."""

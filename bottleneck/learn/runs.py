@@ -22,6 +22,7 @@ from bottleneck.learn.dataset import FeatureRows, LabelledFeatures, load_labelle
 from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
+from bottleneck.features.store import process_alive
 from bottleneck.learn.metrics import misclassified, split_metrics
 from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_key, read_split_csv,
                                      write_split_csv)
@@ -178,18 +179,8 @@ def _remove_abandoned_staging(runs: Path) -> None:
     """`.RUN.PID.tmp` folders whose process is gone: a run killed while writing its folder."""
     for staging in runs.glob(".*.tmp"):
         pid = staging.name[: -len(".tmp")].rsplit(".", 1)[-1]
-        if staging.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if staging.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def new_run_dir(runs: Path, head: str) -> tuple[Path, Path]:
