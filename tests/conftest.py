@@ -53,3 +53,18 @@ def dataset(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     make_dataset(root)
     return root
+
+
+#: The `pixels` backbone at 8x8: features in milliseconds, no network, for tests of everything around them.
+PIXELS = ["--backbone", "pixels", "--image-size", "8"]
+
+
+@pytest.fixture
+def pixels_extracted(tmp_path: Path) -> tuple[Path, Path]:
+    """(DATA, CACHE): 12 images in 3 classes, their `pixels` features computed by the CLI."""
+    from bottleneck.cli import main
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    return data, cache

@@ -13,21 +13,12 @@ from bottleneck.features import hashing, store as store_module
 from bottleneck.features.hashing import INDEX_NAME, HashIndex
 from bottleneck.features.store import FeatureStore
 
-from .conftest import make_dataset
-
-PIXELS = ["--backbone", "pixels", "--image-size", "8"]
+from .conftest import PIXELS, make_dataset
 
 
-@pytest.fixture
-def extracted(tmp_path):
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    make_dataset(data, per_class=4)
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    return data, cache
 
-
-def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(extracted, capsys):
-    data, cache = extracted
+def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(pixels_extracted, capsys):
+    data, cache = pixels_extracted
     (cache / INDEX_NAME).write_bytes(b"this is not a database" * 100)
     capsys.readouterr()
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
@@ -37,8 +28,8 @@ def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(extracted, capsys
     assert "Traceback" not in captured.err
 
 
-def test_a_read_only_cache_still_trains(extracted, tmp_path, monkeypatch, capsys):
-    data, cache = extracted
+def test_a_read_only_cache_still_trains(pixels_extracted, tmp_path, monkeypatch, capsys):
+    data, cache = pixels_extracted
     real_connect = sqlite3.connect
 
     def read_only(target, *args, **kwargs):
@@ -54,8 +45,8 @@ def test_a_read_only_cache_still_trains(extracted, tmp_path, monkeypatch, capsys
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_full_disk_is_one_line_and_keeps_what_was_committed(extracted, monkeypatch, capsys):
-    data, cache = extracted
+def test_a_full_disk_is_one_line_and_keeps_what_was_committed(pixels_extracted, monkeypatch, capsys):
+    data, cache = pixels_extracted
     [index_file] = cache.glob("*.h5")
     fingerprint = index_file.stem
     make_dataset(data, per_class=6, start=4)  # more images to compute
@@ -100,16 +91,16 @@ def test_the_pixels_backbone_does_not_claim_to_load_weights(tmp_path, capsys):
     assert "weights" not in capsys.readouterr().err
 
 
-def test_train_head_uses_features_a_killed_run_left_outside_the_index(extracted, tmp_path, capsys):
-    data, cache = extracted
+def test_train_head_uses_features_a_killed_run_left_outside_the_index(pixels_extracted, tmp_path, capsys):
+    data, cache = pixels_extracted
     [index_file] = cache.glob("*.h5")
     index_file.unlink()  # as if killed after writing its segment, before the index
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]["train"] == 1.0
 
 
-def test_an_unreadable_image_is_left_out_of_training_and_counted(extracted, tmp_path, monkeypatch, capsys):
-    data, cache = extracted
+def test_an_unreadable_image_is_left_out_of_training_and_counted(pixels_extracted, tmp_path, monkeypatch, capsys):
+    data, cache = pixels_extracted
     victim = sorted((data / "red").iterdir())[0]
     real_hash = HashIndex.hash_file
 
@@ -130,8 +121,8 @@ def test_an_unreadable_image_is_left_out_of_training_and_counted(extracted, tmp_
     assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
 
 
-def test_a_runs_folder_that_cannot_be_written_fails_before_training(extracted, tmp_path, capsys):
-    data, cache = extracted
+def test_a_runs_folder_that_cannot_be_written_fails_before_training(pixels_extracted, tmp_path, capsys):
+    data, cache = pixels_extracted
     blocker = tmp_path / "runs-file"
     blocker.write_text("not a folder")
     capsys.readouterr()
@@ -140,8 +131,8 @@ def test_a_runs_folder_that_cannot_be_written_fails_before_training(extracted, t
     assert err.startswith(f"bottleneck: error: cannot write run folders to --runs {blocker}: ") and len(err.splitlines()) == 1
 
 
-def test_a_run_folder_half_written_by_a_killed_run_is_cleared(extracted, tmp_path):
-    data, cache = extracted
+def test_a_run_folder_half_written_by_a_killed_run_is_cleared(pixels_extracted, tmp_path):
+    data, cache = pixels_extracted
     runs = tmp_path / "runs"
     (runs / ".20260101-000000-logreg-abcd.999999999.tmp").mkdir(parents=True)  # its process is long gone
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
@@ -176,10 +167,10 @@ def test_ctrl_c_and_sigterm_stop_features_and_the_rerun_resumes(tmp_path, stop, 
     assert (summary["computed"], summary["reused"]) == (120 - committed, committed)
 
 
-def test_predict_never_classifies_features_that_rotted_in_the_store(extracted, tmp_path, capsys):
+def test_predict_never_classifies_features_that_rotted_in_the_store(pixels_extracted, tmp_path, capsys):
     import h5py
 
-    data, cache = extracted
+    data, cache = pixels_extracted
     runs = tmp_path / "runs"
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
     [run] = runs.iterdir()
@@ -196,8 +187,8 @@ def test_predict_never_classifies_features_that_rotted_in_the_store(extracted, t
     assert sum("top" in line for line in lines) == 11
 
 
-def test_train_head_does_not_read_a_64_gb_file_features_refused(extracted, tmp_path, monkeypatch):
-    data, cache = extracted
+def test_train_head_does_not_read_a_64_gb_file_features_refused(pixels_extracted, tmp_path, monkeypatch):
+    data, cache = pixels_extracted
     with open(data / "red" / "huge.png", "wb") as handle:
         handle.truncate(64 * 2**30)  # sparse: no disk used
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
@@ -211,13 +202,13 @@ def test_train_head_does_not_read_a_64_gb_file_features_refused(extracted, tmp_p
     assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
 
 
-def test_sigterm_during_train_head_writes_nothing_and_says_so(extracted, tmp_path):
+def test_sigterm_during_train_head_writes_nothing_and_says_so(pixels_extracted, tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
-    data, cache = extracted
+    data, cache = pixels_extracted
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "bottleneck", "train-head", "--data", str(data), "--cache", str(cache),
                "--runs", str(runs), "--head", "keras", "--epochs", "100000", "--patience", "100000"]

@@ -6,9 +6,8 @@ import json
 from bottleneck.cli import main
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, max_file_bytes
 
-from .conftest import make_dataset
+from .conftest import PIXELS, make_dataset
 
-PIXELS = ["--backbone", "pixels", "--image-size", "8"]
 
 
 def test_a_64_gb_file_in_data_is_refused_unread_as_a_failure_of_that_file(tmp_path, capsys):

@@ -14,9 +14,8 @@ import pytest
 
 from bottleneck.cli import main
 
-from .conftest import make_dataset
+from .conftest import PIXELS, make_dataset
 
-PIXELS = ["--backbone", "pixels", "--image-size", "8"]
 
 
 class SmallDisk(type(Path())):

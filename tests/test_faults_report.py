@@ -20,17 +20,8 @@ from bottleneck.cli import main
 from bottleneck.errors import CacheError
 from bottleneck.learn.dataset import load_labelled_features
 
-from .conftest import make_dataset
+from .conftest import PIXELS, make_dataset
 
-PIXELS = ["--backbone", "pixels", "--image-size", "8"]
-
-
-@pytest.fixture
-def extracted(tmp_path):
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    make_dataset(data, per_class=4)
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    return data, cache
 
 
 def rot(cache: Path, rows, value=np.nan) -> Path:
@@ -49,8 +40,8 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_train_head_leaves_out_images_whose_stored_features_rotted_and_counts_them(extracted, tmp_path, capsys):
-    data, cache = extracted
+def test_train_head_leaves_out_images_whose_stored_features_rotted_and_counts_them(pixels_extracted, tmp_path, capsys):
+    data, cache = pixels_extracted
     segment = rot(cache, [0])
     capsys.readouterr()
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 0
@@ -64,8 +55,8 @@ def test_train_head_leaves_out_images_whose_stored_features_rotted_and_counts_th
     assert sum(split["images"] for split in metrics["splits"].values()) == 11
 
 
-def test_compare_on_rotted_features_leaves_them_out_instead_of_failing_in_linear_algebra(extracted, capsys):
-    data, cache = extracted
+def test_compare_on_rotted_features_leaves_them_out_instead_of_failing_in_linear_algebra(pixels_extracted, capsys):
+    data, cache = pixels_extracted
     rot(cache, [1, 5], np.inf)
     capsys.readouterr()
     assert main(["compare", str(data), str(data), "--cache", str(cache), "--permutations", "5"]) == 0
@@ -74,8 +65,8 @@ def test_compare_on_rotted_features_leaves_them_out_instead_of_failing_in_linear
     assert "non-finite features" in captured.err
 
 
-def test_features_that_all_rotted_are_one_line(extracted, tmp_path, capsys):
-    data, cache = extracted
+def test_features_that_all_rotted_are_one_line(pixels_extracted, tmp_path, capsys):
+    data, cache = pixels_extracted
     segment = rot(cache, range(12))
     capsys.readouterr()
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs")]) == 2
@@ -83,8 +74,8 @@ def test_features_that_all_rotted_are_one_line(extracted, tmp_path, capsys):
     assert "12 images have non-finite features" in line and "no image under" in line and str(segment) in line
 
 
-def test_a_streamed_read_stops_at_a_rotted_row_with_one_line_naming_the_store(extracted):
-    data, cache = extracted
+def test_a_streamed_read_stops_at_a_rotted_row_with_one_line_naming_the_store(pixels_extracted):
+    data, cache = pixels_extracted
     segment = rot(cache, [7])
     loaded = load_labelled_features(data, cache, stream=True, chunk_rows=4)
     assert not loaded.rows.in_memory
