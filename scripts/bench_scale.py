@@ -302,16 +302,15 @@ def head_worker(args) -> None:
     store = open_store(Path(args.head_worker), args.dim)
     baseline = peak_rss()
     t = time.perf_counter()
-    contents = store.index()
-    n = min(args.rows, contents.rows)
-    del contents
+    snapshot = store.snapshot()  # every row's hash, read once: it matches rows and then serves every chunk
+    n = min(args.rows, snapshot.rows)
     index_s = time.perf_counter() - t
     y = np.array([f"c{i % CLASSES}" for i in range(n)])
     budget = parse_size(args.max_memory)
     params = {"max_iter": args.head_iters} if args.head == "logreg" else {"epochs": args.head_iters, "patience": 1000}
     model = make_head(args.head, random_state=SEED, **params)
     plan = plan_memory(n, args.dim, budget, 64 if args.head == "keras" else 0)
-    rows = FeatureRows(store=store.snapshot(), rows=np.arange(n), dim=args.dim, chunk_rows=plan.chunk_rows)
+    rows = FeatureRows(store=snapshot, rows=np.arange(n), dim=args.dim, chunk_rows=plan.chunk_rows)
     t = time.perf_counter()
     if plan.streamed:
         read_s = 0.0
