@@ -40,13 +40,28 @@ def add_odd_files(root: Path) -> dict[str, str]:
     return {"truncated.jpg": "truncated image", "zero.jpg": "empty file", "text.jpg": "not an image"}
 
 
+def glorot_redrawn(model, seed: int = 0):
+    """`model` with the documented random weights: each non-constant trainable variable redrawn Glorot-uniform
+    with NumPy, seeded by (seed, its position), so every Keras backend builds the same network."""
+    for position, variable in enumerate(model.trainable_weights):
+        values = variable.numpy()
+        if values.size == 0 or np.all(values == values.flat[0]):
+            continue
+        shape = values.shape
+        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        fan_in, fan_out = (shape[0], shape[0]) if len(shape) == 1 else (shape[-2] * receptive, shape[-1] * receptive)
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        variable.assign(np.random.default_rng([seed, position]).uniform(-limit, limit, shape).astype(values.dtype))
+    return model
+
+
 def independent_features(paths: list[Path]) -> np.ndarray:
     """Plain Pillow decode and resize, Keras' preprocess_input, the same seeded random network."""
     import keras
 
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.BILINEAR)) for p in paths])
-    keras.utils.set_random_seed(0)
-    model = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg")
+    model = glorot_redrawn(keras.applications.InceptionV3(include_top=False, weights=None,
+                                                          input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg"))
     return model.predict(keras.applications.inception_v3.preprocess_input(pixels.astype("float32")), verbose=0)
 
 

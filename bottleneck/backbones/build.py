@@ -1,10 +1,11 @@
-"""Build the network of a `BackboneSpec` with TensorFlow. TensorFlow is imported only here, and only
-when an image must be computed or a network trained.
+"""Build the network of a `BackboneSpec` with Keras 3, on whichever backend this process runs.
 
 The seam is `build_feature_network`: float32 RGB pixels (0-255) in, pooled features out, with the
-spec's preprocessing as built-in Keras layers in front of the frozen backbone. Feature extraction
-(`FeatureModel`), the OpenVINO runtime and exported classifiers all run this one network, so a
-model exported from a run computes exactly the features its head was trained on.
+spec's preprocessing as built-in Keras layers in front of the frozen backbone. It is written with
+Keras layers only, so TensorFlow, JAX and PyTorch run the same network with the same weights.
+Feature extraction (`FeatureModel`, compiled the way each backend does best), the OpenVINO runtime
+and exported classifiers all run this one network, so a model exported from a run computes exactly
+the features its head was trained on. Backends are imported only when a network is built.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from bottleneck.backbones.applications import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TORCH_STD_RGB
+from bottleneck.backbones.backend import MIXED_POLICY, backend_versions, import_keras
 from bottleneck.backbones.spec import RANDOM_WEIGHTS_SEED, WEIGHTS_IMAGENET, WEIGHTS_NONE, BackboneSpec
 from bottleneck.errors import BackboneError
 
@@ -29,7 +31,11 @@ T = TypeVar("T")
 
 
 def import_tensorflow():
-    """(tensorflow, keras), quietly, or a one-line error if TensorFlow is not installed."""
+    """(tensorflow, keras), quietly, or a one-line error if TensorFlow is not installed.
+
+    For the parts that need TensorFlow itself (graph decoding, SavedModel export, fine-tuning);
+    networks are built with `import_keras`, on any backend.
+    """
     try:
         # TensorFlow's C++ start-up chatter (CPU features, tf.data attribute notes) is not for users.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -121,19 +127,47 @@ def load_all_or_nothing(load: Callable[[], T], source: str, architecture: str) -
 
 def build_keras_backbone(spec: BackboneSpec):
     """The frozen Keras application of `spec`: takes preprocessed float input, returns pooled features."""
-    tf, keras = import_tensorflow()
+    keras = import_keras()
     builder = getattr(keras.applications, spec.arch.keras_builder)
     shape = (spec.input_size, spec.input_size, 3)
     if spec.weights == WEIGHTS_IMAGENET:
         model = _build_with_imagenet_weights(spec, builder, shape)
     else:
-        # Seeded, so that random weights are the same network on every run (the fingerprint says so).
-        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         model = builder(include_top=False, weights=None, input_shape=shape, pooling=spec.pooling)
-        if spec.weights != WEIGHTS_NONE:
+        if spec.weights == WEIGHTS_NONE:
+            portable_random_weights(model, RANDOM_WEIGHTS_SEED)
+        else:
             _load_weights_file(model, spec)
     model.trainable = False
     return model
+
+
+def portable_random_weights(model, seed: int) -> None:
+    """Give `model` seeded random weights drawn with NumPy, so every backend gets the same network.
+
+    Each backend's own initialisers draw different numbers from one seed. Here every trainable
+    variable that is not a constant (kernels, not biases or batch-norm scales) is redrawn Glorot-
+    uniform from its shape, with a generator seeded by (`seed`, its position); constants and
+    non-trainable statistics keep their initial values.
+    """
+    for position, variable in enumerate(model.trainable_weights):
+        values = np.asarray(variable.numpy())
+        if values.size == 0 or np.all(values == values.flat[0]):
+            continue
+        fan_in, fan_out = _fans(values.shape)
+        limit = np.sqrt(6.0 / max(1.0, fan_in + fan_out))
+        rng = np.random.default_rng([seed, position])
+        variable.assign(rng.uniform(-limit, limit, values.shape).astype(values.dtype))
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
+    """(fan in, fan out) of a weight of `shape`, as Keras' variance-scaling initialisers count them."""
+    if len(shape) == 1:
+        return float(shape[0]), float(shape[0])
+    if len(shape) == 2:
+        return float(shape[0]), float(shape[1])
+    receptive_field = float(np.prod(shape[:-2]))
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
 
 
 def _build_with_imagenet_weights(spec: BackboneSpec, builder: Callable, shape: tuple[int, int, int]):
@@ -169,7 +203,7 @@ def _load_weights_file(model, spec: BackboneSpec) -> None:
 
 def build_file_backbone(spec: BackboneSpec):
     """A user's `.keras` model cut at `spec.layer`, average-pooled when that layer is spatial."""
-    tf, keras = import_tensorflow()
+    keras = import_keras()
     try:
         # safe_mode refuses the Lambda layers that would run code stored in the file.
         full = keras.saving.load_model(spec.architecture, compile=False, safe_mode=True)
@@ -213,7 +247,7 @@ def preprocessing_layers(mode: str) -> list:
     They equal `keras.applications.imagenet_utils.preprocess_input(x, mode=mode)` within float32
     rounding, and hold no code of ours, so a saved model loads with `safe_mode=True` anywhere.
     """
-    _, keras = import_tensorflow()
+    keras = import_keras()
     layers = keras.layers
     if mode == "none":
         return []
@@ -245,14 +279,25 @@ def _caffe_layer(keras):
 
 
 def build_feature_network(spec: BackboneSpec):
-    """The whole feature network of `spec` as one `keras.Model`, frozen.
+    """The whole feature network of `spec` as one `keras.Model`, frozen, on this process's backend.
 
     Input `pixels`: float32 (n, size, size, 3) RGB in 0..255 (size = `spec.input_size`); output: the
     pooled features, (n, feature_dim) float32. The preprocessing is built-in layers before the
     backbone (nested as one layer), so the model saves to `.keras` and loads with `safe_mode=True`
-    without this package. `pixels` is x / 255 flattened.
+    without this package. `pixels` is x / 255 flattened. With `spec.precision == 'mixed'` the layers
+    compute in float16 (Keras' mixed_float16 policy) and the output is cast back to float32.
     """
-    _, keras = import_tensorflow()
+    keras = import_keras()
+    previous = keras.config.dtype_policy()
+    if spec.precision == "mixed":
+        keras.config.set_dtype_policy(MIXED_POLICY)
+    try:
+        return _feature_network(spec, keras)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _feature_network(spec: BackboneSpec, keras):
     size = spec.input_size
     pixels = keras.Input((size, size, 3), dtype="float32", name=INPUT_NAME)
     x = pixels
@@ -263,6 +308,8 @@ def build_feature_network(spec: BackboneSpec):
     else:
         backbone = build_keras_backbone(spec) if spec.kind == "application" else build_file_backbone(spec)
         features = backbone(x)
+    if spec.precision != "float32":
+        features = keras.layers.Activation("linear", dtype="float32", name="features_float32")(features)
     network = keras.Model(pixels, features, name=f"{_layer_name(spec.name)}_features")
     network.trainable = False
     return network
@@ -273,56 +320,61 @@ def _layer_name(text: str) -> str:
 
 
 class FeatureModel:
-    """Runs the feature network on uint8 RGB batches: cast to float32, then `build_feature_network(spec)`."""
+    """Runs the feature network on uint8 RGB batches: cast to float32, then `build_feature_network(spec)`.
+
+    Compiled the way this process's Keras backend does best (`bottleneck.backbones.compile`); the
+    cast stays inside the compiled function, so only uint8 pixels cross into the backend.
+    """
 
     def __init__(self, spec: BackboneSpec):
         self.spec = spec
         if spec.kind == "pixels":
-            # x / 255 flattened needs no TensorFlow: pixel baselines stay light (the exported
+            # x / 255 flattened needs no backend: pixel baselines stay light (the exported
             # network does the same as Rescaling + Flatten, equal within float32 rounding).
             self.feature_dim = spec.feature_dim
             self.versions: dict = {}
+            self.backend = "numpy"
             self._features = None
             return
-        tf, keras = import_tensorflow()
+        from bottleneck.backbones.compile import compile_feature_network
+
+        keras = import_keras()
         network = build_feature_network(spec)
-        size = spec.input_size
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-        def features(batch):
-            return network(tf.cast(batch, tf.float32), training=False)
-
         self.model = network  # the feature network: what exports and the OpenVINO runtime convert
-        self.feature_dim = int(network.output_shape[-1])
-        self._features = features
-        self.versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
+        self.feature_dim = int(network.output.shape[-1])
+        self.backend = keras.config.backend()
+        self._features = compile_feature_network(network, spec.input_size, self.backend)
+        self.versions = backend_versions(keras)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, feature_dim) float32."""
         if self._features is None:
             return batch.reshape(len(batch), -1).astype(np.float32) / 255.0
-        return self._features(batch).numpy().astype(np.float32, copy=False)
+        return np.asarray(self._features(np.ascontiguousarray(batch)), dtype=np.float32)
 
 
-RUNTIMES = ("tensorflow", "openvino")
+#: What runs the feature network: Keras on this process's backend, or a conversion of it.
+RUNTIMES = ("keras", "tensorflow", "openvino")  # 'tensorflow': the old name of 'keras'
 
 
-def get_feature_model(spec: BackboneSpec, runtime: str = "tensorflow", cache_dir: Path | None = None):
+def get_feature_model(spec: BackboneSpec, runtime: str = "keras", cache_dir: Path | None = None):
     """A feature model for `spec`, built once per process (later runs in one process reuse it).
 
-    `runtime='openvino'` converts the network once per fingerprint into `cache_dir` and runs it
-    with OpenVINO (an optional extra), which is faster on CPUs; `pixels` needs no runtime.
+    `runtime='keras'` runs the Keras network on this process's backend (TensorFlow unless
+    `--backend` or `KERAS_BACKEND` chose JAX or PyTorch). `runtime='openvino'` converts the network
+    once per fingerprint into `cache_dir` and runs it with OpenVINO (an optional extra), which is
+    faster on CPUs; `pixels` needs no runtime.
     """
     if runtime not in RUNTIMES:
         raise BackboneError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     if runtime == "openvino" and spec.kind != "pixels":
         folder = (Path(cache_dir or "cache") / f"{spec.fingerprint()}.openvino").resolve()
         return _openvino_model(spec, folder)
-    return _tensorflow_model(spec)
+    return _keras_model(spec, import_keras().config.backend() if spec.kind != "pixels" else "numpy")
 
 
 @lru_cache(maxsize=4)
-def _tensorflow_model(spec: BackboneSpec) -> FeatureModel:
+def _keras_model(spec: BackboneSpec, backend: str) -> FeatureModel:
     return FeatureModel(spec)
 
 

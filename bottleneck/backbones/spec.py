@@ -37,6 +37,10 @@ PREPROCESSING = {
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"
 RANDOM_WEIGHTS_SEED = 0
+#: How random weights are drawn (`build.portable_random_weights`): with NumPy, so every backend gets the same network.
+RANDOM_WEIGHTS_SCHEME = "numpy-glorot1"
+#: `--precision`: float32, or Keras' mixed_float16 policy (GPU only; changes features slightly, so fingerprinted).
+PRECISIONS = ("float32", "mixed")
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: these features come from an untrained network (--weights none)"
 
 
@@ -50,8 +54,11 @@ class BackboneSpec:
     pooling: str = "avg"
     layer: str | None = None  # .keras files: the layer to cut at
     preprocess: str | None = None  # .keras files: a key of PREPROCESSING (default 'none')
+    precision: str = "float32"  # or 'mixed' (float16 compute on a GPU)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BackboneError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.kind == "application":
             self._check_application()
         elif self.kind == "file":
@@ -155,7 +162,7 @@ class BackboneSpec:
         return PREPROCESSING[self.preprocess or "none"]
 
     def weights_id(self, file_hasher: Callable[[str], str] | None = None) -> str:
-        """'imagenet', 'none-seed0-keras<version>', 'sha256:<hex>' of the weights or model file, or 'none'."""
+        """'imagenet', 'none-seed0-<scheme>', 'sha256:<hex>' of the weights or model file, or 'none'."""
         hasher = file_hasher or _sha256_of
         if self.kind == "file":
             return "sha256:" + hasher(str(Path(self.architecture).absolute()))
@@ -164,8 +171,8 @@ class BackboneSpec:
         if self.weights == WEIGHTS_IMAGENET:
             return self.weights
         if self.weights == WEIGHTS_NONE:
-            # Random weights are seeded, so they are the same network on every run of one Keras version.
-            return f"none-seed{RANDOM_WEIGHTS_SEED}-keras{_installed_version('keras')}"
+            # Random weights are seeded and drawn with NumPy: the same network on every run and every backend.
+            return f"none-seed{RANDOM_WEIGHTS_SEED}-{RANDOM_WEIGHTS_SCHEME}"
         return "sha256:" + hasher(str(Path(self.weights).absolute()))
 
     def identity(self, file_hasher: Callable[[str], str] | None = None) -> dict:
@@ -180,6 +187,8 @@ class BackboneSpec:
         }
         if self.kind == "file":
             identity["layer"] = self.layer
+        if self.precision != "float32":  # absent for float32, so float32 stores keep their names
+            identity["precision"] = self.precision
         return identity
 
     def fingerprint(self, file_hasher: Callable[[str], str] | None = None) -> str:
@@ -190,17 +199,10 @@ class BackboneSpec:
             tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
         else:
             tag = {"file": self.layer, "pixels": "raw"}[self.kind]
+        if self.precision != "float32":
+            tag += f"-{self.precision}"
         safe_name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{self.name}-{self.input_size}-{tag}")
         return f"{safe_name}-{digest}"
-
-
-def _installed_version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "missing"
 
 
 def _sha256_of(path: str) -> str:
@@ -221,12 +223,13 @@ def spec_record(spec: BackboneSpec) -> dict:
         "pooling": spec.pooling,
         "layer": spec.layer,
         "preprocess": spec.preprocess,
+        "precision": spec.precision,
     }
 
 
 def spec_from_record(record: dict) -> BackboneSpec:
     """The spec a run recorded with `spec_record`."""
-    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess")
+    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision")
     return BackboneSpec(**{name: record[name] for name in fields if name in record})
 
 
@@ -236,7 +239,8 @@ def spec_from_store_attrs(attrs: dict) -> BackboneSpec:
     size = int(attrs["input_size"])
     if architecture == PIXELS or architecture in ARCHITECTURES:
         weights = str(attrs.get("weights", WEIGHTS_IMAGENET)) if architecture != PIXELS else WEIGHTS_NONE
-        return BackboneSpec(architecture=architecture, weights=weights, image_size=size)
+        return BackboneSpec(architecture=architecture, weights=weights, image_size=size,
+                            precision=str(attrs.get("precision", "float32")))
     by_text = {text: key for key, text in PREPROCESSING.items()}
     return BackboneSpec(architecture=architecture, layer=str(attrs.get("layer") or "") or None, image_size=size,
                         preprocess=by_text.get(str(attrs.get("preprocessing", "")), "none"))

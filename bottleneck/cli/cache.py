@@ -32,6 +32,8 @@ def info(args: argparse.Namespace) -> int:
             f"{item['feature_dim']}-d {item['dtype']}){warning}")
         out(f"  {item['rows']} images, {item['failures']} failures, {item['segments']} segments{pending}, "
             f"{_size(item['bytes'])}, updated {item['updated'] or '?'}")
+        if item.get("computed_by"):
+            out("  computed by " + "; ".join(f"{name}: {count}" for name, count in sorted(item["computed_by"].items())))
     if args.json:
         print(json.dumps({"cache": str(args.cache), "stores": infos}, default=str))
     return 0

@@ -102,6 +102,22 @@ def memory_budget(text: str | None) -> int | None:
 
 #: Shared bounds, so a flag means the same range in every command.
 BATCH_SIZE = bounded_int(1, 4096)
+
+
+class _BatchSizeOrAuto:
+    """`--batch-size` of commands that run the backbone: a whole number, or 'auto' (chosen for the device)."""
+
+    numeric = True
+    __name__ = f"{BATCH_SIZE.__name__}, or auto"
+
+    def __call__(self, text: str):
+        return "auto" if text.strip().lower() == "auto" else BATCH_SIZE(text)
+
+    def __repr__(self) -> str:
+        return f"<batch size {self.__name__}>"
+
+
+BATCH_SIZE_OR_AUTO = _BatchSizeOrAuto()
 WORKERS = bounded_int(1, 1024)
 EPOCHS = bounded_int(1, 100_000)
 PATIENCE = bounded_int(1, 100_000)
@@ -136,15 +152,45 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
     group.add_argument("--image-size", type=IMAGE_SIZE, default=None, metavar="N",
                        help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
                        "`bottleneck backbones` lists each one's default and minimum)")
+    group.add_argument("--precision", choices=["float32", "mixed"], default=None,
+                       help="float32 (default), or mixed: float16 compute on a GPU, about twice as fast there; its "
+                       "features differ slightly, so they are a store of their own")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick what runs the backbone, for commands that compute features."""
+    group = parser.add_argument_group("backend")
+    group.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=None,
+                       help="the Keras backend that runs the backbone: the same weights give the same features on each, "
+                       "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
+                       "'bottleneck[jax]', torch: 'bottleneck[torch]')")
+    group.add_argument("--runtime", choices=["keras", "tensorflow", "openvino"], default="keras",
+                       help="keras: the Keras network on --backend (default; 'tensorflow', its old name, is the "
+                       "same); openvino: converted once per backbone into the cache, faster on CPUs (pip install "
+                       "'bottleneck[openvino]')")
 
 
 def spec_from(args: argparse.Namespace):
     from bottleneck.backbones.spec import BackboneSpec
 
-    if all(getattr(args, name) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess")):
+    if all(getattr(args, name) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess",
+                                                     "precision")):
         return None
     return BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
-                        image_size=args.image_size, layer=args.layer, preprocess=args.preprocess)
+                        image_size=args.image_size, layer=args.layer, preprocess=args.preprocess,
+                        precision=args.precision or "float32")
+
+
+def select_backend(args: argparse.Namespace, spec=None) -> None:
+    """Make `--backend` this process's Keras backend, before anything imports Keras; check `--precision`.
+
+    A backend that is not installed, or `--precision mixed` where the backend sees no GPU, is one line.
+    """
+    from bottleneck.backbones.backend import check_precision, use_backend
+
+    backend = use_backend(getattr(args, "backend", None))
+    if spec is not None and spec.precision != "float32" and spec.kind != "pixels":
+        check_precision(spec.precision, backend)
 
 
 def print_split_scores(metrics: dict, out) -> None:

@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Callable
 
-from bottleneck.cli.common import (BATCH_SIZE, LOCK_TIMEOUT, WORKERS, add_backbone_arguments, bounded_int, finite_float,
-                                   spec_from, stderr)
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
+                                   add_backend_arguments, bounded_int, finite_float, select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
 _FAILURES_SHOWN = 10
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     """Compute the backbone features of every image under DATA into the cache."""
     from bottleneck.features.extract import ExtractOptions, extract_features
 
+    spec = spec_from(args)
+    select_backend(args, spec)
     options = ExtractOptions(
         batch_size=args.batch_size,
         workers=args.workers,
@@ -64,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         gpus_per_worker=args.gpus_per_worker,
         dtype=args.dtype,
+        backend=args.backend,
     )
-    result = extract_features(args.data, args.cache, spec_from(args), options, log=stderr)
+    result = extract_features(args.data, args.cache, spec, options, log=stderr)
     out = stderr if args.json else print
     _summarise_features(result, out)
     if args.json:
@@ -92,8 +95,9 @@ def add_parser(commands) -> None:
     features.add_argument("data", metavar="DATA", help="folder with one sub-folder of images per class")
     features.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     add_backbone_arguments(features)
-    features.add_argument("--batch-size", type=BATCH_SIZE, default=DEFAULT_BATCH_SIZE,
-                          help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})")
+    features.add_argument("--batch-size", type=BATCH_SIZE_OR_AUTO, default=DEFAULT_BATCH_SIZE,
+                          help=f"images per backbone call, %(type)s: the fastest that fits on a GPU, "
+                          f"{DEFAULT_BATCH_SIZE} on a CPU (default: {DEFAULT_BATCH_SIZE})")
     features.add_argument("--workers", type=WORKERS, default=None,
                           help="%(type)s; local engine: decoding threads (default: one per CPU core); ray engine: actors, "
                           "each loading the backbone once (default: one per machine, or per GPU group with "
@@ -103,9 +107,7 @@ def add_parser(commands) -> None:
     features.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
                           help="when another run writes the same store, wait at most this long, %(type)s "
                           "(default: wait until it finishes; 0: refuse at once)")
-    features.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
-                          help="run the backbone with TensorFlow (default) or OpenVINO (faster on CPUs; "
-                          "pip install 'bottleneck[openvino]'; converted once per backbone into the cache)")
+    add_backend_arguments(features)
     engine = features.add_argument_group("engine")
     engine.add_argument("--engine", choices=["local", "ray"], default="local",
                         help="local: this process, batches committed as they go (default); ray: shards of "

@@ -6,7 +6,8 @@ import csv
 import json
 import sys
 
-from bottleneck.cli.common import BATCH_SIZE, LOCK_TIMEOUT, WORKERS, bounded_int, stderr
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backend_arguments, bounded_int,
+                                   select_backend, stderr)
 
 
 def _table(predictions) -> str:
@@ -36,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.use.predict import predict_images
     from bottleneck.learn.run_folder import load_run
 
+    select_backend(args)
     options = ExtractOptions(batch_size=args.batch_size, workers=args.workers, lock_timeout=args.lock_timeout,
-                             progress=not args.no_progress and sys.stderr.isatty(), runtime=args.runtime)
+                             progress=not args.no_progress and sys.stderr.isatty(), runtime=args.runtime,
+                             backend=args.backend)
     loaded = load_run(args.run, args.cache)
+    select_backend(args, loaded.spec)
     result = predict_images(loaded, args.paths, args.top, options, log=stderr)
     if args.csv:
         _write_csv(args.csv, result.predictions, args.top)
@@ -71,12 +75,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")
     parser.add_argument("--csv", default=None, metavar="FILE", help="write the predictions to a CSV file")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
-    parser.add_argument("--batch-size", type=BATCH_SIZE, default=DEFAULT_BATCH_SIZE,
+    parser.add_argument("--batch-size", type=BATCH_SIZE_OR_AUTO, default=DEFAULT_BATCH_SIZE,
                         help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)")
     parser.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
                         help="wait at most this long for another run writing the same store, %(type)s (default: no limit)")
-    parser.add_argument("--runtime", choices=["tensorflow", "openvino"], default="tensorflow",
-                        help="run the backbone with TensorFlow (default) or OpenVINO")
+    add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)

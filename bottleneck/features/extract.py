@@ -9,6 +9,7 @@ computed by a pool of actors and each is written as one segment.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections import Counter
@@ -18,16 +19,16 @@ from typing import Callable
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.backbones.backend import use_backend
 from bottleneck.backbones.build import RUNTIMES, get_feature_model
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
-from bottleneck.features.engines import DEFAULT_SHARD_SIZE, ENGINES, Tally, get_engine
+from bottleneck.features.engines import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ENGINES, Tally, get_engine
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.noise import decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, StoreWriter
 
-DEFAULT_BATCH_SIZE = 16
 DECODER_LOG = "decoder-warnings.log"
 
 
@@ -101,6 +102,7 @@ def store_attrs(spec: BackboneSpec, weights_id: str, feature_dim: int) -> dict:
         "pooling": spec.pooling,
         "layer": spec.layer or "",
         "preprocessing": spec.preprocessing,
+        "precision": spec.precision,
         "feature_dim": feature_dim,
         "bottleneck_version": __version__,
         "pillow_version": PIL.__version__,
@@ -134,12 +136,13 @@ def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex, dtype: str
 class ExtractOptions:
     """How to run an extraction; checked once, before any work starts."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | str = DEFAULT_BATCH_SIZE  # or 'auto': the fastest that fits on a GPU, the default on a CPU
     workers: int | None = None  # local: decoding threads (None: one per CPU core); ray: actors (None: one per node or GPU)
     max_pixels: int = DEFAULT_MAX_PIXELS
     lock_timeout: float | None = None  # None: wait for another run as long as it takes
     progress: bool = False
-    runtime: str = "tensorflow"  # or 'openvino' (optional extra): same features, faster on CPUs
+    runtime: str = "keras"  # or 'openvino' (optional extra): same features, faster on CPUs
+    backend: str | None = None  # the Keras backend (None: $KERAS_BACKEND, else tensorflow); fixed per process
     engine: str = "local"  # or 'ray' (optional extra): shards over a pool of actors, on one machine or a cluster
     shard_size: int | None = None  # ray: images per shard (None: DEFAULT_SHARD_SIZE)
     ray_address: str | None = None  # ray: a running cluster (None: start a local Ray instance)
@@ -147,7 +150,9 @@ class ExtractOptions:
     dtype: str | None = None  # how a new store keeps its rows: float32 or float16 (None: as the store does)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers", "max_pixels", "shard_size"):
+        if self.batch_size != "auto" and not isinstance(self.batch_size, numbers.Integral):
+            raise DataError(f"--batch-size must be a whole number or auto; got {self.batch_size!r}")
+        for name in ("workers", "max_pixels", "shard_size") + (("batch_size",) if self.batch_size != "auto" else ()):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
@@ -231,6 +236,8 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     parts and segments are merged at the end.
     """
     started = time.monotonic()
+    if options.backend is not None and spec.kind != "pixels":
+        use_backend(options.backend)
     engine = get_engine(options)
     engine.check()  # bad engine settings are an error before any work
     cache = prepare_cache_dir(cache_dir)

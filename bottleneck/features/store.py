@@ -221,6 +221,35 @@ def _write_rows(handle: h5py.File, hashes: list[str], features: np.ndarray, path
     handle.create_dataset("source_path", data=_string_array(paths), dtype=h5py.string_dtype())
 
 
+#: A segment's (or part's) attribute: JSON {what computed its rows: how many}, e.g. {"jax 0.10.2, keras 3.15.1": 16}.
+COMPUTED_BY = "computed_by"
+UNRECORDED = "unrecorded"
+
+
+def _computed_by(attrs: dict, rows: int, kept: int) -> dict[str, int]:
+    """What computed the `kept` surviving rows of a file of `rows` rows, from its attributes."""
+    try:
+        counts = {str(k): int(v) for k, v in json.loads(attrs.get(COMPUTED_BY, "") or "{}").items()}
+    except (TypeError, ValueError, AttributeError):
+        counts = {}
+    if not counts or sum(counts.values()) != rows:
+        counts = {UNRECORDED: rows}
+    if kept == rows or not kept:
+        return counts if kept else {}
+    shares = {name: count * kept // rows for name, count in counts.items()}  # duplicates dropped: in proportion
+    first = max(counts, key=counts.get)
+    shares[first] += kept - sum(shares.values())
+    return {name: count for name, count in shares.items() if count}
+
+
+def add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for name, count in one.items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
 def _is_run(values: np.ndarray) -> bool:
     """Consecutive increasing integers (a, a+1, ..., b)."""
     return values.size > 0 and int(values[-1]) - int(values[0]) == values.size - 1 and bool(np.all(np.diff(values) == 1))
@@ -256,6 +285,7 @@ class _Source:
     hashes: list[str]  # of the kept rows
     failures: list[Failure]
     indexed: bool = False
+    computed_by: dict = field(default_factory=dict)  # of the kept rows: what computed them, how many
 
 
 @dataclass
@@ -335,7 +365,7 @@ class FeatureStore:
         return stored or self.requested_dtype or "float32"
 
     def write_segment(self, name: str, hashes: list[str], features: np.ndarray, paths: list[str],
-                      failures: list[Failure] = (), dtype: str | None = None) -> Path:
+                      failures: list[Failure] = (), dtype: str | None = None, computed_by: str = "") -> Path:
         """Write one segment of rows atomically, without the store's lock (names must be unique per writer).
 
         An engine's shard writes its rows this way; the next `finish` of a writer holding the lock
@@ -353,6 +383,8 @@ class FeatureStore:
             _write_rows(handle, hashes, features, paths, dtype)
             _write_failures(handle, list(failures))
             handle.attrs["dtype"] = dtype
+            if hashes:
+                handle.attrs[COMPUTED_BY] = json.dumps({computed_by or UNRECORDED: len(hashes)})
 
         _write_atomically(target, write, features.nbytes)
         return target
@@ -456,7 +488,8 @@ class FeatureStore:
                         plan.seen.add(h)
                         chosen.append(i)
                 keep, kept = np.array(chosen, dtype=np.int64), [file_hashes[i] for i in chosen]
-            plan.sources.append(_Source(path, kind, len(file_hashes), keep, kept, file_failures, indexed))
+            plan.sources.append(_Source(path, kind, len(file_hashes), keep, kept, file_failures, indexed,
+                                        _computed_by(attrs, len(file_hashes), int(keep.size))))
             plan.hashes.extend(kept)
             for failure in file_failures:
                 failures[failure.key] = failure
@@ -594,6 +627,7 @@ class FeatureStore:
             "pending": sum(1 for s in plan.sources if not s.indexed and s.kind != "legacy"),
             "format": 2 if plan.indexed else 1,
             "dtype": self.stored_dtype() or "float32",
+            "computed_by": add_counts(*(s.computed_by for s in plan.sources)),
             "bytes": sum(sizes.values()),
             "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in plan.attrs.items()},
         }
@@ -752,8 +786,8 @@ class StoreWriter:
             self.known_failures[failure.key] = failure
             self._pending_failures.append(failure)
 
-    def commit(self, hashes: list[str], features: np.ndarray, paths: list[str]) -> None:
-        """Write one batch (and pending failures) as a part file, atomically."""
+    def commit(self, hashes: list[str], features: np.ndarray, paths: list[str], computed_by: str = "") -> None:
+        """Write one batch (and pending failures) as a part file, atomically; `computed_by` names the runtime."""
         if features.shape != (len(hashes), self.store.feature_dim):
             raise CacheError(f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}")
         self.store.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -765,6 +799,8 @@ class StoreWriter:
         def write(handle: h5py.File) -> None:
             _write_rows(handle, hashes, features, paths, self.dtype)
             _write_failures(handle, failures)
+            if hashes:
+                handle.attrs[COMPUTED_BY] = json.dumps({computed_by or UNRECORDED: len(hashes)})
 
         try:
             _write_atomically(self.store.parts_dir / name, write, features.nbytes)
@@ -861,9 +897,13 @@ class StoreWriter:
             handle.create_dataset("source_path", data=_string_array(paths), dtype=h5py.string_dtype())
             _write_failures(handle, failures)
             handle.attrs["dtype"] = self.dtype
+            if hashes:
+                handle.attrs[COMPUTED_BY] = json.dumps(computed_by)
 
+        computed_by = add_counts(*(s.computed_by for s in ordered))
         _write_atomically(path, write, len(hashes) * self.store.feature_dim * np.dtype(self.dtype).itemsize)
-        return _Source(path, "segment", len(hashes), np.arange(len(hashes), dtype=np.int64), hashes, failures)
+        return _Source(path, "segment", len(hashes), np.arange(len(hashes), dtype=np.int64), hashes, failures,
+                       computed_by=computed_by)
 
     def _legacy_as_segment(self, source: _Source) -> _Source:
         """A format-1 store file becomes the first segment: a hard link (no copy) where the disk allows."""
@@ -877,7 +917,8 @@ class StoreWriter:
                 shutil.copyfile(source.path, tmp)
             os.replace(tmp, target)
             _fsync_dir(self.store.segments_dir)
-        return _Source(target, "segment", source.rows, source.keep, source.hashes, source.failures)
+        return _Source(target, "segment", source.rows, source.keep, source.hashes, source.failures,
+                       computed_by=source.computed_by)
 
     def _write_index(self, segments: list[_Source], plan: _Plan, extra: dict) -> None:
         """The index: virtual `features` and `content_hash` over the segments' kept rows, atomically."""

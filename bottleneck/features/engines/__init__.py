@@ -38,6 +38,8 @@ from bottleneck.features.discover import ImageFile
 from bottleneck.features.store import Failure, FeatureStore, StoreWriter, printable
 
 ENGINES = ("local", "ray")
+#: Images per backbone call unless `--batch-size` says otherwise (`auto` keeps it on a CPU).
+DEFAULT_BATCH_SIZE = 16
 DEFAULT_SHARD_SIZE = 2000
 #: Tries of a shard inside one worker (Python errors); a killed worker is restarted by the engine.
 SHARD_TRIES = 3
@@ -135,7 +137,7 @@ class ShardJob:
     spec: BackboneSpec
     runtime: str
     store: FeatureStore  # plain data: paths, fingerprint, attributes
-    batch_size: int
+    batch_size: int | str  # or 'auto': each worker settles it for its own device
     max_pixels: int
     known_hashes: frozenset = frozenset()  # content already in the store when the run started
     known_failures: tuple = ()  # (key, Failure) of failures already recorded
@@ -147,6 +149,12 @@ def make_job(writer: StoreWriter, spec: BackboneSpec, options, threads: int | No
     return ShardJob(spec=spec, runtime=options.runtime, store=writer.store, batch_size=options.batch_size,
                     max_pixels=options.max_pixels, known_hashes=frozenset(writer.known_hashes),
                     known_failures=tuple(writer.known_failures.items()), threads=threads)
+
+
+def computed_by(model) -> str:
+    """What a feature model runs on, as segments record it: 'jax 0.10.2, keras 3.15.1', 'openvino 2026.1', 'numpy'."""
+    versions = dict(getattr(model, "versions", {}) or {})
+    return ", ".join(f"{name} {version}" for name, version in sorted(versions.items())) or "numpy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +226,7 @@ class ShardRunner:
         self.store = job.store
         self.known = _Known(job)
         self.model = None
+        self._batch_size = job.batch_size if job.batch_size != "auto" else None
 
     def load_model(self):
         if self.model is None:
@@ -225,6 +234,16 @@ class ShardRunner:
 
             self.model = get_feature_model(self.job.spec, self.job.runtime, self.store.cache_dir)
         return self.model
+
+    @property
+    def batch_size(self) -> int:
+        """The job's batch size; `auto` is settled once per worker, on its own device."""
+        if self._batch_size is None:
+            from bottleneck.backbones.compile import auto_batch_size
+
+            model = self.load_model() if self.job.spec.kind != "pixels" else None
+            self._batch_size = auto_batch_size(model, DEFAULT_BATCH_SIZE) if model is not None else DEFAULT_BATCH_SIZE
+        return self._batch_size
 
     def _count_try(self, shard: Shard) -> int:
         """Record one more try of `shard` on disk and return its number: a try whose process died counts too."""
@@ -275,7 +294,8 @@ class ShardRunner:
                 blocks.append(np.asarray(self.load_model()(np.stack(pending)), dtype=np.float32))
                 pending.clear()
 
-        for outcome in bounded_map(prepare, shard.items, threads, max(2 * job.batch_size, 4 * threads)):
+        batch_size = self.batch_size
+        for outcome in bounded_map(prepare, shard.items, threads, max(2 * batch_size, 4 * threads)):
             path = str(outcome.image.path)
             if outcome.stamp is not None and outcome.content_hash:
                 result.stamps.append((path, outcome.stamp, outcome.content_hash))
@@ -287,7 +307,7 @@ class ShardRunner:
                 taken.add(outcome.content_hash)
                 result.rows.append((path, outcome.content_hash))
                 pending.append(outcome.pixels)
-                if len(pending) >= job.batch_size:
+                if len(pending) >= batch_size:
                     flush()
                     if len(blocks) == 2:
                         _test_fault(shard, "middle")
@@ -308,7 +328,8 @@ class ShardRunner:
         """Write the shard's rows and failures as one segment (temporary name, rename)."""
         result = output.result
         self.store.write_segment(result.name, [h for _, h in result.rows], output.features,
-                                 [p for p, _ in result.rows], result.failures)
+                                 [p for p, _ in result.rows], result.failures,
+                                 computed_by=computed_by(self.model) if self.model is not None else "numpy")
         return result
 
     def summarise_written(self, shard: Shard) -> ShardResult:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from bottleneck.backbones.build import get_feature_model
+from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.decode import ImageDecodeError, decode_image, too_large
 from bottleneck.features.discover import ImageFile
@@ -26,7 +27,7 @@ from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
 from bottleneck.errors import INTERRUPTED
-from bottleneck.features.engines import NON_FINITE, non_finite_rows
+from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -156,7 +157,7 @@ class _Batcher:
         if self.model is None:
             if self.spec.kind != "pixels":  # the raw image: there is no network, no weights to load
                 detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
-                runtime = f", {self.runtime}" if self.runtime != "tensorflow" else ""
+                runtime = f", {self.runtime}" if self.runtime not in ("keras", "tensorflow") else ""
                 self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
             self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
         features = np.asarray(self.model(np.stack(self.pixels)))
@@ -170,7 +171,8 @@ class _Batcher:
             self.hashes = [h for h, is_bad in zip(self.hashes, bad) if not is_bad]
             self.paths = [p for p, is_bad in zip(self.paths, bad) if not is_bad]
         self._wait_for_commit()
-        self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths)
+        self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths,
+                                                 computed_by(self.model))
         self.computed += len(self.hashes)
         self.pixels, self.hashes, self.paths = [], [], []
 
@@ -205,14 +207,17 @@ class LocalEngine:
 
     def __init__(self, options):
         self.options = options
+        self.batch_size = options.batch_size if options.batch_size != "auto" else None
 
     def check(self) -> None:
         """Nothing to check before the run."""
 
     def start(self, spec: BackboneSpec, cache_dir, log: Callable[[str], None]) -> None:
-        """Load the backbone (once per process) before decoding starts."""
+        """Load the backbone (once per process) before decoding starts, and settle `--batch-size auto`."""
         if spec.kind != "pixels":
-            get_feature_model(spec, self.options.runtime, cache_dir)
+            model = get_feature_model(spec, self.options.runtime, cache_dir)
+            if self.batch_size is None:
+                self.batch_size = auto_batch_size(model, DEFAULT_BATCH_SIZE, log)
 
     def stop(self) -> None:
         """Nothing to release."""
@@ -220,10 +225,11 @@ class LocalEngine:
     def run(self, tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
         """Read, hash, decode and compute `tally.todo`; commit as it goes."""
         options = self.options
+        batch_size = self.batch_size or DEFAULT_BATCH_SIZE
         bar = make_bar(len(tally.todo), options.progress)
-        batcher = _Batcher(spec, writer, options.batch_size, options.runtime, on_model=bar.write if options.progress else log)
+        batcher = _Batcher(spec, writer, batch_size, options.runtime, on_model=bar.write if options.progress else log)
         workers = options.workers or os.cpu_count() or 1
-        ahead = max(2 * options.batch_size, 4 * workers)
+        ahead = max(2 * batch_size, 4 * workers)
 
         def prepare(job: tuple[ImageFile, str | None]) -> Outcome:
             return read_and_decode(job[0], job[1], writer, spec.input_size, options.max_pixels)

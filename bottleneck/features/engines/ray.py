@@ -174,8 +174,9 @@ class RayEngine(ShardedEngine):
     def _worker_env() -> dict[str, str]:
         env = {"PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), _PYTHONWARNINGS_PANDAS])),
                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
-        if os.environ.get(FAULT_ENV):
-            env[FAULT_ENV] = os.environ[FAULT_ENV]
+        for name in (FAULT_ENV, "KERAS_BACKEND"):  # the workers run the backbone on this process's backend
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         return env
 
     def quiet(self, cache_dir: Path) -> contextlib.AbstractContextManager:

@@ -1,0 +1,130 @@
+"""Which Keras backend runs the network (TensorFlow, JAX or PyTorch), on which device, at which precision.
+
+Keras 3 runs one model on any of three backends, chosen once per process before Keras is imported
+(`KERAS_BACKEND`). `use_backend` makes that choice for a command (`--backend`), with one line when
+the backend is not installed or Keras already runs on another one in this process. Nothing here
+imports a backend until a network is needed, so `--help` and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from functools import lru_cache
+
+from bottleneck.backbones.spec import PRECISIONS
+from bottleneck.errors import BackboneError
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT_BACKEND = "tensorflow"
+
+#: The pip extra that brings each backend (`pip install 'bottleneck[jax]'`).
+EXTRAS = {"tensorflow": "cpu' (or '[gpu]' on a CUDA machine", "jax": "jax", "torch": "torch"}
+#: The module whose presence says a backend is installed.
+_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+#: Keras' dtype policy for `--precision mixed`: float16 compute, float32 variables (Keras' GPU recipe).
+MIXED_POLICY = "mixed_float16"
+
+
+def requested_backend(name: str | None = None) -> str:
+    """`name`, else `KERAS_BACKEND`, else TensorFlow; one line if it is not one of `BACKENDS`."""
+    chosen = name or os.environ.get("KERAS_BACKEND") or DEFAULT_BACKEND
+    if chosen not in BACKENDS:
+        where = "--backend" if name else "KERAS_BACKEND"
+        raise BackboneError(f"unknown {where} {chosen!r}; choose one of: {', '.join(BACKENDS)}")
+    return chosen
+
+
+def is_installed(backend: str) -> bool:
+    return importlib.util.find_spec(_MODULES[backend]) is not None
+
+
+def missing_backend_message(backend: str) -> str:
+    return (f"the {backend} backend is not installed: pip install 'bottleneck[{EXTRAS[backend]}]' "
+            "(or choose another --backend)")
+
+
+def use_backend(name: str | None = None) -> str:
+    """Make `name` (or `KERAS_BACKEND`, else TensorFlow) the Keras backend of this process; return it.
+
+    Must run before Keras is imported; afterwards it only checks that Keras runs on `name`.
+    """
+    backend = requested_backend(name)
+    if not is_installed(backend):
+        raise BackboneError(missing_backend_message(backend))
+    if "keras" in sys.modules:
+        running = active_backend()
+        if running != backend:
+            raise BackboneError(f"Keras already runs on {running} in this process and cannot switch to {backend}; "
+                                f"run the command in a new process (--backend {backend} or KERAS_BACKEND={backend})")
+        return backend
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def active_backend() -> str:
+    """The backend Keras runs on in this process (importing Keras if it is not yet imported)."""
+    return import_keras().config.backend()
+
+
+def import_keras():
+    """Keras on the selected backend, quietly; one line if Keras or its backend is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for users
+    backend = os.environ.get("KERAS_BACKEND", DEFAULT_BACKEND)
+    if "keras" not in sys.modules and backend in BACKENDS and not is_installed(backend):
+        raise BackboneError(missing_backend_message(backend))
+    try:
+        import keras
+    except ImportError as exc:
+        if "keras" in str(exc).lower() and "No module named" in str(exc):
+            raise BackboneError("Keras is not installed: pip install 'bottleneck[cpu]'") from None
+        raise BackboneError(f"Keras cannot start on the {backend} backend ({exc})") from None
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
+    return keras
+
+
+def backend_versions(keras) -> dict[str, str]:
+    """{'keras': ..., '<backend>': ...}: what computed a feature, as the store records it."""
+    backend = keras.config.backend()
+    module = sys.modules.get(_MODULES.get(backend, backend))
+    # str(): torch's __version__ is a str subclass that h5py cannot store as an attribute.
+    return {"keras": str(keras.__version__), backend: str(getattr(module, "__version__", "unknown"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+@lru_cache(maxsize=None)
+def accelerators(backend: str) -> tuple[str, ...]:
+    """The GPUs (or TPUs) `backend` can run on here, by name; () on a CPU-only machine."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tuple(d.name for d in tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        try:
+            return tuple(str(d) for d in jax.devices() if d.platform != "cpu")
+        except RuntimeError:
+            return ()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return ()
+    return ()
+
+
+def check_precision(precision: str, backend: str) -> None:
+    """`--precision mixed` needs a GPU: on a CPU float16 is slower and still changes the features."""
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "mixed" and not accelerators(backend):
+        raise BackboneError(f"--precision mixed needs a GPU, and {backend} sees none here: on a CPU float16 "
+                            "is slower than float32; drop --precision (or use --precision float32)")
