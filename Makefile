@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,openvino,test,ray
+EXTRAS ?= cpu,openvino,test,ray,jax
+# PyTorch is optional (its wheels are large): WITH_TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
+# installs the CPU build for the torch backend's tests; empty: those tests say they were skipped.
+WITH_TORCH ?=
 
 DATA ?= data
 CACHE ?= cache
@@ -11,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install browser test demo features train-head report bench bench-scale clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale clean
 
 install: $(STAMP)
 
@@ -21,13 +24,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+torch: $(STAMP)
+	@test -z "$(WITH_TORCH)" || $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(WITH_TORCH)
+
 # The report test opens the page in headless Chromium; install it where it is missing (Debian, as root).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 # Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once.
-test: $(STAMP) browser
+test: $(STAMP) torch browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The whole transfer-learning story on scikit-learn's digits, offline (see bottleneck/demo.py).

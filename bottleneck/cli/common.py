@@ -111,7 +111,12 @@ class _BatchSizeOrAuto:
     __name__ = f"{BATCH_SIZE.__name__}, or auto"
 
     def __call__(self, text: str):
-        return "auto" if text.strip().lower() == "auto" else BATCH_SIZE(text)
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return BATCH_SIZE(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {self.__name__}, got {text!r}") from None
 
     def __repr__(self) -> str:
         return f"<batch size {self.__name__}>"
