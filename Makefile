@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: $(STAMP)
 # How the store and the heads grow: synthetic stores of 10k, 100k and 1M rows (ARGS=--quick for a smoke test).
 bench-scale: $(STAMP)
 	$(BIN)/python scripts/bench_scale.py --out $(CACHE)/bench-scale $(ARGS)
+
+# Model-only and end-to-end images/s per Keras backend, precision and batch size (on a GPU box; a CPU works, slowly:
+# ARGS="--images 32 --batch-sizes 16").
+bench-gpu: $(STAMP)
+	$(BIN)/python scripts/bench_gpu.py --out $(CACHE)/bench-gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -101,6 +101,7 @@ def backend_versions(keras) -> dict[str, str]:
 @lru_cache(maxsize=None)
 def accelerators(backend: str) -> tuple[str, ...]:
     """The GPUs (or TPUs) `backend` can run on here, by name; () on a CPU-only machine."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if backend == "tensorflow":
         import tensorflow as tf
 

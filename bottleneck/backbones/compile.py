@@ -8,14 +8,19 @@ NumPy into the backend and onto its device:
 - JAX: `jax.jit` over the model's stateless call, weights passed as arguments (not baked into the
   program as constants, which would make compiling slow); batches are padded to the size compiled
   for, so the last, shorter batch does not compile the network again;
-- PyTorch: eager under `torch.inference_mode` (`torch.compile` took minutes to compile InceptionV3
-  on a CPU and gained nothing measurable there; see the README's backend table).
+- PyTorch: eager under `torch.inference_mode`. `torch.compile` made InceptionV3 2.5x faster on this
+  2-core CPU (75 px) but took 3 minutes to compile, once per process: a win only past ~20,000
+  images, so it is opt-in (`BOTTLENECK_TORCH_COMPILE=1`).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
+
+#: Set to 1 to run the PyTorch backend through `torch.compile` (minutes to compile, then faster).
+TORCH_COMPILE_ENV = "BOTTLENECK_TORCH_COMPILE"
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -72,10 +77,16 @@ def _torch_runner(network) -> Runner:
     weights = network.weights
     device = weights[0].value.device if weights else torch.device("cpu")
 
+    def features(pixels):
+        return network(pixels, training=False)
+
+    if os.environ.get(TORCH_COMPILE_ENV) == "1":
+        features = torch.compile(features)
+
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             pixels = torch.from_numpy(batch).to(device, non_blocking=True).float()
-            return network(pixels, training=False).float().cpu().numpy()
+            return features(pixels).float().cpu().numpy()
 
     return run
 
