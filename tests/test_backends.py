@@ -46,7 +46,32 @@ def work(tmp_path_factory) -> dict:
     for name, flag in (("none", "none"), ("file", str(weights))):
         extract_features(data, root / f"tf-{name}", BackboneSpec(weights=flag, image_size=TEST_SIZE), batch_size=4)
     extract_features(first_half, root / "shared", BackboneSpec(weights="none", image_size=TEST_SIZE), batch_size=4)
-    return {"root": root, "data": data, "weights": weights}
+    assert main(["train-head", "--data", str(data), "--cache", str(root / "tf-none"), "--weights", "none", "--image-size",
+                 str(TEST_SIZE), "--runs", str(root / "runs"), "--head", "keras", "--epochs", "2"]) == 0
+    (run,) = (root / "runs").iterdir()
+    return {"root": root, "data": data, "weights": weights, "run": run,
+            "tf_predictions": predict_lines(root, run, "tensorflow")}
+
+
+def predict_lines(root: Path, run: Path, backend: str, stdout: str | None = None) -> dict[str, np.ndarray]:
+    """Probabilities per image from `predict --json` (run here on TensorFlow, or given as another process's stdout)."""
+    if stdout is None:
+        import contextlib
+        import io
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(predict_argv(root, run, backend)) == 0
+        stdout = buffer.getvalue()
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"path"')]
+    return {row["path"]: np.array(sorted((t["label"], t["probability"]) for t in row["top"]))[:, 1].astype(float)
+            for row in rows}
+
+
+def predict_argv(root: Path, run: Path, backend: str) -> list[str]:
+    """Predict the red images with the Keras head, computing their features again (a cache of its own)."""
+    return ["predict", "--run", str(run), str(root / "data" / "red"), "--json", "--top", "3",
+            "--cache", str(root / f"predict-{backend}"), "--no-progress"]
 
 
 def store_of(cache: Path) -> tuple[str, dict[str, np.ndarray], h5py.AttributeManager]:
@@ -82,10 +107,13 @@ def features_in_a_new_process(backend: str, work: dict) -> subprocess.CompletedP
         ["features", str(data), "--cache", str(root / f"{backend}-file"), "--weights", str(work["weights"])],
         ["features", str(data), "--cache", str(shared), "--weights", "none"],
     ]
+    calls = [[*c, "--backend", backend, *NETWORK] for c in calls]
+    calls.append([*predict_argv(root, work["run"], backend), "--backend", backend])
     script = ("import sys; from bottleneck.cli import main\n"
-              f"for argv in {[[*c, '--backend', backend, *NETWORK] for c in calls]!r}:\n"
+              f"for argv in {calls!r}:\n"
               "    code = main(argv)\n"
-              "    if code: sys.exit(code)\n")
+              "    if code: sys.exit(code)\n"
+              f"print('export exit code', main(['export', '--run', {str(work['run'])!r}, '--out', {str(root / 'x')!r}]))\n")
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
@@ -112,6 +140,14 @@ def test_a_backend_computes_tensorflows_features_into_the_same_store(backend, wo
     records = segment_records(store_file)
     assert sorted(records.values()) == [6, 9] and any("tensorflow" in k for k in records)
     assert "computed 9, reused 6" in done.stdout
+    # export needs TensorFlow (SavedModel): on another backend, one line
+    assert "export exit code 2" in done.stdout
+    assert f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on {backend}" in done.stderr
+    # predict on this backend: the same probabilities as on TensorFlow, from features it computed itself
+    predictions = predict_lines(root, work["run"], backend, done.stdout)
+    assert sorted(predictions) == sorted(work["tf_predictions"]) and len(predictions) == 5
+    for path, probabilities in predictions.items():
+        np.testing.assert_allclose(probabilities, work["tf_predictions"][path], atol=1e-4)
 
 
 def test_cache_info_says_what_computed_the_rows(work, capsys):

@@ -47,6 +47,10 @@ def import_tensorflow():
         raise BackboneError(
             "TensorFlow is not installed: pip install 'bottleneck[cpu]' (or '[gpu]' on a CUDA machine)"
         ) from None
+    if keras.config.backend() != "tensorflow":
+        raise BackboneError(f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on "
+                            f"{keras.config.backend()} here (KERAS_BACKEND): set KERAS_BACKEND=tensorflow for it; "
+                            "`features` and `predict` run on any backend (--backend)")
     return tf, keras
 
 

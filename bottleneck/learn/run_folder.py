@@ -90,9 +90,9 @@ def _logreg_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]
 
 
 def _keras_classifier(path: Path) -> tuple[list[str], Callable]:
-    from bottleneck.backbones.build import import_tensorflow
+    from bottleneck.backbones.backend import import_keras
 
-    _, keras = import_tensorflow()
+    keras = import_keras()  # a Dense head: any backend loads it
     labels = _labels(path.parent)
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     return labels, lambda X: np.asarray(model.predict(np.asarray(X, np.float32), batch_size=1024, verbose=0), np.float64)
