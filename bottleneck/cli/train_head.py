@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
                       patience=args.patience)
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
-                        args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory)
+                        args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
+                        exclude=args.exclude)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     excluded = metrics["excluded"]
     if excluded["failed_extraction"]:
         out(f"  {excluded['failed_extraction']} images left out: their extraction failed")
+    if excluded.get("exclude_file"):
+        out(f"  {excluded['exclude_file']} images left out: listed in {args.exclude}")
     if metrics["warning"]:
         out(f"  WARNING: {metrics['warning']}")
     if args.json:
@@ -63,6 +66,9 @@ def add_parser(commands) -> None:
     split.add_argument("--test-pct", type=PERCENT, default=10.0,
                        help="test percentage, %(type)s; with --val-pct, less than 100 (default: 10)")
     split.add_argument("--split-file", default=None, help="reuse a saved split.csv")
+    parser.add_argument("--exclude", default=None, metavar="FILE",
+                        help="leave out the images this file lists, one per line, relative to DATA or absolute (an "
+                        "audit's exclude.txt); the run records it. Other images keep their splits")
     split.add_argument("--folds", type=bounded_int(2, 1000), default=None,
                        help="also k-fold cross-validate over train+validation, %(type)s and at most the training and "
                        "validation images of the smallest class")

@@ -331,3 +331,55 @@ def load_labelled_features(
         failed=failed,
         non_finite=non_finite,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# --exclude FILE: images left out of training (an audit's exclude.txt, or a list of one's own)
+
+def read_exclude_file(path: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
+    """The images a file lists, one per line, as paths relative to DATA (the form split.csv uses).
+
+    Lines may be relative to DATA or absolute; blank lines and lines starting with '#' are skipped.
+    """
+    root = Path(data_dir).absolute()
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise DataError(f"cannot read --exclude {path}: {exc.strerror or exc}") from None
+    listed = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        candidate = Path(line)
+        if candidate.is_absolute():
+            try:
+                line = str(candidate.relative_to(root))
+            except ValueError:
+                pass  # outside DATA: reported as not found below
+        listed.append(line)
+    return listed
+
+
+def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> tuple[LabelledFeatures, int]:
+    """`data` less the images `listed` (relative to DATA); one line if any listed image is not under DATA."""
+    from bottleneck.features.store import printable
+
+    known = set(data.relpaths) | set(data.failed) | set(data.missing) | set(data.non_finite)
+    unknown = [p for p in listed if p not in known]
+    if unknown:
+        raise DataError(f"--exclude {source} names {len(unknown)} images that are not under DATA, first "
+                        f"{printable(unknown[0])}: is it the list for this folder? (paths are relative to DATA, "
+                        "or absolute)")
+    drop = set(listed)
+    keep = np.array([p not in drop for p in data.relpaths])
+    if keep.all():
+        return data, 0
+    if not keep.any():
+        raise DataError(f"--exclude {source} leaves no image with features to train on")
+    kept = LabelledFeatures(
+        relpaths=[p for p, k in zip(data.relpaths, keep) if k],
+        labels=[label for label, k in zip(data.labels, keep) if k],
+        rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
+        failed=data.failed, non_finite=data.non_finite, memory=data.memory)
+    return kept, int((~keep).sum())

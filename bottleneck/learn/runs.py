@@ -18,7 +18,8 @@ import numpy as np
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
-from bottleneck.learn.dataset import FeatureRows, LabelledFeatures, load_labelled_features
+from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
+                                      without_excluded)
 from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
@@ -206,9 +207,12 @@ def train_head(
     max_memory: int | str | None = None,
     stream: bool | None = None,
     chunk_rows: int | None = None,
+    exclude: str | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
+    `exclude` names a file of images to leave out (one path per line, relative to DATA or absolute:
+    an audit's exclude.txt); the run records it.
     `max_memory` (bytes, or a size such as '512M'; default a quarter of the available memory)
     bounds the features held at once: over it, the head streams them from the store.
     `stream` and `chunk_rows` force streaming and its chunk size (for tests and benchmarks).
@@ -217,10 +221,16 @@ def train_head(
     budget = None if max_memory is None else parse_size(max_memory)
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
+    listed = read_exclude_file(exclude, data_dir) if exclude else []  # an unreadable file fails before any work
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
                                   stream=stream, chunk_rows=chunk_rows)
+    excluded = None
+    if exclude:
+        data, count = without_excluded(data, listed, exclude)
+        excluded = {"file": str(Path(exclude).absolute()), "listed": len(listed), "left_out": count}
+        log(f"left out {count} images listed in {exclude}")
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec)
+                             data_dir=data_dir, spec=spec, excluded=excluded)
 
 
 def train_on_features(
@@ -235,8 +245,11 @@ def train_on_features(
     argv: list[str] | None = None,
     data_dir: str | os.PathLike | None = None,
     spec: BackboneSpec | None = None,
+    excluded: dict | None = None,
 ) -> RunResult:
-    """Split, train, evaluate and write the run folder for features already matched to DATA."""
+    """Split, train, evaluate and write the run folder for features already matched to DATA.
+
+    `excluded` describes images left out by `--exclude` ({file, listed, left_out}), for the record."""
     model = make_head(head.head, random_state=split.seed, **head.params())
     splits = _splits_for(data, split, split_file, log)
     _check_classes(data, splits, log, folds)
@@ -253,7 +266,8 @@ def train_on_features(
     labels = [str(c) for c in model.classes_]
     metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
-                                  "non_finite": len(data.non_finite)},
+                                  "non_finite": len(data.non_finite),
+                                  "exclude_file": excluded["left_out"] if excluded else 0},
                      "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
     if data.memory:
         metrics["training"] = dict(data.memory.record(), solver=getattr(model, "solver_", None))
@@ -299,6 +313,7 @@ def train_on_features(
             "test_pct": split.test_pct,
             "split_file": split_file,
             "folds": folds,
+            "exclude": excluded,
             "max_memory_bytes": data.memory.max_memory_bytes if data.memory else None,
             "store": str(data.store_path.absolute()),
             "fingerprint": str(data.attrs.get("fingerprint", "")),
