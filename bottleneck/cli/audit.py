@@ -1,0 +1,87 @@
+"""`bottleneck audit --data DATA --cache CACHE --out DIR`: leakage, label issues and outliers, from the cache."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bottleneck.cli.common import SEED, add_backbone_arguments, bounded_int, finite_float, memory_budget, spec_from, stderr
+from bottleneck.cli.train_head import PERCENT
+
+_SHOWN = 5
+
+
+def _print_summary(result, files: dict, out) -> None:
+    counts = result.counts()
+    out(f"audited {result.images} images in {len(result.classes)} classes from the cache "
+        f"({sum(result.seconds.values()):.1f} s) -> {files['html']}")
+    for note in result.notes:
+        out(f"  WARNING: {note}" if note.startswith("RANDOM") else f"  note: {note}")
+    out(f"  leakage {counts['leakage']} (near-duplicates or copies in two splits), near-duplicates "
+        f"{counts['near_duplicates']}, exact duplicates {counts['exact_duplicates']}, label issues "
+        f"{counts['label_issues']}, outliers {counts['outliers']}, failed extraction {counts['failed_extraction']}")
+    for pair in result.leakage[:_SHOWN]:
+        out(f"    leak: {pair['a']} ({pair['splits'][0]}) ~ {pair['b']} ({pair['splits'][1]}), distance {pair['distance']:.4f}")
+    for issue in result.label_issues[:_SHOWN]:
+        out(f"    label: {issue['path']}: given {issue['given']!r}, looks like {issue['suggested']!r} ({issue['score']:.2f})")
+    for outlier in result.outliers[:_SHOWN]:
+        out(f"    outlier: {outlier['path']} ({outlier['label']}, {outlier['score']:.3f})")
+    removals = sum(len(paths) for paths in result.suggested_removals().values())
+    out(f"  {removals} suggested removals in {files['exclude']}: review it, then train-head --exclude {files['exclude']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit the images under DATA from their cached features; write audit.html, audit.json, exclude.txt."""
+    from bottleneck.inspect.audit import AuditConfig, run_audit
+    from bottleneck.inspect.audit_page import write_audit
+
+    max_memory = memory_budget(args.max_memory)
+    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file,
+                         duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
+    result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
+    files = write_audit(result, args.data, args.out)
+    out = stderr if args.json else print
+    _print_summary(result, files, out)
+    if args.json:
+        record = result.as_json()
+        record["files"] = {name: str(path) for name, path in files.items()}
+        print(json.dumps(record))
+    return 0
+
+
+def add_parser(commands) -> None:
+    from bottleneck.inspect.audit import DUPLICATE_FACTOR, FOLDS, NEIGHBOURS
+
+    parser = commands.add_parser(
+        "audit",
+        help="find leakage, near-duplicates, label issues and outliers from the feature cache",
+        description="Audit the images under DATA from their cached features alone (run `features` first): "
+        "near-duplicates and the leakage they cause across the train-head split, byte-identical files, "
+        "images that look like another class (confident learning, cleanlab) and images far from every "
+        "class. Writes OUT/audit.html (thumbnails), OUT/audit.json and OUT/exclude.txt.",
+        epilog="example: bottleneck audit --data data/flowers --cache cache --out audit && "
+        "bottleneck train-head --data data/flowers --cache cache --exclude audit/exclude.txt",
+    )
+    parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
+    parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    parser.add_argument("--out", default="audit", help="folder for audit.html, audit.json, exclude.txt (default: ./audit)")
+    add_backbone_arguments(parser, optional=True)
+    split = parser.add_argument_group("split (as train-head draws it, to find leakage)")
+    split.add_argument("--seed", type=SEED, default=0, help="seed of the split, %(type)s (default: 0)")
+    split.add_argument("--val-pct", type=PERCENT, default=10.0, help="validation percentage, %(type)s (default: 10)")
+    split.add_argument("--test-pct", type=PERCENT, default=10.0, help="test percentage, %(type)s (default: 10)")
+    split.add_argument("--split-file", default=None, help="a saved split.csv (a run's) instead of drawing one")
+    audit = parser.add_argument_group("thresholds")
+    audit.add_argument("--duplicate-threshold", type=finite_float(0, 1, low_open=True), default=DUPLICATE_FACTOR,
+                       metavar="FACTOR", help="near-duplicates: closer than FACTOR x the median nearest-neighbour "
+                       f"distance, %(type)s (default: {DUPLICATE_FACTOR}, cleanlab's)")
+    audit.add_argument("--neighbours", type=bounded_int(1, 100), default=NEIGHBOURS,
+                       help=f"neighbours per image for outliers, %(type)s (default: {NEIGHBOURS})")
+    audit.add_argument("--folds", type=bounded_int(2, 20), default=FOLDS,
+                       help=f"cross-validation folds for label issues, %(type)s (default: {FOLDS}, fewer when a class is small)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for reading features (default: a quarter of the available memory); larger stores "
+                        "are read in chunks")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (near_duplicates, label_issues, outliers, counts, ...) as the last "
+                        "line of stdout (the summary goes to stderr)")
+    parser.set_defaults(handler=run)

@@ -1,0 +1,322 @@
+"""`bottleneck audit`: what silently ruins a classifier, found from the feature cache alone.
+
+No image is decoded (except for the page's thumbnails) and no head is kept: the cached features
+of DATA are standardised (and projected to at most `PROJECTED_DIM` dimensions by a PCA fitted on a
+sample, so 100,000 images fit in a few hundred MB), and one k-nearest-neighbour graph of them
+(faiss, cosine distance) serves three audits:
+
+- near-duplicates: pairs closer than `duplicate_factor` x the median nearest-neighbour distance
+  (cleanlab Datalab's rule, 0.13 by default), with each image's split; pairs that straddle train,
+  validation and test are leakage. Byte-identical files (one content hash, two paths) are listed
+  as exact duplicates, and flagged when their labels differ;
+- outliers: images whose mean distance to their k neighbours is above Q3 + 1.7 IQR of all such
+  distances (Datalab's outlier rule), ranked;
+- label issues: out-of-fold probabilities of a cross-validated logistic regression, then
+  confident learning (`cleanlab.filter.find_label_issues`), ranked by how little the model
+  believes the given label.
+
+With random weights (`--weights none`) every image looks like every other: near-duplicates are
+refused rather than listed by the thousand. The split is the one `train-head` draws (same
+`--seed`, `--val-pct`, `--test-pct`, or `--split-file`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.errors import DataError
+
+#: Projected dimensions for the kNN graph and the cross-validated model (features are standardised first).
+PROJECTED_DIM = 256
+#: Rows the standardisation and the PCA are fitted on.
+FIT_SAMPLE = 20_000
+#: Rows projected at a time: memory stays bounded whatever the store's size.
+CHUNK_ROWS = 8192
+#: Datalab's near-duplicate rule: closer than this x the median distance to the nearest neighbour.
+DUPLICATE_FACTOR = 0.13
+#: Datalab's outlier rule: mean kNN distance above Q3 + this x IQR.
+OUTLIER_IQR = 1.7
+#: Outliers suggested for removal (exclude.txt): Tukey's "far out", above Q3 + 3 IQR; the rest are listed only.
+FAR_OUT_IQR = 3.0
+NEIGHBOURS = 10
+FOLDS = 5
+#: Rows per kNN query batch (faiss searches a batch at once).
+SEARCH_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How to audit: the split to check for leakage, and the audits' thresholds."""
+
+    seed: int = 0
+    val_pct: float = 10.0
+    test_pct: float = 10.0
+    split_file: str | None = None
+    duplicate_factor: float = DUPLICATE_FACTOR
+    neighbours: int = NEIGHBOURS
+    folds: int = FOLDS
+
+
+@dataclass
+class AuditResult:
+    """Everything an audit found; `as_json` is audit.json."""
+
+    images: int
+    classes: dict[str, int]
+    splits: dict[str, int]
+    near_duplicates: list[dict]
+    exact_duplicates: list[dict]
+    label_issues: list[dict]
+    outliers: list[dict]
+    excluded: dict[str, int]
+    thresholds: dict
+    notes: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    pretrained: bool = True
+    store: str = ""
+
+    @property
+    def leakage(self) -> list[dict]:
+        return [pair for pair in self.near_duplicates + self.exact_duplicates if pair["leakage"]]
+
+    def counts(self) -> dict:
+        return {"images": self.images, "classes": len(self.classes), "near_duplicates": len(self.near_duplicates),
+                "exact_duplicates": len(self.exact_duplicates), "leakage": len(self.leakage),
+                "label_issues": len(self.label_issues), "outliers": len(self.outliers),
+                "failed_extraction": self.excluded.get("failed_extraction", 0)}
+
+    def as_json(self) -> dict:
+        record = asdict(self)
+        record["counts"] = self.counts()
+        return record
+
+    def suggested_removals(self) -> dict[str, list[str]]:
+        """What exclude.txt lists, by reason: leaked copies outside train, mislabelled images, far-out outliers."""
+        leaked = []
+        for pair in self.leakage:
+            outside = [path for path, split in zip((pair["a"], pair["b"]), pair["splits"]) if split != "train"]
+            leaked.append(outside[-1] if outside else pair["b"])  # keep the training copy, drop the scored one
+        return {"leakage": sorted(set(leaked)),
+                "label issues": [issue["path"] for issue in self.label_issues],
+                "far-out outliers": [outlier["path"] for outlier in self.outliers if outlier["far_out"]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The projected features and the kNN graph
+
+def _projection(rows, sample_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(mean, scale, PCA components or None), fitted on a sample of at most `sample_rows` rows."""
+    n, dim = rows.shape
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, sample_rows), replace=False))
+    X = np.asarray(rows.take(sample), dtype=np.float64)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale < 1e-12] = 1.0  # constant features carry nothing; do not divide by zero
+    if dim <= PROJECTED_DIM or len(sample) <= PROJECTED_DIM:
+        return mean, scale, None
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=PROJECTED_DIM, svd_solver="randomized", random_state=seed).fit((X - mean) / scale)
+    return mean, scale, pca.components_.T.astype(np.float32)
+
+
+def project(rows, seed: int = 0) -> np.ndarray:
+    """(n, <= PROJECTED_DIM) float32: standardised (and PCA-projected) features, read chunk by chunk."""
+    mean, scale, components = _projection(rows, FIT_SAMPLE, seed)
+    n = len(rows)
+    out = np.empty((n, components.shape[1] if components is not None else rows.shape[1]), np.float32)
+    for start in range(0, n, CHUNK_ROWS):
+        positions = np.arange(start, min(n, start + CHUNK_ROWS))
+        chunk = ((np.asarray(rows.take(positions), np.float64) - mean) / scale).astype(np.float32)
+        out[positions] = chunk @ components if components is not None else chunk
+    return out
+
+
+def knn_graph(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, neighbours), each (n, k): cosine distance to the k nearest other images, nearest first."""
+    import faiss
+
+    unit = np.ascontiguousarray(Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit)
+    n = len(unit)
+    k = min(k, n - 1)
+    distances = np.empty((n, k), np.float32)
+    neighbours = np.empty((n, k), np.int64)
+    for start in range(0, n, SEARCH_ROWS):
+        stop = min(n, start + SEARCH_ROWS)
+        similarity, found = index.search(unit[start:stop], k + 1)
+        for row in range(stop - start):  # drop the image itself (or one exact copy of it: the same vector)
+            mine = found[row] != start + row
+            keep = found[row][mine][:k], similarity[row][mine][:k]
+            neighbours[start + row], distances[start + row] = keep[0], np.clip(1.0 - keep[1], 0.0, 2.0)
+    return distances, neighbours
+
+
+# ---------------------------------------------------------------------------------------------
+# The three audits
+
+def near_duplicate_pairs(distances: np.ndarray, neighbours: np.ndarray, factor: float) -> tuple[list[tuple[int, int, float]], float]:
+    """Pairs (i < j, distance) closer than `factor` x the median nearest-neighbour distance; and that threshold."""
+    median = float(np.median(distances[:, 0])) if len(distances) else 0.0
+    threshold = factor * median
+    pairs: dict[tuple[int, int], float] = {}
+    close_rows, close_cols = np.nonzero(distances < threshold)
+    for i, c in zip(close_rows, close_cols):
+        j = int(neighbours[i, c])
+        key = (min(int(i), j), max(int(i), j))
+        pairs[key] = min(pairs.get(key, np.inf), float(distances[i, c]))
+    return sorted(((a, b, d) for (a, b), d in pairs.items()), key=lambda p: (p[2], p[0], p[1])), threshold
+
+
+def outlier_scores(distances: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Mean kNN distance per image; the outlier threshold Q3 + 1.7 IQR, and the far-out one, Q3 + 3 IQR."""
+    mean = distances.mean(axis=1) if distances.size else np.zeros(len(distances))
+    q1, q3 = np.percentile(mean, [25, 75]) if len(mean) else (0.0, 0.0)
+    return mean, float(q3 + OUTLIER_IQR * (q3 - q1)), float(q3 + FAR_OUT_IQR * (q3 - q1))
+
+
+def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Probabilities each image gets from a logistic regression that never saw it (stratified k-fold)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    n_classes = int(y.max()) + 1
+    proba = np.zeros((len(y), n_classes))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, held_out in splitter.split(Z, y):
+        model = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
+        model.fit(Z[train], y[train])
+        proba[np.ix_(held_out, model.classes_)] = model.predict_proba(Z[held_out])
+    return proba
+
+
+def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
+    """(row, suspicion 0-1) of the images confident learning flags, most suspicious first."""
+    from cleanlab.filter import find_label_issues
+
+    flagged = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence")
+    return [(int(i), float(1.0 - proba[i, y[i]])) for i in flagged]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole audit
+
+def _check_classes(labels: list[str], folds: int) -> int:
+    """The folds cross-validation can use; one line when the classes cannot be audited."""
+    counts = Counter(labels)
+    if len(counts) < 2:
+        only = f"only class {next(iter(counts))!r} has images with features" if counts else "no image has features"
+        raise DataError(f"an audit needs at least two classes; {only}")
+    label, fewest = min(counts.items(), key=lambda item: (item[1], item[0]))
+    if fewest < 2:
+        raise DataError(f"class {label!r} has a single image with features; finding label issues cross-validates, so "
+                        "each class needs at least 2 images (5 or more for 5 folds)")
+    return min(folds, fewest)
+
+
+def content_hashes(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, relpaths: list[str]) -> list[str]:
+    """The content hash of each image, from the hash index (files whose stamp changed are read)."""
+    from bottleneck.features.hashing import HashIndex
+    from bottleneck.learn.dataset import _content_hash
+
+    root = Path(data_dir)
+    index = HashIndex(Path(cache_dir))
+    try:
+        return [_content_hash(index, root / relpath) for relpath in relpaths]
+    finally:
+        index.close()
+
+
+def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
+    """Pairs of rows whose files have the same bytes (each file paired with the first of its content)."""
+    first: dict[str, int] = {}
+    pairs = []
+    for row, content in enumerate(hashes):
+        if not content:
+            continue
+        if content in first:
+            pairs.append((first[content], row))
+        else:
+            first[content] = row
+    return pairs
+
+
+def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: BackboneSpec | None = None,
+              config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
+              max_memory: int | None = None) -> AuditResult:
+    """Audit the images under DATA from their cached features (see the module's docstring)."""
+    from bottleneck.learn.dataset import load_labelled_features
+    from bottleneck.learn.runs import _splits_for
+    from bottleneck.learn.splits import SplitConfig
+
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory)
+    labels = list(data.labels)
+    folds = _check_classes(labels, config.folds)
+    splits = _splits_for(data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed),
+                         config.split_file, log)
+    hashes = content_hashes(data_dir, cache_dir, data.relpaths)
+    seconds["load"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    Z = project(data.rows, config.seed)
+    seconds["project"] = time.perf_counter() - started
+    started = time.perf_counter()
+    distances, neighbours = knn_graph(Z, config.neighbours)
+    seconds["knn"] = time.perf_counter() - started
+
+    pretrained = bool(data.attrs.get("pretrained", True))
+    notes: list[str] = []
+    pairs, threshold = near_duplicate_pairs(distances, neighbours, config.duplicate_factor)
+    exact = exact_duplicate_pairs(hashes)
+    if not pretrained:
+        notes.append(f"RANDOM WEIGHTS: the features come from an untrained network, so every image looks alike to it; "
+                     f"near-duplicates are not reported ({len(pairs)} pairs would have been). Byte-identical files are.")
+        pairs = []
+
+    def pair_record(a: int, b: int, distance: float) -> dict:
+        return {"a": data.relpaths[a], "b": data.relpaths[b], "distance": round(distance, 6),
+                "splits": [splits[a], splits[b]], "labels": [labels[a], labels[b]],
+                "leakage": splits[a] != splits[b], "same_label": labels[a] == labels[b]}
+
+    near = [pair_record(a, b, d) for a, b, d in pairs if not (hashes[a] and hashes[a] == hashes[b])]
+    exact_records = [pair_record(a, b, 0.0) for a, b in exact]
+
+    started = time.perf_counter()
+    mean_distance, outlier_threshold, far_threshold = outlier_scores(distances)
+    order = np.argsort(-mean_distance, kind="stable")
+    outliers = [{"path": data.relpaths[i], "label": labels[i], "split": splits[i], "score": round(float(mean_distance[i]), 6),
+                 "far_out": bool(mean_distance[i] > far_threshold)}
+                for i in order if mean_distance[i] > outlier_threshold]
+
+    classes = sorted(set(labels))
+    y = np.array([classes.index(label) for label in labels])
+    proba = out_of_fold_probabilities(Z, y, folds, config.seed)
+    issues = [{"path": data.relpaths[i], "given": labels[i], "suggested": classes[int(np.argmax(proba[i]))],
+               "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)]
+    seconds["label_issues_and_outliers"] = time.perf_counter() - started
+    if data.missing:
+        notes.append(f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
+                     "and are not audited")
+    return AuditResult(
+        images=len(labels), classes=dict(sorted(Counter(labels).items())), splits=dict(Counter(splits)),
+        near_duplicates=near, exact_duplicates=exact_records, label_issues=issues, outliers=outliers,
+        excluded={"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
+                  "non_finite": len(data.non_finite)},
+        thresholds={"duplicate_factor": config.duplicate_factor, "median_nearest_distance": round(threshold / config.duplicate_factor, 6)
+                    if config.duplicate_factor else None, "duplicate_distance": round(threshold, 6),
+                    "outlier_mean_knn_distance": round(outlier_threshold, 6),
+                    "far_out_mean_knn_distance": round(far_threshold, 6), "neighbours": int(distances.shape[1]),
+                    "folds": folds, "projected_dim": int(Z.shape[1]), "metric": "cosine on standardised features"},
+        notes=notes, seconds={k: round(v, 2) for k, v in seconds.items()}, pretrained=pretrained,
+        store=str(data.store_path))
