@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,openvino,test,ray,jax
+EXTRAS ?= cpu,openvino,test,ray,jax,audit
 # PyTorch is optional (its wheels are large): WITH_TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
 # installs the CPU build for the torch backend's tests; empty: those tests say they were skipped.
 WITH_TORCH ?=
@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit clean
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: $(STAMP)
 # How the store and the heads grow: synthetic stores of 10k, 100k and 1M rows (ARGS=--quick for a smoke test).
 bench-scale: $(STAMP)
 	$(BIN)/python scripts/bench_scale.py --out $(CACHE)/bench-scale $(ARGS)
+
+# `bottleneck audit` on 100,000 images (2048-d features written straight into the store): time, memory, recall.
+bench-audit: $(STAMP)
+	$(BIN)/python scripts/bench_audit.py --out $(CACHE)/bench-audit $(ARGS)
 
 # Model-only and end-to-end images/s per Keras backend, precision and batch size (on a GPU box; a CPU works, slowly:
 # ARGS="--images 32 --batch-sizes 16").

@@ -116,15 +116,17 @@ def _projection(rows, sample_rows: int, seed: int) -> tuple[np.ndarray, np.ndarr
     n, dim = rows.shape
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, sample_rows), replace=False))
-    X = np.asarray(rows.take(sample), dtype=np.float64)
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
+    X = np.asarray(rows.take(sample), dtype=np.float32)
+    mean = X.mean(axis=0, dtype=np.float64)
+    scale = X.std(axis=0, dtype=np.float64)
     scale[scale < 1e-12] = 1.0  # constant features carry nothing; do not divide by zero
     if dim <= PROJECTED_DIM or len(sample) <= PROJECTED_DIM:
         return mean, scale, None
     from sklearn.decomposition import PCA
 
-    pca = PCA(n_components=PROJECTED_DIM, svd_solver="randomized", random_state=seed).fit((X - mean) / scale)
+    X -= mean.astype(np.float32)  # in place, in float32: the sample is the audit's largest array
+    X /= scale.astype(np.float32)
+    pca = PCA(n_components=PROJECTED_DIM, svd_solver="randomized", random_state=seed).fit(X)
     return mean, scale, pca.components_.T.astype(np.float32)
 
 
@@ -140,9 +142,19 @@ def project(rows, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _require(module: str):
+    """Import `module` (faiss, cleanlab), or one line naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"the audit needs {module}: pip install 'bottleneck[audit]' (faiss-cpu and cleanlab)") from None
+
+
 def knn_graph(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(distances, neighbours), each (n, k): cosine distance to the k nearest other images, nearest first."""
-    import faiss
+    faiss = _require("faiss")
 
     unit = np.ascontiguousarray(Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12), dtype=np.float32)
     index = faiss.IndexFlatIP(unit.shape[1])
@@ -201,8 +213,7 @@ def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: in
 
 def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
     """(row, suspicion 0-1) of the images confident learning flags, most suspicious first."""
-    from cleanlab.filter import find_label_issues
-
+    find_label_issues = _require("cleanlab.filter").find_label_issues
     flagged = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence")
     return [(int(i), float(1.0 - proba[i, y[i]])) for i in flagged]
 
