@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu clean
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: $(STAMP)
 # How the store and the heads grow: synthetic stores of 10k, 100k and 1M rows (ARGS=--quick for a smoke test).
 bench-scale: $(STAMP)
 	$(BIN)/python scripts/bench_scale.py --out $(CACHE)/bench-scale $(ARGS)
+
+# How close each CPU runtime (OpenVINO, TensorFlow, ONNX Runtime) comes to the matrix-multiply limit, end to end.
+bench-cpu: $(STAMP)
+	$(BIN)/python scripts/bench_cpu.py --out $(CACHE)/bench-cpu $(ARGS)
 
 # `bottleneck audit` on 100,000 images (2048-d features written straight into the store): time, memory, recall.
 bench-audit: $(STAMP)
