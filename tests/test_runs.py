@@ -41,7 +41,8 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     names = sorted(p.name for p in first.run_dir.iterdir())
     assert names == ["config.json", "metrics.json", "model.joblib", "split.csv", "test_predictions.csv"]
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
-    assert metrics["head"] == "logreg" and metrics["excluded"] == {"failed_extraction": 1, "not_in_cache": 0, "non_finite": 0}
+    assert metrics["head"] == "logreg" and metrics["excluded"] == {"failed_extraction": 1, "not_in_cache": 0, "non_finite": 0,
+                                                                   "exclude_file": 0}
     for name in ("train", "validation", "test"):
         split = metrics["splits"][name]
         assert {"accuracy", "macro_f1", "log_loss", "per_class", "labels", "confusion_matrix"} <= set(split)

@@ -71,12 +71,34 @@ def run(args: argparse.Namespace) -> int:
     result = extract_features(args.data, args.cache, spec, options, log=stderr)
     out = stderr if args.json else print
     _summarise_features(result, out)
+    if args.augment:
+        views = _augment(args, spec, options)
+        out(f"  augmented views ({args.augment} per image): computed {views.computed}, reused {views.reused} -> "
+            f"{views.store}")
     if args.json:
         print(json.dumps(result.as_json()))
     if args.strict and result.failed:
         noun = "image" if result.failed == 1 else "images"
         raise StrictModeError(f"{result.failed} {noun} failed and --strict is set (see the list above)")
     return 0
+
+
+def _augment(args: argparse.Namespace, spec, options):
+    """`--augment N`: the views of every image that has features, cached beside them."""
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.augment import compute_views
+    from bottleneck.features.discover import discover_images
+    from bottleneck.learn.dataset import content_hashes, find_store
+
+    spec = spec or BackboneSpec()
+    plain = find_store(args.cache, spec)
+    images = discover_images(args.data).images
+    hashes = content_hashes(args.data, args.cache, [image.relpath for image in images])
+    known = set(plain.index().content_hash)
+    todo = [(str(image.path), h) for image, h in zip(images, hashes) if h in known]
+    return compute_views(todo, args.cache, spec, plain, args.augment, runtime=options.runtime,
+                         batch_size=options.batch_size if options.batch_size != "auto" else 16,
+                         workers=options.workers, progress=options.progress, log=stderr)
 
 
 def add_parser(commands) -> None:
@@ -123,6 +145,11 @@ def add_parser(commands) -> None:
     features.add_argument("--dtype", choices=["float32", "float16"], default=None,
                           help="how a new store keeps its features: float16 halves disk and reads (heads still compute "
                           "in float32); an existing store keeps its own (default: float32)")
+    features.add_argument("--augment", type=bounded_int(1, 64), default=None, metavar="N",
+                          help="also compute N augmented views of each image (flip, random resized crop, brightness and "
+                          "contrast; seeded by the image's content, so the same views every time), cached beside the "
+                          "features for `train-head --augment` and `predict --tta`, %(type)s. With --backbone pixels the "
+                          "views are the augmented images' pixels")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")
     features.add_argument("--json", action="store_true",
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")

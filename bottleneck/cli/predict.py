@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                              backend=args.backend)
     loaded = load_run(args.run, args.cache)
     select_backend(args, loaded.spec)
-    result = predict_images(loaded, args.paths, args.top, options, log=stderr)
+    result = predict_images(loaded, args.paths, args.top, options, log=stderr, tta=args.tta)
     if args.csv:
         _write_csv(args.csv, result.predictions, args.top)
     if args.json:
@@ -80,6 +80,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)")
     parser.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
                         help="wait at most this long for another run writing the same store, %(type)s (default: no limit)")
+    parser.add_argument("--tta", type=bounded_int(1, 64), nargs="?", const=0, default=None, metavar="N",
+                        help="test-time augmentation: average the probabilities over each image and N augmented views "
+                        "(cached like features), %(type)s (default N: as many as the run trained on, else 4)")
     add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)

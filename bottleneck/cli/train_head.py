@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
-                        exclude=args.exclude)
+                        exclude=args.exclude, augment=args.augment)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     excluded = metrics["excluded"]
     if excluded["failed_extraction"]:
         out(f"  {excluded['failed_extraction']} images left out: their extraction failed")
+    if "augment" in metrics:
+        out(f"  trained on {metrics['augment']['rows_added']} cached augmented views of the training images as well "
+            f"({metrics['augment']['views_per_image']} per image)")
     if excluded.get("exclude_file"):
         out(f"  {excluded['exclude_file']} images left out: listed in {args.exclude}")
     if metrics["warning"]:
@@ -66,6 +69,10 @@ def add_parser(commands) -> None:
     split.add_argument("--test-pct", type=PERCENT, default=10.0,
                        help="test percentage, %(type)s; with --val-pct, less than 100 (default: 10)")
     split.add_argument("--split-file", default=None, help="reuse a saved split.csv")
+    parser.add_argument("--augment", type=bounded_int(1, 64), nargs="?", const=0, default=None, metavar="N",
+                        help="also train on the cached augmented views of the training images (never of validation or "
+                        "test images): N per image, %(type)s, or with no N every view the cache holds "
+                        "(compute them with `features --augment N`)")
     parser.add_argument("--exclude", default=None, metavar="FILE",
                         help="leave out the images this file lists, one per line, relative to DATA or absolute (an "
                         "audit's exclude.txt); the run records it. Other images keep their splits")

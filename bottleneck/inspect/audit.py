@@ -234,19 +234,6 @@ def _check_classes(labels: list[str], folds: int) -> int:
     return min(folds, fewest)
 
 
-def content_hashes(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, relpaths: list[str]) -> list[str]:
-    """The content hash of each image, from the hash index (files whose stamp changed are read)."""
-    from bottleneck.features.hashing import HashIndex
-    from bottleneck.learn.dataset import _content_hash
-
-    root = Path(data_dir)
-    index = HashIndex(Path(cache_dir))
-    try:
-        return [_content_hash(index, root / relpath) for relpath in relpaths]
-    finally:
-        index.close()
-
-
 def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
     """Pairs of rows whose files have the same bytes (each file paired with the first of its content)."""
     first: dict[str, int] = {}
@@ -265,7 +252,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
               config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
               max_memory: int | None = None) -> AuditResult:
     """Audit the images under DATA from their cached features (see the module's docstring)."""
-    from bottleneck.learn.dataset import load_labelled_features
+    from bottleneck.learn.dataset import content_hashes, load_labelled_features
     from bottleneck.learn.runs import _splits_for
     from bottleneck.learn.splits import SplitConfig
 

@@ -215,6 +215,7 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
 
     cache = Path(cache_dir)
     found = fingerprints_in(cache) if cache.is_dir() else []
+    found = [name for name in found if "-aug-" not in name]  # augmented views belong to their backbone's store
     if not found:
         raise CacheError(f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first")
     if spec is None:
@@ -229,6 +230,16 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
             f"({', '.join(found)}): run `bottleneck features` with these backbone flags, or use the flags of that store"
         )
     return store_of(cache, fingerprint)
+
+
+def content_hashes(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, relpaths: list[str]) -> list[str]:
+    """The content hash of each image under DATA, from the hash index (files whose stamp changed are read)."""
+    root = Path(data_dir)
+    index = HashIndex(Path(cache_dir))
+    try:
+        return [_content_hash(index, root / relpath) for relpath in relpaths]
+    finally:
+        index.close()
 
 
 def _content_hash(index: HashIndex, path: Path) -> str:

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -208,8 +209,12 @@ def train_head(
     stream: bool | None = None,
     chunk_rows: int | None = None,
     exclude: str | None = None,
+    augment: int | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
+
+    `augment` adds cached augmented views of the training images (`features --augment N`): that
+    many per image, or 0 for every view the cache holds; validation and test images never get any.
 
     `exclude` names a file of images to leave out (one path per line, relative to DATA or absolute:
     an audit's exclude.txt); the run records it.
@@ -230,7 +235,7 @@ def train_head(
         excluded = {"file": str(Path(exclude).absolute()), "listed": len(listed), "left_out": count}
         log(f"left out {count} images listed in {exclude}")
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec, excluded=excluded)
+                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment)
 
 
 def train_on_features(
@@ -246,6 +251,7 @@ def train_on_features(
     data_dir: str | os.PathLike | None = None,
     spec: BackboneSpec | None = None,
     excluded: dict | None = None,
+    augment: int | None = None,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
@@ -259,9 +265,14 @@ def train_on_features(
     chunk_rows = data.memory.chunk_rows if data.memory else X.chunk_rows
     if data.memory and data.memory.streamed:
         log(f"streaming features from the store in chunks of {chunk_rows} rows: {data.memory.reason}")
+    train_X, train_y = X.subset(mask["train"]), labels_all[mask["train"]]
+    augmented = None
+    if augment is not None:
+        views, view_labels, augmented = augmented_training_rows(data, mask["train"], augment, data_dir, log)
+        train_X = FeatureRows(np.concatenate([train_X.materialise(), views]), chunk_rows=chunk_rows)
+        train_y = np.concatenate([train_y, view_labels])
     started = time.perf_counter()
-    _fit(model, X.subset(mask["train"]), labels_all[mask["train"]],
-         (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
+    _fit(model, train_X, train_y, (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
     metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
@@ -269,6 +280,8 @@ def train_on_features(
                                   "non_finite": len(data.non_finite),
                                   "exclude_file": excluded["left_out"] if excluded else 0},
                      "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
+    if augmented:
+        metrics["augment"] = augmented
     if data.memory:
         metrics["training"] = dict(data.memory.record(), solver=getattr(model, "solver_", None))
         if hasattr(model, "passes_"):
@@ -314,6 +327,7 @@ def train_on_features(
             "split_file": split_file,
             "folds": folds,
             "exclude": excluded,
+            "augment": augmented,
             "max_memory_bytes": data.memory.max_memory_bytes if data.memory else None,
             "store": str(data.store_path.absolute()),
             "fingerprint": str(data.attrs.get("fingerprint", "")),
@@ -329,6 +343,53 @@ def train_on_features(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return RunResult(final, metrics)
+
+
+def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: int, data_dir, log: Callable[[str], None]
+                            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features, labels, record) of the cached views of the training images only (`train` is their mask).
+
+    `views` per image, or 0 for every view the view store holds. One line when the cache holds none.
+    """
+    from bottleneck.features.augment import DEFAULT_RECIPE, view_key, views_held
+    from bottleneck.features.maintenance import store_of
+    from bottleneck.learn.dataset import content_hashes
+
+    if not data.rows.in_memory:
+        raise DataError("--augment trains in memory, and these features are streamed from the store: raise --max-memory "
+                        "or train without --augment")
+    cache = data.store_path.parent
+    fingerprint = f"{data.store_path.stem}-aug-{DEFAULT_RECIPE.digest()}"
+    command = (f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
+               f"{views or 4}` with the same backbone flags first")
+    if not (cache / f"{fingerprint}.h5").exists():
+        raise DataError(f"--augment: {cache} holds no augmented views of these features; {command}")
+    store = store_of(cache, fingerprint)
+    held = views_held(store)
+    count = views or held
+    if count > held:
+        raise DataError(f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}")
+    positions = np.flatnonzero(train)
+    hashes = content_hashes(data_dir, cache, [data.relpaths[i] for i in positions])
+    known = set(store.index().content_hash)
+    keys, labels = [], []
+    missing = 0
+    for i, content_hash in zip(positions, hashes):
+        for k in range(count):
+            key = view_key(content_hash, DEFAULT_RECIPE, k)
+            if key in known:
+                keys.append(key)
+                labels.append(data.labels[i])
+            else:
+                missing += 1
+    if not keys:
+        raise DataError(f"--augment: none of the training images has views in {store.path.name}; {command}")
+    if missing:
+        log(f"warning: {missing} views of training images are not in the cache (images added since?) and are left out; "
+            f"{command} to add them")
+    record = {"recipe": DEFAULT_RECIPE.identity(), "digest": DEFAULT_RECIPE.digest(), "views_per_image": count,
+              "rows_added": len(keys), "store": str(store.path.absolute())}
+    return store.read_rows(keys), np.array(labels), record
 
 
 def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:

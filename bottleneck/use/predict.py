@@ -89,14 +89,39 @@ def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str
     return [(labels[i], float(probabilities[i])) for i in order]
 
 
+def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,
+                         options: ExtractOptions, log: Callable[[str], None]) -> np.ndarray:
+    """The mean of the head's probabilities over each image and its cached augmented views."""
+    from bottleneck.features.augment import DEFAULT_RECIPE, compute_views, view_key
+
+    trained = (run.config.get("augment") or {}).get("views_per_image")
+    views = tta or trained or 4
+    hashes = [done.hash_of[str(image.path)] for image in usable]
+    made = compute_views(list(zip((str(im.path) for im in usable), hashes)), run.cache_dir, run.spec, done.store, views,
+                         runtime=options.runtime, batch_size=options.batch_size if options.batch_size != "auto" else 16,
+                         workers=options.workers, log=log)
+    from bottleneck.features.maintenance import store_of
+
+    store = store_of(run.cache_dir, made.store.stem)
+    total = np.array(probabilities, dtype=np.float64)
+    for k in range(views):
+        total += run.classify(store.read_rows([view_key(h, DEFAULT_RECIPE, k) for h in hashes]))
+    return total / (views + 1)
+
+
 def predict_images(
     run: LoadedRun | str | os.PathLike,
     paths: list[str],
     top: int = 3,
     options: ExtractOptions | None = None,
     log: Callable[[str], None] = lambda message: None,
+    tta: int | None = None,
 ) -> PredictResult:
-    """Predict every image named by `paths` with a run (a folder or a `LoadedRun`)."""
+    """Predict every image named by `paths` with a run (a folder or a `LoadedRun`).
+
+    `tta` (test-time augmentation): also classify that many augmented views of each image (0: as
+    many as the run trained on, else 4), cached like features, and average the probabilities.
+    """
     if top < 1:
         raise DataError(f"--top must be at least 1; got {top}")
     started = time.monotonic()
@@ -121,6 +146,8 @@ def predict_images(
                                         "`bottleneck cache info` lists the store's segments: delete the damaged one")
         usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
         probabilities = run.classify(features) if usable else []
+        if tta is not None and usable:
+            probabilities = _averaged_over_views(run, usable, done, probabilities, tta, options or ExtractOptions(), log)
         by_path = {str(image.path): _top(p, run.labels, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)

@@ -1,0 +1,170 @@
+"""Augmented views that keep the cache: `features --augment N`, `train-head --augment`, `predict --tta`.
+
+`retrain.py` augmented by pushing every distorted image through the network again on every step,
+which made training "exceedingly slow" (tensorflow#1882, #2669). Here view k of an image is a
+fixed function of (recipe, content hash, k): a horizontal flip, a random resized crop and a
+brightness/contrast change drawn from a NumPy generator seeded by those three, applied to the
+decoded image (the one decoder `features` uses). Its features are computed once and cached in a
+store of its own, `<backbone fingerprint>-aug-<recipe digest>`, keyed by sha256(content hash,
+recipe, k), so every experiment reuses them like any feature.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.errors import DataError
+from bottleneck.features.store import FeatureStore
+
+MAX_VIEWS = 64
+#: Attribute of a view store: the largest number of views per image computed so far.
+VIEWS_ATTR = "views_per_image"
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """How views are drawn; its digest names the view store, so another recipe never mixes in."""
+
+    seed: int = 0
+    flip: float = 0.5  # probability of a horizontal flip
+    crop_area: tuple[float, float] = (0.6, 1.0)  # share of the image a crop keeps
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.2  # factor drawn in [1 - b, 1 + b]
+    contrast: float = 0.2
+    version: int = 1  # of the code below: a change in how views are made must change the digest
+
+    def identity(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+DEFAULT_RECIPE = AugmentRecipe()
+
+
+def view_key(content_hash: str, recipe: AugmentRecipe, k: int) -> str:
+    """The 64-hex key of view k of an image in the view store."""
+    return hashlib.sha256(f"{content_hash}:{recipe.digest()}:{k}".encode()).hexdigest()
+
+
+def make_view(pixels: np.ndarray, content_hash: str, recipe: AugmentRecipe, k: int) -> np.ndarray:
+    """View k of a decoded (size, size, 3) uint8 image: the same for the same (recipe, content, k), anywhere."""
+    from PIL import Image
+
+    rng = np.random.default_rng([recipe.seed, int(content_hash[:15], 16), k])
+    size = pixels.shape[0]
+    area = rng.uniform(*recipe.crop_area) * size * size
+    aspect = np.exp(rng.uniform(np.log(recipe.crop_aspect[0]), np.log(recipe.crop_aspect[1])))
+    width = int(round(min(size, np.sqrt(area * aspect))))
+    height = int(round(min(size, np.sqrt(area / aspect))))
+    left = int(rng.integers(0, size - width + 1))
+    top = int(rng.integers(0, size - height + 1))
+    flip = rng.random() < recipe.flip
+    brightness = rng.uniform(1 - recipe.brightness, 1 + recipe.brightness)
+    contrast = rng.uniform(1 - recipe.contrast, 1 + recipe.contrast)
+    image = Image.fromarray(pixels).crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+    out = np.asarray(image, dtype=np.float32)
+    if flip:
+        out = out[:, ::-1]
+    mean = out.mean()
+    out = (out - mean) * contrast + mean * brightness
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def view_store(cache_dir: str | os.PathLike, plain: FeatureStore, recipe: AugmentRecipe) -> FeatureStore:
+    """The store of `recipe`'s views of the images whose plain features `plain` holds."""
+    recorded = plain.attrs if "architecture" in plain.attrs else plain.index().attrs  # opened by name: read its file
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in recorded.items()
+             if k not in ("fingerprint", "format_version", "created", "updated", "dtype")}
+    attrs.update(augment_recipe=json.dumps(recipe.identity()), augments=plain.fingerprint)
+    return FeatureStore(cache_dir, f"{plain.fingerprint}-aug-{recipe.digest()}", plain.feature_dim, attrs)
+
+
+def views_held(store: FeatureStore) -> int:
+    """How many views per image the view store was asked for (0 if it does not exist)."""
+    if not store.path.exists():
+        return 0
+    import h5py
+
+    with h5py.File(store.path, "r") as handle:
+        return int(handle.attrs.get(VIEWS_ATTR, 0))
+
+
+@dataclass
+class ViewRun:
+    computed: int
+    reused: int
+    store: Path
+
+
+def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
+                  views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "keras", batch_size: int = 16,
+                  workers: int | None = None, progress: bool = False,
+                  log: Callable[[str], None] = lambda message: None) -> ViewRun:
+    """Make sure `views` views of each (path, content hash) in `images` are in the view store.
+
+    Each image is read and decoded once for all its missing views; batches are committed as they
+    are computed (an interrupted run keeps them), and an unchanged rerun computes nothing.
+    """
+    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.errors import INTERRUPTED
+    from bottleneck.features.decode import ImageDecodeError, decode_image
+    from bottleneck.features.engines import computed_by
+    from bottleneck.features.engines.local import bounded_map, make_bar
+
+    if not 1 <= views <= MAX_VIEWS:
+        raise DataError(f"--augment must be from 1 to {MAX_VIEWS} views per image; got {views}")
+    store = view_store(cache_dir, plain, recipe)
+    with store.writer() as writer:
+        todo = []
+        for path, content_hash in images:
+            missing = [k for k in range(views) if view_key(content_hash, recipe, k) not in writer.known_hashes]
+            if missing:
+                todo.append((path, content_hash, missing))
+        reused = len(images) * views - sum(len(m) for _, _, m in todo)
+        computed = 0
+        if todo:
+            model = get_feature_model(spec, runtime, Path(cache_dir))
+            bar = make_bar(sum(len(m) for _, _, m in todo), progress, unit="view")
+            pending: list[tuple[np.ndarray, str, str]] = []
+
+            def prepare(item):
+                path, content_hash, missing = item
+                try:
+                    pixels = decode_image(Path(path).read_bytes(), spec.input_size)
+                except (OSError, ImageDecodeError) as exc:  # changed or gone since `features` read it
+                    log(f"warning: no views of {path}: {getattr(exc, 'strerror', None) or exc}")
+                    return []
+                return [(make_view(pixels, content_hash, recipe, k), view_key(content_hash, recipe, k), path)
+                        for k in missing]
+
+            def flush() -> None:
+                nonlocal computed
+                if pending:
+                    features = np.asarray(model(np.stack([p for p, _, _ in pending])), np.float32)
+                    writer.commit([key for _, key, _ in pending], features, [path for _, _, path in pending],
+                                  computed_by=computed_by(model))
+                    computed += len(pending)
+                    bar.update(len(pending))
+                    pending.clear()
+
+            try:
+                for made in bounded_map(prepare, todo, workers or os.cpu_count() or 1, 2 * (workers or 2)):
+                    if INTERRUPTED.is_set():
+                        raise KeyboardInterrupt
+                    pending.extend(made)
+                    if len(pending) >= batch_size:
+                        flush()
+                flush()
+            finally:
+                bar.close()
+        writer.finish({VIEWS_ATTR: max(views, views_held(store))})
+    return ViewRun(computed, reused, store.path)
