@@ -123,3 +123,19 @@ def test_train_head_augment_without_views_is_one_line(tmp_path, capsys):
                  "--augment", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no augmented views" in err and "--augment 2" in err
+
+
+def test_another_flip_probability_is_another_set_of_views_and_runs_record_it(augmented, capsys):
+    args = ["--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS]
+    assert main(["features", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS, "--augment", "2",
+                 "--augment-flip", "0", "--no-progress"]) == 0
+    stores = sorted(augmented["cache"].glob("*-aug-*.h5"))
+    assert len(stores) == 2 and AugmentRecipe(flip=0.0).digest() in " ".join(p.name for p in stores)
+    runs = augmented["root"] / "flip-runs"
+    assert main(["train-head", *args, "--runs", str(runs), "--augment", "--augment-flip", "0"]) == 0
+    (run,) = runs.iterdir()
+    record = json.loads((run / "config.json").read_text())["augment"]
+    assert record["recipe"]["flip"] == 0 and record["views_per_image"] == 2
+    capsys.readouterr()
+    assert main(["train-head", *args, "--runs", str(runs), "--augment", "--augment-flip", "0.3"]) == 2
+    assert "--augment 4 --augment-flip 0.3` with the same backbone flags first" in capsys.readouterr().err

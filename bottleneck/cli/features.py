@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def _augment(args: argparse.Namespace, spec, options):
     """`--augment N`: the views of every image that has features, cached beside them."""
     from bottleneck.backbones.spec import BackboneSpec
-    from bottleneck.features.augment import compute_views
+    from bottleneck.features.augment import compute_views, recipe_from
     from bottleneck.features.discover import discover_images
     from bottleneck.learn.dataset import content_hashes, find_store
 
@@ -96,7 +96,7 @@ def _augment(args: argparse.Namespace, spec, options):
     hashes = content_hashes(args.data, args.cache, [image.relpath for image in images])
     known = set(plain.index().content_hash)
     todo = [(str(image.path), h) for image, h in zip(images, hashes) if h in known]
-    return compute_views(todo, args.cache, spec, plain, args.augment, runtime=options.runtime,
+    return compute_views(todo, args.cache, spec, plain, args.augment, recipe_from(args.augment_flip), runtime=options.runtime,
                          batch_size=options.batch_size if options.batch_size != "auto" else 16,
                          workers=options.workers, progress=options.progress, log=stderr)
 
@@ -150,6 +150,9 @@ def add_parser(commands) -> None:
                           "contrast; seeded by the image's content, so the same views every time), cached beside the "
                           "features for `train-head --augment` and `predict --tta`, %(type)s. With --backbone pixels the "
                           "views are the augmented images' pixels")
+    features.add_argument("--augment-flip", type=finite_float(0, 1), default=None, metavar="P",
+                          help="with --augment: the probability of a horizontal flip in a view, %(type)s (default: 0.5; "
+                          "0 for digits, text and anything a mirror changes); another value is another set of views")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")
     features.add_argument("--json", action="store_true",
                           help="print one JSON object as the last line of stdout (the summary goes to stderr)")

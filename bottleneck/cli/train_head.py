@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
-                        exclude=args.exclude, augment=args.augment)
+                        exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -73,6 +73,9 @@ def add_parser(commands) -> None:
                         help="also train on the cached augmented views of the training images (never of validation or "
                         "test images): N per image, %(type)s, or with no N every view the cache holds "
                         "(compute them with `features --augment N`)")
+    parser.add_argument("--augment-flip", type=finite_float(0, 1), default=None, metavar="P",
+                        help="with --augment: the views computed with this flip probability, %(type)s (as given to "
+                        "`features --augment-flip`; default: 0.5)")
     parser.add_argument("--exclude", default=None, metavar="FILE",
                         help="leave out the images this file lists, one per line, relative to DATA or absolute (an "
                         "audit's exclude.txt); the run records it. Other images keep their splits")

@@ -50,6 +50,19 @@ class AugmentRecipe:
 DEFAULT_RECIPE = AugmentRecipe()
 
 
+def recipe_from(flip: float | None = None) -> AugmentRecipe:
+    """The default recipe, with another flip probability (`--augment-flip`; 0 for digits and text)."""
+    return DEFAULT_RECIPE if flip is None else AugmentRecipe(flip=float(flip))
+
+
+def recipe_from_record(record: dict | None) -> AugmentRecipe:
+    """The recipe a run recorded (JSON turns its pairs into lists), or the default one."""
+    if not record:
+        return DEFAULT_RECIPE
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    return AugmentRecipe(**fields)
+
+
 def view_key(content_hash: str, recipe: AugmentRecipe, k: int) -> str:
     """The 64-hex key of view k of an image in the view store."""
     return hashlib.sha256(f"{content_hash}:{recipe.digest()}:{k}".encode()).hexdigest()

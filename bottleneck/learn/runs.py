@@ -210,6 +210,7 @@ def train_head(
     chunk_rows: int | None = None,
     exclude: str | None = None,
     augment: int | None = None,
+    augment_flip: float | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
@@ -235,7 +236,7 @@ def train_head(
         excluded = {"file": str(Path(exclude).absolute()), "listed": len(listed), "left_out": count}
         log(f"left out {count} images listed in {exclude}")
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment)
+                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment, augment_flip=augment_flip)
 
 
 def train_on_features(
@@ -252,6 +253,7 @@ def train_on_features(
     spec: BackboneSpec | None = None,
     excluded: dict | None = None,
     augment: int | None = None,
+    augment_flip: float | None = None,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
@@ -268,7 +270,8 @@ def train_on_features(
     train_X, train_y = X.subset(mask["train"]), labels_all[mask["train"]]
     augmented = None
     if augment is not None:
-        views, view_labels, augmented = augmented_training_rows(data, mask["train"], augment, data_dir, log)
+        views, view_labels, augmented = augmented_training_rows(data, mask["train"], augment, data_dir, log,
+                                                                augment_flip)
         train_X = FeatureRows(np.concatenate([train_X.materialise(), views]), chunk_rows=chunk_rows)
         train_y = np.concatenate([train_y, view_labels])
     started = time.perf_counter()
@@ -345,23 +348,26 @@ def train_on_features(
     return RunResult(final, metrics)
 
 
-def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: int, data_dir, log: Callable[[str], None]
-                            ) -> tuple[np.ndarray, np.ndarray, dict]:
+def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: int, data_dir, log: Callable[[str], None],
+                            flip: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, labels, record) of the cached views of the training images only (`train` is their mask).
 
-    `views` per image, or 0 for every view the view store holds. One line when the cache holds none.
+    `views` per image, or 0 for every view the view store holds; `flip` picks the recipe as
+    `features --augment-flip` did. One line when the cache holds none.
     """
-    from bottleneck.features.augment import DEFAULT_RECIPE, view_key, views_held
+    from bottleneck.features.augment import recipe_from, view_key, views_held
     from bottleneck.features.maintenance import store_of
     from bottleneck.learn.dataset import content_hashes
 
     if not data.rows.in_memory:
         raise DataError("--augment trains in memory, and these features are streamed from the store: raise --max-memory "
                         "or train without --augment")
+    recipe = recipe_from(flip)
     cache = data.store_path.parent
-    fingerprint = f"{data.store_path.stem}-aug-{DEFAULT_RECIPE.digest()}"
+    fingerprint = f"{data.store_path.stem}-aug-{recipe.digest()}"
+    flip_flag = f" --augment-flip {flip:g}" if flip is not None else ""
     command = (f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
-               f"{views or 4}` with the same backbone flags first")
+               f"{views or 4}{flip_flag}` with the same backbone flags first")
     if not (cache / f"{fingerprint}.h5").exists():
         raise DataError(f"--augment: {cache} holds no augmented views of these features; {command}")
     store = store_of(cache, fingerprint)
@@ -376,7 +382,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     missing = 0
     for i, content_hash in zip(positions, hashes):
         for k in range(count):
-            key = view_key(content_hash, DEFAULT_RECIPE, k)
+            key = view_key(content_hash, recipe, k)
             if key in known:
                 keys.append(key)
                 labels.append(data.labels[i])
@@ -387,7 +393,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     if missing:
         log(f"warning: {missing} views of training images are not in the cache (images added since?) and are left out; "
             f"{command} to add them")
-    record = {"recipe": DEFAULT_RECIPE.identity(), "digest": DEFAULT_RECIPE.digest(), "views_per_image": count,
+    record = {"recipe": recipe.identity(), "digest": recipe.digest(), "views_per_image": count,
               "rows_added": len(keys), "store": str(store.path.absolute())}
     return store.read_rows(keys), np.array(labels), record
 

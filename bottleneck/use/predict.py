@@ -92,20 +92,22 @@ def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str
 def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,
                          options: ExtractOptions, log: Callable[[str], None]) -> np.ndarray:
     """The mean of the head's probabilities over each image and its cached augmented views."""
-    from bottleneck.features.augment import DEFAULT_RECIPE, compute_views, view_key
+    from bottleneck.features.augment import compute_views, recipe_from_record, view_key
 
-    trained = (run.config.get("augment") or {}).get("views_per_image")
+    recorded = run.config.get("augment") or {}
+    recipe = recipe_from_record(recorded.get("recipe"))  # the views the head trained on, else the default
+    trained = recorded.get("views_per_image")
     views = tta or trained or 4
     hashes = [done.hash_of[str(image.path)] for image in usable]
     made = compute_views(list(zip((str(im.path) for im in usable), hashes)), run.cache_dir, run.spec, done.store, views,
-                         runtime=options.runtime, batch_size=options.batch_size if options.batch_size != "auto" else 16,
+                         recipe, runtime=options.runtime, batch_size=options.batch_size if options.batch_size != "auto" else 16,
                          workers=options.workers, log=log)
     from bottleneck.features.maintenance import store_of
 
     store = store_of(run.cache_dir, made.store.stem)
     total = np.array(probabilities, dtype=np.float64)
     for k in range(views):
-        total += run.classify(store.read_rows([view_key(h, DEFAULT_RECIPE, k) for h in hashes]))
+        total += run.classify(store.read_rows([view_key(h, recipe, k) for h in hashes]))
     return total / (views + 1)
 
 
