@@ -139,3 +139,15 @@ def test_another_flip_probability_is_another_set_of_views_and_runs_record_it(aug
     capsys.readouterr()
     assert main(["train-head", *args, "--runs", str(runs), "--augment", "--augment-flip", "0.3"]) == 2
     assert "--augment 4 --augment-flip 0.3` with the same backbone flags first" in capsys.readouterr().err
+
+
+def test_cache_gc_keeps_the_views_a_run_trained_on(augmented, capsys):
+    runs = augmented["root"] / "gc-runs"
+    assert main(["train-head", "--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS,
+                 "--runs", str(runs), "--augment"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "gc", "--cache", str(augmented["cache"]), "--runs", str(runs)]) == 0  # a dry run
+    out = capsys.readouterr().out
+    used, other = augmented["views"].name, [p.name for p in augmented["cache"].glob("*-aug-*.h5") if p != augmented["views"]]
+    assert used not in out
+    assert all(name in out for name in other)  # views no run trained on are collectable, like any unused store

@@ -98,7 +98,7 @@ def _bytes(paths: Iterable[Path]) -> int:
 
 
 def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
-    """The store fingerprints the runs under `runs_dirs` were trained on."""
+    """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
     found: set[str] = set()
     for runs in runs_dirs:
         folder = Path(runs)
@@ -114,6 +114,9 @@ def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
                     value = str(recorded.get(key) or "")
                     if value:
                         found.add(Path(value).stem if key == "store" else value.split()[0])
+                augment = recorded.get("augment")
+                if isinstance(augment, dict) and augment.get("store"):
+                    found.add(Path(str(augment["store"])).stem)
     return found
 
 
