@@ -251,7 +251,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
               config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
               max_memory: int | None = None) -> AuditResult:
     """Audit the images under DATA from their cached features (see the module's docstring)."""
-    from bottleneck.learn.dataset import content_hashes, load_labelled_features
+    from bottleneck.learn.dataset import load_labelled_features
     from bottleneck.learn.runs import _splits_for
     from bottleneck.learn.splits import SplitConfig
 
@@ -262,7 +262,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     folds = _check_classes(labels, config.folds)
     splits = _splits_for(data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed),
                          config.split_file, log)
-    hashes = content_hashes(data_dir, cache_dir, data.relpaths)
+    hashes = data.content_hashes
     seconds["load"] = time.perf_counter() - started
 
     started = time.perf_counter()

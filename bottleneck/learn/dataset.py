@@ -153,6 +153,7 @@ class LabelledFeatures:
     failed: list[str] = field(default_factory=list)  # extraction failed for these
     non_finite: list[str] = field(default_factory=list)  # left out: their stored features are NaN or infinite
     memory: MemoryPlan | None = None
+    content_hashes: list[str] = field(default_factory=list)  # of each image in `relpaths`, when known
 
     @property
     def classes(self) -> list[str]:
@@ -293,7 +294,7 @@ def load_labelled_features(
     keep, missing, failed = [], [], []
     for image, content_hash in zip(discovery.images, hashes):
         if content_hash in rows:
-            keep.append((image, rows[content_hash]))
+            keep.append((image, rows[content_hash], content_hash))
         elif not content_hash or content_hash in failed_hashes:
             failed.append(image.relpath)
         else:
@@ -309,7 +310,7 @@ def load_labelled_features(
             f"(added since extraction?) and are left out; run `bottleneck features {shlex.quote(str(data_dir))} "
             f"--cache {shlex.quote(str(cache))}` with the same backbone flags to add them"
         )
-    order = np.array([row for _, row in keep], dtype=np.int64)
+    order = np.array([row for _, row, _ in keep], dtype=np.int64)
     attrs = contents.attrs
     del rows  # the index of a large store is large too
     dim = store.feature_dim
@@ -332,8 +333,9 @@ def load_labelled_features(
             array = array[finite]
         features = FeatureRows(array, chunk_rows=memory.chunk_rows)
     return LabelledFeatures(
-        relpaths=[image.relpath for image, _ in keep],
-        labels=[image.label for image, _ in keep],
+        relpaths=[image.relpath for image, _, _ in keep],
+        labels=[image.label for image, _, _ in keep],
+        content_hashes=[content_hash for _, _, content_hash in keep],
         rows=features,
         memory=memory,
         store_path=store.path,
@@ -392,5 +394,6 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         relpaths=[p for p, k in zip(data.relpaths, keep) if k],
         labels=[label for label, k in zip(data.labels, keep) if k],
         rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
-        failed=data.failed, non_finite=data.non_finite, memory=data.memory)
+        failed=data.failed, non_finite=data.non_finite, memory=data.memory,
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k])
     return kept, int((~keep).sum())

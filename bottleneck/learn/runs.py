@@ -357,7 +357,6 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     """
     from bottleneck.features.augment import recipe_from, view_key, views_held
     from bottleneck.features.maintenance import store_of
-    from bottleneck.learn.dataset import content_hashes
 
     if not data.rows.in_memory:
         raise DataError("--augment trains in memory, and these features are streamed from the store: raise --max-memory "
@@ -376,7 +375,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     if count > held:
         raise DataError(f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}")
     positions = np.flatnonzero(train)
-    hashes = content_hashes(data_dir, cache, [data.relpaths[i] for i in positions])
+    hashes = [data.content_hashes[i] for i in positions]
     known = set(store.index().content_hash)
     keys, labels = [], []
     missing = 0
