@@ -11,6 +11,9 @@ from PIL import Image
 
 # Keep TensorFlow quiet and single-process friendly in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `--runtime auto` picks Keras in tests: each test's fresh cache would otherwise convert its backbone to OpenVINO
+# once more (minutes in all). tests/test_precision.py unsets it to test auto itself; OpenVINO has its own tests.
+os.environ["BOTTLENECK_RUNTIME"] = "keras"
 
 TEST_SIZE = 75  # the smallest input InceptionV3 takes: fast enough for tests on 2 cores
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (30, 60, 200)}

@@ -68,9 +68,76 @@ def active_backend() -> str:
     return import_keras().config.backend()
 
 
+#: Settings under which a library may compute float32 in a narrower type: oneDNN (TensorFlow, PyTorch and
+#: OpenVINO's CPU kernels) in bf16 on CPUs with AVX512_BF16 or AMX, TensorFlow's own switch for it.
+FPMATH_ENV = {"ONEDNN_DEFAULT_FPMATH_MODE": "STRICT", "TF_SET_ONEDNN_FPMATH_MODE": "STRICT"}
+
+
+def strict_float32_environment() -> None:
+    """Make float32 mean float32 arithmetic in the libraries loaded after this (oneDNN reads it once).
+
+    `--precision bf16` and `int8` are separate stores computed by OpenVINO with an explicit hint, so
+    nothing of ours needs an implicit down-conversion; one set by the user for other work is overridden,
+    with a line saying so, since it would store bf16 features under a float32 name.
+    """
+    for name, strict in FPMATH_ENV.items():
+        given = os.environ.get(name)
+        if given and given.upper() != strict:
+            print(f"bottleneck: {name}={given} would compute float32 features in a narrower type; "
+                  f"set to {strict} for this process", file=sys.stderr, flush=True)
+        os.environ[name] = strict
+
+
+def strict_float32_backend(keras) -> None:
+    """No TensorFloat-32 (10-bit mantissa) in float32 matrix products and convolutions, on any backend.
+
+    TensorFlow and PyTorch's cuDNN use TF32 by default on Ampere and later GPUs, JAX's default matmul
+    precision may too: float32 features would then differ from the CPU's by ~1e-3, in one store.
+    """
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+
+def float32_settings(keras) -> dict[str, object]:
+    """What each library says about float32 arithmetic in this process (tests read it on any CPU)."""
+    settings: dict[str, object] = {name: os.environ.get(name) for name in FPMATH_ENV}
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        settings["tensorflow_tf32"] = tf.config.experimental.tensor_float_32_execution_enabled()
+    elif backend == "jax":
+        import jax
+
+        settings["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    elif backend == "torch":
+        import torch
+
+        settings["torch_cuda_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        settings["torch_cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        settings["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    return settings
+
+
 def import_keras():
-    """Keras on the selected backend, quietly; one line if Keras or its backend is not installed."""
+    """Keras on the selected backend, quietly, in strict float32; one line if Keras or its backend is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for users
+    first = "keras" not in sys.modules
+    if first:
+        strict_float32_environment()
     backend = os.environ.get("KERAS_BACKEND", DEFAULT_BACKEND)
     if "keras" not in sys.modules and backend in BACKENDS and not is_installed(backend):
         raise BackboneError(missing_backend_message(backend))
@@ -84,6 +151,8 @@ def import_keras():
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
+    if first:
+        strict_float32_backend(keras)
     return keras
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,7 @@ def import_tensorflow():
     try:
         # TensorFlow's C++ start-up chatter (CPU features, tf.data attribute notes) is not for users.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import keras  # noqa: F401
+        keras = import_keras()  # strict float32 before TensorFlow first computes
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
@@ -289,7 +290,8 @@ def build_feature_network(spec: BackboneSpec):
     pooled features, (n, feature_dim) float32. The preprocessing is built-in layers before the
     backbone (nested as one layer), so the model saves to `.keras` and loads with `safe_mode=True`
     without this package. `pixels` is x / 255 flattened. With `spec.precision == 'mixed'` the layers
-    compute in float16 (Keras' mixed_float16 policy) and the output is cast back to float32.
+    compute in float16 (Keras' mixed_float16 policy) and the output is cast back to float32; bf16 and
+    int8 are OpenVINO's, so in Keras (exports, fine-tuning) their network is the float32 one.
     """
     keras = import_keras()
     previous = keras.config.dtype_policy()
@@ -312,7 +314,7 @@ def _feature_network(spec: BackboneSpec, keras):
     else:
         backbone = build_keras_backbone(spec) if spec.kind == "application" else build_file_backbone(spec)
         features = backbone(x)
-    if spec.precision != "float32":
+    if spec.precision == "mixed":
         features = keras.layers.Activation("linear", dtype="float32", name="features_float32")(features)
     network = keras.Model(pixels, features, name=f"{_layer_name(spec.name)}_features")
     network.trainable = False
@@ -357,23 +359,81 @@ class FeatureModel:
         return np.asarray(self._features(np.ascontiguousarray(batch)), dtype=np.float32)
 
 
-#: What runs the feature network: Keras on this process's backend, or a conversion of it.
-RUNTIMES = ("keras", "tensorflow", "openvino")  # 'tensorflow': the old name of 'keras'
+#: What runs the feature network: the fastest exact one here (auto), Keras on this process's backend, or a
+#: conversion of it.
+RUNTIMES = ("auto", "keras", "tensorflow", "openvino")  # 'tensorflow': the old name of 'keras'
+DEFAULT_RUNTIME = "auto"
+#: Set to keras or openvino to make `auto` pick that runtime (the test suite picks keras: each test's fresh
+#: cache would otherwise convert its backbone to OpenVINO once more).
+RUNTIME_ENV = "BOTTLENECK_RUNTIME"
 
 
-def get_feature_model(spec: BackboneSpec, runtime: str = "keras", cache_dir: Path | None = None):
-    """A feature model for `spec`, built once per process (later runs in one process reuse it).
+def _gpu_present() -> bool:
+    """True where a GPU may be: a CUDA or ROCm device node, then confirmed by the backend (which is imported)."""
+    import glob
 
-    `runtime='keras'` runs the Keras network on this process's backend (TensorFlow unless
-    `--backend` or `KERAS_BACKEND` chose JAX or PyTorch). `runtime='openvino'` converts the network
-    once per fingerprint into `cache_dir` and runs it with OpenVINO (an optional extra), which is
-    faster on CPUs; `pixels` needs no runtime.
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False  # no device node: no need to import a backend to ask
+    from bottleneck.backbones.backend import accelerators, requested_backend
+
+    return bool(accelerators(requested_backend()))
+
+
+def resolve_runtime(runtime: str, spec: BackboneSpec) -> str:
+    """The runtime that computes `spec`'s features: 'keras' or 'openvino' (`auto` and old names settled).
+
+    auto: `$BOTTLENECK_RUNTIME` if set; else OpenVINO in float32 on a CPU where it is installed (faster
+    than Keras, same features, same store), Keras on a GPU, with --backend jax/torch, or for
+    --precision mixed. bf16 and int8 run on OpenVINO only.
     """
+    import importlib.util
+
     if runtime not in RUNTIMES:
         raise BackboneError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    if runtime == "openvino" and spec.kind != "pixels":
-        folder = (Path(cache_dir or "cache") / f"{spec.fingerprint()}.openvino").resolve()
-        return _openvino_model(spec, folder)
+    if spec.kind == "pixels":
+        return "keras"  # no network: nothing to run
+    if spec.precision in ("bf16", "int8"):
+        if runtime in ("keras", "tensorflow"):
+            raise BackboneError(f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto "
+                                "or openvino")
+        if importlib.util.find_spec("openvino") is None:
+            raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck[openvino]'")
+        return "openvino"
+    if runtime == "tensorflow":
+        return "keras"
+    if runtime == "auto" and os.environ.get(RUNTIME_ENV):
+        chosen = os.environ[RUNTIME_ENV]
+        if chosen not in ("keras", "openvino"):
+            raise BackboneError(f"unknown {RUNTIME_ENV}={chosen!r}; choose keras or openvino (or unset it for auto)")
+        return chosen
+    if runtime != "auto":
+        return runtime
+    if spec.precision != "float32" or importlib.util.find_spec("openvino") is None:
+        return "keras"
+    if (os.environ.get("KERAS_BACKEND") or "tensorflow") != "tensorflow" or _gpu_present():
+        return "keras"
+    return "openvino"
+
+
+def get_feature_model(spec: BackboneSpec, runtime: str = DEFAULT_RUNTIME, cache_dir: Path | None = None):
+    """A feature model for `spec`, built once per process (later runs in one process reuse it).
+
+    `runtime='auto'` (the default) picks with `resolve_runtime`. `runtime='keras'` runs the Keras
+    network on this process's backend (TensorFlow unless `--backend` or `KERAS_BACKEND` chose JAX
+    or PyTorch). `runtime='openvino'` converts the network once per fingerprint into `cache_dir` and
+    runs it with OpenVINO (an optional extra), which is faster on CPUs; `pixels` needs no runtime.
+    Under auto, a network OpenVINO cannot convert runs on Keras, with one line saying so.
+    """
+    chosen = resolve_runtime(runtime, spec)
+    if chosen == "openvino":
+        from bottleneck.backbones.quantize import float_folder
+
+        try:
+            return _openvino_model(spec, float_folder(spec, cache_dir or "cache"))
+        except BackboneError as exc:
+            if runtime != "auto" or spec.precision != "float32":
+                raise
+            print(f"bottleneck: {exc}; computing with Keras instead", file=sys.stderr, flush=True)
     return _keras_model(spec, import_keras().config.backend() if spec.kind != "pixels" else "numpy")
 
 

@@ -11,6 +11,13 @@ features are compared with TensorFlow's on fixed inputs (refused if off), and th
 is recorded last in `verified.json`; a folder whose files do not match (damaged), without a record
 (cut short, or older) or unreadable is converted again, with a line saying so. Conversions are made in
 a temporary folder named with the process id and renamed; those left by killed runs are removed.
+
+Every model is compiled with an explicit inference precision (`compile_on_cpu`) and the compiled
+model's own reading of it is checked: on CPUs with bfloat16 (AVX512_BF16, AMX) OpenVINO's default
+PERFORMANCE mode computes float32 models in bf16, which would put bf16 features under a float32
+name. `--precision bf16` asks for bf16 on purpose (a store of its own) and is refused on CPUs that
+lack it, where OpenVINO would quietly compute float32; `--precision int8` runs the NNCF-quantized
+model of `bottleneck.backbones.quantize`.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -50,6 +58,11 @@ CHECK_INPUTS = 2
 LEFTOVER_AGE_S = 3600
 
 
+#: The inference precision OpenVINO is asked for, per `--precision`. int8 models keep float32 for the
+#: operations NNCF left unquantized, so their features do not depend on whether the CPU has bf16.
+INFERENCE_PRECISION = {"float32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
 def _import_openvino():
     try:
         import openvino
@@ -62,10 +75,63 @@ def _say(message: str) -> None:
     print(f"bottleneck: {message}", file=sys.stderr, flush=True)
 
 
-def is_current_conversion(folder: Path) -> bool:
-    """True if `folder` holds a conversion of the whole feature network (this format); its files are not checked."""
+def cpu_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin says this CPU can compute in ('FP32', 'BF16', 'INT8', ...)."""
+    ov = _import_openvino()
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where that cannot be read."""
     try:
-        return (folder / "model.xml").is_file() and (folder / FORMAT_FILE).read_text() == FORMAT
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+#: CPU flags that give int8 dot products; without them OpenVINO's int8 runs on plain AVX2, slower.
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def check_cpu_precision(precision: str) -> str | None:
+    """One line for `--precision bf16` on a CPU without bfloat16 (a `BackboneError`); a note for int8 without VNNI."""
+    if precision == "bf16" and "BF16" not in cpu_capabilities():
+        flags = cpu_flags()
+        raise BackboneError("--precision bf16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX"
+                            + ("" if not flags else ", absent from its flags") + "), so OpenVINO would compute "
+                            "float32 and store it under a bf16 name; use --precision float32 (exact) or int8 (faster)")
+    if precision == "int8" and cpu_flags() and not any(flag in cpu_flags() for flag in INT8_FLAGS):
+        return ("this CPU has no VNNI (int8 dot products: AVX512_VNNI, AVX-VNNI or AMX): int8 runs, "
+                "but slower than on CPUs that have it")
+    return None
+
+
+def compile_on_cpu(model, precision: str = "float32"):
+    """`model` (an ov.Model or a model.xml path) compiled for the CPU in `precision`'s inference precision.
+
+    The hint is always given and the compiled model's own reading of it checked, so a float32 model is
+    never computed in bf16 (OpenVINO's default on bfloat16 CPUs) and a bf16 one never silently in float32.
+    """
+    ov = _import_openvino()
+    wanted = INFERENCE_PRECISION[precision]
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": wanted})
+    got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if got != getattr(ov.Type, wanted):
+        raise BackboneError(f"OpenVINO computes in {got.get_type_name()} on this CPU where {precision} was asked for; "
+                            + ("this CPU has no bfloat16: use --precision float32 or int8" if precision == "bf16"
+                               else "use --runtime keras"))
+    return compiled
+
+
+def is_current_conversion(folder: Path, fmt: str = FORMAT) -> bool:
+    """True if `folder` holds a conversion of the whole feature network (format `fmt`); its files are not checked."""
+    try:
+        return (folder / "model.xml").is_file() and (folder / FORMAT_FILE).read_text() == fmt
     except OSError:
         return False
 
@@ -76,8 +142,8 @@ def _file_hashes(folder: Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in MODEL_FILES}
 
 
-def conversion_problem(folder: Path) -> str | None:
-    """None if `folder` holds a verified conversion of this format whose files match its record; else what is wrong."""
+def conversion_problem(folder: Path, fmt: str = FORMAT) -> str | None:
+    """None if `folder` holds a verified conversion of format `fmt` whose files match its record; else what is wrong."""
     if not folder.exists():
         return "is missing"
     try:
@@ -86,7 +152,7 @@ def conversion_problem(folder: Path) -> str | None:
         return f"has no record of its files ({RECORD_FILE}: converted by an older version, or the conversion was cut short)"
     except (OSError, ValueError) as exc:
         return f"has an unreadable record of its files ({getattr(exc, 'strerror', None) or exc})"
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not is_current_conversion(folder):
+    if not isinstance(record, dict) or record.get("format") != fmt or not is_current_conversion(folder, fmt):
         return "is of an older format"
     try:
         hashes = _file_hashes(folder)
@@ -107,15 +173,30 @@ def _check_against_tensorflow(network, compiled, size: int) -> float:
     pixels = np.concatenate([noise, ramp])[:CHECK_INPUTS]
     expected = np.asarray(network(pixels, training=False), dtype=np.float32)
     got = np.asarray(compiled(pixels)[0], dtype=np.float32)
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL, equal_nan=True):
         off = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
         raise BackboneError(f"OpenVINO's conversion of {network.name} does not compute TensorFlow's features "
                             f"(off by up to {off:.3g} on a check input, tolerance {RTOL:g} relative); "
                             "use --runtime tensorflow")
-    return float(np.max(np.abs(got - expected)))
+    finite = np.isfinite(expected)  # a network whose weights hold NaN computes NaN on both: a faithful conversion
+    return float(np.max(np.abs(got - expected)[finite])) if finite.any() else 0.0
 
 
-def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
+def _traced(network, size: int, staging: Path):
+    """What OpenVINO converts: the network traced as one TensorFlow function (3x faster than through a
+    SavedModel on disk), or, on another Keras backend, its SavedModel export."""
+    from bottleneck.backbones.backend import import_keras
+
+    if import_keras().config.backend() != "tensorflow":
+        network.export(str(staging / "savedmodel"), verbose=False)
+        return str(staging / "savedmodel")
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
+    return tf.function(lambda pixels: network(pixels, training=False), input_signature=signature).get_concrete_function()
+
+
+def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], None] | None = None) -> None:
     """Export `spec`'s feature network and write its OpenVINO model into the folder `target`, atomically.
 
     The conversion is checked against TensorFlow on fixed inputs and its files' hashes recorded. It is
@@ -123,7 +204,9 @@ def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
     only that, which a later run removes) and renamed; a `target` that fails `conversion_problem` is replaced.
     """
     ov = _import_openvino()
-    network = FeatureModel(spec).model
+    started = time.monotonic()
+    network = FeatureModel(spec).model  # first: a network that cannot be built is its own one-line error
+    (log or _say)(f"converting {spec.name} to OpenVINO once (kept in {target.parent})")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
@@ -132,12 +215,11 @@ def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
                          "use --runtime tensorflow or another --cache") from None
     try:
         try:
-            network.export(str(staging / "savedmodel"), verbose=False)
             # Full float32 weights: save_model's default fp16 compression costs ~1e-3 relative error,
             # and features must match TensorFlow's to share one store.
-            ov.save_model(ov.convert_model(str(staging / "savedmodel")), str(staging / "model.xml"),
+            ov.save_model(ov.convert_model(_traced(network, spec.input_size, staging)), str(staging / "model.xml"),
                           compress_to_fp16=False)
-            compiled = ov.Core().compile_model(str(staging / "model.xml"), "CPU")
+            compiled = compile_on_cpu(str(staging / "model.xml"))
         except OSError:
             raise
         except Exception as exc:
@@ -145,7 +227,7 @@ def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
             raise BackboneError(f"OpenVINO cannot convert {spec.name} ({first}); use --runtime tensorflow") from None
         difference = _check_against_tensorflow(network, compiled, spec.input_size)
         del compiled
-        shutil.rmtree(staging / "savedmodel")
+        shutil.rmtree(staging / "savedmodel", ignore_errors=True)
         (staging / FORMAT_FILE).write_text(FORMAT)
         record = {"format": FORMAT, "sha256": _file_hashes(staging),
                   "checked_against_tensorflow": {"inputs": CHECK_INPUTS, "max_abs_difference": difference}}
@@ -154,6 +236,8 @@ def convert_to_openvino(spec: BackboneSpec, target: Path) -> None:
         if target.exists() and conversion_problem(target) is not None:
             _set_aside(target)
         _replace_folder(staging, target)
+        (log or _say)(f"converted {spec.name} to OpenVINO in {time.monotonic() - started:.1f} s "
+                      f"(its features within {difference:.2g} of TensorFlow's on the check inputs)")
     except OSError as exc:
         raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
                          "use --runtime tensorflow or another --cache") from None
@@ -211,23 +295,42 @@ def remove_leftovers(target: Path) -> int:
     return removed
 
 
+def ensure_conversion(spec: BackboneSpec, folder: Path) -> None:
+    """Make `folder` hold a verified float32 conversion of `spec`'s network, converting (again) if needed."""
+    left = remove_leftovers(folder)
+    if left:
+        _say(f"removed {left / 1e6:.1f} MB of OpenVINO conversion that a killed run left beside {folder}")
+    problem = conversion_problem(folder)
+    if problem is not None:
+        if folder.exists():
+            _say(f"the OpenVINO model in {folder} {problem}: converting it again")
+        convert_to_openvino(spec, folder)
+
+
 class OpenVinoFeatureModel:
-    """Runs a converted feature network with OpenVINO on uint8 RGB batches; converts it into `folder` first if needed."""
+    """Runs a converted feature network with OpenVINO on uint8 RGB batches; converts it into `folder` first if needed.
+
+    `folder` holds the float32 conversion (`spec.float32_spec`'s); float32 and bf16 run it, int8 runs the
+    quantized model `bottleneck.backbones.quantize` made beside it for `spec.calibration`.
+    """
 
     def __init__(self, spec: BackboneSpec, folder: Path):
         ov = _import_openvino()
         self.spec = spec
-        left = remove_leftovers(folder)
-        if left:
-            _say(f"removed {left / 1e6:.1f} MB of OpenVINO conversion that a killed run left beside {folder}")
-        problem = conversion_problem(folder)
-        if problem is not None:
-            if folder.exists():
-                _say(f"the OpenVINO model in {folder} {problem}: converting it again")
-            convert_to_openvino(spec, folder)
-        self._compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU")
+        if spec.precision not in INFERENCE_PRECISION:
+            raise BackboneError(f"--precision {spec.precision} does not run on OpenVINO; use --runtime keras")
+        check_cpu_precision(spec.precision)
+        ensure_conversion(spec.float32_spec, folder)
+        model_xml = folder / "model.xml"
+        if spec.precision == "int8":
+            from bottleneck.backbones.quantize import int8_model_file
+
+            model_xml = int8_model_file(spec, folder)
+        self._compiled = compile_on_cpu(str(model_xml), spec.precision)
         self.feature_dim = int(self._compiled.outputs[0].get_partial_shape()[-1].get_length())
         self.versions = {"openvino": ov.__version__}
+        if spec.precision != "float32":
+            self.versions["precision"] = spec.precision
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, feature_dim) float32."""

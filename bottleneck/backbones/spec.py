@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +39,10 @@ WEIGHTS_NONE = "none"
 RANDOM_WEIGHTS_SEED = 0
 #: How random weights are drawn (`build.portable_random_weights`): with NumPy, so every backend gets the same network.
 RANDOM_WEIGHTS_SCHEME = "numpy-glorot1"
-#: `--precision`: float32, or Keras' mixed_float16 policy (GPU only; changes features slightly, so fingerprinted).
-PRECISIONS = ("float32", "mixed")
+#: `--precision`: float32 (exact, on every CPU and GPU); mixed (Keras' mixed_float16, GPU only); bf16 and int8
+#: (OpenVINO on the CPU: bfloat16 arithmetic, or the network quantized by NNCF on calibration images). All but
+#: float32 change the features slightly, so each is fingerprinted: a store of its own.
+PRECISIONS = ("float32", "mixed", "bf16", "int8")
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: these features come from an untrained network (--weights none)"
 
 
@@ -54,11 +56,14 @@ class BackboneSpec:
     pooling: str = "avg"
     layer: str | None = None  # .keras files: the layer to cut at
     preprocess: str | None = None  # .keras files: a key of PREPROCESSING (default 'none')
-    precision: str = "float32"  # or 'mixed' (float16 compute on a GPU)
+    precision: str = "float32"  # or 'mixed' (float16 compute on a GPU), 'bf16' or 'int8' (OpenVINO on a CPU)
+    calibration: str | None = None  # int8: the digest of the calibration set (None: not settled yet)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise BackboneError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.calibration is not None and self.precision != "int8":
+            raise BackboneError("a calibration set belongs to --precision int8 only")
         if self.kind == "application":
             self._check_application()
         elif self.kind == "file":
@@ -105,6 +110,11 @@ class BackboneSpec:
             raise BackboneError(f"{self.architecture} does not fix its input size: pass --image-size")
         if (self.preprocess or "none") not in PREPROCESSING:
             raise BackboneError(f"unknown --preprocess {self.preprocess!r}; choose one of: {', '.join(PREPROCESSING)}")
+
+    @property
+    def float32_spec(self) -> "BackboneSpec":
+        """This backbone in float32: the network OpenVINO converts, which bf16 and int8 are derived from."""
+        return replace(self, precision="float32", calibration=None)
 
     @property
     def arch(self) -> Architecture:
@@ -189,6 +199,10 @@ class BackboneSpec:
             identity["layer"] = self.layer
         if self.precision != "float32":  # absent for float32, so float32 stores keep their names
             identity["precision"] = self.precision
+        if self.precision == "int8":
+            if self.calibration is None:
+                raise BackboneError("an int8 backbone has no fingerprint before its calibration set is chosen")
+            identity["calibration"] = self.calibration
         return identity
 
     def fingerprint(self, file_hasher: Callable[[str], str] | None = None) -> str:
@@ -201,6 +215,8 @@ class BackboneSpec:
             tag = {"file": self.layer, "pixels": "raw"}[self.kind]
         if self.precision != "float32":
             tag += f"-{self.precision}"
+        if self.calibration:
+            tag += f"-cal{self.calibration[:8]}"
         safe_name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{self.name}-{self.input_size}-{tag}")
         return f"{safe_name}-{digest}"
 
@@ -224,12 +240,13 @@ def spec_record(spec: BackboneSpec) -> dict:
         "layer": spec.layer,
         "preprocess": spec.preprocess,
         "precision": spec.precision,
+        "calibration": spec.calibration,
     }
 
 
 def spec_from_record(record: dict) -> BackboneSpec:
     """The spec a run recorded with `spec_record`."""
-    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision")
+    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision", "calibration")
     return BackboneSpec(**{name: record[name] for name in fields if name in record})
 
 
@@ -239,8 +256,9 @@ def spec_from_store_attrs(attrs: dict) -> BackboneSpec:
     size = int(attrs["input_size"])
     if architecture == PIXELS or architecture in ARCHITECTURES:
         weights = str(attrs.get("weights", WEIGHTS_IMAGENET)) if architecture != PIXELS else WEIGHTS_NONE
-        return BackboneSpec(architecture=architecture, weights=weights, image_size=size,
-                            precision=str(attrs.get("precision", "float32")))
+        precision = str(attrs.get("precision", "float32"))
+        return BackboneSpec(architecture=architecture, weights=weights, image_size=size, precision=precision,
+                            calibration=str(attrs["calibration"]) if precision == "int8" else None)
     by_text = {text: key for key, text in PREPROCESSING.items()}
     return BackboneSpec(architecture=architecture, layer=str(attrs.get("layer") or "") or None, image_size=size,
                         preprocess=by_text.get(str(attrs.get("preprocessing", "")), "none"))

@@ -157,9 +157,11 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
     group.add_argument("--image-size", type=IMAGE_SIZE, default=None, metavar="N",
                        help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
                        "`bottleneck backbones` lists each one's default and minimum)")
-    group.add_argument("--precision", choices=["float32", "mixed"], default=None,
-                       help="float32 (default), or mixed: float16 compute on a GPU, about twice as fast there; its "
-                       "features differ slightly, so they are a store of their own")
+    group.add_argument("--precision", choices=["float32", "mixed", "bf16", "int8"], default=None,
+                       help="float32 (default: exact float32 arithmetic on every CPU and GPU); mixed: float16 compute "
+                       "on a GPU; bf16: bfloat16 on CPUs that have it (AVX512_BF16, AMX), about twice as fast; int8: "
+                       "the network quantized by NNCF on calibration images, fastest on CPUs with VNNI. bf16 and int8 "
+                       "run on OpenVINO. Each changes the features slightly, so each is a store of its own")
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,21 +171,26 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the Keras backend that runs the backbone: the same weights give the same features on each, "
                        "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
                        "'bottleneck[jax]', torch: 'bottleneck[torch]')")
-    group.add_argument("--runtime", choices=["keras", "tensorflow", "openvino"], default="keras",
-                       help="keras: the Keras network on --backend (default; 'tensorflow', its old name, is the "
-                       "same); openvino: converted once per backbone into the cache, faster on CPUs (pip install "
+    group.add_argument("--runtime", choices=["auto", "keras", "tensorflow", "openvino"], default="auto",
+                       help="auto (default): OpenVINO on a CPU where it is installed (the same features, faster), Keras "
+                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend ('tensorflow', its "
+                       "old name, is the same); openvino: converted once per backbone into the cache (pip install "
                        "'bottleneck[openvino]')")
 
 
 def spec_from(args: argparse.Namespace):
+    """The backbone the flags name (None when none is given); int8 takes the cache's calibration if it has one."""
+    from bottleneck.backbones.quantize import with_default_calibration
     from bottleneck.backbones.spec import BackboneSpec
 
     if all(getattr(args, name) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess",
                                                      "precision")):
         return None
-    return BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
+    spec = BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
                         image_size=args.image_size, layer=args.layer, preprocess=args.preprocess,
                         precision=args.precision or "float32")
+    cache = getattr(args, "cache", None)
+    return with_default_calibration(spec, cache) if cache and spec.precision == "int8" else spec
 
 
 def select_backend(args: argparse.Namespace, spec=None) -> None:

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         dtype=args.dtype,
         backend=args.backend,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
     )
     result = extract_features(args.data, args.cache, spec, options, log=stderr)
     out = stderr if args.json else print
@@ -90,7 +92,9 @@ def _augment(args: argparse.Namespace, spec, options):
     from bottleneck.features.discover import discover_images
     from bottleneck.learn.dataset import content_hashes, find_store
 
-    spec = spec or BackboneSpec()
+    from bottleneck.backbones.quantize import with_default_calibration
+
+    spec = with_default_calibration(spec or BackboneSpec(), args.cache)  # a first int8 run has just calibrated
     plain = find_store(args.cache, spec)
     images = discover_images(args.data).images
     hashes = content_hashes(args.data, args.cache, [image.relpath for image in images])
@@ -105,6 +109,7 @@ def add_parser(commands) -> None:
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS
     from bottleneck.features.engines import DEFAULT_SHARD_SIZE
     from bottleneck.features.extract import DEFAULT_BATCH_SIZE
+    from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
 
     features = commands.add_parser(
         "features",
@@ -142,6 +147,14 @@ def add_parser(commands) -> None:
                         "must be at the same paths on every node (default: start a local Ray instance)")
     engine.add_argument("--gpus-per-worker", type=finite_float(0, 1024), default=None, metavar="N",
                         help="ray: GPUs each actor holds, %(type)s (default: none)")
+    int8 = features.add_argument_group("int8 (--precision int8)")
+    int8.add_argument("--calibration", default=None, metavar="DIR",
+                      help="calibrate the int8 model on the images under DIR (any layout) instead of DATA's own; the "
+                      "first int8 run in a cache calibrates once and later runs reuse it: another calibration set is "
+                      "another store, so only name one on purpose")
+    int8.add_argument("--calibration-images", type=bounded_int(1, 100_000), default=DEFAULT_CALIBRATION_IMAGES,
+                      metavar="N", help=f"how many images (a seeded choice) a new calibration takes, %(type)s "
+                      f"(default: {DEFAULT_CALIBRATION_IMAGES}, fewer if there are fewer)")
     features.add_argument("--dtype", choices=["float32", "float16"], default=None,
                           help="how a new store keeps its features: float16 halves disk and reads (heads still compute "
                           "in float32); an existing store keeps its own (default: float32)")

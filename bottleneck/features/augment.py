@@ -119,7 +119,7 @@ class ViewRun:
 
 
 def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
-                  views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "keras", batch_size: int = 16,
+                  views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "auto", batch_size: int = 16,
                   workers: int | None = None, progress: bool = False,
                   log: Callable[[str], None] = lambda message: None) -> ViewRun:
     """Make sure `views` views of each (path, content hash) in `images` are in the view store.

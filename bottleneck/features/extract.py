@@ -20,7 +20,8 @@ from typing import Callable
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.backend import use_backend
-from bottleneck.backbones.build import RUNTIMES, get_feature_model
+from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, get_feature_model, resolve_runtime
+from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ENGINES, Tally, get_engine
@@ -103,6 +104,7 @@ def store_attrs(spec: BackboneSpec, weights_id: str, feature_dim: int) -> dict:
         "layer": spec.layer or "",
         "preprocessing": spec.preprocessing,
         "precision": spec.precision,
+        **({"calibration": spec.calibration} if spec.precision == "int8" else {}),
         "feature_dim": feature_dim,
         "bottleneck_version": __version__,
         "pillow_version": PIL.__version__,
@@ -118,7 +120,7 @@ def _feature_dim(spec: BackboneSpec, store_file: Path) -> int:
 
         with h5py.File(store_file, "r") as handle:
             return int(handle.attrs["feature_dim"])
-    return get_feature_model(spec).feature_dim
+    return get_feature_model(spec.float32_spec, "keras").feature_dim  # every precision has float32's width
 
 
 def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex, dtype: str | None = None) -> FeatureStore:
@@ -141,13 +143,15 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     lock_timeout: float | None = None  # None: wait for another run as long as it takes
     progress: bool = False
-    runtime: str = "keras"  # or 'openvino' (optional extra): same features, faster on CPUs
+    runtime: str = DEFAULT_RUNTIME  # auto: OpenVINO on a CPU where installed, else Keras; or keras, openvino
     backend: str | None = None  # the Keras backend (None: $KERAS_BACKEND, else tensorflow); fixed per process
     engine: str = "local"  # or 'ray' (optional extra): shards over a pool of actors, on one machine or a cluster
     shard_size: int | None = None  # ray: images per shard (None: DEFAULT_SHARD_SIZE)
     ray_address: str | None = None  # ray: a running cluster (None: start a local Ray instance)
     gpus_per_worker: float | None = None  # ray: GPUs each actor holds (None: none)
     dtype: str | None = None  # how a new store keeps its rows: float32 or float16 (None: as the store does)
+    calibration: str | None = None  # int8: a folder of images to calibrate on (None: the cache's, else DATA's own)
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES  # int8: how many images a new calibration takes
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and not isinstance(self.batch_size, numbers.Integral):
@@ -160,6 +164,8 @@ class ExtractOptions:
             raise DataError(f"--gpus-per-worker must be 0 or more; got {self.gpus_per_worker}")
         if self.runtime not in RUNTIMES:
             raise DataError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        if self.calibration_images < 1:
+            raise DataError(f"--calibration-images must be at least 1; got {self.calibration_images}")
         if self.dtype not in (None, *DTYPES):
             raise DataError(f"unknown --dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.engine not in ENGINES:
@@ -238,9 +244,12 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     started = time.monotonic()
     if options.backend is not None and spec.kind != "pixels":
         use_backend(options.backend)
+    resolve_runtime(options.runtime, spec)  # a runtime that cannot run this precision is an error before any work
     engine = get_engine(options)
     engine.check()  # bad engine settings are an error before any work
     cache = prepare_cache_dir(cache_dir)
+    spec = settle_calibration(spec, cache, [image.path for image in images], options.calibration,
+                              options.calibration_images, options.max_pixels, log)
     index = HashIndex(cache)
     noise = None
     try:

@@ -212,6 +212,7 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
     A store counts as soon as a run committed anything to it, even if that run was killed before
     it brought its parts into the index: its features are used as `features` itself would.
     """
+    from bottleneck.backbones.quantize import with_default_calibration
     from bottleneck.features.maintenance import fingerprints_in, store_of
 
     cache = Path(cache_dir)
@@ -224,6 +225,10 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
             raise CacheError(f"{cache} holds {len(found)} feature stores ({', '.join(found)}); pick one with the backbone "
                              "flags (--backbone, --weights, --image-size)")
         return store_of(cache, found[0])
+    spec = with_default_calibration(spec, cache)
+    if spec.precision == "int8" and spec.calibration is None:
+        raise CacheError(f"no int8 features in {cache} yet: run `bottleneck features DATA --cache "
+                         f"{shlex.quote(str(cache))} --precision int8` first (it calibrates once, on DATA's images)")
     fingerprint = spec.fingerprint(index.hash_file if index else None)
     if fingerprint not in found:
         raise CacheError(

@@ -197,6 +197,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
     run = load_run(run_dir, cache_dir)
     out = Path(out)
     staging = _staging_for(out)
+    if run.spec.precision in ("bf16", "int8"):
+        log(f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes them in "
+            "float32, as TensorFlow does everywhere: the parity below measures the difference")
     try:
         model = build_classifier(run)
         model.save(staging / "model.keras")

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from bottleneck.backbones.build import get_feature_model
+from bottleneck.backbones.build import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.decode import ImageDecodeError, decode_image, too_large
@@ -157,7 +157,9 @@ class _Batcher:
         if self.model is None:
             if self.spec.kind != "pixels":  # the raw image: there is no network, no weights to load
                 detail = f"cut at {self.spec.layer}" if self.spec.kind == "file" else f"{self.spec.weights} weights"
-                runtime = f", {self.runtime}" if self.runtime not in ("keras", "tensorflow") else ""
+                chosen = resolve_runtime(self.runtime, self.spec)
+                runtime = f", {chosen}" if chosen != "keras" else ""
+                runtime += f", {self.spec.precision}" if self.spec.precision != "float32" else ""
                 self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
             self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
         features = np.asarray(self.model(np.stack(self.pixels)))

@@ -162,9 +162,9 @@ class RayEngine(ShardedEngine):
             self._actors = max(1, int(gpus // want))  # one actor per GPU (or group of GPUs)
         else:
             self._actors = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))  # one per machine
-        if options.runtime == "openvino" and spec.kind != "pixels":
-            from bottleneck.backbones.build import get_feature_model
+        from bottleneck.backbones.build import get_feature_model, resolve_runtime
 
+        if resolve_runtime(options.runtime, spec) == "openvino":
             get_feature_model(spec, options.runtime, cache_dir)  # convert once here, not in every actor at once
         log(f"ray: {self._actors} worker{'s' if self._actors != 1 else ''}"
             + (f" with {want:g} GPU{'s' if want != 1 else ''} each" if want else "")
@@ -174,7 +174,7 @@ class RayEngine(ShardedEngine):
     def _worker_env() -> dict[str, str]:
         env = {"PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), _PYTHONWARNINGS_PANDAS])),
                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
-        for name in (FAULT_ENV, "KERAS_BACKEND"):  # the workers run the backbone on this process's backend
+        for name in (FAULT_ENV, "KERAS_BACKEND", "BOTTLENECK_RUNTIME"):  # the workers run the backbone as this process does
             if os.environ.get(name):
                 env[name] = os.environ[name]
         return env
