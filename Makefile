@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision clean
 
 install: $(STAMP)
 
@@ -56,9 +56,13 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python scripts/bench_scale.py --out $(CACHE)/bench-scale $(ARGS)
 
-# How close each CPU runtime (OpenVINO, TensorFlow, ONNX Runtime) comes to the matrix-multiply limit, end to end.
+# How close each CPU runtime (OpenVINO, TensorFlow, ONNX Runtime) and each OpenVINO precision comes to its limit.
 bench-cpu: $(STAMP)
 	$(BIN)/python scripts/bench_cpu.py --out $(CACHE)/bench-cpu $(ARGS)
+
+# What bf16 and int8 features cost in accuracy on the demo's transfer task (float32, int8, bf16, emulated bf16).
+bench-precision: $(STAMP)
+	$(BIN)/python scripts/bench_precision.py --out $(CACHE)/bench-precision $(ARGS)
 
 # `bottleneck audit` on 100,000 images (2048-d features written straight into the store): time, memory, recall.
 bench-audit: $(STAMP)

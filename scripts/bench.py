@@ -66,7 +66,7 @@ def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
 
 def model_alone(spec: BackboneSpec, batch_size: int, images: int) -> float:
     """Images/s of the bare backbone on pre-decoded tensors."""
-    model = get_feature_model(spec)
+    model = get_feature_model(spec, "keras")
     batch = np.random.default_rng(0).integers(0, 256, (batch_size, spec.input_size, spec.input_size, 3), np.uint8)
     model(batch)  # warm-up: tracing and first-call allocations
     calls = max(1, images // batch_size)
@@ -120,7 +120,7 @@ INCEPTION_V3_GFLOP_AT_299 = 11.4  # multiply-adds counted twice, for one 299x299
 
 def naive(spec: BackboneSpec, paths: list[Path], out: Path) -> float:
     """retrain.py's way: one image per model call, one text file of floats per image."""
-    model = get_feature_model(spec)
+    model = get_feature_model(spec, "keras")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for path in paths:

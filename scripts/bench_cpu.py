@@ -9,7 +9,11 @@ InceptionV3's 11.4 GFLOP per 299x299 image. Measured in paired rounds, medians r
 - TensorFlow (Keras) model only and end to end;
 - ONNX Runtime model only, on the same network exported to ONNX through Keras' PyTorch backend
   (`model.export(format="onnx")`; its features are checked against TensorFlow's first), when
-  onnxruntime, onnx, onnxscript and torch are installed.
+  onnxruntime, onnx, onnxscript and torch are installed;
+- a row per OpenVINO precision (float32, bf16 where the CPU has it, int8), model only and end to
+  end, each against its own limit: the matrix-multiply peak in that precision, measured with
+  OpenVINO's own kernels on one large MatMul (int8: the MatMul quantized by NNCF), over InceptionV3's
+  11.4 G(FL)OP per image; and decoding alone, the stage that counts once the model is fast.
 """
 from __future__ import annotations
 
@@ -88,6 +92,78 @@ def onnx_session(work: Path, size: int, reference):
     return run, f"features off TensorFlow's by {np.linalg.norm(got - expected, axis=1).max() / spread:.1e} of the spread"
 
 
+def openvino_matmul_peak(precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """G(FL)OP/s of one n x n x n MatMul run by OpenVINO in `precision` (int8: quantized by NNCF)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from bottleneck.backbones.openvino import compile_on_cpu
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0, 1, (n, n)).astype(np.float32)
+    pixels = ops.parameter([n, n], np.float32, name="x")
+    model = ov.Model([ops.matmul(pixels, ops.constant(weights), False, False)], [pixels])
+    data = rng.normal(0, 1, (n, n)).astype(np.float32)
+    if precision == "int8":
+        import nncf
+
+        model = nncf.quantize(model, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.PERFORMANCE)
+    compiled = compile_on_cpu(model, precision)
+    compiled(data)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        compiled(data)
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def decode_only(photos: Path, size: int, threads: int) -> float:
+    """Images/s of reading and decoding the photos to `size` on `threads` threads: the pipeline without a model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bottleneck.features.decode import decode_image
+
+    paths = sorted(photos.rglob("*.jpg"))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda path: decode_image(path.read_bytes(), size), paths))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batch_size: int) -> dict:
+    """For each OpenVINO precision this CPU runs: its limit, the model alone and end to end (images/s)."""
+    from dataclasses import replace
+
+    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.openvino import cpu_capabilities
+    from bottleneck.backbones.quantize import settle_calibration
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.discover import discover_images
+
+    spec = BackboneSpec(weights="none")
+    precisions = ["float32"] + (["bf16"] if "BF16" in cpu_capabilities() else []) + ["int8"]
+    rows = {}
+    for precision in precisions:
+        chosen = replace(spec, precision=precision)
+        started = time.monotonic()
+        if precision == "int8":  # calibrated once on the photos and kept in the work folder, like a cache
+            chosen = settle_calibration(chosen, work, [image.path for image in discover_images(photos).images],
+                                        log=lambda line: print(line, flush=True))
+        model = get_feature_model(chosen, "openvino", work)
+        prepared = time.monotonic() - started
+        links = [work / name for name in os.listdir(work) if name.endswith(".openvino")]
+        with tempfile.TemporaryDirectory(prefix="bench-cpu-") as cache:
+            for link in links:  # conversions and quantizations are cached; never part of a timing
+                os.symlink(link.resolve(), Path(cache) / link.name)
+            from bottleneck.features.extract import extract_features
+
+            result = extract_features(photos, cache, chosen, batch_size=batch_size, runtime="openvino")
+            end_to_end = result.computed / result.seconds
+        rows[precision] = {"limit": openvino_matmul_peak(precision) / GFLOP_PER_IMAGE,
+                           "model": images_per_second(model, batch, calls), "end_to_end": end_to_end,
+                           "prepare_s": round(prepared, 1)}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="cache/bench-cpu")
@@ -96,6 +172,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.openvino import cpu_capabilities, cpu_flags
     from bottleneck.backbones.spec import BackboneSpec
 
     work = Path(args.out)
@@ -123,11 +200,27 @@ def main() -> None:
             measured["onnxruntime_model"] = images_per_second(onnx_run, batch, calls)
         rounds.append(measured)
         print(f"round {number + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), flush=True)
+    precisions = [precision_rows(photos, work, batch, calls, args.batch_size) for _ in range(args.rounds)]
+    per_precision = {}
+    for name in precisions[0]:
+        runs = [round_[name] for round_ in precisions]
+        per_precision[name] = {key: round(median(r[key] for r in runs), 2) for key in ("limit", "model", "end_to_end")}
+        per_precision[name]["model_vs_limit"] = round(median(r["model"] / r["limit"] for r in runs), 3)
+        per_precision[name]["end_to_end_vs_limit"] = round(median(r["end_to_end"] / r["limit"] for r in runs), 3)
+        per_precision[name]["end_to_end_vs_model"] = round(median(r["end_to_end"] / r["model"] for r in runs), 3)
+        per_precision[name]["end_to_end_vs_float32"] = round(median(
+            r["end_to_end"] / round_["float32"]["end_to_end"] for r, round_ in zip(runs, precisions)), 3)
+        per_precision[name]["first_run_prepare_s"] = runs[0]["prepare_s"]
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in per_precision[name].items()), flush=True)
+    decoding = median(decode_only(photos, size, os.cpu_count() or 1) for _ in range(args.rounds))
     figures = {name: round(median(r[name] for r in rounds), 2) for name in rounds[0]}
     ratios = {f"{name}_vs_limit": round(median(r[name] / r["limit"] for r in rounds), 3) for name in rounds[0] if name != "limit"}
     ratios["openvino_end_to_end_vs_model"] = round(median(r["openvino_end_to_end"] / r["openvino_model"] for r in rounds), 3)
     summary = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "batch_size": args.batch_size,
-               "images_per_second": figures, "ratios": ratios, "onnx": onnx_note}
+               "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(("avx512", "amx", "avx_vnni", "avx2"))),
+               "openvino_capabilities": list(cpu_capabilities()),
+               "images_per_second": figures, "ratios": ratios, "onnx": onnx_note,
+               "per_precision": per_precision, "decode_only_images_per_second": round(decoding, 1)}
     (work / "results.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
     precisions = ["float32", "mixed"] if devices and not args.float32_only else ["float32"]
     for precision in precisions:
         spec = BackboneSpec(architecture=args.backbone, weights="none", image_size=size, precision=precision)
-        model = get_feature_model(spec)
+        model = get_feature_model(spec, "keras")
         for batch_size in args.batch_sizes:
             model_only = measure_model(model, batch_size, args.images, size)
             end_to_end = measure_end_to_end(data, spec, batch_size, workers)
