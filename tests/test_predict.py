@@ -94,9 +94,9 @@ def test_nothing_predictable_and_bad_runs_are_one_line_errors(trained, tmp_path,
     assert capsys.readouterr().err.strip() == f"bottleneck: error: run folder not found: {tmp_path / 'nope'}"
     incomplete = tmp_path / "incomplete"
     shutil.copytree(runs["logreg"], incomplete)
-    (incomplete / "model.joblib").unlink()
+    (incomplete / "head.npz").unlink()
     assert main(["predict", "--run", str(incomplete), str(bad)]) == 2
-    assert "is incomplete: its model file model.joblib is missing" in capsys.readouterr().err
+    assert "is incomplete: its model file head.npz is missing" in capsys.readouterr().err
     (incomplete / "config.json").unlink()
     assert main(["predict", "--run", str(incomplete), str(bad)]) == 2
     assert "not a finished run folder (config.json is missing)" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     data, cache = extracted
     first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
     names = sorted(p.name for p in first.run_dir.iterdir())
-    assert names == ["config.json", "metrics.json", "model.joblib", "split.csv", "test_predictions.csv"]
+    assert names == ["config.json", "head.npz", "metrics.json", "model.joblib", "split.csv", "test_predictions.csv"]
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
     assert metrics["head"] == "logreg" and metrics["excluded"] == {"failed_extraction": 1, "not_in_cache": 0, "non_finite": 0,
                                                                    "exclude_file": 0}

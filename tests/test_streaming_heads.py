@@ -16,7 +16,7 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features.extract import extract_features
 from bottleneck.features.store import FeatureStore
-from bottleneck.learn.classifier import logreg_as_dense
+from bottleneck.learn.head_file import arrays_from_pipeline, load_head
 from bottleneck.learn.memory import MemoryBudgetError, parse_size, plan_memory
 from bottleneck.learn.runs import PREDICTIONS_FILE, HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
@@ -85,7 +85,9 @@ def test_streamed_logreg_equals_in_memory_repeats_and_predicts(extracted, tmp_pa
     assert list(pipeline.classes_) == ["blue", "green", "red"]
     store = FeatureStore(cache, SPEC.fingerprint(), 2048, {})
     X = store.read_rows_at(np.arange(6))
-    kernel, bias = logreg_as_dense(pipeline)
+    kernel, bias = arrays_from_pipeline(pipeline).as_dense()
+    np.testing.assert_allclose(load_head(streamed.run_dir / "head.npz").predict_proba(X), pipeline.predict_proba(X),
+                               rtol=0, atol=0)
     logits = X @ kernel + bias
     softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
     np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), pipeline.predict_proba(X), atol=1e-5)

@@ -95,7 +95,6 @@ def cpu_flags() -> frozenset[str]:
 
 #: CPU flags that give int8 dot products; without them OpenVINO's int8 runs on plain AVX2, slower.
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def check_cpu_precision(precision: str) -> str | None:

@@ -17,34 +17,16 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
 
 
-def logreg_as_dense(pipeline) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel (d, k), bias (k,)) of a Dense softmax equal to a scaler + logistic regression pipeline.
-
-    softmax(((x - mean) / scale) @ coef.T + b) = softmax(x @ (coef / scale).T + (b - (coef / scale) @ mean)).
-    A binary logistic regression is softmax over (0, z).
-    """
-    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
-    coef = np.asarray(logreg.coef_, np.float64)
-    intercept = np.asarray(logreg.intercept_, np.float64)
-    if coef.shape[0] == 1 and len(logreg.classes_) == 2:
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.array([0.0, intercept[0]])
-    mean = scaler.mean_ if getattr(scaler, "with_mean", True) and scaler.mean_ is not None else np.zeros(coef.shape[1])
-    scale = scaler.scale_ if getattr(scaler, "with_std", True) and scaler.scale_ is not None else np.ones(coef.shape[1])
-    weights = coef / scale
-    return weights.T.astype(np.float32), (intercept - weights @ mean).astype(np.float32)
-
-
 def head_layers(run: LoadedRun, features):
     """The run's head applied to the symbolic `features`; returns the probabilities tensor."""
     _, keras = import_tensorflow()
     if run.config.get("head") == "logreg":
-        import joblib
+        from bottleneck.learn.head_file import load_head
 
-        kernel, bias = logreg_as_dense(joblib.load(run.folder / run.config["model"]))
+        kernel, bias = load_head(run.folder / run.config["model"]).as_dense()
         dense = keras.layers.Dense(len(bias), activation="softmax", name=OUTPUT_NAME)
         outputs = dense(features)
-        dense.set_weights([kernel, bias])
+        dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         return outputs
     head = keras.saving.load_model(run.folder / run.config["model"], compile=False, safe_mode=True)
     head.name = "head"

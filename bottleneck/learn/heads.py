@@ -2,8 +2,10 @@
 
 Both take labels as strings and return probabilities in the order of `classes_`, so any
 scikit-learn tool (cross-validation, grid search, metrics) works on them. Each saves an
-artefact that opens without this package: a plain scikit-learn `Pipeline` (joblib) or a
-Keras model (`.keras`) with its labels in a JSON file beside it.
+artefact that opens without this package: the logistic regression's arrays (`head.npz`, plain
+NumPy, what bottleneck loads) with a scikit-learn `Pipeline` beside it (`model.joblib`, never
+loaded by bottleneck: a pickle runs code), or a Keras model (`.keras`) with its labels in a JSON
+file beside it.
 
 Both also train on features too large for memory (`fit_rows`, `predict_proba_rows` over
 `bottleneck.learn.dataset.FeatureRows`, read chunk by chunk) and save the same artefacts then.
@@ -182,12 +184,16 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def save(self, folder: Path) -> Path:
-        """Write `model.joblib`: a scikit-learn Pipeline (scaler + logistic regression, labels in classes_)."""
+        """Write `head.npz` (plain arrays: what bottleneck loads) and `model.joblib` (a scikit-learn Pipeline, for you).
+
+        Returns the path of `head.npz`: a pickle runs code when it is loaded, so nothing of ours loads one.
+        """
         import joblib
 
-        path = Path(folder) / "model.joblib"
-        joblib.dump(self.pipeline_, path)
-        return path
+        from bottleneck.learn.head_file import arrays_from_pipeline, save_head
+
+        joblib.dump(self.pipeline_, Path(folder) / "model.joblib")
+        return save_head(arrays_from_pipeline(self.pipeline_), folder)
 
 
 def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np.ndarray:

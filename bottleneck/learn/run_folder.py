@@ -82,19 +82,55 @@ def run_backbone(folder: Path, config: dict) -> tuple[BackboneSpec, str]:
     return spec, fingerprint
 
 
+def _expected_width(config: dict) -> int | None:
+    width = (config.get("backbone") or {}).get("feature_dim")
+    return int(width) if isinstance(width, (int, float)) and not isinstance(width, bool) else None
+
+
+def _check_head_fits(folder: Path, name: str, labels: list[str], width: int | None, config: dict) -> None:
+    """The head's classes are the run's labels and its input is the backbone's feature width; else one line."""
+    recorded = config.get("labels")
+    if isinstance(recorded, list) and [str(label) for label in recorded] != labels:
+        raise RunError(f"{folder / name} classifies {', '.join(labels)}, but the run was trained on "
+                       f"{', '.join(map(str, recorded))}: the head belongs to another run")
+    expected = _expected_width(config)
+    if expected is not None and width is not None and width != expected:
+        raise RunError(f"{folder / name} takes {width} features, but the run's backbone gives {expected}: "
+                       "the head belongs to another run")
+
+
 def _logreg_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]:
-    import joblib
+    from bottleneck.learn.head_file import HEAD_FILE, HeadFileError, load_head
 
-    pipeline = joblib.load(folder / config["model"])
-    return [str(c) for c in pipeline.classes_], pipeline.predict_proba
+    if config["model"] != HEAD_FILE:
+        raise RunError(f"{folder} keeps its head as a pickle ({config['model']}), which bottleneck does not load: "
+                       "a pickle runs code when it is opened; train the head again (runs now keep plain arrays, "
+                       f"{HEAD_FILE})")
+    try:
+        head = load_head(folder / HEAD_FILE)
+    except HeadFileError as exc:
+        raise RunError(str(exc)) from None
+    _check_head_fits(folder, HEAD_FILE, head.labels, head.feature_dim, config)
+    return head.labels, head.to_pipeline().predict_proba
 
 
-def _keras_classifier(path: Path) -> tuple[list[str], Callable]:
+def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
     from bottleneck.backbones.backend import import_keras
 
     keras = import_keras()  # a Dense head: any backend loads it
     labels = _labels(path.parent)
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    try:
+        # safe_mode refuses Lambda layers (code stored in the file); anything else unreadable is one line too.
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001: Keras raises many kinds for a file that is not its model
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RunError(f"{path} is not a Keras head this run can load ({text})") from None
+    outputs = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
+    inputs = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
+    if outputs is not None and outputs != len(labels):
+        raise RunError(f"{path} gives {outputs} probabilities, but {path.parent / 'labels.json'} lists {len(labels)} "
+                       "labels: the head or the labels belong to another run")
+    _check_head_fits(path.parent, path.name, labels, inputs, config)
     return labels, lambda X: np.asarray(model.predict(np.asarray(X, np.float32), batch_size=1024, verbose=0), np.float64)
 
 
@@ -129,7 +165,7 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
         if head == "logreg":
             labels, classify = _logreg_classifier(folder, config)
         elif head == "keras":
-            labels, classify = _keras_classifier(folder / config["model"])
+            labels, classify = _keras_classifier(folder / config["model"], config)
         else:
             raise RunError(f"{folder}/config.json names an unknown head {head!r}")
         default_cache = Path(config["store"]).parent

@@ -337,6 +337,7 @@ def train_on_features(
             "backbone": {k: (v.item() if hasattr(v, "item") else v) for k, v in data.attrs.items()},
             "backbone_spec": _recorded_spec(spec, data.attrs),
             "model": model_path.name,
+            "labels": [str(label) for label in labels],
             "versions": versions(),
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -1,0 +1,141 @@
+"""The logistic-regression head on disk as plain arrays (`head.npz`), so opening a run never runs code.
+
+Runs travel between people; a pickle (`model.joblib`) runs whatever its author put in it when it is
+loaded. The head is therefore written as five arrays in a NumPy `.npz` (read with
+`allow_pickle=False`, which refuses object arrays): the scaler's `mean` and `scale`, the logistic
+regression's `coef` and `intercept`, and the `classes` as unicode strings. Probabilities are
+computed from them directly; `model.joblib` is still written beside them, for people who want a
+scikit-learn Pipeline, and nothing of ours ever loads it.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bottleneck.errors import BottleneckError
+
+HEAD_FILE = "head.npz"
+ARRAYS = ("mean", "scale", "coef", "intercept", "classes")
+
+
+class HeadFileError(BottleneckError):
+    """A head file that is not a readable, consistent logistic-regression head."""
+
+
+@dataclass(frozen=True)
+class LogRegArrays:
+    """softmax(((x - mean) / scale) @ coef.T + intercept) over `classes` (binary: sigmoid, as scikit-learn)."""
+
+    mean: np.ndarray  # (d,)
+    scale: np.ndarray  # (d,)
+    coef: np.ndarray  # (k, d), or (1, d) for two classes
+    intercept: np.ndarray  # (k,) or (1,)
+    classes: np.ndarray  # (k,) unicode
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.coef.shape[1])
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(c) for c in self.classes]
+
+    def as_dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kernel (d, k), bias (k,)) of one Dense softmax layer computing the same probabilities.
+
+        softmax(((x - mean) / scale) @ coef.T + b) = softmax(x @ (coef / scale).T + (b - (coef / scale) @ mean)).
+        A binary logistic regression is softmax over (0, z).
+        """
+        coef = np.asarray(self.coef, np.float64)
+        intercept = np.asarray(self.intercept, np.float64)
+        if coef.shape[0] == 1 and len(self.classes) == 2:
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.array([0.0, intercept[0]])
+        weights = coef / self.scale
+        return weights.T, intercept - weights @ self.mean
+
+    def to_pipeline(self):
+        """The scikit-learn Pipeline (scaler + logistic regression) these arrays came from, rebuilt without a pickle.
+
+        Its `predict_proba` is the one the run was evaluated with, to the last bit (the arrays keep their dtypes).
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        d = self.feature_dim
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = self.mean, self.scale, np.square(self.scale)
+        scaler.n_features_in_, scaler.n_samples_seen_ = d, 0
+        logreg = LogisticRegression()
+        logreg.classes_, logreg.coef_, logreg.intercept_ = self.classes, self.coef, self.intercept
+        logreg.n_features_in_, logreg.n_iter_ = d, np.zeros(1, np.int32)
+        return make_pipeline(scaler, logreg)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(n, k) probabilities, columns in `classes` order."""
+        return self.to_pipeline().predict_proba(X)
+
+
+def arrays_from_pipeline(pipeline) -> LogRegArrays:
+    """The arrays of a fitted scaler + logistic regression `Pipeline`."""
+    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
+    d = np.asarray(logreg.coef_).shape[1]
+    mean = scaler.mean_ if getattr(scaler, "with_mean", True) and scaler.mean_ is not None else np.zeros(d)
+    scale = scaler.scale_ if getattr(scaler, "with_std", True) and scaler.scale_ is not None else np.ones(d)
+    # Each array keeps its dtype (a head trained on float32 features has float32 coefficients), so the
+    # rebuilt Pipeline computes exactly what the trained one did.
+    return LogRegArrays(np.asarray(mean), np.asarray(scale), np.asarray(logreg.coef_), np.asarray(logreg.intercept_),
+                        np.asarray([str(c) for c in logreg.classes_], dtype=np.str_))
+
+
+def save_head(arrays: LogRegArrays, folder: str | os.PathLike) -> Path:
+    """Write `folder/head.npz`; return its path."""
+    path = Path(folder) / HEAD_FILE
+    with open(path, "wb") as handle:
+        np.savez(handle, **{name: getattr(arrays, name) for name in ARRAYS})
+    return path
+
+
+def load_head(path: str | os.PathLike) -> LogRegArrays:
+    """The head in `path`, checked: plain arrays only (no pickles), consistent shapes, finite numbers."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ARRAYS if name not in data.files]
+            if missing:
+                raise HeadFileError(f"{path} is not a logistic-regression head (no {', '.join(missing)})")
+            values = {name: data[name] for name in ARRAYS}
+    except HeadFileError:
+        raise
+    except ValueError as exc:  # np.load refuses pickles: object arrays inside a .npz, or a pickle file itself
+        if zipfile.is_zipfile(path):
+            raise HeadFileError(f"{path} holds something other than plain arrays ({exc}); not loaded") from None
+        raise HeadFileError(f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise HeadFileError(f"{path} is not a readable head file ({type(exc).__name__}: {exc})") from None
+    arrays = LogRegArrays(**values)
+    _check_consistent(arrays, path)
+    return arrays
+
+
+def _check_consistent(arrays: LogRegArrays, path: Path) -> None:
+    k, classes = len(arrays.classes), arrays.classes
+    if classes.ndim != 1 or classes.dtype.kind != "U" or k < 2 or len(set(classes.tolist())) != k:
+        raise HeadFileError(f"{path}: 'classes' must list at least two distinct labels")
+    numeric = [arrays.mean, arrays.scale, arrays.coef, arrays.intercept]
+    if any(a.dtype.kind not in "fiu" for a in numeric):
+        raise HeadFileError(f"{path}: its arrays must be numbers")
+    if arrays.coef.ndim != 2:
+        raise HeadFileError(f"{path}: 'coef' must be a matrix")
+    rows, d = arrays.coef.shape
+    if rows != (1 if k == 2 else k) or arrays.intercept.shape != (rows,) or arrays.mean.shape != (d,) or \
+            arrays.scale.shape != (d,):
+        raise HeadFileError(f"{path}: its arrays do not fit together ({k} classes, coef {arrays.coef.shape}, "
+                            f"intercept {arrays.intercept.shape}, mean {arrays.mean.shape}, scale {arrays.scale.shape})")
+    if not all(np.isfinite(a).all() for a in numeric) or (arrays.scale == 0).any():
+        raise HeadFileError(f"{path}: its numbers are not all finite (or a scale is 0)")
