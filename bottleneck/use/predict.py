@@ -7,6 +7,7 @@ is free). A file that cannot be used gets its one-line reason; the others go on.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ import numpy as np
 
 from bottleneck.errors import DataError
 from bottleneck.features.discover import ImageFile, walk_images
+from bottleneck.features.engines.local import NOT_A_FILE
 from bottleneck.features.extract import ExtractOptions, compute_into_store
 from bottleneck.learn.run_folder import LoadedRun, load_run
 
@@ -75,6 +77,9 @@ def list_inputs(paths: list[str]) -> tuple[list[ImageFile], list[Prediction], Co
             st = path.stat()
         except OSError as exc:
             missing.append(Prediction(given, error=f"cannot read file: {exc.strerror or exc}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader for good, /dev/zero fill the memory
+            missing.append(Prediction(given, error=NOT_A_FILE))
             continue
         if (st.st_dev, st.st_ino) in seen:
             continue

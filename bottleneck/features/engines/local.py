@@ -8,6 +8,7 @@ threads here. The reading and decoding helpers are shared with the sharded engin
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import threading
 from collections import deque
@@ -21,7 +22,7 @@ import numpy as np
 from bottleneck.backbones.build import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.features.decode import ImageDecodeError, decode_image, too_large
+from bottleneck.features.decode import ImageDecodeError, decode_image, max_file_bytes, too_large
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
@@ -59,16 +60,26 @@ def make_bar(total: int, progress: bool, unit: str = "img"):
     return tqdm(total=total, unit=unit, desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
+#: Why a path that is not a regular file (a FIFO, a device such as /dev/zero, a socket) is never read.
+NOT_A_FILE = "not a regular file (a FIFO, device or socket): not read"
+
+
 def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, max_pixels: int) -> Outcome:
     """Read, hash and decode one image; `known` has `known_hashes` and `known_failures` (a StoreWriter does)."""
     path = str(image.path)
     try:
-        with open(path, "rb") as handle:
+        # Non-blocking, so a FIFO put where an image was cannot stall a decoding thread in open().
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
             st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return Outcome(image, failure=Failure(path, "", NOT_A_FILE))
             refused = too_large(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
             if refused:
                 return Outcome(image, failure=Failure(path, "", refused))
-            data = handle.read()
+            limit = max_file_bytes(max_pixels)
+            data = handle.read(limit + 1)  # never more than the limit, even from a file that grows as it is read
+            if len(data) > limit:
+                return Outcome(image, failure=Failure(path, "", too_large(len(data), max_pixels)))
     except OSError as exc:
         return Outcome(image, failure=Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
     except MemoryError:

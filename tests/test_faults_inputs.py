@@ -1,0 +1,47 @@
+"""Inputs that are not files: predict never hangs on a FIFO or reads /dev/zero until the memory is gone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bottleneck.cli import main
+
+from .conftest import PIXELS, make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_predict_refuses_a_fifo_and_a_device_in_one_line_each_and_predicts_the_rest(tmp_path, capsys):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
+    capsys.readouterr()
+    [run] = list(runs.iterdir())
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading would block for good
+    good = next((data / "red").iterdir())
+    # In a process of its own with a deadline: a hang fails the test instead of stalling the suite.
+    done = subprocess.run([sys.executable, "-m", "bottleneck", "predict", "--run", str(run), str(fifo), "/dev/zero",
+                           str(good)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    # (long paths are shown with their start elided)
+    assert any(fifo.name in line and "not a regular file (a FIFO, device or socket): not read" in line for line in lines)
+    assert any("/dev/zero" in line and "not a regular file" in line for line in lines)
+    assert any(good.name in line and " red " in line for line in lines), lines
+    assert "Traceback" not in done.stderr
+
+
+def test_a_fifo_inside_data_is_skipped_without_blocking(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=2)
+    os.mkfifo(data / "red" / "stuck.png")
+    done = subprocess.run([sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(tmp_path / "cache"),
+                           *PIXELS, "--no-progress", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert '"computed": 6' in done.stdout.splitlines()[-1]
