@@ -45,3 +45,19 @@ def test_a_fifo_inside_data_is_skipped_without_blocking(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert '"computed": 6' in done.stdout.splitlines()[-1]
+
+
+def test_predict_csv_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
+    [run] = list(runs.iterdir())
+    capsys.readouterr()
+    image = next((data / "red").iterdir())
+    cases = [(tmp_path / "no" / "such" / "out.csv", "the folder"), (tmp_path, "is a folder; give the name of a file"),
+             ("/dev/full", "cannot write --csv /dev/full: No space left on device")]
+    for target, expected in cases:
+        assert main(["predict", "--run", str(run), str(image), "--csv", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert expected in err[-1] and err[-1].startswith("bottleneck: error: ") and "Traceback" not in "\n".join(err)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+from pathlib import Path
 
 from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backend_arguments, bounded_int,
                                    select_backend, stderr)
@@ -22,13 +24,32 @@ def _table(predictions) -> str:
     return "\n".join(lines)
 
 
+def _check_csv_target(path: str) -> None:
+    """One line before any work when `--csv` cannot be written: a folder, a missing folder, no permission."""
+    from bottleneck.errors import DataError
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise DataError(f"--csv {path} is a folder; give the name of a file to write")
+    if not folder.is_dir():
+        raise DataError(f"--csv {path}: the folder {folder} does not exist")
+    if not os.access(target if target.exists() else folder, os.W_OK):  # also false on a read-only file system
+        raise DataError(f"--csv {path} cannot be written (no permission, or a read-only file system)")
+
+
 def _write_csv(path: str, predictions, top: int) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "error", *[f"{kind}_{k + 1}" for k in range(top) for kind in ("label", "probability")]])
-        for p in predictions:
-            cells = [cell for label, probability in p.top for cell in (label, repr(probability))]
-            writer.writerow([p.path, p.error or "", *cells])
+    from bottleneck.errors import DataError
+
+    try:
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "error", *[f"{kind}_{k + 1}" for k in range(top) for kind in ("label", "probability")]])
+            for p in predictions:
+                cells = [cell for label, probability in p.top for cell in (label, repr(probability))]
+                writer.writerow([p.path, p.error or "", *cells])
+    except OSError as exc:  # a full disk (or /dev/full) shows only when the rows are flushed
+        raise DataError(f"cannot write --csv {path}: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.use.predict import predict_images
     from bottleneck.learn.run_folder import load_run
 
+    if args.csv:
+        _check_csv_target(args.csv)
     select_backend(args)
     options = ExtractOptions(batch_size=args.batch_size, workers=args.workers, lock_timeout=args.lock_timeout,
                              progress=not args.no_progress and sys.stderr.isatty(), runtime=args.runtime,
