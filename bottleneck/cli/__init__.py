@@ -32,15 +32,34 @@ KEPT_WHEN_INTERRUPTED = {
 }
 
 
+_FORK_HOOK_REGISTERED = False
+
+
 def _interrupt(signum, frame) -> None:
     INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
-def _catch_interrupts():
-    """Ctrl-C and SIGTERM both stop a command the same way: KeyboardInterrupt, and a flag long loops check."""
+def _default_signals_in_child() -> None:
+    """A forked child (a library's worker pool) must not raise our KeyboardInterrupt: its parent decides."""
     import signal
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _catch_interrupts():
+    """Ctrl-C and SIGTERM both stop a command the same way: KeyboardInterrupt, and a flag long loops check.
+
+    Forked children get the default handlers back (`os.register_at_fork`), so a pool worker killed by its
+    parent dies quietly instead of printing a KeyboardInterrupt traceback or dying with a lock held.
+    """
+    import signal
+
+    global _FORK_HOOK_REGISTERED
+    if not _FORK_HOOK_REGISTERED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_default_signals_in_child)
+        _FORK_HOOK_REGISTERED = True
     INTERRUPTED.clear()
     DISK_WAS_FULL.clear()
     if threading.current_thread() is not threading.main_thread():

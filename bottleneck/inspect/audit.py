@@ -213,7 +213,9 @@ def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: in
 def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
     """(row, suspicion 0-1) of the images confident learning flags, most suspicious first."""
     find_label_issues = _require("cleanlab.filter").find_label_issues
-    flagged = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: in this process. cleanlab's forked pool inherited our SIGTERM handler, so a SIGTERM printed a
+    # traceback per worker and Pool.terminate() could kill a worker holding the queue lock (a hang).
+    flagged = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [(int(i), float(1.0 - proba[i, y[i]])) for i in flagged]
 
 
