@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -107,8 +109,26 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     occupied.mkdir()
     (occupied / "mine.txt").write_text("keep me")
     assert main(["export", "--run", str(runs[0]["logreg"]), "--out", str(occupied)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"bottleneck: error: {occupied} exists and is not an earlier export; choose another --out or remove it")
+    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {occupied} exists and is not an earlier export "
+                                               "(it also holds mine.txt); choose another --out or remove it")
     assert (occupied / "mine.txt").read_text() == "keep me"
+    # A file named export.json does not make a folder ours: anything else in it is refused, by name.
+    (occupied / "export.json").write_text("{}")
+    assert main(["export", "--run", str(runs[0]["logreg"]), "--out", str(occupied)]) == 2
+    assert "(it also holds mine.txt)" in capsys.readouterr().err
+    assert (occupied / "mine.txt").read_text() == "keep me"
+
+    # The export is readable as the umask allows (not mkdtemp's 0700), and a killed export's staging is cleared.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "tuned-export").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "tuned-export" / "labels.txt").stat().st_mode) == 0o666 & ~umask
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f".tuned-export.{dead.pid}.abc123"
+    killed.mkdir()
+    (killed / "model.keras").write_bytes(b"half")
+    export_run(tuned, tmp_path / "tuned-export")
+    assert not killed.exists()
     assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "run folder not found" in capsys.readouterr().err

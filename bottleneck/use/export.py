@@ -183,11 +183,59 @@ def _run_tflite(interpreter, pixels: np.ndarray) -> np.ndarray:
     return np.array(rows)
 
 
-def _staging_for(out: Path) -> Path:
-    if out.exists() and not (out.is_dir() and ((out / _EXPORT_MARK).exists() or not any(out.iterdir()))):
+#: Everything an export writes; a folder holding anything else is not ours to replace.
+EXPORT_FILES = frozenset({"model.keras", "saved_model", "labels.txt", "README.md", "model.tflite", _EXPORT_MARK})
+
+
+def _check_replaceable(out: Path) -> None:
+    """`out` may be replaced only if it is empty or holds exactly an earlier export's files; else one line."""
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise ExportError(f"{out} exists and is not an earlier export; choose another --out or remove it")
+    names = {entry.name for entry in out.iterdir()}
+    if not names:
+        return
+    extra = sorted(names - EXPORT_FILES)
+    if _EXPORT_MARK not in names or extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ExportError(f"{out} exists and is not an earlier export" + (f" (it also holds {shown})" if extra else "")
+                          + "; choose another --out or remove it")
+
+
+def _remove_killed_stagings(out: Path) -> None:
+    """Remove the staging folders (`.NAME.<pid>.*`) that killed exports left beside `out`."""
+    import re
+
+    from bottleneck.features.store import process_alive
+
+    prefix = f".{out.name}."
+    try:
+        entries = [entry for entry in out.parent.iterdir() if entry.name.startswith(prefix) and entry.is_dir()]
+    except OSError:
+        return
+    for entry in entries:
+        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _staging_for(out: Path) -> Path:
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_killed_stagings(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; an export is for serving, possibly by another user: the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        except OSError:
+            pass
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool = False, check_images: int = 32,
@@ -215,6 +263,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
                    "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
         (staging / _EXPORT_MARK).write_text(json.dumps(summary, indent=2))
         (staging / "README.md").write_text(export_readme(run, parity, tflite))
+        _readable_as_umask_allows(staging)
+        _check_replaceable(out)  # again: a file may have been put there while the export ran
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)  # the export appears whole or not at all
