@@ -107,3 +107,20 @@ def test_bad_fine_tune_input_is_one_line(parent, capsys):
     ]:
         assert main(["fine-tune", "--run", str(run), *args]) == 2
         assert capsys.readouterr().err.strip() == f"bottleneck: error: {message}"
+
+
+def test_the_same_fine_tune_twice_at_once_is_one_line_for_the_second(parent):
+    import fcntl
+
+    _, _, _, run = parent
+    config = FineTuneConfig(epochs=1, learning_rate=1e-3, batch_size=8)
+    lock = run.parent / f".fine-tune-{run.name}-{config.key()}.lock"
+    with open(lock, "a+") as held:  # what the first fine-tune holds while it trains
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(BottleneckError, match=rf"^the same fine-tune of run {run.name} is already running "
+                                                  r"\(pid 4242\); wait for it to finish"):
+            fine_tune(run, config, run.parent)
+    # Once the first is done, the same command runs.
+    assert fine_tune(run, config, run.parent).run_dir.is_dir()

@@ -13,6 +13,7 @@ like any other, whose `model.keras` is the whole network (pixels in, probabiliti
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -335,6 +336,33 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
     return metrics, test_rows
 
 
+
+@contextlib.contextmanager
+def _one_at_a_time(folder: Path, run_id: str):
+    """Hold the lock of a fine-tune's work folder; one line if the same fine-tune is running in another process."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.parent / (folder.name + ".lock")
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
+                                  "to finish (its epochs are kept) or change a setting to start another") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            if not folder.exists():  # finished: nothing left to resume, so nothing of ours stays in the runs folder
+                lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfig(), runs_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
               on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
@@ -347,63 +375,63 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
     runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training
     work = _WorkFolder(runs / f".fine-tune-{run.run_id}-{config.key()}")
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    model = build_classifier(run)
-    size = int(model.input_shape[1])
-    unfrozen = choose_unfrozen(tunable_layers(model), config)
-    groups = unfreeze_groups(unfrozen, config.gradual)
-    pixels, y, relpaths, splits, listed = _load_split_pixels(run, size, log)
-    mask = {name: splits == name for name in SPLITS}
-    if not mask["train"].any():
-        raise DataError(f"run {run.run_id} has no training image left to fine-tune on")
-    state = work.load_state()
-    resumed = 0
-    if state is not None and work.path(state, "last") is not None:
-        model.load_weights(work.path(state, "last"))
-        resumed = state["epoch"]
-        log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
-    else:
-        state = _starting_state(model, pixels[mask["validation"]], y[mask["validation"]], work)
-    log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
-        f"{int(mask['train'].sum())} images, {config.epochs} epochs at most, learning rate {config.learning_rate:g}")
-    started = time.perf_counter()
-    state = _train(model, pixels, y, mask, config, groups, work, state, log, on_epoch_end)
-    if work.path(state, "best") is not None:
-        import warnings
+    with _one_at_a_time(work.folder, run.run_id):
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
+        model = build_classifier(run)
+        size = int(model.input_shape[1])
+        unfrozen = choose_unfrozen(tunable_layers(model), config)
+        groups = unfreeze_groups(unfrozen, config.gradual)
+        pixels, y, relpaths, splits, listed = _load_split_pixels(run, size, log)
+        mask = {name: splits == name for name in SPLITS}
+        if not mask["train"].any():
+            raise DataError(f"run {run.run_id} has no training image left to fine-tune on")
+        state = work.load_state()
+        resumed = 0
+        if state is not None and work.path(state, "last") is not None:
+            model.load_weights(work.path(state, "last"))
+            resumed = state["epoch"]
+            log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
+        else:
+            state = _starting_state(model, pixels[mask["validation"]], y[mask["validation"]], work)
+        log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
+            f"{int(mask['train'].sum())} images, {config.epochs} epochs at most, learning rate {config.learning_rate:g}")
+        started = time.perf_counter()
+        state = _train(model, pixels, y, mask, config, groups, work, state, log, on_epoch_end)
+        if work.path(state, "best") is not None:
+            import warnings
 
-        with warnings.catch_warnings():  # epoch 0's weights were saved before compiling: no optimizer to restore
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model.load_weights(work.path(state, "best"))
-    set_trainable(model, [])
-    split_scores, test_rows = _evaluate(model, pixels, y, relpaths, mask, run.labels)
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if v not in (None, ())}
-    metrics = {"head": "fine-tune", "params": params,
-               "seed": config.seed, "training_seconds": time.perf_counter() - started, "splits": split_scores,
-               "excluded": {"not_decoded": listed - len(relpaths)},
-               "misclassified": misclassified(test_rows[2], test_rows[1], test_rows[0], run.labels),
-               "history": state["history"], "best_epoch": state["best_epoch"], "parent_run": run.run_id,
-               "unfrozen_layers": [layer.name for layer in unfrozen],
-               "pretrained": bool(run.spec.pretrained), "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
-    final, staging = new_run_dir(runs, "fine-tune")
-    try:
-        _without_optimizer(model).save(staging / "model.keras")
-        (staging / "labels.json").write_text(json.dumps(run.labels))
-        shutil.copyfile(run.folder / "split.csv", staging / "split.csv")
-        write_predictions_csv(staging / PREDICTIONS_FILE, *test_rows, run.labels)
-        config_json = {
-            "kind": FINE_TUNED, "command": argv if argv is not None else sys.argv, "parent_run": run.run_id,
-            "parent_dir": str(run.folder.absolute()), "data": run.config.get("data"), "head": "fine-tune",
-            "fine_tune": metrics["params"], "seed": config.seed, "model": "model.keras", "output_layer": OUTPUT_NAME,
-            "cache": str(run.cache_dir.absolute()), "fingerprint": f"{run.fingerprint} fine-tuned",
-            "backbone_spec": run.config.get("backbone_spec"), "backbone": run.config.get("backbone"), "versions": versions(),
-        }
-        (staging / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(work.folder, ignore_errors=True)
-    return FineTuneResult(final, metrics, resumed)
-
+            with warnings.catch_warnings():  # epoch 0's weights were saved before compiling: no optimizer to restore
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(work.path(state, "best"))
+        set_trainable(model, [])
+        split_scores, test_rows = _evaluate(model, pixels, y, relpaths, mask, run.labels)
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if v not in (None, ())}
+        metrics = {"head": "fine-tune", "params": params,
+                   "seed": config.seed, "training_seconds": time.perf_counter() - started, "splits": split_scores,
+                   "excluded": {"not_decoded": listed - len(relpaths)},
+                   "misclassified": misclassified(test_rows[2], test_rows[1], test_rows[0], run.labels),
+                   "history": state["history"], "best_epoch": state["best_epoch"], "parent_run": run.run_id,
+                   "unfrozen_layers": [layer.name for layer in unfrozen],
+                   "pretrained": bool(run.spec.pretrained), "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
+        final, staging = new_run_dir(runs, "fine-tune")
+        try:
+            _without_optimizer(model).save(staging / "model.keras")
+            (staging / "labels.json").write_text(json.dumps(run.labels))
+            shutil.copyfile(run.folder / "split.csv", staging / "split.csv")
+            write_predictions_csv(staging / PREDICTIONS_FILE, *test_rows, run.labels)
+            config_json = {
+                "kind": FINE_TUNED, "command": argv if argv is not None else sys.argv, "parent_run": run.run_id,
+                "parent_dir": str(run.folder.absolute()), "data": run.config.get("data"), "head": "fine-tune",
+                "fine_tune": metrics["params"], "seed": config.seed, "model": "model.keras", "output_layer": OUTPUT_NAME,
+                "cache": str(run.cache_dir.absolute()), "fingerprint": f"{run.fingerprint} fine-tuned",
+                "backbone_spec": run.config.get("backbone_spec"), "backbone": run.config.get("backbone"), "versions": versions(),
+            }
+            (staging / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(work.folder, ignore_errors=True)
+        return FineTuneResult(final, metrics, resumed)
