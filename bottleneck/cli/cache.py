@@ -16,12 +16,18 @@ def _size(n: int) -> str:
     return f"{n:.1f} TB"
 
 
+def _say_foreign(paths, out) -> None:
+    for path in paths:
+        out(f"{path}: not a bottleneck file, left alone")
+
+
 def info(args: argparse.Namespace) -> int:
     """List every store: backbone, rows, failures, segments, size on disk."""
-    from bottleneck.features.maintenance import store_info, stores_in
+    from bottleneck.features.maintenance import foreign_files, store_info, stores_in
 
     infos = [store_info(store) for store in stores_in(args.cache, args.store)]
     out = stderr if args.json else print
+    _say_foreign(foreign_files(args.cache), out)
     if not infos:
         out(f"{args.cache}: no feature store")
     for item in infos:
@@ -60,10 +66,11 @@ def compact(args: argparse.Namespace) -> int:
 
 def gc(args: argparse.Namespace) -> int:
     """List (or with --delete, remove) what no store or run needs."""
-    from bottleneck.features.maintenance import collect_garbage
+    from bottleneck.features.maintenance import collect_garbage, foreign_files
 
     garbage, busy = collect_garbage(args.cache, args.runs or (), delete=args.delete)
     out = stderr if args.json else print
+    _say_foreign(foreign_files(args.cache), out)
     verb = "removed" if args.delete else "would remove"
     for item in garbage:
         out(f"{verb} {item.path} ({_size(item.bytes)}): {item.reason}")

@@ -44,13 +44,42 @@ def store_of(cache: Path, fingerprint: str) -> FeatureStore:
     return FeatureStore(cache, fingerprint, _feature_dim(cache, fingerprint), {})
 
 
+def _names_itself(path: Path, fingerprint: str) -> bool:
+    """True if the HDF5 file at `path` carries our attributes for `fingerprint` (its own name and a format version)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            named = handle.attrs.get("fingerprint")
+            named = named.decode() if isinstance(named, bytes) else named
+            return named == fingerprint and "format_version" in handle.attrs
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def is_ours(cache: Path, fingerprint: str) -> bool:
+    """True if `fingerprint` in `cache` is a bottleneck store: its segment or part folders (only we make them), or
+    an index file whose attributes name its own fingerprint. A user's `weights.h5` is neither."""
+    if any((cache / f"{fingerprint}{suffix}").is_dir() for suffix in (".segments", ".parts")):
+        return True
+    return _names_itself(cache / f"{fingerprint}.h5", fingerprint)
+
+
+def foreign_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The `.h5` files in a cache folder that are not bottleneck stores: never read, locked or removed by us."""
+    cache = Path(cache_dir)
+    return sorted(cache / f"{fp}.h5" for fp in fingerprints_in(cache) if not is_ours(cache, fp))
+
+
 def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[FeatureStore]:
-    """The stores of a cache folder (all of them, or those whose fingerprint starts with one of `only`)."""
+    """The stores of a cache folder (all of them, or those whose fingerprint starts with one of `only`).
+
+    Only files that are ours count (`is_ours`): anything else in the folder is left alone.
+    """
     cache = Path(cache_dir)
     if not cache.is_dir():
         raise CacheError(f"no cache folder at {cache}")
     wanted = list(only)
-    found = [fp for fp in fingerprints_in(cache) if not wanted or any(fp.startswith(w) for w in wanted)]
+    found = [fp for fp in fingerprints_in(cache) if (not wanted or any(fp.startswith(w) for w in wanted))
+             and is_ours(cache, fp)]
     unmatched = [w for w in wanted if not any(fp.startswith(w) for fp in found)]
     if unmatched:
         raise CacheError(f"no feature store {unmatched[0]!r} in {cache} (`bottleneck cache info --cache {cache}` lists them)")
@@ -133,7 +162,9 @@ def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.P
     keep = referenced_fingerprints(runs_dirs) if runs_dirs else None
     garbage: list[Garbage] = []
     busy: list[str] = []
-    for store in stores_in(cache):
+    stores = stores_in(cache)
+    ours = [store.fingerprint for store in stores]  # before any is removed: their killed runs' files go too
+    for store in stores:
         try:
             with exclusive_lock(store.lock_path, timeout=0):
                 if keep is not None and store.fingerprint not in keep:
@@ -148,8 +179,10 @@ def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.P
                 store.lock_path.unlink(missing_ok=True)
         except CacheError:
             busy.append(store.fingerprint)
+    # Only temporary files named after one of our stores (and not one being written): a user's .*.tmp is theirs.
     stray = [Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp])) for tmp in cache.glob(".*.tmp")
-             if not any(tmp.name.startswith(f".{fp}") for fp in busy)]
+             if any(tmp.name.startswith(f".{fp}.") for fp in ours) and not any(tmp.name.startswith(f".{fp}.")
+                                                                              for fp in busy)]
     if delete:
         _remove(stray)
     return garbage + stray, busy
