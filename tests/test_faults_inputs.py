@@ -61,3 +61,26 @@ def test_predict_csv_that_cannot_be_written_is_one_line_before_any_work(tmp_path
         assert main(["predict", "--run", str(run), str(image), "--csv", str(target)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert expected in err[-1] and err[-1].startswith("bottleneck: error: ") and "Traceback" not in "\n".join(err)
+
+
+def test_misleading_lines_are_gone(tmp_path, capsys):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=4)
+    (data / "red" / "notes.txt").write_text("not an image")
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
+    [run] = list(runs.iterdir())
+    capsys.readouterr()
+    # predict counts the files it skipped in a folder, so "predicted 12 of 12" is not read as "of all 13"
+    assert main(["predict", "--run", str(run), str(data)]) == 0
+    assert "; skipped 1 files in the folders given (" in capsys.readouterr().err
+    # --tta on a head that never saw views says what it costs
+    assert main(["predict", "--run", str(run), str(data / "red"), "--tta", "2"]) == 0
+    assert "was trained without augmented views" in capsys.readouterr().err
+    # --augment-flip without --augment is not silently ignored
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--augment-flip", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--augment-flip sets the flips of augmented views: it needs --augment N")
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
+                 "--augment-flip", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--augment-flip picks the augmented views to train on: it needs "
+                                                    "--augment")

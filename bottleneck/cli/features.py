@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     """Compute the backbone features of every image under DATA into the cache."""
     from bottleneck.features.extract import ExtractOptions, extract_features
 
+    if args.augment_flip is not None and not args.augment:
+        from bottleneck.errors import DataError
+
+        raise DataError("--augment-flip sets the flips of augmented views: it needs --augment N")
     spec = spec_from(args)
     select_backend(args, spec)
     options = ExtractOptions(

@@ -17,6 +17,10 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.learn.runs import HeadConfig, train_head
     from bottleneck.learn.splits import SplitConfig
 
+    if args.augment_flip is not None and args.augment is None:
+        from bottleneck.errors import DataError
+
+        raise DataError("--augment-flip picks the augmented views to train on: it needs --augment")
     max_memory = memory_budget(args.max_memory)  # a bad size fails before any work
     head = HeadConfig(head=args.head, C=args.C, class_weight=args.class_weight, epochs=args.epochs,
                       learning_rate=args.learning_rate, dropout=args.dropout, batch_size=args.batch_size,
