@@ -84,3 +84,27 @@ def test_misleading_lines_are_gone(tmp_path, capsys):
                  "--augment-flip", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--augment-flip picks the augmented views to train on: it needs "
                                                     "--augment")
+
+
+def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
+    import shutil
+
+    from bottleneck.learn.dataset import escape_listed_name, unescape_listed_name
+
+    names = ["odd\nname.png", "#hash.png", " edge .png", "back\\slash.png", "form\x0cfeed.png"]
+    for name in names:
+        line = escape_listed_name(name)
+        assert "\n" not in line and not line.startswith("#") and line == line.strip() and unescape_listed_name(line) == name
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=5)
+    source = next((data / "red").iterdir()).read_bytes()
+    for i, name in enumerate(names):  # each a distinct image: the same pixels with one byte of metadata changed
+        (data / "red" / name).write_bytes(source[:-12] + bytes([i]) + source[-11:])
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    listing = tmp_path / "exclude.txt"
+    listing.write_text("# written as the audit writes it\n" + "".join(f"red/{escape_listed_name(n)}\n" for n in names),
+                       encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
+                 "--exclude", str(listing)]) == 0
+    assert f"{len(names)} images left out: listed in {listing}" in capsys.readouterr().out

@@ -100,14 +100,17 @@ def audit_html(result: AuditResult, data_dir: str | os.PathLike) -> str:
 
 def exclude_text(result: AuditResult) -> str:
     """exclude.txt: one path per line (relative to DATA), grouped under comments; `train-head --exclude` reads it."""
-    lines = ["# bottleneck audit: suggested removals, one path per line relative to DATA.",
+    from bottleneck.learn.dataset import escape_listed_name
+
+    lines = ["# bottleneck audit: suggested removals, one path per line relative to DATA (a backslash escapes a",
+             "# newline \\n, a backslash \\\\, a leading \\# or an edge space \\s in a name).",
              "# Review them, delete lines you disagree with, then: bottleneck train-head ... --exclude exclude.txt"]
     seen: set[str] = set()
     for reason, paths in result.suggested_removals().items():
         fresh = [p for p in paths if p not in seen]
         seen.update(fresh)
         lines.append(f"# {reason} ({len(fresh)})")
-        lines.extend(fresh)
+        lines.extend(escape_listed_name(p) for p in fresh)
     return "\n".join(lines) + "\n"
 
 

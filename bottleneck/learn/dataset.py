@@ -354,10 +354,34 @@ def load_labelled_features(
 # ---------------------------------------------------------------------------------------------
 # --exclude FILE: images left out of training (an audit's exclude.txt, or a list of one's own)
 
+#: How a name is written on one line of an exclude list: a backslash escapes what would break the line.
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t", "s": " ", "#": "#"}
+
+
+def escape_listed_name(name: str) -> str:
+    """`name` on one line: backslash, newline, CR and tab escaped, a leading '#' and edge spaces too."""
+    text = "".join(_ESCAPES.get(c, c) for c in name)
+    if text.startswith("#"):
+        text = "\\" + text
+    stripped = text.strip(" ")
+    lead, trail = len(text) - len(text.lstrip(" ")), len(text) - len(text.rstrip(" "))
+    return "\\s" * lead + stripped + "\\s" * trail if stripped else "\\s" * len(text)
+
+
+def unescape_listed_name(line: str) -> str:
+    """The name `escape_listed_name` wrote (a line without backslashes is the name itself)."""
+    import re
+
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m.group(1), m.group(1)), line)
+
+
 def read_exclude_file(path: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
     """The images a file lists, one per line, as paths relative to DATA (the form split.csv uses).
 
-    Lines may be relative to DATA or absolute; blank lines and lines starting with '#' are skipped.
+    Lines may be relative to DATA or absolute; blank lines and lines starting with '#' are skipped; a
+    backslash escapes a character a name cannot hold on its own line (\\n newline, \\\\ backslash,
+    \\# a leading '#', \\s a space at either end), as the audit writes them.
     """
     root = Path(data_dir).absolute()
     try:
@@ -365,10 +389,11 @@ def read_exclude_file(path: str | os.PathLike, data_dir: str | os.PathLike) -> l
     except OSError as exc:
         raise DataError(f"cannot read --exclude {path}: {exc.strerror or exc}") from None
     listed = []
-    for line in text.splitlines():
-        line = line.strip()
+    for line in text.split("\n"):  # not splitlines(): a name may hold a form feed or a line separator
+        line = line.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
+        line = unescape_listed_name(line)
         candidate = Path(line)
         if candidate.is_absolute():
             try:
