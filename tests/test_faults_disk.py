@@ -124,8 +124,24 @@ def test_predict_and_export_on_a_full_disk(tmp_path, small_disk, capsys):
     one_disk_full_line(err)
     code, _, err = bottleneck("export", "--run", str(run), "--out", str(small_disk / "exported"))
     assert code == 2
-    one_disk_full_line(err)
+    assert one_disk_full_line(err).startswith(f"bottleneck: error: disk full at {small_disk}:")  # --out's disk
     assert temporaries(small_disk) == [] and not (small_disk / "exported").exists()
     (small_disk / "filler").unlink()
     capsys.readouterr()
     assert main(["predict", "--run", str(run), str(fresh), "--json"]) == 0
+
+
+def test_export_to_a_read_only_file_system_is_one_line(tmp_path, small_disk):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=4)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs)]) == 0
+    [run] = runs.iterdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        code, _, err = bottleneck("export", "--run", str(run), "--out", str(small_disk / "exported"))
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"bottleneck: error: cannot write the export to {small_disk / 'exported'}: "
+                                            "Read-only file system")

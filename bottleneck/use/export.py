@@ -14,6 +14,7 @@ any probability is written down.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, disk_full, is_disk_full
 from bottleneck.features.decode import decode_image
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
@@ -220,6 +221,26 @@ def _remove_killed_stagings(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _writing_to(out: Path):
+    """A write that fails (read-only, no permission, a full disk, in TensorFlow's words too) is one line naming `out`."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(out.parent) from None
+        raise ExportError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001: TensorFlow reports a full disk as its own ResourceExhaustedError
+        text = str(exc)
+        if "No space left on device" in text or type(exc).__name__ == "ResourceExhaustedError":
+            raise disk_full(out.parent) from None
+        if type(exc).__name__ in ("PermissionDeniedError", "FailedPreconditionError", "UnavailableError") or \
+                "Read-only file system" in text:
+            first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ExportError(f"cannot write the export to {out}: {first}") from None
+        raise
+
+
 def _staging_for(out: Path) -> Path:
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,30 +265,32 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
     started = time.monotonic()
     run = load_run(run_dir, cache_dir)
     out = Path(out)
-    staging = _staging_for(out)
+    with _writing_to(out):
+        staging = _staging_for(out)
     if run.spec.precision in ("bf16", "int8"):
         log(f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes them in "
             "float32, as TensorFlow does everywhere: the parity below measures the difference")
     try:
-        model = build_classifier(run)
-        model.save(staging / "model.keras")
-        write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model")
-        (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
-        if tflite:
-            write_tflite(model, staging / "model.tflite")
-        parity = measure_parity(run, staging, tflite, check_images, log)
-        result = ExportResult(out, sorted(p.name for p in staging.iterdir()) + ["README.md", _EXPORT_MARK], parity)
-        summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
-                   "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,
-                   "pretrained": run.spec.pretrained,
-                   "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
-        (staging / _EXPORT_MARK).write_text(json.dumps(summary, indent=2))
-        (staging / "README.md").write_text(export_readme(run, parity, tflite))
-        _readable_as_umask_allows(staging)
-        _check_replaceable(out)  # again: a file may have been put there while the export ran
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)  # the export appears whole or not at all
+        with _writing_to(out):
+            model = build_classifier(run)
+            model.save(staging / "model.keras")
+            write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model")
+            (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
+            if tflite:
+                write_tflite(model, staging / "model.tflite")
+            parity = measure_parity(run, staging, tflite, check_images, log)
+            result = ExportResult(out, sorted(p.name for p in staging.iterdir()) + ["README.md", _EXPORT_MARK], parity)
+            summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
+                       "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,
+                       "pretrained": run.spec.pretrained,
+                       "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
+            (staging / _EXPORT_MARK).write_text(json.dumps(summary, indent=2))
+            (staging / "README.md").write_text(export_readme(run, parity, tflite))
+            _readable_as_umask_allows(staging)
+            _check_replaceable(out)  # again: a file may have been put there while the export ran
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)  # the export appears whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.monotonic() - started
