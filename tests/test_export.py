@@ -130,5 +130,23 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     (killed / "model.keras").write_bytes(b"half")
     export_run(tuned, tmp_path / "tuned-export")
     assert not killed.exists()
+
+    # The README's recipe for feeding model.keras decodes exactly as bottleneck does (JPEG draft, EXIF, alpha).
+    from PIL import Image
+
+    readme = (tmp_path / "tuned-export" / "README.md").read_text()
+    block = readme[readme.index("import keras, numpy as np"):]
+    recipe = block[:block.index("model = keras.saving")]
+    namespace: dict = {}
+    exec(recipe, namespace)  # noqa: S102: our own README's code
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated
+    Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 255, (50, 40, 4), dtype=np.uint8), "RGBA").save(tmp_path / "alpha.png")
+    for name in ("big.jpg", "alpha.png"):
+        path = tmp_path / name
+        size = int(np.asarray(namespace["pixels_of"](path)).shape[0])
+        np.testing.assert_array_equal(namespace["pixels_of"](path), decode_image(path.read_bytes(), size))
     assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "run folder not found" in capsys.readouterr().err

@@ -341,14 +341,31 @@ out["probabilities"], out["top_label"], out["labels"]
 
 ## model.keras (Keras 3)
 
+The pixels must be decoded as `bottleneck` decodes them, or the probabilities move (skipping the JPEG
+draft step and the EXIF rotation moved them by 0.047; with them, 2.7e-7). With Pillow and NumPy:
+
 ```python
-import keras
+import keras, numpy as np
+from PIL import Image, ImageOps
+
+def pixels_of(path, size={size}):
+    image = Image.open(path)
+    if image.format == "JPEG":
+        image.draft(image.mode, (2 * size, 2 * size))  # the JPEG decoder's DCT scaling, as bottleneck does
+    image.load()
+    image = ImageOps.exif_transpose(image)  # EXIF orientation
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # transparency onto white
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(image, np.float32)  # RGB 0-255
+
 model = keras.saving.load_model("model.keras", safe_mode=True)
-probabilities = model.predict(pixels)  # float32 (n, {size}, {size}, 3), RGB 0-255, resized to {size}x{size}
+probabilities = model.predict(np.stack([pixels_of("photo.jpg")]))  # (n, {size}, {size}, 3) float32
 ```
 
-The pixels must be decoded and resized as `bottleneck` does (Pillow, bilinear, transparency onto white);
-`saved_model` does that for you.
+(16-bit, CMYK and float images need `bottleneck`'s own conversions; `saved_model` does all of it for you.)
 {tflite_text}
 ## Parity with `bottleneck predict`, measured at export
 
