@@ -127,7 +127,15 @@ def test_unreadable_file_is_a_failure_not_a_crash(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def guarded_os_open(path, *args, **kwargs):  # images are opened with os.open (non-blocking: a FIFO never hangs)
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_os_open(path, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
     result = extract_features(data, tmp_path / "cache", SPEC)
     assert result.failed == 1 and result.failures[0].reason == "cannot read file: Permission denied"
 

@@ -87,7 +87,6 @@ def test_misleading_lines_are_gone(tmp_path, capsys):
 
 
 def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
-    import shutil
 
     from bottleneck.learn.dataset import escape_listed_name, unescape_listed_name
 

@@ -122,17 +122,31 @@ def _float32_settings(backend: str, extra_env: dict) -> tuple[dict, str]:
 def test_float32_is_float32_arithmetic_on_every_backend_even_when_the_environment_asks_for_bf16():
     import importlib.util
 
+    # TensorFlow through the real start-up path, in a process of its own, with bf16 asked for in the environment.
     down = {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "TF_SET_ONEDNN_FPMATH_MODE": "BF16"}
     settings, err = _float32_settings("tensorflow", down)
     assert settings["ONEDNN_DEFAULT_FPMATH_MODE"] == settings["TF_SET_ONEDNN_FPMATH_MODE"] == "STRICT"
     assert settings["tensorflow_tf32"] is False
     assert "ONEDNN_DEFAULT_FPMATH_MODE=BF16 would compute float32 features in a narrower type" in err
-    settings, _ = _float32_settings("jax", {})
-    assert settings["jax_default_matmul_precision"] == "highest"
-    if importlib.util.find_spec("torch") is not None:  # installed by CI (make test WITH_TORCH=...)
-        settings, _ = _float32_settings("torch", {})
-        assert settings["torch_cudnn_tf32"] is False and settings["torch_cuda_matmul_tf32"] is False
-        assert settings["torch_float32_matmul_precision"] == "highest"
+    # JAX and PyTorch (installed by CI) read back after the same settings, here: no process of their own needed.
+    from bottleneck.backbones.backend import strict_float32_backend
+
+    class Backend:
+        def __init__(self, name):
+            self.config = type("config", (), {"backend": staticmethod(lambda: name)})
+
+    strict_float32_backend(Backend("jax"))
+    import jax
+
+    assert jax.config.jax_default_matmul_precision == "highest"
+    if importlib.util.find_spec("torch") is not None:  # in a process of its own: torch beside TensorFlow is no test
+        code = ("import torch; from bottleneck.backbones.backend import strict_float32_backend as s; "
+                "s(type('k', (), {'config': type('c', (), {'backend': staticmethod(lambda: 'torch')})})); "
+                "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, "
+                "torch.get_float32_matmul_precision())")
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["False", "False", "highest"]
 
 
 def test_runtime_auto_picks_openvino_on_a_cpu_and_keras_where_openvino_does_not_fit(monkeypatch):
