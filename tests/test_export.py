@@ -17,7 +17,7 @@ from bottleneck.features.extract import extract_features
 from bottleneck.learn.pretrain import PretrainConfig, pretrain
 from bottleneck.learn.runs import PREDICTIONS_FILE, HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
-from bottleneck.use.export import PARITY_TOLERANCE, export_run
+from bottleneck.use.export import PARITY_TOLERANCE, _staging_for, export_run
 from bottleneck.use.predict import predict_images
 
 from .conftest import COLOURS, make_dataset
@@ -128,8 +128,9 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     killed = tmp_path / f".tuned-export.{dead.pid}.abc123"
     killed.mkdir()
     (killed / "model.keras").write_bytes(b"half")
-    export_run(tuned, tmp_path / "tuned-export")
-    assert not killed.exists()
+    staging = _staging_for(tmp_path / "tuned-export")  # what the next export does first
+    assert not killed.exists() and staging.name.startswith(f".tuned-export.{os.getpid()}.")
+    staging.rmdir()
 
     # The README's recipe for feeding model.keras decodes exactly as bottleneck does (JPEG draft, EXIF, alpha).
     from PIL import Image
