@@ -99,12 +99,12 @@ INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 def check_cpu_precision(precision: str) -> str | None:
     """One line for `--precision bf16` on a CPU without bfloat16 (a `BackboneError`); a note for int8 without VNNI."""
+    flags = cpu_flags()
     if precision == "bf16" and "BF16" not in cpu_capabilities():
-        flags = cpu_flags()
         raise BackboneError("--precision bf16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX"
                             + ("" if not flags else ", absent from its flags") + "), so OpenVINO would compute "
                             "float32 and store it under a bf16 name; use --precision float32 (exact) or int8 (faster)")
-    if precision == "int8" and cpu_flags() and not any(flag in cpu_flags() for flag in INT8_FLAGS):
+    if precision == "int8" and flags and not any(flag in flags for flag in INT8_FLAGS):
         return ("this CPU has no VNNI (int8 dot products: AVX512_VNNI, AVX-VNNI or AMX): int8 runs, "
                 "but slower than on CPUs that have it")
     return None
@@ -319,12 +319,13 @@ class OpenVinoFeatureModel:
         if spec.precision not in INFERENCE_PRECISION:
             raise BackboneError(f"--precision {spec.precision} does not run on OpenVINO; use --runtime keras")
         check_cpu_precision(spec.precision)
-        ensure_conversion(spec.float32_spec, folder)
-        model_xml = folder / "model.xml"
-        if spec.precision == "int8":
+        if spec.precision == "int8":  # runs its own files, checked against their record; not the float32 ones
             from bottleneck.backbones.quantize import int8_model_file
 
             model_xml = int8_model_file(spec, folder)
+        else:
+            ensure_conversion(spec.float32_spec, folder)
+            model_xml = folder / "model.xml"
         self._compiled = compile_on_cpu(str(model_xml), spec.precision)
         self.feature_dim = int(self._compiled.outputs[0].get_partial_shape()[-1].get_length())
         self.versions = {"openvino": ov.__version__}

@@ -232,7 +232,7 @@ def settle_calibration(spec: BackboneSpec, cache_dir: str | os.PathLike, candida
     """
     if spec.precision != "int8":
         return spec
-    from bottleneck.backbones.openvino import check_cpu_precision, ensure_conversion
+    from bottleneck.backbones.openvino import check_cpu_precision
 
     float_model = float_folder(spec, cache_dir)
     note = check_cpu_precision("int8")
@@ -252,7 +252,6 @@ def settle_calibration(spec: BackboneSpec, cache_dir: str | os.PathLike, candida
     if not candidates:
         raise CacheError(f"no int8 model in {cache_dir} yet: run `bottleneck features DATA --cache {cache_dir} "
                          "--precision int8` first (it calibrates on DATA's images, or on --calibration DIR)")
-    ensure_conversion(spec.float32_spec, float_model)
     chosen = choose_calibration(candidates, spec.input_size, count, max_pixels, source="DATA")
     return _quantized(spec, chosen, float_model, log)
 
