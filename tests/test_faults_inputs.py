@@ -76,7 +76,18 @@ def test_misleading_lines_are_gone(tmp_path, capsys):
     assert "; skipped 1 files in the folders given (" in capsys.readouterr().err
     # --tta on a head that never saw views says what it costs
     assert main(["predict", "--run", str(run), str(data / "red"), "--tta", "2"]) == 0
-    assert "was trained without augmented views" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was trained without augmented views" in err
+    assert "(computed 0 features and 8 augmented views, from the cache 4," in err  # not "computed 0" after 8 views
+    # views held for another flip probability are named, not "holds no augmented views"
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--augment", "1", "--augment-flip", "0",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
+                 "--augment", "--augment-flip", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds views of these features for another recipe (" in err and "not for --augment-flip 0.3" in err
+    assert "--augment-flip 0 " in err.replace(")", " ") and "--augment-flip 0.5" in err  # predict --tta made 0.5's
     # --augment-flip without --augment is not silently ignored
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--augment-flip", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--augment-flip sets the flips of augmented views: it needs --augment N")

@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     elif not args.csv:
         print(_table(result.predictions))
     stderr(f"predicted {len(result.predictions) - result.failed} of {len(result.predictions)} images with run "
-           f"{loaded.run_id} (computed {result.computed}, from the cache {result.reused}, failed {result.failed}) "
+           f"{loaded.run_id} (computed {result.computed}"
+           + (f" features and {result.views_computed} augmented views" if args.tta is not None else "")
+           + f", from the cache {result.reused}, failed {result.failed}) "
            f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
            + (f"; skipped {sum(result.skipped.values())} files in the folders given ("
               + ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items())) + ")"

@@ -111,6 +111,20 @@ def views_held(store: FeatureStore) -> int:
         return int(handle.attrs.get(VIEWS_ATTR, 0))
 
 
+def other_view_recipes(cache_dir: str | os.PathLike, plain_fingerprint: str) -> list[AugmentRecipe]:
+    """The recipes of the view stores in `cache_dir` that hold views of `plain_fingerprint`'s features."""
+    import h5py
+
+    recipes = []
+    for path in sorted(Path(cache_dir).glob(f"{plain_fingerprint}-aug-*.h5")):
+        try:
+            with h5py.File(path, "r") as handle:
+                recipes.append(recipe_from_record(json.loads(handle.attrs["augment_recipe"])))
+        except (OSError, KeyError, ValueError, TypeError):  # not a view store of ours, or damaged: not a recipe to offer
+            continue
+    return recipes
+
+
 @dataclass
 class ViewRun:
     computed: int

@@ -356,7 +356,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     `views` per image, or 0 for every view the view store holds; `flip` picks the recipe as
     `features --augment-flip` did. One line when the cache holds none.
     """
-    from bottleneck.features.augment import recipe_from, view_key, views_held
+    from bottleneck.features.augment import other_view_recipes, recipe_from, view_key, views_held
     from bottleneck.features.maintenance import store_of
 
     if not data.rows.in_memory:
@@ -369,6 +369,11 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     command = (f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
                f"{views or 4}{flip_flag}` with the same backbone flags first")
     if not (cache / f"{fingerprint}.h5").exists():
+        others = other_view_recipes(cache, data.store_path.stem)
+        if others:
+            held_flips = " or ".join(f"--augment-flip {recipe.flip:g}" for recipe in others)
+            raise DataError(f"--augment: {cache} holds views of these features for another recipe ({held_flips}), "
+                            f"not for --augment-flip {recipe.flip:g}: pass {held_flips.split(' or ')[0]}, or {command}")
         raise DataError(f"--augment: {cache} holds no augmented views of these features; {command}")
     store = store_of(cache, fingerprint)
     held = views_held(store)

@@ -46,6 +46,7 @@ class PredictResult:
     reused: int
     seconds: float
     skipped: Counter = field(default_factory=Counter)
+    views_computed: int = 0  # augmented views computed for --tta
 
     @property
     def failed(self) -> int:
@@ -95,8 +96,8 @@ def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str
 
 
 def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,
-                         options: ExtractOptions, log: Callable[[str], None]) -> np.ndarray:
-    """The mean of the head's probabilities over each image and its cached augmented views."""
+                         options: ExtractOptions, log: Callable[[str], None]) -> tuple[np.ndarray, int]:
+    """The mean of the head's probabilities over each image and its cached augmented views, and the views computed."""
     from bottleneck.features.augment import compute_views, recipe_from_record, view_key
 
     recorded = run.config.get("augment") or {}
@@ -116,7 +117,7 @@ def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabil
     total = np.array(probabilities, dtype=np.float64)
     for k in range(views):
         total += run.classify(store.read_rows([view_key(h, recipe, k) for h in hashes]))
-    return total / (views + 1)
+    return total / (views + 1), made.computed
 
 
 def predict_images(
@@ -139,7 +140,7 @@ def predict_images(
     images, predictions, skipped = list_inputs(paths)
     if not images and not predictions:
         raise DataError(f"no images found in {', '.join(paths)}")
-    computed = reused = 0
+    computed = reused = views_computed = 0
     if images:
         store_file = run.cache_dir / f"{run.fingerprint}.h5"
         if not run.fine_tuned and not store_file.exists():
@@ -157,14 +158,15 @@ def predict_images(
         usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
         probabilities = run.classify(features) if usable else []
         if tta is not None and usable:
-            probabilities = _averaged_over_views(run, usable, done, probabilities, tta, options or ExtractOptions(), log)
+            probabilities, views_computed = _averaged_over_views(run, usable, done, probabilities, tta,
+                                                                 options or ExtractOptions(), log)
         by_path = {str(image.path): _top(p, run.labels, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)
             found = by_path.get(key)
             predictions.append(Prediction(image.relpath, found) if found is not None else
                                Prediction(image.relpath, error=reasons.get(key, "no features were computed")))
-    result = PredictResult(predictions, computed, reused, time.monotonic() - started, skipped)
+    result = PredictResult(predictions, computed, reused, time.monotonic() - started, skipped, views_computed)
     if result.failed == len(predictions):
         first = predictions[0]
         raise DataError(f"no image could be predicted: all {len(predictions)} failed (first: {first.path}: {first.error})")
