@@ -154,3 +154,19 @@ def test_a_keras_head_with_a_lambda_layer_is_refused_without_running_it(runs, tm
     code, err = _predict(run, _an_image(root), capsys)
     assert code == 2 and err[-1].startswith(f"bottleneck: error: {run / 'model.keras'} is not a Keras head this "
                                             "run can load")
+
+
+def test_test_predictions_header_is_unambiguous_for_classes_named_path_and_label(tmp_path):
+    import csv
+
+    data, cache, runs_dir = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=5, classes={"path": (200, 40, 40), "label": (40, 180, 60)})
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs_dir)]) == 0
+    [run] = list(runs_dir.iterdir())
+    with open(run / "test_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "label", "predicted", "probability_label", "probability_path"]
+    for row in rows:
+        assert row["label"] in ("path", "label") and row["path"].startswith(row["label"] + "/")
+        assert float(row["probability_label"]) + float(row["probability_path"]) == pytest.approx(1)

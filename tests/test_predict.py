@@ -12,7 +12,7 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features.extract import extract_features
 from bottleneck.learn.run_folder import RunError, load_run
-from bottleneck.learn.runs import PREDICTIONS_FILE, HeadConfig, train_head
+from bottleneck.learn.runs import PREDICTIONS_FILE, PROBABILITY_PREFIX, HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 from bottleneck.use.predict import predict_images
 
@@ -37,7 +37,8 @@ def recorded_test_predictions(run_dir) -> dict[str, tuple[str, np.ndarray]]:
     with open(run_dir / PREDICTIONS_FILE, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
-        return {row[0]: (row[2], np.array([float(v) for v in row[3:]])) for row in reader}, header[3:]
+        return {row[0]: (row[2], np.array([float(v) for v in row[3:]])) for row in reader}, \
+            [name.removeprefix(PROBABILITY_PREFIX) for name in header[3:]]
 
 
 @pytest.mark.parametrize("head", ["logreg", "keras"])

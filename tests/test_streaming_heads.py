@@ -18,7 +18,7 @@ from bottleneck.features.extract import extract_features
 from bottleneck.features.store import FeatureStore
 from bottleneck.learn.head_file import arrays_from_pipeline, load_head
 from bottleneck.learn.memory import MemoryBudgetError, parse_size, plan_memory
-from bottleneck.learn.runs import PREDICTIONS_FILE, HeadConfig, train_head
+from bottleneck.learn.runs import PREDICTIONS_FILE, PROBABILITY_PREFIX, HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 
 from .conftest import TEST_SIZE, make_dataset
@@ -95,7 +95,8 @@ def test_streamed_logreg_equals_in_memory_repeats_and_predicts(extracted, tmp_pa
     # predict reproduces the streamed run's recorded test predictions
     with open(streamed.run_dir / PREDICTIONS_FILE, newline="") as handle:
         rows = list(csv.reader(handle))
-    labels, recorded = rows[0][3:], {row[0]: np.array([float(v) for v in row[3:]]) for row in rows[1:]}
+    labels = [name.removeprefix(PROBABILITY_PREFIX) for name in rows[0][3:]]
+    recorded = {row[0]: np.array([float(v) for v in row[3:]]) for row in rows[1:]}
     result = predict_images(streamed.run_dir, [str(data / path) for path in recorded], top=len(labels))
     assert result.computed == 0
     for path, prediction in zip(recorded, result.predictions):

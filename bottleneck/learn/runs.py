@@ -58,6 +58,7 @@ class RunResult:
 
 #: The test split's predictions of a run, which `predict` reproduces.
 PREDICTIONS_FILE = "test_predictions.csv"
+PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_FILE
 
 
 def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
@@ -412,10 +413,14 @@ def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
 
 
 def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str]) -> None:
-    """`test_predictions.csv`: path, true label, predicted label and the probability of every class."""
+    """`test_predictions.csv`: path, true label, predicted label and the probability of every class.
+
+    Probability columns are `probability_<class>`, so a class named `path` or `label` is no second
+    column of that name.
+    """
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "predicted", *classes])
+        writer.writerow(["path", "label", "predicted", *(PROBABILITY_PREFIX + name for name in classes)])
         for relpath, label, row in sorted(zip(paths, labels, proba.tolist()), key=lambda item: item[0]):
             writer.writerow([relpath, label, classes[int(np.argmax(row))], *(repr(float(p)) for p in row)])
 
