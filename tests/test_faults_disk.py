@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,83 @@ def test_export_to_a_read_only_file_system_is_one_line(tmp_path, small_disk):
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"bottleneck: error: cannot write the export to {small_disk / 'exported'}: "
                                             "Read-only file system")
+
+
+def _read_only(mount_point: Path):
+    """Remount `mount_point` read-only for the `with` block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def remounted():
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(mount_point)], check=True)
+
+    return remounted()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _predicted(args: list[str]) -> tuple[dict[str, dict], str]:
+    code, out, err = bottleneck("predict", *args, "--json", "--top", "3")
+    assert code == 0 and "Traceback" not in err, err
+    return {row["path"]: {t["label"]: t["probability"] for t in row["top"]} for row in map(json.loads, out.splitlines())}, err
+
+
+def test_predict_reads_a_read_only_cache_and_computes_what_it_lacks_in_memory(tmp_path, small_disk):
+    data, fresh, runs = tmp_path / "data", tmp_path / "fresh", tmp_path / "runs"
+    cache = small_disk / "cache"
+    small_disk.resize("20m")
+    make_dataset(data, per_class=4)
+    make_dataset(fresh, per_class=2, start=10)  # not in the cache
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
+    [run] = runs.iterdir()
+    before = _listing(cache)
+    with _read_only(small_disk):
+        got, err = _predicted(["--run", str(run), str(data / "red"), str(fresh)])
+        assert (f"warning: cannot write to cache folder {cache}: Read-only file system: reading what it holds; images "
+                "it lacks are computed in this process only, not cached") in err
+        assert "(computed 6, from the cache 4, failed 0)" in err
+        with_views, err = _predicted(["--run", str(run), str(fresh), "--tta", "2"])
+        assert "computed 6 features and 12 augmented views" in err
+    assert _listing(cache) == before  # nothing written, not even a lock
+    writable = tmp_path / "writable"
+    shutil.copytree(cache, writable)
+    expected, _ = _predicted(["--run", str(run), "--cache", str(writable), str(data / "red"), str(fresh)])
+    assert got.keys() == expected.keys() and len(got) == 10
+    for path, top in got.items():
+        assert top == pytest.approx(expected[path], abs=1e-12)
+    assert with_views.keys() == {p for p in expected if p.startswith(str(fresh))}
+
+
+def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(tmp_path, small_disk):
+    from bottleneck.features.extract import ExtractOptions
+    from bottleneck.learn.pretrain import PretrainConfig, pretrain
+    from bottleneck.use.predict import predict_images
+
+    data, fresh, runs = tmp_path / "data", tmp_path / "fresh", tmp_path / "runs"
+    cache = small_disk / "cache"
+    small_disk.resize("20m")
+    make_dataset(data, per_class=4)
+    make_dataset(fresh, per_class=1, start=10)
+    base = pretrain(data, tmp_path / "base.keras", PretrainConfig(image_size=16, blocks=2, filters=4, epochs=1,
+                                                                   batch_size=8)).path
+    backbone = ["--backbone", str(base), "--layer", "features"]
+    assert main(["features", str(data), "--cache", str(cache), *backbone, "--no-progress", "--runtime", "keras"]) == 0
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *backbone, "--runs", str(runs)]) == 0
+    [run] = runs.iterdir()
+    scratch_before = set(Path(tempfile.gettempdir()).glob("bottleneck-openvino-*"))
+    said: list[str] = []
+    with _read_only(small_disk):
+        converted = predict_images(run, [str(fresh)], top=3, options=ExtractOptions(runtime="openvino"), log=said.append)
+        keras_made = predict_images(run, [str(fresh)], top=3, options=ExtractOptions(runtime="keras"))
+    assert any("Read-only file system" in line for line in said) and not list(cache.glob("*.openvino"))
+    assert set(Path(tempfile.gettempdir()).glob("bottleneck-openvino-*")) == scratch_before  # the scratch is gone
+    assert converted.computed == keras_made.computed == 3
+    for ours, reference in zip(converted.predictions, keras_made.predictions):
+        assert ours.path == reference.path and dict(ours.top) == pytest.approx(dict(reference.top), abs=1e-4)

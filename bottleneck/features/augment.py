@@ -10,6 +10,7 @@ recipe, k), so every experiment reuses them like any feature.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import DataError
-from bottleneck.features.store import FeatureStore
+from bottleneck.features.store import FeatureStore, MemoryWriter
 
 MAX_VIEWS = 64
 #: Attribute of a view store: the largest number of views per image computed so far.
@@ -130,16 +131,18 @@ class ViewRun:
     computed: int
     reused: int
     store: Path
+    in_memory: MemoryWriter | None = None  # a cache that could not be written: the views computed in this process
 
 
 def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
                   views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "auto", batch_size: int = 16,
                   workers: int | None = None, progress: bool = False,
-                  log: Callable[[str], None] = lambda message: None) -> ViewRun:
+                  log: Callable[[str], None] = lambda message: None, writable: bool = True) -> ViewRun:
     """Make sure `views` views of each (path, content hash) in `images` are in the view store.
 
     Each image is read and decoded once for all its missing views; batches are committed as they
-    are computed (an interrupted run keeps them), and an unchanged rerun computes nothing.
+    are computed (an interrupted run keeps them), and an unchanged rerun computes nothing. On a
+    cache that cannot be written (`writable=False`) the missing views stay in memory (`in_memory`).
     """
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import INTERRUPTED
@@ -150,7 +153,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     if not 1 <= views <= MAX_VIEWS:
         raise DataError(f"--augment must be from 1 to {MAX_VIEWS} views per image; got {views}")
     store = view_store(cache_dir, plain, recipe)
-    with store.writer() as writer:
+    with store.writer() if writable else contextlib.nullcontext(MemoryWriter(store)) as writer:
         todo = []
         for path, content_hash in images:
             missing = [k for k in range(views) if view_key(content_hash, recipe, k) not in writer.known_hashes]
@@ -194,4 +197,4 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
             finally:
                 bar.close()
         writer.finish({VIEWS_ATTR: max(views, views_held(store))})
-    return ViewRun(computed, reused, store.path)
+    return ViewRun(computed, reused, store.path, None if writable else writer)

@@ -9,13 +9,17 @@ computed by a pool of actors and each is written as one segment.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import numpy as np
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec
@@ -28,7 +32,7 @@ from bottleneck.features.engines import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, 
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.noise import decoder_noise_to, describe
-from bottleneck.features.store import DTYPES, Failure, FeatureStore, StoreWriter
+from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 
 DECODER_LOG = "decoder-warnings.log"
 
@@ -191,6 +195,11 @@ class StoreRun:
     engine: str = "local"
     shards: int = 0
     failed_shards: list[str] = field(default_factory=list)  # one line per shard that failed every try
+    in_memory: MemoryWriter | None = None  # a cache that could not be written: the rows computed in this process
+
+    def read_rows(self, hashes: list[str]) -> np.ndarray:
+        """Features of `hashes` (each with features in this run), from the store or from memory."""
+        return (self.in_memory or self.store).read_rows(hashes)
 
 
 def extract_features(
@@ -234,12 +243,14 @@ def extract_features(
 
 
 def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, spec: BackboneSpec,
-                       options: ExtractOptions, log: Callable[[str], None] = lambda message: None) -> StoreRun:
+                       options: ExtractOptions, log: Callable[[str], None] = lambda message: None,
+                       read_only_ok: bool = False) -> StoreRun:
     """Make sure every image in `images` has features in `spec`'s store (or a recorded failure).
 
     The one pipeline behind `features` and `predict`: unchanged files are settled from the hash
     index, the engine computes the rest (see `bottleneck.features.engines`), and the store's
-    parts and segments are merged at the end.
+    parts and segments are merged at the end. With `read_only_ok`, a cache that cannot be written
+    is read, and what it lacks is computed in this process only (`StoreRun.read_rows` has it).
     """
     started = time.monotonic()
     if options.backend is not None and spec.kind != "pixels":
@@ -247,22 +258,23 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     resolve_runtime(options.runtime, spec)  # a runtime that cannot run this precision is an error before any work
     engine = get_engine(options)
     engine.check()  # bad engine settings are an error before any work
-    cache = prepare_cache_dir(cache_dir)
-    spec = settle_calibration(spec, cache, [image.path for image in images], options.calibration,
+    cache, writable = _cache_folder(cache_dir, read_only_ok, engine.name, log)
+    spec = settle_calibration(spec, cache, [image.path for image in images] if writable else None, options.calibration,
                               options.calibration_images, options.max_pixels, log)
     index = HashIndex(cache)
     noise = None
     try:
         store = open_store(cache, spec, index, options.dtype)
-        with store.writer(options.lock_timeout, on_wait=log) as writer:
+        with _writer(store, writable, options, log) as writer, _model_folder(cache, spec, options.runtime, writable) as models:
             tally = _sort_out(images, writer, index)
             try:
                 if tally.todo:
                     # Before the redirect below, so TensorFlow's (or Ray's) start-up lines are not counted as decoder warnings.
-                    engine.start(spec, cache, log)
+                    engine.start(spec, models, log)
                 if engine.name == "local":
                     # libtiff's C-level warnings and Pillow's Python warnings go to a log file, not over the progress bar.
-                    with decoder_noise_to(cache / DECODER_LOG) as noise:
+                    decoder_log = cache / DECODER_LOG if writable else Path(tempfile.gettempdir()) / f"bottleneck-{DECODER_LOG}"
+                    with decoder_noise_to(decoder_log) as noise:
                         engine.run(tally, writer, index, spec, log)
                 else:  # decoding happens in the workers, whose output goes to their own logs
                     engine.run(tally, writer, index, spec, log)
@@ -273,7 +285,49 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
         index.close()
     return StoreRun(store, tally.computed, tally.reused, tally.failures, tally.hash_of, time.monotonic() - started,
                     noise.count if noise else 0, describe(noise) if noise else "", engine.name, tally.shards,
-                    tally.failed_shards)
+                    tally.failed_shards, writer if not writable else None)
+
+
+def _cache_folder(cache_dir: str | os.PathLike, read_only_ok: bool, engine: str,
+                  log: Callable[[str], None]) -> tuple[Path, bool]:
+    """The cache folder and whether it can be written; one that cannot is an error unless `read_only_ok`."""
+    try:
+        return prepare_cache_dir(cache_dir), True
+    except CacheError as exc:
+        if not read_only_ok or not Path(cache_dir).is_dir() or not os.access(cache_dir, os.R_OK | os.X_OK):
+            raise
+        if engine != "local":
+            raise CacheError(f"{exc}; --engine {engine} writes what it computes into the cache: use the local engine") from None
+        log(f"warning: {exc}: reading what it holds; images it lacks are computed in this process only, not cached")
+        return Path(cache_dir), False
+
+
+@contextlib.contextmanager
+def _writer(store: FeatureStore, writable: bool, options: ExtractOptions,
+            log: Callable[[str], None]) -> Iterator[StoreWriter | MemoryWriter]:
+    """The store's writer, holding its lock; or, on a cache that cannot be written, one that keeps rows in memory."""
+    if not writable:
+        yield MemoryWriter(store)
+        return
+    with store.writer(options.lock_timeout, on_wait=log) as writer:
+        yield writer
+
+
+@contextlib.contextmanager
+def _model_folder(cache: Path, spec: BackboneSpec, runtime: str, writable: bool) -> Iterator[Path]:
+    """Where the backbone's OpenVINO conversion lives: the cache, or a scratch folder when the cache is read-only
+    and lacks it (converted for this process, then removed)."""
+    if writable or spec.kind == "pixels" or spec.precision != "float32" or resolve_runtime(runtime, spec) != "openvino":
+        yield cache
+        return
+    from bottleneck.backbones.openvino import conversion_problem
+    from bottleneck.backbones.quantize import float_folder
+
+    if conversion_problem(float_folder(spec, cache)) is None:
+        yield cache
+        return
+    with tempfile.TemporaryDirectory(prefix="bottleneck-openvino-") as scratch:
+        yield Path(scratch)
 
 
 def _sort_out(images: list[ImageFile], writer: StoreWriter, index: HashIndex) -> Tally:

@@ -742,6 +742,50 @@ def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[st
         handle.close()  # closing the file releases the lock, and the kernel does so if we die
 
 
+class MemoryWriter:
+    """A `StoreWriter` for a cache that cannot be written: what it computes stays in this process.
+
+    It knows what the store holds, takes computed rows in memory and writes nothing; `read_rows`
+    reads each row from memory or from the store.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.dtype = "float32"
+        hashes, failures = store.known()
+        self.known_hashes: set[str] = set(hashes)
+        self.known_failures: dict[str, Failure] = {f.key: f for f in failures}
+        self.rows: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # failures arrive from the main thread, commits from another
+
+    def add_failure(self, failure: Failure) -> None:
+        with self._lock:
+            self.known_failures[failure.key] = failure
+
+    def commit(self, hashes: list[str], features: np.ndarray, paths: list[str], computed_by: str = "") -> None:
+        """Keep one batch in memory."""
+        if features.shape != (len(hashes), self.store.feature_dim):
+            raise CacheError(f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}")
+        with self._lock:
+            self.rows.update(zip(hashes, np.asarray(features, np.float32)))
+            self.known_hashes.update(hashes)
+
+    def finish(self, extra_attrs: dict | None = None) -> bool:
+        """Nothing is written."""
+        return False
+
+    def read_rows(self, hashes: list[str]) -> np.ndarray:
+        """Features of `hashes` in that order: computed here, or read from the store."""
+        features = np.empty((len(hashes), self.store.feature_dim), np.float32)
+        stored = [i for i, h in enumerate(hashes) if h not in self.rows]
+        if stored:
+            features[stored] = self.store.read_rows([hashes[i] for i in stored])
+        for i, h in enumerate(hashes):
+            if h in self.rows:
+                features[i] = self.rows[h]
+        return features
+
+
 def _segment_bytes(source: _Source, feature_dim: int, itemsize: int) -> int:
     return int(source.keep.size) * feature_dim * itemsize
 

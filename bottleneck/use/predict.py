@@ -110,10 +110,10 @@ def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabil
     hashes = [done.hash_of[str(image.path)] for image in usable]
     made = compute_views(list(zip((str(im.path) for im in usable), hashes)), run.cache_dir, run.spec, done.store, views,
                          recipe, runtime=options.runtime, batch_size=options.batch_size if options.batch_size != "auto" else 16,
-                         workers=options.workers, log=log)
+                         workers=options.workers, log=log, writable=done.in_memory is None)
     from bottleneck.features.maintenance import store_of
 
-    store = store_of(run.cache_dir, made.store.stem)
+    store = made.in_memory or store_of(run.cache_dir, made.store.stem)
     total = np.array(probabilities, dtype=np.float64)
     for k in range(views):
         total += run.classify(store.read_rows([view_key(h, recipe, k) for h in hashes]))
@@ -146,10 +146,10 @@ def predict_images(
         if not run.fine_tuned and not store_file.exists():
             log(f"warning: the feature store of run {run.run_id} ({store_file}) is gone; "
                 "every image is computed and cached anew")
-        done = compute_into_store(images, run.cache_dir, run.spec, options or ExtractOptions(), log)
+        done = compute_into_store(images, run.cache_dir, run.spec, options or ExtractOptions(), log, read_only_ok=True)
         computed, reused = done.computed, done.reused
         usable = [image for image in images if str(image.path) in done.hash_of]
-        features = done.store.read_rows([done.hash_of[str(im.path)] for im in usable]) if usable else np.zeros((0, 1))
+        features = done.read_rows([done.hash_of[str(im.path)] for im in usable]) if usable else np.zeros((0, 1))
         finite = np.isfinite(features).all(axis=1)
         reasons = {failure.path: failure.reason for failure in done.failures}
         for image in (im for im, ok in zip(usable, finite) if not ok):  # bit rot in the store: never a guess

@@ -15,6 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -135,8 +136,9 @@ class _Batcher:
     """
 
     def __init__(self, spec: BackboneSpec, writer: StoreWriter, batch_size: int, runtime: str,
-                 on_model: Callable[[str], None]):
+                 on_model: Callable[[str], None], model_dir: Path):
         self.spec, self.writer, self.batch_size, self.runtime = spec, writer, batch_size, runtime
+        self.model_dir = model_dir  # where OpenVINO conversions live: the cache, or scratch beside a read-only one
         self.on_model = on_model
         self.model = None
         self.pixels: list[np.ndarray] = []
@@ -172,7 +174,7 @@ class _Batcher:
                 runtime = f", {chosen}" if chosen != "keras" else ""
                 runtime += f", {self.spec.precision}" if self.spec.precision != "float32" else ""
                 self.on_model(f"loading backbone {self.spec.architecture} ({detail}{runtime})")
-            self.model = get_feature_model(self.spec, self.runtime, self.writer.store.cache_dir)
+            self.model = get_feature_model(self.spec, self.runtime, self.model_dir)
         features = np.asarray(self.model(np.stack(self.pixels)))
         bad = non_finite_rows(features)
         if bad.any():
@@ -221,12 +223,14 @@ class LocalEngine:
     def __init__(self, options):
         self.options = options
         self.batch_size = options.batch_size if options.batch_size != "auto" else None
+        self.model_dir: Path | None = None
 
     def check(self) -> None:
         """Nothing to check before the run."""
 
     def start(self, spec: BackboneSpec, cache_dir, log: Callable[[str], None]) -> None:
         """Load the backbone (once per process) before decoding starts, and settle `--batch-size auto`."""
+        self.model_dir = Path(cache_dir)
         if spec.kind != "pixels":
             model = get_feature_model(spec, self.options.runtime, cache_dir)
             if self.batch_size is None:
@@ -240,7 +244,8 @@ class LocalEngine:
         options = self.options
         batch_size = self.batch_size or DEFAULT_BATCH_SIZE
         bar = make_bar(len(tally.todo), options.progress)
-        batcher = _Batcher(spec, writer, batch_size, options.runtime, on_model=bar.write if options.progress else log)
+        batcher = _Batcher(spec, writer, batch_size, options.runtime, on_model=bar.write if options.progress else log,
+                           model_dir=self.model_dir or writer.store.cache_dir)
         workers = options.workers or os.cpu_count() or 1
         ahead = max(2 * batch_size, 4 * workers)
 
