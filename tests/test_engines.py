@@ -108,8 +108,12 @@ def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path,
     assert (rerun.computed, rerun.reused, rerun.failed) == (5, 7, 0)
 
 
-def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path):
-    """A driver killed after two shards wrote their segments: those are kept, the rest is computed."""
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engine, request):
+    """A driver killed after two shards wrote their segments: those are kept (and counted as reused), the rest is
+    computed."""
+    options = ExtractOptions() if engine == "local" else (request.getfixturevalue("ray_session"),
+                                                          ray_options(workers=1, shard_size=4))[1]
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)
     images = discover_images(data).images
@@ -123,7 +127,7 @@ def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path):
     index.close()
     assert [len(r.rows) for r in first] == [4, 4]
     assert runner.run(shards[0]).resumed  # a retried shard finds its segment and computes nothing
-    resumed = extract_features(data, cache, PIXELS)
+    resumed = extract_features(data, cache, PIXELS, options)
     assert (resumed.computed, resumed.reused) == (4, 8)
     assert len(stored(cache, PIXELS).content_hash) == 12
 

@@ -457,9 +457,13 @@ class ShardedEngine:
         for path, stamp, content_hash in result.stamps:
             index.remember(path, stamp, content_hash)
         index.flush()
+        # A segment found on a shard's first try was written by an earlier run (try counters start
+        # afresh each run): its rows are resumed, not computed. Found on a later try, this run wrote it.
+        earlier_run = result.resumed and result.tries <= 1
         for path, content_hash in result.rows:
-            if content_hash in seen:
-                tally.reused += 1  # the same content, computed by another shard too: one row survives
+            if content_hash in seen or earlier_run:  # in seen: another shard computed it too, one row survives
+                tally.reused += 1
+                seen.add(content_hash)
             else:
                 seen.add(content_hash)
                 tally.computed += 1
