@@ -96,6 +96,30 @@ def _leaves(layer):
     return [leaf for child in inner for leaf in _leaves(child)] if inner else [layer]
 
 
+def test_resume_after_the_parents_head_was_swapped_says_so_and_starts_again(parent, tmp_path):
+    import shutil
+
+    root, data, base, original = parent
+    run = tmp_path / original.name
+    shutil.copytree(original, run)
+    config = FineTuneConfig(epochs=2, learning_rate=1e-3, batch_size=8)
+
+    def stop_at_one(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(run, config, tmp_path / "runs", on_epoch_end=stop_at_one)
+    spec = BackboneSpec(architecture=str(base), layer="features")
+    other = train_head(data, root / "cache", tmp_path / "other", spec, HeadConfig("logreg", C=0.01), SPLIT).run_dir
+    shutil.copyfile(other / "head.npz", run / "head.npz")  # the same classes and width: a head that loads
+    said: list[str] = []
+    again = fine_tune(run, config, tmp_path / "runs", log=said.append)
+    assert again.resumed_from_epoch == 0
+    assert any(line.startswith(f"warning: the head or backbone of run {run.name} changed since ") and
+               "saved epoch 1" in line and "fine-tuning starts again" in line for line in said), said
+
+
 def test_bad_fine_tune_input_is_one_line(parent, capsys):
     _, _, _, run = parent
     with pytest.raises(BottleneckError, match="nearest names: conv"):

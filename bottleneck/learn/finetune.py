@@ -244,6 +244,31 @@ def _starting_state(model, pixels: np.ndarray, y: np.ndarray, work: _WorkFolder)
     return state
 
 
+PARENT_FILES = ("head.npz", "model.keras", "labels.json")  # what a run's head is made of, whichever it has
+
+
+def parent_identity(run: LoadedRun) -> str:
+    """A digest of the parent run's head and backbone: a resumed fine-tune must start from the same ones."""
+    digest = hashlib.sha256(f"{run.fingerprint}\n{json.dumps(run.labels)}".encode())
+    for name in PARENT_FILES:
+        path = run.folder / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _resumable_state(work: _WorkFolder, parent: str, run_id: str, log: Callable[[str], None]) -> dict | None:
+    """The saved state to resume from, or None: none saved, or saved from a parent whose head has changed since."""
+    state = work.load_state()
+    if state is None or work.path(state, "last") is None:
+        return None
+    if state.get("parent") != parent:
+        log(f"warning: the head or backbone of run {run_id} changed since {work.folder} saved epoch {state['epoch']} "
+            "(a file of the run was replaced): its epochs belong to the old parent, so fine-tuning starts again")
+        return None
+    return state
+
+
 def _save_weights_atomically(model, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.weights.h5")
     model.save_weights(tmp)
@@ -386,14 +411,16 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         mask = {name: splits == name for name in SPLITS}
         if not mask["train"].any():
             raise DataError(f"run {run.run_id} has no training image left to fine-tune on")
-        state = work.load_state()
+        parent = parent_identity(run)
+        state = _resumable_state(work, parent, run.run_id, log)
         resumed = 0
-        if state is not None and work.path(state, "last") is not None:
+        if state is not None:
             model.load_weights(work.path(state, "last"))
             resumed = state["epoch"]
             log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
         else:
             state = _starting_state(model, pixels[mask["validation"]], y[mask["validation"]], work)
+        state["parent"] = parent
         log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
             f"{int(mask['train'].sum())} images, {config.epochs} epochs at most, learning rate {config.learning_rate:g}")
         started = time.perf_counter()
