@@ -44,3 +44,46 @@ def test_confident_learning_runs_in_this_process(monkeypatch):
     proba /= proba.sum(axis=1, keepdims=True)
     label_issue_rows(y, proba)
     assert seen["n_jobs"] == 1  # no forked pool to inherit a SIGTERM handler or die holding a lock
+
+
+def test_ctrl_c_or_sigterm_in_fine_tune_is_one_line_and_no_tensorflow_noise(tmp_path):
+    """Mid-epoch, augmentation running: no TensorArray "Object was never used" block, no crash, exit code 130."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.extract import extract_features
+    from bottleneck.learn.pretrain import PretrainConfig, pretrain
+    from bottleneck.learn.runs import HeadConfig, train_head
+
+    from .conftest import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=40)
+    pretrain(data, tmp_path / "base.keras", PretrainConfig(image_size=32, blocks=2, filters=8, epochs=1))
+    spec = BackboneSpec(architecture=str(tmp_path / "base.keras"), layer="features")
+    extract_features(data, tmp_path / "cache", spec)
+    run = train_head(data, tmp_path / "cache", tmp_path / "runs", spec, HeadConfig("logreg")).run_dir
+    root = Path(__file__).resolve().parent.parent
+    for sent in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bottleneck", "fine-tune", "--run", str(run), "--runs", str(tmp_path / sent.name),
+             "--epochs", "100", "--patience", "100", "--learning-rate", "1e-3", "--augment", "flip,crop,brightness"],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},  # the CLI's own, not the suite's
+                 "PYTHONPATH": str(root), "PYTHONFAULTHANDLER": "1"})
+        lines = []
+        for line in process.stderr:  # training, with augmentation, is under way once an epoch has ended
+            lines.append(line)
+            if line.startswith("epoch 1/"):
+                break
+        time.sleep(0.5)  # into the next epoch: augmenting or training
+        process.send_signal(sent)
+        rest = process.communicate(timeout=120)[1]
+        err = "".join(lines) + rest
+        assert process.returncode == 130, err  # a segmentation fault would be -11
+        assert "never used" not in err and "ERROR" not in err and "Traceback" not in err and "Fatal" not in err, err
+        assert err.strip().splitlines()[-1] == ("bottleneck: interrupted; finished epochs are kept, run the same "
+                                                "command again to resume")

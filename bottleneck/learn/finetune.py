@@ -135,6 +135,19 @@ def set_trainable(model, unfrozen: list) -> None:
         layer.trainable = (id(layer) in wanted or is_head) and not isinstance(layer, keras.layers.BatchNormalization)
 
 
+def augmenter(tf, augment: tuple[str, ...], size: int):
+    """Seeded augmentation of a batch, as one `tf.function` traced here, once.
+
+    Run eagerly, `map_fn` builds a `TensorArray` per call, and a Ctrl-C inside one made TensorFlow
+    print an "Object was never used" block at exit; in a graph, an interrupt lands between calls.
+    """
+    augment_batch = tf.function(lambda pixels, seeds: _augment_batch(tf, pixels, seeds, augment, size),
+                                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
+                                                 tf.TensorSpec([None, 2], tf.int32)])
+    augment_batch(tf.zeros([1, size, size, 3]), tf.zeros([1, 2], tf.int32))  # the one trace, before training
+    return augment_batch
+
+
 def _augment_batch(tf, pixels, seeds, augment: tuple[str, ...], size: int):
     """Seeded augmentation of one batch: each image gets its own stateless seed pair."""
 
@@ -153,18 +166,17 @@ def _augment_batch(tf, pixels, seeds, augment: tuple[str, ...], size: int):
     return tf.map_fn(one, (pixels, seeds), fn_output_signature=tf.float32)
 
 
-def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig, epoch: int):
-    """The training batches of one epoch: shuffled and augmented from (seed, epoch) alone, so a resumed
-    run sees exactly the batches an uninterrupted one would."""
+def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig, epoch: int, augment_batch=None):
+    """The training batches of one epoch: shuffled and augmented (by `augment_batch`, see `augmenter`) from
+    (seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(y))
-    size = pixels.shape[1]
     for start in range(0, len(order), config.batch_size):
         rows = order[start:start + config.batch_size]
         batch = tf.constant(pixels[rows].astype(np.float32))
-        if config.augment:
+        if augment_batch is not None:
             seeds = tf.constant(np.stack([np.full(len(rows), config.seed), epoch * len(y) + rows], 1), tf.int32)
-            batch = _augment_batch(tf, batch, seeds, config.augment, size)
+            batch = augment_batch(batch, seeds)
         yield batch, y[rows]
 
 
@@ -308,6 +320,7 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
     bar = _progress(steps * config.epochs, steps * state["epoch"])
     validation = (pixels[mask["validation"]], y[mask["validation"]])
     train_pixels, train_y = pixels[mask["train"]], y[mask["train"]]  # one copy, not one per epoch
+    augment_batch = augmenter(tf, config.augment, pixels.shape[1]) if config.augment else None
     compiled_for = None
     try:
         while state["epoch"] < config.epochs and state["waited"] < config.patience:
@@ -323,7 +336,7 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
                     log("note: the optimizer state could not be restored; it starts afresh")
                 compiled_for = stage
             losses = []
-            for batch, labels in _epoch_batches(tf, train_pixels, train_y, config, epoch):
+            for batch, labels in _epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch):
                 losses.append(float(model.train_on_batch(batch, labels)))
                 if bar is not None:
                     bar.update(1)
