@@ -6,6 +6,12 @@ import threading
 INTERRUPTED = threading.Event()
 
 
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if the user interrupted and a library swallowed it: call between long phases."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 class BottleneckError(Exception):
     """An error the user can fix: bad input, a missing file, a locked or unwritable cache."""
 

@@ -151,3 +151,38 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
         np.testing.assert_array_equal(namespace["pixels_of"](path), decode_image(path.read_bytes(), size))
     assert main(["export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "run folder not found" in capsys.readouterr().err
+
+
+def test_an_interrupt_a_library_swallowed_stops_the_export_at_the_next_phase(runs, tmp_path, monkeypatch):
+    """SIGTERM inside a callback TensorFlow runs from C sets the flag but its KeyboardInterrupt can vanish."""
+    import bottleneck.use.export as export_module
+    from bottleneck.errors import INTERRUPTED
+
+    built = export_module.build_classifier
+
+    def swallowed(run):
+        INTERRUPTED.set()  # what our handler does before its KeyboardInterrupt is lost
+        return built(run)
+
+    monkeypatch.setattr(export_module, "build_classifier", swallowed)
+    later_phases = []
+    monkeypatch.setattr(export_module, "write_saved_model", lambda *args: later_phases.append("saved_model"))
+    out = tmp_path / "exported"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_run(runs[0]["logreg"], out)
+    finally:
+        INTERRUPTED.clear()
+    assert later_phases == []  # stopped at the next phase, not after a SavedModel and parity checks
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging left either
+
+
+def test_tensorflow_loads_without_jax_for_the_tensorflow_backend():
+    probe = ("import sys; from bottleneck.backbones.backend import import_keras; keras = import_keras(); "
+             "import tensorflow; assert keras.config.backend() == 'tensorflow'; print('jax' in sys.modules); "
+             "import importlib.util; installed = importlib.util.find_spec('jax') is not None; "
+             "print(__import__('jax').numpy.zeros(2).shape if installed else '(2,)')")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "(2,)"]  # not loaded with TensorFlow; importable when asked for

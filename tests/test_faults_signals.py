@@ -87,3 +87,38 @@ def test_ctrl_c_or_sigterm_in_fine_tune_is_one_line_and_no_tensorflow_noise(tmp_
         assert "never used" not in err and "ERROR" not in err and "Traceback" not in err and "Fatal" not in err, err
         assert err.strip().splitlines()[-1] == ("bottleneck: interrupted; finished epochs are kept, run the same "
                                                 "command again to resume")
+
+
+_POOL_UNDER_SIGTERM = """
+import multiprocessing, os, signal, sys, threading, time
+from bottleneck.cli import _catch_interrupts
+
+def slow(x):
+    time.sleep(0.2)
+    return x
+
+_catch_interrupts()
+for attempt in range(8):
+    pool = multiprocessing.get_context("fork").Pool(2)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        pool.map(slow, range(40))
+    except KeyboardInterrupt:
+        pass
+    pool.terminate()  # SIGTERM to each worker, as cleanlab's pool gets when its parent is interrupted
+    pool.join()
+print("done")
+"""
+
+
+def test_a_forked_pool_under_sigterm_in_a_loop_ends_quietly():
+    """What `audit` did with cleanlab's pool: workers printed KeyboardInterrupt tracebacks, and once it hung."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _POOL_UNDER_SIGTERM], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr

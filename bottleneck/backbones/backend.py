@@ -7,6 +7,8 @@ imports a backend until a network is needed, so `--help` and argument errors ans
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -132,6 +134,26 @@ def float32_settings(keras) -> dict[str, object]:
     return settings
 
 
+@contextlib.contextmanager
+def _jax_kept_out(keep_out: bool):
+    """While TensorFlow loads for the TensorFlow backend, `import jax` fails.
+
+    TensorFlow's TFLite helpers import JAX whenever it is installed (and tolerate its absence): a
+    second runtime loaded for nothing, whose garbage-collection callbacks once swallowed a SIGTERM.
+    An explicit `import jax` later (the JAX backend, in another step) still works.
+    """
+    if not keep_out or "tensorflow" in sys.modules or "jax" in sys.modules:
+        yield
+        return
+    sys.modules["jax"] = None  # the import system's own marker for "cannot be imported"
+    try:
+        importlib.import_module("tensorflow")  # loaded here, without JAX
+        yield
+    finally:
+        if sys.modules.get("jax", 0) is None:
+            del sys.modules["jax"]
+
+
 def import_keras():
     """Keras on the selected backend, quietly, in strict float32; one line if Keras or its backend is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for users
@@ -142,7 +164,8 @@ def import_keras():
     if "keras" not in sys.modules and backend in BACKENDS and not is_installed(backend):
         raise BackboneError(missing_backend_message(backend))
     try:
-        import keras
+        with _jax_kept_out(backend == "tensorflow"):
+            import keras
     except ImportError as exc:
         if "keras" in str(exc).lower() and "No module named" in str(exc):
             raise BackboneError("Keras is not installed: pip install 'bottleneck[cpu]'") from None

@@ -145,7 +145,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     cache that cannot be written (`writable=False`) the missing views stay in memory (`in_memory`).
     """
     from bottleneck.backbones.build import get_feature_model
-    from bottleneck.errors import INTERRUPTED
+    from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import ImageDecodeError, decode_image
     from bottleneck.features.engines import computed_by
     from bottleneck.features.engines.local import bounded_map, make_bar
@@ -188,8 +188,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
 
             try:
                 for made in bounded_map(prepare, todo, workers or os.cpu_count() or 1, 2 * (workers or 2)):
-                    if INTERRUPTED.is_set():
-                        raise KeyboardInterrupt
+                    stop_if_interrupted()
                     pending.extend(made)
                     if len(pending) >= batch_size:
                         flush()

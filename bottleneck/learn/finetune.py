@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
-from bottleneck.errors import BottleneckError, DataError
+from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
 from bottleneck.learn.metrics import misclassified, split_metrics
 from bottleneck.learn.pretrain import load_images
@@ -337,6 +337,7 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
                 compiled_for = stage
             losses = []
             for batch, labels in _epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch):
+                stop_if_interrupted()  # a KeyboardInterrupt TensorFlow swallowed in a callback
                 losses.append(float(model.train_on_batch(batch, labels)))
                 if bar is not None:
                     bar.update(1)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
-from bottleneck.errors import BottleneckError, disk_full, is_disk_full
+from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
 from bottleneck.features.decode import decode_image
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
@@ -152,6 +152,7 @@ def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Cal
     parity: dict = {"model.keras": {}, "saved_model": {}, **({"model.tflite": {}} if tflite else {})}
     with tempfile.TemporaryDirectory() as scratch:
         for fmt, paths in _reencoded(images, Path(scratch)).items():
+            stop_if_interrupted()
             reference, usable = _predict_probabilities(run, paths)
             if not usable:
                 continue
@@ -272,13 +273,19 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
             "float32, as TensorFlow does everywhere: the parity below measures the difference")
     try:
         with _writing_to(out):
+            # Between phases: TensorFlow runs Python callbacks inside C, where a SIGTERM's KeyboardInterrupt can vanish.
             model = build_classifier(run)
+            stop_if_interrupted()
             model.save(staging / "model.keras")
+            stop_if_interrupted()
             write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model")
+            stop_if_interrupted()
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
             if tflite:
                 write_tflite(model, staging / "model.tflite")
+                stop_if_interrupted()
             parity = measure_parity(run, staging, tflite, check_images, log)
+            stop_if_interrupted()
             result = ExportResult(out, sorted(p.name for p in staging.iterdir()) + ["README.md", _EXPORT_MARK], parity)
             summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
                        "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,

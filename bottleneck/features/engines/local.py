@@ -28,7 +28,7 @@ from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
-from bottleneck.errors import INTERRUPTED
+from bottleneck.errors import stop_if_interrupted
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
@@ -254,8 +254,7 @@ class LocalEngine:
 
         try:
             for outcome in bounded_map(prepare, tally.todo, workers, ahead):
-                if INTERRUPTED.is_set():  # a KeyboardInterrupt some library swallowed
-                    raise KeyboardInterrupt
+                stop_if_interrupted()  # a KeyboardInterrupt some library swallowed
                 if outcome.stamp is not None and outcome.content_hash:
                     index.remember(str(outcome.image.path), outcome.stamp, outcome.content_hash)
                 if outcome.failure is not None:
