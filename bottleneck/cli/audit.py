@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bottleneck.cli.common import SEED, add_backbone_arguments, bounded_int, finite_float, memory_budget, spec_from, stderr
+from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, finite_float,
+                                   memory_budget, spec_from, stderr)
 from bottleneck.cli.train_head import PERCENT
 
 _SHOWN = 5
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.inspect.audit_page import write_audit
 
     max_memory = memory_budget(args.max_memory)
-    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file,
+    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout,
                          duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
     result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
     files = write_audit(result, args.data, args.out)
@@ -62,6 +63,7 @@ def add_parser(commands) -> None:
         "bottleneck train-head --data data/flowers --cache cache --exclude audit/exclude.txt",
     )
     parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
+    add_layout_argument(parser)
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--out", default="audit", help="folder for audit.html, audit.json, exclude.txt (default: ./audit)")
     add_backbone_arguments(parser, optional=True)

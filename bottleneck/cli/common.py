@@ -135,6 +135,15 @@ IMAGE_SIZE = bounded_int(1, 2048, note="larger inputs do not fit in memory; `bot
                          "backbone's default and minimum")
 
 
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """`--layout`: how DATA is laid out (class folders, or split folders of class folders)."""
+    from bottleneck.features.discover import LAYOUTS
+
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="DATA/<class>/... (classes) or DATA/{train,val,test}/<class>/... (split-folders: the "
+                        "folders are the splits); auto tells them apart and asks when it cannot (default: auto)")
+
+
 def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
     """The flags that pick a backbone, shared by every command that reads or writes a store.
 

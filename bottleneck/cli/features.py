@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
-                                   add_backend_arguments, bounded_int, finite_float, select_backend, spec_from, stderr)
+                                   add_backend_arguments, add_layout_argument, bounded_int, finite_float, select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
 _FAILURES_SHOWN = 10
@@ -16,6 +16,8 @@ _FAILURES_SHOWN = 10
 def _summarise_features(result, out: Callable[[str], None]) -> None:
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items()))
     out(f"{result.images} images in {len(result.classes)} classes -> {result.store}")
+    if result.layout_line:
+        out(f"  {result.layout_line}")
     out(
         f"  computed {result.computed}, reused {result.reused}, failed {result.failed}"
         + (f", skipped {sum(result.skipped.values())} ({skipped})" if skipped else "")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibration_images=args.calibration_images,
     )
-    result = extract_features(args.data, args.cache, spec, options, log=stderr)
+    result = extract_features(args.data, args.cache, spec, options, log=stderr, layout=args.layout)
     out = stderr if args.json else print
     _summarise_features(result, out)
     if args.augment:
@@ -100,7 +102,7 @@ def _augment(args: argparse.Namespace, spec, options):
 
     spec = with_default_calibration(spec or BackboneSpec(), args.cache)  # a first int8 run has just calibrated
     plain = find_store(args.cache, spec)
-    images = discover_images(args.data).images
+    images = discover_images(args.data, layout=args.layout).images
     hashes = content_hashes(args.data, args.cache, [image.relpath for image in images])
     known = set(plain.index().content_hash)
     todo = [(str(image.path), h) for image, h in zip(images, hashes) if h in known]
@@ -119,12 +121,14 @@ def add_parser(commands) -> None:
         "features",
         help="compute backbone features of a folder of images into the cache",
         description="Compute the features of every image under DATA (one sub-folder per class) into "
-        "CACHE/<backbone-fingerprint>.h5. Images already in the cache are not computed again.",
+        "CACHE/<backbone-fingerprint>.h5 (or DATA/{train,val,test}/<class>/...: see --layout). Images already in the "
+        "cache are not computed again.",
         epilog="example: bottleneck features data/flowers --cache cache --image-size 299 --json "
         "(on a cluster: --engine ray --ray-address HOST:PORT --gpus-per-worker 1)",
     )
     features.add_argument("data", metavar="DATA", help="folder with one sub-folder of images per class")
     features.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    add_layout_argument(features)
     add_backbone_arguments(features)
     features.add_argument("--batch-size", type=BATCH_SIZE_OR_AUTO, default=DEFAULT_BATCH_SIZE,
                           help=f"images per backbone call, %(type)s: the fastest that fits on a GPU, "

@@ -6,6 +6,7 @@ import json
 import sys
 
 from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, SEED, add_backbone_arguments,
+                                   add_layout_argument,
                                    bounded_int, finite_float, memory_budget, print_split_scores, spec_from, stderr)
 
 #: --val-pct and --test-pct.
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
-                        exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip)
+                        exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip,
+                        layout=args.layout)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -64,6 +66,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--runs", default="runs", help="folder for run folders (default: ./runs)")
+    add_layout_argument(parser)
     parser.add_argument("--head", choices=["logreg", "keras"], default="logreg", help="head type (default: logreg)")
     add_backbone_arguments(parser, optional=True)
     split = parser.add_argument_group("split")

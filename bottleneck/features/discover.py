@@ -1,5 +1,9 @@
-"""Find the labelled images under a data folder: one sub-folder per class.
+"""Find the labelled images under a data folder: one sub-folder per class, or split folders of those.
 
+DATA is laid out one of two ways: `classes` (`DATA/<class>/...`) or `split-folders`
+(`DATA/{train, val|valid|validation, test}/<class>/...`, any case, as most image sets are
+downloaded); `auto` tells them apart and asks for `--layout` when it cannot. In split folders the
+sub-folders are the classes and the top folders the splits (`Discovery.folder_splits`).
 Nested folders inside a class folder belong to that class. Hidden files and folders are
 skipped, so are files whose extension no image reader claims. Each file is listed once even
 when it is reachable twice (symbolic or hard links, `a.jpg` and `A.JPG` on a case-insensitive
@@ -19,6 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 from bottleneck.errors import DataError
+
+#: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+                 "validation": "validation", "test": "test", "testing": "test"}
+LAYOUTS = ("auto", "classes", "split-folders")
+#: A file in two split folders (a link) is held out: the most held-out split wins.
+_HELD_OUT_FIRST = ("test", "validation", "train")
 
 #: Folders that tools create beside real data and that never hold a class.
 JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
@@ -93,6 +104,16 @@ class Discovery:
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
     conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
+    layout: str = "classes"  # or "split-folders"
+    folder_splits: dict[str, str] = field(default_factory=dict)  # split-folders: relpath -> train/validation/test
+
+    def layout_line(self) -> str:
+        """One line on how DATA was read, for split folders ("" for class folders)."""
+        if self.layout != "split-folders":
+            return ""
+        counts = Counter(image.relpath.split("/", 1)[0] for image in self.images)
+        return "split folders: " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) + \
+            "; the sub-folders are the classes"
 
 
 LINKED_FROM_ANOTHER_CLASS = "link into another class (left out)"
@@ -187,8 +208,69 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipp
     return found
 
 
-def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discovery:
-    """List the images under `data_dir`, one sub-folder per class; raise `DataError` if unusable."""
+def _holds_folders(folder: str) -> bool:
+    try:
+        return any(entry.is_dir() and not _is_hidden(entry.name) for entry in os.scandir(folder))
+    except OSError:
+        return False
+
+
+def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto") -> str:
+    """`classes` or `split-folders` for DATA's top folders; `auto` decides, or asks for `--layout` in one line."""
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if layout == "classes":
+        return layout
+    named = [entry.name for entry in top_dirs if entry.name.lower() in SPLIT_FOLDERS]
+    others = [entry.name for entry in top_dirs if entry.name.lower() not in SPLIT_FOLDERS]
+    has_train = any(SPLIT_FOLDERS[name.lower()] == "train" for name in named)
+    if layout == "split-folders":
+        if others or not has_train:
+            found = f"it also holds {', '.join(others[:3])}" if others else "it has no train folder"
+            raise DataError(f"--layout split-folders: the top folders of {root} must be train and optionally val "
+                            f"(or valid, validation) and test, each holding one sub-folder per class; {found}")
+        return layout
+    if not named:
+        return "classes"
+    flat = [name for name in named if not _holds_folders(str(root / name))]
+    if not others and has_train and not flat:
+        return "split-folders"
+    why = (f"beside {', '.join(others[:3])}" if others else "without a train folder" if not has_train
+           else f"but {flat[0]} holds images, not class folders")
+    raise DataError(f"cannot tell how {root} is laid out: {', '.join(named)} look like split folders, {why}; pass "
+                    "--layout split-folders (DATA/train/<class>/...) or --layout classes (DATA/<class>/...)")
+
+
+def _walk_split_folder(split_dir: Path, root: Path, skipped: Counter, real_root: str) -> list[tuple[ImageFile, bool]]:
+    """The images of one split folder: each sub-folder is a class."""
+    found: list[tuple[ImageFile, bool]] = []
+    try:
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError:
+        skipped["unreadable folder"] += 1
+        return found
+    for entry in entries:
+        if _is_hidden(entry.name):
+            skipped["hidden"] += 1
+        elif entry.is_dir():
+            found.extend(_walk_class(Path(entry.path), root, entry.name, None, skipped, real_root))
+        else:
+            skipped["outside a class folder"] += 1
+    return found
+
+
+def _folder_splits(found: list[tuple[ImageFile, bool]], images: list[ImageFile]) -> dict[str, str]:
+    """Each image's split from its top folder; a file in two split folders gets the most held-out one."""
+    splits_of_file: dict[tuple[int, int], set[str]] = {}
+    for image, _ in found:
+        split = SPLIT_FOLDERS[image.relpath.split("/", 1)[0].lower()]
+        splits_of_file.setdefault((image.dev, image.inode), set()).add(split)
+    return {image.relpath: next(s for s in _HELD_OUT_FIRST if s in splits_of_file[(image.dev, image.inode)])
+            for image in images}
+
+
+def discover_images(data_dir: str | os.PathLike, min_classes: int = 2, layout: str = "auto") -> Discovery:
+    """List the images under `data_dir` (see the module's note on layouts); raise `DataError` if unusable."""
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -202,9 +284,12 @@ def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discov
         top = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
+    chosen = choose_layout(root, [entry for entry in top if entry.is_dir() and not _is_hidden(entry.name)], layout)
     for entry in top:
         if _is_hidden(entry.name):
             skipped["hidden"] += 1
+        elif entry.is_dir() and chosen == "split-folders":
+            found.extend(_walk_split_folder(Path(entry.path), root, skipped, real_root))
         elif entry.is_dir():
             found.extend(_walk_class(Path(entry.path), root, entry.name, None, skipped, real_root))
         else:
@@ -212,16 +297,17 @@ def discover_images(data_dir: str | os.PathLike, min_classes: int = 2) -> Discov
     images, conflicts = _settle_labels(found, skipped)
     images.sort(key=lambda im: im.relpath)
     classes = sorted({im.label for im in images})
+    where = "one sub-folder per class" + (" in each split folder" if chosen == "split-folders" else "")
     if not images:
-        raise DataError(
-            f"no images found in {root} (expected one sub-folder per class holding image files)"
-        )
+        raise DataError(f"no images found in {root} (expected {where} holding image files)")
     if len(classes) < min_classes:
         raise DataError(
             f"found {len(classes)} class folder with images in {root} ({', '.join(classes)}); "
-            f"need at least {min_classes}, one sub-folder per class"
+            f"need at least {min_classes}, {where}"
         )
-    return Discovery(root=root, images=images, classes=classes, skipped=skipped, conflicts=conflicts)
+    folder_splits = _folder_splits(found, images) if chosen == "split-folders" else {}
+    return Discovery(root=root, images=images, classes=classes, skipped=skipped, conflicts=conflicts, layout=chosen,
+                     folder_splits=folder_splits)
 
 
 def walk_images(folder: Path, root: Path, label: str, seen: set, skipped: Counter) -> list[ImageFile]:

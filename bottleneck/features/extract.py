@@ -58,6 +58,7 @@ class ExtractionResult:
     shards: int = 0  # sharded engines: how many shards the work was cut into
     failed_shards: list[str] = field(default_factory=list)  # one line per shard that failed every try
     conflicts: list[str] = field(default_factory=list)  # files reachable from two class folders
+    layout_line: str = ""  # how DATA was read, when it is in split folders
 
     @property
     def images_per_second(self) -> float:
@@ -208,15 +209,17 @@ def extract_features(
     spec: BackboneSpec,
     options: ExtractOptions | None = None,
     log: Callable[[str], None] = lambda message: None,
+    layout: str = "auto",
     **option_values,
 ) -> ExtractionResult:
     """Compute the features of every image under `data_dir` that the store lacks.
 
-    Options come as an `ExtractOptions` or as its fields by keyword (`batch_size=32`).
+    Options come as an `ExtractOptions` or as its fields by keyword (`batch_size=32`); `layout` is
+    how DATA is laid out (see `bottleneck.features.discover`).
     """
     options = options or ExtractOptions(**option_values)
     started = time.monotonic()
-    discovery = discover_images(data_dir)
+    discovery = discover_images(data_dir, layout=layout)
     done = compute_into_store(discovery.images, cache_dir, spec, options, log)
     if done.computed + done.reused == 0:
         first = done.failures[0]
@@ -239,6 +242,7 @@ def extract_features(
         engine=done.engine,
         shards=done.shards,
         failed_shards=done.failed_shards,
+        layout_line=discovery.layout_line(),
     )
 
 

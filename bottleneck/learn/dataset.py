@@ -154,6 +154,7 @@ class LabelledFeatures:
     non_finite: list[str] = field(default_factory=list)  # left out: their stored features are NaN or infinite
     memory: MemoryPlan | None = None
     content_hashes: list[str] = field(default_factory=list)  # of each image in `relpaths`, when known
+    folder_splits: dict[str, str] = field(default_factory=dict)  # DATA in split folders: relpath -> split
 
     @property
     def classes(self) -> list[str]:
@@ -276,15 +277,19 @@ def load_labelled_features(
     batch_size: int = 0,
     stream: bool | None = None,
     chunk_rows: int | None = None,
+    layout: str = "auto",
 ) -> LabelledFeatures:
     """Match the images under DATA to cached features; warn about images the cache lacks.
 
     The store's index matches images to rows without reading features; then the features are
     read into memory if they fit `max_memory` bytes (default: a quarter of the available memory),
     else left in the store as chunked `FeatureRows` (chunks big enough for `batch_size` rows).
-    `stream` and `chunk_rows` override that choice (see `plan_memory`).
+    `stream` and `chunk_rows` override that choice (see `plan_memory`). `layout` is how DATA is laid
+    out (see `bottleneck.features.discover`).
     """
-    discovery = discover_images(data_dir)
+    discovery = discover_images(data_dir, layout=layout)
+    if discovery.layout_line():
+        log(discovery.layout_line())
     cache = Path(cache_dir)
     index = HashIndex(cache) if cache.is_dir() else None
     try:
@@ -348,6 +353,7 @@ def load_labelled_features(
         missing=missing,
         failed=failed,
         non_finite=non_finite,
+        folder_splits=discovery.folder_splits,
     )
 
 
@@ -425,5 +431,5 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         labels=[label for label, k in zip(data.labels, keep) if k],
         rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
         failed=data.failed, non_finite=data.non_finite, memory=data.memory,
-        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k])
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], folder_splits=data.folder_splits)
     return kept, int((~keep).sum())

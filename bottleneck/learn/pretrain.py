@@ -21,7 +21,7 @@ from bottleneck.backbones.build import import_tensorflow
 from bottleneck.features.decode import ImageDecodeError, decode_image
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import BottleneckError, DataError
-from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv
+from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
 
 FEATURE_LAYER = "features"
 
@@ -59,21 +59,25 @@ class PretrainResult:
 
 
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
-                wanted: tuple[str, ...] = ("train", "validation", "test")) -> tuple[np.ndarray, list[str], list[str], list[str]]:
-    """Decode the images of DATA (those in `wanted` splits of `split_file`, if given).
+                wanted: tuple[str, ...] = ("train", "validation", "test"),
+                layout: str = "auto") -> tuple[np.ndarray, list[str], list[str], list[str]]:
+    """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
+    folders or the default split).
 
     Returns pixels (n, size, size, 3) uint8, labels, relative paths and each image's split.
     Images that cannot be decoded are left out.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    discovery = discover_images(data_dir)
+    discovery = discover_images(data_dir, layout=layout)
     images = discovery.images
     if split_file:
         saved = read_split_csv(split_file)
         splits = [saved.get(image.relpath, (image.label, "unlisted"))[1] for image in images]
     else:
-        drawn = assign_splits([(im.relpath, im.label) for im in images], SplitConfig())
+        items = [(im.relpath, im.label) for im in images]
+        drawn = (splits_from_folders(items, discovery.folder_splits, SplitConfig())[0] if discovery.folder_splits
+                 else assign_splits(items, SplitConfig()))
         splits = [drawn[im.relpath] for im in images]
 
     def decode(path: Path) -> np.ndarray | None:
@@ -118,7 +122,8 @@ def labels_file(model_path: Path) -> Path:
 
 
 def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
-             split_file: str | None = None, log: Callable[[str], None] = lambda message: None) -> PretrainResult:
+             split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
+             layout: str = "auto") -> PretrainResult:
     """Train the base on DATA's train split (validation split for early stopping) and save it to `out`."""
     tf, keras = import_tensorflow()
     tf.config.experimental.enable_op_determinism()
@@ -126,7 +131,7 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     if out.suffix != ".keras":
         raise BottleneckError(f"--out must end in .keras; got {out}")
     started = time.perf_counter()
-    pixels, labels, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"))
+    pixels, labels, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"), layout)
     classes = sorted(set(labels))
     index = {label: i for i, label in enumerate(classes)}
     y = np.array([index[label] for label in labels])

@@ -27,7 +27,7 @@ from bottleneck.learn.memory import parse_size
 from bottleneck.features.store import process_alive
 from bottleneck.learn.metrics import misclassified, split_metrics
 from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_key, read_split_csv,
-                                     write_split_csv)
+                                     splits_from_folders, write_split_csv)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,11 @@ PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_F
 
 def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
     items = list(zip(data.relpaths, data.labels))
-    drawn = assign_splits(items, config)
+    if data.folder_splits and split_file is None:
+        drawn, said = splits_from_folders(items, data.folder_splits, config)
+        log(said)
+    else:
+        drawn = assign_splits(items, config)
     if split_file is None:
         return [drawn[p] for p in data.relpaths]
     saved = read_split_csv(split_file)
@@ -212,8 +216,11 @@ def train_head(
     exclude: str | None = None,
     augment: int | None = None,
     augment_flip: float | None = None,
+    layout: str = "auto",
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
+
+    `layout` is how DATA is laid out (see `bottleneck.features.discover`); split folders give the splits.
 
     `augment` adds cached augmented views of the training images (`features --augment N`): that
     many per image, or 0 for every view the cache holds; validation and test images never get any.
@@ -230,7 +237,7 @@ def train_head(
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
     listed = read_exclude_file(exclude, data_dir) if exclude else []  # an unreadable file fails before any work
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
-                                  stream=stream, chunk_rows=chunk_rows)
+                                  stream=stream, chunk_rows=chunk_rows, layout=layout)
     excluded = None
     if exclude:
         data, count = without_excluded(data, listed, exclude)
@@ -329,6 +336,7 @@ def train_on_features(
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
             "split_file": split_file,
+            "layout": "split-folders" if data.folder_splits else "classes",
             "folds": folds,
             "exclude": excluded,
             "augment": augmented,

@@ -103,6 +103,33 @@ def assign_splits(items: list[tuple[str, str]], config: SplitConfig) -> dict[str
     return {relpath: group_split[(label, group_key(relpath))] for relpath, label in items}
 
 
+def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str],
+                        config: SplitConfig) -> tuple[dict[str, str], str]:
+    """Splits of DATA laid out in split folders, and one line saying where each came from.
+
+    The test split is the test folder, else the val folder; validation is the val folder when
+    there is a test folder too, else drawn from train (`--val-pct`, seeded and stable as
+    `assign_splits`); with a train folder alone, validation and test are both drawn from it.
+    An image of a held-out folder is never trained on.
+    """
+    present = set(folder_splits.values())
+    if "train" not in present:
+        raise DataError("split folders need a train folder: the others are held out")
+    if "test" in present:
+        held = {split: split for split in ("validation", "test") if split in present}
+    else:  # train and val (the ants/bees set): val is the exam; or a train folder alone
+        held = {"validation": "test"} if "validation" in present else {}
+    from_folders = {relpath: held[folder_splits[relpath]] for relpath, _ in items if folder_splits[relpath] != "train"}
+    drawn_pct = {"validation": 0.0 if "validation" in held.values() else config.val_pct,
+                 "test": 0.0 if "test" in held.values() else config.test_pct}
+    train_items = [(relpath, label) for relpath, label in items if folder_splits[relpath] == "train"]
+    drawn = assign_splits(train_items, SplitConfig(drawn_pct["validation"], drawn_pct["test"], config.seed))
+    said = [f"{split} from the {'val' if split == 'test' and held.get('validation') == 'test' else split} folder"
+            for split in ("validation", "test") if split in held.values()]
+    said += [f"{split} drawn from train ({pct:g}%)" for split, pct in drawn_pct.items() if pct]
+    return {**drawn, **from_folders}, "splits: train from the train folder, " + ", ".join(said)
+
+
 def assign_folds(items: list[tuple[str, str]], folds: int, seed: int) -> dict[str, int]:
     """Map each (relpath, label) to a fold in 0..folds-1, stratified by class, grouped by key."""
     by_class: dict[str, set[str]] = defaultdict(set)
