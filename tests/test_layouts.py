@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-
 from bottleneck.cli import main
 from bottleneck.features.discover import discover_images
 
