@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, finite_float,
-                                   memory_budget, spec_from, stderr)
+from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, data_or_labels,
+                                   finite_float, memory_budget, spec_from, stderr)
 from bottleneck.cli.train_head import PERCENT
 
 _SHOWN = 5
@@ -32,14 +33,15 @@ def _print_summary(result, files: dict, out) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Audit the images under DATA from their cached features; write audit.html, audit.json, exclude.txt."""
+    data_or_labels(args)
     from bottleneck.inspect.audit import AuditConfig, run_audit
     from bottleneck.inspect.audit_page import write_audit
 
     max_memory = memory_budget(args.max_memory)
-    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout,
+    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout, labels=args.labels,
                          duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
     result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
-    files = write_audit(result, args.data, args.out)
+    files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)
     out = stderr if args.json else print
     _print_summary(result, files, out)
     if args.json:
@@ -62,7 +64,8 @@ def add_parser(commands) -> None:
         epilog="example: bottleneck audit --data data/flowers --cache cache --out audit && "
         "bottleneck train-head --data data/flowers --cache cache --exclude audit/exclude.txt",
     )
-    parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
+    parser.add_argument("--data", default=None,
+                        help="the image folder the features were extracted from (optional with --labels)")
     add_layout_argument(parser)
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--out", default="audit", help="folder for audit.html, audit.json, exclude.txt (default: ./audit)")

@@ -136,12 +136,24 @@ IMAGE_SIZE = bounded_int(1, 2048, note="larger inputs do not fit in memory; `bot
 
 
 def add_layout_argument(parser: argparse.ArgumentParser) -> None:
-    """`--layout`: how DATA is laid out (class folders, or split folders of class folders)."""
+    """`--layout` (how DATA is laid out: class folders, or split folders of class folders) and `--labels FILE`."""
     from bottleneck.features.discover import LAYOUTS
 
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="DATA/<class>/... (classes) or DATA/{train,val,test}/<class>/... (split-folders: the "
                         "folders are the splits); auto tells them apart and asks when it cannot (default: auto)")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="a CSV, TSV or Parquet file with columns path,label (and optionally split, group) naming "
+                        "the images and their labels, paths relative to the file's folder or absolute; DATA may then "
+                        "be left out")
+
+
+def data_or_labels(args: argparse.Namespace) -> None:
+    """One line when neither DATA nor --labels says where the images are."""
+    from bottleneck.errors import DataError
+
+    if args.data is None and args.labels is None:
+        raise DataError("give DATA (a folder of images) or --labels FILE (a label file naming them)")
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:

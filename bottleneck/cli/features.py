@@ -7,7 +7,8 @@ import sys
 from typing import Callable
 
 from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
-                                   add_backend_arguments, add_layout_argument, bounded_int, finite_float, select_backend, spec_from, stderr)
+                                   add_backend_arguments, add_layout_argument, bounded_int, data_or_labels, finite_float,
+                                   select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
 _FAILURES_SHOWN = 10
@@ -52,6 +53,7 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the backbone features of every image under DATA into the cache."""
+    data_or_labels(args)
     from bottleneck.features.extract import ExtractOptions, extract_features
 
     if args.augment_flip is not None and not args.augment:
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibration_images=args.calibration_images,
     )
-    result = extract_features(args.data, args.cache, spec, options, log=stderr, layout=args.layout)
+    result = extract_features(args.data, args.cache, spec, options, log=stderr, layout=args.layout, labels=args.labels)
     out = stderr if args.json else print
     _summarise_features(result, out)
     if args.augment:
@@ -102,8 +104,9 @@ def _augment(args: argparse.Namespace, spec, options):
 
     spec = with_default_calibration(spec or BackboneSpec(), args.cache)  # a first int8 run has just calibrated
     plain = find_store(args.cache, spec)
-    images = discover_images(args.data, layout=args.layout).images
-    hashes = content_hashes(args.data, args.cache, [image.relpath for image in images])
+    discovery = discover_images(args.data, layout=args.layout, labels=args.labels)
+    images = discovery.images
+    hashes = content_hashes(discovery.root, args.cache, [image.relpath for image in images])
     known = set(plain.index().content_hash)
     todo = [(str(image.path), h) for image, h in zip(images, hashes) if h in known]
     return compute_views(todo, args.cache, spec, plain, args.augment, recipe_from(args.augment_flip), runtime=options.runtime,
@@ -126,7 +129,8 @@ def add_parser(commands) -> None:
         epilog="example: bottleneck features data/flowers --cache cache --image-size 299 --json "
         "(on a cluster: --engine ray --ray-address HOST:PORT --gpus-per-worker 1)",
     )
-    features.add_argument("data", metavar="DATA", help="folder with one sub-folder of images per class")
+    features.add_argument("data", metavar="DATA", nargs="?", default=None,
+                          help="folder with one sub-folder of images per class (optional with --labels)")
     features.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     add_layout_argument(features)
     add_backbone_arguments(features)

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from bottleneck.cli.common import BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, stderr
+from bottleneck.cli.common import (BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, data_or_labels,
+                                   stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train a small convolutional base on a source dataset and save it as a .keras file."""
+    data_or_labels(args)
     from bottleneck.learn.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(image_size=args.image_size, blocks=args.blocks, filters=args.filters, epochs=args.epochs,
                             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
-    result = pretrain(args.data, args.out, config, args.split_file, log=stderr, layout=args.layout)
+    result = pretrain(args.data, args.out, config, args.split_file, log=stderr, layout=args.layout, labels=args.labels)
     accuracy = "-" if result.validation_accuracy is None else f"{result.validation_accuracy:.4f}"
     print(f"saved {result.path} ({len(result.classes)} classes, {result.epochs_run} epochs, validation accuracy "
           f"{accuracy}, {result.seconds:.1f} s)")
@@ -28,7 +30,7 @@ def add_parser(commands) -> None:
         "DATA's train split (validation split for early stopping), and save it as a .keras file.",
         epilog="example: bottleneck pretrain --data data/source --out cache/base.keras --epochs 20",
     )
-    parser.add_argument("--data", required=True, help="source images, one sub-folder per class")
+    parser.add_argument("--data", default=None, help="source images, one sub-folder per class (optional with --labels)")
     add_layout_argument(parser)
     parser.add_argument("--out", required=True, help="the .keras file to write")
     parser.add_argument("--image-size", type=bounded_int(8, 512), default=32, help="square input size, %(type)s (default: 32)")

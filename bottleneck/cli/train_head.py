@@ -6,8 +6,8 @@ import json
 import sys
 
 from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, SEED, add_backbone_arguments,
-                                   add_layout_argument,
-                                   bounded_int, finite_float, memory_budget, print_split_scores, spec_from, stderr)
+                                   add_layout_argument, bounded_int, data_or_labels, finite_float, memory_budget,
+                                   print_split_scores, spec_from, stderr)
 
 #: --val-pct and --test-pct.
 PERCENT = finite_float(0, 100, high_open=True)
@@ -15,6 +15,7 @@ PERCENT = finite_float(0, 100, high_open=True)
 
 def run(args: argparse.Namespace) -> int:
     """Train a softmax head on the cached features of DATA and write a run folder."""
+    data_or_labels(args)
     from bottleneck.learn.runs import HeadConfig, train_head
     from bottleneck.learn.splits import SplitConfig
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
                         exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip,
-                        layout=args.layout)
+                        layout=args.layout, labels=args.labels)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -63,7 +64,8 @@ def add_parser(commands) -> None:
         "loaded) and write RUNS/<run-id>/ with config.json, split.csv, the model and metrics.json.",
         epilog="example: bottleneck train-head --data data/flowers --cache cache --head logreg --runs runs --json",
     )
-    parser.add_argument("--data", required=True, help="the image folder the features were extracted from")
+    parser.add_argument("--data", default=None,
+                        help="the image folder the features were extracted from (optional with --labels)")
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--runs", default="runs", help="folder for run folders (default: ./runs)")
     add_layout_argument(parser)

@@ -104,11 +104,18 @@ class Discovery:
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
     conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
-    layout: str = "classes"  # or "split-folders"
-    folder_splits: dict[str, str] = field(default_factory=dict)  # split-folders: relpath -> train/validation/test
+    layout: str = "classes"  # or "split-folders", "label-file"
+    folder_splits: dict[str, str] = field(default_factory=dict)  # relpath -> train/validation/test, when given
+    groups: dict[str, str] = field(default_factory=dict)  # label files: relpath -> the group it shares a split with
+    warnings: list[str] = field(default_factory=list)  # what a label file named but cannot be used, and the like
+    label_file: Path | None = None
 
     def layout_line(self) -> str:
-        """One line on how DATA was read, for split folders ("" for class folders)."""
+        """One line on how DATA was read, for split folders and label files ("" for class folders)."""
+        if self.layout == "label-file":
+            return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
+                    + ("; splits from its split column" if self.folder_splits else "")
+                    + ("; groups from its group column" if self.groups else ""))
         if self.layout != "split-folders":
             return ""
         counts = Counter(image.relpath.split("/", 1)[0] for image in self.images)
@@ -269,8 +276,46 @@ def _folder_splits(found: list[tuple[ImageFile, bool]], images: list[ImageFile])
             for image in images}
 
 
-def discover_images(data_dir: str | os.PathLike, min_classes: int = 2, layout: str = "auto") -> Discovery:
-    """List the images under `data_dir` (see the module's note on layouts); raise `DataError` if unusable."""
+def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLike, min_classes: int) -> Discovery:
+    """The images a label file names (see `bottleneck.features.label_file`), relative to DATA or to the file's folder."""
+    from bottleneck.features.label_file import listed_images
+
+    root = Path(data_dir if data_dir is not None else Path(labels).parent).absolute()
+    if data_dir is not None and not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    listed, problems = listed_images(labels, root)
+    images = sorted((ImageFile(item.path, item.relpath, item.label, item.stat.st_size, item.stat.st_mtime_ns,
+                               item.stat.st_ino, item.stat.st_dev) for item in listed), key=lambda im: im.relpath)
+    classes = sorted({image.label for image in images})
+    if not images:
+        raise DataError(f"label file {labels} names no usable image" + (
+            f" ({'; '.join(problems.lines(Path(labels).name))})" if problems.counts else ""))
+    if len(classes) < min_classes:
+        raise DataError(f"label file {labels} gives {len(classes)} label ({', '.join(classes)}); need at least "
+                        f"{min_classes}")
+    warnings = problems.lines(Path(labels).name)
+    if data_dir is not None:  # images under DATA the file does not name are counted, never dropped silently
+        named = {(image.dev, image.inode) for image in images}
+        under = sorted((image for image in walk_images(root, root, "", set(), Counter())
+                        if (image.dev, image.inode) not in named), key=lambda image: image.relpath)
+        if under:
+            warnings.append(f"{len(under)} images under {root} are not in {Path(labels).name} and are left out (first: "
+                            + ", ".join(image.relpath for image in under[:3]) + ")")
+    splits = {item.relpath: item.split for item in listed}
+    folder_splits = {path: split or "train" for path, split in splits.items()} if any(splits.values()) else {}
+    return Discovery(root=root, images=images, classes=classes, skipped=problems.counts, layout="label-file", folder_splits=folder_splits,
+                     groups={item.relpath: item.group for item in listed if item.group}, warnings=warnings,
+                     label_file=Path(labels).absolute())
+
+
+def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",
+                    labels: str | os.PathLike | None = None) -> Discovery:
+    """List the images under `data_dir` (see the module's note on layouts), or those a label file names;
+    raise `DataError` if unusable."""
+    if labels is not None:
+        return _from_label_file(data_dir, labels, min_classes)
+    if data_dir is None:
+        raise DataError("give DATA (a folder of images) or --labels FILE")
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")

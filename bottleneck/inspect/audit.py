@@ -59,6 +59,7 @@ class AuditConfig:
     test_pct: float = 10.0
     split_file: str | None = None
     layout: str = "auto"  # of DATA: see bottleneck.features.discover
+    labels: str | None = None  # a label file naming the images instead
     duplicate_factor: float = DUPLICATE_FACTOR
     neighbours: int = NEIGHBOURS
     folds: int = FOLDS
@@ -260,7 +261,8 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout)
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout,
+                                  labels=config.labels)
     labels = list(data.labels)
     folds = _check_classes(labels, config.folds)
     splits = _splits_for(data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed),

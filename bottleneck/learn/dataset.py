@@ -154,7 +154,9 @@ class LabelledFeatures:
     non_finite: list[str] = field(default_factory=list)  # left out: their stored features are NaN or infinite
     memory: MemoryPlan | None = None
     content_hashes: list[str] = field(default_factory=list)  # of each image in `relpaths`, when known
-    folder_splits: dict[str, str] = field(default_factory=dict)  # DATA in split folders: relpath -> split
+    folder_splits: dict[str, str] = field(default_factory=dict)  # split folders or a split column: relpath -> split
+    groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
+    split_source: str = "folder"  # what gives `folder_splits`: "folder", or "label file"
 
     @property
     def classes(self) -> list[str]:
@@ -278,6 +280,7 @@ def load_labelled_features(
     stream: bool | None = None,
     chunk_rows: int | None = None,
     layout: str = "auto",
+    labels: str | os.PathLike | None = None,
 ) -> LabelledFeatures:
     """Match the images under DATA to cached features; warn about images the cache lacks.
 
@@ -285,11 +288,15 @@ def load_labelled_features(
     read into memory if they fit `max_memory` bytes (default: a quarter of the available memory),
     else left in the store as chunked `FeatureRows` (chunks big enough for `batch_size` rows).
     `stream` and `chunk_rows` override that choice (see `plan_memory`). `layout` is how DATA is laid
-    out (see `bottleneck.features.discover`).
+    out (see `bottleneck.features.discover`); `labels` a label file naming the images instead.
     """
-    discovery = discover_images(data_dir, layout=layout)
+    discovery = discover_images(data_dir, layout=layout, labels=labels)
     if discovery.layout_line():
         log(discovery.layout_line())
+    for line in discovery.warnings:
+        log(f"warning: {line}")
+    data_dir = discovery.root
+    source = shlex.quote(str(data_dir)) + (f" --labels {shlex.quote(str(labels))}" if labels is not None else "")
     cache = Path(cache_dir)
     index = HashIndex(cache) if cache.is_dir() else None
     try:
@@ -312,12 +319,12 @@ def load_labelled_features(
     if not keep:
         raise DataError(
             f"none of the {len(discovery.images)} images under {discovery.root} has features in {store.path}: "
-            f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))}` with the same backbone flags"
+            f"run `bottleneck features {source} --cache {shlex.quote(str(cache))}` with the same backbone flags"
         )
     if missing:
         log(
             f"warning: {len(missing)} images under {discovery.root} have no features in {store.path.name} "
-            f"(added since extraction?) and are left out; run `bottleneck features {shlex.quote(str(data_dir))} "
+            f"(added since extraction?) and are left out; run `bottleneck features {source} "
             f"--cache {shlex.quote(str(cache))}` with the same backbone flags to add them"
         )
     order = np.array([row for _, row, _ in keep], dtype=np.int64)
@@ -354,6 +361,8 @@ def load_labelled_features(
         failed=failed,
         non_finite=non_finite,
         folder_splits=discovery.folder_splits,
+        groups=discovery.groups,
+        split_source="label file" if discovery.layout == "label-file" else "folder",
     )
 
 
@@ -431,5 +440,6 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         labels=[label for label, k in zip(data.labels, keep) if k],
         rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
         failed=data.failed, non_finite=data.non_finite, memory=data.memory,
-        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], folder_splits=data.folder_splits)
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], folder_splits=data.folder_splits,
+        groups=data.groups, split_source=data.split_source)
     return kept, int((~keep).sum())

@@ -294,7 +294,8 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
     log(f"decoding the images of run {run.run_id} at {size}x{size}")
     listed = len(read_split_csv(run.folder / "split.csv"))
     pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
-                                                   layout=run.config.get("layout", "classes"))
+                                                   layout=run.config.get("layout", "classes"),
+                                                   labels=run.config.get("labels_file"))
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
     return (pixels[keep], np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],

@@ -60,7 +60,7 @@ class PretrainResult:
 
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
                 wanted: tuple[str, ...] = ("train", "validation", "test"),
-                layout: str = "auto") -> tuple[np.ndarray, list[str], list[str], list[str]]:
+                layout: str = "auto", labels: str | None = None) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
     folders or the default split).
 
@@ -69,15 +69,15 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    discovery = discover_images(data_dir, layout=layout)
+    discovery = discover_images(data_dir, layout=layout, labels=labels)
     images = discovery.images
     if split_file:
         saved = read_split_csv(split_file)
         splits = [saved.get(image.relpath, (image.label, "unlisted"))[1] for image in images]
     else:
         items = [(im.relpath, im.label) for im in images]
-        drawn = (splits_from_folders(items, discovery.folder_splits, SplitConfig())[0] if discovery.folder_splits
-                 else assign_splits(items, SplitConfig()))
+        drawn = (splits_from_folders(items, discovery.folder_splits, SplitConfig(), discovery.groups)[0]
+                 if discovery.folder_splits else assign_splits(items, SplitConfig(), discovery.groups))
         splits = [drawn[im.relpath] for im in images]
 
     def decode(path: Path) -> np.ndarray | None:
@@ -123,7 +123,7 @@ def labels_file(model_path: Path) -> Path:
 
 def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
              split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
-             layout: str = "auto") -> PretrainResult:
+             layout: str = "auto", labels: str | None = None) -> PretrainResult:
     """Train the base on DATA's train split (validation split for early stopping) and save it to `out`."""
     tf, keras = import_tensorflow()
     tf.config.experimental.enable_op_determinism()
@@ -131,10 +131,11 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     if out.suffix != ".keras":
         raise BottleneckError(f"--out must end in .keras; got {out}")
     started = time.perf_counter()
-    pixels, labels, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"), layout)
-    classes = sorted(set(labels))
+    pixels, names, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"), layout,
+                                           labels)
+    classes = sorted(set(names))
     index = {label: i for i, label in enumerate(classes)}
-    y = np.array([index[label] for label in labels])
+    y = np.array([index[label] for label in names])
     train = np.array([s == "train" for s in splits])
     model = build_base(len(classes), config)
     validation = (pixels[~train], y[~train]) if (~train).any() else None

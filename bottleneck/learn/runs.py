@@ -64,10 +64,10 @@ PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_F
 def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
     items = list(zip(data.relpaths, data.labels))
     if data.folder_splits and split_file is None:
-        drawn, said = splits_from_folders(items, data.folder_splits, config)
+        drawn, said = splits_from_folders(items, data.folder_splits, config, data.groups, data.split_source)
         log(said)
     else:
-        drawn = assign_splits(items, config)
+        drawn = assign_splits(items, config, data.groups)
     if split_file is None:
         return [drawn[p] for p in data.relpaths]
     saved = read_split_csv(split_file)
@@ -217,10 +217,12 @@ def train_head(
     augment: int | None = None,
     augment_flip: float | None = None,
     layout: str = "auto",
+    labels: str | os.PathLike | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
     `layout` is how DATA is laid out (see `bottleneck.features.discover`); split folders give the splits.
+    `labels` is a label file naming the images and labels instead (DATA may then be None).
 
     `augment` adds cached augmented views of the training images (`features --augment N`): that
     many per image, or 0 for every view the cache holds; validation and test images never get any.
@@ -237,14 +239,17 @@ def train_head(
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
     listed = read_exclude_file(exclude, data_dir) if exclude else []  # an unreadable file fails before any work
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
-                                  stream=stream, chunk_rows=chunk_rows, layout=layout)
+                                  stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels)
+    if data_dir is None:  # images named by a label file: paths are relative to its folder
+        data_dir = Path(labels).absolute().parent
     excluded = None
     if exclude:
         data, count = without_excluded(data, listed, exclude)
         excluded = {"file": str(Path(exclude).absolute()), "listed": len(listed), "left_out": count}
         log(f"left out {count} images listed in {exclude}")
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment, augment_flip=augment_flip)
+                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment, augment_flip=augment_flip,
+                             labels_file=labels)
 
 
 def train_on_features(
@@ -262,6 +267,7 @@ def train_on_features(
     excluded: dict | None = None,
     augment: int | None = None,
     augment_flip: float | None = None,
+    labels_file: str | os.PathLike | None = None,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
@@ -336,7 +342,8 @@ def train_on_features(
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
             "split_file": split_file,
-            "layout": "split-folders" if data.folder_splits else "classes",
+            "layout": "label-file" if labels_file else "split-folders" if data.folder_splits else "classes",
+            "labels_file": str(Path(labels_file).absolute()) if labels_file else None,
             "folds": folds,
             "exclude": excluded,
             "augment": augmented,

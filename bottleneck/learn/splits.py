@@ -87,24 +87,30 @@ def _fill_empty_splits(groups: dict[str, float], assigned: dict[str, str], confi
         assigned[chosen] = split
 
 
-def assign_splits(items: list[tuple[str, str]], config: SplitConfig) -> dict[str, str]:
-    """Map each (relpath, label) to 'train', 'validation' or 'test'."""
+def _key(relpath: str, groups: dict[str, str] | None) -> str:
+    """A file's group key: the group a label file gives it, else `group_key` of its path."""
+    given = groups.get(relpath) if groups else None
+    return f"group:{given}" if given else group_key(relpath)
+
+
+def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dict[str, str] | None = None) -> dict[str, str]:
+    """Map each (relpath, label) to 'train', 'validation' or 'test'; files of one group (`groups`) share one."""
     ranges = config.ranges()
     by_class: dict[str, dict[str, float]] = defaultdict(dict)
     for relpath, label in items:
-        key = group_key(relpath)
+        key = _key(relpath, groups)
         by_class[label][key] = draw(config.seed, key)
     group_split: dict[tuple[str, str], str] = {}
-    for label, groups in by_class.items():
-        assigned = {key: _split_of(p, ranges) for key, p in groups.items()}
-        if len(groups) >= 3:
-            _fill_empty_splits(groups, assigned, config)
+    for label, drawn in by_class.items():
+        assigned = {key: _split_of(p, ranges) for key, p in drawn.items()}
+        if len(drawn) >= 3:
+            _fill_empty_splits(drawn, assigned, config)
         group_split.update({(label, key): split for key, split in assigned.items()})
-    return {relpath: group_split[(label, group_key(relpath))] for relpath, label in items}
+    return {relpath: group_split[(label, _key(relpath, groups))] for relpath, label in items}
 
 
-def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str],
-                        config: SplitConfig) -> tuple[dict[str, str], str]:
+def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str], config: SplitConfig,
+                        groups: dict[str, str] | None = None, source: str = "folder") -> tuple[dict[str, str], str]:
     """Splits of DATA laid out in split folders, and one line saying where each came from.
 
     The test split is the test folder, else the val folder; validation is the val folder when
@@ -114,7 +120,7 @@ def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, s
     """
     present = set(folder_splits.values())
     if "train" not in present:
-        raise DataError("split folders need a train folder: the others are held out")
+        raise DataError(f"splits given by {source} need train images: the others are held out")
     if "test" in present:
         held = {split: split for split in ("validation", "test") if split in present}
     else:  # train and val (the ants/bees set): val is the exam; or a train folder alone
@@ -123,23 +129,24 @@ def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, s
     drawn_pct = {"validation": 0.0 if "validation" in held.values() else config.val_pct,
                  "test": 0.0 if "test" in held.values() else config.test_pct}
     train_items = [(relpath, label) for relpath, label in items if folder_splits[relpath] == "train"]
-    drawn = assign_splits(train_items, SplitConfig(drawn_pct["validation"], drawn_pct["test"], config.seed))
-    said = [f"{split} from the {'val' if split == 'test' and held.get('validation') == 'test' else split} folder"
+    drawn = assign_splits(train_items, SplitConfig(drawn_pct["validation"], drawn_pct["test"], config.seed), groups)
+    said = [f"{split} from the {'val' if split == 'test' and held.get('validation') == 'test' else split} {source}"
             for split in ("validation", "test") if split in held.values()]
     said += [f"{split} drawn from train ({pct:g}%)" for split, pct in drawn_pct.items() if pct]
-    return {**drawn, **from_folders}, "splits: train from the train folder, " + ", ".join(said)
+    return {**drawn, **from_folders}, f"splits: train from the train {source}, " + ", ".join(said)
 
 
-def assign_folds(items: list[tuple[str, str]], folds: int, seed: int) -> dict[str, int]:
+def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
+                 groups: dict[str, str] | None = None) -> dict[str, int]:
     """Map each (relpath, label) to a fold in 0..folds-1, stratified by class, grouped by key."""
     by_class: dict[str, set[str]] = defaultdict(set)
     for relpath, label in items:
-        by_class[label].add(group_key(relpath))
+        by_class[label].add(_key(relpath, groups))
     fold_of: dict[tuple[str, str], int] = {}
     for label, keys in by_class.items():
         ordered = sorted(keys, key=lambda k: (draw(seed + 1, k), k))
         fold_of.update({(label, key): i % folds for i, key in enumerate(ordered)})
-    return {relpath: fold_of[(label, group_key(relpath))] for relpath, label in items}
+    return {relpath: fold_of[(label, _key(relpath, groups))] for relpath, label in items}
 
 
 def write_split_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
