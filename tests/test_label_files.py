@@ -93,7 +93,7 @@ def test_a_tsv_gives_splits_and_groups_and_images_under_data_it_does_not_name_ar
 
 
 def test_groups_keep_their_images_in_one_split(tmp_path):
-    from bottleneck.learn.splits import SplitConfig, assign_splits
+    from bottleneck.learn.splits import SplitConfig, assign_folds, assign_splits
 
     items = [(f"img{i}.png", "a" if i % 2 else "b") for i in range(200)]
     groups = {path: f"patient{i // 10}" for i, (path, _) in enumerate(items)}
@@ -105,6 +105,10 @@ def test_groups_keep_their_images_in_one_split(tmp_path):
                 by_label.setdefault(label, set()).add(drawn[path])
         assert all(len(splits) == 1 for splits in by_label.values())
     assert set(drawn.values()) == {"train", "validation", "test"}
+    fold_of = assign_folds(items, 4, seed=3, groups=groups)  # --folds keeps a group in one fold too
+    for group in set(groups.values()):
+        for label in ("a", "b"):
+            assert len({fold_of[p] for p, lab in items if groups[p] == group and lab == label}) == 1
 
 
 def test_a_parquet_label_file_reads_like_its_csv(tmp_path, capsys):

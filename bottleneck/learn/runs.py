@@ -26,7 +26,7 @@ from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.features.store import process_alive
 from bottleneck.learn.metrics import misclassified, split_metrics
-from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_key, read_split_csv,
+from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_of, read_split_csv,
                                      splits_from_folders, write_split_csv)
 
 
@@ -126,7 +126,7 @@ def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
     groups: dict[str, set[str]] = {}
     for relpath, label, split in zip(data.relpaths, data.labels, splits):
         if split != "test":
-            groups.setdefault(label, set()).add(group_key(relpath))
+            groups.setdefault(label, set()).add(group_of(relpath, data.groups))
     label, fewest = min(((label, len(keys)) for label, keys in groups.items()), key=lambda item: (item[1], item[0]))
     if fewest < folds:
         fix = f"use --folds {fewest}" + (" or fewer" if fewest > 2 else "") if fewest >= 2 else "leave --folds out"
@@ -148,8 +148,8 @@ def _proba(model, rows: FeatureRows, chunk_rows: int) -> np.ndarray:
 
 
 def _cross_validate(head: HeadConfig, seed: int, X: FeatureRows, y: list[str], paths: list[str], folds: int,
-                    chunk_rows: int) -> dict:
-    fold_of = assign_folds(list(zip(paths, y)), folds, seed)
+                    chunk_rows: int, groups: dict[str, str] | None = None) -> dict:
+    fold_of = assign_folds(list(zip(paths, y)), folds, seed, groups)
     scores = []
     for k in range(folds):
         held = np.array([fold_of[p] == k for p in paths])
@@ -325,7 +325,7 @@ def train_on_features(
         trainval = mask["train"] | mask["validation"]
         metrics["cross_validation"] = _cross_validate(
             head, split.seed, X.subset(trainval), list(labels_all[trainval]),
-            [p for p, m in zip(data.relpaths, trainval) if m], folds, chunk_rows)
+            [p for p, m in zip(data.relpaths, trainval) if m], folds, chunk_rows, data.groups)
 
     runs = Path(runs_dir)
     final, staging = new_run_dir(runs, head.head)

@@ -87,7 +87,7 @@ def _fill_empty_splits(groups: dict[str, float], assigned: dict[str, str], confi
         assigned[chosen] = split
 
 
-def _key(relpath: str, groups: dict[str, str] | None) -> str:
+def group_of(relpath: str, groups: dict[str, str] | None) -> str:
     """A file's group key: the group a label file gives it, else `group_key` of its path."""
     given = groups.get(relpath) if groups else None
     return f"group:{given}" if given else group_key(relpath)
@@ -98,7 +98,7 @@ def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dic
     ranges = config.ranges()
     by_class: dict[str, dict[str, float]] = defaultdict(dict)
     for relpath, label in items:
-        key = _key(relpath, groups)
+        key = group_of(relpath, groups)
         by_class[label][key] = draw(config.seed, key)
     group_split: dict[tuple[str, str], str] = {}
     for label, drawn in by_class.items():
@@ -106,7 +106,7 @@ def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dic
         if len(drawn) >= 3:
             _fill_empty_splits(drawn, assigned, config)
         group_split.update({(label, key): split for key, split in assigned.items()})
-    return {relpath: group_split[(label, _key(relpath, groups))] for relpath, label in items}
+    return {relpath: group_split[(label, group_of(relpath, groups))] for relpath, label in items}
 
 
 def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str], config: SplitConfig,
@@ -141,12 +141,12 @@ def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
     """Map each (relpath, label) to a fold in 0..folds-1, stratified by class, grouped by key."""
     by_class: dict[str, set[str]] = defaultdict(set)
     for relpath, label in items:
-        by_class[label].add(_key(relpath, groups))
+        by_class[label].add(group_of(relpath, groups))
     fold_of: dict[tuple[str, str], int] = {}
     for label, keys in by_class.items():
         ordered = sorted(keys, key=lambda k: (draw(seed + 1, k), k))
         fold_of.update({(label, key): i % folds for i, key in enumerate(ordered)})
-    return {relpath: fold_of[(label, _key(relpath, groups))] for relpath, label in items}
+    return {relpath: fold_of[(label, group_of(relpath, groups))] for relpath, label in items}
 
 
 def write_split_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
