@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bottleneck.cli import main
 
 from .conftest import PIXELS, make_dataset
@@ -118,3 +120,19 @@ def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
                  "--exclude", str(listing)]) == 0
     assert f"{len(names)} images left out: listed in {listing}" in capsys.readouterr().out
+
+
+def test_pretrain_and_views_read_images_with_the_guards_of_features(tmp_path):
+    """A 64 GB file in DATA is refused before reading by pretrain's loader and by the views, as by `features`."""
+    from bottleneck.features.decode import UnreadableImage, decode_image_file
+    from bottleneck.learn.pretrain import load_images
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=3)
+    huge = data / "red" / "huge.png"
+    with open(huge, "wb") as handle:  # sparse: no disk used, but read_bytes() would try to hold 64 GB
+        handle.truncate(64 * 2**30)
+    pixels, labels, relpaths, _ = load_images(data, 16)
+    assert len(pixels) == 9 and "red/huge.png" not in relpaths
+    with pytest.raises(UnreadableImage, match=r"^file of 64\.0 GiB is larger than any image bottleneck decodes"):
+        decode_image_file(huge, 16)

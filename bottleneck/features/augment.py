@@ -146,7 +146,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     """
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import stop_if_interrupted
-    from bottleneck.features.decode import ImageDecodeError, decode_image
+    from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image_file
     from bottleneck.features.engines import computed_by
     from bottleneck.features.engines.local import bounded_map, make_bar
 
@@ -168,10 +168,10 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
 
             def prepare(item):
                 path, content_hash, missing = item
-                try:
-                    pixels = decode_image(Path(path).read_bytes(), spec.input_size)
-                except (OSError, ImageDecodeError) as exc:  # changed or gone since `features` read it
-                    log(f"warning: no views of {path}: {getattr(exc, 'strerror', None) or exc}")
+                try:  # the guards of `features`: no FIFO, no file past the size limit
+                    pixels = decode_image_file(path, spec.input_size)
+                except (UnreadableImage, ImageDecodeError) as exc:  # changed or gone since `features` read it
+                    log(f"warning: no views of {path}: {exc}")
                     return []
                 return [(make_view(pixels, content_hash, recipe, k), view_key(content_hash, recipe, k), path)
                         for k in missing]

@@ -8,6 +8,8 @@ composited onto white, animations reduced to their first frame. Anything else ra
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -163,3 +165,43 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # hostile files raise anything: SyntaxError, struct.error, MemoryError...
         raise ImageDecodeError(_describe(exc)) from None
+
+
+#: Why a path that is not a regular file (a FIFO, a device such as /dev/zero, a socket) is never read.
+NOT_A_FILE = "not a regular file (a FIFO, device or socket): not read"
+
+
+class UnreadableImage(BottleneckError):
+    """A file that is not read at all: not a regular file, too large, or an OS error; the message says which."""
+
+
+def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, os.stat_result]:
+    """The bytes of an image file and its stat, with every guard of the main path, or `UnreadableImage`.
+
+    Opened non-blocking, so a FIFO put where an image was cannot stall a thread in open(); a file
+    over the size limit is refused before reading, and never more than the limit is read, even
+    from a file that grows as it is read.
+    """
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UnreadableImage(NOT_A_FILE)
+            refused = too_large(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
+            if refused:
+                raise UnreadableImage(refused)
+            limit = max_file_bytes(max_pixels)
+            data = handle.read(limit + 1)
+            if len(data) > limit:
+                raise UnreadableImage(too_large(len(data), max_pixels))
+            return data, st
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise UnreadableImage("cannot read file: it does not fit in memory now") from None
+
+
+def decode_image_file(path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read (with `read_image_file`'s guards) and decode one file, or raise `UnreadableImage` / `ImageDecodeError`."""
+    data, _ = read_image_file(path, max_pixels)
+    return decode_image(data, size, max_pixels)

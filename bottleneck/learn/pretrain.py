@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
-from bottleneck.features.decode import ImageDecodeError, decode_image
+from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
@@ -60,7 +60,8 @@ class PretrainResult:
 
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
                 wanted: tuple[str, ...] = ("train", "validation", "test"),
-                layout: str = "auto", labels: str | None = None) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+                layout: str = "auto", labels: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
     folders or the default split).
 
@@ -81,9 +82,9 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
         splits = [drawn[im.relpath] for im in images]
 
     def decode(path: Path) -> np.ndarray | None:
-        try:
-            return decode_image(path.read_bytes(), size)
-        except (ImageDecodeError, OSError):
+        try:  # the guards of `features`: no FIFO, no file past the size limit, --max-pixels
+            return decode_image_file(path, size, max_pixels)
+        except (ImageDecodeError, UnreadableImage):
             return None
 
     chosen = [(im, s) for im, s in zip(images, splits) if s in wanted]

@@ -18,7 +18,7 @@ import numpy as np
 
 from bottleneck.errors import DataError
 from bottleneck.features.discover import ImageFile, walk_images
-from bottleneck.features.engines.local import NOT_A_FILE
+from bottleneck.features.decode import NOT_A_FILE
 from bottleneck.features.extract import ExtractOptions, compute_into_store
 from bottleneck.learn.run_folder import LoadedRun, load_run
 

@@ -8,7 +8,6 @@ threads here. The reading and decoding helpers are shared with the sharded engin
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import threading
 from collections import deque
@@ -23,7 +22,7 @@ import numpy as np
 from bottleneck.backbones.build import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.features.decode import ImageDecodeError, decode_image, max_file_bytes, too_large
+from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image, read_image_file
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
@@ -61,31 +60,13 @@ def make_bar(total: int, progress: bool, unit: str = "img"):
     return tqdm(total=total, unit=unit, desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
-#: Why a path that is not a regular file (a FIFO, a device such as /dev/zero, a socket) is never read.
-NOT_A_FILE = "not a regular file (a FIFO, device or socket): not read"
-
-
 def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, max_pixels: int) -> Outcome:
     """Read, hash and decode one image; `known` has `known_hashes` and `known_failures` (a StoreWriter does)."""
     path = str(image.path)
     try:
-        # Non-blocking, so a FIFO put where an image was cannot stall a decoding thread in open().
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
-            st = os.fstat(handle.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return Outcome(image, failure=Failure(path, "", NOT_A_FILE))
-            refused = too_large(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
-            if refused:
-                return Outcome(image, failure=Failure(path, "", refused))
-            limit = max_file_bytes(max_pixels)
-            data = handle.read(limit + 1)  # never more than the limit, even from a file that grows as it is read
-            if len(data) > limit:
-                return Outcome(image, failure=Failure(path, "", too_large(len(data), max_pixels)))
-    except OSError as exc:
-        return Outcome(image, failure=Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
-    except MemoryError:
-        return Outcome(image, failure=Failure(path, "", f"cannot read file: {st.st_size / 2**20:.1f} MiB do not fit in "
-                                                        "memory now"))
+        data, st = read_image_file(path, max_pixels)
+    except UnreadableImage as exc:
+        return Outcome(image, failure=Failure(path, "", str(exc)))
     outcome = Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=(st.st_size, st.st_mtime_ns, st.st_ino))
     if outcome.content_hash in known.known_hashes:
         outcome.known = True
