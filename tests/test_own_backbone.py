@@ -145,3 +145,35 @@ def test_a_model_file_with_a_nan_weight_stores_no_features_and_says_why(tmp_path
     store = open_store(cache, BackboneSpec(architecture=str(tmp_path / "nan.keras"), layer="features"), HashIndex(cache))
     contents = store.load()
     assert contents.content_hash == [] and len(contents.failures) == 6
+
+
+def test_augmented_views_from_a_nan_weight_are_not_stored(tmp_path):
+    import keras
+
+    from bottleneck.features.augment import compute_views, views_held
+    from bottleneck.features.discover import discover_images
+    from bottleneck.learn.dataset import content_hashes
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="features")(x))
+    model.save(tmp_path / "good.keras")
+    kernel, bias = model.get_layer("conv").get_weights()
+    kernel[0, 0, 0, 0] = np.nan
+    model.get_layer("conv").set_weights([kernel, bias])
+    model.save(tmp_path / "nan.keras")
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=2)
+    plain_spec = BackboneSpec(architecture=str(tmp_path / "good.keras"), layer="features")
+    extract_features(data, cache, plain_spec)  # plain rows of the same width to hang the views on
+    plain = open_store(cache, plain_spec, HashIndex(cache))
+    images = discover_images(data).images
+    hashes = content_hashes(data, cache, [image.relpath for image in images])
+    said: list[str] = []
+    nan_spec = BackboneSpec(architecture=str(tmp_path / "nan.keras"), layer="features")
+    made = compute_views(list(zip((str(im.path) for im in images), hashes)), cache, nan_spec, plain, 2, log=said.append)
+    assert made.computed == 0
+    assert any("non-finite features (NaN or infinity) for 12 views; they are not stored" in line for line in said), said
+    from bottleneck.features.maintenance import store_of
+
+    assert views_held(store_of(cache, made.store.stem)) == 2 and store_of(cache, made.store.stem).index().content_hash == []

@@ -147,7 +147,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image_file
-    from bottleneck.features.engines import computed_by
+    from bottleneck.features.engines import computed_by, non_finite_rows
     from bottleneck.features.engines.local import bounded_map, make_bar
 
     if not 1 <= views <= MAX_VIEWS:
@@ -160,7 +160,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
             if missing:
                 todo.append((path, content_hash, missing))
         reused = len(images) * views - sum(len(m) for _, _, m in todo)
-        computed = 0
+        computed = non_finite = 0
         if todo:
             model = get_feature_model(spec, runtime, Path(cache_dir))
             bar = make_bar(sum(len(m) for _, _, m in todo), progress, unit="view")
@@ -177,12 +177,15 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                         for k in missing]
 
             def flush() -> None:
-                nonlocal computed
+                nonlocal computed, non_finite
                 if pending:
                     features = np.asarray(model(np.stack([p for p, _, _ in pending])), np.float32)
-                    writer.commit([key for _, key, _ in pending], features, [path for _, _, path in pending],
+                    good = ~non_finite_rows(features)  # as `features` does: NaN or infinity is never stored
+                    kept = [item for item, ok in zip(pending, good) if ok]
+                    writer.commit([key for _, key, _ in kept], features[good], [path for _, _, path in kept],
                                   computed_by=computed_by(model))
-                    computed += len(pending)
+                    computed += len(kept)
+                    non_finite += len(pending) - len(kept)
                     bar.update(len(pending))
                     pending.clear()
 
@@ -195,5 +198,8 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                 flush()
             finally:
                 bar.close()
+        if non_finite:
+            log(f"warning: the backbone gave non-finite features (NaN or infinity) for {non_finite} views; they are not "
+                "stored (a damaged weight?)")
         writer.finish({VIEWS_ATTR: max(views, views_held(store))})
     return ViewRun(computed, reused, store.path, None if writable else writer)
