@@ -126,3 +126,31 @@ def test_pretrain_fine_tune_and_export_from_split_folders(tmp_path, capsys):
     assert main(["export", "--run", str(parent), "--out", str(tmp_path / "exported")]) == 0
     parity = json.loads((tmp_path / "exported" / "export.json").read_text())["parity"]
     assert parity["model.keras"]  # measured on the run's test images: the val folder's
+
+
+def test_a_plain_folder_of_images_is_extracted_and_compared_but_trains_no_head(tmp_path, capsys):
+    from .conftest import synthetic_image
+
+    folders = {}
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        folder = tmp_path / name
+        (folder / "more").mkdir(parents=True)
+        for i in range(6):  # a: images at the top only; b: some in a sub-folder too, read with --layout plain
+            where = "more" if name == "b" and i % 2 else "."
+            synthetic_image(colour, i + (0 if name == "a" else 50)).save(folder / where / f"{i}.png")
+        folders[name] = folder
+    (folders["a"] / "more").rmdir()
+    cache = tmp_path / "cache"
+    for folder, layout in ((folders["a"], []), (folders["b"], ["--layout", "plain"])):
+        assert main(["features", str(folder), "--cache", str(cache), *PIXELS, "--no-progress", *layout]) == 0
+        out = capsys.readouterr().out
+        assert "6 images ->" in out and "a plain folder: 6 images, no labels" in out
+    assert main(["compare", str(folders["a"]), str(folders["b"]), "--cache", str(cache), *PIXELS, "--json",
+                 "--layout", "plain"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["images_a"] == result["images_b"] == 6 and result["mmd_p_value"] < 0.05
+    assert main(["train-head", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS,
+                 "--runs", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {folders['a']} holds images but no class folders: a "
+                                               "head needs labels, from one sub-folder per class (DATA/<class>/...), "
+                                               "split folders of those, or --labels FILE")

@@ -13,8 +13,8 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.inspect.domain import compare_features
 
     spec = spec_from(args)
-    a = load_labelled_features(args.data_a, args.cache, spec, log=stderr)
-    b = load_labelled_features(args.data_b, args.cache, spec, log=stderr)
+    a = load_labelled_features(args.data_a, args.cache, spec, log=stderr, need_labels=False, layout=args.layout)
+    b = load_labelled_features(args.data_b, args.cache, spec, log=stderr, need_labels=False, layout=args.layout)
     result = compare_features(a.features, b.features, permutations=args.permutations)
     out = stderr if args.json else print
     out(f"{args.data_a} ({result['images_a']} images) vs {args.data_b} ({result['images_b']} images) in {a.store_path.name}:")
@@ -36,6 +36,8 @@ def add_parser(commands) -> None:
     parser.add_argument("data_a", metavar="DATA_A")
     parser.add_argument("data_b", metavar="DATA_B")
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    parser.add_argument("--layout", choices=("auto", "classes", "plain"), default="auto",
+                        help="how each folder is laid out; plain: every image under it, labels unused (default: auto)")
     add_backbone_arguments(parser, optional=True)
     parser.add_argument("--permutations", type=bounded_int(1, 100_000), default=200,
                         help="permutations for the p-value, %(type)s (default: 200)")

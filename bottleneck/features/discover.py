@@ -2,7 +2,9 @@
 
 DATA is laid out one of two ways: `classes` (`DATA/<class>/...`) or `split-folders`
 (`DATA/{train, val|valid|validation, test}/<class>/...`, any case, as most image sets are
-downloaded); `auto` tells them apart and asks for `--layout` when it cannot. In split folders the
+downloaded); `auto` tells them apart and asks for `--layout` when it cannot. A `plain` folder
+(images and folders of them, no labels: what `features`, `predict` and `compare` can use) is
+what `auto` takes DATA with images at its top and no sub-folders for. In split folders the
 sub-folders are the classes and the top folders the splits (`Discovery.folder_splits`).
 Nested folders inside a class folder belong to that class. Hidden files and folders are
 skipped, so are files whose extension no image reader claims. Each file is listed once even
@@ -27,7 +29,7 @@ from bottleneck.errors import DataError
 #: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
                  "validation": "validation", "test": "test", "testing": "test"}
-LAYOUTS = ("auto", "classes", "split-folders")
+LAYOUTS = ("auto", "classes", "split-folders", "plain")
 #: A file in two split folders (a link) is held out: the most held-out split wins.
 _HELD_OUT_FIRST = ("test", "validation", "train")
 
@@ -116,6 +118,8 @@ class Discovery:
             return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
                     + ("; splits from its split column" if self.folder_splits else "")
                     + ("; groups from its group column" if self.groups else ""))
+        if self.layout == "plain":
+            return f"a plain folder: {len(self.images)} images, no labels (one sub-folder per class gives them)"
         if self.layout != "split-folders":
             return ""
         counts = Counter(image.relpath.split("/", 1)[0] for image in self.images)
@@ -215,6 +219,14 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipp
     return found
 
 
+def _holds_images(folder: Path) -> bool:
+    try:
+        return any(entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+                   for entry in os.scandir(folder) if not _is_hidden(entry.name))
+    except OSError:
+        return False
+
+
 def _holds_folders(folder: str) -> bool:
     try:
         return any(entry.is_dir() and not _is_hidden(entry.name) for entry in os.scandir(folder))
@@ -226,7 +238,7 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
     """`classes` or `split-folders` for DATA's top folders; `auto` decides, or asks for `--layout` in one line."""
     if layout not in LAYOUTS:
         raise DataError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    if layout == "classes":
+    if layout in ("classes", "plain"):
         return layout
     named = [entry.name for entry in top_dirs if entry.name.lower() in SPLIT_FOLDERS]
     others = [entry.name for entry in top_dirs if entry.name.lower() not in SPLIT_FOLDERS]
@@ -238,7 +250,7 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
                             f"(or valid, validation) and test, each holding one sub-folder per class; {found}")
         return layout
     if not named:
-        return "classes"
+        return "classes" if top_dirs or not _holds_images(root) else "plain"
     flat = [name for name in named if not _holds_folders(str(root / name))]
     if not others and has_train and not flat:
         return "split-folders"
@@ -330,6 +342,12 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
     except OSError as exc:
         raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
     chosen = choose_layout(root, [entry for entry in top if entry.is_dir() and not _is_hidden(entry.name)], layout)
+    if chosen == "plain":  # every image under DATA, without a label
+        images = sorted((image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)),
+                        key=lambda im: im.relpath)
+        if not images:
+            raise DataError(f"no images found in {root}")
+        return Discovery(root=root, images=images, classes=[], skipped=skipped, layout="plain")
     for entry in top:
         if _is_hidden(entry.name):
             skipped["hidden"] += 1

@@ -281,6 +281,7 @@ def load_labelled_features(
     chunk_rows: int | None = None,
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
+    need_labels: bool = True,
 ) -> LabelledFeatures:
     """Match the images under DATA to cached features; warn about images the cache lacks.
 
@@ -288,9 +289,13 @@ def load_labelled_features(
     read into memory if they fit `max_memory` bytes (default: a quarter of the available memory),
     else left in the store as chunked `FeatureRows` (chunks big enough for `batch_size` rows).
     `stream` and `chunk_rows` override that choice (see `plan_memory`). `layout` is how DATA is laid
-    out (see `bottleneck.features.discover`); `labels` a label file naming the images instead.
+    out (see `bottleneck.features.discover`); `labels` a label file naming the images instead;
+    without `need_labels` a plain folder of images (no classes) is taken too.
     """
     discovery = discover_images(data_dir, layout=layout, labels=labels)
+    if discovery.layout == "plain" and need_labels:
+        raise DataError(f"{discovery.root} holds images but no class folders: a head needs labels, from one sub-folder "
+                        "per class (DATA/<class>/...), split folders of those, or --labels FILE")
     if discovery.layout_line():
         log(discovery.layout_line())
     for line in discovery.warnings:
