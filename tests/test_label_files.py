@@ -82,8 +82,8 @@ def test_a_tsv_gives_splits_and_groups_and_images_under_data_it_does_not_name_ar
     assert f"warning: 3 images under {data} are not in labels.tsv and are left out (first: blue/blue_007.png" in err
     assert main(["train-head", "--data", str(data), "--labels", str(labels), "--cache", str(cache), *PIXELS,
                  "--runs", str(runs)]) == 0
-    assert ("splits: train from the train label file, validation from the validation label file, test from the test "
-            "label file") in capsys.readouterr().err
+    assert ("splits: train from the label file's train rows, validation from the label file's validation rows, test "
+            "from the label file's test rows") in capsys.readouterr().err
     with open(only_run(runs) / "split.csv", newline="") as handle:
         split = {row["path"]: row["split"] for row in csv.DictReader(handle)}
     assert len(split) == 21

@@ -106,7 +106,7 @@ class Discovery:
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
     conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
-    layout: str = "classes"  # or "split-folders", "label-file"
+    layout: str = "classes"  # or "split-folders", "label-file", "plain"
     folder_splits: dict[str, str] = field(default_factory=dict)  # relpath -> train/validation/test, when given
     groups: dict[str, str] = field(default_factory=dict)  # label files: relpath -> the group it shares a split with
     warnings: list[str] = field(default_factory=list)  # what a label file named but cannot be used, and the like
@@ -315,9 +315,9 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
                             + ", ".join(image.relpath for image in under[:3]) + ")")
     splits = {item.relpath: item.split for item in listed}
     folder_splits = {path: split or "train" for path, split in splits.items()} if any(splits.values()) else {}
-    return Discovery(root=root, images=images, classes=classes, skipped=problems.counts, layout="label-file", folder_splits=folder_splits,
-                     groups={item.relpath: item.group for item in listed if item.group}, warnings=warnings,
-                     label_file=Path(labels).absolute())
+    return Discovery(root=root, images=images, classes=classes, skipped=problems.counts, layout="label-file",
+                     folder_splits=folder_splits, groups={item.relpath: item.group for item in listed if item.group},
+                     warnings=warnings, label_file=Path(labels).absolute())
 
 
 def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",

@@ -156,7 +156,7 @@ class LabelledFeatures:
     content_hashes: list[str] = field(default_factory=list)  # of each image in `relpaths`, when known
     folder_splits: dict[str, str] = field(default_factory=dict)  # split folders or a split column: relpath -> split
     groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
-    split_source: str = "folder"  # what gives `folder_splits`: "folder", or "label file"
+    split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
 
     @property
     def classes(self) -> list[str]:
@@ -367,7 +367,7 @@ def load_labelled_features(
         non_finite=non_finite,
         folder_splits=discovery.folder_splits,
         groups=discovery.groups,
-        split_source="label file" if discovery.layout == "label-file" else "folder",
+        split_source="the label file's {} rows" if discovery.layout == "label-file" else "the {} folder",
     )
 
 

@@ -110,17 +110,18 @@ def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dic
 
 
 def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str], config: SplitConfig,
-                        groups: dict[str, str] | None = None, source: str = "folder") -> tuple[dict[str, str], str]:
-    """Splits of DATA laid out in split folders, and one line saying where each came from.
+                        groups: dict[str, str] | None = None, source: str = "the {} folder") -> tuple[dict[str, str], str]:
+    """Splits of DATA laid out in split folders (or given by a label file), and one line saying where each came from.
 
     The test split is the test folder, else the val folder; validation is the val folder when
     there is a test folder too, else drawn from train (`--val-pct`, seeded and stable as
     `assign_splits`); with a train folder alone, validation and test are both drawn from it.
-    An image of a held-out folder is never trained on.
+    An image of a held-out folder is never trained on. `source` names where a split comes from.
     """
     present = set(folder_splits.values())
     if "train" not in present:
-        raise DataError(f"splits given by {source} need train images: the others are held out")
+        raise DataError(f"no image comes from {source.format('train')}: the other splits are held out, so nothing "
+                        "would be trained on")
     if "test" in present:
         held = {split: split for split in ("validation", "test") if split in present}
     else:  # train and val (the ants/bees set): val is the exam; or a train folder alone
@@ -130,10 +131,10 @@ def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, s
                  "test": 0.0 if "test" in held.values() else config.test_pct}
     train_items = [(relpath, label) for relpath, label in items if folder_splits[relpath] == "train"]
     drawn = assign_splits(train_items, SplitConfig(drawn_pct["validation"], drawn_pct["test"], config.seed), groups)
-    said = [f"{split} from the {'val' if split == 'test' and held.get('validation') == 'test' else split} {source}"
+    said = [f"{split} from {source.format('val' if split == 'test' and held.get('validation') == 'test' else split)}"
             for split in ("validation", "test") if split in held.values()]
     said += [f"{split} drawn from train ({pct:g}%)" for split, pct in drawn_pct.items() if pct]
-    return {**drawn, **from_folders}, f"splits: train from the train {source}, " + ", ".join(said)
+    return {**drawn, **from_folders}, f"splits: train from {source.format('train')}, " + ", ".join(said)
 
 
 def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
