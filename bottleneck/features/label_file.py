@@ -42,10 +42,12 @@ class LabelFileProblems:
     named: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, kind: str, path: str) -> None:
+        from bottleneck.features.store import printable
+
         self.counts[kind] += 1
         self.named.setdefault(kind, [])
         if len(self.named[kind]) < _NAMED:
-            self.named[kind].append(path)
+            self.named[kind].append("".join(c if c.isprintable() else repr(c)[1:-1] for c in printable(path)))
 
     def lines(self, source: str) -> list[str]:
         """One warning line per kind."""
@@ -153,6 +155,9 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
             st = path.stat()
         except OSError:
             problems.add("missing file", shown)
+            continue
+        except ValueError:  # a NUL byte: no file can have that name
+            problems.add("not a file name", shown)
             continue
         if not stat.S_ISREG(st.st_mode):
             problems.add("not a regular file", shown)
