@@ -66,6 +66,11 @@ def test_a_csv_names_images_in_a_flat_folder_and_every_unusable_row_is_counted(t
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] == pairs[5][1]
     assert main(["report", "--runs", str(runs), "--out", str(tmp_path / "report.html")]) == 0
     assert main(["audit", "--labels", str(labels), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit")]) == 0
+    # the audit's exclude list, relative to the label file's folder, is read back by train-head --exclude
+    (tmp_path / "exclude.txt").write_text(pairs[3][0] + "\n")
+    assert main(["train-head", "--labels", str(labels), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "r2"),
+                 "--exclude", str(tmp_path / "exclude.txt")]) == 0
+    assert pairs[3][0] not in (only_run(tmp_path / "r2") / "split.csv").read_text()
 
 
 def test_a_tsv_gives_splits_and_groups_and_images_under_data_it_does_not_name_are_counted(tmp_path, capsys):

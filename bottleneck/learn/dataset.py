@@ -154,6 +154,7 @@ class LabelledFeatures:
     non_finite: list[str] = field(default_factory=list)  # left out: their stored features are NaN or infinite
     memory: MemoryPlan | None = None
     content_hashes: list[str] = field(default_factory=list)  # of each image in `relpaths`, when known
+    root: Path | None = None  # DATA, or the folder of the label file that named the images
     folder_splits: dict[str, str] = field(default_factory=dict)  # split folders or a split column: relpath -> split
     groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
     split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
@@ -365,6 +366,7 @@ def load_labelled_features(
         missing=missing,
         failed=failed,
         non_finite=non_finite,
+        root=discovery.root,
         folder_splits=discovery.folder_splits,
         groups=discovery.groups,
         split_source="the label file's {} rows" if discovery.layout == "label-file" else "the {} folder",
@@ -445,6 +447,6 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         labels=[label for label, k in zip(data.labels, keep) if k],
         rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
         failed=data.failed, non_finite=data.non_finite, memory=data.memory,
-        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], folder_splits=data.folder_splits,
-        groups=data.groups, split_source=data.split_source)
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], root=data.root,
+        folder_splits=data.folder_splits, groups=data.groups, split_source=data.split_source)
     return kept, int((~keep).sum())

@@ -237,11 +237,10 @@ def train_head(
     budget = None if max_memory is None else parse_size(max_memory)
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
-    listed = read_exclude_file(exclude, data_dir) if exclude else []  # an unreadable file fails before any work
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
                                   stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels)
-    if data_dir is None:  # images named by a label file: paths are relative to its folder
-        data_dir = Path(labels).absolute().parent
+    data_dir = data.root  # a label file without DATA: paths are relative to its folder
+    listed = read_exclude_file(exclude, data_dir) if exclude else []
     excluded = None
     if exclude:
         data, count = without_excluded(data, listed, exclude)
