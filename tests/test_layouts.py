@@ -149,6 +149,16 @@ def test_a_plain_folder_of_images_is_extracted_and_compared_but_trains_no_head(t
                  "--layout", "plain"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["images_a"] == result["images_b"] == 6 and result["mmd_p_value"] < 0.05
+    # the audit of a plain folder: duplicates and outliers, no label issues
+    (folders["a"] / "copy.png").write_bytes((folders["a"] / "0.png").read_bytes())
+    assert main(["features", str(folders["a"]), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["audit", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
+                 "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert audit["images"] == 7 and audit["classes"] == {} and audit["label_issues"] == []
+    assert [sorted((pair["a"], pair["b"])) for pair in audit["exact_duplicates"]] == [["0.png", "copy.png"]]
+    assert any("a plain folder: no labels" in note for note in audit["notes"])
+    assert "a plain folder: no labels" in (tmp_path / "audit" / "audit.html").read_text()
     assert main(["train-head", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS,
                  "--runs", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.strip() == (f"bottleneck: error: {folders['a']} holds images but no class folders: a "

@@ -14,8 +14,9 @@ _SHOWN = 5
 
 def _print_summary(result, files: dict, out) -> None:
     counts = result.counts()
-    out(f"audited {result.images} images in {len(result.classes)} classes from the cache "
-        f"({sum(result.seconds.values()):.1f} s) -> {files['html']}")
+    labelled = f"in {len(result.classes)} classes" if result.classes else "(no labels)"
+    out(f"audited {result.images} images {labelled} from the cache ({sum(result.seconds.values()):.1f} s) -> "
+        f"{files['html']}")
     for note in result.notes:
         out(f"  WARNING: {note}" if note.startswith("RANDOM") else f"  note: {note}")
     out(f"  leakage {counts['leakage']} (near-duplicates or copies in two splits), near-duplicates "
@@ -26,7 +27,8 @@ def _print_summary(result, files: dict, out) -> None:
     for issue in result.label_issues[:_SHOWN]:
         out(f"    label: {issue['path']}: given {issue['given']!r}, looks like {issue['suggested']!r} ({issue['score']:.2f})")
     for outlier in result.outliers[:_SHOWN]:
-        out(f"    outlier: {outlier['path']} ({outlier['label']}, {outlier['score']:.3f})")
+        out(f"    outlier: {outlier['path']} (" + (f"{outlier['label']}, " if outlier['label'] else "")
+            + f"{outlier['score']:.3f})")
     removals = sum(len(paths) for paths in result.suggested_removals().values())
     out(f"  {removals} suggested removals in {files['exclude']}: review it, then train-head --exclude {files['exclude']}")
 

@@ -251,6 +251,20 @@ def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
     return pairs
 
 
+#: The split of every image of a plain folder: there is no head, so no split.
+UNSPLIT = "-"
+
+
+def _label_issues(Z: np.ndarray, labels: list[str], splits: list[str], relpaths: list[str], folds: int,
+                  seed: int) -> list[dict]:
+    """Images whose label the cross-validated model doubts most (cleanlab's confident learning)."""
+    classes = sorted(set(labels))
+    y = np.array([classes.index(label) for label in labels])
+    proba = out_of_fold_probabilities(Z, y, folds, seed)
+    return [{"path": relpaths[i], "given": labels[i], "suggested": classes[int(np.argmax(proba[i]))],
+             "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)]
+
+
 def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: BackboneSpec | None = None,
               config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
               max_memory: int | None = None) -> AuditResult:
@@ -262,11 +276,12 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout,
-                                  labels=config.labels)
+                                  labels=config.labels, need_labels=False)
     labels = list(data.labels)
-    folds = _check_classes(labels, config.folds)
-    splits = _splits_for(data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed),
-                         config.split_file, log)
+    unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only
+    folds = 0 if unlabelled else _check_classes(labels, config.folds)
+    splits = [UNSPLIT] * len(labels) if unlabelled else _splits_for(
+        data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed), config.split_file, log)
     hashes = data.content_hashes
     seconds["load"] = time.perf_counter() - started
 
@@ -301,17 +316,17 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                  "far_out": bool(mean_distance[i] > far_threshold)}
                 for i in order if mean_distance[i] > outlier_threshold]
 
-    classes = sorted(set(labels))
-    y = np.array([classes.index(label) for label in labels])
-    proba = out_of_fold_probabilities(Z, y, folds, config.seed)
-    issues = [{"path": data.relpaths[i], "given": labels[i], "suggested": classes[int(np.argmax(proba[i]))],
-               "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)]
+    issues = [] if unlabelled else _label_issues(Z, labels, splits, data.relpaths, folds, config.seed)
+    if unlabelled:
+        notes.append("a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
+                     "byte-identical files and outliers only")
     seconds["label_issues_and_outliers"] = time.perf_counter() - started
     if data.missing:
         notes.append(f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
                      "and are not audited")
     return AuditResult(
-        images=len(labels), classes=dict(sorted(Counter(labels).items())), splits=dict(Counter(splits)),
+        images=len(labels), classes={} if unlabelled else dict(sorted(Counter(labels).items())),
+        splits={} if unlabelled else dict(Counter(splits)),
         near_duplicates=near, exact_duplicates=exact_records, label_issues=issues, outliers=outliers,
         excluded={"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
                   "non_finite": len(data.non_finite)},
