@@ -58,7 +58,7 @@ class ExtractionResult:
     shards: int = 0  # sharded engines: how many shards the work was cut into
     failed_shards: list[str] = field(default_factory=list)  # one line per shard that failed every try
     conflicts: list[str] = field(default_factory=list)  # files reachable from two class folders
-    layout_line: str = ""  # how DATA was read, when it is in split folders
+    layout_line: str = ""  # how DATA was read: split folders, a label file or a plain folder ("" for class folders)
 
     @property
     def images_per_second(self) -> float:
@@ -272,7 +272,8 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     noise = None
     try:
         store = open_store(cache, spec, index, options.dtype)
-        with _writer(store, writable, options, log) as writer, _model_folder(cache, spec, options.runtime, writable) as models:
+        with _writer(store, writable, options, log) as writer, \
+                _model_folder(cache, spec, options.runtime, writable) as models:
             tally = _sort_out(images, writer, index)
             try:
                 if tally.todo:
@@ -280,7 +281,8 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
                     engine.start(spec, models, log)
                 if engine.name == "local":
                     # libtiff's C-level warnings and Pillow's Python warnings go to a log file, not over the progress bar.
-                    decoder_log = cache / DECODER_LOG if writable else Path(tempfile.gettempdir()) / f"bottleneck-{DECODER_LOG}"
+                    decoder_log = (cache / DECODER_LOG if writable
+                                   else Path(tempfile.gettempdir()) / f"bottleneck-{DECODER_LOG}")
                     with decoder_noise_to(decoder_log) as noise:
                         engine.run(tally, writer, index, spec, log)
                 else:  # decoding happens in the workers, whose output goes to their own logs
@@ -304,7 +306,8 @@ def _cache_folder(cache_dir: str | os.PathLike, read_only_ok: bool, engine: str,
         if not read_only_ok or not Path(cache_dir).is_dir() or not os.access(cache_dir, os.R_OK | os.X_OK):
             raise
         if engine != "local":
-            raise CacheError(f"{exc}; --engine {engine} writes what it computes into the cache: use the local engine") from None
+            raise CacheError(f"{exc}; --engine {engine} writes what it computes into the cache: use the local "
+                             "engine") from None
         log(f"warning: {exc}: reading what it holds; images it lacks are computed in this process only, not cached")
         return Path(cache_dir), False
 
