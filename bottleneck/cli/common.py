@@ -140,8 +140,9 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     from bottleneck.features.discover import LAYOUTS
 
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
-                        help="DATA/<class>/... (classes) or DATA/{train,val,test}/<class>/... (split-folders: the "
-                        "folders are the splits); auto tells them apart and asks when it cannot (default: auto)")
+                        help="DATA/<class>/... (classes), DATA/{train,val,test}/<class>/... (split-folders: the "
+                        "folders are the splits) or images without labels (plain); auto tells them apart and asks "
+                        "when it cannot (default: auto)")
     parser.add_argument("--labels", default=None, metavar="FILE",
                         help="a CSV, TSV or Parquet file with columns path,label (and optionally split, group) naming "
                         "the images and their labels, paths relative to the file's folder or absolute; DATA may then "
