@@ -235,7 +235,7 @@ def _holds_folders(folder: str) -> bool:
 
 
 def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto") -> str:
-    """`classes`, `split-folders` or `plain` for DATA's top folders; `auto` decides, or asks for `--layout` in one line."""
+    """`classes`, `split-folders` or `plain` for DATA's top folders; `auto` decides, or asks for `--layout`."""
     if layout not in LAYOUTS:
         raise DataError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     if layout in ("classes", "plain"):
