@@ -141,6 +141,7 @@ def test_bad_label_files_are_one_line(tmp_path, capsys):
         (write_table(tmp_path / "none.csv", ["path", "label"], [["images/gone.png", "red"]]),
          "label file {f} names no usable image (1 row of none.csv left out: missing file (first: images/gone.png))"),
         (tmp_path / "absent.csv", "label file not found: {f}"),
+        (tmp_path, "label file {f} is not a regular file"),
     ]
     for path, message in cases:
         assert main(["features", "--labels", str(path), "--cache", str(tmp_path / "cache"), *PIXELS]) == 2

@@ -133,8 +133,9 @@ def _relpath(path: Path, root: Path) -> str:
 def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedImage], LabelFileProblems]:
     """The usable images a label file names, and what it named that cannot be used."""
     source = Path(source)
-    if not source.is_file():
-        raise DataError(f"label file not found: {source}")
+    if not source.is_file():  # a FIFO is never opened: reading it could block for good
+        raise DataError(f"label file {source} is not a regular file" if source.exists() else
+                        f"label file not found: {source}")
     base = source.absolute().parent
     problems = LabelFileProblems()
     by_file: dict[tuple[int, int], list[tuple[LabelRow, ListedImage]]] = {}
