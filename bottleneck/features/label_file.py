@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 from bottleneck.errors import DataError
+from bottleneck.features.discover import SPLIT_FOLDERS
 
 COLUMNS = ("path", "label", "split", "group")
-#: Split names a label file may use, by the split they mean.
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
-               "validation": "validation", "test": "test", "testing": "test"}
 _NAMED = 3  # the first few problem paths named per kind
 
 
@@ -147,7 +145,7 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not row.label:
             problems.add("empty label", shown)
             continue
-        split = SPLIT_NAMES.get(row.split.lower(), None) if row.split else ""
+        split = SPLIT_FOLDERS.get(row.split.lower(), None) if row.split else ""  # the names split folders take
         if split is None:
             raise DataError(f"label file {source}, line {row.line}: unknown split {row.split!r}; use train, val "
                             "(or valid, validation) or test, or leave it empty")
