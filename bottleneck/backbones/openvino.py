@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
-from bottleneck.features.store import process_alive
+from bottleneck.features.store import pid_named_folders, process_alive
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.
@@ -268,14 +267,7 @@ def _replace_folder(staging: Path, target: Path) -> None:
 def remove_leftovers(target: Path) -> int:
     """Remove the temporary folders that killed conversions of `target` left beside it; their size in bytes."""
     removed = 0
-    prefix = f".{target.name}."
-    try:
-        entries = [entry for entry in target.parent.iterdir() if entry.name.startswith(prefix) and entry.is_dir()]
-    except OSError:
-        return 0
-    for entry in entries:
-        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
-        pid = int(match.group(1)) if match else None
+    for entry, pid in pid_named_folders(target):
         try:
             age = time.time() - entry.stat().st_mtime
         except OSError:

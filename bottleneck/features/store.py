@@ -31,6 +31,7 @@ import gc
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -697,6 +698,20 @@ def process_alive(pid: int) -> bool:
     except OSError:  # exists, but not ours to signal
         return True
     return True
+
+
+def pid_named_folders(target: Path) -> list[tuple[Path, int | None]]:
+    """The temporary folders `.NAME.<pid>.*` that writers of `target` make beside it, each with the pid in its name."""
+    prefix = f".{target.name}."
+    try:
+        entries = [entry for entry in target.parent.iterdir() if entry.name.startswith(prefix) and entry.is_dir()]
+    except OSError:
+        return []
+    named = []
+    for entry in entries:
+        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
+        named.append((entry, int(match.group(1)) if match else None))
+    return named
 
 
 @contextlib.contextmanager

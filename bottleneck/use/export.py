@@ -207,18 +207,10 @@ def _check_replaceable(out: Path) -> None:
 
 def _remove_killed_stagings(out: Path) -> None:
     """Remove the staging folders (`.NAME.<pid>.*`) that killed exports left beside `out`."""
-    import re
+    from bottleneck.features.store import pid_named_folders, process_alive
 
-    from bottleneck.features.store import process_alive
-
-    prefix = f".{out.name}."
-    try:
-        entries = [entry for entry in out.parent.iterdir() if entry.name.startswith(prefix) and entry.is_dir()]
-    except OSError:
-        return
-    for entry in entries:
-        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
-        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+    for entry, pid in pid_named_folders(out):
+        if pid is not None and pid != os.getpid() and not process_alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 
