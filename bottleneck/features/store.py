@@ -715,8 +715,12 @@ def pid_named_folders(target: Path) -> list[tuple[Path, int | None]]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[str], None] | None = None):
-    """Hold an exclusive lock on `lock_path` (waiting up to `timeout` seconds; None: as long as it takes)."""
+def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[str], None] | None = None,
+                   busy: Callable[[str], Exception] | None = None):
+    """Hold an exclusive lock on `lock_path` (waiting up to `timeout` seconds; None: as long as it takes).
+
+    `busy(holder_pid)` makes the error raised when the wait runs out (default: another run writes the store).
+    """
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+")
@@ -733,6 +737,8 @@ def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[st
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown"
                 if deadline is not None and time.monotonic() >= deadline:
+                    if busy is not None:
+                        raise busy(holder) from None
                     raise CacheError(
                         f"another bottleneck run (pid {holder}) is writing {lock_path.with_suffix('.h5')}; "
                         "wait for it to finish or pass --lock-timeout SECONDS to wait"

@@ -381,28 +381,19 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
 @contextlib.contextmanager
 def _one_at_a_time(folder: Path, run_id: str):
     """Hold the lock of a fine-tune's work folder; one line if the same fine-tune is running in another process."""
-    import fcntl
+    from bottleneck.features.store import exclusive_lock
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    def busy(holder: str) -> BottleneckError:
+        return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
+                               "to finish (its epochs are kept) or change a setting to start another")
+
     lock = folder.parent / (folder.name + ".lock")
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
-                                  "to finish (its epochs are kept) or change a setting to start another") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+    with exclusive_lock(lock, timeout=0, busy=busy):
         try:
             yield
         finally:
             if not folder.exists():  # finished: nothing left to resume, so nothing of ours stays in the runs folder
                 lock.unlink(missing_ok=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfig(), runs_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
