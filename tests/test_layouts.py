@@ -161,6 +161,7 @@ def test_a_plain_folder_of_images_is_extracted_and_compared_but_trains_no_head(t
     assert "a plain folder: no labels" in (tmp_path / "audit" / "audit.html").read_text()
     assert main(["train-head", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS,
                  "--runs", str(tmp_path / "runs")]) == 2
-    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {folders['a']} holds images but no class folders: a "
-                                               "head needs labels, from one sub-folder per class (DATA/<class>/...), "
-                                               "split folders of those, or --labels FILE")
+    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {folders['a']} holds images but no labels: a head "
+                                               "needs labels, from one sub-folder per class (DATA/<class>/...), split "
+                                               "folders of those, a .cls member beside each image in tar shards, or "
+                                               "--labels FILE")

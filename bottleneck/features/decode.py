@@ -7,6 +7,7 @@ composited onto white, animations reduced to their first frame. Anything else ra
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -175,30 +176,53 @@ class UnreadableImage(BottleneckError):
     """A file that is not read at all: not a regular file, too large, or an OS error; the message says which."""
 
 
-def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, os.stat_result]:
-    """The bytes of an image file and its stat, with every guard of the main path, or `UnreadableImage`.
+def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, tuple[int, int, int]]:
+    """The bytes of an image file and its stamp (size, mtime_ns, inode), with every guard of the main path,
+    or `UnreadableImage`.
 
     Opened non-blocking, so a FIFO put where an image was cannot stall a thread in open(); a file
     over the size limit is refused before reading, and never more than the limit is read, even
-    from a file that grows as it is read.
+    from a file that grows as it is read. A path inside a tar shard (`.../shard.tar/name.jpg`,
+    see `bottleneck.features.shards`) is that member, read with the same guards.
     """
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except NotADirectoryError:  # a path through a regular file: a shard's member, or nothing
+            return _read_member(path, max_pixels)
+        with os.fdopen(fd, "rb") as handle:
             st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise UnreadableImage(NOT_A_FILE)
-            refused = too_large(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
-            if refused:
-                raise UnreadableImage(refused)
-            limit = max_file_bytes(max_pixels)
-            data = handle.read(limit + 1)
-            if len(data) > limit:
-                raise UnreadableImage(too_large(len(data), max_pixels))
-            return data, st
+            _refuse_unread(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
+            return _within_limit(handle.read(max_file_bytes(max_pixels) + 1), max_pixels), \
+                (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
     except MemoryError:
         raise UnreadableImage("cannot read file: it does not fit in memory now") from None
+
+
+def _refuse_unread(size_bytes: int, max_pixels: int) -> None:
+    refused = too_large(size_bytes, max_pixels)
+    if refused:
+        raise UnreadableImage(refused)
+
+
+def _within_limit(data: bytes, max_pixels: int) -> bytes:
+    if len(data) > max_file_bytes(max_pixels):
+        raise UnreadableImage(too_large(len(data), max_pixels))
+    return data
+
+
+def _read_member(path: str | os.PathLike, max_pixels: int) -> tuple[bytes, tuple[int, int, int]]:
+    from bottleneck.features.shards import member_of, read_member
+
+    member = member_of(path)
+    if member is None:
+        raise UnreadableImage(f"cannot read file: {os.strerror(errno.ENOTDIR)} (nor a member of a tar shard)")
+    _refuse_unread(member.size, max_pixels)
+    return _within_limit(read_member(member, max_file_bytes(max_pixels)), max_pixels), member.stamp
 
 
 def decode_image_file(path: str | os.PathLike, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -29,7 +29,7 @@ from bottleneck.errors import DataError
 #: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
                  "validation": "validation", "test": "test", "testing": "test"}
-LAYOUTS = ("auto", "classes", "split-folders", "plain")
+LAYOUTS = ("auto", "classes", "split-folders", "plain", "shards")
 #: A file in two split folders (a link) is held out: the most held-out split wins.
 _HELD_OUT_FIRST = ("test", "validation", "train")
 
@@ -95,6 +95,7 @@ class ImageFile:
     mtime_ns: int
     inode: int
     dev: int = 0
+    container: str = ""  # the tar shard holding this image (`path` is inside it), "" for a file
 
 
 @dataclass
@@ -106,14 +107,19 @@ class Discovery:
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
     conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
-    layout: str = "classes"  # or "split-folders", "label-file", "plain"
+    layout: str = "classes"  # or "split-folders", "label-file", "plain", "shards"
     folder_splits: dict[str, str] = field(default_factory=dict)  # relpath -> train/validation/test, when given
     groups: dict[str, str] = field(default_factory=dict)  # label files: relpath -> the group it shares a split with
     warnings: list[str] = field(default_factory=list)  # what a label file named but cannot be used, and the like
     label_file: Path | None = None
+    shards: int = 0  # tar shards read
 
     def layout_line(self) -> str:
         """One line on how DATA was read, for split folders and label files ("" for class folders)."""
+        if self.layout == "shards":
+            labels = (f"in {len(self.classes)} classes (labels from the samples' .cls, .txt or .json members)"
+                      if self.classes else "without labels (no sample has a .cls, .txt or .json member)")
+            return f"tar shards: {self.shards} shard{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
             return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
                     + ("; splits from its split column" if self.folder_splits else "")
@@ -219,7 +225,7 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipp
     return found
 
 
-def _holds_images(folder: Path) -> bool:
+def holds_images(folder: Path) -> bool:
     try:
         return any(entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
                    for entry in os.scandir(folder) if not _is_hidden(entry.name))
@@ -234,11 +240,86 @@ def _holds_folders(folder: str) -> bool:
         return False
 
 
+def shards_in(folder: Path) -> list[Path]:
+    """The tar shards directly in `folder`, by name."""
+    from bottleneck.features.shards import SHARD_SUFFIX
+
+    try:
+        return sorted(Path(entry.path) for entry in os.scandir(folder)
+                      if not _is_hidden(entry.name) and entry.name.lower().endswith(SHARD_SUFFIX) and entry.is_file())
+    except OSError:
+        return []
+
+
+def shard_members(root: Path, shards: list[Path]) -> tuple[list[ImageFile], Counter, list[str]]:
+    """The image members of tar shards (see `bottleneck.features.shards`) with their samples' labels ("" for
+    none), relative to `root`; what was skipped; one warning line per shard that could not be read whole."""
+    from bottleneck.features.shards import list_shard
+
+    skipped: Counter = Counter()
+    warnings, images = [], []
+    for shard in shards:
+        listing = list_shard(shard)
+        relshard = _relpath_or_absolute(shard.absolute(), root)
+        if listing.problem:
+            warnings.append(f"shard {relshard}: {listing.problem}")
+        skipped.update(listing.skipped)
+        st = listing.shard.stat() if listing.members else None
+        images.extend(ImageFile(path=Path(member.path), relpath=f"{relshard}/{member.name}", label=member.label,
+                                size=member.size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, dev=st.st_dev,
+                                container=member.shard)
+                      for member in listing.members)
+    return images, skipped, warnings
+
+
+def _relpath_or_absolute(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _from_shards(root: Path, shards: list[Path], min_classes: int) -> Discovery:
+    """The image members of tar shards, labelled by their samples (all of them, when no sample has a label)."""
+    images, skipped, warnings = shard_members(root, shards)
+    if not images:
+        raise DataError(f"no image members found in the {len(shards)} tar shards of {root}"
+                        + (f" ({warnings[0]})" if warnings else ""))
+    if any(image.label for image in images):
+        unlabelled = [image for image in images if not image.label]
+        if unlabelled:
+            skipped["image without a label member in its sample"] += len(unlabelled)
+            warnings.append(f"{len(unlabelled)} images have no .cls, .txt or .json member in their sample and are "
+                            f"left out (first: {unlabelled[0].relpath})")
+            images = [image for image in images if image.label]
+    classes = sorted({image.label for image in images if image.label})
+    if classes and len(classes) < min_classes:
+        raise DataError(f"the tar shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least "
+                        f"{min_classes}")
+    return Discovery(root=root, images=images, classes=classes, skipped=skipped, layout="shards", warnings=warnings,
+                     shards=len(shards))
+
+
+def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
+    """(root, shards) when DATA names tar shards by a brace pattern or is one .tar file; None otherwise."""
+    from bottleneck.features.shards import SHARD_SUFFIX, expand_pattern, is_pattern
+
+    if is_pattern(data):
+        shards = expand_pattern(data)
+        missing = [path for path in shards if not path.is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(shards)} shards {data} names are not files (first: {missing[0]})")
+        return Path(os.path.commonpath([str(path.absolute().parent) for path in shards])), shards
+    if data.lower().endswith(SHARD_SUFFIX) and os.path.isfile(data):
+        return Path(data).absolute().parent, [Path(data)]
+    return None
+
+
 def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto") -> str:
     """`classes`, `split-folders` or `plain` for DATA's top folders; `auto` decides, or asks for `--layout`."""
     if layout not in LAYOUTS:
         raise DataError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    if layout in ("classes", "plain"):
+    if layout in ("classes", "plain", "shards"):
         return layout
     named = [entry.name for entry in top_dirs if entry.name.lower() in SPLIT_FOLDERS]
     others = [entry.name for entry in top_dirs if entry.name.lower() not in SPLIT_FOLDERS]
@@ -250,7 +331,9 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
                             f"(or valid, validation) and test, each holding one sub-folder per class; {found}")
         return layout
     if not named:
-        return "classes" if top_dirs or not _holds_images(root) else "plain"
+        if top_dirs:
+            return "classes"
+        return "plain" if holds_images(root) or not shards_in(root) else "shards"
     flat = [name for name in named if not _holds_folders(str(root / name))]
     if not others and has_train and not flat:
         return "split-folders"
@@ -328,6 +411,9 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
         return _from_label_file(data_dir, labels, min_classes)
     if data_dir is None:
         raise DataError("give DATA (a folder of images) or --labels FILE")
+    shard_source = shard_source_of(os.fspath(data_dir))
+    if shard_source is not None:
+        return _from_shards(*shard_source, min_classes)
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -342,6 +428,8 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
     except OSError as exc:
         raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
     chosen = choose_layout(root, [entry for entry in top if entry.is_dir() and not _is_hidden(entry.name)], layout)
+    if chosen == "shards":
+        return _from_shards(root, shards_in(root), min_classes)
     if chosen == "plain":  # every image under DATA, without a label
         images = sorted((image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)),
                         key=lambda im: im.relpath)

@@ -26,18 +26,43 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file's content (or a tar shard member's, see `bottleneck.features.shards`), read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except NotADirectoryError:
+        return sha256_bytes(_member_bytes(path))
+    with handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(size, mtime_ns, inode): what must be unchanged for a remembered hash to stay valid."""
-    st = os.stat(path)
+    """(size, mtime_ns, inode): what must be unchanged for a remembered hash to stay valid.
+
+    A tar shard member's is its own size with its shard's mtime and inode."""
+    try:
+        st = os.stat(path)
+    except NotADirectoryError:
+        return _member(path).stamp
     return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _member(path: str | os.PathLike):
+    from bottleneck.features.shards import member_of
+
+    member = member_of(path)
+    if member is None:
+        raise NotADirectoryError(f"not a file, nor a member of a tar shard: {path}")
+    return member
+
+
+def _member_bytes(path: str | os.PathLike) -> bytes:
+    from bottleneck.features.shards import read_member
+
+    member = _member(path)
+    return read_member(member, member.size)
 
 
 class HashIndex:

@@ -255,10 +255,11 @@ def thumbnail_uri(path: Path) -> str | None:
     """A small JPEG data URI of the image at `path`, or None if it cannot be read."""
     from PIL import Image, ImageOps
 
-    from bottleneck.features.decode import to_rgb
+    from bottleneck.features.decode import read_image_file, to_rgb
 
     try:
-        with Image.open(path) as image:
+        data, _ = read_image_file(path)  # the guarded reader: a FIFO or a 64 GB file is never read; shard members are
+        with Image.open(io.BytesIO(data)) as image:
             image = to_rgb(ImageOps.exif_transpose(image))
             image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
             buffer = io.BytesIO()

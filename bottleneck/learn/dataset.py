@@ -294,9 +294,10 @@ def load_labelled_features(
     without `need_labels` a plain folder of images (no classes) is taken too.
     """
     discovery = discover_images(data_dir, layout=layout, labels=labels)
-    if discovery.layout == "plain" and need_labels:
-        raise DataError(f"{discovery.root} holds images but no class folders: a head needs labels, from one sub-folder "
-                        "per class (DATA/<class>/...), split folders of those, or --labels FILE")
+    if not discovery.classes and need_labels:
+        raise DataError(f"{discovery.root} holds images but no labels: a head needs labels, from one sub-folder per "
+                        "class (DATA/<class>/...), split folders of those, a .cls member beside each image in tar "
+                        "shards, or --labels FILE")
     if discovery.layout_line():
         log(discovery.layout_line())
     for line in discovery.warnings:

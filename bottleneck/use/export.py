@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -29,7 +30,8 @@ import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
-from bottleneck.features.decode import decode_image
+from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
+from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
 from bottleneck.use.predict import predict_images
@@ -104,7 +106,7 @@ def _test_images(run: LoadedRun, limit: int) -> list[Path]:
             rows = [row["path"] for row in csv.DictReader(handle) if row["split"] == "test"]
     except OSError:
         return []
-    return [data / relpath for relpath in rows if (data / relpath).is_file()][:limit]
+    return [data / relpath for relpath in rows if is_file_or_member(data / relpath)][:limit]
 
 
 def _reencoded(images: list[Path], folder: Path) -> dict[str, list[Path]]:
@@ -114,13 +116,13 @@ def _reencoded(images: list[Path], folder: Path) -> dict[str, list[Path]]:
     sets: dict[str, list[Path]] = {"as given": list(images), "jpeg": [], "png": []}
     for i, source in enumerate(images):
         try:
-            with Image.open(source) as image:
+            with Image.open(io.BytesIO(read_image_file(source)[0])) as image:
                 rgb = image.convert("RGB")
                 for fmt, ext in (("jpeg", "jpg"), ("png", "png")):
                     target = folder / f"{i:05d}.{ext}"
                     rgb.save(target, fmt.upper(), quality=90) if fmt == "jpeg" else rgb.save(target, "PNG")
                     sets[fmt].append(target)
-        except OSError:
+        except (OSError, UnreadableImage):
             continue
     return sets
 
@@ -156,9 +158,10 @@ def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Cal
             reference, usable = _predict_probabilities(run, paths)
             if not usable:
                 continue
-            pixels = np.stack([decode_image(p.read_bytes(), size) for p in usable]).astype(np.float32)
+            encoded = [read_image_file(p)[0] for p in usable]
+            pixels = np.stack([decode_image(data, size) for data in encoded]).astype(np.float32)
             parity["model.keras"][fmt] = _compare(reference, keras_model.predict(pixels, verbose=0))
-            served = serving(images=tf.constant([p.read_bytes() for p in usable]))["probabilities"].numpy()
+            served = serving(images=tf.constant(encoded))["probabilities"].numpy()
             parity["saved_model"][fmt] = _compare(reference, served)
             if interpreter is not None:
                 parity["model.tflite"][fmt] = _compare(reference, _run_tflite(interpreter, pixels))

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.errors import DataError
-from bottleneck.features.discover import ImageFile, walk_images
+from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
 from bottleneck.features.decode import NOT_A_FILE
+from bottleneck.features.shards import member_of
 from bottleneck.features.extract import ExtractOptions, compute_into_store
 from bottleneck.learn.run_folder import LoadedRun, load_run
 
@@ -70,9 +71,20 @@ def list_inputs(paths: list[str]) -> tuple[list[ImageFile], list[Prediction], Co
     seen: set[tuple[int, int]] = set()
     for given in paths:
         path = Path(given)
+        shards = shard_source_of(given) or ((path, shards_in(path)) if path.is_dir() and not holds_images(path) else None)
+        if shards is not None and shards[1]:  # tar shards, or a folder of them: their image members
+            found, found_skipped, _ = shard_members(path if path.is_dir() else shards[0], shards[1])
+            skipped.update(found_skipped)
+            images.extend(replace(image, relpath=_shown(given, image, path.is_dir())) for image in found)
+            continue
         if path.is_dir():
             found = sorted(walk_images(path, path, "", seen, skipped), key=lambda im: im.relpath)
             images.extend(replace(image, relpath=os.path.join(given, image.relpath)) for image in found)
+            continue
+        member = member_of(given)
+        if member is not None:  # one image inside a tar shard
+            images.append(ImageFile(path.absolute(), given, "", member.size, member.stamp[1], member.stamp[2],
+                                    container=member.shard))
             continue
         try:
             st = path.stat()
@@ -88,6 +100,13 @@ def list_inputs(paths: list[str]) -> tuple[list[ImageFile], list[Prediction], Co
         # A file named explicitly is tried whatever its extension: decoding says whether it is an image.
         images.append(ImageFile(path.absolute(), given, "", st.st_size, st.st_mtime_ns, st.st_ino))
     return images, missing, skipped
+
+
+def _shown(given: str, image: ImageFile, in_folder: bool) -> str:
+    """How an image found from `given` is shown: under the folder as given, or its path as given (relative or not)."""
+    if in_folder:
+        return os.path.join(given, image.relpath)
+    return str(image.path) if os.path.isabs(given) else os.path.relpath(image.path)
 
 
 def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:

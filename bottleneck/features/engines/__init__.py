@@ -11,9 +11,9 @@ todo list) to an engine:
 A sharded engine follows three steps, so another scheduler (Spark, Slurm, ...) plugs in by
 implementing `ShardedEngine.map_shards` alone:
 
-1. `plan_shards`: the driver cuts the todo list into `Shard`s of `--shard-size` images, each
-   named from its content (backbone fingerprint + every file's path, size and mtime), so a
-   retried or resumed shard finds its own work;
+1. `plan_shards`: the driver cuts the todo list into `Shard`s of `--shard-size` images (the
+   members of a tar shard make one of their own), each named from its content (backbone
+   fingerprint + every file's path, size and mtime), so a retried or resumed shard finds its own work;
 2. `ShardRunner.compute`: a worker reads, hashes, decodes and computes one shard;
 3. `ShardRunner.write`: it writes the shard's rows (and its failed images) as one store segment,
    under a temporary name and a rename. A shard whose segment exists is not computed again.
@@ -121,12 +121,23 @@ def shard_name(fingerprint: str, items: list[tuple[ImageFile, str | None]]) -> s
     return digest.hexdigest()[:32]
 
 
-def plan_shards(todo: list[tuple[ImageFile, str | None]], fingerprint: str, shard_size: int) -> list[Shard]:
-    """Cut the todo list, in order, into shards of at most `shard_size` images."""
-    shards = []
-    for number, start in enumerate(range(0, len(todo), shard_size)):
-        items = todo[start : start + shard_size]
-        shards.append(Shard(number, shard_name(fingerprint, items), tuple(items)))
+def plan_shards(todo: list[tuple[ImageFile, str | None]], fingerprint: str, shard_size: int | None) -> list[Shard]:
+    """Cut the todo list, in order, into shards of at most `shard_size` images (None: `DEFAULT_SHARD_SIZE`).
+
+    The members of one tar shard make one shard of their own, so a segment is written per tar shard
+    and each tar is read by one worker; only an explicit `shard_size` cuts a tar shard further.
+    """
+    shards: list[Shard] = []
+    start = 0
+    while start < len(todo):
+        container = todo[start][0].container
+        limit = shard_size or (len(todo) if container else DEFAULT_SHARD_SIZE)
+        end = start + 1
+        while end < len(todo) and end - start < limit and todo[end][0].container == container:
+            end += 1
+        items = todo[start:end]
+        shards.append(Shard(len(shards), shard_name(fingerprint, items), tuple(items)))
+        start = end
     return shards
 
 
@@ -336,6 +347,7 @@ class ShardRunner:
         """The result of a shard whose segment an earlier try wrote: files are hashed again, not decoded."""
         import h5py
 
+        from bottleneck.features.decode import UnreadableImage, read_image_file
         from bottleneck.features.hashing import sha256_bytes
 
         with h5py.File(self.store.segment_path(shard.name), "r") as handle:
@@ -354,13 +366,12 @@ class ShardRunner:
                 result.failures.append(failed[path])
                 continue
             try:
-                with open(path, "rb") as handle:
-                    st = os.fstat(handle.fileno())
-                    content_hash = known_hash or sha256_bytes(handle.read())
-            except OSError as exc:
-                result.failures.append(Failure(path, "", f"cannot read file: {exc.strerror or exc}"))
+                data, stamp = read_image_file(path, self.job.max_pixels)
+                content_hash = known_hash or sha256_bytes(data)
+            except UnreadableImage as exc:
+                result.failures.append(Failure(path, "", str(exc)))
                 continue
-            result.stamps.append((path, (st.st_size, st.st_mtime_ns, st.st_ino), content_hash))
+            result.stamps.append((path, stamp, content_hash))
             if content_hash in rows and content_hash not in taken:
                 taken.add(content_hash)
                 result.rows.append((path, content_hash))
@@ -407,7 +418,7 @@ class ShardedEngine:
 
     def run(self, tally: Tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
         store = writer.store
-        shards = plan_shards(tally.todo, store.fingerprint, self.options.shard_size or DEFAULT_SHARD_SIZE)
+        shards = plan_shards(tally.todo, store.fingerprint, self.options.shard_size)
         tally.shards = len(shards)
         if not shards:
             return

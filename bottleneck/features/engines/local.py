@@ -64,10 +64,10 @@ def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, 
     """Read, hash and decode one image; `known` has `known_hashes` and `known_failures` (a StoreWriter does)."""
     path = str(image.path)
     try:
-        data, st = read_image_file(path, max_pixels)
+        data, stamp = read_image_file(path, max_pixels)
     except UnreadableImage as exc:
         return Outcome(image, failure=Failure(path, "", str(exc)))
-    outcome = Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=(st.st_size, st.st_mtime_ns, st.st_ino))
+    outcome = Outcome(image, content_hash=known_hash or sha256_bytes(data), stamp=stamp)
     if outcome.content_hash in known.known_hashes:
         outcome.known = True
         return outcome
