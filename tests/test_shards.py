@@ -1,0 +1,188 @@
+"""Webdataset tar shards as DATA: members read in place, labels from their samples, end to end."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bottleneck.cli import main
+from bottleneck.features import shards as shards_module
+from bottleneck.features.discover import discover_images
+from bottleneck.features.extract import extract_features
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.features.shards import expand_pattern, list_shard, member_of, sample_key
+
+from .conftest import COLOURS, PIXELS, image_bytes, synthetic_image
+
+
+def add_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def write_shards(folder: Path, per_shard: int, shards: int, label_ext: str = ".cls", start: int = 0) -> list[Path]:
+    """`shards` tar files of `per_shard` PNG samples, cycling through the classes; labels in `label_ext` members."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    classes = list(COLOURS.items())
+    for s in range(shards):
+        path = folder / f"train-{s:03d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for i in range(per_shard):
+                number = start + s * per_shard + i
+                label, colour = classes[number % len(classes)]
+                key = f"sample{number:05d}"
+                add_member(archive, f"{key}.png", image_bytes(synthetic_image(colour, seed=number), "PNG"))
+                payload = {".cls": label, ".txt": label, ".json": json.dumps({"label": label, "caption": "x"})}[label_ext]
+                add_member(archive, key + label_ext, payload.encode())
+        paths.append(path)
+    return paths
+
+
+def only_run(runs: Path) -> Path:
+    [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    return run
+
+
+def test_sample_keys_and_brace_patterns(tmp_path):
+    assert sample_key("a/b.seg.JPG") == ("a/b", ".seg.jpg") and sample_key("x.cls") == ("x", ".cls")
+    assert [p.name for p in expand_pattern(str(tmp_path / "s-{08..11}.tar"))] == ["s-08.tar", "s-09.tar", "s-10.tar",
+                                                                                  "s-11.tar"]
+    assert [p.name for p in expand_pattern("a{1..2}-{0..1}.tar")] == ["a1-0.tar", "a1-1.tar", "a2-0.tar", "a2-1.tar"]
+
+
+@pytest.mark.parametrize("label_ext", [".cls", ".txt", ".json"])
+def test_labels_come_from_the_samples_label_member(tmp_path, label_ext):
+    write_shards(tmp_path / "data", per_shard=6, shards=2, label_ext=label_ext)
+    found = discover_images(tmp_path / "data")
+    assert found.layout == "shards" and len(found.images) == 12 and found.classes == sorted(COLOURS)
+    assert found.layout_line().startswith("tar shards: 2 shards, 12 images in 3 classes")
+    first = found.images[0]
+    assert first.relpath == "train-000.tar/sample00000.png" and first.label == "red"
+    assert first.container == str(tmp_path / "data" / "train-000.tar")
+
+
+def test_shards_end_to_end_features_train_predict_report(tmp_path, capsys):
+    files, data = tmp_path / "files", tmp_path / "shards"
+    write_shards(data, per_shard=12, shards=3)
+    for number in range(6):  # some of the same pictures as plain files, extracted first
+        label, colour = list(COLOURS.items())[number % 3]
+        (files / label).mkdir(parents=True, exist_ok=True)
+        (files / label / f"{number}.png").write_bytes(image_bytes(synthetic_image(colour, seed=number), "PNG"))
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    assert main(["features", str(files), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert first["images"] == 36 and first["failed"] == 0
+    # Content keys are the image bytes' SHA-256: the pictures already extracted from files are not computed again.
+    assert first["reused"] == 6 and first["computed"] == 30
+    # An unchanged rerun settles every member from the hash index without reading one image byte.
+    assert main(["features", f"{data}/train-{{000..002}}.tar", "--cache", str(cache), *PIXELS, "--no-progress",
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (again["computed"], again["reused"]) == (0, 36)
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
+    assert "tar shards: 3 shards, 36 images in 3 classes" in capsys.readouterr().err
+    run = only_run(runs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["splits"]["test"]["accuracy"] == 1.0
+    split = (run / "split.csv").read_text()
+    assert "train-001.tar/sample00012.png" in split
+    # predict takes a shard, a member inside one and a pattern
+    member = data / "train-002.tar" / "sample00025.png"
+    assert main(["predict", "--run", str(run), str(data / "train-000.tar"), str(member), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 13 and rows[-1]["path"] == str(member) and rows[-1]["top"][0]["label"] == "green"
+    assert all(row["top"][0]["label"] == list(COLOURS)[int(row["path"][-9:-4]) % 3] for row in rows)
+    # the report's thumbnails read members like files
+    from bottleneck.inspect.report import thumbnail_uri
+
+    assert thumbnail_uri(member).startswith("data:image/jpeg;base64,")
+    assert main(["report", "--runs", str(runs), "--out", str(tmp_path / "report.html")]) == 0
+
+
+def test_a_changed_shard_is_read_again_and_an_unchanged_one_never(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    [shard] = write_shards(data, per_shard=6, shards=1)
+    spec = BackboneSpec(architecture="pixels", image_size=8)
+    assert extract_features(data, cache, spec).computed == 6
+
+    def no_reading(*args):
+        raise AssertionError("an unchanged shard's members were read")
+
+    monkeypatch.setattr(shards_module, "read_member", no_reading)
+    assert extract_features(data, cache, spec).reused == 6
+    monkeypatch.undo()
+    with tarfile.open(shard, "a") as archive:  # one more sample: the shard's mtime changes, its members are hashed again
+        add_member(archive, "extra.png", image_bytes(synthetic_image((9, 9, 9), seed=99), "PNG"))
+        add_member(archive, "extra.cls", b"red")
+    os.utime(shard, ns=(1, 10**18))
+    result = extract_features(data, cache, spec)
+    assert (result.computed, result.reused, result.images) == (1, 6, 7)
+
+
+def test_bad_shards_and_members_are_one_line_each_and_the_rest_goes_on(tmp_path, capsys):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_shards(data, per_shard=6, shards=2)
+    with tarfile.open(data / "train-001.tar", "a") as archive:
+        add_member(archive, "broken.png", b"not a png at all")
+        add_member(archive, "broken.cls", b"red")
+        add_member(archive, "notes.bin", b"\0" * 10)
+    whole = (data / "train-000.tar").read_bytes()
+    (data / "train-002.tar").write_bytes(whole[: len(whole) // 2])  # cut short in the middle of a member
+    (data / "train-003.tar").write_bytes(b"\x1f\x8b" + os.urandom(2000))  # not a plain tar
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    kept = len(list_shard(data / "train-002.tar").members)
+    assert 0 < kept < 6
+    assert (result["images"], result["failed"]) == (6 + 7 + kept, 1)
+    assert "shard train-002.tar: cut short" in captured.err and "shard train-003.tar: not a plain tar" in captured.err
+    assert "Traceback" not in captured.err
+    # every shard unusable: one line, exit 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.tar").write_bytes(os.urandom(3000))
+    assert main(["features", str(bad), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"bottleneck: error: no image members found in the 1 tar shards of {bad}")
+    assert main(["features", f"{data}/train-{{000..009}}.tar", "--cache", str(cache), *PIXELS]) == 2
+    assert "6 of the 10 shards" in capsys.readouterr().err
+
+
+def test_a_member_path_never_reads_outside_its_member(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    [shard] = write_shards(data, per_shard=3, shards=1)
+    assert member_of(shard / "sample00001.png").size > 0
+    assert member_of(shard / "sample00001.cls") is None  # labels are not images
+    assert member_of(shard / "missing.png") is None and member_of(tmp_path / "x.tar" / "a.png") is None
+    from bottleneck.features.decode import UnreadableImage, read_image_file
+
+    with pytest.raises(UnreadableImage, match="nor a member of a tar shard"):
+        read_image_file(shard / "missing.png")
+    data_bytes, stamp = read_image_file(shard / "sample00001.png")
+    assert data_bytes.startswith(b"\x89PNG") and stamp[0] == len(data_bytes)
+    from bottleneck.features import decode
+
+    monkeypatch.setattr(decode, "FILE_SLACK_BYTES", 0)  # a limit of 8 bytes: the member is refused unread
+    monkeypatch.setattr(shards_module, "read_member", lambda *args: pytest.fail("read past the limit"))
+    with pytest.raises(UnreadableImage, match="larger than any image"):
+        read_image_file(shard / "sample00001.png", max_pixels=1)
+
+
+def test_unlabelled_shards_serve_features_but_not_a_head(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "a.tar", "w") as archive:
+        for i in range(4):
+            add_member(archive, f"{i}.png", image_bytes(synthetic_image((200, 10, 10), seed=i), "PNG"))
+    cache = tmp_path / "cache"
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert "4 images" in capsys.readouterr().out
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "r")]) == 2
+    assert "holds images but no labels" in capsys.readouterr().err
