@@ -28,7 +28,7 @@ from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, get_feature_mo
 from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
-from bottleneck.features.engines import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ENGINES, Tally, get_engine
+from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.noise import decoder_noise_to, describe
