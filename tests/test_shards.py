@@ -150,7 +150,7 @@ def test_bad_shards_and_members_are_one_line_each_and_the_rest_goes_on(tmp_path,
     bad.mkdir()
     (bad / "a.tar").write_bytes(os.urandom(3000))
     assert main(["features", str(bad), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip().startswith(f"bottleneck: error: no image members found in the 1 tar shards of {bad}")
+    assert capsys.readouterr().err.strip().startswith(f"bottleneck: error: no images found in the 1 shards of {bad}")
     assert main(["features", f"{data}/train-{{000..009}}.tar", "--cache", str(cache), *PIXELS]) == 2
     assert "6 of the 10 shards" in capsys.readouterr().err
 

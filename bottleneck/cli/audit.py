@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, data_or_labels,
+from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, columns_of, data_or_labels,
                                    finite_float, memory_budget, spec_from, stderr)
 from bottleneck.cli.train_head import PERCENT
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.inspect.audit_page import write_audit
 
     max_memory = memory_budget(args.max_memory)
-    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout, labels=args.labels,
+    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout, labels=args.labels, columns=columns_of(args),
                          duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
     result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
     files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)

@@ -147,6 +147,20 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
                         help="a CSV, TSV or Parquet file with columns path,label (and optionally split, group) naming "
                         "the images and their labels, paths relative to the file's folder or absolute; DATA may then "
                         "be left out")
+    parser.add_argument("--image-column", default=None, metavar="NAME",
+                        help="Parquet DATA: the column of image bytes (default: the one column of bytes, or of "
+                        "{bytes, path} structs)")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="Parquet DATA: the column of labels (default: label, when there is one)")
+
+
+def columns_of(args: argparse.Namespace):
+    """The Parquet columns `--image-column` and `--label-column` name (a `shards.Columns`), or None for neither."""
+    from bottleneck.features.shards import Columns
+
+    if args.image_column is None and args.label_column is None:
+        return None
+    return Columns(args.image_column, args.label_column)
 
 
 def data_or_labels(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
-                                   add_backend_arguments, add_layout_argument, bounded_int, data_or_labels, finite_float,
+                                   add_backend_arguments, add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float,
                                    select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibration_images=args.calibration_images,
     )
-    result = extract_features(args.data, args.cache, spec, options, log=stderr, layout=args.layout, labels=args.labels)
+    result = extract_features(args.data, args.cache, spec, options, log=stderr, layout=args.layout, labels=args.labels,
+                              columns=columns_of(args))
     out = stderr if args.json else print
     _summarise_features(result, out)
     if args.augment:
@@ -104,7 +105,7 @@ def _augment(args: argparse.Namespace, spec, options):
 
     spec = with_default_calibration(spec or BackboneSpec(), args.cache)  # a first int8 run has just calibrated
     plain = find_store(args.cache, spec)
-    discovery = discover_images(args.data, layout=args.layout, labels=args.labels)
+    discovery = discover_images(args.data, layout=args.layout, labels=args.labels, columns=columns_of(args))
     images = discovery.images
     hashes = content_hashes(discovery.root, args.cache, [image.relpath for image in images])
     known = set(plain.index().content_hash)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bottleneck.cli.common import (BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, data_or_labels,
+from bottleneck.cli.common import (BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, columns_of, data_or_labels,
                                    stderr)
 
 
@@ -14,7 +14,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = PretrainConfig(image_size=args.image_size, blocks=args.blocks, filters=args.filters, epochs=args.epochs,
                             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
-    result = pretrain(args.data, args.out, config, args.split_file, log=stderr, layout=args.layout, labels=args.labels)
+    result = pretrain(args.data, args.out, config, args.split_file, log=stderr, layout=args.layout, labels=args.labels,
+                      columns=columns_of(args))
     accuracy = "-" if result.validation_accuracy is None else f"{result.validation_accuracy:.4f}"
     print(f"saved {result.path} ({len(result.classes)} classes, {result.epochs_run} epochs, validation accuracy "
           f"{accuracy}, {result.seconds:.1f} s)")

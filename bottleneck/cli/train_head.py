@@ -6,7 +6,7 @@ import json
 import sys
 
 from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, SEED, add_backbone_arguments,
-                                   add_layout_argument, bounded_int, data_or_labels, finite_float, memory_budget,
+                                   add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget,
                                    print_split_scores, spec_from, stderr)
 
 #: --val-pct and --test-pct.
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
                         exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip,
-                        layout=args.layout, labels=args.labels)
+                        layout=args.layout, labels=args.labels, columns=columns_of(args))
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"

@@ -112,14 +112,16 @@ class Discovery:
     groups: dict[str, str] = field(default_factory=dict)  # label files: relpath -> the group it shares a split with
     warnings: list[str] = field(default_factory=list)  # what a label file named but cannot be used, and the like
     label_file: Path | None = None
-    shards: int = 0  # tar shards read
+    shards: int = 0  # shards (tar or Parquet files) read
 
     def layout_line(self) -> str:
         """One line on how DATA was read, for split folders and label files ("" for class folders)."""
         if self.layout == "shards":
-            labels = (f"in {len(self.classes)} classes (labels from the samples' .cls, .txt or .json members)"
-                      if self.classes else "without labels (no sample has a .cls, .txt or .json member)")
-            return f"tar shards: {self.shards} shard{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
+            parquet = self.images[0].container.lower().endswith(".parquet")
+            where = "its label column" if parquet else "the samples' .cls, .txt or .json members"
+            labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
+            kind, unit = ("Parquet files", "file") if parquet else ("tar shards", "shard")
+            return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
             return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
                     + ("; splits from its split column" if self.folder_splits else "")
@@ -241,25 +243,26 @@ def _holds_folders(folder: str) -> bool:
 
 
 def shards_in(folder: Path) -> list[Path]:
-    """The tar shards directly in `folder`, by name."""
-    from bottleneck.features.shards import SHARD_SUFFIX
+    """The shards (tar or Parquet files) directly in `folder`, by name."""
+    from bottleneck.features.shards import SUFFIXES
 
     try:
         return sorted(Path(entry.path) for entry in os.scandir(folder)
-                      if not _is_hidden(entry.name) and entry.name.lower().endswith(SHARD_SUFFIX) and entry.is_file())
+                      if not _is_hidden(entry.name) and entry.name.lower().endswith(SUFFIXES) and entry.is_file())
     except OSError:
         return []
 
 
-def shard_members(root: Path, shards: list[Path]) -> tuple[list[ImageFile], Counter, list[str]]:
-    """The image members of tar shards (see `bottleneck.features.shards`) with their samples' labels ("" for
-    none), relative to `root`; what was skipped; one warning line per shard that could not be read whole."""
+def shard_members(root: Path, shards: list[Path], columns=None) -> tuple[list[ImageFile], Counter, list[str]]:
+    """The image members of shards (see `bottleneck.features.shards`; `columns` names a Parquet file's image and
+    label columns) with their labels ("" for none), relative to `root`; what was skipped; one warning line per
+    shard that could not be read whole."""
     from bottleneck.features.shards import list_shard
 
     skipped: Counter = Counter()
     warnings, images = [], []
     for shard in shards:
-        listing = list_shard(shard)
+        listing = list_shard(shard, columns)
         relshard = _relpath_or_absolute(shard.absolute(), root)
         if listing.problem:
             warnings.append(f"shard {relshard}: {listing.problem}")
@@ -279,30 +282,30 @@ def _relpath_or_absolute(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _from_shards(root: Path, shards: list[Path], min_classes: int) -> Discovery:
-    """The image members of tar shards, labelled by their samples (all of them, when no sample has a label)."""
-    images, skipped, warnings = shard_members(root, shards)
+def _from_shards(root: Path, shards: list[Path], min_classes: int, columns=None) -> Discovery:
+    """The image members of shards, labelled by their samples (all of them, when no sample has a label)."""
+    images, skipped, warnings = shard_members(root, shards, columns)
     if not images:
-        raise DataError(f"no image members found in the {len(shards)} tar shards of {root}"
+        raise DataError(f"no images found in the {len(shards)} shards of {root}"
                         + (f" ({warnings[0]})" if warnings else ""))
     if any(image.label for image in images):
         unlabelled = [image for image in images if not image.label]
         if unlabelled:
             skipped["image without a label member in its sample"] += len(unlabelled)
-            warnings.append(f"{len(unlabelled)} images have no .cls, .txt or .json member in their sample and are "
-                            f"left out (first: {unlabelled[0].relpath})")
+            warnings.append(f"{len(unlabelled)} images have no label (no .cls, .txt or .json member in their sample, "
+                            f"or an empty label cell) and are left out (first: {unlabelled[0].relpath})")
             images = [image for image in images if image.label]
     classes = sorted({image.label for image in images if image.label})
     if classes and len(classes) < min_classes:
-        raise DataError(f"the tar shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least "
+        raise DataError(f"the shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least "
                         f"{min_classes}")
     return Discovery(root=root, images=images, classes=classes, skipped=skipped, layout="shards", warnings=warnings,
                      shards=len(shards))
 
 
 def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
-    """(root, shards) when DATA names tar shards by a brace pattern or is one .tar file; None otherwise."""
-    from bottleneck.features.shards import SHARD_SUFFIX, expand_pattern, is_pattern
+    """(root, shards) when DATA names shards by a brace pattern or is one .tar or .parquet file; None otherwise."""
+    from bottleneck.features.shards import SUFFIXES, expand_pattern, is_pattern
 
     if is_pattern(data):
         shards = expand_pattern(data)
@@ -310,7 +313,7 @@ def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
         if missing:
             raise DataError(f"{len(missing)} of the {len(shards)} shards {data} names are not files (first: {missing[0]})")
         return Path(os.path.commonpath([str(path.absolute().parent) for path in shards])), shards
-    if data.lower().endswith(SHARD_SUFFIX) and os.path.isfile(data):
+    if data.lower().endswith(SUFFIXES) and os.path.isfile(data):
         return Path(data).absolute().parent, [Path(data)]
     return None
 
@@ -404,16 +407,16 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
 
 
 def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",
-                    labels: str | os.PathLike | None = None) -> Discovery:
+                    labels: str | os.PathLike | None = None, columns=None) -> Discovery:
     """List the images under `data_dir` (see the module's note on layouts), or those a label file names;
-    raise `DataError` if unusable."""
+    raise `DataError` if unusable. `columns` (`shards.Columns`) names a Parquet file's image and label columns."""
     if labels is not None:
         return _from_label_file(data_dir, labels, min_classes)
     if data_dir is None:
         raise DataError("give DATA (a folder of images) or --labels FILE")
     shard_source = shard_source_of(os.fspath(data_dir))
     if shard_source is not None:
-        return _from_shards(*shard_source, min_classes)
+        return _from_shards(*shard_source, min_classes, columns)
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -429,7 +432,7 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
         raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
     chosen = choose_layout(root, [entry for entry in top if entry.is_dir() and not _is_hidden(entry.name)], layout)
     if chosen == "shards":
-        return _from_shards(root, shards_in(root), min_classes)
+        return _from_shards(root, shards_in(root), min_classes, columns)
     if chosen == "plain":  # every image under DATA, without a label
         images = sorted((image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)),
                         key=lambda im: im.relpath)

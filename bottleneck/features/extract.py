@@ -211,16 +211,18 @@ def extract_features(
     log: Callable[[str], None] = lambda message: None,
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
+    columns=None,
     **option_values,
 ) -> ExtractionResult:
     """Compute the features of every image under `data_dir` that the store lacks.
 
     Options come as an `ExtractOptions` or as its fields by keyword (`batch_size=32`); `layout` is
-    how DATA is laid out (see `bottleneck.features.discover`); `labels` a label file naming the images.
+    how DATA is laid out (see `bottleneck.features.discover`); `labels` a label file naming the images;
+    `columns` a Parquet DATA's image and label columns (`bottleneck.features.shards.Columns`).
     """
     options = options or ExtractOptions(**option_values)
     started = time.monotonic()
-    discovery = discover_images(data_dir, layout=layout, labels=labels)
+    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
     for line in discovery.warnings:
         log(f"warning: {line}")
     done = compute_into_store(discovery.images, cache_dir, spec, options, log)

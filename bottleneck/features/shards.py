@@ -10,6 +10,12 @@ file: `member_of` finds it, `read_member` reads its bytes at their offset in the
 more than the size limit. A member's stamp is its own size with the shard's mtime and inode: an
 unchanged shard is settled from the hash index without reading an image.
 
+Parquet files with a column of image bytes are shards too (`.../part-0.parquet/image/123`: the
+column and the row): the image column is `--image-column`, else the one column of bytes (or of
+Hugging Face's `{bytes, path}` structs); the label column is `--label-column`, else `label` when
+there is one (a Hugging Face ClassLabel's integers become its names). A row group is read once
+for the images it holds, not once per image.
+
 A shard is listed once per process (its headers only: the data is skipped) while its size and
 mtime are unchanged. A shard cut short keeps the members it holds whole; one that is not a tar,
 or is compressed (its members have no offset to read at), is one line and the rest go on.
@@ -29,6 +35,8 @@ from pathlib import Path
 from bottleneck.errors import DataError
 
 SHARD_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
 LABEL_EXTENSIONS = (".cls", ".txt", ".json")  # in the order a sample's label is taken from
 _JSON_LABEL_KEYS = ("label", "class", "cls")
 _LABEL_MEMBER_LIMIT = 1 << 16  # a label member larger than this is not a label
@@ -60,6 +68,7 @@ class ShardListing:
     skipped: Counter = field(default_factory=Counter)
     problem: str = ""  # the shard as a whole: not a tar, compressed, cut short
 
+    @functools.cached_property
     def by_name(self) -> dict[str, Member]:
         return {member.name: member for member in self.members}
 
@@ -158,8 +167,9 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     return listing
 
 
-def list_shard(path: str | os.PathLike) -> ShardListing:
-    """The image members of one shard (listed once per process while its size and mtime are unchanged)."""
+def list_shard(path: str | os.PathLike, columns: "Columns | None" = None) -> ShardListing:
+    """The image members of one shard, a tar or a Parquet file (listed once per process while its size and mtime
+    are unchanged); `columns` names a Parquet file's image and label columns."""
     absolute = os.path.abspath(path)
     try:
         st = os.stat(absolute)
@@ -167,37 +177,181 @@ def list_shard(path: str | os.PathLike) -> ShardListing:
         return ShardListing(Path(absolute), problem=f"cannot read: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return ShardListing(Path(absolute), problem="not a regular file: not read")
+    if absolute.lower().endswith(PARQUET_SUFFIX):
+        return _parquet_listing(absolute, st.st_size, st.st_mtime_ns, st.st_ino, columns or Columns())
     return _listing(absolute, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def member_of(path: str | os.PathLike) -> Member | None:
-    """The shard member `path` names (`.../shard.tar/name`), or None when it names none."""
+    """The shard member `path` names (`.../shard.tar/name`, `.../file.parquet/column/row`), or None."""
     text = os.fspath(path)
-    marker = SHARD_SUFFIX + "/"
-    start = 0
-    while (at := text.find(marker, start)) >= 0:
-        shard, name = text[: at + len(SHARD_SUFFIX)], text[at + len(marker):]
-        start = at + 1
-        try:
-            if not stat.S_ISREG(os.stat(shard).st_mode):
+    for suffix in SUFFIXES:
+        marker, start = suffix + "/", 0
+        while (at := text.find(marker, start)) >= 0:
+            shard, name = text[: at + len(suffix)], text[at + len(marker):]
+            start = at + 1
+            try:
+                if not stat.S_ISREG(os.stat(shard).st_mode):
+                    continue
+            except OSError:
                 continue
-        except OSError:
-            continue
-        return list_shard(shard).by_name().get(name)
+            if suffix == PARQUET_SUFFIX:
+                return _parquet_member(shard, name)
+            return list_shard(shard).by_name.get(name)
     return None
 
 
 def is_file_or_member(path: str | os.PathLike) -> bool:
-    """Whether `path` is a regular file or names an image member of a tar shard."""
+    """Whether `path` is a regular file or names an image member of a shard."""
     return os.path.isfile(path) or member_of(path) is not None
 
 
 def read_member(member: Member, limit: int) -> bytes:
     """At most `limit` + 1 bytes of the member's data (the caller refuses more than `limit`)."""
+    if member.shard.endswith(PARQUET_SUFFIX):
+        return _parquet_cell(member)[: limit + 1]
     with open(member.shard, "rb") as handle:
         if os.fstat(handle.fileno()).st_mtime_ns != member.stamp[1]:
             raise OSError(f"shard {member.shard} changed while it was read")
         return os.pread(handle.fileno(), min(member.size, limit + 1), member.offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet files with a column of image bytes
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which Parquet columns hold the images and the labels (None: found as the module's note says)."""
+
+    image: str | None = None
+    label: str | None = None
+
+
+def _image_column_kind(field_type) -> str:
+    """'bytes' for a binary column, 'struct' for a struct with a binary `bytes` field, '' otherwise."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(field_type) or pa.types.is_large_binary(field_type):
+        return "bytes"
+    if pa.types.is_struct(field_type):
+        names = [field_type.field(i).name for i in range(field_type.num_fields)]
+        if "bytes" in names and _image_column_kind(field_type.field(names.index("bytes")).type) == "bytes":
+            return "struct"
+    return ""
+
+
+def _choose_image_column(schema, asked: str | None) -> str:
+    if asked is not None:
+        if asked not in schema.names:
+            raise DataError(f"no column {asked!r} (it has {', '.join(schema.names[:8])})")
+        if not _image_column_kind(schema.field(asked).type):
+            raise DataError(f"column {asked!r} holds {schema.field(asked).type}, not image bytes (binary, or a struct "
+                            "with a binary bytes field)")
+        return asked
+    found = [name for name in schema.names if _image_column_kind(schema.field(name).type)]
+    if len(found) != 1:
+        which = f"several ({', '.join(found[:4])})" if found else "none"
+        raise DataError(f"needs one column of image bytes and has {which}: name it with --image-column")
+    return found[0]
+
+
+def _class_names(schema, column: str) -> list[str] | None:
+    """A Hugging Face ClassLabel's names for `column`, from the file's metadata, or None."""
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+        feature = features[column]
+        return [str(name) for name in feature["names"]] if feature.get("_type") == "ClassLabel" else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _label_values(handle, schema, asked: str | None) -> list[str]:
+    column = asked if asked is not None else next((name for name in schema.names if name.lower() == "label"), None)
+    if column is None:
+        return []
+    if column not in schema.names:
+        raise DataError(f"no column {column!r} (it has {', '.join(schema.names[:8])})")
+    values = handle.read(columns=[column]).column(0).to_pylist()
+    names = _class_names(schema, column)
+    if names is not None:
+        return [names[v] if isinstance(v, int) and 0 <= v < len(names) else "" for v in values]
+    if any(isinstance(v, (dict, list, bytes)) for v in values if v is not None):
+        raise DataError(f"column {column!r} holds {schema.field(column).type}, not labels (text or numbers)")
+    return ["" if v is None else str(v).strip() for v in values]
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_layout(path: str, mtime_ns: int) -> tuple:
+    """(schema, the first row of each row group, the number of rows) of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    starts, total = [], 0
+    for group in range(handle.metadata.num_row_groups):
+        starts.append(total)
+        total += handle.metadata.row_group(group).num_rows
+    return handle.schema_arrow, tuple(starts), total
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: Columns) -> ShardListing:
+    import pyarrow.parquet as pq
+
+    listing = ShardListing(Path(path))
+    try:
+        schema, _, total = _parquet_layout(path, mtime_ns)
+        image = _choose_image_column(schema, columns.image)
+        labels = _label_values(pq.ParquetFile(path), schema, columns.label)
+    except DataError as exc:
+        listing.problem = str(exc)
+        return listing
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        listing.problem = f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return listing
+    listing.members = [Member(path, f"{image}/{row}", row, 0, labels[row] if labels else "", (0, mtime_ns, inode))
+                       for row in range(total)]
+    return listing
+
+
+def _parquet_member(path: str, name: str) -> Member | None:
+    column, _, row = name.rpartition("/")
+    try:
+        st = os.stat(path)
+        schema, _, total = _parquet_layout(path, st.st_mtime_ns)
+    except (OSError, ValueError):
+        return None
+    if not row.isdigit() or int(row) >= total or column not in schema.names or not _image_column_kind(
+            schema.field(column).type):
+        return None
+    return Member(path, name, int(row), 0, "", (0, st.st_mtime_ns, st.st_ino))
+
+
+@functools.lru_cache(maxsize=4)  # a row group at a time, for the threads reading its images in order
+def _row_group_cells(path: str, mtime_ns: int, group: int, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    values = pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0)
+    if _image_column_kind(values.type) == "struct":
+        values = values.combine_chunks().field("bytes")
+    return values.to_pylist()
+
+
+def _parquet_cell(member: Member) -> bytes:
+    import bisect
+
+    column, _, row = member.name.rpartition("/")
+    try:
+        _, starts, _ = _parquet_layout(member.shard, member.stamp[1])
+        group = bisect.bisect_right(starts, member.offset) - 1
+        cell = _row_group_cells(member.shard, member.stamp[1], group, column)[member.offset - starts[group]]
+    except ValueError as exc:
+        raise OSError(f"cannot read row {row} of {member.shard}: {str(exc).splitlines()[0]}") from None
+    if os.stat(member.shard).st_mtime_ns != member.stamp[1]:
+        raise OSError(f"{member.shard} changed while it was read")
+    if cell is None:
+        raise OSError(f"row {row} of column {column!r} is empty")
+    return cell
 
 
 def expand_pattern(pattern: str) -> list[Path]:

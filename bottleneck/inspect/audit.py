@@ -59,6 +59,7 @@ class AuditConfig:
     test_pct: float = 10.0
     split_file: str | None = None
     layout: str = "auto"  # of DATA: see bottleneck.features.discover
+    columns: object = None  # a Parquet DATA's image and label columns (`shards.Columns`), or None
     labels: str | None = None  # a label file naming the images instead
     duplicate_factor: float = DUPLICATE_FACTOR
     neighbours: int = NEIGHBOURS
@@ -275,7 +276,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout,
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout, columns=config.columns,
                                   labels=config.labels, need_labels=False)
     labels = list(data.labels)
     unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -158,6 +158,8 @@ class LabelledFeatures:
     folder_splits: dict[str, str] = field(default_factory=dict)  # split folders or a split column: relpath -> split
     groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
     split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
+    layout: str = "classes"  # how DATA was read (see `bottleneck.features.discover`)
+    columns: object = None  # a Parquet DATA's image and label columns as given (`shards.Columns`), or None
 
     @property
     def classes(self) -> list[str]:
@@ -283,6 +285,7 @@ def load_labelled_features(
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
     need_labels: bool = True,
+    columns=None,
 ) -> LabelledFeatures:
     """Match the images under DATA to cached features; warn about images the cache lacks.
 
@@ -293,7 +296,7 @@ def load_labelled_features(
     out (see `bottleneck.features.discover`); `labels` a label file naming the images instead;
     without `need_labels` a plain folder of images (no classes) is taken too.
     """
-    discovery = discover_images(data_dir, layout=layout, labels=labels)
+    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
     if not discovery.classes and need_labels:
         raise DataError(f"{discovery.root} holds images but no labels: a head needs labels, from one sub-folder per "
                         "class (DATA/<class>/...), split folders of those, a .cls member beside each image in tar "
@@ -371,6 +374,8 @@ def load_labelled_features(
         folder_splits=discovery.folder_splits,
         groups=discovery.groups,
         split_source="the label file's {} rows" if discovery.layout == "label-file" else "the {} folder",
+        layout=discovery.layout,
+        columns=columns,
     )
 
 
@@ -443,11 +448,8 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         return data, 0
     if not keep.any():
         raise DataError(f"--exclude {source} leaves no image with features to train on")
-    kept = LabelledFeatures(
-        relpaths=[p for p, k in zip(data.relpaths, keep) if k],
-        labels=[label for label, k in zip(data.labels, keep) if k],
-        rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
-        failed=data.failed, non_finite=data.non_finite, memory=data.memory,
-        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], root=data.root,
-        folder_splits=data.folder_splits, groups=data.groups, split_source=data.split_source)
+    kept = replace(  # every other field (where the data came from, how it was split) carries over
+        data, relpaths=[p for p, k in zip(data.relpaths, keep) if k],
+        labels=[label for label, k in zip(data.labels, keep) if k], rows=data.rows.subset(keep),
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k])
     return kept, int((~keep).sum())

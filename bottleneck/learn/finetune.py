@@ -32,6 +32,7 @@ from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
 from bottleneck.learn.metrics import misclassified, split_metrics
+from bottleneck.features.shards import Columns
 from bottleneck.learn.pretrain import load_images
 from bottleneck.learn.run_folder import FINE_TUNED, LoadedRun, load_run
 from bottleneck.learn.splits import SPLITS, read_split_csv
@@ -295,7 +296,8 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
     listed = len(read_split_csv(run.folder / "split.csv"))
     pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
                                                    layout=run.config.get("layout", "classes"),
-                                                   labels=run.config.get("labels_file"))
+                                                   labels=run.config.get("labels_file"),
+                                                   columns=Columns(**run.config["columns"]) if run.config.get("columns") else None)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
     return (pixels[keep], np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],

@@ -60,7 +60,7 @@ class PretrainResult:
 
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
                 wanted: tuple[str, ...] = ("train", "validation", "test"),
-                layout: str = "auto", labels: str | None = None,
+                layout: str = "auto", labels: str | None = None, columns=None,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
     folders or the default split).
@@ -70,7 +70,7 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    discovery = discover_images(data_dir, layout=layout, labels=labels)
+    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
     images = discovery.images
     if split_file:
         saved = read_split_csv(split_file)
@@ -124,7 +124,7 @@ def labels_file(model_path: Path) -> Path:
 
 def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
              split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
-             layout: str = "auto", labels: str | None = None) -> PretrainResult:
+             layout: str = "auto", labels: str | None = None, columns=None) -> PretrainResult:
     """Train the base on DATA's train split (validation split for early stopping) and save it to `out`."""
     tf, keras = import_tensorflow()
     tf.config.experimental.enable_op_determinism()
@@ -133,7 +133,7 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
         raise BottleneckError(f"--out must end in .keras; got {out}")
     started = time.perf_counter()
     pixels, names, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"), layout,
-                                           labels)
+                                           labels, columns)
     classes = sorted(set(names))
     index = {label: i for i, label in enumerate(classes)}
     y = np.array([index[label] for label in names])

@@ -218,11 +218,13 @@ def train_head(
     augment_flip: float | None = None,
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
+    columns=None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
     `layout` is how DATA is laid out (see `bottleneck.features.discover`); split folders give the splits.
-    `labels` is a label file naming the images and labels instead (DATA may then be None).
+    `labels` is a label file naming the images and labels instead (DATA may then be None); `columns`
+    names a Parquet DATA's image and label columns (`bottleneck.features.shards.Columns`).
 
     `augment` adds cached augmented views of the training images (`features --augment N`): that
     many per image, or 0 for every view the cache holds; validation and test images never get any.
@@ -238,7 +240,8 @@ def train_head(
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
     batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
-                                  stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels)
+                                  stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels,
+                                  columns=columns)
     data_dir = data.root  # a label file without DATA: paths are relative to its folder
     listed = read_exclude_file(exclude, data_dir) if exclude else []
     excluded = None
@@ -341,7 +344,8 @@ def train_on_features(
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
             "split_file": split_file,
-            "layout": "label-file" if labels_file else "split-folders" if data.folder_splits else "classes",
+            "layout": data.layout,
+            "columns": asdict(data.columns) if data.columns else None,
             "labels_file": str(Path(labels_file).absolute()) if labels_file else None,
             "folds": folds,
             "exclude": excluded,
