@@ -186,3 +186,104 @@ def test_unlabelled_shards_serve_features_but_not_a_head(tmp_path, capsys):
     assert "4 images" in capsys.readouterr().out
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "r")]) == 2
     assert "holds images but no labels" in capsys.readouterr().err
+
+
+def write_parquet(path: Path, count: int, struct: bool = True, extra_bytes_column: bool = False,
+                  empty_rows: tuple[int, ...] = (), row_group_size: int = 7) -> None:
+    """A Hugging Face style Parquet file: an image column ({bytes, path} structs or plain bytes), a ClassLabel."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(COLOURS)
+    cells, labels = [], []
+    for number in range(count):
+        data = image_bytes(synthetic_image(COLOURS[names[number % 3]], seed=number), "PNG")
+        data = None if number in empty_rows else data
+        cells.append({"bytes": data, "path": f"{number}.png"} if struct else data)
+        labels.append(number % 3)
+    columns = {"image": pa.array(cells), "label": pa.array(labels)}
+    if extra_bytes_column:
+        columns["thumb"] = pa.array([b"x"] * count)
+    meta = {b"huggingface": json.dumps({"info": {"features": {"label": {"names": names, "_type": "ClassLabel"}}}}).encode()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns).replace_schema_metadata(meta), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("struct", [True, False])
+def test_parquet_image_bytes_end_to_end(tmp_path, capsys, struct):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    write_parquet(data / "train-0.parquet", 24, struct=struct)
+    write_parquet(data / "train-1.parquet", 12, struct=struct)  # the same first 12 images: content keys match
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert (result["images"], result["computed"], result["reused"], result["failed"]) == (36, 24, 12, 0)
+    assert "Parquet files: 2 files, 36 images in 3 classes (labels from its label column)" in captured.err
+    assert main(["train-head", "--data", str(data / "train-0.parquet"), "--cache", str(cache), *PIXELS,
+                 "--runs", str(runs)]) == 0
+    capsys.readouterr()
+    run = only_run(runs)
+    config = json.loads((run / "config.json").read_text())
+    assert config["layout"] == "shards" and "train-0.parquet/image/5" in (run / "split.csv").read_text()
+    assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["accuracy"] == 1.0
+    assert main(["predict", "--run", str(run), str(data / "train-1.parquet" / "image" / "4"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"][0]["label"] == "green"
+
+
+def test_parquet_columns_named_or_refused_in_one_line(tmp_path, capsys):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_parquet(data / "a.parquet", 9, extra_bytes_column=True, empty_rows=(4,))
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
+    assert "needs one column of image bytes and has several (image, thumb): name it with --image-column" in \
+        capsys.readouterr().err
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json",
+                 "--image-column", "image"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert (result["images"], result["computed"], result["failed"]) == (9, 8, 1)  # the empty cell: one failure
+    assert "row 4 of column 'image' is empty" in captured.out + captured.err
+    for flags, expected in ((["--image-column", "label"], "column 'label' holds int64, not image bytes"),
+                            (["--image-column", "nope"], "no column 'nope'"),
+                            (["--image-column", "image", "--label-column", "image"], "not labels")):
+        assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+    (data / "b.parquet").write_bytes((data / "a.parquet").read_bytes()[:300])  # cut short: one line, the rest goes on
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--image-column", "image"]) == 0
+    assert "shard b.parquet: not a readable Parquet file" in capsys.readouterr().err
+
+
+def test_hostile_member_names_and_links_are_read_in_place_never_followed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image_bytes(synthetic_image((1, 2, 3), seed=7), "PNG"))
+    with tarfile.open(data / "a.tar", "w") as archive:
+        for name in ("../escape.png", "/abs/root.png", "x.tar/inner.png"):
+            add_member(archive, name, image_bytes(synthetic_image((200, 0, 0), seed=len(name)), "PNG"))
+            add_member(archive, name.rsplit(".", 1)[0] + ".cls", b"red")
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, str(secret)
+        archive.addfile(link)
+        add_member(archive, "b.png", image_bytes(synthetic_image((0, 0, 200), seed=1), "PNG"))
+        add_member(archive, "b.cls", b"blue")
+    found = discover_images(data)
+    assert sorted(image.relpath for image in found.images) == ["a.tar/b.png", "a.tar/x.tar/inner.png"]
+    assert found.skipped["not a regular member (a link or device)"] == 1
+    assert found.skipped["member name with an empty, . or .. part"] == 4  # 2 images, 2 labels: such paths leave the shard
+    from bottleneck.features.decode import read_image_file
+
+    for image in found.images:  # every one is read from inside the shard, nothing outside it
+        data_bytes, _ = read_image_file(image.path)
+        assert data_bytes.startswith(b"\x89PNG")
+    assert not (tmp_path / "escape.png").exists()
+
+
+def test_ray_reads_shards_in_parallel_and_writes_a_segment_per_shard(tmp_path):
+    pytest.importorskip("ray")
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_shards(data, per_shard=5, shards=3)
+    result = extract_features(data, cache, BackboneSpec(architecture="pixels", image_size=8), engine="ray", workers=2)
+    assert (result.computed, result.shards, result.failed) == (15, 3, 0)
+    segments = list((cache / f"{result.store.stem}.segments").glob("seg-*.h5"))
+    assert len(segments) == 3

@@ -138,11 +138,16 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
             labels: dict[str, tuple[int, str]] = {}
             found: list[tarfile.TarInfo] = []
             for info in infos:
-                if not info.isreg():
+                if not info.isreg():  # folders are names only; links and devices are never followed
+                    if not info.isdir():
+                        listing.skipped["not a regular member (a link or device)"] += 1
                     continue
                 key, extension = sample_key(info.name)
                 last = "." + extension.rsplit(".", 1)[-1] if extension else ""
-                if any(part.startswith(".") for part in info.name.split("/")):
+                parts = info.name.split("/")
+                if any(part in ("", ".", "..") for part in parts):  # no path to it would stay inside the shard
+                    listing.skipped["member name with an empty, . or .. part"] += 1
+                elif any(part.startswith(".") for part in parts):
                     listing.skipped["hidden"] += 1
                 elif last in images:
                     found.append(info)
