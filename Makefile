@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,openvino,test,ray,jax,audit
+EXTRAS ?= cpu,openvino,test,ray,jax,audit,parquet
 # PyTorch is optional (its wheels are large): WITH_TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
 # installs the CPU build for the torch backend's tests; empty: those tests say they were skipped.
 WITH_TORCH ?=
@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision clean
+.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-precision: $(STAMP)
 	$(BIN)/python scripts/bench_precision.py --out $(CACHE)/bench-precision $(ARGS)
 
 # `bottleneck audit` on 100,000 images (2048-d features written straight into the store): time, memory, recall.
+# The same 10,000 images as files and as webdataset tar shards, end to end (ARGS=--images 1000 for a quick look).
+bench-shards: $(STAMP)
+	$(BIN)/python scripts/bench_shards.py --out $(CACHE)/bench-shards $(ARGS)
+
 bench-audit: $(STAMP)
 	$(BIN)/python scripts/bench_audit.py --out $(CACHE)/bench-audit $(ARGS)
 

@@ -286,10 +286,18 @@ def _label_values(handle, schema, asked: str | None) -> list[str]:
     return ["" if v is None else str(v).strip() for v in values]
 
 
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install 'bottleneck[parquet]' (or pyarrow)") from None
+    return pq
+
+
 @functools.lru_cache(maxsize=64)
 def _parquet_layout(path: str, mtime_ns: int) -> tuple:
     """(schema, the first row of each row group, the number of rows) of a Parquet file."""
-    import pyarrow.parquet as pq
+    pq = _pyarrow_parquet()
 
     handle = pq.ParquetFile(path)
     starts, total = [], 0
@@ -301,10 +309,9 @@ def _parquet_layout(path: str, mtime_ns: int) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: Columns) -> ShardListing:
-    import pyarrow.parquet as pq
-
     listing = ShardListing(Path(path))
     try:
+        pq = _pyarrow_parquet()
         schema, _, total = _parquet_layout(path, mtime_ns)
         image = _choose_image_column(schema, columns.image)
         labels = _label_values(pq.ParquetFile(path), schema, columns.label)
@@ -324,7 +331,7 @@ def _parquet_member(path: str, name: str) -> Member | None:
     try:
         st = os.stat(path)
         schema, _, total = _parquet_layout(path, st.st_mtime_ns)
-    except (OSError, ValueError):
+    except (OSError, ValueError, DataError):
         return None
     if not row.isdigit() or int(row) >= total or column not in schema.names or not _image_column_kind(
             schema.field(column).type):
@@ -334,9 +341,7 @@ def _parquet_member(path: str, name: str) -> Member | None:
 
 @functools.lru_cache(maxsize=4)  # a row group at a time, for the threads reading its images in order
 def _row_group_cells(path: str, mtime_ns: int, group: int, column: str) -> list:
-    import pyarrow.parquet as pq
-
-    values = pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0)
+    values = _pyarrow_parquet().ParquetFile(path).read_row_group(group, columns=[column]).column(0)
     if _image_column_kind(values.type) == "struct":
         values = values.combine_chunks().field("bytes")
     return values.to_pylist()
