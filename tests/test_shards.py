@@ -218,7 +218,7 @@ def test_parquet_image_bytes_end_to_end(tmp_path, capsys, struct):
     captured = capsys.readouterr()
     result = json.loads(captured.out.splitlines()[-1])
     assert (result["images"], result["computed"], result["reused"], result["failed"]) == (36, 24, 12, 0)
-    assert "Parquet files: 2 files, 36 images in 3 classes (labels from its label column)" in captured.err
+    assert "Parquet files: 2 files, 36 images in 3 classes (labels from the label column)" in captured.err
     assert main(["train-head", "--data", str(data / "train-0.parquet"), "--cache", str(cache), *PIXELS,
                  "--runs", str(runs)]) == 0
     capsys.readouterr()
@@ -287,3 +287,21 @@ def test_ray_reads_shards_in_parallel_and_writes_a_segment_per_shard(tmp_path):
     assert (result.computed, result.shards, result.failed) == (15, 3, 0)
     segments = list((cache / f"{result.store.stem}.segments").glob("seg-*.h5"))
     assert len(segments) == 3
+
+
+def test_an_unchanged_shard_is_listed_once_for_good(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    [shard] = write_shards(data, per_shard=4, shards=1)
+    write_parquet(data / "p.parquet", 5)
+    spec = BackboneSpec(architecture="pixels", image_size=8)
+    assert extract_features(data, cache, spec).computed == 5  # the Parquet file's first 4 images are the tar's
+    shards_module._listing.cache_clear()  # a new process: nothing listed in memory
+    shards_module._parquet_listing.cache_clear()
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("an unchanged shard was listed again"))
+    monkeypatch.setattr(shards_module, "_parquet_listing", lambda *a: pytest.fail("an unchanged Parquet file was listed again"))
+    monkeypatch.setattr(shards_module, "read_member", lambda *a: pytest.fail("a member was read"))
+    again = extract_features(data, cache, spec)
+    assert (again.computed, again.reused, again.images) == (0, 9, 9)
+    monkeypatch.undo()
+    os.utime(shard, ns=(1, 10**18))  # touched: listed (and its members hashed) again
+    assert extract_features(data, cache, spec).reused == 9

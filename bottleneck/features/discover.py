@@ -117,10 +117,11 @@ class Discovery:
     def layout_line(self) -> str:
         """One line on how DATA was read, for split folders and label files ("" for class folders)."""
         if self.layout == "shards":
-            parquet = self.images[0].container.lower().endswith(".parquet")
-            where = "its label column" if parquet else "the samples' .cls, .txt or .json members"
+            parquet = sum(image.container.lower().endswith(".parquet") for image in self.images)
+            kind, unit, where = (("Parquet files", "file", "the label column") if parquet == len(self.images) else
+                                 ("tar shards", "shard", "the samples' .cls, .txt or .json members") if not parquet else
+                                 ("tar and Parquet shards", "shard", "label members and columns"))
             labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
-            kind, unit = ("Parquet files", "file") if parquet else ("tar shards", "shard")
             return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
             return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
@@ -253,16 +254,23 @@ def shards_in(folder: Path) -> list[Path]:
         return []
 
 
-def shard_members(root: Path, shards: list[Path], columns=None) -> tuple[list[ImageFile], Counter, list[str]]:
+def shard_members(root: Path, shards: list[Path], columns=None,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[list[ImageFile], Counter, list[str]]:
     """The image members of shards (see `bottleneck.features.shards`; `columns` names a Parquet file's image and
     label columns) with their labels ("" for none), relative to `root`; what was skipped; one warning line per
-    shard that could not be read whole."""
+    shard that could not be read whole. Listings are remembered in `cache_dir`'s hash index, where it is a folder."""
+    from bottleneck.features.hashing import HashIndex
     from bottleneck.features.shards import list_shard
 
     skipped: Counter = Counter()
     warnings, images = [], []
-    for shard in shards:
-        listing = list_shard(shard, columns)
+    index = HashIndex(cache_dir) if cache_dir is not None and os.path.isdir(cache_dir) else None
+    try:
+        listings = [list_shard(shard, columns, index) for shard in shards]
+    finally:
+        if index is not None:
+            index.close()
+    for shard, listing in zip(shards, listings):
         relshard = _relpath_or_absolute(shard.absolute(), root)
         if listing.problem:
             warnings.append(f"shard {relshard}: {listing.problem}")
@@ -282,9 +290,9 @@ def _relpath_or_absolute(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _from_shards(root: Path, shards: list[Path], min_classes: int, columns=None) -> Discovery:
+def _from_shards(root: Path, shards: list[Path], min_classes: int, columns=None, cache_dir=None) -> Discovery:
     """The image members of shards, labelled by their samples (all of them, when no sample has a label)."""
-    images, skipped, warnings = shard_members(root, shards, columns)
+    images, skipped, warnings = shard_members(root, shards, columns, cache_dir)
     if not images:
         raise DataError(f"no images found in the {len(shards)} shards of {root}"
                         + (f" ({warnings[0]})" if warnings else ""))
@@ -407,16 +415,18 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
 
 
 def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",
-                    labels: str | os.PathLike | None = None, columns=None) -> Discovery:
+                    labels: str | os.PathLike | None = None, columns=None,
+                    cache_dir: str | os.PathLike | None = None) -> Discovery:
     """List the images under `data_dir` (see the module's note on layouts), or those a label file names;
-    raise `DataError` if unusable. `columns` (`shards.Columns`) names a Parquet file's image and label columns."""
+    raise `DataError` if unusable. `columns` (`shards.Columns`) names a Parquet file's image and label columns;
+    `cache_dir`, where given, remembers the listings of shards."""
     if labels is not None:
         return _from_label_file(data_dir, labels, min_classes)
     if data_dir is None:
         raise DataError("give DATA (a folder of images) or --labels FILE")
     shard_source = shard_source_of(os.fspath(data_dir))
     if shard_source is not None:
-        return _from_shards(*shard_source, min_classes, columns)
+        return _from_shards(*shard_source, min_classes, columns, cache_dir)
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -432,7 +442,7 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
         raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
     chosen = choose_layout(root, [entry for entry in top if entry.is_dir() and not _is_hidden(entry.name)], layout)
     if chosen == "shards":
-        return _from_shards(root, shards_in(root), min_classes, columns)
+        return _from_shards(root, shards_in(root), min_classes, columns, cache_dir)
     if chosen == "plain":  # every image under DATA, without a label
         images = sorted((image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)),
                         key=lambda im: im.relpath)

@@ -222,7 +222,9 @@ def extract_features(
     """
     options = options or ExtractOptions(**option_values)
     started = time.monotonic()
-    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
+    with contextlib.suppress(OSError):  # so that the listings of shards are remembered from the first run
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns, cache_dir=cache_dir)
     for line in discovery.warnings:
         log(f"warning: {line}")
     done = compute_into_store(discovery.images, cache_dir, spec, options, log)

@@ -17,6 +17,9 @@ from pathlib import Path
 INDEX_NAME = "file-hashes.sqlite"
 _CHUNK = 1 << 20
 _SCHEMA = "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
+#: Shard listings (see `bottleneck.features.shards`), remembered by path and stamp: an unchanged shard is not listed again.
+_SHARD_SCHEMA = ("CREATE TABLE IF NOT EXISTS shards (key BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
+                 "listing TEXT)")
 _DAMAGED = ("file is not a database", "malformed", "database corrupt", "no such table", "no such column")
 
 
@@ -80,6 +83,7 @@ class HashIndex:
         try:
             db = sqlite3.connect(self.path, timeout=60)
             db.execute(_SCHEMA)
+            db.execute(_SHARD_SCHEMA)
             db.commit()
             db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM files LIMIT 1").fetchall()
             return db
@@ -111,6 +115,7 @@ class HashIndex:
                 pass
         db = sqlite3.connect(":memory:")
         db.execute(_SCHEMA)
+        db.execute(_SHARD_SCHEMA)
         return db
 
     def _load(self) -> dict[str, tuple[int, int, int, str]]:
@@ -157,6 +162,26 @@ class HashIndex:
             known = sha256_file(key)
             self.remember(key, stamp, known)
         return known
+
+    def shard_listing(self, key: str, stamp: tuple[int, int, int]) -> str | None:
+        """The listing remembered for shard `key` if its stamp is unchanged, else None."""
+        try:
+            row = self._db.execute("SELECT size, mtime_ns, inode, listing FROM shards WHERE key = ?",
+                                   (os.fsencode(key),)).fetchone()
+        except sqlite3.Error:  # an index of an older version (read-only), or damaged: list the shard again
+            return None
+        return row[3] if row is not None and tuple(row[:3]) == tuple(stamp) else None
+
+    def remember_shard_listing(self, key: str, stamp: tuple[int, int, int], listing: str) -> None:
+        """Write a shard's listing now (where the disk takes it: it is only a cache)."""
+        if not self.writable:
+            return
+        try:
+            with self._db:
+                self._db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
+                                 (os.fsencode(key), *stamp, listing))
+        except sqlite3.Error:
+            self.writable = False
 
     def close(self) -> None:
         self.flush()

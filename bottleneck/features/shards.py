@@ -16,8 +16,9 @@ Hugging Face's `{bytes, path}` structs); the label column is `--label-column`, e
 there is one (a Hugging Face ClassLabel's integers become its names). A row group is read once
 for the images it holds, not once per image.
 
-A shard is listed once per process (its headers only: the data is skipped) while its size and
-mtime are unchanged. A shard cut short keeps the members it holds whole; one that is not a tar,
+A shard is listed once (its headers only: the data is skipped) while its size and mtime are
+unchanged: the cache's hash index remembers the listing, so an unchanged rerun reads neither a
+header nor an image of it. A shard cut short keeps the members it holds whole; one that is not a tar,
 or is compressed (its members have no offset to read at), is one line and the rest go on.
 """
 from __future__ import annotations
@@ -172,9 +173,10 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     return listing
 
 
-def list_shard(path: str | os.PathLike, columns: "Columns | None" = None) -> ShardListing:
-    """The image members of one shard, a tar or a Parquet file (listed once per process while its size and mtime
-    are unchanged); `columns` names a Parquet file's image and label columns."""
+def list_shard(path: str | os.PathLike, columns: "Columns | None" = None, index=None) -> ShardListing:
+    """The image members of one shard, a tar or a Parquet file; `columns` names a Parquet file's image and label
+    columns. Listed once per process while its size and mtime are unchanged, and once for good where `index`
+    (the cache's `HashIndex`) remembers the listing."""
     absolute = os.path.abspath(path)
     try:
         st = os.stat(absolute)
@@ -182,9 +184,30 @@ def list_shard(path: str | os.PathLike, columns: "Columns | None" = None) -> Sha
         return ShardListing(Path(absolute), problem=f"cannot read: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return ShardListing(Path(absolute), problem="not a regular file: not read")
-    if absolute.lower().endswith(PARQUET_SUFFIX):
-        return _parquet_listing(absolute, st.st_size, st.st_mtime_ns, st.st_ino, columns or Columns())
-    return _listing(absolute, st.st_size, st.st_mtime_ns, st.st_ino)
+    parquet = absolute.lower().endswith(PARQUET_SUFFIX)
+    columns = columns or Columns()
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    key = f"{absolute}\0{columns.image or ''}\0{columns.label or ''}" if parquet else absolute
+    remembered = index.shard_listing(key, stamp) if index is not None else None
+    if remembered is not None:
+        return _listing_from_text(absolute, remembered, st)
+    listing = _parquet_listing(absolute, *stamp[:2], st.st_ino, columns) if parquet else _listing(absolute, *stamp)
+    if index is not None:
+        index.remember_shard_listing(key, stamp, _listing_as_text(listing))
+    return listing
+
+
+def _listing_as_text(listing: ShardListing) -> str:
+    return json.dumps({"members": [[m.name, m.offset, m.size, m.label] for m in listing.members],
+                       "skipped": dict(listing.skipped), "problem": listing.problem}, separators=(",", ":"))
+
+
+def _listing_from_text(path: str, text: str, st: os.stat_result) -> ShardListing:
+    saved = json.loads(text)
+    parquet = path.lower().endswith(PARQUET_SUFFIX)
+    members = [Member(path, name, offset, size, label, (0 if parquet else size, st.st_mtime_ns, st.st_ino))
+               for name, offset, size, label in saved["members"]]
+    return ShardListing(Path(path), members, Counter(saved["skipped"]), saved["problem"])
 
 
 def member_of(path: str | os.PathLike) -> Member | None:

@@ -296,7 +296,7 @@ def load_labelled_features(
     out (see `bottleneck.features.discover`); `labels` a label file naming the images instead;
     without `need_labels` a plain folder of images (no classes) is taken too.
     """
-    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
+    discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns, cache_dir=cache_dir)
     if not discovery.classes and need_labels:
         raise DataError(f"{discovery.root} holds images but no labels: a head needs labels, from one sub-folder per "
                         "class (DATA/<class>/...), split folders of those, a .cls member beside each image in tar "

@@ -60,8 +60,10 @@ class PredictResult:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def list_inputs(paths: list[str]) -> tuple[list[ImageFile], list[Prediction], Counter]:
-    """The image files named by `paths` (folders searched recursively), and a failure for each missing path.
+def list_inputs(paths: list[str], cache_dir: str | os.PathLike | None = None
+                ) -> tuple[list[ImageFile], list[Prediction], Counter]:
+    """The image files named by `paths` (folders searched recursively, shards listed: their listings remembered
+    in `cache_dir`), and a failure for each missing path.
 
     Each image's `relpath` is the path to show: as given, or the folder as given joined with the path inside it.
     """
@@ -73,7 +75,7 @@ def list_inputs(paths: list[str]) -> tuple[list[ImageFile], list[Prediction], Co
         path = Path(given)
         shards = shard_source_of(given) or ((path, shards_in(path)) if path.is_dir() and not holds_images(path) else None)
         if shards is not None and shards[1]:  # tar shards, or a folder of them: their image members
-            found, found_skipped, _ = shard_members(path if path.is_dir() else shards[0], shards[1])
+            found, found_skipped, _ = shard_members(path if path.is_dir() else shards[0], shards[1], cache_dir=cache_dir)
             skipped.update(found_skipped)
             images.extend(replace(image, relpath=_shown(given, image, path.is_dir())) for image in found)
             continue
@@ -156,7 +158,7 @@ def predict_images(
         raise DataError(f"--top must be at least 1; got {top}")
     started = time.monotonic()
     run = run if isinstance(run, LoadedRun) else load_run(run)
-    images, predictions, skipped = list_inputs(paths)
+    images, predictions, skipped = list_inputs(paths, run.cache_dir)
     if not images and not predictions:
         raise DataError(f"no images found in {', '.join(paths)}")
     computed = reused = views_computed = 0
