@@ -295,8 +295,7 @@ def test_an_unchanged_shard_is_listed_once_for_good(tmp_path, monkeypatch):
     write_parquet(data / "p.parquet", 5)
     spec = BackboneSpec(architecture="pixels", image_size=8)
     assert extract_features(data, cache, spec).computed == 5  # the Parquet file's first 4 images are the tar's
-    shards_module._listing.cache_clear()  # a new process: nothing listed in memory
-    shards_module._parquet_listing.cache_clear()
+    shards_module._LISTED.clear()  # a new process: nothing listed in memory
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("an unchanged shard was listed again"))
     monkeypatch.setattr(shards_module, "_parquet_listing", lambda *a: pytest.fail("an unchanged Parquet file was listed again"))
     monkeypatch.setattr(shards_module, "read_member", lambda *a: pytest.fail("a member was read"))

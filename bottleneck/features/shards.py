@@ -128,7 +128,6 @@ def _read_small(handle, info: tarfile.TarInfo) -> bytes:
     return handle.read(min(info.size, _LABEL_MEMBER_LIMIT))
 
 
-@functools.lru_cache(maxsize=64)
 def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     listing = ShardListing(Path(path))
     images = _image_extensions()
@@ -188,13 +187,31 @@ def list_shard(path: str | os.PathLike, columns: "Columns | None" = None, index=
     columns = columns or Columns()
     stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
     key = f"{absolute}\0{columns.image or ''}\0{columns.label or ''}" if parquet else absolute
-    remembered = index.shard_listing(key, stamp) if index is not None else None
-    if remembered is not None:
-        return _listing_from_text(absolute, remembered, st)
-    listing = _parquet_listing(absolute, *stamp[:2], st.st_ino, columns) if parquet else _listing(absolute, *stamp)
-    if index is not None:
+    listing = _LISTED.get((key, stamp))
+    if listing is None:
+        remembered = index.shard_listing(key, stamp) if index is not None else None
+        if remembered is not None:
+            listing = _listing_from_text(absolute, remembered, st)
+        else:
+            listing = _parquet_listing(absolute, *stamp, columns) if parquet else _listing(absolute, *stamp)
+            if index is not None:
+                index.remember_shard_listing(key, stamp, _listing_as_text(listing))
+        _keep_listed((key, stamp), listing)
+    elif index is not None and index.shard_listing(key, stamp) is None:
         index.remember_shard_listing(key, stamp, _listing_as_text(listing))
     return listing
+
+
+#: Listings made or read in this process, by shard (and Parquet columns) and stamp: the readers of members
+#: (engines, hashing, predict) find them here. Bounded: the oldest go first.
+_LISTED: dict[tuple, ShardListing] = {}
+_LISTED_MAX = 256
+
+
+def _keep_listed(key: tuple, listing: ShardListing) -> None:
+    while len(_LISTED) >= _LISTED_MAX:
+        del _LISTED[next(iter(_LISTED))]
+    _LISTED[key] = listing
 
 
 def _listing_as_text(listing: ShardListing) -> str:
@@ -330,7 +347,6 @@ def _parquet_layout(path: str, mtime_ns: int) -> tuple:
     return handle.schema_arrow, tuple(starts), total
 
 
-@functools.lru_cache(maxsize=64)
 def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: Columns) -> ShardListing:
     listing = ShardListing(Path(path))
     try:
