@@ -105,6 +105,10 @@ def test_shards_end_to_end_features_train_predict_report(tmp_path, capsys):
 
     assert thumbnail_uri(member).startswith("data:image/jpeg;base64,")
     assert main(["report", "--runs", str(runs), "--out", str(tmp_path / "report.html")]) == 0
+    # export's parity check reads the test members out of their shards, as predict does
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    parity = json.loads((tmp_path / "export" / "export.json").read_text())["parity"]["saved_model"]["as given"]
+    assert parity["images"] >= 3 and parity["max_abs_diff"] < 1e-4
 
 
 def test_a_changed_shard_is_read_again_and_an_unchanged_one_never(tmp_path, monkeypatch):
