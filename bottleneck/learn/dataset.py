@@ -158,9 +158,14 @@ class LabelledFeatures:
     folder_splits: dict[str, str] = field(default_factory=dict)  # split folders or a split column: relpath -> split
     groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
     split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
+    multi_label: bool = False  # a label file gave some image several labels
+    label_sets: list[tuple[str, ...]] = field(default_factory=list)  # multi-label: each image's labels (`labels` joins them)
 
     @property
     def classes(self) -> list[str]:
+        """The labels a head learns: single-label the classes; multi-label every label any image carries."""
+        if self.multi_label:
+            return sorted({label for labels in self.label_sets for label in labels})
         return sorted(set(self.labels))
 
     @property
@@ -370,6 +375,8 @@ def load_labelled_features(
         folder_splits=discovery.folder_splits,
         groups=discovery.groups,
         split_source="the label file's {} rows" if discovery.layout == "label-file" else "the {} folder",
+        multi_label=discovery.multi_label,
+        label_sets=[image.labels for image, _, _ in keep] if discovery.multi_label else [],
     )
 
 
@@ -448,5 +455,6 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         rows=data.rows.subset(keep), store_path=data.store_path, attrs=data.attrs, missing=data.missing,
         failed=data.failed, non_finite=data.non_finite, memory=data.memory,
         content_hashes=[h for h, k in zip(data.content_hashes, keep) if k], root=data.root,
-        folder_splits=data.folder_splits, groups=data.groups, split_source=data.split_source)
+        folder_splits=data.folder_splits, groups=data.groups, split_source=data.split_source,
+        multi_label=data.multi_label, label_sets=[labels for labels, k in zip(data.label_sets, keep) if k])
     return kept, int((~keep).sum())
