@@ -236,3 +236,14 @@ def test_a_sigmoid_head_file_round_trips_and_a_mismatched_head_is_refused(made, 
     (copy / "thresholds.json").unlink()
     with pytest.raises(RunError, match="multi-label run without its thresholds.json"):
         load_run(copy)
+
+
+def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets(made):
+    with open(made["run"] / "split.csv", newline="") as handle:
+        saved = [[row["path"], ";".join(reversed(row["label"].split(";"))), row["split"]] for row in csv.DictReader(handle)]
+    split_file = write_table(made["root"] / "reordered-split.csv", ["path", "label", "split"], saved)
+    runs = made["root"] / "split-file-runs"
+    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
+                 "--split-file", str(split_file)]) == 0
+    [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()

@@ -81,6 +81,10 @@ def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | N
     if split_file is None:
         return [drawn[p] for p in data.relpaths]
     saved = read_split_csv(split_file)
+    if data.multi_label:  # a label set written in another order (`dog;beach`) is the same set
+        from bottleneck.features.label_file import joined_labels, split_labels
+
+        saved = {p: (joined_labels(split_labels(label)), split) for p, (label, split) in saved.items()}
     contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
                     if p in saved and saved[p][0] != label]
     if contradicted:
