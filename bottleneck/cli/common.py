@@ -242,8 +242,13 @@ def select_backend(args: argparse.Namespace, spec=None) -> None:
 
 
 def print_split_scores(metrics: dict, out) -> None:
-    """One line per split of a run's metrics: accuracy, macro F1, log loss, images."""
+    """One line per split of a run's metrics: accuracy, macro F1, log loss, images (multi-label: mean average
+    precision, micro and macro F1, exact match)."""
     for name, scores in metrics["splits"].items():
-        if scores:
+        if scores and scores.get("multi_label"):
+            found = scores["mean_average_precision"]
+            out(f"  {name:<10} mAP {'-' if found is None else f'{found:.4f}'}  micro F1 {scores['micro_f1']:.4f}  "
+                f"macro F1 {scores['macro_f1']:.4f}  exact match {scores['exact_match']:.4f}  ({scores['images']} images)")
+        elif scores:
             out(f"  {name:<10} accuracy {scores['accuracy']:.4f}  macro F1 {scores['macro_f1']:.4f}  "
                 f"log loss {scores['log_loss']:.4f}  ({scores['images']} images)")

@@ -19,6 +19,9 @@ def _table(predictions) -> str:
         shown = p.path if len(p.path) <= width else "..." + p.path[-(width - 3):]
         if p.error is not None:
             lines.append(f"{shown:<{width}}  error: {p.error}")
+        elif p.labels is not None:
+            lines.append(f"{shown:<{width}}  " + ("  ".join(f"{label} {probability:.4f}" for label, probability in p.labels)
+                         or f"(no label over its threshold; most probable: {p.top[0][0]} {p.top[0][1]:.4f})"))
         else:
             lines.append(f"{shown:<{width}}  " + "  ".join(f"{label} {probability:.4f}" for label, probability in p.top))
     return "\n".join(lines)
@@ -38,15 +41,26 @@ def _check_csv_target(path: str) -> None:
         raise DataError(f"--csv {path} cannot be written (no permission, or a read-only file system)")
 
 
-def _write_csv(path: str, predictions, top: int) -> None:
+def _write_csv(path: str, predictions, top: int, multi_labels: list[str] | None = None) -> None:
+    """path, error and the top labels with probabilities; a multi-label run (`multi_labels`, its labels): path,
+    error, the labels given (`a;b`) and a probability column per label."""
     from bottleneck.errors import DataError
+    from bottleneck.features.label_file import joined_labels
+    from bottleneck.learn.runs import PROBABILITY_PREFIX
 
     try:
         with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "error", *[f"{kind}_{k + 1}" for k in range(top) for kind in ("label", "probability")]])
+            if multi_labels is not None:
+                writer.writerow(["path", "error", "labels", *(PROBABILITY_PREFIX + label for label in multi_labels)])
+            else:
+                writer.writerow(["path", "error", *[f"{kind}_{k + 1}" for k in range(top) for kind in ("label", "probability")]])
             for p in predictions:
-                cells = [cell for label, probability in p.top for cell in (label, repr(probability))]
+                if multi_labels is not None:
+                    given, probability = joined_labels(tuple(sorted(label for label, _ in p.labels or ()))), dict(p.top)
+                    cells = [given, *(repr(probability[label]) if label in probability else "" for label in multi_labels)]
+                else:
+                    cells = [cell for label, probability in p.top for cell in (label, repr(probability))]
                 writer.writerow([p.path, p.error or "", *cells])
     except OSError as exc:  # a full disk (or /dev/full) shows only when the rows are flushed
         raise DataError(f"cannot write --csv {path}: {exc.strerror or exc}") from None
@@ -68,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     select_backend(args, loaded.spec)
     result = predict_images(loaded, args.paths, args.top, options, log=stderr, tta=args.tta)
     if args.csv:
-        _write_csv(args.csv, result.predictions, args.top)
+        _write_csv(args.csv, result.predictions, args.top, loaded.labels if loaded.multi_label else None)
     if args.json:
         for prediction in result.predictions:
             print(json.dumps(prediction.as_json()))
@@ -93,7 +107,8 @@ def add_parser(commands) -> None:
         "predict",
         help="predict the labels of new images with a trained run",
         description="Top-k labels with probabilities for every image under PATH (files, or folders searched "
-        "recursively), with exactly the decoding, backbone and head of the run. Cached features are reused; "
+        "recursively), with exactly the decoding, backbone and head of the run; a multi-label run gives every label "
+        "over its threshold (--json: \"labels\": [...], and every label's probability). Cached features are reused; "
         "the rest are computed like `features` does, and cached. A file that cannot be read gets its reason.",
         epilog="example: bottleneck predict --run runs/20260101-120000-logreg-ab12 photos/ --top 3 --json",
     )

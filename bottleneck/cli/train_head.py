@@ -1,4 +1,5 @@
-"""`bottleneck train-head`: train a softmax head on cached features and write a run folder."""
+"""`bottleneck train-head`: train a softmax head (or, on multi-label data, a sigmoid head) on cached features and
+write a run folder."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if metrics["warning"]:
         out(f"  WARNING: {metrics['warning']}")
     if args.json:
-        print(json.dumps({"run_dir": str(result.run_dir), "accuracy": result.accuracy()}))
+        summary = {"run_dir": str(result.run_dir), "accuracy": result.accuracy()}
+        if metrics.get("thresholds"):
+            summary.update(mean_average_precision=result.scores("mean_average_precision"),
+                           micro_f1=result.scores("micro_f1"))
+        print(json.dumps(summary))
     return 0
 
 

@@ -96,6 +96,7 @@ class ImageFile:
     inode: int
     dev: int = 0
     container: str = ""  # the tar shard holding this image (`path` is inside it), "" for a file
+    labels: tuple[str, ...] = ()  # a label file's labels of this image (several: multi-label); () from folders
 
 
 @dataclass
@@ -114,6 +115,11 @@ class Discovery:
     label_file: Path | None = None
     shards: int = 0  # shards (tar or Parquet files) read
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether some image carries more than one label (a label file's `a;b`, or one row per pair)."""
+        return any(len(image.labels) > 1 for image in self.images)
+
     def layout_line(self) -> str:
         """One line on how DATA was read, for split folders and label files ("" for class folders)."""
         if self.layout == "shards":
@@ -124,7 +130,10 @@ class Discovery:
             labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
             return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
-            return (f"label file {self.label_file.name}: {len(self.images)} images in {len(self.classes)} classes"
+            per_image = sum(len(image.labels) for image in self.images) / len(self.images)
+            counted = (f"{len(self.images)} images, {len(self.classes)} labels, multi-label ({per_image:.1f} labels "
+                       "per image)" if self.multi_label else f"{len(self.images)} images in {len(self.classes)} classes")
+            return (f"label file {self.label_file.name}: {counted}"
                     + ("; splits from its split column" if self.folder_splits else "")
                     + ("; groups from its group column" if self.groups else ""))
         if self.layout == "plain":
@@ -391,8 +400,9 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
         raise DataError(f"data folder not found: {root}")
     listed, problems = listed_images(labels, root)
     images = sorted((ImageFile(item.path, item.relpath, item.label, item.stat.st_size, item.stat.st_mtime_ns,
-                               item.stat.st_ino, item.stat.st_dev) for item in listed), key=lambda im: im.relpath)
-    classes = sorted({image.label for image in images})
+                               item.stat.st_ino, item.stat.st_dev, item.labels) for item in listed),
+                    key=lambda im: im.relpath)
+    classes = sorted({label for image in images for label in image.labels})
     if not images:
         raise DataError(f"label file {labels} names no usable image" + (
             f" ({'; '.join(problems.lines(Path(labels).name))})" if problems.counts else ""))

@@ -3,8 +3,12 @@
 Columns `path` and `label` (any case), optionally `split` (train, val/valid/validation, test) and
 `group` (images of one group always share a split). Paths are relative to the file's folder or
 absolute; the images may sit anywhere. What cannot be used (a missing file, an empty label, a
-file listed twice with two labels, a row repeated) is counted and its first few named, never
-dropped silently; images under DATA that the file does not name are counted too.
+file listed twice with two splits or groups, a row repeated) is counted and its first few named,
+never dropped silently; images under DATA that the file does not name are counted too.
+
+Multi-label: an image carries several labels when its label cell lists them separated by `;`
+(`cat;dog`), or when it is listed on several rows with different labels (one row per pair); its
+labels are the union. A file where some image has more than one label is a multi-label file.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import csv
 import os
 import stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +25,8 @@ from bottleneck.features.discover import SPLIT_FOLDERS
 
 COLUMNS = ("path", "label", "split", "group")
 _NAMED = 3  # the first few problem paths named per kind
+#: Separates the labels of one image in a label cell (`cat;dog`).
+LABEL_SEPARATOR = ";"
 
 
 @dataclass
@@ -111,14 +117,25 @@ def read_rows(source: Path) -> Iterator[LabelRow]:
     return _text_rows(source, ",")
 
 
+def split_labels(cell: str) -> tuple[str, ...]:
+    """The labels of one label cell: `a;b` is two, blanks around them dropped, each once, sorted."""
+    return tuple(sorted({part.strip() for part in cell.split(LABEL_SEPARATOR)} - {""}))
+
+
+def joined_labels(labels: tuple[str, ...]) -> str:
+    """One text for a set of labels (`a;b`), as split.csv and test_predictions.csv write it."""
+    return LABEL_SEPARATOR.join(labels)
+
+
 @dataclass
 class ListedImage:
     path: Path  # absolute
     relpath: str  # relative to the root when inside it, else absolute
-    label: str
+    label: str  # its labels joined (`a;b`); the label itself when it has one
     stat: os.stat_result
     split: str  # "" when the file gives none
     group: str
+    labels: tuple[str, ...] = ()  # sorted, each once
 
 
 def _relpath(path: Path, root: Path) -> str:
@@ -142,7 +159,8 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not row.path:
             problems.add("no path", shown)
             continue
-        if not row.label:
+        labels = split_labels(row.label)
+        if not labels:
             problems.add("empty label", shown)
             continue
         split = SPLIT_FOLDERS.get(row.split.lower(), None) if row.split else ""  # the names split folders take
@@ -161,18 +179,17 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not stat.S_ISREG(st.st_mode):
             problems.add("not a regular file", shown)
             continue
-        image = ListedImage(path, _relpath(path, root), row.label, st, split, row.group)
+        image = ListedImage(path, _relpath(path, root), joined_labels(labels), st, split, row.group, labels)
         by_file.setdefault((st.st_dev, st.st_ino), []).append((row, image))
     images = []
     for rows in by_file.values():
         first = rows[0][1]
-        if len({image.label for _, image in rows}) > 1:  # single-label data: neither label can be trusted
-            problems.add("one file with two labels", first.relpath)
-            continue
         if len({(image.split, image.group) for _, image in rows}) > 1:
             problems.add("one file with two splits or groups", first.relpath)
             continue
-        for _ in rows[1:]:
+        cells = [image.labels for _, image in rows]
+        for _ in range(len(cells) - len(set(cells))):  # a row repeated, not a label added
             problems.add("listed again", first.relpath)
-        images.append(first)
+        labels = tuple(sorted({label for cell in cells for label in cell}))
+        images.append(replace(first, label=joined_labels(labels), labels=labels))
     return images, problems

@@ -13,7 +13,10 @@ sample, so 100,000 images fit in a few hundred MB), and one k-nearest-neighbour 
   distances (Datalab's outlier rule), ranked;
 - label issues: out-of-fold probabilities of a cross-validated logistic regression, then
   confident learning (`cleanlab.filter.find_label_issues`), ranked by how little the model
-  believes the given label.
+  believes the given label. Multi-label data (a label file giving images several labels): out-of-fold
+  probabilities of one-vs-rest logistic regressions and cleanlab's multi-label confident learning
+  (`cleanlab.multilabel_classification.filter.find_label_issues`), which flags an image when any
+  of its labels looks wrong (given but absent, or missing though present).
 
 With random weights (`--weights none`) every image looks like every other: near-duplicates are
 refused rather than listed by the thousand. The split is the one `train-head` draws (same
@@ -222,11 +225,49 @@ def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]
     return [(int(i), float(1.0 - proba[i, y[i]])) for i in flagged]
 
 
+def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: list[str], folds: int,
+                                    seed: int) -> np.ndarray:
+    """Each image's probability of each label (truth: (n, k) 0/1) from one-vs-rest logistic regressions that
+    never saw it; folds stratified by `strata` (each image's rarest label). A label constant in a fold's
+    training images gets that constant."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    import warnings
+
+    proba = np.zeros(truth.shape)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a rarest label on fewer images than folds: stratified as well as it can be
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        fold_list = list(splitter.split(Z, strata))
+    for train, held_out in fold_list:
+        for j in range(truth.shape[1]):
+            column = truth[train, j]
+            if column.min() == column.max():
+                proba[held_out, j] = float(column[0])
+                continue
+            model = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(Z[train], column)
+            proba[held_out, j] = model.predict_proba(Z[held_out])[:, 1]
+    return proba
+
+
+def multi_label_issue_rows(truth: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
+    """(row, suspicion 0-1) of the images cleanlab's multi-label confident learning flags, most suspicious first."""
+    _require("cleanlab")
+    from cleanlab.multilabel_classification.filter import find_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    given = [list(np.flatnonzero(row)) for row in truth]
+    flagged = find_label_issues(labels=given, pred_probs=proba, return_indices_ranked_by="self_confidence", n_jobs=1)
+    quality = get_label_quality_scores(given, proba)
+    return [(int(i), float(1.0 - quality[i])) for i in flagged]
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole audit
 
 def _check_classes(labels: list[str], folds: int) -> int:
-    """The folds cross-validation can use; one line when the classes cannot be audited."""
+    """The folds cross-validation can use; one line when the classes (multi-label: the labels) cannot be audited."""
     counts = Counter(labels)
     if len(counts) < 2:
         only = f"only class {next(iter(counts))!r} has images with features" if counts else "no image has features"
@@ -256,6 +297,22 @@ def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
 UNSPLIT = "-"
 
 
+def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed: int) -> list[dict]:
+    """Images with a label set the cross-validated one-vs-rest model doubts (cleanlab's multi-label confident
+    learning); `suggested` is the labels it gives over one half."""
+    from bottleneck.features.label_file import joined_labels
+    from bottleneck.learn.heads import multi_hot
+    from bottleneck.learn.splits import rarest_labels
+
+    labels = data.classes
+    truth = multi_hot(data.label_sets, labels).astype(np.int64)
+    strata = rarest_labels(data.label_sets)
+    proba = out_of_fold_label_probabilities(Z, truth, strata, folds, seed)
+    return [{"path": data.relpaths[i], "given": data.labels[i],
+             "suggested": joined_labels(tuple(label for label, p in zip(labels, proba[i]) if p >= 0.5)),
+             "score": round(score, 6), "split": splits[i]} for i, score in multi_label_issue_rows(truth, proba)]
+
+
 def _label_issues(Z: np.ndarray, labels: list[str], splits: list[str], relpaths: list[str], folds: int,
                   seed: int) -> list[dict]:
     """Images whose label the cross-validated model doubts most (cleanlab's confident learning)."""
@@ -280,7 +337,8 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                                   labels=config.labels, need_labels=False)
     labels = list(data.labels)
     unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only
-    folds = 0 if unlabelled else _check_classes(labels, config.folds)
+    each_label = [label for labels in data.label_sets for label in labels] if data.multi_label else labels
+    folds = 0 if unlabelled else _check_classes(each_label, config.folds)
     splits = [UNSPLIT] * len(labels) if unlabelled else _splits_for(
         data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed), config.split_file, log)
     hashes = data.content_hashes
@@ -317,7 +375,12 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                  "far_out": bool(mean_distance[i] > far_threshold)}
                 for i in order if mean_distance[i] > outlier_threshold]
 
-    issues = [] if unlabelled else _label_issues(Z, labels, splits, data.relpaths, folds, config.seed)
+    if unlabelled:
+        issues = []
+    elif data.multi_label:
+        issues = _multi_label_issues(Z, data, splits, folds, config.seed)
+    else:
+        issues = _label_issues(Z, labels, splits, data.relpaths, folds, config.seed)
     if unlabelled:
         notes.append("a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
                      "byte-identical files and outliers only")
@@ -326,7 +389,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
         notes.append(f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
                      "and are not audited")
     return AuditResult(
-        images=len(labels), classes={} if unlabelled else dict(sorted(Counter(labels).items())),
+        images=len(labels), classes={} if unlabelled else dict(sorted(Counter(each_label).items())),
         splits={} if unlabelled else dict(Counter(splits)),
         near_duplicates=near, exact_duplicates=exact_records, label_issues=issues, outliers=outliers,
         excluded={"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),

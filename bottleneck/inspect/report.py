@@ -30,9 +30,14 @@ class Run:
     metrics: dict
     image_files: list[Path] = field(default_factory=list)  # the misclassified test images, in `metrics` order
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.metrics.get("thresholds"))
+
     def accuracy(self, split: str) -> float | None:
+        """The split's accuracy; a multi-label run's mean average precision (it has no accuracy of one label)."""
         found = self.metrics["splits"].get(split)
-        return found["accuracy"] if found else None
+        return found["mean_average_precision" if self.multi_label else "accuracy"] if found else None
 
     def settings(self) -> str:
         params = self.metrics.get("params") or {}
@@ -157,23 +162,38 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def comparison_rows(runs: list[Run]) -> list[list[str]]:
-    """Header and one row per run: head, settings, split seed, accuracies, macro F1, training time."""
+    """Header and one row per run: head, settings, split seed, accuracies (multi-label: mAP, marked), macro F1,
+    training time."""
     rows = [["run", "head", "settings", "split seed", "backbone", "train acc", "val acc", "test acc", "test macro F1", "train s"]]
     for run in runs:
         test = run.metrics["splits"].get("test") or {}
         backbone = run.config.get("fingerprint", "?") + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
         head = run.metrics["head"] + (f" of {run.config['parent_run']}" if run.config.get("parent_run") else "")
-        rows.append([run.run_id, head, run.settings(), str(run.metrics.get("seed")), backbone,
-                     _fmt(run.accuracy("train")), _fmt(run.accuracy("validation")), _fmt(run.accuracy("test")),
+        score = (lambda split: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split: _fmt(run.accuracy(split)))
+        rows.append([run.run_id, head + (" (multi-label)" if run.multi_label else ""), run.settings(),
+                     str(run.metrics.get("seed")), backbone, score("train"), score("validation"), score("test"),
                      _fmt(test.get("macro_f1")), _fmt(run.metrics.get("training_seconds"), 2)])
     return rows
 
 
-def per_class_rows(split: dict) -> list[list[str]]:
-    rows = [["label", "precision", "recall", "F1", "support"]]
+def per_class_rows(split: dict, thresholds: dict | None = None) -> list[list[str]]:
+    """Header and one row per class: precision, recall, F1, support; multi-label (`thresholds`, the run's record)
+    also each label's average precision and threshold."""
+    rows = [["label", "precision", "recall", "F1", "support"] + (["AP", "threshold"] if thresholds else [])]
     for label, scores in split["per_class"].items():
-        rows.append([label, _fmt(scores["precision"], 3), _fmt(scores["recall"], 3), _fmt(scores["f1"], 3), str(scores["support"])])
+        row = [label, _fmt(scores["precision"], 3), _fmt(scores["recall"], 3), _fmt(scores["f1"], 3), str(scores["support"])]
+        if thresholds:
+            default = " (default)" if label in thresholds.get("defaulted", []) else ""
+            row += [_fmt(scores.get("average_precision"), 3), _fmt(thresholds["thresholds"].get(label), 3) + default]
+        rows.append(row)
     return rows
+
+
+def multi_label_summary(split: dict) -> str:
+    """One line of a multi-label split's scores."""
+    return (f"mAP {_fmt(split['mean_average_precision'])}, micro F1 {_fmt(split['micro_f1'])}, macro F1 "
+            f"{_fmt(split['macro_f1'])}, exact match {_fmt(split['exact_match'])} ({split['images']} images, "
+            f"{split['labels_per_image']:.2f} labels per image, {split['predicted_per_image']:.2f} predicted)")
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -193,7 +213,10 @@ def markdown_report(runs: list[Run], summary: dict | None = None) -> str:
         parts += ["", "**WARNING: runs marked RANDOM WEIGHTS use features of an untrained backbone.**"]
     for run in runs:
         test = run.metrics["splits"].get("test")
-        if test:
+        if test and run.multi_label:
+            parts += ["", f"## {run.run_id}: per-label test metrics", "", f"test: {multi_label_summary(test)}; thresholds "
+                      "chosen on the validation split", "", markdown_table(per_class_rows(test, run.metrics["thresholds"]))]
+        elif test:
             parts += ["", f"## {run.run_id}: per-class test metrics", "", markdown_table(per_class_rows(test))]
     return "\n".join(parts) + "\n"
 
@@ -289,7 +312,11 @@ def _run_section(run: Run) -> str:
         parts.append(f"<p>train vs test in feature space: Frechet distance {domain['frechet_distance']:.3f}, "
                      f"MMD&sup2; {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})</p>")
     test = run.metrics["splits"].get("test")
-    if test:
+    if test and run.multi_label:
+        parts.append(f"<p>multi-label, test: {html.escape(multi_label_summary(test))}; a threshold per label, chosen on "
+                     "the validation split</p><div><h3>per-label test metrics</h3>"
+                     + _html_table(per_class_rows(test, run.metrics["thresholds"])) + "</div>")
+    elif test:
         parts.append('<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'
                      "<figcaption>test confusion matrix (rows true, columns predicted)</figcaption></figure>")
         parts.append("<div><h3>per-class test metrics</h3>" + _html_table(per_class_rows(test)) + "</div></div>")

@@ -2,8 +2,9 @@
 
 The backbone's feature network (preprocessing included) is followed by the run's head as
 built-in Keras layers only, so the model saves to `.keras` and loads with `safe_mode=True`
-without this package. A logistic-regression head becomes one Dense softmax layer with the
-standardisation folded into its weights; a Keras head is nested as it was trained.
+without this package. A logistic-regression head becomes one Dense softmax layer (multi-label: one
+Dense sigmoid layer, a probability per label) with the standardisation folded into its weights; a
+Keras head is nested as it was trained.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def head_layers(run: LoadedRun, features):
     if run.config.get("head") == "logreg":
         from bottleneck.learn.head_file import load_head
 
-        kernel, bias = load_head(run.folder / run.config["model"]).as_dense()
-        dense = keras.layers.Dense(len(bias), activation="softmax", name=OUTPUT_NAME)
+        arrays = load_head(run.folder / run.config["model"])
+        kernel, bias = arrays.as_dense()
+        dense = keras.layers.Dense(len(bias), activation=arrays.kind, name=OUTPUT_NAME)
         outputs = dense(features)
         dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         return outputs

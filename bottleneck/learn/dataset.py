@@ -160,9 +160,14 @@ class LabelledFeatures:
     split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
     layout: str = "classes"  # how DATA was read (see `bottleneck.features.discover`)
     columns: object = None  # a Parquet DATA's image and label columns as given (`shards.Columns`), or None
+    multi_label: bool = False  # a label file gave some image several labels
+    label_sets: list[tuple[str, ...]] = field(default_factory=list)  # multi-label: each image's labels (`labels` joins them)
 
     @property
     def classes(self) -> list[str]:
+        """The labels a head learns: single-label the classes; multi-label every label any image carries."""
+        if self.multi_label:
+            return sorted({label for labels in self.label_sets for label in labels})
         return sorted(set(self.labels))
 
     @property
@@ -376,6 +381,8 @@ def load_labelled_features(
         split_source="the label file's {} rows" if discovery.layout == "label-file" else "the {} folder",
         layout=discovery.layout,
         columns=columns,
+        multi_label=discovery.multi_label,
+        label_sets=[image.labels for image, _, _ in keep] if discovery.multi_label else [],
     )
 
 
@@ -451,5 +458,6 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
     kept = replace(  # every other field (where the data came from, how it was split) carries over
         data, relpaths=[p for p, k in zip(data.relpaths, keep) if k],
         labels=[label for label, k in zip(data.labels, keep) if k], rows=data.rows.subset(keep),
-        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k])
+        content_hashes=[h for h, k in zip(data.content_hashes, keep) if k],
+        label_sets=[labels for labels, k in zip(data.label_sets, keep) if k])
     return kept, int((~keep).sum())

@@ -405,6 +405,9 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
 
     tf, keras = import_tensorflow()
     run = load_run(run_dir)
+    if run.multi_label:
+        raise BottleneckError(f"run {run.run_id} is multi-label, and fine-tune does not support multi-label runs yet "
+                              "(it trains one label per image)")
     if run.spec.kind == "pixels" and not run.fine_tuned:
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
     runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training

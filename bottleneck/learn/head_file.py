@@ -3,8 +3,9 @@
 Runs travel between people; a pickle (`model.joblib`) runs whatever its author put in it when it is
 loaded. The head is therefore written as five arrays in a NumPy `.npz` (read with
 `allow_pickle=False`, which refuses object arrays): the scaler's `mean` and `scale`, the logistic
-regression's `coef` and `intercept`, and the `classes` as unicode strings. Probabilities are
-computed from them directly; `model.joblib` is still written beside them, for people who want a
+regression's `coef` and `intercept`, and the `classes` as unicode strings; a sixth, `kind`, says
+`softmax` (one label per image; the default when absent, as in older runs) or `sigmoid` (multi-label:
+one independent logistic regression per label, one-vs-rest). Probabilities are computed from them directly; `model.joblib` is still written beside them, for people who want a
 scikit-learn Pipeline, and nothing of ours ever loads it.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from bottleneck.errors import BottleneckError
 
 HEAD_FILE = "head.npz"
 ARRAYS = ("mean", "scale", "coef", "intercept", "classes")
+#: `kind` of a head: one softmax over the classes, or one sigmoid per label (multi-label).
+SOFTMAX, SIGMOID = "softmax", "sigmoid"
 
 
 class HeadFileError(BottleneckError):
@@ -28,13 +31,19 @@ class HeadFileError(BottleneckError):
 
 @dataclass(frozen=True)
 class LogRegArrays:
-    """softmax(((x - mean) / scale) @ coef.T + intercept) over `classes` (binary: sigmoid, as scikit-learn)."""
+    """softmax(((x - mean) / scale) @ coef.T + intercept) over `classes` (binary: sigmoid, as scikit-learn);
+    with `kind` sigmoid, each class's own sigmoid (multi-label)."""
 
     mean: np.ndarray  # (d,)
     scale: np.ndarray  # (d,)
     coef: np.ndarray  # (k, d), or (1, d) for two classes
     intercept: np.ndarray  # (k,) or (1,)
     classes: np.ndarray  # (k,) unicode
+    kind: str = SOFTMAX
+
+    @property
+    def multi_label(self) -> bool:
+        return self.kind == SIGMOID
 
     @property
     def feature_dim(self) -> int:
@@ -48,11 +57,12 @@ class LogRegArrays:
         """(kernel (d, k), bias (k,)) of one Dense softmax layer computing the same probabilities.
 
         softmax(((x - mean) / scale) @ coef.T + b) = softmax(x @ (coef / scale).T + (b - (coef / scale) @ mean)).
-        A binary logistic regression is softmax over (0, z).
+        A binary logistic regression is softmax over (0, z). A sigmoid head folds the same way, into a
+        Dense sigmoid layer.
         """
         coef = np.asarray(self.coef, np.float64)
         intercept = np.asarray(self.intercept, np.float64)
-        if coef.shape[0] == 1 and len(self.classes) == 2:
+        if coef.shape[0] == 1 and len(self.classes) == 2 and not self.multi_label:
             coef = np.vstack([np.zeros_like(coef), coef])
             intercept = np.array([0.0, intercept[0]])
         weights = coef / self.scale
@@ -77,13 +87,24 @@ class LogRegArrays:
         return make_pipeline(scaler, logreg)
 
     def predict_proba(self, X) -> np.ndarray:
-        """(n, k) probabilities, columns in `classes` order."""
+        """(n, k) probabilities, columns in `classes` order (sigmoid: each label's own, not summing to 1)."""
+        if self.multi_label:
+            from scipy.special import expit
+
+            # Computed here, not by a rebuilt OneVsRestClassifier: training evaluates with this same code.
+            standardised = (np.asarray(X, self.mean.dtype) - self.mean) / self.scale
+            return expit(np.asarray(standardised @ self.coef.T + self.intercept, np.float64))
         return self.to_pipeline().predict_proba(X)
 
 
-def arrays_from_pipeline(pipeline) -> LogRegArrays:
-    """The arrays of a fitted scaler + logistic regression `Pipeline`."""
+def arrays_from_pipeline(pipeline, classes=None) -> LogRegArrays:
+    """The arrays of a fitted scaler + logistic regression `Pipeline`, or scaler + one-vs-rest logistic
+    regressions (multi-label: its labels are `classes`, the order of its estimators)."""
     scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
+    if hasattr(logreg, "estimators_"):  # OneVsRestClassifier: one binary logistic regression per label
+        arrays = arrays_from_pipeline(_stacked(scaler, logreg.estimators_))
+        return LogRegArrays(arrays.mean, arrays.scale, arrays.coef, arrays.intercept,
+                            np.asarray([str(c) for c in classes], dtype=np.str_), SIGMOID)
     d = np.asarray(logreg.coef_).shape[1]
     mean = scaler.mean_ if getattr(scaler, "with_mean", True) and scaler.mean_ is not None else np.zeros(d)
     scale = scaler.scale_ if getattr(scaler, "with_std", True) and scaler.scale_ is not None else np.ones(d)
@@ -93,11 +114,20 @@ def arrays_from_pipeline(pipeline) -> LogRegArrays:
                         np.asarray([str(c) for c in logreg.classes_], dtype=np.str_))
 
 
+def _stacked(scaler, estimators):
+    """A stand-in Pipeline whose one logistic regression holds every binary estimator's row (one-vs-rest)."""
+    from types import SimpleNamespace
+
+    stacked = SimpleNamespace(coef_=np.vstack([e.coef_ for e in estimators]),
+                              intercept_=np.concatenate([e.intercept_ for e in estimators]), classes_=[])
+    return SimpleNamespace(steps=[("scaler", scaler), ("logreg", stacked)])
+
+
 def save_head(arrays: LogRegArrays, folder: str | os.PathLike) -> Path:
     """Write `folder/head.npz`; return its path."""
     path = Path(folder) / HEAD_FILE
     with open(path, "wb") as handle:
-        np.savez(handle, **{name: getattr(arrays, name) for name in ARRAYS})
+        np.savez(handle, **{name: getattr(arrays, name) for name in ARRAYS}, kind=np.str_(arrays.kind))
     return path
 
 
@@ -110,6 +140,7 @@ def load_head(path: str | os.PathLike) -> LogRegArrays:
             if missing:
                 raise HeadFileError(f"{path} is not a logistic-regression head (no {', '.join(missing)})")
             values = {name: data[name] for name in ARRAYS}
+            kind = str(data["kind"]) if "kind" in data.files else SOFTMAX
     except HeadFileError:
         raise
     except ValueError as exc:  # np.load refuses pickles: object arrays inside a .npz, or a pickle file itself
@@ -118,7 +149,9 @@ def load_head(path: str | os.PathLike) -> LogRegArrays:
         raise HeadFileError(f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)") from None
     except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise HeadFileError(f"{path} is not a readable head file ({type(exc).__name__}: {exc})") from None
-    arrays = LogRegArrays(**values)
+    if kind not in (SOFTMAX, SIGMOID):
+        raise HeadFileError(f"{path}: unknown kind {kind!r} (softmax or sigmoid)")
+    arrays = LogRegArrays(**values, kind=kind)
     _check_consistent(arrays, path)
     return arrays
 
@@ -133,7 +166,7 @@ def _check_consistent(arrays: LogRegArrays, path: Path) -> None:
     if arrays.coef.ndim != 2:
         raise HeadFileError(f"{path}: 'coef' must be a matrix")
     rows, d = arrays.coef.shape
-    if rows != (1 if k == 2 else k) or arrays.intercept.shape != (rows,) or arrays.mean.shape != (d,) or \
+    if rows != (1 if k == 2 and not arrays.multi_label else k) or arrays.intercept.shape != (rows,) or arrays.mean.shape != (d,) or \
             arrays.scale.shape != (d,):
         raise HeadFileError(f"{path}: its arrays do not fit together ({k} classes, coef {arrays.coef.shape}, "
                             f"intercept {arrays.intercept.shape}, mean {arrays.mean.shape}, scale {arrays.scale.shape})")

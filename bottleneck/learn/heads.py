@@ -7,6 +7,10 @@ NumPy, what bottleneck loads) with a scikit-learn `Pipeline` beside it (`model.j
 loaded by bottleneck: a pickle runs code), or a Keras model (`.keras`) with its labels in a JSON
 file beside it.
 
+With `multi_label`, each image carries a set of labels (y is a sequence of label tuples): the
+logistic regression is one-vs-rest (one binary regression per label), the Keras head a Dense
+sigmoid layer trained with binary cross-entropy, and probabilities are each label's own.
+
 Both also train on features too large for memory (`fit_rows`, `predict_proba_rows` over
 `bottleneck.learn.dataset.FeatureRows`, read chunk by chunk) and save the same artefacts then.
 """
@@ -42,6 +46,25 @@ def _sample_weights(y_index: np.ndarray, n_classes: int, class_weight: str | Non
     return values[y_index]
 
 
+def _label_classes(y) -> np.ndarray:
+    """Every label any image in `y` (a sequence of label tuples) carries, sorted."""
+    return np.array(sorted({str(label) for labels in y for label in labels}))
+
+
+def multi_hot(y, classes) -> np.ndarray:
+    """(n, k) float32 0/1: which of `classes` each image's label tuple holds; labels not in `classes` are dropped."""
+    index = {str(label): i for i, label in enumerate(classes)}
+    out = np.zeros((len(y), len(classes)), np.float32)
+    for row, labels in enumerate(y):
+        out[row, [index[label] for label in labels if label in index]] = 1.0
+    return out
+
+
+def _streamed_multi_label(head) -> BottleneckError:
+    return BottleneckError(f"a multi-label {type(head).__name__} trains on features in memory, and these are streamed "
+                           "from the store: raise --max-memory")
+
+
 def _check_features(X, expected: int | None = None) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
@@ -60,31 +83,53 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     class_weight : None or 'balanced'.
     max_iter : int, L-BFGS iterations at most.
     random_state : int.
+    multi_label : bool, one-vs-rest over label tuples instead of a softmax over one label per image.
     """
 
-    def __init__(self, *, C: float = 1.0, class_weight: str | None = None, max_iter: int = 1000, random_state: int = 0):
+    def __init__(self, *, C: float = 1.0, class_weight: str | None = None, max_iter: int = 1000, random_state: int = 0,
+                 multi_label: bool = False):
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
         self.random_state = random_state
+        self.multi_label = multi_label
+
+    def _logreg(self):
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+                                  random_state=self.random_state)
 
     def fit(self, X, y, validation_data=None) -> "LogRegHead":
-        """Fit on X of shape (n_samples, n_features) and string labels y; validation_data is unused."""
-        from sklearn.linear_model import LogisticRegression
+        """Fit on X of shape (n_samples, n_features) and string labels y (multi-label: label tuples);
+        validation_data is unused."""
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         X = _check_features(X)
-        self.pipeline_ = make_pipeline(
-            StandardScaler(),
-            LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state),
-        )
-        self.pipeline_.fit(X, np.asarray(y))
-        self.classes_ = self.pipeline_.classes_
+        if self.multi_label:
+            self._fit_one_vs_rest(X, y)
+        else:
+            self.pipeline_ = make_pipeline(StandardScaler(), self._logreg())
+            self.pipeline_.fit(X, np.asarray(y))
+            self.classes_ = self.pipeline_.classes_
         self.n_features_in_ = X.shape[1]
         self.history_ = None
         self.solver_ = "lbfgs"
         return self
+
+    def _fit_one_vs_rest(self, X: np.ndarray, y) -> None:
+        """One binary logistic regression per label on the standardised features (`class_weight` per label)."""
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        from bottleneck.learn.head_file import arrays_from_pipeline
+
+        self.classes_ = _label_classes(y)
+        self.pipeline_ = make_pipeline(StandardScaler(), OneVsRestClassifier(self._logreg()))
+        self.pipeline_.fit(X, multi_hot(y, self.classes_).astype(np.int64))
+        self.arrays_ = arrays_from_pipeline(self.pipeline_, self.classes_)
 
     def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "LogRegHead":
         """Fit on features too large for memory (`FeatureRows`), reading `chunk_rows` rows at a time.
@@ -107,6 +152,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
+        if self.multi_label:
+            raise _streamed_multi_label(self)
         y = np.asarray(y)
         classes = np.array(sorted(set(y.tolist())))
         y_index = np.searchsorted(classes, y)
@@ -176,12 +223,14 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return _proba_by_chunks(self.predict_proba, rows, len(self.classes_), chunk_rows)
 
     def predict_proba(self, X) -> np.ndarray:
-        """Probabilities of shape (n_samples, n_classes), columns in `classes_` order."""
+        """Probabilities of shape (n_samples, n_classes), columns in `classes_` order (multi-label: each label's own)."""
         check_is_fitted(self)
-        return self.pipeline_.predict_proba(_check_features(X, self.n_features_in_))
+        X = _check_features(X, self.n_features_in_)
+        return self.arrays_.predict_proba(X) if self.multi_label else self.pipeline_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """The most probable class of each row; multi-label: a 0/1 matrix of the labels over one half."""
+        return _predicted(self, X)
 
     def save(self, folder: Path) -> Path:
         """Write `head.npz` (plain arrays: what bottleneck loads) and `model.joblib` (a scikit-learn Pipeline, for you).
@@ -193,7 +242,12 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         from bottleneck.learn.head_file import arrays_from_pipeline, save_head
 
         joblib.dump(self.pipeline_, Path(folder) / "model.joblib")
-        return save_head(arrays_from_pipeline(self.pipeline_), folder)
+        return save_head(self.arrays_ if self.multi_label else arrays_from_pipeline(self.pipeline_), folder)
+
+
+def _predicted(head, X) -> np.ndarray:
+    proba = head.predict_proba(X)
+    return (proba >= 0.5).astype(np.int64) if head.multi_label else head.classes_[np.argmax(proba, axis=1)]
 
 
 def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np.ndarray:
@@ -215,10 +269,11 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     patience : int, epochs without a better validation loss before stopping.
     class_weight : None or 'balanced'.
     random_state : int, seeds Keras, NumPy and Python.
+    multi_label : bool, a Dense sigmoid layer and binary cross-entropy over label tuples instead of a softmax.
     """
 
     def __init__(self, *, epochs: int = 200, learning_rate: float = 1e-3, dropout: float = 0.0, batch_size: int = 64,
-                 patience: int = 10, class_weight: str | None = None, random_state: int = 0):
+                 patience: int = 10, class_weight: str | None = None, random_state: int = 0, multi_label: bool = False):
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.dropout = dropout
@@ -226,6 +281,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.class_weight = class_weight
         self.random_state = random_state
+        self.multi_label = multi_label
 
     def _build(self, X: np.ndarray | None, n_classes: int, moments: tuple | None = None):
         """The model; the normalisation is adapted on X, or set from streamed (dim, mean, variance)."""
@@ -241,11 +297,26 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         x = normalise(inputs)
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+        if self.multi_label:
+            outputs = keras.layers.Dense(n_classes, activation="sigmoid", name="sigmoid")(x)
+            loss, metrics = "binary_crossentropy", []
+        else:
+            outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         model = keras.Model(inputs, outputs, name="bottleneck_head")
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss, metrics=metrics)
         return model
+
+    def _multi_label_targets(self, y, validation_data) -> tuple[np.ndarray, tuple | None]:
+        """(multi-hot training targets, (validation features, multi-hot targets) or None); sets `classes_`."""
+        if self.class_weight is not None:
+            raise BottleneckError("--class-weight balanced weighs one class per image: a multi-label keras head does "
+                                  "not take it (the logreg head weighs each label's positives)")
+        self.classes_ = _label_classes(y)
+        validation = None
+        if validation_data is not None and len(validation_data[1]):
+            validation = (_check_features(validation_data[0]), multi_hot(validation_data[1], self.classes_))
+        return multi_hot(y, self.classes_), validation
 
     def fit(self, X, y, validation_data=None) -> "KerasHead":
         """Fit on X of shape (n_samples, n_features) and string labels y; stop early on validation loss."""
@@ -253,6 +324,10 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         keras.utils.set_random_seed(self.random_state)
         tf.config.experimental.enable_op_determinism()
         X = _check_features(X)
+        if self.multi_label:
+            y_index, validation = self._multi_label_targets(y, validation_data)
+            self._fit_model(keras, X, y_index, validation, None)
+            return self
         self.classes_ = np.array(sorted(set(np.asarray(y).tolist())))
         index = {label: i for i, label in enumerate(self.classes_)}
         y_index = np.array([index[label] for label in y])
@@ -267,15 +342,19 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             Xv, yv = validation_data
             known = [i for i, label in enumerate(yv) if label in index]
             validation = (_check_features(Xv)[known], np.array([index[yv[i]] for i in known]))
+        self._fit_model(keras, X, y_index, validation, weights)
+        return self
+
+    def _fit_model(self, keras, X: np.ndarray, targets: np.ndarray, validation: tuple | None, weights: dict | None) -> None:
+        """Build the model on X and train it, early stopping on the validation loss (else the training loss)."""
         self.model_ = self._build(X, len(self.classes_))
         stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation else "loss", patience=self.patience,
                                              restore_best_weights=True)
-        history = self.model_.fit(X, y_index, validation_data=validation, epochs=self.epochs, batch_size=self.batch_size,
+        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self.batch_size,
                                   class_weight=weights, callbacks=[stop], verbose=0, shuffle=True)
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = X.shape[1]
         self.solver_ = "adam"
-        return self
 
     def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KerasHead":
         """Fit on features too large for memory (`FeatureRows`), streamed from the store chunk by chunk.
@@ -285,6 +364,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         within a chunk. The normalisation takes the mean and variance of a first streamed pass;
         validation is streamed too, and early stopping works as in `fit`.
         """
+        if self.multi_label:
+            raise _streamed_multi_label(self)
         tf, keras = import_tensorflow()
         keras.utils.set_random_seed(self.random_state)
         tf.config.experimental.enable_op_determinism()
@@ -346,7 +427,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         return self.model_.predict(X, batch_size=1024, verbose=0).astype(np.float64)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """The most probable class of each row; multi-label: a 0/1 matrix of the labels over one half."""
+        return _predicted(self, X)
 
     def save(self, folder: Path) -> Path:
         """Write `model.keras` and `labels.json` (the label of each output unit, in order)."""

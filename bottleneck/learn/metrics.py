@@ -43,3 +43,50 @@ def misclassified(proba: np.ndarray, y_true: list[str], paths: list[str], labels
         if labels[p] != true
     ]
     return sorted(wrong, key=lambda row: -row["confidence"])
+
+
+def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str], decided: np.ndarray) -> dict | None:
+    """Multi-label scores of one split: mean average precision, micro and macro F1, exact-match accuracy and per-label
+    precision, recall, F1, support and average precision. `truth` and `decided` are (n, k) 0/1 (decided: thresholded).
+
+    The mean average precision is over the labels with a positive in this split (None when none has one).
+    """
+    from sklearn.metrics import average_precision_score
+
+    if len(truth) == 0:
+        return None
+    truth, decided = np.asarray(truth, bool), np.asarray(decided, bool)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, decided, average=None, zero_division=0)
+    precision_avg = {j: float(average_precision_score(truth[:, j], proba[:, j]))
+                     for j in range(len(labels)) if truth[:, j].any()}
+    return {
+        "images": int(len(truth)),
+        "multi_label": True,
+        "mean_average_precision": float(np.mean(list(precision_avg.values()))) if precision_avg else None,
+        "micro_f1": float(f1_score(truth, decided, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, decided, average="macro", zero_division=0)),
+        "exact_match": float(accuracy_score(truth, decided)),
+        "labels_per_image": float(truth.sum(axis=1).mean()),
+        "predicted_per_image": float(decided.sum(axis=1).mean()),
+        "per_class": {
+            label: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+                    "support": int(support[j]), "average_precision": precision_avg.get(j)}
+            for j, label in enumerate(labels)
+        },
+        "labels": list(labels),
+    }
+
+
+def multi_label_mistakes(proba: np.ndarray, truth: np.ndarray, decided: np.ndarray, paths: list[str],
+                         labels: list[str]) -> list[dict]:
+    """Images whose predicted label set is not their true one: path, true and predicted sets (`a;b`), and the
+    confidence of the surest wrong decision (p of a label wrongly given, 1 - p of one wrongly missed); surest first."""
+    from bottleneck.features.label_file import joined_labels
+
+    truth, decided = np.asarray(truth, bool), np.asarray(decided, bool)
+    wrong = []
+    for i in np.flatnonzero((truth != decided).any(axis=1)):
+        sure = np.where(decided[i], proba[i], 1 - proba[i])[truth[i] != decided[i]]
+        wrong.append({"path": paths[i], "true": joined_labels(tuple(np.array(labels)[truth[i]])),
+                      "predicted": joined_labels(tuple(np.array(labels)[decided[i]])), "confidence": float(sure.max())})
+    return sorted(wrong, key=lambda row: -row["confidence"])

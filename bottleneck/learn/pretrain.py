@@ -71,6 +71,9 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
     from concurrent.futures import ThreadPoolExecutor
 
     discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
+    if discovery.multi_label:
+        raise DataError(f"{discovery.layout_line()}: pretrain and fine-tune learn one label per image, not yet "
+                        "several; train a multi-label head with `bottleneck train-head`")
     images = discovery.images
     if split_file:
         saved = read_split_csv(split_file)

@@ -1,7 +1,8 @@
 """A finished run folder, read back: its backbone, its labels and how it turns features into probabilities.
 
 `predict`, `export` and `fine-tune` all start here. A head run classifies the cached features of
-its backbone; a fine-tuned run holds a whole network (pixels in, probabilities out), whose
+its backbone (a multi-label run gives each label its own probability, decided by the thresholds
+beside its head); a fine-tuned run holds a whole network (pixels in, probabilities out), whose
 outputs are cached like features under their own fingerprint, so both kinds share one pipeline.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec, spec_from_record, spec_from_store_attrs
 from bottleneck.errors import BottleneckError
+from bottleneck.learn.thresholds import Thresholds
 
 #: config.json "kind" of a run written by `fine-tune`.
 FINE_TUNED = "fine-tune"
@@ -35,6 +37,11 @@ class LoadedRun:
     cache_dir: Path
     labels: list[str]
     classify: Callable[[np.ndarray], np.ndarray]  # (n, d) cached outputs -> (n, len(labels)) probabilities
+    thresholds: Thresholds | None = None  # multi-label runs: which probabilities give a label
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     @property
     def fine_tuned(self) -> bool:
@@ -111,7 +118,15 @@ def _logreg_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]
     except HeadFileError as exc:
         raise RunError(str(exc)) from None
     _check_head_fits(folder, HEAD_FILE, head.labels, head.feature_dim, config)
-    return head.labels, head.to_pipeline().predict_proba
+    _check_head_kind(folder / HEAD_FILE, head.multi_label, config)
+    return head.labels, head.predict_proba if head.multi_label else head.to_pipeline().predict_proba
+
+
+def _check_head_kind(path: Path, sigmoid: bool, config: dict) -> None:
+    """A multi-label run's head gives one sigmoid per label, a single-label run's a softmax; else one line."""
+    if sigmoid != bool(config.get("multi_label")):
+        raise RunError(f"{path} is a {'sigmoid (multi-label)' if sigmoid else 'softmax'} head, but the run is "
+                       f"{'multi-label' if config.get('multi_label') else 'single-label'}: the head belongs to another run")
 
 
 def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
@@ -131,6 +146,9 @@ def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
         raise RunError(f"{path} gives {outputs} probabilities, but {path.parent / 'labels.json'} lists {len(labels)} "
                        "labels: the head or the labels belong to another run")
     _check_head_fits(path.parent, path.name, labels, inputs, config)
+    last = model.layers[-1].get_config().get("activation") if getattr(model, "layers", None) else None
+    if last in ("sigmoid", "softmax"):
+        _check_head_kind(path, last == "sigmoid", config)
     return labels, lambda X: np.asarray(model.predict(np.asarray(X, np.float32), batch_size=1024, verbose=0), np.float64)
 
 
@@ -169,4 +187,15 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
         else:
             raise RunError(f"{folder}/config.json names an unknown head {head!r}")
         default_cache = Path(config["store"]).parent
-    return LoadedRun(folder, config, spec, fingerprint, Path(cache_dir) if cache_dir else default_cache, labels, classify)
+    thresholds = _run_thresholds(folder, labels) if config.get("multi_label") else None
+    return LoadedRun(folder, config, spec, fingerprint, Path(cache_dir) if cache_dir else default_cache, labels, classify,
+                     thresholds)
+
+
+def _run_thresholds(folder: Path, labels: list[str]) -> Thresholds:
+    from bottleneck.learn.thresholds import ThresholdsError, read_thresholds
+
+    try:
+        return read_thresholds(folder, labels)
+    except ThresholdsError as exc:
+        raise RunError(str(exc)) from None

@@ -25,9 +25,10 @@ from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.features.store import process_alive
-from bottleneck.learn.metrics import misclassified, split_metrics
-from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_of, read_split_csv,
-                                     splits_from_folders, write_split_csv)
+from bottleneck.learn.metrics import misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
+from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_of, rarest_labels,
+                                     read_split_csv, splits_from_folders, write_split_csv)
+from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
     def accuracy(self) -> dict:
-        return {name: (split or {}).get("accuracy") for name, split in self.metrics["splits"].items()}
+        return self.scores("accuracy")
+
+    def scores(self, key: str) -> dict:
+        """One score of every split ({split: value or None}), e.g. accuracy, or mean_average_precision (multi-label)."""
+        return {name: (split or {}).get(key) for name, split in self.metrics["splits"].items()}
 
 
 #: The test split's predictions of a run, which `predict` reproduces.
@@ -61,8 +66,13 @@ PREDICTIONS_FILE = "test_predictions.csv"
 PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_FILE
 
 
+def _strata(data: LabelledFeatures) -> list[str]:
+    """What each image's split is stratified by: its class, or a multi-label image's rarest label."""
+    return rarest_labels(data.label_sets) if data.multi_label else list(data.labels)
+
+
 def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
-    items = list(zip(data.relpaths, data.labels))
+    items = list(zip(data.relpaths, _strata(data)))
     if data.folder_splits and split_file is None:
         drawn, said = splits_from_folders(items, data.folder_splits, config, data.groups, data.split_source)
         log(said)
@@ -71,7 +81,12 @@ def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | N
     if split_file is None:
         return [drawn[p] for p in data.relpaths]
     saved = read_split_csv(split_file)
-    contradicted = [(p, saved[p][0], label) for p, label in items if p in saved and saved[p][0] != label]
+    if data.multi_label:  # a label set written in another order (`dog;beach`) is the same set
+        from bottleneck.features.label_file import joined_labels, split_labels
+
+        saved = {p: (joined_labels(split_labels(label)), split) for p, (label, split) in saved.items()}
+    contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
+                    if p in saved and saved[p][0] != label]
     if contradicted:
         from bottleneck.features.store import printable
 
@@ -89,6 +104,9 @@ def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | N
 def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None) -> None:
     """Refuse, before any training, what no head can learn from: one class, a class without training images,
     more folds than the smallest class has images for."""
+    if data.multi_label:
+        _check_labels(data, splits, log, folds)
+        return
     labels = data.labels
     counts = Counter(labels)
     if len(counts) < 2:
@@ -117,6 +135,37 @@ def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str
         log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
     if folds is not None:
         _check_folds(data, splits, folds)
+
+
+def _check_labels(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None) -> None:
+    """The multi-label `_check_classes`: each label on at least 2 images, on a training image and off another."""
+    if folds is not None:
+        raise DataError("--folds cross-validates heads of one label per image; multi-label runs do not take it yet")
+    counts = Counter(label for labels in data.label_sets for label in labels)
+    if len(counts) < 2:
+        raise DataError(f"only label {next(iter(counts))!r} has images with features; a head needs at least 2")
+    single = sorted(label for label, n in counts.items() if n < 2)
+    if single:
+        raise DataError(f"label {single[0]!r} is on a single image with features"
+                        + (f" (and {len(single) - 1} more labels)" if len(single) > 1 else "")
+                        + "; each label needs at least 2 (3 for train, validation and test)")
+    training = [labels for labels, split in zip(data.label_sets, splits) if split == "train"]
+    on_train = Counter(label for labels in training for label in labels)
+    absent = sorted(set(counts) - set(on_train))
+    if absent:
+        raise DataError(f"label {absent[0]!r} is on no training image in this split; give it more images or another split")
+    everywhere = sorted(label for label, n in on_train.items() if n == len(training))
+    if everywhere:
+        raise DataError(f"label {everywhere[0]!r} is on every training image: a head cannot learn when it is absent; "
+                        "leave it out of the label file or add images without it")
+    small = sorted(label for label, n in counts.items() if n < 3)
+    if small:
+        log(f"warning: {len(small)} labels are on fewer than 3 images and miss a split: {', '.join(small[:5])}")
+
+
+def _targets(data: LabelledFeatures) -> np.ndarray:
+    """What a head learns for each image: its class, or (multi-label) the tuple of its labels."""
+    return _as_array(data.label_sets, object) if data.multi_label else np.array(data.labels)
 
 
 def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
@@ -274,10 +323,10 @@ def train_on_features(
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
     `excluded` describes images left out by `--exclude` ({file, listed, left_out}), for the record."""
-    model = make_head(head.head, random_state=split.seed, **head.params())
+    model = make_head(head.head, random_state=split.seed, multi_label=data.multi_label, **head.params())
     splits = _splits_for(data, split, split_file, log)
     _check_classes(data, splits, log, folds)
-    labels_all = np.array(data.labels)
+    labels_all = _targets(data)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
     X = data.rows
     chunk_rows = data.memory.chunk_rows if data.memory else X.chunk_rows
@@ -305,14 +354,11 @@ def train_on_features(
         metrics["training"] = dict(data.memory.record(), solver=getattr(model, "solver_", None))
         if hasattr(model, "passes_"):
             metrics["training"].update(passes=model.passes_, converged=model.converged_)
-    for name in SPLITS:
-        idx = np.flatnonzero(mask[name])
-        known = [i for i in idx if data.labels[i] in labels]
-        proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
-        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
-        if name == "test":
-            metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
-            test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
+    thresholds = None
+    if data.multi_label:
+        thresholds, test_predictions = _evaluate_multi_label(model, X, data, mask, labels, chunk_rows, metrics, log)
+    else:
+        test_predictions = _evaluate(model, X, data, mask, labels, chunk_rows, metrics)
     if model.history_:
         metrics["history"] = model.history_
     if mask["train"].sum() >= 2 and mask["test"].sum() >= 2:
@@ -333,8 +379,10 @@ def train_on_features(
     final, staging = new_run_dir(runs, head.head)
     try:
         write_split_csv(staging / "split.csv", list(zip(data.relpaths, data.labels, splits)))
-        write_predictions_csv(staging / PREDICTIONS_FILE, *test_predictions, labels)
+        write_predictions_csv(staging / PREDICTIONS_FILE, *test_predictions, labels, thresholds)
         model_path = model.save(staging)
+        if thresholds is not None:
+            write_thresholds(staging, thresholds)
         config = {
             "command": argv if argv is not None else sys.argv,
             "data": str(Path(data_dir).absolute()) if data_dir is not None else None,
@@ -357,6 +405,7 @@ def train_on_features(
             "backbone_spec": _recorded_spec(spec, data.attrs),
             "model": model_path.name,
             "labels": [str(label) for label in labels],
+            "multi_label": data.multi_label,
             "versions": versions(),
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -366,6 +415,45 @@ def train_on_features(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return RunResult(final, metrics)
+
+
+def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
+              metrics: dict) -> tuple:
+    """Each split's scores and the test split's mistakes into `metrics`; returns the test predictions."""
+    for name in SPLITS:
+        idx = np.flatnonzero(mask[name])
+        known = [i for i in idx if data.labels[i] in labels]
+        proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
+        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
+        if name == "test":
+            metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
+            test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
+    return test_predictions
+
+
+def _evaluate_multi_label(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
+                          metrics: dict, log: Callable[[str], None]) -> tuple[Thresholds, tuple]:
+    """Thresholds from the validation split alone, then each split's multi-label scores and the test split's
+    mistakes into `metrics`; returns the thresholds and the test predictions."""
+    from bottleneck.learn.heads import multi_hot
+
+    proba, truth = {}, {}
+    for name in SPLITS:
+        idx = np.flatnonzero(mask[name])
+        proba[name] = _proba(model, X.subset(idx), chunk_rows) if len(idx) else np.zeros((0, len(labels)))
+        truth[name] = multi_hot([data.label_sets[i] for i in idx], labels)
+    thresholds = choose_thresholds(proba["validation"], truth["validation"], labels)
+    log(f"thresholds chosen on the validation split ({int(mask['validation'].sum())} images), each maximising its "
+        "label's F1" + (f"; {len(thresholds.defaulted)} labels have no validation positive and keep 0.5: "
+                        f"{', '.join(thresholds.defaulted[:5])}" if thresholds.defaulted else ""))
+    metrics["thresholds"] = thresholds.record()
+    for name in SPLITS:
+        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]))
+    test = np.flatnonzero(mask["test"])
+    paths = [data.relpaths[i] for i in test]
+    metrics["misclassified"] = multi_label_mistakes(proba["test"], truth["test"], thresholds.decide(proba["test"]),
+                                                    paths, labels)
+    return thresholds, (paths, [data.labels[i] for i in test], proba["test"])
 
 
 def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: int, data_dir, log: Callable[[str], None],
@@ -400,6 +488,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     if count > held:
         raise DataError(f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}")
     positions = np.flatnonzero(train)
+    targets = _targets(data)
     hashes = [data.content_hashes[i] for i in positions]
     known = set(store.index().content_hash)
     keys, labels = [], []
@@ -409,7 +498,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
             key = view_key(content_hash, recipe, k)
             if key in known:
                 keys.append(key)
-                labels.append(data.labels[i])
+                labels.append(targets[i])
             else:
                 missing += 1
     if not keys:
@@ -419,7 +508,16 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
             f"{command} to add them")
     record = {"recipe": recipe.identity(), "digest": recipe.digest(), "views_per_image": count,
               "rows_added": len(keys), "store": str(store.path.absolute())}
-    return store.read_rows(keys), np.array(labels), record
+    return store.read_rows(keys), _as_array(labels, targets.dtype), record
+
+
+def _as_array(values: list, dtype) -> np.ndarray:
+    """`values` as a 1-d array of `dtype`; an object array keeps tuples whole (numpy would make them a matrix)."""
+    if dtype != object:
+        return np.array(values)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
@@ -430,17 +528,26 @@ def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
         return None
 
 
-def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str]) -> None:
+def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str],
+                          thresholds: Thresholds | None = None) -> None:
     """`test_predictions.csv`: path, true label, predicted label and the probability of every class.
 
     Probability columns are `probability_<class>`, so a class named `path` or `label` is no second
-    column of that name.
+    column of that name. With `thresholds` (multi-label), label and predicted are label sets (`a;b`):
+    the true ones and those at or over their thresholds.
     """
+    from bottleneck.features.label_file import joined_labels
+
+    def predicted(row: list[float]) -> str:
+        if thresholds is None:
+            return classes[int(np.argmax(row))]
+        return joined_labels(tuple(sorted(label for label, _ in thresholds.labels_above(np.array(row)))))
+
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "predicted", *(PROBABILITY_PREFIX + name for name in classes)])
         for relpath, label, row in sorted(zip(paths, labels, proba.tolist()), key=lambda item: item[0]):
-            writer.writerow([relpath, label, classes[int(np.argmax(row))], *(repr(float(p)) for p in row)])
+            writer.writerow([relpath, label, predicted(row), *(repr(float(p)) for p in row)])
 
 
 def versions() -> dict:

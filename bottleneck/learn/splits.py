@@ -93,6 +93,16 @@ def group_of(relpath: str, groups: dict[str, str] | None) -> str:
     return f"group:{given}" if given else group_key(relpath)
 
 
+def rarest_labels(label_sets: list[tuple[str, ...]]) -> list[str]:
+    """Each multi-label image's rarest label (ties by name): what its split is stratified by, so every label,
+    the rare ones first, reaches every split."""
+    counts: dict[str, int] = defaultdict(int)
+    for labels in label_sets:
+        for label in labels:
+            counts[label] += 1
+    return [min(labels, key=lambda label: (counts[label], label)) for labels in label_sets]
+
+
 def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dict[str, str] | None = None) -> dict[str, str]:
     """Map each (relpath, label) to 'train', 'validation' or 'test'; files of one group (`groups`) share one."""
     ranges = config.ranges()

@@ -5,6 +5,9 @@
                           (decoded in the graph exactly as `features` decodes), `serve_pixels` takes pixels
     DIR/model.tflite      optional (--tflite): float32 TFLite of pixels -> probabilities
     DIR/labels.txt        one label per output unit, in order
+
+A multi-label run's artefacts give a sigmoid probability per label; the SavedModel also returns the
+labels at or over their thresholds (chosen on the validation split, written to export.json too).
     DIR/README.md         how to call each, and the parity measured at export time
     DIR/export.json       the same figures, as data
 
@@ -58,8 +61,12 @@ class ExportResult:
         return max(diffs, default=0.0)
 
 
-def write_saved_model(model, labels: list[str], size: int, path: Path) -> None:
-    """A SavedModel: `serving_default` (encoded bytes) and `serve_pixels` (float32 RGB 0-255) endpoints."""
+def write_saved_model(model, labels: list[str], size: int, path: Path, thresholds: np.ndarray | None = None) -> None:
+    """A SavedModel: `serving_default` (encoded bytes) and `serve_pixels` (float32 RGB 0-255) endpoints.
+
+    With `thresholds` (multi-label, one per label) each also returns `given` ((n, k) booleans: the
+    probability reaches the label's threshold) and `given_labels` (the label where given, else '').
+    """
     tf, keras = import_tensorflow()
     from bottleneck.features.graph_decode import decode_batch_graph
 
@@ -67,11 +74,15 @@ def write_saved_model(model, labels: list[str], size: int, path: Path) -> None:
 
     def outputs(probabilities):
         count = tf.shape(probabilities)[0]
-        return {
+        found = {
             "probabilities": probabilities,
             "labels": tf.tile(label_names[None, :], [count, 1]),
             "top_label": tf.gather(label_names, tf.argmax(probabilities, axis=1)),
         }
+        if thresholds is not None:
+            given = probabilities >= tf.constant(thresholds, probabilities.dtype)[None, :]
+            found.update(given=given, given_labels=tf.where(given, found["labels"], tf.constant("")))
+        return found
 
     def from_bytes(images):
         return outputs(model(tf.cast(decode_batch_graph(images, size), tf.float32), training=False))
@@ -161,8 +172,11 @@ def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Cal
             encoded = [read_image_file(p)[0] for p in usable]
             pixels = np.stack([decode_image(data, size) for data in encoded]).astype(np.float32)
             parity["model.keras"][fmt] = _compare(reference, keras_model.predict(pixels, verbose=0))
-            served = serving(images=tf.constant(encoded))["probabilities"].numpy()
-            parity["saved_model"][fmt] = _compare(reference, served)
+            served = serving(images=tf.constant(encoded))
+            parity["saved_model"][fmt] = _compare(reference, served["probabilities"].numpy())
+            if run.thresholds is not None:  # the labels it gives, against those predict gives
+                differ = (served["given"].numpy() != run.thresholds.decide(reference)).any(axis=1)
+                parity["saved_model"][fmt]["label_sets_differ"] = int(differ.sum())
             if interpreter is not None:
                 parity["model.tflite"][fmt] = _compare(reference, _run_tflite(interpreter, pixels))
     return parity
@@ -273,7 +287,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
             stop_if_interrupted()
             model.save(staging / "model.keras")
             stop_if_interrupted()
-            write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model")
+            write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model",
+                              run.thresholds.values if run.thresholds is not None else None)
             stop_if_interrupted()
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
             if tflite:
@@ -285,7 +300,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
             summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
                        "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,
                        "pretrained": run.spec.pretrained,
-                       "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
+                       "warning": "" if run.spec.pretrained else run.spec.random_weights_warning,
+                       "multi_label": run.multi_label}
+            if run.thresholds is not None:
+                summary["thresholds"] = run.thresholds.record()
             (staging / _EXPORT_MARK).write_text(json.dumps(summary, indent=2))
             (staging / "README.md").write_text(export_readme(run, parity, tflite))
             _readable_as_umask_allows(staging)
@@ -307,12 +325,26 @@ def parity_rows(parity: dict) -> list[list[str]]:
     return rows
 
 
+def _multi_label_readme(run: LoadedRun, parity: dict) -> str:
+    """The paragraph on a multi-label run's outputs and thresholds."""
+    shown = ", ".join(f"`{label}` {value:.4f}" for label, value in zip(run.labels, run.thresholds.values))
+    differ = [f"{fmt} {figures['label_sets_differ']} of {figures['images']}"
+              for fmt, figures in parity.get("saved_model", {}).items() if "label_sets_differ" in figures]
+    return (f"""
+Multi-label: each output is its own label's probability (a sigmoid, they do not sum to 1). An image
+gets every label whose probability reaches that label's threshold, chosen on the run's validation
+split: {shown} (also in `export.json`). The SavedModel applies them: its outputs `given` ((n, labels)
+booleans) and `given_labels` (the label where given, else '') are the labels `bottleneck predict` gives.
+""" + (f"Images whose label set from `serving_default` differs from predict's: {', '.join(differ)}.\n" if differ else ""))
+
+
 def export_readme(run: LoadedRun, parity: dict, tflite: bool) -> str:
     """How to call each artefact, and what was measured."""
     size = run.spec.input_size
     warning = "" if run.spec.pretrained else f"\n**WARNING: {run.spec.random_weights_warning}.**\n"
     table = "\n".join("| " + " | ".join(row) + " |" + ("\n|---|---|---|---|" if i == 0 else "")
                       for i, row in enumerate(parity_rows(parity))) if parity else "Not measured: the run's test images were not found."
+    multi_label = "" if run.thresholds is None else _multi_label_readme(run, parity)
     tflite_text = f"""
 ## model.tflite (float32)
 
@@ -326,7 +358,7 @@ interpreter.invoke(); probabilities = interpreter.get_tensor(interpreter.get_out
     return f"""# Exported classifier: run {run.run_id}
 
 Labels (one per output unit, in order): `labels.txt`. Backbone `{run.fingerprint}`, input {size}x{size} RGB.
-{warning}
+{warning}{multi_label}
 ## saved_model/ (TensorFlow Serving, or `tf.saved_model.load`)
 
 `serving_default` takes a batch of encoded images (JPEG, PNG, GIF, BMP bytes) and decodes them in the

@@ -1,5 +1,8 @@
 """`bottleneck predict`: the labels a trained run gives new images, through the pipeline `features` uses.
 
+A multi-label run gives each image every label whose probability reaches that label's threshold
+(chosen on the validation split when the run was trained), with every label's probability.
+
 Images whose content is already cached are not decoded again; the rest are read, decoded and
 computed by the same threaded, batched code as `features` (and cached, so a second prediction
 is free). A file that cannot be used gets its one-line reason; the others go on.
@@ -26,15 +29,22 @@ from bottleneck.learn.run_folder import LoadedRun, load_run
 
 @dataclass
 class Prediction:
-    """One image: its top labels with probabilities, or why it has none."""
+    """One image: its top labels with probabilities, or why it has none.
+
+    A multi-label run also gives `labels`: every label at or over its threshold, most probable first
+    (`top` then holds every label's probability)."""
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    labels: list[tuple[str, float]] | None = None
 
     def as_json(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        if self.labels is not None:
+            return {"path": self.path, "labels": [label for label, _ in self.labels],
+                    "probabilities": {label: p for label, p in self.top}}
         return {"path": self.path, "top": [{"label": label, "probability": p} for label, p in self.top]}
 
 
@@ -116,6 +126,15 @@ def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str
     return [(labels[i], float(probabilities[i])) for i in order]
 
 
+def _predicted(shown: str, probabilities: np.ndarray, run: LoadedRun, top: int) -> Prediction:
+    """One image's prediction: its top `top` labels; multi-label: the labels over their thresholds, and every
+    label's probability."""
+    if run.thresholds is None:
+        return Prediction(shown, _top(probabilities, run.labels, top))
+    return Prediction(shown, _top(probabilities, run.labels, len(run.labels)),
+                      labels=run.thresholds.labels_above(probabilities))
+
+
 def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,
                          options: ExtractOptions, log: Callable[[str], None]) -> tuple[np.ndarray, int]:
     """The mean of the head's probabilities over each image and its cached augmented views, and the views computed."""
@@ -181,11 +200,10 @@ def predict_images(
         if tta is not None and usable:
             probabilities, views_computed = _averaged_over_views(run, usable, done, probabilities, tta,
                                                                  options or ExtractOptions(), log)
-        by_path = {str(image.path): _top(p, run.labels, top) for image, p in zip(usable, probabilities)}
+        by_path = {str(image.path): _predicted(image.relpath, p, run, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)
-            found = by_path.get(key)
-            predictions.append(Prediction(image.relpath, found) if found is not None else
+            predictions.append(by_path.get(key) or
                                Prediction(image.relpath, error=reasons.get(key, "no features were computed")))
     result = PredictResult(predictions, computed, reused, time.monotonic() - started, skipped, views_computed)
     if result.failed == len(predictions):
