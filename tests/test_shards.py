@@ -308,3 +308,26 @@ def test_an_unchanged_shard_is_listed_once_for_good(tmp_path, monkeypatch):
     monkeypatch.undo()
     os.utime(shard, ns=(1, 10**18))  # touched: listed (and its members hashed) again
     assert extract_features(data, cache, spec).reused == 9
+
+
+def test_a_label_file_names_images_inside_shards(tmp_path, capsys):
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    write_shards(data, per_shard=9, shards=2)
+    write_parquet(data / "more.parquet", 9)
+    names = list(COLOURS)
+    rows = ["path,label"] + [f"train-00{n // 9}.tar/sample{n:05d}.png,{names[n % 3]}" for n in range(18)]
+    rows += [f"more.parquet/image/{n},{names[n % 3]}" for n in range(9)]
+    rows += ["train-000.tar/nothere.png,red", "more.parquet/image/99,red"]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["features", "--labels", str(data / "labels.csv"), "--cache", str(cache), *PIXELS, "--no-progress",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert (result["images"], result["failed"]) == (27, 0)
+    assert "2 rows of labels.csv left out: missing file (first: train-000.tar/nothere.png, more.parquet/image/99)" in \
+        captured.err
+    assert main(["train-head", "--labels", str(data / "labels.csv"), "--cache", str(cache), *PIXELS,
+                 "--runs", str(runs)]) == 0
+    run = only_run(runs)
+    assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["accuracy"] == 1.0
+    assert "more.parquet/image/4" in (run / "split.csv").read_text()

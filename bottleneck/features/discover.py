@@ -400,7 +400,8 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
         raise DataError(f"data folder not found: {root}")
     listed, problems = listed_images(labels, root)
     images = sorted((ImageFile(item.path, item.relpath, item.label, item.stat.st_size, item.stat.st_mtime_ns,
-                               item.stat.st_ino, item.stat.st_dev, labels=item.labels) for item in listed),
+                               item.stat.st_ino, item.stat.st_dev, container=item.container, labels=item.labels)
+                     for item in listed),
                     key=lambda im: im.relpath)
     classes = sorted({label for image in images for label in image.labels})
     if not images:

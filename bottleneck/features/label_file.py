@@ -136,6 +136,25 @@ class ListedImage:
     split: str  # "" when the file gives none
     group: str
     labels: tuple[str, ...] = ()  # sorted, each once
+    container: str = ""  # the shard holding this image (see `bottleneck.features.shards`), "" for a file
+
+
+def _stat_of(path: Path) -> tuple[os.stat_result, object]:
+    """The file's stat, or for an image inside a tar or Parquet shard (`x.tar/0001.jpg`) a stat of it as a file
+    (its own size; its shard's mode, inode, device and times) and the member; OSError when it is neither."""
+    try:
+        return path.stat(), None
+    except NotADirectoryError:
+        from bottleneck.features.shards import member_of
+
+        member = member_of(path)
+        if member is None:
+            raise
+        shard = os.stat(member.shard)
+        fields = list(shard)[:10] + [shard.st_atime, shard.st_mtime, shard.st_ctime,
+                                     shard.st_atime_ns, shard.st_mtime_ns, shard.st_ctime_ns]
+        fields[6] = member.size  # st_size
+        return os.stat_result(fields), member
 
 
 def _relpath(path: Path, root: Path) -> str:
@@ -153,7 +172,7 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
                         f"label file not found: {source}")
     base = source.absolute().parent
     problems = LabelFileProblems()
-    by_file: dict[tuple[int, int], list[tuple[LabelRow, ListedImage]]] = {}
+    by_file: dict[tuple[int, int, str], list[tuple[LabelRow, ListedImage]]] = {}
     for row in read_rows(source):
         shown = row.path or f"line {row.line}"
         if not row.path:
@@ -169,7 +188,7 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
                             "(or valid, validation) or test, or leave it empty")
         path = Path(os.path.abspath(Path(row.path) if os.path.isabs(row.path) else base / row.path))
         try:
-            st = path.stat()
+            st, member = _stat_of(path)
         except OSError:
             problems.add("missing file", shown)
             continue
@@ -179,8 +198,9 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not stat.S_ISREG(st.st_mode):
             problems.add("not a regular file", shown)
             continue
-        image = ListedImage(path, _relpath(path, root), joined_labels(labels), st, split, row.group, labels)
-        by_file.setdefault((st.st_dev, st.st_ino), []).append((row, image))
+        image = ListedImage(path, _relpath(path, root), joined_labels(labels), st, split, row.group, labels,
+                            member.shard if member else "")
+        by_file.setdefault((st.st_dev, st.st_ino, member.name if member else ""), []).append((row, image))
     images = []
     for rows in by_file.values():
         first = rows[0][1]
