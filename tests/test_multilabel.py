@@ -61,7 +61,7 @@ def made(tmp_path_factory) -> dict:
     return {"root": root, "truth": truth, "labels": labels_file, "cache": cache, "run": run}
 
 
-def test_both_forms_of_a_multi_label_file_read_alike_and_the_layout_line_says_multi_label(made):
+def test_both_forms_of_a_multi_label_file_read_alike_and_the_layout_line_says_multi_label(made, capsys):
     from bottleneck.features.discover import discover_images
 
     rows = [[path, label] for path, labels in made["truth"].items() for label in labels]  # one row per pair
@@ -73,6 +73,9 @@ def test_both_forms_of_a_multi_label_file_read_alike_and_the_layout_line_says_mu
     assert joined.images[2].labels == made["truth"]["images/img002.png"] and joined.images[2].label.count(";") == 2
     assert joined.multi_label and joined.classes == sorted(PATCHES)
     assert joined.layout_line() == "label file labels.csv: 60 images, 4 labels, multi-label (2.0 labels per image)"
+    capsys.readouterr()
+    assert main(["features", "--labels", str(made["labels"]), "--cache", str(made["cache"]), *PIXELS, "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("60 images in 4 labels (multi-label) -> ")
     assert by_pair.skipped == {"listed again": 1, "empty label": 1}
     single = write_table(made["root"] / "single.csv", ["path", "label"], [[p, t[0]] for p, t in made["truth"].items()])
     assert not discover_images(None, labels=single).multi_label

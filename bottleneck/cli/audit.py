@@ -14,7 +14,8 @@ _SHOWN = 5
 
 def _print_summary(result, files: dict, out) -> None:
     counts = result.counts()
-    labelled = f"in {len(result.classes)} classes" if result.classes else "(no labels)"
+    kinds = "labels (multi-label)" if result.multi_label else "classes"
+    labelled = f"in {len(result.classes)} {kinds}" if result.classes else "(no labels)"
     out(f"audited {result.images} images {labelled} from the cache ({sum(result.seconds.values()):.1f} s) -> "
         f"{files['html']}")
     for note in result.notes:
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.inspect.audit_page import write_audit
 
     max_memory = memory_budget(args.max_memory)
-    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file, layout=args.layout, labels=args.labels, columns=columns_of(args),
+    config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file,
+                         layout=args.layout, labels=args.labels, columns=columns_of(args),
                          duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
     result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
     files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)

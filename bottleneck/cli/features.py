@@ -16,7 +16,8 @@ _FAILURES_SHOWN = 10
 
 def _summarise_features(result, out: Callable[[str], None]) -> None:
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items()))
-    out(f"{result.images} images" + (f" in {len(result.classes)} classes" if result.classes else "") + f" -> {result.store}")
+    kinds = "labels (multi-label)" if result.multi_label else "classes"
+    out(f"{result.images} images" + (f" in {len(result.classes)} {kinds}" if result.classes else "") + f" -> {result.store}")
     if result.layout_line:
         out(f"  {result.layout_line}")
     out(

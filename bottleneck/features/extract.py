@@ -59,6 +59,7 @@ class ExtractionResult:
     failed_shards: list[str] = field(default_factory=list)  # one line per shard that failed every try
     conflicts: list[str] = field(default_factory=list)  # files reachable from two class folders
     layout_line: str = ""  # how DATA was read: split folders, a label file or a plain folder ("" for class folders)
+    multi_label: bool = False  # a label file gave some image several labels: `classes` are its labels
 
     @property
     def images_per_second(self) -> float:
@@ -250,6 +251,7 @@ def extract_features(
         shards=done.shards,
         failed_shards=done.failed_shards,
         layout_line=discovery.layout_line(),
+        multi_label=discovery.multi_label,
     )
 
 

@@ -86,6 +86,7 @@ class AuditResult:
     seconds: dict = field(default_factory=dict)
     pretrained: bool = True
     store: str = ""
+    multi_label: bool = False  # `classes` counts each label of a multi-label label file
 
     @property
     def leakage(self) -> list[dict]:
@@ -333,8 +334,8 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout, columns=config.columns,
-                                  labels=config.labels, need_labels=False)
+    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout,
+                                  columns=config.columns, labels=config.labels, need_labels=False)
     labels = list(data.labels)
     unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only
     each_label = [label for labels in data.label_sets for label in labels] if data.multi_label else labels
@@ -390,6 +391,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                      "and are not audited")
     return AuditResult(
         images=len(labels), classes={} if unlabelled else dict(sorted(Counter(each_label).items())),
+        multi_label=data.multi_label,
         splits={} if unlabelled else dict(Counter(splits)),
         near_duplicates=near, exact_duplicates=exact_records, label_issues=issues, outliers=outliers,
         excluded={"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
