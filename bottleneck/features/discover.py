@@ -351,9 +351,9 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
                             f"(or valid, validation) and test, each holding one sub-folder per class; {found}")
         return layout
     if not named:
-        if top_dirs:
+        if top_dirs or not (holds_images(root) or shards_in(root)):
             return "classes"
-        return "plain" if holds_images(root) or not shards_in(root) else "shards"
+        return "plain" if holds_images(root) else "shards"
     flat = [name for name in named if not _holds_folders(str(root / name))]
     if not others and has_train and not flat:
         return "split-folders"
