@@ -232,6 +232,9 @@ def test_parquet_image_bytes_end_to_end(tmp_path, capsys, struct):
     assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["accuracy"] == 1.0
     assert main(["predict", "--run", str(run), str(data / "train-1.parquet" / "image" / "4"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] == "green"
+    from bottleneck.inspect.report import thumbnail_uri
+
+    assert thumbnail_uri(data / "train-1.parquet" / "image" / "4").startswith("data:image/jpeg;base64,")
 
 
 def test_parquet_columns_named_or_refused_in_one_line(tmp_path, capsys):
