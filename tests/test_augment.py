@@ -150,3 +150,25 @@ def test_cache_gc_keeps_the_views_a_run_trained_on(augmented, capsys):
     used, other = augmented["views"].name, [p.name for p in augmented["cache"].glob("*-aug-*.h5") if p != augmented["views"]]
     assert used not in out
     assert all(name in out for name in other)  # views no run trained on are collectable, like any unused store
+
+
+def test_views_take_the_max_pixels_of_features(tmp_path):
+    """`features --max-pixels` reaches the views too: an image over it gets a warning and no views."""
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.augment import compute_views
+    from bottleneck.features.discover import discover_images
+    from bottleneck.features.extract import extract_features, open_store
+    from bottleneck.features.hashing import HashIndex
+    from bottleneck.learn.dataset import content_hashes
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=1)
+    spec = BackboneSpec(architecture="pixels", image_size=8)
+    extract_features(data, cache, spec)
+    plain = open_store(cache, spec, HashIndex(cache))
+    images = discover_images(data).images
+    todo = list(zip((str(im.path) for im in images), content_hashes(data, cache, [im.relpath for im in images])))
+    said: list[str] = []
+    made = compute_views(todo, cache, spec, plain, 1, log=said.append, max_pixels=100)  # the images are 96x80
+    assert made.computed == 0 and len(said) == 3 and all("no views of" in line for line in said), said
+    assert compute_views(todo, cache, spec, plain, 1).computed == 3

@@ -239,10 +239,12 @@ def test_a_features_run_logs_and_counts_decoder_noise_and_keeps_the_terminal_cle
     (data / "a" / "apng.png").write_bytes(invalid_apng())
     tiff_with_bad_field_type(data / "b" / "odd.tif")
     done = subprocess.run([sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache),
-                           "--backbone", "pixels", "--json"], capture_output=True, text=True, timeout=120)
+                           "--backbone", "pixels", "--json", "--augment", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["computed"] == 3 and summary["decoder_warnings"] >= 2
+    # the augmented views decode the same files again: their warnings go to the log too, not to the terminal
+    assert "augmented views (2 per image): computed 6" in done.stdout + done.stderr
     assert "Invalid APNG" not in done.stderr and "TIFF" not in done.stderr
     assert f"decoder warnings (logged to {cache / 'decoder-warnings.log'})" in done.stderr
     log = (cache / "decoder-warnings.log").read_text()

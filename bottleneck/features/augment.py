@@ -137,16 +137,20 @@ class ViewRun:
 def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
                   views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "auto", batch_size: int = 16,
                   workers: int | None = None, progress: bool = False,
-                  log: Callable[[str], None] = lambda message: None, writable: bool = True) -> ViewRun:
+                  log: Callable[[str], None] = lambda message: None, writable: bool = True,
+                  max_pixels: int | None = None) -> ViewRun:
     """Make sure `views` views of each (path, content hash) in `images` are in the view store.
 
     Each image is read and decoded once for all its missing views; batches are committed as they
     are computed (an interrupted run keeps them), and an unchanged rerun computes nothing. On a
     cache that cannot be written (`writable=False`) the missing views stay in memory (`in_memory`).
+    Images are read and decoded as `features` does them: `max_pixels` (None: the default), and decoder
+    warnings to the cache's log, not over the progress bar.
     """
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import stop_if_interrupted
-    from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image_file
+    from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
+    from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
     from bottleneck.features.engines import computed_by, non_finite_rows
     from bottleneck.features.engines.local import bounded_map, make_bar
 
@@ -154,10 +158,11 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
         raise DataError(f"--augment must be from 1 to {MAX_VIEWS} views per image; got {views}")
     store = view_store(cache_dir, plain, recipe)
     with store.writer() if writable else contextlib.nullcontext(MemoryWriter(store)) as writer:
-        todo = []
+        todo, queued = [], set()
         for path, content_hash in images:
             missing = [k for k in range(views) if view_key(content_hash, recipe, k) not in writer.known_hashes]
-            if missing:
+            if missing and content_hash not in queued:  # a picture held twice (a copy, a link) gets its views once
+                queued.add(content_hash)
                 todo.append((path, content_hash, missing))
         reused = len(images) * views - sum(len(m) for _, _, m in todo)
         computed = non_finite = 0
@@ -169,7 +174,8 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
             def prepare(item):
                 path, content_hash, missing = item
                 try:  # the guards of `features`: no FIFO, no file past the size limit
-                    pixels = decode_image_file(path, spec.input_size)
+                    with decoding(path):
+                        pixels = decode_image_file(path, spec.input_size, max_pixels or DEFAULT_MAX_PIXELS)
                 except (UnreadableImage, ImageDecodeError) as exc:  # changed or gone since `features` read it
                     log(f"warning: no views of {path}: {exc}")
                     return []
@@ -190,12 +196,13 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                     pending.clear()
 
             try:
-                for made in bounded_map(prepare, todo, workers or os.cpu_count() or 1, 2 * (workers or 2)):
-                    stop_if_interrupted()
-                    pending.extend(made)
-                    if len(pending) >= batch_size:
-                        flush()
-                flush()
+                with decoder_noise_to(decoder_log_in(Path(cache_dir), writable)):
+                    for made in bounded_map(prepare, todo, workers or os.cpu_count() or 1, 2 * (workers or 2)):
+                        stop_if_interrupted()
+                        pending.extend(made)
+                        if len(pending) >= batch_size:
+                            flush()
+                    flush()
             finally:
                 bar.close()
         if non_finite:

@@ -31,10 +31,9 @@ from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
-from bottleneck.features.noise import decoder_noise_to, describe
+from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 
-DECODER_LOG = "decoder-warnings.log"
 
 
 @dataclass
@@ -287,9 +286,7 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
                     engine.start(spec, models, log)
                 if engine.name == "local":
                     # libtiff's C-level warnings and Pillow's Python warnings go to a log file, not over the progress bar.
-                    decoder_log = (cache / DECODER_LOG if writable
-                                   else Path(tempfile.gettempdir()) / f"bottleneck-{DECODER_LOG}")
-                    with decoder_noise_to(decoder_log) as noise:
+                    with decoder_noise_to(decoder_log_in(cache, writable)) as noise:
                         engine.run(tally, writer, index, spec, log)
                 else:  # decoding happens in the workers, whose output goes to their own logs
                     engine.run(tally, writer, index, spec, log)

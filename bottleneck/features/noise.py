@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -87,6 +88,15 @@ def describe(noise: NoiseLog) -> str:
         return "no decoder warnings"
     noun = "warning" if count == 1 else "warnings"
     return f"{count} decoder {noun} (logged to {noise.path})"
+
+
+#: The log file in a cache folder that decoder warnings go to.
+DECODER_LOG = "decoder-warnings.log"
+
+
+def decoder_log_in(cache: Path, writable: bool = True) -> Path:
+    """Where decoder warnings go: the cache's log; beside a cache that cannot be written, a temporary one."""
+    return cache / DECODER_LOG if writable else Path(tempfile.gettempdir()) / f"bottleneck-{DECODER_LOG}"
 
 
 @contextlib.contextmanager

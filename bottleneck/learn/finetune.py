@@ -297,7 +297,8 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
     pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
                                                    layout=run.config.get("layout", "classes"),
                                                    labels=run.config.get("labels_file"),
-                                                   columns=Columns(**run.config["columns"]) if run.config.get("columns") else None)
+                                                   columns=Columns(**run.config["columns"]) if run.config.get("columns") else None,
+                                                   cache_dir=run.cache_dir)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
     return (pixels[keep], np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],

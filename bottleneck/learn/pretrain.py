@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
 from bottleneck.features.discover import discover_images
+from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
 from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
 
@@ -61,9 +63,10 @@ class PretrainResult:
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
                 wanted: tuple[str, ...] = ("train", "validation", "test"),
                 layout: str = "auto", labels: str | None = None, columns=None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+                max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None
+                ) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
-    folders or the default split).
+    folders or the default split), with the guards of `features`; decoder warnings go to `cache_dir`'s log.
 
     Returns pixels (n, size, size, 3) uint8, labels, relative paths and each image's split.
     Images that cannot be decoded are left out.
@@ -86,12 +89,16 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
 
     def decode(path: Path) -> np.ndarray | None:
         try:  # the guards of `features`: no FIFO, no file past the size limit, --max-pixels
-            return decode_image_file(path, size, max_pixels)
+            with decoding(path):
+                return decode_image_file(path, size, max_pixels)
         except (ImageDecodeError, UnreadableImage):
             return None
 
     chosen = [(im, s) for im, s in zip(images, splits) if s in wanted]
-    with ThreadPoolExecutor() as pool:
+    # Decoder warnings go to a log, as in `features`: the cache's where there is one, else a temporary one.
+    cache = Path(cache_dir) if cache_dir and os.path.isdir(cache_dir) else Path(tempfile.gettempdir())
+    log_file = decoder_log_in(cache, cache_dir is not None and os.access(cache, os.W_OK))
+    with ThreadPoolExecutor() as pool, decoder_noise_to(log_file):
         pixels = list(pool.map(decode, [im.path for im, _ in chosen]))
     keep = [i for i, p in enumerate(pixels) if p is not None]
     if not keep:
