@@ -172,3 +172,63 @@ def test_views_take_the_max_pixels_of_features(tmp_path):
     made = compute_views(todo, cache, spec, plain, 1, log=said.append, max_pixels=100)  # the images are 96x80
     assert made.computed == 0 and len(said) == 3 and all("no views of" in line for line in said), said
     assert compute_views(todo, cache, spec, plain, 1).computed == 3
+
+
+def _views_by_key(store_path) -> dict[str, np.ndarray]:
+    with h5py.File(store_path, "r") as handle:
+        keys = [k.decode() for k in handle["content_hash"][()]]
+        return dict(zip(keys, handle["features"][()]))
+
+
+def test_a_sharded_engine_computes_the_same_views_and_resumes_a_written_shard(tmp_path):
+    """The engine seam with `ViewPlan`: views equal to the local ones, bit for bit; a shard whose segment an
+    earlier (killed) run wrote is taken as it is, not computed again."""
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.augment import compute_views, view_store
+    from bottleneck.features.discover import discover_images
+    from bottleneck.features.engines import InProcessEngine, Tally, ViewPlan
+    from bottleneck.features.extract import ExtractOptions, extract_features, open_store
+    from bottleneck.features.hashing import HashIndex
+    from bottleneck.learn.dataset import content_hashes
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=2)
+    spec = BackboneSpec(architecture="pixels", image_size=8)
+    results = {}
+    for name in ("local", "sharded"):
+        cache = tmp_path / name
+        extract_features(data, cache, spec)
+        index = HashIndex(cache)
+        plain = open_store(cache, spec, index)
+        images = discover_images(data).images
+        hashes = content_hashes(data, cache, [im.relpath for im in images])
+        if name == "local":
+            results[name] = _views_by_key(compute_views(list(zip((str(im.path) for im in images), hashes)), cache,
+                                                        spec, plain, 2).store)
+            continue
+        store = view_store(cache, plain, DEFAULT_RECIPE)
+        engine = InProcessEngine(ExtractOptions())
+        for finish in (False, True):  # the first run is killed before it brings its segments in
+            tally = Tally(todo=[(image, h) for image, h in zip(images, hashes)])
+            with store.writer() as writer:
+                engine.run(tally, writer, index, spec, lambda line: None, views=ViewPlan(DEFAULT_RECIPE, 2))
+                if finish:
+                    writer.finish()
+            counts = (tally.computed, tally.reused)
+            assert counts == ((12, 0) if not finish else (0, 12)), counts
+        index.close()
+        results[name] = _views_by_key(store.path)
+    assert sorted(results["local"]) == sorted(results["sharded"]) and len(results["local"]) == 12
+    for key, row in results["local"].items():
+        np.testing.assert_array_equal(row, results["sharded"][key])
+
+
+def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, capsys):
+    pytest.importorskip("ray")
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=2)
+    assert main(["features", str(data), "--cache", str(cache), "--backbone", "pixels", "--image-size", "8",
+                 "--engine", "ray", "--workers", "2", "--shard-size", "3", "--augment", "2", "--no-progress"]) == 0
+    assert "augmented views (2 per image): computed 12, reused 0" in capsys.readouterr().out
+    [view_segments] = [p for p in cache.glob("*-aug-*.segments")]
+    assert len(list(view_segments.glob("seg-*.h5"))) == 2

@@ -113,7 +113,8 @@ def _augment(args: argparse.Namespace, spec, options):
     todo = [(str(image.path), h) for image, h in zip(images, hashes) if h in known]
     return compute_views(todo, args.cache, spec, plain, args.augment, recipe_from(args.augment_flip), runtime=options.runtime,
                          batch_size=options.batch_size if options.batch_size != "auto" else 16,
-                         workers=options.workers, progress=options.progress, log=stderr, max_pixels=options.max_pixels)
+                         workers=options.workers, progress=options.progress, log=stderr, max_pixels=options.max_pixels,
+                         engine_options=options)
 
 
 def add_parser(commands) -> None:

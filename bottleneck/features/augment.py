@@ -134,18 +134,51 @@ class ViewRun:
     in_memory: MemoryWriter | None = None  # a cache that could not be written: the views computed in this process
 
 
+def _views_on_engine(todo: list[tuple[str, str, list[int]]], writer, spec: BackboneSpec, recipe: AugmentRecipe,
+                     views: int, options, cache: Path, log: Callable[[str], None]) -> int:
+    """The views of `todo` computed by a sharded engine (Ray) into `writer`'s view store; how many were computed."""
+    from bottleneck.features.discover import ImageFile
+    from bottleneck.features.engines import Tally, ViewPlan, get_engine
+    from bottleneck.features.hashing import HashIndex, file_stamp
+    from bottleneck.features.shards import member_of
+
+    tally = Tally()
+    for path, content_hash, _ in todo:
+        try:
+            size, mtime_ns, inode = file_stamp(path)
+        except OSError as exc:  # gone since `features` read it
+            log(f"warning: no views of {path}: cannot read file: {exc.strerror or exc}")
+            continue
+        member = None if os.path.isfile(path) else member_of(path)
+        tally.todo.append((ImageFile(Path(path), path, "", size, mtime_ns, inode,
+                                     container=member.shard if member else ""), content_hash))
+    engine = get_engine(options)
+    engine.check()
+    index = HashIndex(cache)
+    try:
+        engine.start(spec, cache, log)
+        try:
+            engine.run(tally, writer, index, spec, log, views=ViewPlan(recipe, views))
+        finally:
+            engine.stop()
+    finally:
+        index.close()
+    return tally.computed
+
+
 def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
                   views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "auto", batch_size: int = 16,
                   workers: int | None = None, progress: bool = False,
                   log: Callable[[str], None] = lambda message: None, writable: bool = True,
-                  max_pixels: int | None = None) -> ViewRun:
+                  max_pixels: int | None = None, engine_options=None) -> ViewRun:
     """Make sure `views` views of each (path, content hash) in `images` are in the view store.
 
     Each image is read and decoded once for all its missing views; batches are committed as they
     are computed (an interrupted run keeps them), and an unchanged rerun computes nothing. On a
     cache that cannot be written (`writable=False`) the missing views stay in memory (`in_memory`).
     Images are read and decoded as `features` does them: `max_pixels` (None: the default), and decoder
-    warnings to the cache's log, not over the progress bar.
+    warnings to the cache's log, not over the progress bar. `engine_options` (an `ExtractOptions` whose
+    engine is `ray`) computes the views in shards on that engine instead, a segment per shard.
     """
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import stop_if_interrupted
@@ -166,7 +199,9 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                 todo.append((path, content_hash, missing))
         reused = len(images) * views - sum(len(m) for _, _, m in todo)
         computed = non_finite = 0
-        if todo:
+        if todo and engine_options is not None and engine_options.engine != "local" and writable:
+            computed = _views_on_engine(todo, writer, spec, recipe, views, engine_options, Path(cache_dir), log)
+        elif todo:
             model = get_feature_model(spec, runtime, Path(cache_dir))
             bar = make_bar(sum(len(m) for _, _, m in todo), progress, unit="view")
             pending: list[tuple[np.ndarray, str, str]] = []

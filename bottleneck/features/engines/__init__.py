@@ -142,6 +142,15 @@ def plan_shards(todo: list[tuple[ImageFile, str | None]], fingerprint: str, shar
 
 
 @dataclass(frozen=True)
+class ViewPlan:
+    """A job of augmented views instead of plain features: `count` views of each image by `recipe`
+    (`bottleneck.features.augment`), each row keyed by its view key, into the view store."""
+
+    recipe: object  # an AugmentRecipe (plain data)
+    count: int
+
+
+@dataclass(frozen=True)
 class ShardJob:
     """Everything a worker needs to compute shards of one run (plain data: it is pickled to workers)."""
 
@@ -154,12 +163,26 @@ class ShardJob:
     known_failures: tuple = ()  # (key, Failure) of failures already recorded
     threads: int | None = None  # decoding threads per worker; None: one per CPU core of its machine
     tries: int = SHARD_TRIES
+    views: ViewPlan | None = None  # None: plain features; else augmented views (`known_hashes` are view keys)
+
+    def rows_of(self, content_hash: str, pixels: np.ndarray | None) -> Iterator[tuple[str, np.ndarray | None]]:
+        """(row key, pixels to compute) of one decoded image: its content hash, or each of its views' keys."""
+        if self.views is None:
+            yield content_hash, pixels
+            return
+        from bottleneck.features.augment import make_view, view_key
+
+        for k in range(self.views.count):
+            key = view_key(content_hash, self.views.recipe, k)
+            yield key, (None if pixels is None or key in self.known_hashes
+                        else make_view(pixels, content_hash, self.views.recipe, k))
 
 
-def make_job(writer: StoreWriter, spec: BackboneSpec, options, threads: int | None = None) -> ShardJob:
+def make_job(writer: StoreWriter, spec: BackboneSpec, options, threads: int | None = None,
+             views: ViewPlan | None = None) -> ShardJob:
     return ShardJob(spec=spec, runtime=options.runtime, store=writer.store, batch_size=options.batch_size,
                     max_pixels=options.max_pixels, known_hashes=frozenset(writer.known_hashes),
-                    known_failures=tuple(writer.known_failures.items()), threads=threads)
+                    known_failures=tuple(writer.known_failures.items()), threads=threads, views=views)
 
 
 def computed_by(model) -> str:
@@ -312,12 +335,14 @@ class ShardRunner:
                 result.stamps.append((path, outcome.stamp, outcome.content_hash))
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
-            elif outcome.known or outcome.content_hash in taken:
-                result.reused.append((path, outcome.content_hash))
-            else:
-                taken.add(outcome.content_hash)
-                result.rows.append((path, outcome.content_hash))
-                pending.append(outcome.pixels)
+                continue
+            for key, pixels in job.rows_of(outcome.content_hash, None if outcome.known else outcome.pixels):
+                if pixels is None or key in taken:
+                    result.reused.append((path, key))
+                    continue
+                taken.add(key)
+                result.rows.append((path, key))
+                pending.append(pixels)
                 if len(pending) >= batch_size:
                     flush()
                     if len(blocks) == 2:
@@ -372,11 +397,12 @@ class ShardRunner:
                 result.failures.append(Failure(path, "", str(exc)))
                 continue
             result.stamps.append((path, stamp, content_hash))
-            if content_hash in rows and content_hash not in taken:
-                taken.add(content_hash)
-                result.rows.append((path, content_hash))
-            else:
-                result.reused.append((path, content_hash))
+            for key, _ in self.job.rows_of(content_hash, None):
+                if key in rows and key not in taken:
+                    taken.add(key)
+                    result.rows.append((path, key))
+                else:
+                    result.reused.append((path, key))
         return result
 
 
@@ -413,24 +439,27 @@ class ShardedEngine:
         """Yield one result per shard, in any order (a shard may be missing: it is reported as failed)."""
         raise NotImplementedError
 
-    def job(self, writer: StoreWriter, spec: BackboneSpec) -> ShardJob:
-        return make_job(writer, spec, self.options)
+    def job(self, writer: StoreWriter, spec: BackboneSpec, views: ViewPlan | None = None) -> ShardJob:
+        return make_job(writer, spec, self.options, views=views)
 
-    def run(self, tally: Tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
+    def run(self, tally: Tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None],
+            views: ViewPlan | None = None) -> None:
+        """Compute `tally.todo` into `writer`'s store: plain features, or with `views` the augmented views of
+        each image (`tally.computed` then counts views)."""
         store = writer.store
         shards = plan_shards(tally.todo, store.fingerprint, self.options.shard_size)
         tally.shards = len(shards)
         if not shards:
             return
         with self.quiet(store.cache_dir):
-            self._run(shards, tally, writer, index, spec, log)
+            self._run(shards, tally, writer, index, spec, log, views)
 
     def quiet(self, cache_dir: Path) -> contextlib.AbstractContextManager:
         """Where the engine's own native output goes while it runs (nowhere else by default)."""
         return contextlib.nullcontext()
 
     def _run(self, shards: list[Shard], tally: Tally, writer: StoreWriter, index, spec: BackboneSpec,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], views: ViewPlan | None = None) -> None:
         store = writer.store
         bar = _make_bar(len(tally.todo), self.options.progress)
         self._remove_temporaries(store)  # the driver holds the lock: what is there is left by a dead run
@@ -438,7 +467,7 @@ class ShardedEngine:
         missing = {shard.index: shard for shard in shards}
         say = bar.write if self.options.progress else log
         try:
-            for result in self.map_shards(self.job(writer, spec), shards, say):
+            for result in self.map_shards(self.job(writer, spec, views), shards, say):
                 shard = missing.pop(result.index, None)
                 if shard is None:
                     continue  # a second answer for a shard already taken in
