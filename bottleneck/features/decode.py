@@ -199,6 +199,8 @@ def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXEL
                 (st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte: no file can have that name
+        raise UnreadableImage("cannot read file: its name holds a NUL byte") from None
     except MemoryError:
         raise UnreadableImage("cannot read file: it does not fit in memory now") from None
 

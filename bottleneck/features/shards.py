@@ -41,6 +41,8 @@ SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
 LABEL_EXTENSIONS = (".cls", ".txt", ".json")  # in the order a sample's label is taken from
 _JSON_LABEL_KEYS = ("label", "class", "cls")
 _LABEL_MEMBER_LIMIT = 1 << 16  # a label member larger than this is not a label
+#: Member names that no path inside the shard can hold: a normalised path would leave the shard, or none exists.
+UNSAFE_NAME = "member name with an empty, . or .. part, or a NUL"
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -48,10 +50,10 @@ _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 class Member:
     """An image inside a shard: where its bytes are, and the label its sample gives."""
 
-    shard: str  # absolute path of the .tar file
-    name: str  # the member's name in the tar
-    offset: int  # where its data starts in the shard
-    size: int
+    shard: str  # absolute path of the tar or Parquet file
+    name: str  # the member's name in the tar; `column/row` in Parquet
+    offset: int  # where its data starts in the tar; its row in Parquet
+    size: int  # 0 in Parquet: a cell's size is known once its row group is read
     label: str  # "" when its sample has no label member
     stamp: tuple[int, int, int]  # (member size, shard mtime_ns, shard inode): the hash index's key
 
@@ -100,7 +102,7 @@ def _image_extensions() -> frozenset[str]:
     return IMAGE_EXTENSIONS
 
 
-def _scan(path: Path, handle, size: int) -> tuple[list[tarfile.TarInfo], str]:
+def _scan(handle, size: int) -> tuple[list[tarfile.TarInfo], str]:
     """The shard's regular members whose data lies whole within the file, and why the scan stopped early."""
     members: list[tarfile.TarInfo] = []
     problem = ""
@@ -118,7 +120,7 @@ def _scan(path: Path, handle, size: int) -> tuple[list[tarfile.TarInfo], str]:
         if not members:
             raise DataError(f"not a plain tar file ({exc}): webdataset shards are uncompressed .tar") from None
         problem = f"cut short after {len(members)} members ({exc}): those are kept"
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:  # a hostile header raises any of these
         problem = f"cannot be read past member {len(members)} ({exc}): those before are kept"
     return members, problem
 
@@ -134,7 +136,7 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     stamp_of = (mtime_ns, inode)
     try:
         with open(path, "rb") as handle:
-            infos, listing.problem = _scan(Path(path), handle, size)
+            infos, listing.problem = _scan(handle, size)
             labels: dict[str, tuple[int, str]] = {}
             found: list[tarfile.TarInfo] = []
             for info in infos:
@@ -145,8 +147,8 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
                 key, extension = sample_key(info.name)
                 last = "." + extension.rsplit(".", 1)[-1] if extension else ""
                 parts = info.name.split("/")
-                if any(part in ("", ".", "..") for part in parts):  # no path to it would stay inside the shard
-                    listing.skipped["member name with an empty, . or .. part"] += 1
+                if "\0" in info.name or any(part in ("", ".", "..") for part in parts):  # no path to it stays inside
+                    listing.skipped[UNSAFE_NAME] += 1
                 elif any(part.startswith(".") for part in parts):
                     listing.skipped["hidden"] += 1
                 elif last in images:
@@ -357,7 +359,7 @@ def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: C
     except DataError as exc:
         listing.problem = str(exc)
         return listing
-    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+    except (OSError, ValueError, NotImplementedError) as exc:  # what pyarrow raises derives from these
         listing.problem = f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         return listing
     listing.members = [Member(path, f"{image}/{row}", row, 0, labels[row] if labels else "", (0, mtime_ns, inode))
@@ -370,7 +372,7 @@ def _parquet_member(path: str, name: str) -> Member | None:
     try:
         st = os.stat(path)
         schema, _, total = _parquet_layout(path, st.st_mtime_ns)
-    except (OSError, ValueError, DataError):
+    except (OSError, ValueError, NotImplementedError, DataError):
         return None
     if not row.isdigit() or int(row) >= total or column not in schema.names or not _image_column_kind(
             schema.field(column).type):
@@ -394,7 +396,7 @@ def _parquet_cell(member: Member) -> bytes:
         _, starts, _ = _parquet_layout(member.shard, member.stamp[1])
         group = bisect.bisect_right(starts, member.offset) - 1
         cell = _row_group_cells(member.shard, member.stamp[1], group, column)[member.offset - starts[group]]
-    except ValueError as exc:
+    except (ValueError, NotImplementedError) as exc:
         raise OSError(f"cannot read row {row} of {member.shard}: {str(exc).splitlines()[0]}") from None
     if os.stat(member.shard).st_mtime_ns != member.stamp[1]:
         raise OSError(f"{member.shard} changed while it was read")
