@@ -1,11 +1,14 @@
-"""Find the labelled images under a data folder: one sub-folder per class, or split folders of those.
+"""Find the labelled images of DATA: one sub-folder per class, split folders of those, shards, or a label file.
 
 DATA is laid out one of two ways: `classes` (`DATA/<class>/...`) or `split-folders`
 (`DATA/{train, val|valid|validation, test}/<class>/...`, any case, as most image sets are
 downloaded); `auto` tells them apart and asks for `--layout` when it cannot. A `plain` folder
 (images and folders of them, no labels: what `features`, `predict` and `compare` can use) is
 what `auto` takes DATA with images at its top and no sub-folders for. In split folders the
-sub-folders are the classes and the top folders the splits (`Discovery.folder_splits`).
+sub-folders are the classes and the top folders the splits (`Discovery.folder_splits`). DATA
+may also be `shards`: a folder of webdataset tar shards or Parquet files of image bytes, one such
+file, or a brace pattern of them (`train-{000..099}.tar`), their images read in place (see
+`bottleneck.features.shards`); `auto` takes a folder holding only such files for them.
 Nested folders inside a class folder belong to that class. Hidden files and folders are
 skipped, so are files whose extension no image reader claims. Each file is listed once even
 when it is reachable twice (symbolic or hard links, `a.jpg` and `A.JPG` on a case-insensitive
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bottleneck.errors import DataError
+from bottleneck.features.shards import Columns
 
 #: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
@@ -95,7 +99,7 @@ class ImageFile:
     mtime_ns: int
     inode: int
     dev: int = 0
-    container: str = ""  # the tar shard holding this image (`path` is inside it), "" for a file
+    container: str = ""  # the tar or Parquet shard holding this image (`path` is inside it), "" for a file
     labels: tuple[str, ...] = ()  # a label file's labels of this image (several: multi-label); () from folders
 
 
@@ -263,7 +267,7 @@ def shards_in(folder: Path) -> list[Path]:
         return []
 
 
-def shard_members(root: Path, shards: list[Path], columns=None,
+def shard_members(root: Path, shards: list[Path], columns: Columns | None = None,
                   cache_dir: str | os.PathLike | None = None) -> tuple[list[ImageFile], Counter, list[str]]:
     """The image members of shards (see `bottleneck.features.shards`; `columns` names a Parquet file's image and
     label columns) with their labels ("" for none), relative to `root`; what was skipped; one warning line per
@@ -280,7 +284,7 @@ def shard_members(root: Path, shards: list[Path], columns=None,
         if index is not None:
             index.close()
     for shard, listing in zip(shards, listings):
-        relshard = _relpath_or_absolute(shard.absolute(), root)
+        relshard = relpath_or_absolute(shard.absolute(), root)
         if listing.problem:
             warnings.append(f"shard {relshard}: {listing.problem}")
         skipped.update(listing.skipped)
@@ -292,14 +296,16 @@ def shard_members(root: Path, shards: list[Path], columns=None,
     return images, skipped, warnings
 
 
-def _relpath_or_absolute(path: Path, root: Path) -> str:
+def relpath_or_absolute(path: Path, root: Path) -> str:
+    """`path` relative to `root` with '/' separators when inside it, else absolute."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
 
 
-def _from_shards(root: Path, shards: list[Path], min_classes: int, columns=None, cache_dir=None) -> Discovery:
+def _from_shards(root: Path, shards: list[Path], min_classes: int, columns: Columns | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Discovery:
     """The image members of shards, labelled by their samples (all of them, when no sample has a label)."""
     images, skipped, warnings = shard_members(root, shards, columns, cache_dir)
     if not images:
@@ -336,7 +342,7 @@ def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
 
 
 def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto") -> str:
-    """`classes`, `split-folders` or `plain` for DATA's top folders; `auto` decides, or asks for `--layout`."""
+    """`classes`, `split-folders`, `plain` or `shards` for DATA's top folders; `auto` decides, or asks for `--layout`."""
     if layout not in LAYOUTS:
         raise DataError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     if layout in ("classes", "plain", "shards"):
@@ -426,7 +432,7 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
 
 
 def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",
-                    labels: str | os.PathLike | None = None, columns=None,
+                    labels: str | os.PathLike | None = None, columns: Columns | None = None,
                     cache_dir: str | os.PathLike | None = None) -> Discovery:
     """List the images under `data_dir` (see the module's note on layouts), or those a label file names;
     raise `DataError` if unusable. `columns` (`shards.Columns`) names a Parquet file's image and label columns;

@@ -33,6 +33,7 @@ from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
+from bottleneck.features.shards import Columns
 
 
 
@@ -211,7 +212,7 @@ def extract_features(
     log: Callable[[str], None] = lambda message: None,
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
-    columns=None,
+    columns: Columns | None = None,
     **option_values,
 ) -> ExtractionResult:
     """Compute the features of every image under `data_dir` that the store lacks.

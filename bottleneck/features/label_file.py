@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bottleneck.errors import DataError
-from bottleneck.features.discover import SPLIT_FOLDERS
+from bottleneck.features.discover import SPLIT_FOLDERS, relpath_or_absolute
 
 COLUMNS = ("path", "label", "split", "group")
 _NAMED = 3  # the first few problem paths named per kind
@@ -157,13 +157,6 @@ def _stat_of(path: Path) -> tuple[os.stat_result, object]:
         return os.stat_result(fields), member
 
 
-def _relpath(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedImage], LabelFileProblems]:
     """The usable images a label file names, and what it named that cannot be used."""
     source = Path(source)
@@ -198,7 +191,7 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not stat.S_ISREG(st.st_mode):
             problems.add("not a regular file", shown)
             continue
-        image = ListedImage(path, _relpath(path, root), joined_labels(labels), st, split, row.group, labels,
+        image = ListedImage(path, relpath_or_absolute(path, root), joined_labels(labels), st, split, row.group, labels,
                             member.shard if member else "")
         by_file.setdefault((st.st_dev, st.st_ino, member.name if member else ""), []).append((row, image))
     images = []

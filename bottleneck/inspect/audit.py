@@ -34,6 +34,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import DataError
+from bottleneck.features.shards import Columns
 
 #: Projected dimensions for the kNN graph and the cross-validated model (features are standardised first).
 PROJECTED_DIM = 256
@@ -62,7 +63,7 @@ class AuditConfig:
     test_pct: float = 10.0
     split_file: str | None = None
     layout: str = "auto"  # of DATA: see bottleneck.features.discover
-    columns: object = None  # a Parquet DATA's image and label columns (`shards.Columns`), or None
+    columns: Columns | None = None  # a Parquet DATA's image and label columns (`shards.Columns`), or None
     labels: str | None = None  # a label file naming the images instead
     duplicate_factor: float = DUPLICATE_FACTOR
     neighbours: int = NEIGHBOURS

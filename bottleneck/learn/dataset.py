@@ -22,6 +22,7 @@ from bottleneck.features.decode import too_large
 from bottleneck.features.hashing import HashIndex, file_stamp
 from bottleneck.features.store import FeatureStore, StoreSnapshot
 from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
+from bottleneck.features.shards import Columns
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
 _DENSE_ENOUGH = 0.25
@@ -159,7 +160,7 @@ class LabelledFeatures:
     groups: dict[str, str] = field(default_factory=dict)  # a label file's group column: relpath -> group
     split_source: str = "the {} folder"  # names where `folder_splits` come from (see `splits_from_folders`)
     layout: str = "classes"  # how DATA was read (see `bottleneck.features.discover`)
-    columns: object = None  # a Parquet DATA's image and label columns as given (`shards.Columns`), or None
+    columns: Columns | None = None  # a Parquet DATA's image and label columns as given (`shards.Columns`), or None
     multi_label: bool = False  # a label file gave some image several labels
     label_sets: list[tuple[str, ...]] = field(default_factory=list)  # multi-label: each image's labels (`labels` joins them)
 
@@ -290,7 +291,7 @@ def load_labelled_features(
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
     need_labels: bool = True,
-    columns=None,
+    columns: Columns | None = None,
 ) -> LabelledFeatures:
     """Match the images under DATA to cached features; warn about images the cache lacks.
 

@@ -24,6 +24,7 @@ from bottleneck.features.discover import discover_images
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
 from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
+from bottleneck.features.shards import Columns
 
 FEATURE_LAYER = "features"
 
@@ -62,7 +63,7 @@ class PretrainResult:
 
 def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
                 wanted: tuple[str, ...] = ("train", "validation", "test"),
-                layout: str = "auto", labels: str | None = None, columns=None,
+                layout: str = "auto", labels: str | None = None, columns: Columns | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None
                 ) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
@@ -134,7 +135,7 @@ def labels_file(model_path: Path) -> Path:
 
 def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
              split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
-             layout: str = "auto", labels: str | None = None, columns=None) -> PretrainResult:
+             layout: str = "auto", labels: str | None = None, columns: Columns | None = None) -> PretrainResult:
     """Train the base on DATA's train split (validation split for early stopping) and save it to `out`."""
     tf, keras = import_tensorflow()
     tf.config.experimental.enable_op_determinism()

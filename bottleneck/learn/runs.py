@@ -29,6 +29,7 @@ from bottleneck.learn.metrics import misclassified, multi_label_metrics, multi_l
 from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_of, rarest_labels,
                                      read_split_csv, splits_from_folders, write_split_csv)
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
+from bottleneck.features.shards import Columns
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def train_head(
     augment_flip: float | None = None,
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
-    columns=None,
+    columns: Columns | None = None,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
