@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -65,13 +66,52 @@ def _streamed_multi_label(head) -> BottleneckError:
                            "from the store: raise --max-memory")
 
 
-def _check_features(X, expected: int | None = None) -> np.ndarray:
+class FeaturesError(BottleneckError, ValueError):
+    """Features a head cannot take: one line for the CLI, a ValueError (or TypeError: `SparseFeaturesError`) as
+    scikit-learn's estimator contract asks."""
+
+
+class SparseFeaturesError(BottleneckError, TypeError):
+    """Sparse features: the heads take dense arrays only."""
+
+
+def _check_sparse(X, head: str) -> None:
+    from scipy import sparse
+
+    if sparse.issparse(X):
+        raise SparseFeaturesError(f"{head} takes dense features; sparse input is not supported (use X.toarray())")
+
+
+def _check_features(X, expected: int | None = None, head: str = "this head") -> np.ndarray:
+    _check_sparse(X, head)
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
-        raise BottleneckError(f"features must be a 2-d array (n_samples, n_features); got shape {X.shape}")
+        raise FeaturesError(f"features must be a 2-d array (n_samples, n_features); got shape {X.shape}. "
+                            "Reshape your data: X.reshape(1, -1) for one sample")
+    if X.shape[0] == 0 or X.shape[1] == 0:  # an empty array would crash oneDNN inside Keras, not raise
+        raise FeaturesError(f"{X.shape[1]} feature(s) (shape={X.shape}) while a minimum of 1 is required.")
     if expected is not None and X.shape[1] != expected:
-        raise BottleneckError(f"X has {X.shape[1]} features, but this head was trained on {expected}")
+        raise FeaturesError(f"X has {X.shape[1]} features, but {head} is expecting {expected} features as input")
+    if not np.isfinite(X).all():
+        raise FeaturesError(f"features hold NaN or infinity: {head} takes finite values only")
     return X
+
+
+def _training_data(X, y, head: str, multi_label: bool) -> tuple[np.ndarray, Any]:
+    """X and y as a head trains on them, checked as scikit-learn's estimators check theirs (no sparse, complex,
+    NaN or infinite features; one label per row of X; labels, not continuous values). Multi-label y (label
+    tuples) is checked by `multi_hot`."""
+    if y is None:
+        raise FeaturesError(f"{head} requires y to be passed, but the target y is None")
+    if multi_label:
+        return _check_features(X, head=head), y
+    _check_sparse(X, head)
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_X_y
+
+    X, y = check_X_y(X, y, dtype=np.float32)
+    check_classification_targets(y)
+    return _check_features(X, head=head), y
 
 
 class LogRegHead(ClassifierMixin, BaseEstimator):
@@ -106,13 +146,15 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        X = _check_features(X)
+        X, y = _training_data(X, y, type(self).__name__, self.multi_label)
         if self.multi_label:
             self._fit_one_vs_rest(X, y)
+            self.n_iter_ = np.array([max(int(np.max(e.n_iter_)) for e in self.pipeline_[-1].estimators_)])
         else:
             self.pipeline_ = make_pipeline(StandardScaler(), self._logreg())
             self.pipeline_.fit(X, np.asarray(y))
             self.classes_ = self.pipeline_.classes_
+            self.n_iter_ = self.pipeline_[-1].n_iter_
         self.n_features_in_ = X.shape[1]
         self.history_ = None
         self.solver_ = "lbfgs"
@@ -215,6 +257,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.history_ = None
         self.solver_ = "lbfgs, streamed"
         self.passes_ = passes[0] + 1  # and one for the scaler
+        self.n_iter_ = np.array([result.nit])
         self.converged_ = bool(result.success)
         return self
 
@@ -225,7 +268,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """Probabilities of shape (n_samples, n_classes), columns in `classes_` order (multi-label: each label's own)."""
         check_is_fitted(self)
-        X = _check_features(X, self.n_features_in_)
+        X = _check_features(X, self.n_features_in_, type(self).__name__)
         return self.arrays_.predict_proba(X) if self.multi_label else self.pipeline_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
@@ -323,7 +366,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         tf, keras = import_tensorflow()
         keras.utils.set_random_seed(self.random_state)
         tf.config.experimental.enable_op_determinism()
-        X = _check_features(X)
+        X, y = _training_data(X, y, type(self).__name__, self.multi_label)
         if self.multi_label:
             y_index, validation = self._multi_label_targets(y, validation_data)
             self._fit_model(keras, X, y_index, validation, None)
@@ -337,6 +380,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
             values = compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=y_index)
             weights = dict(enumerate(values))
+        elif isinstance(self.class_weight, dict):  # {label: weight}, as scikit-learn's classifiers take it
+            weights = {i: float(self.class_weight.get(label, 1.0)) for i, label in enumerate(self.classes_.tolist())}
         validation = None
         if validation_data is not None and len(validation_data[1]):
             Xv, yv = validation_data
@@ -423,7 +468,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
-        X = _check_features(X, self.n_features_in_)
+        X = _check_features(X, self.n_features_in_, type(self).__name__)
         return self.model_.predict(X, batch_size=1024, verbose=0).astype(np.float64)
 
     def predict(self, X) -> np.ndarray:

@@ -55,7 +55,7 @@ class _NullBar:
 def make_bar(total: int, progress: bool, unit: str = "img"):
     if not progress or total == 0:
         return _NullBar()
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # a widget in a notebook, the usual bar on a terminal
 
     return tqdm(total=total, unit=unit, desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
