@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, columns_of, data_or_labels,
-                                   memory_budget, spec_from, stderr)
-from bottleneck.cli.train_head import PERCENT
+from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, columns_of,
+                                   data_or_labels, memory_budget, spec_from, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,11 +48,7 @@ def add_parser(commands) -> None:
                         help="FILE.parquet or FILE.npz to write (replaced if it is a regular file)")
     add_layout_argument(parser)
     add_backbone_arguments(parser, optional=True)
-    split = parser.add_argument_group("split (as train-head draws it)")
-    split.add_argument("--seed", type=SEED, default=0, help="seed of the split, %(type)s (default: 0)")
-    split.add_argument("--val-pct", type=PERCENT, default=10.0, help="validation percentage, %(type)s (default: 10)")
-    split.add_argument("--test-pct", type=PERCENT, default=10.0, help="test percentage, %(type)s (default: 10)")
-    split.add_argument("--split-file", default=None, help="a saved split.csv (a run's) instead of drawing one")
+    add_split_arguments(parser, "split (as train-head draws it)")
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
                         help="memory for features, e.g. 512M or 2G (default: a quarter of the available memory); "
                         "larger feature sets are streamed into Parquet row groups (npz is refused)")
