@@ -59,7 +59,8 @@ def test_parquet_dump_opens_in_pandas_with_the_store_rows_and_train_heads_split(
 
     frame = pd.read_parquet(out)
     assert list(frame.columns) == summary["columns"] and len(frame) == 12
-    assert all(isinstance(value, str) for column in ("path", "label", "split", "content_hash") for value in frame[column])
+    for column in ("path", "label", "split", "content_hash"):
+        assert all(isinstance(value, str) for value in frame[column])
     features = np.stack(frame["features"].to_numpy())
     assert features.dtype == np.float32 and features.shape == (12, 8 * 8 * 3)
     assert np.array_equal(features, store_rows(cache, list(frame["content_hash"])))
@@ -108,7 +109,8 @@ def test_duckdb_reads_the_parquet_dump(pixels_extracted, tmp_path):
     assert dump("--data", str(data), "--cache", str(cache), "--out", str(out)) == 0
     counts = duckdb.sql(f"select label, count(*) as n from '{out}' group by label order by label").fetchall()
     assert counts == [("blue", 4), ("green", 4), ("red", 4)]
-    [(width, first)] = duckdb.sql(f"select len(features), features[1] from '{out}' where path = 'red/red_000.png'").fetchall()
+    query = f"select len(features), features[1] from '{out}' where path = 'red/red_000.png'"
+    [(width, first)] = duckdb.sql(query).fetchall()
     frame = pd.read_parquet(out)
     assert width == 192 and np.float32(first) == frame.loc[frame["path"] == "red/red_000.png", "features"].iloc[0][0]
 
@@ -136,9 +138,10 @@ def test_max_memory_under_the_features_streams_parquet_and_refuses_npz_in_one_li
     assert summary["streamed"] and summary["row_groups"] == 3 == pq.ParquetFile(out).num_row_groups
     whole = dump_features(data, cache, tmp_path / "whole.parquet")
     assert pq.read_table(out).equals(pq.read_table(whole.out))
-    assert dump("--data", str(data), "--cache", str(cache), "--max-memory", "300K", "--out", str(tmp_path / "f.npz")) == 2
+    npz = tmp_path / "f.npz"
+    assert dump("--data", str(data), "--cache", str(cache), "--max-memory", "300K", "--out", str(npz)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "write .parquet" in err and not (tmp_path / "f.npz").exists()
+    assert err.count("\n") == 1 and "write .parquet" in err and not npz.exists()
 
 
 def test_multi_label_dump_has_a_list_column_in_parquet_and_joined_labels_in_npz(tmp_path):
@@ -198,6 +201,10 @@ def test_bad_out_and_missing_cache_are_one_line_each_exit_2(pixels_extracted, tm
     os.symlink(tmp_path / "elsewhere.parquet", tmp_path / "link.parquet")
     assert dump(*base, "--out", str(tmp_path / "link.parquet")) == 2
     assert "not a regular file" in one_line_error(capsys)
+    (tmp_path / "file").write_text("")
+    assert dump(*base, "--out", str(tmp_path / "file" / "f.parquet")) == 2
+    assert "cannot use --out" in one_line_error(capsys)  # a file where a folder should be
+    (tmp_path / "file").unlink()
     assert dump("--data", str(data), "--cache", str(tmp_path / "no-cache"), "--out", str(tmp_path / "f.parquet")) == 2
     assert "no feature cache in" in one_line_error(capsys)
     assert dump("--cache", str(cache), "--out", str(tmp_path / "f.parquet")) == 2

@@ -66,7 +66,8 @@ def checked_out(out: str | os.PathLike) -> Path:
     except OSError as exc:
         raise DumpError(f"cannot use --out {out}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
-        raise DumpError(f"--out {out} is a folder: name the file to write, as --out {target / ('features' + target.suffix)}")
+        example = target / f"features{target.suffix}"
+        raise DumpError(f"--out {out} is a folder: name the file to write, as --out {example}")
     if not stat.S_ISREG(mode):
         raise DumpError(f"--out {out} exists and is not a regular file (a link, a pipe, a device): it is never "
                         "replaced; name another file")
@@ -162,9 +163,9 @@ def dump_features(
                         "which is streamed in row groups, or raise --max-memory")
     splits = splits_of(data, split, split_file, log)
     metadata = backbone_metadata(data)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         if parquet:
             row_groups = _write_parquet(tmp, data, splits, metadata)
         else:
