@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from bottleneck import __version__
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full
 from bottleneck.features.shards import Columns
 from bottleneck.learn.dataset import LabelledFeatures, load_labelled_features
@@ -130,7 +131,7 @@ def dump_features(
     data_dir: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
     out: str | os.PathLike,
-    spec=None,
+    spec: BackboneSpec | None = None,
     split: SplitConfig = SplitConfig(),
     split_file: str | None = None,
     log: Callable[[str], None] = lambda message: None,
