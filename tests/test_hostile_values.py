@@ -16,7 +16,7 @@ from .conftest import make_dataset
 HOSTILE = ("nan", "inf", "-inf", "NaN", "-1", "0", "1e400", "99999999999999999999", "abc", "", "1.5", "0x10")
 
 #: Flags typed as text but meaning a number, parsed by their command before any work.
-TEXT_NUMBERS = {("train-head", "--max-memory"), ("audit", "--max-memory")}
+TEXT_NUMBERS = {("train-head", "--max-memory"), ("audit", "--max-memory"), ("dump", "--max-memory")}
 NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "BYTES", "PIXELS"}
 
 
@@ -60,8 +60,8 @@ def _find(prefix, flag):
 def test_the_walk_finds_every_command_and_the_known_numeric_flags():
     found = {(" ".join(p), f) for p, f in (param.values for param in _numeric_flags())}
     commands = {" ".join(p) for p, _ in _commands(build_parser())}
-    assert {"features", "train-head", "fine-tune", "predict", "export", "report", "audit", "pretrain", "compare", "cache info",
-            "cache compact", "cache gc", "backbones", "demo"} == commands
+    assert {"features", "train-head", "fine-tune", "predict", "export", "dump", "report", "audit", "pretrain", "compare",
+            "cache info", "cache compact", "cache gc", "backbones", "demo"} == commands
     assert {("train-head", "--C"), ("train-head", "--seed"), ("train-head", "--folds"), ("train-head", "--dropout"),
             ("train-head", "--learning-rate"), ("features", "--lock-timeout"), ("cache compact", "--lock-timeout"),
             ("features", "--batch-size"), ("features", "--image-size"), ("features", "--gpus-per-worker"),
@@ -138,11 +138,11 @@ def test_the_bounds_read_well(capsys):
     ("inf", "--max-memory 'inf' is not a size"), ("0", "--max-memory must be more than 0 bytes"),
     ("abc", "--max-memory 'abc' is not a size"),
 ])
-@pytest.mark.parametrize("command", ["train-head", "audit"])
+@pytest.mark.parametrize("command", ["train-head", "audit", "dump"])
 def test_max_memory_hostile_sizes_are_one_line(command, value, expected, tmp_path, capsys):
-    where = "--runs" if command == "train-head" else "--out"
-    assert main([command, "--data", str(tmp_path / "nothing"), where, str(tmp_path / "runs"),
-                 "--max-memory", value]) == 2
+    where = {"train-head": ["--runs", str(tmp_path / "runs")], "audit": ["--out", str(tmp_path / "runs")],
+             "dump": ["--out", str(tmp_path / "runs" / "f.parquet")]}[command]
+    assert main([command, "--data", str(tmp_path / "nothing"), *where, "--max-memory", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bottleneck: error: {expected}") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before any work

@@ -5,9 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bottleneck.cli.common import (SEED, add_backbone_arguments, add_layout_argument, bounded_int, columns_of, data_or_labels,
-                                   finite_float, memory_budget, spec_from, stderr)
-from bottleneck.cli.train_head import PERCENT
+from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, bounded_int, columns_of,
+                                   data_or_labels, finite_float, memory_budget, spec_from, stderr)
 
 _SHOWN = 5
 
@@ -74,11 +73,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--out", default="audit", help="folder for audit.html, audit.json, exclude.txt (default: ./audit)")
     add_backbone_arguments(parser, optional=True)
-    split = parser.add_argument_group("split (as train-head draws it, to find leakage)")
-    split.add_argument("--seed", type=SEED, default=0, help="seed of the split, %(type)s (default: 0)")
-    split.add_argument("--val-pct", type=PERCENT, default=10.0, help="validation percentage, %(type)s (default: 10)")
-    split.add_argument("--test-pct", type=PERCENT, default=10.0, help="test percentage, %(type)s (default: 10)")
-    split.add_argument("--split-file", default=None, help="a saved split.csv (a run's) instead of drawing one")
+    add_split_arguments(parser, "split (as train-head draws it, to find leakage)")
     audit = parser.add_argument_group("thresholds")
     audit.add_argument("--duplicate-threshold", type=finite_float(0, 1, low_open=True), default=DUPLICATE_FACTOR,
                        metavar="FACTOR", help="near-duplicates: closer than FACTOR x the median nearest-neighbour "

@@ -135,6 +135,20 @@ IMAGE_SIZE = bounded_int(1, 2048, note="larger inputs do not fit in memory; `bot
                          "backbone's default and minimum")
 
 
+#: --val-pct and --test-pct.
+PERCENT = finite_float(0, 100, high_open=True)
+
+
+def add_split_arguments(parser: argparse.ArgumentParser, title: str):
+    """`--seed`, `--val-pct`, `--test-pct`, `--split-file` of a command that reads train-head's split; the group."""
+    split = parser.add_argument_group(title)
+    split.add_argument("--seed", type=SEED, default=0, help="seed of the split, %(type)s (default: 0)")
+    split.add_argument("--val-pct", type=PERCENT, default=10.0, help="validation percentage, %(type)s (default: 10)")
+    split.add_argument("--test-pct", type=PERCENT, default=10.0, help="test percentage, %(type)s (default: 10)")
+    split.add_argument("--split-file", default=None, help="a saved split.csv (a run's) instead of drawing one")
+    return split
+
+
 def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     """`--layout` (how DATA is laid out: class folders, or split folders of class folders) and `--labels FILE`."""
     from bottleneck.features.discover import LAYOUTS

@@ -6,12 +6,9 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, SEED, add_backbone_arguments,
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, PERCENT, SEED, add_backbone_arguments,
                                    add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget,
                                    print_split_scores, spec_from, stderr)
-
-#: --val-pct and --test-pct.
-PERCENT = finite_float(0, 100, high_open=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -330,8 +330,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
               max_memory: int | None = None) -> AuditResult:
     """Audit the images under DATA from their cached features (see the module's docstring)."""
     from bottleneck.learn.dataset import load_labelled_features
-    from bottleneck.learn.runs import _splits_for
-    from bottleneck.learn.splits import SplitConfig
+    from bottleneck.learn.splits import SplitConfig, splits_for
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -341,7 +340,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only
     each_label = [label for labels in data.label_sets for label in labels] if data.multi_label else labels
     folds = 0 if unlabelled else _check_classes(each_label, config.folds)
-    splits = [UNSPLIT] * len(labels) if unlabelled else _splits_for(
+    splits = [UNSPLIT] * len(labels) if unlabelled else splits_for(
         data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed), config.split_file, log)
     hashes = data.content_hashes
     seconds["load"] = time.perf_counter() - started

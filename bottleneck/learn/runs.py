@@ -26,8 +26,7 @@ from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.features.store import process_alive
 from bottleneck.learn.metrics import misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
-from bottleneck.learn.splits import (SPLITS, SplitConfig, assign_folds, assign_splits, group_of, rarest_labels,
-                                     read_split_csv, splits_from_folders, write_split_csv)
+from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
 from bottleneck.features.shards import Columns
 
@@ -65,41 +64,6 @@ class RunResult:
 #: The test split's predictions of a run, which `predict` reproduces.
 PREDICTIONS_FILE = "test_predictions.csv"
 PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_FILE
-
-
-def _strata(data: LabelledFeatures) -> list[str]:
-    """What each image's split is stratified by: its class, or a multi-label image's rarest label."""
-    return rarest_labels(data.label_sets) if data.multi_label else list(data.labels)
-
-
-def _splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]) -> list[str]:
-    items = list(zip(data.relpaths, _strata(data)))
-    if data.folder_splits and split_file is None:
-        drawn, said = splits_from_folders(items, data.folder_splits, config, data.groups, data.split_source)
-        log(said)
-    else:
-        drawn = assign_splits(items, config, data.groups)
-    if split_file is None:
-        return [drawn[p] for p in data.relpaths]
-    saved = read_split_csv(split_file)
-    if data.multi_label:  # a label set written in another order (`dog;beach`) is the same set
-        from bottleneck.features.label_file import joined_labels, split_labels
-
-        saved = {p: (joined_labels(split_labels(label)), split) for p, (label, split) in saved.items()}
-    contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
-                    if p in saved and saved[p][0] != label]
-    if contradicted:
-        from bottleneck.features.store import printable
-
-        path, said, folder = contradicted[0]
-        raise DataError(
-            f"split file {split_file} labels {len(contradicted)} images other than their class folders do, first "
-            f"{printable(path)} ({printable(said)!r}, folder {printable(folder)!r}); labels come from the folders: "
-            "move the images or fix the label column")
-    unknown = [p for p in data.relpaths if p not in saved]
-    if unknown:
-        log(f"warning: {len(unknown)} images are not in {split_file}; they get the split drawn for them")
-    return [saved[p][1] if p in saved else drawn[p] for p in data.relpaths]
 
 
 def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None) -> None:
@@ -325,7 +289,7 @@ def train_on_features(
 
     `excluded` describes images left out by `--exclude` ({file, listed, left_out}), for the record."""
     model = make_head(head.head, random_state=split.seed, multi_label=data.multi_label, **head.params())
-    splits = _splits_for(data, split, split_file, log)
+    splits = splits_for(data, split, split_file, log)
     _check_classes(data, splits, log, folds)
     labels_all = _targets(data)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}

@@ -16,8 +16,12 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from bottleneck.errors import DataError
+
+if TYPE_CHECKING:
+    from bottleneck.learn.dataset import LabelledFeatures
 
 SPLITS = ("train", "validation", "test")
 _NOHASH = re.compile(r"_nohash_.*$")
@@ -158,6 +162,44 @@ def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
         ordered = sorted(keys, key=lambda k: (draw(seed + 1, k), k))
         fold_of.update({(label, key): i % folds for i, key in enumerate(ordered)})
     return {relpath: fold_of[(label, group_of(relpath, groups))] for relpath, label in items}
+
+
+def _strata(data: "LabelledFeatures") -> list[str]:
+    """What each image's split is stratified by: its class, or a multi-label image's rarest label."""
+    return rarest_labels(data.label_sets) if data.multi_label else list(data.labels)
+
+
+def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | None,
+               log: Callable[[str], None]) -> list[str]:
+    """Each image's split as `train-head` draws it: split folders or a split column, else drawn by `config`;
+    `split_file` (a saved split.csv) wins for the images it lists."""
+    items = list(zip(data.relpaths, _strata(data)))
+    if data.folder_splits and split_file is None:
+        drawn, said = splits_from_folders(items, data.folder_splits, config, data.groups, data.split_source)
+        log(said)
+    else:
+        drawn = assign_splits(items, config, data.groups)
+    if split_file is None:
+        return [drawn[p] for p in data.relpaths]
+    saved = read_split_csv(split_file)
+    if data.multi_label:  # a label set written in another order (`dog;beach`) is the same set
+        from bottleneck.features.label_file import joined_labels, split_labels
+
+        saved = {p: (joined_labels(split_labels(label)), split) for p, (label, split) in saved.items()}
+    contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
+                    if p in saved and saved[p][0] != label]
+    if contradicted:
+        from bottleneck.features.store import printable
+
+        path, said, folder = contradicted[0]
+        raise DataError(
+            f"split file {split_file} labels {len(contradicted)} images other than their class folders do, first "
+            f"{printable(path)} ({printable(said)!r}, folder {printable(folder)!r}); labels come from the folders: "
+            "move the images or fix the label column")
+    unknown = [p for p in data.relpaths if p not in saved]
+    if unknown:
+        log(f"warning: {len(unknown)} images are not in {split_file}; they get the split drawn for them")
+    return [saved[p][1] if p in saved else drawn[p] for p in data.relpaths]
 
 
 def write_split_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
