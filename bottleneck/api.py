@@ -161,10 +161,9 @@ class FeatureSet:
               split_file: str | os.PathLike | None = None) -> Split:
         """The split `train-head` draws with these flags (split folders and a label file's split column as it
         takes them; `split_file` as `--split-file`), exactly."""
-        from bottleneck.learn.runs import _splits_for
-        from bottleneck.learn.splits import SplitConfig
+        from bottleneck.learn.splits import SplitConfig, splits_for
 
-        drawn = _splits_for(self.data, SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
+        drawn = splits_for(self.data, SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
                             None if split_file is None else str(split_file), lambda message: None)
         self._split = Split(self, drawn)
         return self._split
