@@ -103,7 +103,7 @@ def test_nothing_predictable_and_bad_runs_are_one_line_errors(trained, tmp_path,
     assert "not a finished run folder (config.json is missing)" in capsys.readouterr().err
 
 
-def test_a_changed_backbone_file_is_refused(tmp_path):
+def test_a_retrained_backbone_file_leaves_the_run_its_own_and_old_runs_refuse_it(tmp_path):
     from bottleneck.learn.pretrain import PretrainConfig, pretrain
 
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -113,8 +113,15 @@ def test_a_changed_backbone_file_is_refused(tmp_path):
     spec = BackboneSpec(architecture=str(base), layer="features")
     extract_features(data, cache, spec)
     run = train_head(data, cache, tmp_path / "runs", spec, HeadConfig("logreg"), SPLIT).run_dir
-    assert load_run(run).fingerprint == load_run(run).spec.fingerprint() == spec.fingerprint()
+    trained_on = spec.fingerprint()
+    assert load_run(run).fingerprint == load_run(run).spec.fingerprint() == trained_on
     pretrain(data, base, PretrainConfig(image_size=16, blocks=2, filters=4, epochs=0, seed=5))
+    kept = load_run(run)  # the copy the run keeps by content in the cache (tests/test_travel.py)
+    assert kept.fingerprint == trained_on != spec.fingerprint() and kept.spec.architecture != str(base)
+    # A run written before backbones were kept names only the path: a retrained file there is refused.
+    config = json.loads((run / "config.json").read_text())
+    del config["backbone_file"]
+    (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match="has changed since training"):
         load_run(run)
 

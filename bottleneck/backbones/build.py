@@ -434,11 +434,12 @@ def get_feature_model(spec: BackboneSpec, runtime: str = DEFAULT_RUNTIME, cache_
             if runtime != "auto" or spec.precision != "float32":
                 raise
             print(f"bottleneck: {exc}; computing with Keras instead", file=sys.stderr, flush=True)
-    return _keras_model(spec, import_keras().config.backend() if spec.kind != "pixels" else "numpy")
+    # Keyed by the weights' content too: a model file retrained at the same path is a new network, not the one held.
+    return _keras_model(spec, import_keras().config.backend() if spec.kind != "pixels" else "numpy", spec.weights_id())
 
 
 @lru_cache(maxsize=4)
-def _keras_model(spec: BackboneSpec, backend: str) -> FeatureModel:
+def _keras_model(spec: BackboneSpec, backend: str, weights_id: str) -> FeatureModel:
     return FeatureModel(spec)
 
 

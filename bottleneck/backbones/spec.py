@@ -58,6 +58,7 @@ class BackboneSpec:
     preprocess: str | None = None  # .keras files: a key of PREPROCESSING (default 'none')
     precision: str = "float32"  # or 'mixed' (float16 compute on a GPU), 'bf16' or 'int8' (OpenVINO on a CPU)
     calibration: str | None = None  # int8: the digest of the calibration set (None: not settled yet)
+    file_stem: str | None = None  # .keras files kept by content (`<sha256>.keras`): the name the user gave the file
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -132,8 +133,8 @@ class BackboneSpec:
 
     @property
     def name(self) -> str:
-        """A short name: the application, 'pixels', or the model file's stem."""
-        return Path(self.architecture).stem if self.kind == "file" else self.architecture
+        """A short name: the application, 'pixels', or the model file's stem (as the user named it)."""
+        return (self.file_stem or Path(self.architecture).stem) if self.kind == "file" else self.architecture
 
     @property
     def pretrained(self) -> bool:
@@ -246,7 +247,8 @@ def spec_record(spec: BackboneSpec) -> dict:
 
 def spec_from_record(record: dict) -> BackboneSpec:
     """The spec a run recorded with `spec_record`."""
-    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision", "calibration")
+    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision", "calibration",
+              "file_stem")
     return BackboneSpec(**{name: record[name] for name in fields if name in record})
 
 

@@ -128,6 +128,8 @@ def _bytes(paths: Iterable[Path]) -> int:
 
 def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
     """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
+    from bottleneck.learn.run_folder import backbone_fingerprint
+
     found: set[str] = set()
     for runs in runs_dirs:
         folder = Path(runs)
@@ -139,10 +141,10 @@ def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
             except (OSError, ValueError):
                 continue
             if isinstance(recorded, dict):
-                for key in ("fingerprint", "store"):
-                    value = str(recorded.get(key) or "")
-                    if value:
-                        found.add(Path(value).stem if key == "store" else value.split()[0])
+                if backbone_fingerprint(recorded):
+                    found.add(backbone_fingerprint(recorded))
+                if recorded.get("store"):
+                    found.add(Path(str(recorded["store"])).stem)
                 augment = recorded.get("augment")
                 if isinstance(augment, dict) and augment.get("store"):
                     found.add(Path(str(augment["store"])).stem)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
+from bottleneck.learn.run_folder import backbone_fingerprint, run_path
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112
@@ -99,7 +100,7 @@ def _read_run(folder: Path) -> Run:
     if problem:
         raise DataError(problem)
     wrong = metrics.get("misclassified") or []
-    data_root = Path(config["data"]) if isinstance(config.get("data"), str) else Path(".")
+    data_root = run_path(folder, config, "data") or Path(".")
     files = [data_root / row["path"] if isinstance(row, dict) and isinstance(row.get("path"), str) else Path("")
              for row in (wrong if isinstance(wrong, list) else [])]
     return Run(shown(folder.name), folder, _displayable(config), _displayable(metrics), files)
@@ -167,7 +168,7 @@ def comparison_rows(runs: list[Run]) -> list[list[str]]:
     rows = [["run", "head", "settings", "split seed", "backbone", "train acc", "val acc", "test acc", "test macro F1", "train s"]]
     for run in runs:
         test = run.metrics["splits"].get("test") or {}
-        backbone = run.config.get("fingerprint", "?") + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
+        backbone = (backbone_fingerprint(run.config) or "?") + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
         head = run.metrics["head"] + (f" of {run.config['parent_run']}" if run.config.get("parent_run") else "")
         score = (lambda split: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split: _fmt(run.accuracy(split)))
         rows.append([run.run_id, head + (" (multi-label)" if run.multi_label else ""), run.settings(),

@@ -289,7 +289,7 @@ def _save_weights_atomically(model, path: Path) -> None:
 
 
 def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
-    data = Path(run.config.get("data", ""))
+    data = run.data_dir or Path("")
     if not data.is_dir():
         raise DataError(f"the images run {run.run_id} was trained on are not at {data} any more; fine-tuning re-reads them")
     log(f"decoding the images of run {run.run_id} at {size}x{size}")
@@ -402,7 +402,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
               on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
     """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent)."""
-    from bottleneck.learn.runs import PREDICTIONS_FILE, new_run_dir, prepare_runs_dir, versions, write_predictions_csv
+    from bottleneck.learn.runs import PREDICTIONS_FILE, new_run_dir, prepare_runs_dir, relative_paths, versions, write_predictions_csv
 
     tf, keras = import_tensorflow()
     run = load_run(run_dir)
@@ -462,9 +462,11 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
             write_predictions_csv(staging / PREDICTIONS_FILE, *test_rows, run.labels)
             config_json = {
                 "kind": FINE_TUNED, "command": argv if argv is not None else sys.argv, "parent_run": run.run_id,
-                "parent_dir": str(run.folder.absolute()), "data": run.config.get("data"), "head": "fine-tune",
-                "fine_tune": metrics["params"], "seed": config.seed, "model": "model.keras", "output_layer": OUTPUT_NAME,
-                "cache": str(run.cache_dir.absolute()), "fingerprint": f"{run.fingerprint} fine-tuned",
+                "parent_dir": str(run.folder.absolute()), "data": str(run.data_dir) if run.data_dir else None,
+                "head": "fine-tune", "fine_tune": metrics["params"], "seed": config.seed, "model": "model.keras",
+                "output_layer": OUTPUT_NAME, "cache": str(run.cache_dir.absolute()),
+                "relative": relative_paths(final, cache=run.cache_dir, data=run.data_dir),
+                "fingerprint": run.fingerprint, "fine_tuned_from": {"run": run.run_id, "fingerprint": run.fingerprint},
                 "backbone_spec": run.config.get("backbone_spec"), "backbone": run.config.get("backbone"), "versions": versions(),
             }
             (staging / "config.json").write_text(json.dumps(config_json, indent=2, default=str))

@@ -8,6 +8,7 @@ outputs are cached like features under their own fingerprint, so both kinds shar
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,8 @@ from bottleneck.learn.thresholds import Thresholds
 
 #: config.json "kind" of a run written by `fine-tune`.
 FINE_TUNED = "fine-tune"
+#: How fine-tuned runs before `fine_tuned_from` marked their fingerprint ("<fp> fine-tuned"): still read.
+OLD_FINE_TUNED_SUFFIX = " fine-tuned"
 
 
 class RunError(BottleneckError):
@@ -38,6 +41,7 @@ class LoadedRun:
     labels: list[str]
     classify: Callable[[np.ndarray], np.ndarray]  # (n, d) cached outputs -> (n, len(labels)) probabilities
     thresholds: Thresholds | None = None  # multi-label runs: which probabilities give a label
+    data_dir: Path | None = None  # the images it was trained on (found relative to the run when the project moved)
 
     @property
     def multi_label(self) -> bool:
@@ -71,10 +75,54 @@ def read_run_files(run_dir: str | Path) -> tuple[Path, dict]:
     return folder, config
 
 
-def run_backbone(folder: Path, config: dict) -> tuple[BackboneSpec, str]:
-    """The exact backbone a head run was trained on, and its fingerprint; a `RunError` if it changed since."""
+def run_path(folder: Path, config: dict, key: str) -> Path | None:
+    """The path the run recorded under `key` ('data', 'store', 'cache'); when it is gone (the project folder moved,
+    or the run was sent elsewhere), the same path relative to the run folder, if that exists."""
+    recorded = config.get(key)
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    written = Path(recorded)
+    relatives = config.get("relative")
+    relative = relatives.get(key) if isinstance(relatives, dict) else None
+    if written.exists() or not isinstance(relative, str):
+        return written
+    moved = Path(os.path.normpath(folder.absolute() / relative))
+    return moved if moved.exists() else written
+
+
+def kept_backbone_file(folder: Path, config: dict, cache_dir: Path | None = None) -> Path | None:
+    """The `.keras` backbone a run keeps by content: relative to the run folder, then in the cache's `backbones/`,
+    then at the path it was trained from; each only if its content is the one trained on. None for runs that keep
+    none (applications, pixels, runs written before backbones were kept)."""
+    from bottleneck.backbones.kept import first_with_content, kept_path
+
+    kept = config.get("backbone_file")
+    if not isinstance(kept, dict) or not isinstance(kept.get("sha256"), str):
+        return None
+    sha256 = kept["sha256"]
+    cache_dir = cache_dir or run_cache(folder, config)
+    candidates = [Path(os.path.normpath(folder.absolute() / str(kept.get("path", "")))), kept_path(cache_dir, sha256)]
+    if isinstance(kept.get("hint"), str):
+        candidates.append(Path(kept["hint"]))
+    candidates = list(dict.fromkeys(candidates))
+    found = first_with_content(candidates, sha256)
+    if found is None:
+        raise RunError(f"the backbone of run {folder.name} ({kept.get('name')}.keras, sha256 {sha256[:12]}) is found "
+                       f"nowhere: looked at {', '.join(map(str, candidates))} (missing, or other content); copy the "
+                       f"cache's {kept_path(cache_dir, sha256).parent.name}/ folder with the run, or pass --cache")
+    return found
+
+
+def run_backbone(folder: Path, config: dict, cache_dir: Path | None = None) -> tuple[BackboneSpec, str]:
+    """The exact backbone a head run was trained on, and its fingerprint; a `RunError` if it changed since.
+
+    A `.keras` backbone is the copy the run keeps by content (see `kept_backbone_file`), looked for in
+    `cache_dir` (default: the run's cache)."""
+    record = config.get("backbone_spec")
+    kept = kept_backbone_file(folder, config, cache_dir)
+    if record and kept is not None:
+        record = {**record, "architecture": str(kept), "file_stem": config["backbone_file"].get("name")}
     try:
-        record = config.get("backbone_spec")
         spec = spec_from_record(record) if record else spec_from_store_attrs(config.get("backbone") or {})
     except KeyError as exc:
         raise RunError(f"{folder}/config.json does not say which backbone it used (no {exc})") from None
@@ -87,6 +135,21 @@ def run_backbone(folder: Path, config: dict) -> tuple[BackboneSpec, str]:
             "then): its model or weights file was edited or replaced"
         )
     return spec, fingerprint
+
+
+def backbone_fingerprint(config: dict) -> str:
+    """The fingerprint of the backbone a run learnt from; for a fine-tuned run, the one it started from."""
+    recorded = config.get("fine_tuned_from")
+    if isinstance(recorded, dict) and isinstance(recorded.get("fingerprint"), str):
+        return recorded["fingerprint"]
+    return str(config.get("fingerprint") or "").removesuffix(OLD_FINE_TUNED_SUFFIX)
+
+
+def run_cache(folder: Path, config: dict) -> Path:
+    """The cache the run's features are in: a fine-tuned run's `cache`, a head run's store's folder."""
+    if config.get("kind") == FINE_TUNED:
+        return run_path(folder, config, "cache") or Path(config["cache"])
+    return (run_path(folder, config, "store") or Path(config["store"])).parent
 
 
 def _expected_width(config: dict) -> int | None:
@@ -176,9 +239,8 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
         fingerprint = spec.fingerprint()
         labels = _labels(folder)
         classify: Callable = _normalised
-        default_cache = Path(config["cache"])
     else:
-        spec, fingerprint = run_backbone(folder, config)
+        spec, fingerprint = run_backbone(folder, config, Path(cache_dir) if cache_dir else None)
         head = config.get("head")
         if head == "logreg":
             labels, classify = _logreg_classifier(folder, config)
@@ -186,10 +248,9 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
             labels, classify = _keras_classifier(folder / config["model"], config)
         else:
             raise RunError(f"{folder}/config.json names an unknown head {head!r}")
-        default_cache = Path(config["store"]).parent
     thresholds = _run_thresholds(folder, labels) if config.get("multi_label") else None
-    return LoadedRun(folder, config, spec, fingerprint, Path(cache_dir) if cache_dir else default_cache, labels, classify,
-                     thresholds)
+    return LoadedRun(folder, config, spec, fingerprint, Path(cache_dir) if cache_dir else run_cache(folder, config),
+                     labels, classify, thresholds, run_path(folder, config, "data"))
 
 
 def _run_thresholds(folder: Path, labels: list[str]) -> Thresholds:

@@ -21,7 +21,7 @@ from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
 from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
                                       without_excluded)
-from bottleneck.errors import BottleneckError, DataError
+from bottleneck.errors import BackboneError, BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.features.store import process_alive
@@ -365,9 +365,11 @@ def train_on_features(
             "augment": augmented,
             "max_memory_bytes": data.memory.max_memory_bytes if data.memory else None,
             "store": str(data.store_path.absolute()),
+            "relative": relative_paths(final, store=data.store_path, data=data_dir),
             "fingerprint": str(data.attrs.get("fingerprint", "")),
             "backbone": {k: (v.item() if hasattr(v, "item") else v) for k, v in data.attrs.items()},
             "backbone_spec": _recorded_spec(spec, data.attrs),
+            "backbone_file": _kept_backbone(spec, data, final),
             "model": model_path.name,
             "labels": [str(label) for label in labels],
             "multi_label": data.multi_label,
@@ -483,6 +485,28 @@ def _as_array(values: list, dtype) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
+
+
+def relative_paths(run_folder: Path, **paths: str | os.PathLike | None) -> dict[str, str]:
+    """Each path relative to the run folder: what the run finds them by once the project folder has moved."""
+    return {key: os.path.relpath(Path(path).absolute(), run_folder.absolute()) for key, path in paths.items()
+            if path is not None}
+
+
+def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder: Path) -> dict | None:
+    """A `.keras` backbone kept in the cache by content, so the run keeps its own base when the file moves or is
+    retrained; None for applications and pixels, which are named, not copied."""
+    from bottleneck.backbones.kept import keep_backbone_file
+
+    if spec is None or spec.kind != "file":
+        return None
+    kept = keep_backbone_file(spec.architecture, data.store_path.parent)
+    trained_on = str(data.attrs.get("weights_id", ""))
+    if trained_on.startswith("sha256:") and trained_on != f"sha256:{kept.sha256}":
+        raise BackboneError(f"{spec.architecture} changed after its features were computed: run `bottleneck features` "
+                            "again with it, then train the head")
+    return {"sha256": kept.sha256, "path": os.path.relpath(kept.path.absolute(), run_folder.absolute()),
+            "name": spec.name, "hint": str(Path(spec.architecture).absolute())}
 
 
 def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:

@@ -111,7 +111,7 @@ def write_tflite(model, path: Path) -> None:
 
 
 def _test_images(run: LoadedRun, limit: int) -> list[Path]:
-    data = Path(run.config.get("data", ""))
+    data = run.data_dir or Path("")
     try:
         with open(run.folder / "split.csv", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             rows = [row["path"] for row in csv.DictReader(handle) if row["split"] == "test"]
