@@ -14,7 +14,6 @@ experiment in a notebook and a run from the command line see the same images in 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +219,9 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        return json.loads((self.path / "metrics.json").read_text())
+        from bottleneck.learn.run_folder import METRICS_FILE, read_run_json
+
+        return read_run_json(self.path / METRICS_FILE)
 
     @property
     def config(self) -> dict:

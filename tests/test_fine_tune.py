@@ -13,7 +13,8 @@ from bottleneck.features.extract import extract_features
 from bottleneck.inspect.report import write_report
 from bottleneck.learn.finetune import FineTuneConfig, fine_tune
 from bottleneck.learn.pretrain import PretrainConfig, pretrain
-from bottleneck.learn.runs import PREDICTIONS_FILE, HeadConfig, train_head
+from bottleneck.learn.run_folder import PREDICTIONS_FILE
+from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 from bottleneck.use.predict import predict_images
 

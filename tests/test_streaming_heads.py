@@ -18,7 +18,8 @@ from bottleneck.features.extract import extract_features
 from bottleneck.features.store import FeatureStore
 from bottleneck.learn.head_file import arrays_from_pipeline, load_head
 from bottleneck.learn.memory import MemoryBudgetError, parse_size, plan_memory
-from bottleneck.learn.runs import PREDICTIONS_FILE, PROBABILITY_PREFIX, HeadConfig, train_head
+from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX
+from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 
 from .conftest import TEST_SIZE, make_dataset

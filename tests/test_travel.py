@@ -15,7 +15,7 @@ import pytest
 from bottleneck.cli import main
 from bottleneck.features.decode import decode_image
 from bottleneck.features.hashing import sha256_file
-from bottleneck.learn.runs import PREDICTIONS_FILE, PROBABILITY_PREFIX
+from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX
 
 from .conftest import make_dataset
 

@@ -46,7 +46,7 @@ def _write_csv(path: str, predictions, top: int, multi_labels: list[str] | None 
     error, the labels given (`a;b`) and a probability column per label."""
     from bottleneck.errors import DataError
     from bottleneck.features.label_file import joined_labels
-    from bottleneck.learn.runs import PROBABILITY_PREFIX
+    from bottleneck.learn.run_folder import PROBABILITY_PREFIX
 
     try:
         with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:

@@ -128,14 +128,14 @@ def _bytes(paths: Iterable[Path]) -> int:
 
 def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
     """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
-    from bottleneck.learn.run_folder import backbone_fingerprint
+    from bottleneck.learn.run_folder import CONFIG_FILE, backbone_fingerprint
 
     found: set[str] = set()
     for runs in runs_dirs:
         folder = Path(runs)
         if not folder.is_dir():
             raise CacheError(f"--runs {folder} is not a folder of runs")
-        for config in folder.rglob("config.json"):
+        for config in folder.rglob(CONFIG_FILE):
             try:
                 recorded = json.loads(config.read_text())
             except (OSError, ValueError):

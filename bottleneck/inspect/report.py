@@ -8,14 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
-from bottleneck.learn.run_folder import backbone_fingerprint, run_path
+from bottleneck.learn.run_folder import CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json, run_path
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112
@@ -82,20 +81,9 @@ def _shape_problem(config, metrics) -> str | None:
     return None
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"its {path.name} is not UTF-8 text") from None
-    except ValueError as exc:
-        raise DataError(f"its {path.name} is damaged ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read its {path.name} ({exc.strerror or exc})") from None
-
-
 def _read_run(folder: Path) -> Run:
     """One run folder; a `DataError` saying why when it cannot be read or is not a run's."""
-    config, metrics = (_read_json(folder / name) for name in ("config.json", "metrics.json"))
+    config, metrics = (read_run_json(folder / name) for name in (CONFIG_FILE, METRICS_FILE))
     problem = _shape_problem(config, metrics)
     if problem:
         raise DataError(problem)
@@ -116,7 +104,7 @@ def load_runs(runs_dir: str | os.PathLike, log: Callable[[str], None] = lambda m
     root = Path(runs_dir)
     runs, skipped = [], 0
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        metrics_file, config_file = folder / "metrics.json", folder / "config.json"
+        metrics_file, config_file = folder / METRICS_FILE, folder / CONFIG_FILE
         if folder.name.startswith(".") or not metrics_file.is_file() or not config_file.is_file():
             continue
         try:

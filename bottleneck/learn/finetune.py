@@ -402,7 +402,9 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
               on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
     """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent)."""
-    from bottleneck.learn.runs import PREDICTIONS_FILE, new_run_dir, prepare_runs_dir, relative_paths, versions, write_predictions_csv
+    from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths,
+                                             write_predictions_csv, write_run_record)
+    from bottleneck.learn.runs import versions
 
     tf, keras = import_tensorflow()
     run = load_run(run_dir)
@@ -454,8 +456,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
                    "history": state["history"], "best_epoch": state["best_epoch"], "parent_run": run.run_id,
                    "unfrozen_layers": [layer.name for layer in unfrozen],
                    "pretrained": bool(run.spec.pretrained), "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
-        final, staging = new_run_dir(runs, "fine-tune")
-        try:
+        with new_run(runs, "fine-tune") as (final, staging):
             _without_optimizer(model).save(staging / "model.keras")
             (staging / "labels.json").write_text(json.dumps(run.labels))
             shutil.copyfile(run.folder / "split.csv", staging / "split.csv")
@@ -469,11 +470,6 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
                 "fingerprint": run.fingerprint, "fine_tuned_from": {"run": run.run_id, "fingerprint": run.fingerprint},
                 "backbone_spec": run.config.get("backbone_spec"), "backbone": run.config.get("backbone"), "versions": versions(),
             }
-            (staging / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            write_run_record(staging, config_json, metrics)
         shutil.rmtree(work.folder, ignore_errors=True)
         return FineTuneResult(final, metrics, resumed)

@@ -1,22 +1,33 @@
-"""A finished run folder, read back: its backbone, its labels and how it turns features into probabilities.
+"""The run folder, the one owner of its format: written (atomically) and read back here.
 
-`predict`, `export` and `fine-tune` all start here. A head run classifies the cached features of
+Writing: `prepare_runs_dir`, `new_run` (a staging folder renamed whole), `write_run_record`
+(config.json, metrics.json), `write_predictions_csv` (test_predictions.csv); `train-head` and
+`fine-tune` write through these. Reading: `read_run_files`, `load_run`, `read_run_json`,
+`run_path`, `backbone_fingerprint`, used by predict, export, fine-tune, the report and `cache gc`.
+
+`predict`, `export` and `fine-tune` all start from `load_run`. A head run classifies the cached features of
 its backbone (a multi-label run gives each label its own probability, decided by the thresholds
 beside its head); a fine-tuned run holds a whole network (pixels in, probabilities out), whose
 outputs are cached like features under their own fingerprint, so both kinds share one pipeline.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
+import secrets
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec, spec_from_record, spec_from_store_attrs
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, DataError
+from bottleneck.features.store import process_alive
 from bottleneck.learn.thresholds import Thresholds
 
 #: config.json "kind" of a run written by `fine-tune`.
@@ -27,6 +38,101 @@ OLD_FINE_TUNED_SUFFIX = " fine-tuned"
 
 class RunError(BottleneckError):
     """A run folder is missing, incomplete, or no longer matches what it was trained with."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a run folder: every file of it is written here (train-head's and fine-tune's runs alike)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+#: The test split's predictions of a run, which `predict` reproduces.
+PREDICTIONS_FILE = "test_predictions.csv"
+PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_FILE
+
+
+def prepare_runs_dir(runs_dir: str | os.PathLike) -> Path:
+    """Make sure run folders can be written to `runs_dir` (before any training), and clear what killed runs left."""
+    runs = Path(runs_dir)
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        probe = runs / f".write-test-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise DataError(f"cannot write run folders to --runs {runs}: {exc.strerror or exc}") from None
+    _remove_abandoned_staging(runs)
+    return runs
+
+
+def _remove_abandoned_staging(runs: Path) -> None:
+    """`.RUN.PID.tmp` folders whose process is gone: a run killed while writing its folder."""
+    for staging in runs.glob(".*.tmp"):
+        pid = staging.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if staging.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_run(runs: Path, kind: str) -> Iterator[tuple[Path, Path]]:
+    """(the final run folder, the staging folder to write its files in): when the block ends, the staging
+    folder is renamed to the final one in one step (a run folder appears whole or not at all); when it
+    raises, the staging folder is removed."""
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(2)}"
+    final = runs / run_id
+    staging = runs / f".{run_id}.{os.getpid()}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        yield final, staging
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_run_json(path: Path):
+    """One JSON file of a run folder, or a `DataError` saying in a few words why it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"its {path.name} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise DataError(f"its {path.name} is damaged ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read its {path.name} ({exc.strerror or exc})") from None
+
+
+def write_run_record(staging: Path, config: dict, metrics: dict) -> None:
+    """A run's config.json (how it was made: command, data, backbone, labels) and metrics.json (its scores)."""
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+
+def relative_paths(run_folder: Path, **paths: str | os.PathLike | None) -> dict[str, str]:
+    """Each path relative to the run folder: what the run finds them by once the project folder has moved."""
+    return {key: os.path.relpath(Path(path).absolute(), run_folder.absolute()) for key, path in paths.items()
+            if path is not None}
+
+
+def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str],
+                          thresholds: Thresholds | None = None) -> None:
+    """`test_predictions.csv`: path, true label, predicted label and the probability of every class.
+
+    Probability columns are `probability_<class>`, so a class named `path` or `label` is no second
+    column of that name. With `thresholds` (multi-label), label and predicted are label sets (`a;b`):
+    the true ones and those at or over their thresholds.
+    """
+    from bottleneck.features.label_file import joined_labels
+
+    def predicted(row: list[float]) -> str:
+        if thresholds is None:
+            return classes[int(np.argmax(row))]
+        return joined_labels(tuple(sorted(label for label, _ in thresholds.labels_above(np.array(row)))))
+
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "predicted", *(PROBABILITY_PREFIX + name for name in classes)])
+        for relpath, label, row in sorted(zip(paths, labels, proba.tolist()), key=lambda item: item[0]):
+            writer.writerow([relpath, label, predicted(row), *(repr(float(p)) for p in row)])
 
 
 @dataclass
@@ -62,14 +168,14 @@ def read_run_files(run_dir: str | Path) -> tuple[Path, dict]:
     if not folder.is_dir():
         raise RunError(f"run folder not found: {folder}")
     try:
-        config = json.loads((folder / "config.json").read_text())
-        json.loads((folder / "metrics.json").read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        json.loads((folder / METRICS_FILE).read_text())
     except FileNotFoundError as exc:
         raise RunError(f"{folder} is not a finished run folder ({Path(exc.filename).name} is missing)") from None
     except (OSError, ValueError) as exc:
         raise RunError(f"{folder} is not a readable run folder ({exc})") from None
     if not isinstance(config, dict) or "model" not in config:
-        raise RunError(f"{folder}/config.json does not describe a run (no 'model')")
+        raise RunError(f"{folder}/{CONFIG_FILE} does not describe a run (no 'model')")
     if not (folder / config["model"]).is_file():
         raise RunError(f"{folder} is incomplete: its model file {config['model']} is missing")
     return folder, config

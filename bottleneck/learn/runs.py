@@ -2,12 +2,8 @@
 needed to reproduce and compare it (config, split.csv, model, metrics.json)."""
 from __future__ import annotations
 
-import csv
-import json
 import os
-import secrets
 import shlex
-import shutil
 import sys
 import time
 from collections import Counter
@@ -24,7 +20,8 @@ from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labell
 from bottleneck.errors import BackboneError, BottleneckError, DataError
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
-from bottleneck.features.store import process_alive
+from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths, write_predictions_csv,
+                                         write_run_record)
 from bottleneck.learn.metrics import misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
 from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
@@ -59,11 +56,6 @@ class RunResult:
     def scores(self, key: str) -> dict:
         """One score of every split ({split: value or None}), e.g. accuracy, or mean_average_precision (multi-label)."""
         return {name: (split or {}).get(key) for name, split in self.metrics["splits"].items()}
-
-
-#: The test split's predictions of a run, which `predict` reproduces.
-PREDICTIONS_FILE = "test_predictions.csv"
-PROBABILITY_PREFIX = "probability_"  # of the per-class columns in PREDICTIONS_FILE
 
 
 def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None) -> None:
@@ -180,37 +172,6 @@ def _domain_sample(rows: FeatureRows, count: int, rng: np.random.Generator) -> n
     if len(rows) <= count:
         return rows.materialise()
     return rows.take(rng.choice(len(rows), count, replace=False))
-
-
-def prepare_runs_dir(runs_dir: str | os.PathLike) -> Path:
-    """Make sure run folders can be written to `runs_dir` (before any training), and clear what killed runs left."""
-    runs = Path(runs_dir)
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-        probe = runs / f".write-test-{os.getpid()}"
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as exc:
-        raise DataError(f"cannot write run folders to --runs {runs}: {exc.strerror or exc}") from None
-    _remove_abandoned_staging(runs)
-    return runs
-
-
-def _remove_abandoned_staging(runs: Path) -> None:
-    """`.RUN.PID.tmp` folders whose process is gone: a run killed while writing its folder."""
-    for staging in runs.glob(".*.tmp"):
-        pid = staging.name[: -len(".tmp")].rsplit(".", 1)[-1]
-        if staging.is_dir() and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def new_run_dir(runs: Path, head: str) -> tuple[Path, Path]:
-    """(the final run folder, the staging folder to write it in and rename)."""
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{head}-{secrets.token_hex(2)}"
-    final = runs / run_id
-    staging = runs / f".{run_id}.{os.getpid()}.tmp"
-    staging.mkdir(parents=True)
-    return final, staging
 
 
 def train_head(
@@ -340,9 +301,7 @@ def train_on_features(
             head, split.seed, X.subset(trainval), list(labels_all[trainval]),
             [p for p, m in zip(data.relpaths, trainval) if m], folds, chunk_rows, data.groups)
 
-    runs = Path(runs_dir)
-    final, staging = new_run_dir(runs, head.head)
-    try:
+    with new_run(Path(runs_dir), head.head) as (final, staging):
         write_split_csv(staging / "split.csv", list(zip(data.relpaths, data.labels, splits)))
         write_predictions_csv(staging / PREDICTIONS_FILE, *test_predictions, labels, thresholds)
         model_path = model.save(staging)
@@ -375,12 +334,7 @@ def train_on_features(
             "multi_label": data.multi_label,
             "versions": versions(),
         }
-        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        staging.rename(final)  # a run folder appears whole or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_run_record(staging, config, metrics)
     return RunResult(final, metrics)
 
 
@@ -487,12 +441,6 @@ def _as_array(values: list, dtype) -> np.ndarray:
     return out
 
 
-def relative_paths(run_folder: Path, **paths: str | os.PathLike | None) -> dict[str, str]:
-    """Each path relative to the run folder: what the run finds them by once the project folder has moved."""
-    return {key: os.path.relpath(Path(path).absolute(), run_folder.absolute()) for key, path in paths.items()
-            if path is not None}
-
-
 def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder: Path) -> dict | None:
     """A `.keras` backbone kept in the cache by content, so the run keeps its own base when the file moves or is
     retrained; None for applications and pixels, which are named, not copied."""
@@ -515,28 +463,6 @@ def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
         return spec_record(spec or spec_from_store_attrs(attrs))
     except (BottleneckError, KeyError):  # e.g. the model file behind an old store is gone: the store still names it
         return None
-
-
-def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str],
-                          thresholds: Thresholds | None = None) -> None:
-    """`test_predictions.csv`: path, true label, predicted label and the probability of every class.
-
-    Probability columns are `probability_<class>`, so a class named `path` or `label` is no second
-    column of that name. With `thresholds` (multi-label), label and predicted are label sets (`a;b`):
-    the true ones and those at or over their thresholds.
-    """
-    from bottleneck.features.label_file import joined_labels
-
-    def predicted(row: list[float]) -> str:
-        if thresholds is None:
-            return classes[int(np.argmax(row))]
-        return joined_labels(tuple(sorted(label for label, _ in thresholds.labels_above(np.array(row)))))
-
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "predicted", *(PROBABILITY_PREFIX + name for name in classes)])
-        for relpath, label, row in sorted(zip(paths, labels, proba.tolist()), key=lambda item: item[0]):
-            writer.writerow([relpath, label, predicted(row), *(repr(float(p)) for p in row)])
 
 
 def versions() -> dict:
