@@ -187,3 +187,35 @@ def test_a_fine_tuned_runs_backbone_is_an_explicit_field_and_old_runs_still_read
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     assert referenced_fingerprints([tmp_path]) == {"base-16-features-aaa", "base-16-features-bbb", "pixels-4-raw-ccc"}
+
+
+def save_weights(path, seed: int) -> None:
+    """A no-top MobileNetV3Small's seeded random weights, saved as Keras saves weights files (in place)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                        pooling="avg").save_weights(path)
+
+
+def test_an_application_keeps_its_weights_file_by_content(tmp_path, capsys):
+    """`--weights FILE` of an application is kept like a `.keras` backbone: rewriting the file leaves the run its own."""
+    project = tmp_path / "project"
+    make_dataset(project / "data", per_class=6)
+    save_weights(project / "mine.weights.h5", seed=1)
+    flags = ["--cache", str(project / "cache"), "--backbone", "mobilenet_v3_small", "--weights",
+             str(project / "mine.weights.h5"), "--image-size", "32"]
+    assert main(["features", str(project / "data"), *flags, "--no-progress"]) == 0
+    assert main(["train-head", "--data", str(project / "data"), *flags, "--runs", str(project / "runs"),
+                 "--test-pct", "30", "--seed", "1"]) == 0
+    capsys.readouterr()
+    (run,) = (project / "runs").iterdir()
+    kept = json.loads((run / "config.json").read_text())["backbone_file"]
+    assert kept["role"] == "weights" and kept["sha256"] == sha256_file(project / "mine.weights.h5")
+    assert (project / "cache" / "backbones" / f"{kept['sha256']}.weights.h5").is_file()
+    relpaths, expected = recorded(run)
+    save_weights(project / "mine.weights.h5", seed=2)  # retrained in place: the old run keeps its own weights
+    # a new cache, so every feature is computed again, with the weights the run kept
+    got, said = predicted(run, [project / "data" / path for path in relpaths], capsys, "--cache", str(tmp_path / "new"))
+    assert f"(computed {len(relpaths)}, from the cache 0, failed 0)" in said
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

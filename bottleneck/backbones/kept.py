@@ -1,4 +1,5 @@
-"""A `.keras` backbone kept by content: `CACHE/backbones/<sha256>.keras`, so a run outlives its model file.
+"""A backbone file kept by content: `CACHE/backbones/<sha256>.keras` (or the `--weights` file of an
+application, `<sha256>.weights.h5`), so a run outlives its model file.
 
 A run names its backbone by the SHA-256 of the file it was trained on. The file is copied, not
 hard-linked: `model.save("base.keras")` rewrites the same inode in place (Keras opens it with
@@ -32,9 +33,15 @@ class KeptBackbone:
     sha256: str
 
 
-def kept_path(cache_dir: str | os.PathLike, sha256: str) -> Path:
-    """Where the cache keeps the model file whose content hashes to `sha256`."""
-    return Path(cache_dir) / BACKBONES_FOLDER / f"{sha256}.keras"
+def kept_path(cache_dir: str | os.PathLike, sha256: str, suffix: str = ".keras") -> Path:
+    """Where the cache keeps the model (or weights) file whose content hashes to `sha256`."""
+    return Path(cache_dir) / BACKBONES_FOLDER / f"{sha256}{suffix}"
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """The suffix Keras reads a file by: `.keras`, `.weights.h5` (its own weights files), `.h5`."""
+    name = Path(path).name.lower()
+    return ".weights.h5" if name.endswith(".weights.h5") else Path(path).suffix
 
 
 def holds_content(path: Path, sha256: str) -> bool:
@@ -48,27 +55,29 @@ def holds_content(path: Path, sha256: str) -> bool:
 def keep_backbone_file(model_file: str | os.PathLike, cache_dir: str | os.PathLike) -> KeptBackbone:
     """Keep `model_file` in `cache_dir/backbones/` by content (once per content) and return the kept copy."""
     source = Path(model_file)
+    suffix = file_suffix(source)
     folder = Path(cache_dir) / BACKBONES_FOLDER
     try:
         folder.mkdir(parents=True, exist_ok=True)
         sha256 = sha256_file(source)
-        if not holds_content(kept_path(cache_dir, sha256), sha256):
-            sha256 = _copy_by_content(source, folder)
-        _copy_if_absent(Path(str(source) + SIDECAR_SUFFIX), Path(str(kept_path(cache_dir, sha256)) + SIDECAR_SUFFIX))
+        if not holds_content(kept_path(cache_dir, sha256, suffix), sha256):
+            sha256 = _copy_by_content(source, folder, suffix)
+        _copy_if_absent(Path(str(source) + SIDECAR_SUFFIX),
+                        Path(str(kept_path(cache_dir, sha256, suffix)) + SIDECAR_SUFFIX))
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(folder) from None
         raise CacheError(f"cannot keep the backbone {source} in {folder}: {exc.strerror or exc}") from None
-    return KeptBackbone(kept_path(cache_dir, sha256), sha256)
+    return KeptBackbone(kept_path(cache_dir, sha256, suffix), sha256)
 
 
-def _copy_by_content(source: Path, folder: Path) -> str:
+def _copy_by_content(source: Path, folder: Path, suffix: str) -> str:
     """Copy `source` into `folder` under the hash of what was copied (the file may be rewritten meanwhile)."""
     staging = _staging_name(folder)
     try:
         shutil.copyfile(source, staging)
         sha256 = sha256_file(staging)
-        os.replace(staging, folder / f"{sha256}.keras")
+        os.replace(staging, folder / f"{sha256}{suffix}")
     finally:
         staging.unlink(missing_ok=True)
     return sha256

@@ -197,23 +197,26 @@ def run_path(folder: Path, config: dict, key: str) -> Path | None:
 
 
 def kept_backbone_file(folder: Path, config: dict, cache_dir: Path | None = None) -> Path | None:
-    """The `.keras` backbone a run keeps by content: relative to the run folder, then in the cache's `backbones/`,
-    then at the path it was trained from; each only if its content is the one trained on. None for runs that keep
-    none (applications, pixels, runs written before backbones were kept)."""
+    """The `.keras` backbone (or an application's `--weights` file) a run keeps by content: relative to the run
+    folder, then in the cache's `backbones/`, then at the path it was trained from; each only if its content is
+    the one trained on. None for runs that keep none (ImageNet or random weights, pixels, runs written before
+    backbones were kept)."""
     from bottleneck.backbones.kept import first_with_content, kept_path
 
     kept = config.get("backbone_file")
     if not isinstance(kept, dict) or not isinstance(kept.get("sha256"), str):
         return None
-    sha256 = kept["sha256"]
+    sha256, suffix = kept["sha256"], str(kept.get("suffix", ".keras"))
     cache_dir = cache_dir or run_cache(folder, config)
-    candidates = [Path(os.path.normpath(folder.absolute() / str(kept.get("path", "")))), kept_path(cache_dir, sha256)]
+    candidates = [Path(os.path.normpath(folder.absolute() / str(kept.get("path", "")))),
+                  kept_path(cache_dir, sha256, suffix)]
     if isinstance(kept.get("hint"), str):
         candidates.append(Path(kept["hint"]))
     candidates = list(dict.fromkeys(candidates))
     found = first_with_content(candidates, sha256)
     if found is None:
-        raise RunError(f"the backbone of run {folder.name} ({kept.get('name')}.keras, sha256 {sha256[:12]}) is found "
+        shown = Path(str(kept.get("hint") or f"{kept.get('name')}{suffix}")).name
+        raise RunError(f"the backbone of run {folder.name} ({shown}, sha256 {sha256[:12]}) is found "
                        f"nowhere: looked at {', '.join(map(str, candidates))} (missing, or other content); copy the "
                        f"cache's {kept_path(cache_dir, sha256).parent.name}/ folder with the run, or pass --cache")
     return found
@@ -226,7 +229,9 @@ def run_backbone(folder: Path, config: dict, cache_dir: Path | None = None) -> t
     `cache_dir` (default: the run's cache)."""
     record = config.get("backbone_spec")
     kept = kept_backbone_file(folder, config, cache_dir)
-    if record and kept is not None:
+    if record and kept is not None and config["backbone_file"].get("role") == "weights":
+        record = {**record, "weights": str(kept)}  # the application is named; its weights file is the kept copy
+    elif record and kept is not None:
         record = {**record, "architecture": str(kept), "file_stem": config["backbone_file"].get("name")}
     try:
         spec = spec_from_record(record) if record else spec_from_store_attrs(config.get("backbone") or {})

@@ -442,19 +442,24 @@ def _as_array(values: list, dtype) -> np.ndarray:
 
 
 def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder: Path) -> dict | None:
-    """A `.keras` backbone kept in the cache by content, so the run keeps its own base when the file moves or is
-    retrained; None for applications and pixels, which are named, not copied."""
-    from bottleneck.backbones.kept import keep_backbone_file
+    """A `.keras` backbone, or an application's `--weights` file, kept in the cache by content, so the run keeps
+    its own when the file moves or is retrained; None for ImageNet or random weights and pixels, which are named,
+    not copied."""
+    from bottleneck.backbones.kept import file_suffix, keep_backbone_file
+    from bottleneck.backbones.spec import WEIGHTS_IMAGENET, WEIGHTS_NONE
 
-    if spec is None or spec.kind != "file":
+    if spec is None or spec.kind == "pixels" or (spec.kind == "application"
+                                                 and spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE)):
         return None
-    kept = keep_backbone_file(spec.architecture, data.store_path.parent)
+    source = spec.architecture if spec.kind == "file" else spec.weights
+    kept = keep_backbone_file(source, data.store_path.parent)
     trained_on = str(data.attrs.get("weights_id", ""))
     if trained_on.startswith("sha256:") and trained_on != f"sha256:{kept.sha256}":
-        raise BackboneError(f"{spec.architecture} changed after its features were computed: run `bottleneck features` "
+        raise BackboneError(f"{source} changed after its features were computed: run `bottleneck features` "
                             "again with it, then train the head")
     return {"sha256": kept.sha256, "path": os.path.relpath(kept.path.absolute(), run_folder.absolute()),
-            "name": spec.name, "hint": str(Path(spec.architecture).absolute())}
+            "name": spec.name, "hint": str(Path(source).absolute()), "suffix": file_suffix(source),
+            "role": "model" if spec.kind == "file" else "weights"}
 
 
 def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
