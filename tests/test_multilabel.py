@@ -250,3 +250,19 @@ def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets
                  "--split-file", str(split_file)]) == 0
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()
+
+
+def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
+    with open(made["run"] / "split.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = sorted(row["path"] for row in rows if row["split"] == "test")
+    train = sorted(row["path"] for row in rows if row["split"] == "train")
+    (made["root"] / "exclude.txt").write_text("\n".join(test[:2] + train[:2]) + "\n")
+    runs = made["root"] / "exclude-runs"
+    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
+                 "--val-pct", "25", "--test-pct", "25", "--exclude", str(made["root"] / "exclude.txt")]) == 0
+    [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    with open(run / "split.csv", newline="") as handle:
+        after = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in after if row["split"] == "test") == test
+    assert len(after) == len(rows) - 2 and json.loads((run / "metrics.json").read_text())["splits"]["test"]["images"] == len(test)

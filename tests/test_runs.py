@@ -156,3 +156,54 @@ def test_logreg_training_never_loads_tensorflow(extracted, tmp_path):
 
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def _split_rows(run_dir) -> dict[str, str]:
+    return {path: split for path, (_, split) in read_split_csv(run_dir / "split.csv").items()}
+
+
+def _predicted_paths(run_dir) -> list[str]:
+    import csv
+
+    with open(run_dir / "test_predictions.csv", newline="") as handle:
+        return [row["path"] for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("variant", ["drawn", "split-file", "split-folders", "streamed"])
+def test_exclude_never_changes_the_test_split(tmp_path, variant):
+    """A planted exclude list naming test, validation and training images: the run with it is scored on exactly
+    the test images of the run without it (the listed test images too); only training and validation shrink."""
+    pixels = BackboneSpec(architecture="pixels", image_size=8)
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    if variant == "split-folders":
+        make_dataset(data / "train", per_class=12)
+        make_dataset(data / "val", per_class=3, start=50)
+        make_dataset(data / "test", per_class=3, start=80)
+    else:
+        make_dataset(data, per_class=14)
+    extract_features(data, cache, pixels)
+    options = dict(stream=True, chunk_rows=5) if variant == "streamed" else {}
+    split_file = None
+    if variant == "split-file":  # a saved split, written from a first draw
+        first = train_head(data, cache, tmp_path / "first", None, HeadConfig("logreg"), SPLIT)
+        split_file = str(first.run_dir / "split.csv")
+    plain = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file, **options)
+    splits = _split_rows(plain.run_dir)
+    by_split = {name: sorted(p for p, s in splits.items() if s == name) for name in ("train", "validation", "test")}
+    listed = by_split["test"][:2] + by_split["validation"][:1] + by_split["train"][:3]
+    listing = tmp_path / "exclude.txt"
+    listing.write_text("# planted\n" + "\n".join(listed) + "\n")
+
+    cleaned = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file,
+                         exclude=str(listing), **options)
+    after = _split_rows(cleaned.run_dir)
+    assert sorted(p for p, s in after.items() if s == "test") == by_split["test"]  # path for path
+    assert _predicted_paths(cleaned.run_dir) == _predicted_paths(plain.run_dir)  # the listed test images are scored
+    assert set(by_split["test"][:2]) <= set(_predicted_paths(cleaned.run_dir))
+    assert cleaned.metrics["splits"]["test"]["images"] == plain.metrics["splits"]["test"]["images"] == len(by_split["test"])
+    assert not set(listed[2:]) & set(after)  # the listed validation and training images are gone
+    assert len(after) == len(splits) - 4
+    record = json.loads((cleaned.run_dir / "config.json").read_text())["exclude"]
+    assert {k: record[k] for k in ("listed", "left_out", "train", "validation", "test_kept")} == \
+        {"listed": 6, "left_out": 4, "train": 3, "validation": 1, "test_kept": 2}
+    assert cleaned.metrics["excluded"]["exclude_file"] == 4 and cleaned.metrics["excluded"]["exclude_file_test_kept"] == 2
