@@ -208,7 +208,10 @@ def test_audit_flags_a_planted_wrong_label_set(made, capsys):
     noisy = write_table(made["root"] / "noisy.csv", ["path", "label"], rows)
     out = made["root"] / "audit"
     assert main(["audit", "--labels", str(noisy), "--cache", str(made["cache"]), *PIXELS, "--out", str(out)]) == 0
-    issues = json.loads((out / "audit.json").read_text())["label_issues"]
+    audited = json.loads((out / "audit.json").read_text())
+    issues, model = audited["label_issues"], audited["label_model"]
+    assert model["metric"] == "micro F1" and model["chance"] < model["value"] <= 1 and model["trusted"]
+    assert f"cross-validated logistic regression with micro F1 {model['value']:.3f}" in capsys.readouterr().out
     flagged = {issue["path"]: issue for issue in issues}
     assert set(planted) <= set(flagged) and len(issues) <= 4
     assert all(tuple(flagged[p]["suggested"].split(";")) == made["truth"][p] for p in planted)
