@@ -121,7 +121,9 @@ def test_exclude_file_lists_the_training_copies_of_leaks_and_train_head_uses_it(
     assert main(["train-head", "--data", str(planted["data"]), "--cache", str(planted["cache"]), *PIXELS,
                  "--runs", str(runs), "--exclude", str(planted["out"] / "exclude.txt"),
                  "--split-file", str(planted["root"] / "split.csv")]) == 0  # the split the audit checked
-    assert f"{len(set(listed))} images left out of training and validation: listed in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{len(set(listed))} images left out of training and validation: listed in" in printed
+    assert re.search(r"  test       accuracy \d\.\d{4} \[\d\.\d{3}, \d\.\d{3}\]  macro F1", printed)  # with its 95% CI
     (run,) = runs.iterdir()
     config = json.loads((run / "config.json").read_text())
     assert config["exclude"]["left_out"] == len(set(listed)) and config["exclude"]["test_kept"] == 0
