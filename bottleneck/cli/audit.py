@@ -33,8 +33,8 @@ def _print_summary(result, files: dict, out) -> None:
         out(f"    outlier: {outlier['path']} (" + (f"{outlier['label']}, " if outlier['label'] else "")
             + f"{outlier['score']:.3f})")
     removals = sum(len(paths) for paths in result.suggested_removals().values())
-    listed = "leaked training copies, far-out outliers" + (" and label issues" if result.exclude_label_issues else
-                                                           " (label issues only with --exclude-label-issues)")
+    listed = ("leaked training copies, far-out outliers and label issues" if result.exclude_label_issues else
+              "leaked training copies and far-out outliers; label issues only with --exclude-label-issues")
     out(f"  {removals} suggested removals in {files['exclude']} ({listed}): review it, then train-head --exclude "
         f"{files['exclude']}")
 

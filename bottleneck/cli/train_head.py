@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             f"({metrics['augment']['views_per_image']} per image)")
     if excluded.get("exclude_file") or excluded.get("exclude_file_test_kept"):
         out(f"  {excluded['exclude_file']} images left out of training and validation: listed in {args.exclude}"
-            + (f"; {excluded['exclude_file_test_kept']} listed test images kept: --exclude never changes the test split"
+            + (f"; {excluded['exclude_file_test_kept']} listed test image(s) kept: --exclude never changes the test split"
                if excluded.get("exclude_file_test_kept") else ""))
     if metrics["warning"]:
         out(f"  WARNING: {metrics['warning']}")

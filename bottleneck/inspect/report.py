@@ -187,7 +187,7 @@ def _excluded_cell(config: dict) -> str:
     if "test_kept" not in record:  # before the test split was kept whole: its test images may have been removed too
         return f"{record.get('left_out')} (test split too)"
     kept = record.get("test_kept") or 0
-    return f"{record.get('left_out')}" + (f" (+{kept} listed test images kept)" if kept else "")
+    return f"{record.get('left_out')}" + (f" (+{kept} listed test image{'s' if kept != 1 else ''} kept)" if kept else "")
 
 
 def _data_root(run: Run) -> str:

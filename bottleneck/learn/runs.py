@@ -239,7 +239,7 @@ def leave_out_of_training(data: LabelledFeatures, splits: list[str], listed: lis
     record = {"file": str(Path(source).absolute()), "listed": len(listed_set), "left_out": count,
               "train": where["train"], "validation": where["validation"], "test_kept": where["test"]}
     log(f"left out {count} images listed in {source} (train {where['train']}, validation {where['validation']})"
-        + (f"; {where['test']} listed test images stay in the test split: --exclude never changes the test split"
+        + (f"; {where['test']} listed test image{'s' if where['test'] != 1 else ''} stay in the test split: --exclude never changes the test split"
            if where["test"] else ""))
     return remaining, remaining_splits, record
 
