@@ -268,4 +268,8 @@ def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
     with open(run / "split.csv", newline="") as handle:
         after = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in after if row["split"] == "test") == test
-    assert len(after) == len(rows) - 2 and json.loads((run / "metrics.json").read_text())["splits"]["test"]["images"] == len(test)
+    splits = json.loads((run / "metrics.json").read_text())["splits"]
+    assert len(after) == len(rows) - 2 and splits["test"]["images"] == len(test)
+    low, high = splits["test"]["micro_f1_ci"]  # 95% bootstrap intervals of the held-out splits only
+    assert low <= splits["test"]["micro_f1"] <= high and "exact_match_ci" in splits["test"]
+    assert "micro_f1_ci" not in splits["train"]

@@ -207,6 +207,7 @@ def test_exclude_never_changes_the_test_split(tmp_path, variant):
     assert {k: record[k] for k in ("listed", "left_out", "train", "validation", "test_kept")} == \
         {"listed": 6, "left_out": 4, "train": 3, "validation": 1, "test_kept": 2}
     assert cleaned.metrics["excluded"]["exclude_file"] == 4 and cleaned.metrics["excluded"]["exclude_file_test_kept"] == 2
+    assert "accuracy_ci" in cleaned.metrics["splits"]["test"] and "accuracy_ci" not in cleaned.metrics["splits"]["train"]
 
 
 def test_the_bootstrap_interval_covers_the_true_accuracy_at_about_the_nominal_rate():

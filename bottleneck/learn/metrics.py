@@ -16,8 +16,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss
 RESAMPLES = 1000
 LEVEL = 0.95
 CI_SEED = 0
-#: Resampled indices held at once (resamples x images): memory stays bounded on big test splits.
-_BLOCK_ELEMENTS = 2_000_000
+#: Resampled indices held at once (resamples x images): a few MB, so the bootstrap adds little to a streamed run's peak.
+_BLOCK_ELEMENTS = 250_000
 
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, resamples: int = RESAMPLES,
@@ -74,8 +74,9 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = 
             "ci": bootstrap_interval(lambda idx: diff[idx].mean(axis=1), len(diff), seed=seed)}
 
 
-def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str]) -> dict | None:
-    """accuracy, macro F1, log loss, top-5 (over 5 classes), per-class scores and the confusion matrix."""
+def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str], intervals: bool = True) -> dict | None:
+    """accuracy, macro F1, log loss, top-5 (over 5 classes), per-class scores and the confusion matrix; with
+    `intervals`, the 95% bootstrap intervals of accuracy and macro F1."""
     if len(y_true) == 0:
         return None
     proba = proba / proba.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only roughly
@@ -96,6 +97,8 @@ def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str]) -> di
         "labels": list(labels),
         "confusion_matrix": confusion_matrix(y_true, predicted, labels=labels).tolist(),
     }
+    if not intervals:
+        return result
     index = {label: i for i, label in enumerate(labels)}
     result.update(classification_intervals(np.array([index.get(t, len(labels)) for t in y_true]),
                                            np.argmax(proba, axis=1), len(labels)))
@@ -119,7 +122,8 @@ def misclassified(proba: np.ndarray, y_true: list[str], paths: list[str], labels
     return sorted(wrong, key=lambda row: -row["confidence"])
 
 
-def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str], decided: np.ndarray) -> dict | None:
+def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str], decided: np.ndarray,
+                        intervals: bool = True) -> dict | None:
     """Multi-label scores of one split: mean average precision, micro and macro F1, exact-match accuracy and per-label
     precision, recall, F1, support and average precision. `truth` and `decided` are (n, k) 0/1 (decided: thresholded).
 
@@ -148,7 +152,7 @@ def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str],
             for j, label in enumerate(labels)
         },
         "labels": list(labels),
-        **multi_label_intervals(truth, decided),
+        **(multi_label_intervals(truth, decided) if intervals else {}),
     }
 
 

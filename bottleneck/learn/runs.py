@@ -366,7 +366,8 @@ def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels:
         idx = np.flatnonzero(mask[name])
         known = [i for i in idx if data.labels[i] in labels]
         proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
-        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
+        # intervals for the held-out splits: an interval around the training accuracy says nothing
+        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels, intervals=name != "train")
         if name == "test":
             metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
             test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
@@ -390,7 +391,8 @@ def _evaluate_multi_label(model, X: FeatureRows, data: LabelledFeatures, mask: d
                         f"{', '.join(thresholds.defaulted[:5])}" if thresholds.defaulted else ""))
     metrics["thresholds"] = thresholds.record()
     for name in SPLITS:
-        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]))
+        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]),
+                                                      intervals=name != "train")
     test = np.flatnonzero(mask["test"])
     paths = [data.relpaths[i] for i in test]
     metrics["misclassified"] = multi_label_mistakes(proba["test"], truth["test"], thresholds.decide(proba["test"]),
