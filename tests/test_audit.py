@@ -108,22 +108,75 @@ def test_noise_images_are_the_top_outliers(planted):
     assert set(planted["noise"]) <= set(far_out) and len(far_out) <= 8  # only the far-out ones go to exclude.txt
 
 
-def test_exclude_file_lists_leaked_copies_outside_train_and_train_head_uses_it(planted, capsys):
+def test_exclude_file_lists_the_training_copies_of_leaks_and_train_head_uses_it(planted, capsys):
     text = (planted["out"] / "exclude.txt").read_text()
     listed = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert planted["near"][0][1] in listed and planted["near"][1][1] in listed  # the test-split copies
-    assert planted["near"][0][0] not in listed  # the training original stays
+    assert planted["near"][0][0] in listed and planted["near"][1][0] in listed  # the training originals of test copies
+    assert planted["near"][0][1] not in listed and planted["near"][1][1] not in listed  # the scored copies stay
+    assert planted["exact"][0] in listed and planted["exact"][1] not in listed  # the train copy of a train/val leak
     flagged = {issue["path"] for issue in planted["result"]["label_issues"]}
-    assert flagged <= set(listed) and set(planted["noise"]) <= set(listed)
+    assert not (flagged - set(planted["noise"])) & set(listed)  # label issues only with --exclude-label-issues
+    assert f"# label issues ({len(flagged)}): not listed" in text and set(planted["noise"]) <= set(listed)
     runs = planted["root"] / "runs"
     assert main(["train-head", "--data", str(planted["data"]), "--cache", str(planted["cache"]), *PIXELS,
-                 "--runs", str(runs), "--exclude", str(planted["out"] / "exclude.txt")]) == 0
-    assert f"{len(set(listed))} images left out: listed in" in capsys.readouterr().out
+                 "--runs", str(runs), "--exclude", str(planted["out"] / "exclude.txt"),
+                 "--split-file", str(planted["root"] / "split.csv")]) == 0  # the split the audit checked
+    printed = capsys.readouterr().out
+    assert f"{len(set(listed))} images left out of training and validation: listed in" in printed
+    assert re.search(r"  test       accuracy \d\.\d{4} \[\d\.\d{3}, \d\.\d{3}\]  macro F1", printed)  # with its 95% CI
     (run,) = runs.iterdir()
     config = json.loads((run / "config.json").read_text())
-    assert config["exclude"]["left_out"] == len(set(listed))
+    assert config["exclude"]["left_out"] == len(set(listed)) and config["exclude"]["test_kept"] == 0
     in_split = (run / "split.csv").read_text()
     assert not any(f"\n{path}," in in_split for path in listed)
+
+
+def test_the_audit_states_the_cross_validated_accuracy_behind_its_label_issues(planted):
+    model = planted["result"]["label_model"]
+    assert model["metric"] == "accuracy" and model["folds"] == 5 and model["trusted"]
+    assert 0.85 <= model["value"] <= 1 and model["chance"] == pytest.approx(max(planted["result"]["classes"].values())
+                                                                             / planted["result"]["images"], abs=1e-6)
+    page = (planted["out"] / "audit.html").read_text()
+    assert f"cross-validated logistic regression with accuracy {model['value']:.3f}" in page and "TOO WEAK" not in page
+    assert f"accuracy {model['value']:.3f} (chance" in (planted["out"] / "exclude.txt").read_text()
+
+
+def test_a_weak_model_says_its_label_issues_cannot_be_trusted(tmp_path, capsys):
+    """Three classes of nearly one colour: the cross-validated model is near chance, so the audit says its flags are
+    not to be trusted and keeps them out of exclude.txt."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=15, classes={"a": (120, 120, 120), "b": (122, 120, 120), "c": (120, 122, 120)})
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out.strip().splitlines()[-1])
+    model = record["label_model"]
+    assert model["value"] < 0.85 and not model["trusted"] and model["chance"] == pytest.approx(1 / 3)
+    assert f"WARNING: label issues come from a 5-fold cross-validated logistic regression with accuracy " \
+           f"{model['value']:.3f} (chance 0.333): TOO WEAK" in captured.err
+    assert "TOO WEAK" in (tmp_path / "audit" / "audit.html").read_text()
+    listed = [line for line in (tmp_path / "audit" / "exclude.txt").read_text().splitlines() if not line.startswith("#")]
+    assert not {issue["path"] for issue in record["label_issues"]} & set(listed)
+
+
+def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_long_steps(tmp_path, capsys):
+    from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.inspect.audit import AuditConfig, run_audit
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=15, classes={"a": (120, 120, 120), "b": (122, 120, 120), "c": (120, 122, 120)})
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    assert main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
+                 "--exclude-label-issues"]) == 0
+    assert "audit:" not in capsys.readouterr().err  # no bar when stderr is no terminal
+    flagged = json.loads((tmp_path / "audit" / "audit.json").read_text())["label_issues"]
+    listed = (tmp_path / "audit" / "exclude.txt").read_text().splitlines()
+    assert flagged and {issue["path"] for issue in flagged} <= set(listed)
+    run_audit(data, cache, BackboneSpec(architecture="pixels", image_size=16), AuditConfig(folds=3), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"audit: kNN graph: 100%.*45/45 \[", err) and re.search(r"audit: cross-validation: 100%.*3/3", err)
 
 
 def test_json_line_and_counts(planted, capsys):

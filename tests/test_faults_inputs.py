@@ -1,6 +1,7 @@
 """Inputs that are not files: predict never hangs on a FIFO or reads /dev/zero until the memory is gone."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,7 +120,10 @@ def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
                  "--exclude", str(listing)]) == 0
-    assert f"{len(names)} images left out: listed in {listing}" in capsys.readouterr().out
+    assert f"images left out of training and validation: listed in {listing}" in capsys.readouterr().out
+    (run,) = runs.iterdir()
+    record = json.loads((run / "config.json").read_text())["exclude"]
+    assert record["listed"] == record["left_out"] + record["test_kept"] == len(names)  # every odd name was found
 
 
 def test_pretrain_and_views_read_images_with_the_guards_of_features(tmp_path):

@@ -208,7 +208,10 @@ def test_audit_flags_a_planted_wrong_label_set(made, capsys):
     noisy = write_table(made["root"] / "noisy.csv", ["path", "label"], rows)
     out = made["root"] / "audit"
     assert main(["audit", "--labels", str(noisy), "--cache", str(made["cache"]), *PIXELS, "--out", str(out)]) == 0
-    issues = json.loads((out / "audit.json").read_text())["label_issues"]
+    audited = json.loads((out / "audit.json").read_text())
+    issues, model = audited["label_issues"], audited["label_model"]
+    assert model["metric"] == "micro F1" and model["chance"] < model["value"] <= 1 and model["trusted"]
+    assert f"cross-validated logistic regression with micro F1 {model['value']:.3f}" in capsys.readouterr().out
     flagged = {issue["path"]: issue for issue in issues}
     assert set(planted) <= set(flagged) and len(issues) <= 4
     assert all(tuple(flagged[p]["suggested"].split(";")) == made["truth"][p] for p in planted)
@@ -250,3 +253,23 @@ def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets
                  "--split-file", str(split_file)]) == 0
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()
+
+
+def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
+    with open(made["run"] / "split.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = sorted(row["path"] for row in rows if row["split"] == "test")
+    train = sorted(row["path"] for row in rows if row["split"] == "train")
+    (made["root"] / "exclude.txt").write_text("\n".join(test[:2] + train[:2]) + "\n")
+    runs = made["root"] / "exclude-runs"
+    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
+                 "--val-pct", "25", "--test-pct", "25", "--exclude", str(made["root"] / "exclude.txt")]) == 0
+    [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    with open(run / "split.csv", newline="") as handle:
+        after = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in after if row["split"] == "test") == test
+    splits = json.loads((run / "metrics.json").read_text())["splits"]
+    assert len(after) == len(rows) - 2 and splits["test"]["images"] == len(test)
+    low, high = splits["test"]["micro_f1_ci"]  # 95% bootstrap intervals of the held-out splits only
+    assert low <= splits["test"]["micro_f1"] <= high and "exact_match_ci" in splits["test"]
+    assert "micro_f1_ci" not in splits["train"]

@@ -156,3 +156,98 @@ def test_logreg_training_never_loads_tensorflow(extracted, tmp_path):
 
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def _split_rows(run_dir) -> dict[str, str]:
+    return {path: split for path, (_, split) in read_split_csv(run_dir / "split.csv").items()}
+
+
+def _predicted_paths(run_dir) -> list[str]:
+    import csv
+
+    with open(run_dir / "test_predictions.csv", newline="") as handle:
+        return [row["path"] for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("variant", ["drawn", "split-file", "split-folders", "streamed"])
+def test_exclude_never_changes_the_test_split(tmp_path, variant):
+    """A planted exclude list naming test, validation and training images: the run with it is scored on exactly
+    the test images of the run without it (the listed test images too); only training and validation shrink."""
+    pixels = BackboneSpec(architecture="pixels", image_size=8)
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    if variant == "split-folders":
+        make_dataset(data / "train", per_class=12)
+        make_dataset(data / "val", per_class=3, start=50)
+        make_dataset(data / "test", per_class=3, start=80)
+    else:
+        make_dataset(data, per_class=14)
+    extract_features(data, cache, pixels)
+    options = dict(stream=True, chunk_rows=5) if variant == "streamed" else {}
+    split_file = None
+    if variant == "split-file":  # a saved split, written from a first draw
+        first = train_head(data, cache, tmp_path / "first", None, HeadConfig("logreg"), SPLIT)
+        split_file = str(first.run_dir / "split.csv")
+    plain = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file, **options)
+    splits = _split_rows(plain.run_dir)
+    by_split = {name: sorted(p for p, s in splits.items() if s == name) for name in ("train", "validation", "test")}
+    listed = by_split["test"][:2] + by_split["validation"][:1] + by_split["train"][:3]
+    listing = tmp_path / "exclude.txt"
+    listing.write_text("# planted\n" + "\n".join(listed) + "\n")
+
+    cleaned = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file,
+                         exclude=str(listing), **options)
+    after = _split_rows(cleaned.run_dir)
+    assert sorted(p for p, s in after.items() if s == "test") == by_split["test"]  # path for path
+    assert _predicted_paths(cleaned.run_dir) == _predicted_paths(plain.run_dir)  # the listed test images are scored
+    assert set(by_split["test"][:2]) <= set(_predicted_paths(cleaned.run_dir))
+    assert cleaned.metrics["splits"]["test"]["images"] == plain.metrics["splits"]["test"]["images"] == len(by_split["test"])
+    assert not set(listed[2:]) & set(after)  # the listed validation and training images are gone
+    assert len(after) == len(splits) - 4
+    record = json.loads((cleaned.run_dir / "config.json").read_text())["exclude"]
+    assert {k: record[k] for k in ("listed", "left_out", "train", "validation", "test_kept")} == \
+        {"listed": 6, "left_out": 4, "train": 3, "validation": 1, "test_kept": 2}
+    assert cleaned.metrics["excluded"]["exclude_file"] == 4 and cleaned.metrics["excluded"]["exclude_file_test_kept"] == 2
+    assert "accuracy_ci" in cleaned.metrics["splits"]["test"] and "accuracy_ci" not in cleaned.metrics["splits"]["train"]
+
+
+def test_the_bootstrap_interval_covers_the_true_accuracy_at_about_the_nominal_rate():
+    """300 simulated test sets of 200 images, each right with probability 0.8: the seeded 95% interval of
+    their accuracy should hold 0.8 about 95% of the time (percentile bootstrap: a little under, never far)."""
+    from bottleneck.learn.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(42)
+    p, n, sets = 0.8, 200, 300
+    correct = (rng.random((sets, n)) < p).astype(np.float64)
+    intervals = np.array([bootstrap_interval(lambda idx, c=c: c[idx].mean(axis=1), n) for c in correct])
+    coverage = np.mean((intervals[:, 0] <= p) & (p <= intervals[:, 1]))
+    assert 0.90 <= coverage <= 0.99, coverage
+    widths = intervals[:, 1] - intervals[:, 0]
+    assert abs(np.median(widths) - 2 * 1.96 * np.sqrt(p * (1 - p) / n)) < 0.02  # the normal approximation's width
+
+
+def test_split_metrics_carry_seeded_intervals_around_accuracy_and_macro_f1():
+    from sklearn.metrics import f1_score
+
+    from bottleneck.learn.metrics import macro_f1_of_resamples, paired_difference, split_metrics
+
+    rng = np.random.default_rng(3)
+    labels = ["a", "b", "c"]
+    truth = rng.integers(0, 3, 120)
+    predicted = np.where(rng.random(120) < 0.7, truth, rng.integers(0, 3, 120))
+    proba = np.eye(3)[predicted] * 0.8 + 0.1
+    y_true = [labels[t] for t in truth]
+    first, again = split_metrics(proba, y_true, labels), split_metrics(proba, y_true, labels)
+    assert first["accuracy_ci"] == again["accuracy_ci"] and first["macro_f1_ci"] == again["macro_f1_ci"]  # seeded
+    for name in ("accuracy", "macro_f1"):
+        low, high = first[f"{name}_ci"]
+        assert low < first[name] < high and high - low < 0.25
+    # the vectorised macro F1 of a resample is scikit-learn's, a label outside the classes counted as sklearn does
+    idx = rng.integers(0, 120, (4, 120))
+    with_unknown = np.where(np.arange(120) < 5, 3, truth)
+    for b in range(4):
+        expected = f1_score(with_unknown[idx[b]], predicted[idx[b]], labels=[0, 1, 2], average="macro", zero_division=0)
+        assert macro_f1_of_resamples(with_unknown, predicted, 3, idx[b:b + 1])[0] == pytest.approx(expected)
+    same = paired_difference(truth == predicted, truth == predicted)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    better = paired_difference(np.ones(120), truth == predicted)
+    assert better["difference"] > 0 and better["ci"][0] > 0 and better["images"] == 120

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, bounded_int, columns_of,
@@ -24,13 +25,18 @@ def _print_summary(result, files: dict, out) -> None:
         f"{counts['label_issues']}, outliers {counts['outliers']}, failed extraction {counts['failed_extraction']}")
     for pair in result.leakage[:_SHOWN]:
         out(f"    leak: {pair['a']} ({pair['splits'][0]}) ~ {pair['b']} ({pair['splits'][1]}), distance {pair['distance']:.4f}")
+    if result.label_model:
+        out(f"  {'WARNING: ' if not result.label_model['trusted'] else ''}{result.model_line()}")
     for issue in result.label_issues[:_SHOWN]:
         out(f"    label: {issue['path']}: given {issue['given']!r}, looks like {issue['suggested']!r} ({issue['score']:.2f})")
     for outlier in result.outliers[:_SHOWN]:
         out(f"    outlier: {outlier['path']} (" + (f"{outlier['label']}, " if outlier['label'] else "")
             + f"{outlier['score']:.3f})")
     removals = sum(len(paths) for paths in result.suggested_removals().values())
-    out(f"  {removals} suggested removals in {files['exclude']}: review it, then train-head --exclude {files['exclude']}")
+    listed = ("leaked training copies, far-out outliers and label issues" if result.exclude_label_issues else
+              "leaked training copies and far-out outliers; label issues only with --exclude-label-issues")
+    out(f"  {removals} suggested removals in {files['exclude']} ({listed}): review it, then train-head --exclude "
+        f"{files['exclude']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     max_memory = memory_budget(args.max_memory)
     config = AuditConfig(seed=args.seed, val_pct=args.val_pct, test_pct=args.test_pct, split_file=args.split_file,
                          layout=args.layout, labels=args.labels, columns=columns_of(args),
-                         duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds)
-    result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory)
+                         duplicate_factor=args.duplicate_threshold, neighbours=args.neighbours, folds=args.folds,
+                         exclude_label_issues=args.exclude_label_issues)
+    result = run_audit(args.data, args.cache, spec_from(args), config, log=stderr, max_memory=max_memory,
+                       progress=not args.no_progress and sys.stderr.isatty())
     files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)
     out = stderr if args.json else print
     _print_summary(result, files, out)
@@ -55,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands) -> None:
-    from bottleneck.inspect.audit import DUPLICATE_FACTOR, FOLDS, NEIGHBOURS
+    from bottleneck.inspect.audit import DUPLICATE_FACTOR, FOLDS, NEIGHBOURS, TRUSTED_ACCURACY
 
     parser = commands.add_parser(
         "audit",
@@ -82,6 +90,11 @@ def add_parser(commands) -> None:
                        help=f"neighbours per image for outliers, %(type)s (default: {NEIGHBOURS})")
     audit.add_argument("--folds", type=bounded_int(2, 20), default=FOLDS,
                        help=f"cross-validation folds for label issues, %(type)s (default: {FOLDS}, fewer when a class is small)")
+    parser.add_argument("--exclude-label-issues", action="store_true",
+                        help="list the label issues in exclude.txt too (by default it lists leaked training copies "
+                        "and far-out outliers: label issues are often hard but correct images, more so when the "
+                        f"cross-validated model is weak, under {TRUSTED_ACCURACY} accuracy)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
                         help="memory for reading features (default: a quarter of the available memory); larger stores "
                         "are read in chunks")

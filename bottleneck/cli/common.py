@@ -264,5 +264,6 @@ def print_split_scores(metrics: dict, out) -> None:
             out(f"  {name:<10} mAP {'-' if found is None else f'{found:.4f}'}  micro F1 {scores['micro_f1']:.4f}  "
                 f"macro F1 {scores['macro_f1']:.4f}  exact match {scores['exact_match']:.4f}  ({scores['images']} images)")
         elif scores:
-            out(f"  {name:<10} accuracy {scores['accuracy']:.4f}  macro F1 {scores['macro_f1']:.4f}  "
-                f"log loss {scores['log_loss']:.4f}  ({scores['images']} images)")
+            ci = scores.get("accuracy_ci")  # the 95% bootstrap interval over this split's images
+            out(f"  {name:<10} accuracy {scores['accuracy']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                + f"  macro F1 {scores['macro_f1']:.4f}  log loss {scores['log_loss']:.4f}  ({scores['images']} images)")

@@ -45,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if "augment" in metrics:
         out(f"  trained on {metrics['augment']['rows_added']} cached augmented views of the training images as well "
             f"({metrics['augment']['views_per_image']} per image)")
-    if excluded.get("exclude_file"):
-        out(f"  {excluded['exclude_file']} images left out: listed in {args.exclude}")
+    if excluded.get("exclude_file") or excluded.get("exclude_file_test_kept"):
+        out(f"  {excluded['exclude_file']} images left out of training and validation: listed in {args.exclude}"
+            + (f"; {excluded['exclude_file_test_kept']} listed test image(s) kept: --exclude never changes the test split"
+               if excluded.get("exclude_file_test_kept") else ""))
     if metrics["warning"]:
         out(f"  WARNING: {metrics['warning']}")
     if args.json:
@@ -88,8 +90,9 @@ def add_parser(commands) -> None:
                         help="with --augment: the views computed with this flip probability, %(type)s (as given to "
                         "`features --augment-flip`; default: 0.5)")
     parser.add_argument("--exclude", default=None, metavar="FILE",
-                        help="leave out the images this file lists, one per line, relative to DATA or absolute (an "
-                        "audit's exclude.txt); the run records it. Other images keep their splits")
+                        help="leave the images this file lists (one per line, relative to DATA or absolute: an "
+                        "audit's exclude.txt) out of training and validation; the test split never changes, so runs "
+                        "with and without it are scored on the same test images. The run records it")
     split.add_argument("--folds", type=bounded_int(2, 1000), default=None,
                        help="also k-fold cross-validate over train+validation, %(type)s and at most the training and "
                        "validation images of the smallest class")

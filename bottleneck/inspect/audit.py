@@ -21,10 +21,17 @@ sample, so 100,000 images fit in a few hundred MB), and one k-nearest-neighbour 
 With random weights (`--weights none`) every image looks like every other: near-duplicates are
 refused rather than listed by the thousand. The split is the one `train-head` draws (same
 `--seed`, `--val-pct`, `--test-pct`, or `--split-file`).
+
+The label issues are only as good as the cross-validated model they come from: its accuracy
+(multi-label: micro F1) is always stated, and below `TRUSTED_ACCURACY` the audit says plainly that
+its flags are mostly hard images, not wrong labels. exclude.txt lists the training copy of each
+leak (the test split is never changed by `train-head --exclude`) and far-out outliers; label
+issues only when asked (`exclude_label_issues`).
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -52,6 +59,9 @@ NEIGHBOURS = 10
 FOLDS = 5
 #: Rows per kNN query batch (faiss searches a batch at once).
 SEARCH_ROWS = 4096
+#: Below this cross-validated accuracy (multi-label: micro F1) the model behind the label issues is too weak for
+#: its flags to be trusted: at 0.74 most of what confident learning flags are hard but correctly labelled images.
+TRUSTED_ACCURACY = 0.85
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class AuditConfig:
     duplicate_factor: float = DUPLICATE_FACTOR
     neighbours: int = NEIGHBOURS
     folds: int = FOLDS
+    exclude_label_issues: bool = False  # exclude.txt lists the label issues too
 
 
 @dataclass
@@ -88,6 +99,8 @@ class AuditResult:
     pretrained: bool = True
     store: str = ""
     multi_label: bool = False  # `classes` counts each label of a multi-label label file
+    label_model: dict | None = None  # the cross-validated model behind the label issues (`model_record`)
+    exclude_label_issues: bool = False
 
     @property
     def leakage(self) -> list[dict]:
@@ -105,14 +118,31 @@ class AuditResult:
         return record
 
     def suggested_removals(self) -> dict[str, list[str]]:
-        """What exclude.txt lists, by reason: leaked copies outside train, mislabelled images, far-out outliers."""
+        """What exclude.txt lists, by reason: the training (else validation) copy of each leak, far-out outliers,
+        and the label issues when asked (`exclude_label_issues`)."""
+        rank = {"train": 0, "validation": 1, "test": 2}
         leaked = []
-        for pair in self.leakage:
-            outside = [path for path, split in zip((pair["a"], pair["b"]), pair["splits"]) if split != "train"]
-            leaked.append(outside[-1] if outside else pair["b"])  # keep the training copy, drop the scored one
-        return {"leakage": sorted(set(leaked)),
-                "label issues": [issue["path"] for issue in self.label_issues],
-                "far-out outliers": [outlier["path"] for outlier in self.outliers if outlier["far_out"]]}
+        for pair in self.leakage:  # keep the copy the exam scores (test, else validation): --exclude never changes test
+            copies = sorted(zip(pair["splits"], (pair["a"], pair["b"])), key=lambda item: rank.get(item[0], 0))
+            leaked.append(copies[0][1])
+        removals = {"leakage": sorted(set(leaked))}
+        if self.exclude_label_issues:
+            removals["label issues"] = [issue["path"] for issue in self.label_issues]
+        removals["far-out outliers"] = [outlier["path"] for outlier in self.outliers if outlier["far_out"]]
+        return removals
+
+    def model_line(self) -> str | None:
+        """One line on the model the label issues come from: its cross-validated score, and whether to trust it."""
+        model = self.label_model
+        if not model:
+            return None
+        line = (f"label issues come from a {model['folds']}-fold cross-validated logistic regression with "
+                f"{model['metric']} {model['value']:.3f} (chance {model['chance']:.3f})")
+        if not model["trusted"]:
+            return (line + f": TOO WEAK for its flags to be trusted (below {TRUSTED_ACCURACY}); most flagged images are "
+                    "likely hard but correctly labelled. Review them; they are not in exclude.txt unless "
+                    "--exclude-label-issues")
+        return line + f" (at least {TRUSTED_ACCURACY}: its flags are worth reviewing)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +189,21 @@ def _require(module: str):
         raise DataError(f"the audit needs {module}: pip install 'bottleneck[audit]' (faiss-cpu and cleanlab)") from None
 
 
-def knn_graph(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, unit: str, progress: bool):
+    """A tqdm bar with ETA on stderr (as `features` draws one), or one that draws nothing."""
+    if not progress or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+
+def knn_graph(Z: np.ndarray, k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(distances, neighbours), each (n, k): cosine distance to the k nearest other images, nearest first."""
     faiss = _require("faiss")
 
@@ -170,6 +214,7 @@ def knn_graph(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, n - 1)
     distances = np.empty((n, k), np.float32)
     neighbours = np.empty((n, k), np.int64)
+    bar = progress_bar(n, "audit: kNN graph", "img", progress)
     for start in range(0, n, SEARCH_ROWS):
         stop = min(n, start + SEARCH_ROWS)
         similarity, found = index.search(unit[start:stop], k + 1)
@@ -177,6 +222,8 @@ def knn_graph(Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             mine = found[row] != start + row
             keep = found[row][mine][:k], similarity[row][mine][:k]
             neighbours[start + row], distances[start + row] = keep[0], np.clip(1.0 - keep[1], 0.0, 2.0)
+        bar.update(stop - start)
+    bar.close()
     return distances, neighbours
 
 
@@ -203,7 +250,7 @@ def outlier_scores(distances: np.ndarray) -> tuple[np.ndarray, float, float]:
     return mean, float(q3 + OUTLIER_IQR * (q3 - q1)), float(q3 + FAR_OUT_IQR * (q3 - q1))
 
 
-def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: int, progress: bool = False) -> np.ndarray:
     """Probabilities each image gets from a logistic regression that never saw it (stratified k-fold)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -211,11 +258,21 @@ def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: in
     n_classes = int(y.max()) + 1
     proba = np.zeros((len(y), n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    bar = progress_bar(folds, "audit: cross-validation", "fold", progress)
     for train, held_out in splitter.split(Z, y):
         model = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
         model.fit(Z[train], y[train])
         proba[np.ix_(held_out, model.classes_)] = model.predict_proba(Z[held_out])
+        bar.update()
+    bar.close()
     return proba
+
+
+def model_record(metric: str, value: float, chance: float, folds: int) -> dict:
+    """The cross-validated model behind the label issues: its score, chance, and whether it is strong enough
+    (`TRUSTED_ACCURACY`) for its flags to be trusted."""
+    return {"metric": metric, "value": round(float(value), 6), "chance": round(float(chance), 6), "folds": folds,
+            "trusted": bool(value >= TRUSTED_ACCURACY), "trusted_at_least": TRUSTED_ACCURACY}
 
 
 def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
@@ -228,7 +285,7 @@ def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]
 
 
 def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: list[str], folds: int,
-                                    seed: int) -> np.ndarray:
+                                    seed: int, progress: bool = False) -> np.ndarray:
     """Each image's probability of each label (truth: (n, k) 0/1) from one-vs-rest logistic regressions that
     never saw it; folds stratified by `strata` (each image's rarest label). A label constant in a fold's
     training images gets that constant."""
@@ -242,6 +299,7 @@ def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: li
     with warnings.catch_warnings():  # a rarest label on fewer images than folds: stratified as well as it can be
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         fold_list = list(splitter.split(Z, strata))
+    bar = progress_bar(folds, "audit: cross-validation", "fold", progress)
     for train, held_out in fold_list:
         for j in range(truth.shape[1]):
             column = truth[train, j]
@@ -250,6 +308,8 @@ def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: li
                 continue
             model = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(Z[train], column)
             proba[held_out, j] = model.predict_proba(Z[held_out])[:, 1]
+        bar.update()
+    bar.close()
     return proba
 
 
@@ -299,9 +359,12 @@ def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
 UNSPLIT = "-"
 
 
-def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed: int) -> list[dict]:
+def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed: int,
+                        progress: bool = False) -> tuple[list[dict], dict]:
     """Images with a label set the cross-validated one-vs-rest model doubts (cleanlab's multi-label confident
-    learning); `suggested` is the labels it gives over one half."""
+    learning); `suggested` is the labels it gives over one half. Also the model's record (micro F1 at 0.5)."""
+    from sklearn.metrics import f1_score
+
     from bottleneck.features.label_file import joined_labels
     from bottleneck.learn.heads import multi_hot
     from bottleneck.learn.splits import rarest_labels
@@ -309,26 +372,32 @@ def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed
     labels = data.classes
     truth = multi_hot(data.label_sets, labels).astype(np.int64)
     strata = rarest_labels(data.label_sets)
-    proba = out_of_fold_label_probabilities(Z, truth, strata, folds, seed)
+    proba = out_of_fold_label_probabilities(Z, truth, strata, folds, seed, progress)
+    # chance: the micro F1 of giving every label to every image
+    chance = 2 * truth.mean() / (1 + truth.mean())
+    model = model_record("micro F1", f1_score(truth, proba >= 0.5, average="micro", zero_division=0), chance, folds)
     return [{"path": data.relpaths[i], "given": data.labels[i],
              "suggested": joined_labels(tuple(label for label, p in zip(labels, proba[i]) if p >= 0.5)),
-             "score": round(score, 6), "split": splits[i]} for i, score in multi_label_issue_rows(truth, proba)]
+             "score": round(score, 6), "split": splits[i]} for i, score in multi_label_issue_rows(truth, proba)], model
 
 
 def _label_issues(Z: np.ndarray, labels: list[str], splits: list[str], relpaths: list[str], folds: int,
-                  seed: int) -> list[dict]:
-    """Images whose label the cross-validated model doubts most (cleanlab's confident learning)."""
+                  seed: int, progress: bool = False) -> tuple[list[dict], dict]:
+    """Images whose label the cross-validated model doubts most (cleanlab's confident learning), and the model's
+    record (its cross-validated accuracy; chance is the largest class's share)."""
     classes = sorted(set(labels))
     y = np.array([classes.index(label) for label in labels])
-    proba = out_of_fold_probabilities(Z, y, folds, seed)
+    proba = out_of_fold_probabilities(Z, y, folds, seed, progress)
+    model = model_record("accuracy", np.mean(np.argmax(proba, axis=1) == y), np.bincount(y).max() / len(y), folds)
     return [{"path": relpaths[i], "given": labels[i], "suggested": classes[int(np.argmax(proba[i]))],
-             "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)]
+             "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)], model
 
 
 def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: BackboneSpec | None = None,
               config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
-              max_memory: int | None = None) -> AuditResult:
-    """Audit the images under DATA from their cached features (see the module's docstring)."""
+              max_memory: int | None = None, progress: bool = False) -> AuditResult:
+    """Audit the images under DATA from their cached features (see the module's docstring); `progress` draws
+    bars with ETA on stderr for the long steps (the kNN graph, the cross-validation folds)."""
     from bottleneck.learn.dataset import load_labelled_features
     from bottleneck.learn.splits import SplitConfig, splits_for
 
@@ -349,7 +418,7 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     Z = project(data.rows, config.seed)
     seconds["project"] = time.perf_counter() - started
     started = time.perf_counter()
-    distances, neighbours = knn_graph(Z, config.neighbours)
+    distances, neighbours = knn_graph(Z, config.neighbours, progress)
     seconds["knn"] = time.perf_counter() - started
 
     pretrained = bool(data.attrs.get("pretrained", True))
@@ -377,11 +446,11 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                 for i in order if mean_distance[i] > outlier_threshold]
 
     if unlabelled:
-        issues = []
+        issues, label_model = [], None
     elif data.multi_label:
-        issues = _multi_label_issues(Z, data, splits, folds, config.seed)
+        issues, label_model = _multi_label_issues(Z, data, splits, folds, config.seed, progress)
     else:
-        issues = _label_issues(Z, labels, splits, data.relpaths, folds, config.seed)
+        issues, label_model = _label_issues(Z, labels, splits, data.relpaths, folds, config.seed, progress)
     if unlabelled:
         notes.append("a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
                      "byte-identical files and outliers only")
@@ -402,4 +471,4 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                     "far_out_mean_knn_distance": round(far_threshold, 6), "neighbours": int(distances.shape[1]),
                     "folds": folds, "projected_dim": int(Z.shape[1]), "metric": "cosine on standardised features"},
         notes=notes, seconds={k: round(v, 2) for k, v in seconds.items()}, pretrained=pretrained,
-        store=str(data.store_path))
+        store=str(data.store_path), label_model=label_model, exclude_label_issues=config.exclude_label_issues)

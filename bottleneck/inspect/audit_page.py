@@ -70,18 +70,23 @@ def audit_html(result: AuditResult, data_dir: str | os.PathLike) -> str:
     balance = [["class", "images"]] + [[label, str(n)] for label, n in result.classes.items()]
     notes = "".join(f'<p class="{"warning" if n.startswith("RANDOM") else "note"}">{html.escape(n)}</p>'
                     for n in result.notes)
+    if result.label_model:  # the model behind the label issues, stated always; a warning when too weak
+        notes += (f'<p class="{"note" if result.label_model["trusted"] else "warning"}">'
+                  f"{html.escape(result.model_line())}</p>")
     t = result.thresholds
     sections = [
         _pairs_html(root, result.leakage, "Leakage: the same photo in two splits",
                     "Near-duplicates or byte-identical files in different splits inflate validation and test scores. "
-                    "exclude.txt lists the copy outside train."),
+                    "exclude.txt lists the copy in train (else validation): the scored copy stays, since "
+                    "train-head --exclude never changes the test split."),
         _pairs_html(root, result.near_duplicates, "Near-duplicates",
                     f"Cosine distance on standardised features under {t['duplicate_distance']:.4g} "
                     f"({t['duplicate_factor']} x the median nearest-neighbour distance)."),
         _pairs_html(root, result.exact_duplicates, "Exact duplicates", "Files with the same bytes at two paths."),
         _items_html(root, result.label_issues, "Label issues",
                     f"Confident learning (cleanlab) on out-of-fold probabilities of a {t['folds']}-fold logistic "
-                    "regression; most suspicious first.",
+                    "regression; most suspicious first. " + (result.model_line() or "")
+                    + ("." if not result.exclude_label_issues else "; listed in exclude.txt (--exclude-label-issues)."),
                     lambda i: f"given <b>{html.escape(i['given'])}</b>, suggested <b>{html.escape(i['suggested'])}</b>"
                               f" ({i['score']:.2f})"),
         _items_html(root, result.outliers, "Outliers",
@@ -104,7 +109,13 @@ def exclude_text(result: AuditResult) -> str:
 
     lines = ["# bottleneck audit: suggested removals, one path per line relative to DATA (a backslash escapes a",
              "# newline \\n, a backslash \\\\, a leading \\# or an edge space \\s in a name).",
-             "# Review them, delete lines you disagree with, then: bottleneck train-head ... --exclude exclude.txt"]
+             "# Review them, delete lines you disagree with, then: bottleneck train-head ... --exclude exclude.txt",
+             "# (--exclude leaves images out of training and validation only: the test split never changes)"]
+    if result.label_issues and not result.exclude_label_issues:
+        lines.append(f"# label issues ({len(result.label_issues)}): not listed; see audit.html, or audit again with "
+                     "--exclude-label-issues")
+    if result.label_model:
+        lines.append(f"# {result.model_line()}")
     seen: set[str] = set()
     for reason, paths in result.suggested_removals().items():
         fresh = [p for p in paths if p not in seen]

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
-from bottleneck.learn.run_folder import CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json, run_path
+from bottleneck.learn.run_folder import (CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json,
+                                         read_test_predictions, run_path)
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112
@@ -150,18 +151,112 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _with_interval(value: float | None, interval) -> str:
+    """A score and, when recorded, its 95% interval: `0.7391 [0.609, 0.870]`."""
+    if value is None or not isinstance(interval, list) or len(interval) != 2:
+        return _fmt(value)
+    return f"{_fmt(value)} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def backbone_words(config: dict) -> str:
+    """The backbone a run learnt from, in words (`base.keras, layer features`; `inception_v3 299 imagenet`;
+    `pixels 32`), from its recorded spec; its fingerprint when the run records none."""
+    record = config.get("backbone_spec")
+    architecture = record.get("architecture") if isinstance(record, dict) else None
+    if not isinstance(architecture, str):
+        return backbone_fingerprint(config) or "?"
+    size = record.get("image_size")
+    if architecture == "pixels":
+        words = f"pixels {size}"
+    elif record.get("layer") or architecture.endswith(".keras"):  # a model file cut at a layer
+        kept = config.get("backbone_file")
+        name = kept["name"] if isinstance(kept, dict) and isinstance(kept.get("name"), str) else Path(architecture).stem
+        words = f"{name}.keras, layer {record.get('layer')}"
+    else:
+        weights = str(record.get("weights"))
+        words = f"{architecture} {size} {weights if weights in ('imagenet', 'none') else Path(weights).name}"
+    precision = record.get("precision")
+    return words + (f" {precision}" if isinstance(precision, str) and precision != "float32" else "")
+
+
+def _excluded_cell(config: dict) -> str:
+    """How many images `--exclude` left out of training and validation, and the listed test images kept."""
+    record = config.get("exclude")
+    if not isinstance(record, dict):
+        return "-"
+    if "test_kept" not in record:  # before the test split was kept whole: its test images may have been removed too
+        return f"{record.get('left_out')} (test split too)"
+    kept = record.get("test_kept") or 0
+    return f"{record.get('left_out')}" + (f" (+{kept} listed test image{'s' if kept != 1 else ''} kept)" if kept else "")
+
+
+def _data_root(run: Run) -> str:
+    root = run_path(run.folder, run.config, "data")
+    return str(root.resolve()) if root else str(run.config.get("labels_file") or "")
+
+
+def _test_outcomes(run: Run) -> dict[str, tuple[str, bool]] | None:
+    """{path: (true label, right?)} of a single-label run's test images, from its test_predictions.csv."""
+    if run.multi_label:
+        return None
+    predictions = read_test_predictions(run.folder)
+    return None if predictions is None else {path: (label, label == predicted)
+                                             for path, (label, predicted) in predictions.items()}
+
+
+def paired_comparison(run: Run, other: Run, outcomes: Callable[[Run], dict | None] = _test_outcomes) -> dict | None:
+    """`run`'s test accuracy minus `other`'s on exactly the test images both scored (same DATA, path and label),
+    with a 95% paired bootstrap interval; None when they share none (or either is multi-label)."""
+    from bottleneck.learn.metrics import paired_difference
+
+    if _data_root(run) != _data_root(other):
+        return None
+    mine, theirs = outcomes(run), outcomes(other)
+    if not mine or not theirs:
+        return None
+    shared = sorted(p for p in mine.keys() & theirs.keys() if mine[p][0] == theirs[p][0])
+    return paired_difference([mine[p][1] for p in shared], [theirs[p][1] for p in shared]) if shared else None
+
+
+def _paired_cell(found: dict | None) -> str:
+    if found is None:
+        return "no shared test images"
+    low, high = found["ci"]
+    return f"{found['difference']:+.3f} [{low:+.3f}, {high:+.3f}] on {found['images']}"
+
+
+#: What the comparison table's numbers are, said under it.
+COMPARISON_NOTE = ("Brackets: 95% percentile bootstrap intervals over the test images (seeded). \"vs row above\": this "
+                   "run's test accuracy minus the run above's on exactly the test images both scored, with a 95% paired "
+                   "bootstrap interval; only such a difference says one run is better. \"excluded\": images "
+                   "train-head --exclude left out of training and validation (the test split never changes).")
+
+
 def comparison_rows(runs: list[Run]) -> list[list[str]]:
-    """Header and one row per run: head, settings, split seed, accuracies (multi-label: mAP, marked), macro F1,
-    training time."""
-    rows = [["run", "head", "settings", "split seed", "backbone", "train acc", "val acc", "test acc", "test macro F1", "train s"]]
-    for run in runs:
+    """Header and one row per run: head, settings, split seed, backbone (in words), images left out by --exclude,
+    accuracies (multi-label: mAP, marked), test accuracy and macro F1 with their 95% intervals, test size, the
+    paired difference with the row above on their shared test images, training time."""
+    rows = [["run", "head", "settings", "split seed", "backbone", "excluded", "train acc", "val acc",
+             "test acc [95% CI]", "test images", "test macro F1 [95% CI]", "vs row above (same test images)", "train s"]]
+    cache: dict[int, dict | None] = {}
+
+    def outcomes(run: Run) -> dict | None:
+        if id(run) not in cache:
+            cache[id(run)] = _test_outcomes(run)
+        return cache[id(run)]
+
+    for i, run in enumerate(runs):
         test = run.metrics["splits"].get("test") or {}
-        backbone = (backbone_fingerprint(run.config) or "?") + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
+        backbone = backbone_words(run.config) + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
         head = run.metrics["head"] + (f" of {run.config['parent_run']}" if run.config.get("parent_run") else "")
         score = (lambda split: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split: _fmt(run.accuracy(split)))
+        test_score = score("test") if run.multi_label else _with_interval(run.accuracy("test"), test.get("accuracy_ci"))
+        versus = "-" if i == 0 or run.multi_label or runs[i - 1].multi_label else _paired_cell(paired_comparison(run, runs[i - 1], outcomes))
         rows.append([run.run_id, head + (" (multi-label)" if run.multi_label else ""), run.settings(),
-                     str(run.metrics.get("seed")), backbone, score("train"), score("validation"), score("test"),
-                     _fmt(test.get("macro_f1")), _fmt(run.metrics.get("training_seconds"), 2)])
+                     str(run.metrics.get("seed")), backbone, _excluded_cell(run.config), score("train"),
+                     score("validation"), test_score, str(test.get("images", "-")),
+                     _with_interval(test.get("macro_f1"), test.get("macro_f1_ci")), versus,
+                     _fmt(run.metrics.get("training_seconds"), 2)])
     return rows
 
 
@@ -197,7 +292,7 @@ def markdown_report(runs: list[Run], summary: dict | None = None) -> str:
     parts = []
     if summary:
         parts += [f"# {summary['title']}", "", markdown_table(summary["rows"]), ""] + [f"- {n}" for n in summary["notes"]] + [""]
-    parts += ["# Runs", "", markdown_table(comparison_rows(runs))]
+    parts += ["# Runs", "", markdown_table(comparison_rows(runs)), "", COMPARISON_NOTE]
     if any(not run.metrics.get("pretrained", True) for run in runs):
         parts += ["", "**WARNING: runs marked RANDOM WEIGHTS use features of an untrained backbone.**"]
     for run in runs:
@@ -352,7 +447,7 @@ def html_report(runs: list[Run], summary: dict | None = None, sections: dict[int
         warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
     sections = "\n".join((sections or {}).get(id(run)) or _run_section(run) for run in runs)
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>bottleneck runs</title><style>{_STYLE}</style></head>"
-            f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}{sections}</body></html>\n")
+            f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}<p class='note'>{html.escape(COMPARISON_NOTE)}</p>{sections}</body></html>\n")
 
 
 #: What reading a metrics.json of an unexpected shape raises, deep inside the tables and pictures.

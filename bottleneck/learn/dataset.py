@@ -440,8 +440,10 @@ def read_exclude_file(path: str | os.PathLike, data_dir: str | os.PathLike) -> l
     return listed
 
 
-def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> tuple[LabelledFeatures, int]:
-    """`data` less the images `listed` (relative to DATA); one line if any listed image is not under DATA."""
+def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
+                     kept: frozenset[str] = frozenset()) -> tuple[LabelledFeatures, int]:
+    """`data` less the images `listed` (relative to DATA) but those in `kept` (train-head keeps the test split's);
+    one line if any listed image is not under DATA."""
     from bottleneck.features.store import printable
 
     known = set(data.relpaths) | set(data.failed) | set(data.missing) | set(data.non_finite)
@@ -450,7 +452,7 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str) -> 
         raise DataError(f"--exclude {source} names {len(unknown)} images that are not under DATA, first "
                         f"{printable(unknown[0])}: is it the list for this folder? (paths are relative to DATA, "
                         "or absolute)")
-    drop = set(listed)
+    drop = set(listed) - kept
     keep = np.array([p not in drop for p in data.relpaths])
     if keep.all():
         return data, 0

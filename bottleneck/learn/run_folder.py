@@ -135,6 +135,19 @@ def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba
             writer.writerow([relpath, label, predicted(row), *(repr(float(p)) for p in row)])
 
 
+def read_test_predictions(folder: Path) -> dict[str, tuple[str, str]] | None:
+    """{path: (true label, predicted)} of a run's test_predictions.csv (labels as written: multi-label `a;b`),
+    or None when the file is missing or not as `write_predictions_csv` writes it."""
+    try:
+        with open(folder / PREDICTIONS_FILE, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            reader = csv.DictReader(handle)
+            if not {"path", "label", "predicted"} <= set(reader.fieldnames or ()):
+                return None
+            return {row["path"]: (row["label"], row["predicted"]) for row in reader}
+    except (OSError, csv.Error, TypeError):
+        return None
+
+
 @dataclass
 class LoadedRun:
     """A run folder and what using it needs."""

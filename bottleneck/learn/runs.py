@@ -218,15 +218,30 @@ def train_head(
                                   stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels,
                                   columns=columns)
     data_dir = data.root  # a label file without DATA: paths are relative to its folder
-    listed = read_exclude_file(exclude, data_dir) if exclude else []
-    excluded = None
-    if exclude:
-        data, count = without_excluded(data, listed, exclude)
-        excluded = {"file": str(Path(exclude).absolute()), "listed": len(listed), "left_out": count}
-        log(f"left out {count} images listed in {exclude}")
+    listed = read_exclude_file(exclude, data_dir) if exclude else None
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec, excluded=excluded, augment=augment, augment_flip=augment_flip,
-                             labels_file=labels)
+                             data_dir=data_dir, spec=spec, exclude=exclude, exclude_listed=listed, augment=augment,
+                             augment_flip=augment_flip, labels_file=labels)
+
+
+def leave_out_of_training(data: LabelledFeatures, splits: list[str], listed: list[str], source: str,
+                          log: Callable[[str], None]) -> tuple[LabelledFeatures, list[str], dict]:
+    """`--exclude`: the listed images leave the training and validation splits, and only those.
+
+    `splits` were drawn on every image, so the test split is the one a run without the list gets, path for
+    path: runs with and without `--exclude` are scored on the same test images (removing test images would
+    change the exam, not the student). Returns the data, their splits and the record of what was left out."""
+    listed_set = set(listed)
+    where = Counter(s for p, s in zip(data.relpaths, splits) if p in listed_set)
+    kept = frozenset(p for p, s in zip(data.relpaths, splits) if s == "test" and p in listed_set)
+    remaining, count = without_excluded(data, listed, source, kept)
+    remaining_splits = [s for p, s in zip(data.relpaths, splits) if s == "test" or p not in listed_set]
+    record = {"file": str(Path(source).absolute()), "listed": len(listed_set), "left_out": count,
+              "train": where["train"], "validation": where["validation"], "test_kept": where["test"]}
+    log(f"left out {count} images listed in {source} (train {where['train']}, validation {where['validation']})"
+        + (f"; {where['test']} listed test image{'s' if where['test'] != 1 else ''} stay in the test split: --exclude never changes the test split"
+           if where["test"] else ""))
+    return remaining, remaining_splits, record
 
 
 def train_on_features(
@@ -241,16 +256,21 @@ def train_on_features(
     argv: list[str] | None = None,
     data_dir: str | os.PathLike | None = None,
     spec: BackboneSpec | None = None,
-    excluded: dict | None = None,
+    exclude: str | None = None,
+    exclude_listed: list[str] | None = None,
     augment: int | None = None,
     augment_flip: float | None = None,
     labels_file: str | os.PathLike | None = None,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
-    `excluded` describes images left out by `--exclude` ({file, listed, left_out}), for the record."""
+    `exclude_listed` are the images `--exclude` (the file `exclude`) lists: left out of training and
+    validation after the split is drawn on every image (`leave_out_of_training`)."""
     model = make_head(head.head, random_state=split.seed, multi_label=data.multi_label, **head.params())
     splits = splits_for(data, split, split_file, log)
+    excluded = None
+    if exclude_listed is not None:
+        data, splits, excluded = leave_out_of_training(data, splits, exclude_listed, exclude or "--exclude", log)
     _check_classes(data, splits, log, folds)
     labels_all = _targets(data)
     mask = {name: np.array([s == name for s in splits]) for name in SPLITS}
@@ -272,7 +292,8 @@ def train_on_features(
     metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
                                   "non_finite": len(data.non_finite),
-                                  "exclude_file": excluded["left_out"] if excluded else 0},
+                                  "exclude_file": excluded["left_out"] if excluded else 0,
+                                  **({"exclude_file_test_kept": excluded["test_kept"]} if excluded else {})},
                      "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
     if augmented:
         metrics["augment"] = augmented
@@ -345,7 +366,8 @@ def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels:
         idx = np.flatnonzero(mask[name])
         known = [i for i in idx if data.labels[i] in labels]
         proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
-        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels)
+        # intervals for the held-out splits: an interval around the training accuracy says nothing
+        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels, intervals=name != "train")
         if name == "test":
             metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
             test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
@@ -369,7 +391,8 @@ def _evaluate_multi_label(model, X: FeatureRows, data: LabelledFeatures, mask: d
                         f"{', '.join(thresholds.defaulted[:5])}" if thresholds.defaulted else ""))
     metrics["thresholds"] = thresholds.record()
     for name in SPLITS:
-        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]))
+        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]),
+                                                      intervals=name != "train")
     test = np.flatnonzero(mask["test"])
     paths = [data.relpaths[i] for i in test]
     metrics["misclassified"] = multi_label_mistakes(proba["test"], truth["test"], thresholds.decide(proba["test"]),
