@@ -316,7 +316,7 @@ def _run_section(run: Run) -> str:
         parts.append('<figure><img alt="learning curve" src="' + learning_curve_png(run.metrics["history"]) + '">'
                      "<figcaption>learning curve</figcaption></figure>")
     wrong = run.metrics.get("misclassified") or []
-    pictures = _feature_pictures(run, wrong)
+    pictures = _feature_pictures(run)
     parts.append("<h3>embedding map</h3>" + (pictures.map_html or _unavailable("embedding map", pictures.unavailable)))
     if wrong:
         parts.append(f"<h3>misclassified test images ({len(wrong)})</h3>")
@@ -350,14 +350,15 @@ def _prediction_pictures(run: Run) -> str:
         return _unavailable("ROC, precision-recall and calibration", str(exc))
 
 
-def _feature_pictures(run: Run, wrong: list):
+def _feature_pictures(run: Run):
     """The run's embedding map and nearest training images (`run_pictures.FeaturePictures`)."""
     from bottleneck.inspect.run_pictures import FeaturePictures, feature_pictures
 
-    try:
-        config = read_run_json(run.folder / CONFIG_FILE)  # as written: paths with bytes that are not UTF-8 kept
+    try:  # as written: names whose bytes are not UTF-8 as they are on disk
+        config, metrics = (read_run_json(run.folder / name) for name in (CONFIG_FILE, METRICS_FILE))
     except DataError as exc:
         return FeaturePictures(unavailable=str(exc))
+    wrong = metrics.get("misclassified") if isinstance(metrics, dict) else None
     return feature_pictures(run.folder, config, wrong if isinstance(wrong, list) else [], _THUMBNAILS_PER_RUN,
                             run.metrics.get("seed") if isinstance(run.metrics.get("seed"), int) else 0)
 

@@ -31,7 +31,8 @@ class FeaturePictures:
     a note on the search; or `unavailable`, the one line saying why there are none."""
 
     map_html: str = ""
-    neighbours: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)  # path -> (path, label, cosine)
+    # the printable path (`report.shown`) of a misclassified image -> (path, label, cosine similarity) of its nearest
+    neighbours: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)
     root: Path | None = None
     note: str = ""
     unavailable: str | None = None
@@ -49,18 +50,19 @@ def nearest(query: np.ndarray, pool: np.ndarray, k: int) -> tuple[np.ndarray, np
     return order, np.take_along_axis(similarity, order, axis=1)
 
 
-def feature_pictures(folder: Path, config: dict, wrong: list[dict], shown: int, seed: int = 0) -> FeaturePictures:
-    """The map and the first `shown` misclassified rows' (metrics.json's `misclassified`) nearest training images."""
+def feature_pictures(folder: Path, config: dict, wrong: list[dict], count: int, seed: int = 0) -> FeaturePictures:
+    """The map and the first `count` misclassified rows' (metrics.json's `misclassified`) nearest training images."""
     try:
         images = run_images(folder, config)
-        return _pictures(images, config, wrong, shown, seed)
+        return _pictures(images, config, wrong, count, seed)
     except (BottleneckError, OSError) as exc:  # a store damaged since the run: the rest of the report stands
         return FeaturePictures(unavailable=f"{type(exc).__name__ if isinstance(exc, OSError) else ''}{exc}".strip())
 
 
-def _pictures(images, config: dict, wrong: list[dict], shown: int, seed: int) -> FeaturePictures:
+def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) -> FeaturePictures:
     position = {relpath: i for i, relpath in enumerate(images.relpaths)}
-    mistakes = {row["path"]: row for row in wrong if isinstance(row, dict) and row.get("path") in position}
+    wrong = [row for row in wrong if isinstance(row, dict) and row.get("path") in position]
+    mistakes = {row["path"]: row for row in wrong}
     kinds = [MISCLASSIFIED if relpath in mistakes and split == "test" else ""
              for relpath, split in zip(images.relpaths, images.splits)]
     chosen = choose_points(kinds, MAX_POINTS, seed)
@@ -78,7 +80,7 @@ def _pictures(images, config: dict, wrong: list[dict], shown: int, seed: int) ->
     embedding = Embedding(xy, [images.relpaths[i] for i in chosen], [images.labels[i] for i in chosen],
                           [caption(i) for i in chosen], [kinds[i] for i in chosen], method, len(images.relpaths))
     drawn = map_html(embedding, images.root, {MISCLASSIFIED: "misclassified test image"})
-    neighbours, note = _nearest_training(images, [row["path"] for row in wrong[:shown] if row.get("path") in position],
+    neighbours, note = _nearest_training(images, [row["path"] for row in wrong[:count]],
                                          position, seed)
     if images.left_out:
         note += f"; {images.left_out} images of its split.csv have no file or features any more"
@@ -95,6 +97,8 @@ def _nearest_training(images, paths: list[str], position: dict[str, int], seed: 
         note = f"nearest of a seeded sample of {MAX_POOL} training images by cosine similarity of cached features"
     query = images.features([position[path] for path in paths])
     found, similarity = nearest(query, images.features(train), NEIGHBOURS)
-    neighbours = {path: [(images.relpaths[train[j]], images.labels[train[j]], float(s)) for j, s in zip(row, sims)]
+    from bottleneck.inspect.report import shown
+
+    neighbours = {shown(path): [(images.relpaths[train[j]], images.labels[train[j]], float(s)) for j, s in zip(row, sims)]
                   for path, row, sims in zip(paths, found, similarity)}
     return neighbours, note

@@ -436,8 +436,10 @@ def run_images(folder: Path, config: dict) -> RunImages:
     from bottleneck.learn.dataset import content_hashes
     from bottleneck.learn.splits import read_split_csv
 
-    if config.get("kind") == FINE_TUNED or not isinstance(config.get("store"), str):
+    if config.get("kind") == FINE_TUNED:
         raise RunError("a fine-tuned run caches its own outputs, not backbone features")
+    if not isinstance(config.get("store"), str):
+        raise RunError(f"its {CONFIG_FILE} names no feature store")
     try:
         rows = read_split_csv(folder / SPLIT_FILE)
     except DataError as exc:
