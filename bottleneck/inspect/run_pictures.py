@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, CacheError
 from bottleneck.inspect.embedding_map import MAX_POINTS, Embedding, choose_points, map_html, project_2d
 from bottleneck.learn.run_folder import run_images
 
@@ -59,6 +59,13 @@ def feature_pictures(folder: Path, config: dict, wrong: list[dict], count: int, 
         return FeaturePictures(unavailable=f"{type(exc).__name__ if isinstance(exc, OSError) else ''}{exc}".strip())
 
 
+def _finite(images, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions whose stored features are finite, their features): rows rotted to NaN or infinity are left out."""
+    features = images.features(positions)
+    finite = np.isfinite(features).all(axis=1)
+    return np.asarray(positions)[finite], features[finite]
+
+
 def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) -> FeaturePictures:
     position = {relpath: i for i, relpath in enumerate(images.relpaths)}
     wrong = [row for row in wrong if isinstance(row, dict) and row.get("path") in position]
@@ -69,36 +76,45 @@ def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) ->
     key = (str(config.get("store")), images.rows[chosen].tobytes(), seed)
     if key not in _projections:
         _projections.clear()  # one at a time: a report over many data sets holds one projection
-        _projections[key] = project_2d(images.features(chosen), seed)
-    xy, method = _projections[key]
+        kept, features = _finite(images, chosen)
+        _projections[key] = (kept, *project_2d(features, seed)) if len(kept) else (kept, np.zeros((0, 2)), "none")
+    kept, xy, method = _projections[key]
 
     def caption(i: int) -> str:
         text = f"{images.relpaths[i]}\n{images.labels[i]} ({images.splits[i]})"
         row = mistakes.get(images.relpaths[i]) if kinds[i] else None
         return text + (f"\npredicted {row.get('predicted')} ({float(row.get('confidence', 0)):.2f})" if row else "")
 
-    embedding = Embedding(xy, [images.relpaths[i] for i in chosen], [images.labels[i] for i in chosen],
-                          [caption(i) for i in chosen], [kinds[i] for i in chosen], method, len(images.relpaths))
+    rotted = len(chosen) - len(kept)
+    if not len(kept):
+        raise CacheError(f"all {len(chosen)} of its images have non-finite features (NaN or infinity) in {config.get('store')}")
+    embedding = Embedding(xy, [images.relpaths[i] for i in kept], [images.labels[i] for i in kept],
+                          [caption(i) for i in kept], [kinds[i] for i in kept], method, len(images.relpaths) - rotted)
     drawn = map_html(embedding, images.root, {MISCLASSIFIED: "misclassified test image"})
-    neighbours, note = _nearest_training(images, [row["path"] for row in wrong[:count]],
-                                         position, seed)
+    if rotted:
+        drawn += (f'<p class="warning">{rotted} images have non-finite features (NaN or infinity) in the feature store '
+                  "and are left out of the map (bit rot? `bottleneck cache info` lists its segments)</p>")
+    neighbours, note = _nearest_training(images, [row["path"] for row in wrong[:count]], position, seed)
     if images.left_out:
         note += f"; {images.left_out} images of its split.csv have no file or features any more"
     return FeaturePictures(drawn, neighbours, images.root, note)
 
 
 def _nearest_training(images, paths: list[str], position: dict[str, int], seed: int) -> tuple[dict, str]:
-    train = np.array([i for i, split in enumerate(images.splits) if split == "train"], np.int64)
-    if not paths or not len(train):
-        return {}, ""
-    note = f"nearest of the {len(train)} training images by cosine similarity of cached features"
-    if len(train) > MAX_POOL:
-        train = np.sort(np.random.default_rng(seed).choice(train, MAX_POOL, replace=False))
-        note = f"nearest of a seeded sample of {MAX_POOL} training images by cosine similarity of cached features"
-    query = images.features([position[path] for path in paths])
-    found, similarity = nearest(query, images.features(train), NEIGHBOURS)
     from bottleneck.inspect.report import shown
 
-    neighbours = {shown(path): [(images.relpaths[train[j]], images.labels[train[j]], float(s)) for j, s in zip(row, sims)]
-                  for path, row, sims in zip(paths, found, similarity)}
+    train = np.array([i for i, split in enumerate(images.splits) if split == "train"], np.int64)
+    if len(train) > MAX_POOL:
+        train = np.sort(np.random.default_rng(seed).choice(train, MAX_POOL, replace=False))
+    sample = len(train) < sum(split == "train" for split in images.splits)
+    train, pool = _finite(images, train)
+    asked, query = _finite(images, np.array([position[path] for path in paths], np.int64))
+    if not len(asked) or not len(train):
+        return {}, ""
+    found, similarity = nearest(query, pool, NEIGHBOURS)
+    note = (f"nearest of {'a seeded sample of ' if sample else 'the '}{len(train)} training images by cosine similarity "
+            "of cached features")
+    neighbours = {shown(images.relpaths[i]): [(images.relpaths[train[j]], images.labels[train[j]], float(s))
+                                              for j, s in zip(row, sims)]
+                  for i, row, sims in zip(asked, found, similarity)}
     return neighbours, note
