@@ -1,7 +1,8 @@
 """The report over a folder of runs: one self-contained HTML page, and the same tables in Markdown.
 
-The page embeds its pictures (confusion matrices, learning curves, thumbnails of misclassified
-test images) as data URIs, so it can be mailed or archived as one file.
+The page embeds its pictures (confusion matrices, learning curves, calibration and ROC / PR curves
+from `plots`, the embedding map and nearest training images from `run_pictures`, thumbnails of
+misclassified test images) as data URIs, so it can be mailed or archived as one file.
 """
 from __future__ import annotations
 

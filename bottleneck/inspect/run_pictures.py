@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from bottleneck.errors import BottleneckError, CacheError
-from bottleneck.inspect.embedding_map import MAX_POINTS, Embedding, choose_points, map_html, project_2d
+from bottleneck.inspect.embedding_map import MAX_POINTS, MISCLASSIFIED, Embedding, choose_points, map_html, project_2d
 from bottleneck.learn.run_folder import run_images
 
 #: Nearest training images shown beside each misclassified test image.
 NEIGHBOURS = 3
 #: Training images searched for them: a seeded sample when there are more (the page says so).
 MAX_POOL = 20_000
-MISCLASSIFIED = "misclassified"
 
 # Runs of one DATA and backbone share their points: their projection is computed once per report.
 _projections: dict[tuple, tuple[np.ndarray, str]] = {}
