@@ -337,7 +337,8 @@ def _run_section(run: Run) -> str:
 
 
 def _unavailable(what: str, why: str | None) -> str:
-    return f'<p class="note unavailable">{html.escape(what)} unavailable: {html.escape(shown(why or "no features"))}</p>'
+    why = why or "none of these images, or no training image, has cached features"
+    return f'<p class="note unavailable">{html.escape(what)} unavailable: {html.escape(shown(why))}</p>'
 
 
 def _prediction_pictures(run: Run) -> str:
@@ -349,6 +350,8 @@ def _prediction_pictures(run: Run) -> str:
         return prediction_pictures(read_predictions_csv(run.folder))
     except RunError as exc:
         return _unavailable("ROC, precision-recall and calibration", str(exc))
+    except (ValueError, IndexError) as exc:  # a hand-edited file: its probabilities do not fit its classes
+        return _unavailable("ROC, precision-recall and calibration", f"its test_predictions.csv does not add up ({exc})")
 
 
 def _feature_pictures(run: Run):

@@ -54,8 +54,11 @@ def feature_pictures(folder: Path, config: dict, wrong: list[dict], count: int, 
     try:
         images = run_images(folder, config)
         return _pictures(images, config, wrong, count, seed)
-    except (BottleneckError, OSError) as exc:  # a store damaged since the run: the rest of the report stands
-        return FeaturePictures(unavailable=f"{type(exc).__name__ if isinstance(exc, OSError) else ''}{exc}".strip())
+    except BottleneckError as exc:
+        return FeaturePictures(unavailable=str(exc))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # a store damaged since the run, a
+        # hand-edited split.csv or config.json: the rest of the report stands
+        return FeaturePictures(unavailable=f"{type(exc).__name__}: {exc}")
 
 
 def _finite(images, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
