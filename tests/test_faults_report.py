@@ -254,3 +254,24 @@ def test_report_on_a_full_disk_leaves_no_temporary_file_and_the_next_run_clears_
     (tmp_path / ".report.html.tmp").write_bytes(b"")  # as a run killed while writing leaves it
     assert main(["report", "--runs", str(runs), "--out", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (None, "cannot read its test_predictions.csv (No such file or directory)"),
+    ("path,true,guess\n", "its test_predictions.csv does not start with path,label,predicted,probability_..."),
+    ("path,label,predicted,probability_blue\nblue/x.png,blue,blue,high\n",
+     "its test_predictions.csv has a row whose probabilities are not numbers"),
+])
+def test_report_of_a_run_whose_test_predictions_are_gone_or_damaged_says_so_in_one_line(runs, tmp_path, capsys, content, why):
+    sent = alone(runs, tmp_path)
+    [run] = sent.iterdir()
+    (run / "test_predictions.csv").unlink()
+    if content is not None:
+        (run / "test_predictions.csv").write_text(content)
+    capsys.readouterr()
+    assert main(["report", "--runs", str(sent)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    page = (sent / "report.html").read_text(encoding="utf-8")
+    assert re.findall(r'<p class="note unavailable">([^<]*)</p>', page) == [
+        f"ROC, precision-recall and calibration unavailable: {why}"]
+    assert "<h3>embedding map</h3><div class=\"emap\"" in page  # the other pictures stand
