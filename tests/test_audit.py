@@ -200,7 +200,8 @@ def test_audit_page_maps_the_images_flagged_ones_marked_and_hover_shows_a_thumbn
                | {path for pair in result["near_duplicates"] + result["exact_duplicates"] for path in (pair["a"], pair["b"])})
     assert set(re.findall(r'<rect [^>]*stroke="#d00"[^>]* data-c="([^"\n]*)', page)) == flagged
     assert page.count(" data-c=") == result["images"] and "embedding" not in result  # the map is the page's alone
-    assert re.search(r"(t-SNE|UMAP) of L2-normalised cached features, \d+ images", page)
+    assert re.search(r"(t-SNE|UMAP) of the audit&#x27;s standardised features, L2-normalised \(its cosine distance\), "
+                     f"{result['images']} images", page)
     title = chromium_title(planted["out"] / "audit.html", HOVER, tmp_path)
     hover = re.fullmatch(r"HOVER shown (\d+) data:image/jpeg (\S+)", title)
     assert hover and int(hover.group(1)) > 0 and (planted["data"] / hover.group(2)).is_file(), title

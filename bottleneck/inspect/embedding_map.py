@@ -43,6 +43,7 @@ class Embedding:
     kinds: list[str]
     method: str
     total: int  # points there were before `MAX_POINTS` was applied
+    of: str = "L2-normalised cached features"  # what was projected, for the page
 
 
 def choose_points(kinds: list[str], limit: int = MAX_POINTS, seed: int = 0) -> np.ndarray:
@@ -159,7 +160,7 @@ def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails
         legend.append(f"<span>... and {len(classes) - 30} more labels</span>")
     legend += [f"<span>{_SHAPES[shape[kind]][1]}: {html.escape(text)}</span>" for kind, text in marks.items()]
     shown = len(embedding.relpaths)
-    notes = [f"{embedding.method} of L2-normalised cached features, {shown} images"]
+    notes = [f"{embedding.method} of {embedding.of}, {shown} images"]
     if embedding.total > shown:
         notes.append(f"a seeded sample of {shown} of the {embedding.total} images (marked ones first)")
     if shown > thumbnails:
@@ -185,4 +186,5 @@ def audit_embedding(Z: np.ndarray, labels: list[str], relpaths: list[str], split
     captions = [f"{relpaths[i]}\n{labels[i] or '(no label)'}" + (f" ({splits[i]})" if splits[i] != "-" else "")
                 + (f"\n{', '.join(reasons[relpaths[i]])}" if relpaths[i] in reasons else "") for i in chosen]
     return Embedding(xy, [relpaths[i] for i in chosen], [labels[i] or "(no label)" for i in chosen], captions,
-                     [kinds[i] for i in chosen], method, len(relpaths))
+                     [kinds[i] for i in chosen], method, len(relpaths),
+                     "the audit's standardised features, L2-normalised (its cosine distance)")
