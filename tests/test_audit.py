@@ -242,3 +242,19 @@ def test_an_exclude_file_naming_missing_images_is_one_line(planted, tmp_path, ca
                  "--runs", str(tmp_path / "runs"), "--exclude", str(listing)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "names 1 images that are not under DATA, first 0/no_such_image.png" in err
+
+
+def test_audit_page_maps_the_images_flagged_ones_marked_and_hover_shows_a_thumbnail(planted, tmp_path):
+    from tests.test_report_pictures import HOVER, chromium_title
+
+    result = planted["result"]
+    page = (planted["out"] / "audit.html").read_text()
+    flagged = ({issue["path"] for issue in result["label_issues"]} | {o["path"] for o in result["outliers"]}
+               | {path for pair in result["near_duplicates"] + result["exact_duplicates"] for path in (pair["a"], pair["b"])})
+    assert set(re.findall(r'<rect [^>]*stroke="#d00"[^>]* data-c="([^"\n]*)', page)) == flagged
+    assert page.count(" data-c=") == result["images"] and "embedding" not in result  # the map is the page's alone
+    assert re.search(r"(t-SNE|UMAP) of the audit&#x27;s standardised features, L2-normalised \(its cosine distance\), "
+                     f"{result['images']} images", page)
+    title = chromium_title(planted["out"] / "audit.html", HOVER, tmp_path)
+    hover = re.fullmatch(r"HOVER shown (\d+) data:image/jpeg (\S+)", title)
+    assert hover and int(hover.group(1)) > 0 and (planted["data"] / hover.group(2)).is_file(), title

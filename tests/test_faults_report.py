@@ -138,7 +138,46 @@ def test_report_shows_names_that_are_not_utf8_and_their_pictures(runs, tmp_path,
     assert "| r\\xffd |" in captured.out and "Traceback" not in captured.err
     page = out.read_text(encoding="utf-8")
     assert "\\xfe-odd.png" in page and "file missing" not in page
-    assert len(re.findall(r'src="data:image/jpeg;base64,', page)) == 1  # the thumbnail of the file itself
+    assert len(re.findall(r'<img alt="r\\xffd/\\xfe-odd.png" src="data:image/jpeg;base64,', page)) == 1  # its own
+    assert page.count('<div class="neighbours">') == 1 and ' data-c="r\\xffd/\\xfe-odd.png' in page  # neighbours, map
+
+
+def alone(runs: Path, tmp_path: Path, **paths: Path) -> Path:
+    """A copy of the run in a runs folder of its own, its config's paths (`data`, `store`) replaced by `paths`."""
+    [run] = [folder for folder in runs.iterdir() if folder.name[0].isdigit()]
+    copy = shutil.copytree(run, tmp_path / "sent" / run.name)
+    config = json.loads((copy / "config.json").read_text())
+    config.update({key: str(path) for key, path in paths.items()})
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy.parent
+
+
+@pytest.mark.parametrize("gone", ["cache", "data"])
+def test_report_of_a_run_sent_without_its_cache_or_data_says_so_in_one_line_per_picture(runs, tmp_path, capsys, gone):
+    config = json.loads(next(runs.glob("2*/config.json")).read_text())
+    moved = {"cache": {"store": tmp_path / "gone" / Path(config["store"]).name}, "data": {"data": tmp_path / "gone"}}[gone]
+    sent = alone(runs, tmp_path, **moved)
+    capsys.readouterr()
+    assert main(["report", "--runs", str(sent)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    page = (sent / "report.html").read_text(encoding="utf-8")
+    why = {"cache": f"its feature cache {tmp_path / 'gone'} is gone", "data": f"its images are not found (DATA {tmp_path / 'gone'} is gone)"}
+    assert re.findall(r'<p class="note unavailable">([^<]*)</p>', page) == [
+        f"embedding map unavailable: {why[gone]}", f"nearest training images unavailable: {why[gone]}"]
+    assert 'alt="reliability diagram" src="data:image/png;base64,' in page  # from test_predictions.csv alone
+
+
+def test_report_with_rotted_features_draws_the_map_of_the_others(runs, tmp_path, capsys):
+    root = shutil.copytree(runs.parent / "data", tmp_path / "data", symlinks=True), tmp_path / "cache"
+    shutil.copytree(runs.parent / "cache", root[1])
+    config = json.loads(next(runs.glob("2*/config.json")).read_text())
+    rot(root[1], range(0, 9, 2))
+    sent = alone(runs, tmp_path, data=root[0], store=root[1] / Path(config["store"]).name)
+    assert main(["report", "--runs", str(sent)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    page = (sent / "report.html").read_text(encoding="utf-8")
+    assert "nan" not in re.findall(r"<svg.*</svg>", page, re.S)[0] and page.count(" data-c=") == 4
+    assert "5 images have non-finite features" in page
 
 
 def test_report_skips_runs_it_cannot_read_with_one_line_each_and_reports_the_others(runs, tmp_path, capsys):
@@ -215,3 +254,24 @@ def test_report_on_a_full_disk_leaves_no_temporary_file_and_the_next_run_clears_
     (tmp_path / ".report.html.tmp").write_bytes(b"")  # as a run killed while writing leaves it
     assert main(["report", "--runs", str(runs), "--out", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (None, "cannot read its test_predictions.csv (No such file or directory)"),
+    ("path,true,guess\n", "its test_predictions.csv does not start with path,label,predicted,probability_..."),
+    ("path,label,predicted,probability_blue\nblue/x.png,blue,blue,high\n",
+     "its test_predictions.csv has a row whose probabilities are not numbers"),
+])
+def test_report_of_a_run_whose_test_predictions_are_gone_or_damaged_says_so_in_one_line(runs, tmp_path, capsys, content, why):
+    sent = alone(runs, tmp_path)
+    [run] = sent.iterdir()
+    (run / "test_predictions.csv").unlink()
+    if content is not None:
+        (run / "test_predictions.csv").write_text(content)
+    capsys.readouterr()
+    assert main(["report", "--runs", str(sent)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    page = (sent / "report.html").read_text(encoding="utf-8")
+    assert re.findall(r'<p class="note unavailable">([^<]*)</p>', page) == [
+        f"ROC, precision-recall and calibration unavailable: {why}"]
+    assert "<h3>embedding map</h3><div class=\"emap\"" in page  # the other pictures stand

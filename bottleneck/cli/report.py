@@ -21,7 +21,9 @@ def add_parser(commands) -> None:
         "report",
         help="write an HTML report comparing runs (tables also printed as Markdown)",
         description="Write one self-contained HTML page over every run in RUNS: a comparison table, and per "
-        "run the confusion matrix, per-class metrics, learning curve and misclassified test images.",
+        "run the confusion matrix, per-class metrics, calibration (and ROC / precision-recall for two classes), "
+        "learning curve, an embedding map of its images and its misclassified test images beside their nearest "
+        "training images.",
         epilog="example: bottleneck report --runs runs --out runs/report.html",
     )
     parser.add_argument("--runs", default="runs", help="folder of run folders (default: ./runs)")

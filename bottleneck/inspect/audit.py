@@ -42,6 +42,7 @@ import numpy as np
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import DataError
 from bottleneck.features.shards import Columns
+from bottleneck.inspect.embedding_map import audit_embedding
 
 #: Projected dimensions for the kNN graph and the cross-validated model (features are standardised first).
 PROJECTED_DIM = 256
@@ -101,6 +102,7 @@ class AuditResult:
     multi_label: bool = False  # `classes` counts each label of a multi-label label file
     label_model: dict | None = None  # the cross-validated model behind the label issues (`model_record`)
     exclude_label_issues: bool = False
+    embedding: object = field(default=None, repr=False)  # the page's map (`embedding_map.Embedding`); not in audit.json
 
     @property
     def leakage(self) -> list[dict]:
@@ -114,6 +116,7 @@ class AuditResult:
 
     def as_json(self) -> dict:
         record = asdict(self)
+        record.pop("embedding", None)
         record["counts"] = self.counts()
         return record
 
@@ -455,6 +458,11 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
         notes.append("a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
                      "byte-identical files and outliers only")
     seconds["label_issues_and_outliers"] = time.perf_counter() - started
+    started = time.perf_counter()
+    embedding = audit_embedding(Z, labels, data.relpaths, splits, {
+        "label issue": [i["path"] for i in issues], "outlier": [o["path"] for o in outliers],
+        "duplicate": [path for pair in near + exact_records for path in (pair["a"], pair["b"])]}, config.seed)
+    seconds["map"] = time.perf_counter() - started
     if data.missing:
         notes.append(f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
                      "and are not audited")
@@ -471,4 +479,5 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
                     "far_out_mean_knn_distance": round(far_threshold, 6), "neighbours": int(distances.shape[1]),
                     "folds": folds, "projected_dim": int(Z.shape[1]), "metric": "cosine on standardised features"},
         notes=notes, seconds={k: round(v, 2) for k, v in seconds.items()}, pretrained=pretrained,
-        store=str(data.store_path), label_model=label_model, exclude_label_issues=config.exclude_label_issues)
+        store=str(data.store_path), label_model=label_model, exclude_label_issues=config.exclude_label_issues,
+        embedding=embedding)

@@ -62,6 +62,16 @@ def _items_html(root: Path, items: list[dict], title: str, explain: str, caption
     return "".join(parts)
 
 
+def _map_section(result: AuditResult, root: Path) -> str:
+    """The embedding map of the audited images, flagged ones marked (see `embedding_map`)."""
+    from bottleneck.inspect.embedding_map import FLAGGED, map_html
+
+    if result.embedding is None:
+        return ""
+    return "<section><h2>Embedding map</h2>" + map_html(
+        result.embedding, root, {FLAGGED: "flagged: label issue, outlier or duplicate"}) + "</section>"
+
+
 def audit_html(result: AuditResult, data_dir: str | os.PathLike) -> str:
     """The audit as one HTML document with every thumbnail embedded."""
     root = Path(data_dir)
@@ -100,6 +110,7 @@ def audit_html(result: AuditResult, data_dir: str | os.PathLike) -> str:
             f"<style>{_AUDIT_STYLE}</style></head><body><h1>bottleneck audit</h1>"
             f"<p>{result.images} images in {len(result.classes)} classes, store <code>{html.escape(result.store)}</code></p>"
             f"{notes}<div class=\"row\"><div>{_html_table(summary)}</div><div>{_html_table(balance)}</div></div>"
+            + _map_section(result, root)
             + "".join(f"<section>{s}</section>" for s in sections) + "</body></html>\n")
 
 

@@ -1,7 +1,8 @@
 """The report over a folder of runs: one self-contained HTML page, and the same tables in Markdown.
 
-The page embeds its pictures (confusion matrices, learning curves, thumbnails of misclassified
-test images) as data URIs, so it can be mailed or archived as one file.
+The page embeds its pictures (confusion matrices, learning curves, calibration and ROC / PR curves
+from `plots`, the embedding map and nearest training images from `run_pictures`, thumbnails of
+misclassified test images) as data URIs, so it can be mailed or archived as one file.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
+from bottleneck.inspect.embedding_map import STYLE as MAP_STYLE
 from bottleneck.learn.run_folder import (CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json,
                                          read_test_predictions, run_path)
 
@@ -358,8 +360,8 @@ def learning_curve_png(history: dict) -> str:
     return _png(figure)
 
 
-def thumbnail_uri(path: Path) -> str | None:
-    """A small JPEG data URI of the image at `path`, or None if it cannot be read."""
+def thumbnail_uri(path: Path, side: int = _THUMBNAIL_SIDE, quality: int = 85) -> str | None:
+    """A small JPEG data URI (at most `side` pixels a side) of the image at `path`, or None if it cannot be read."""
     from PIL import Image, ImageOps
 
     from bottleneck.features.decode import read_image_file, to_rgb
@@ -368,9 +370,9 @@ def thumbnail_uri(path: Path) -> str | None:
         data, _ = read_image_file(path)  # the guarded reader: a FIFO or a 64 GB file is never read; shard members are
         with Image.open(io.BytesIO(data)) as image:
             image = to_rgb(ImageOps.exif_transpose(image))
-            image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
+            image.thumbnail((side, side))
             buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=85)
+            image.save(buffer, "JPEG", quality=quality)
     except Exception:  # a moved or damaged file must not break the report
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -404,20 +406,71 @@ def _run_section(run: Run) -> str:
         parts.append('<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'
                      "<figcaption>test confusion matrix (rows true, columns predicted)</figcaption></figure>")
         parts.append("<div><h3>per-class test metrics</h3>" + _html_table(per_class_rows(test)) + "</div></div>")
+    if test and not run.multi_label:
+        parts.append(_prediction_pictures(run))
     if run.metrics.get("history"):
         parts.append('<figure><img alt="learning curve" src="' + learning_curve_png(run.metrics["history"]) + '">'
                      "<figcaption>learning curve</figcaption></figure>")
     wrong = run.metrics.get("misclassified") or []
+    pictures = _feature_pictures(run)
+    parts.append("<h3>embedding map</h3>" + (pictures.map_html or _unavailable("embedding map", pictures.unavailable)))
     if wrong:
-        parts.append(f"<h3>misclassified test images ({len(wrong)})</h3><div class=\"thumbs\">")
+        parts.append(f"<h3>misclassified test images ({len(wrong)})</h3>")
+        parts.append(f'<p class="note">beside each, {html.escape(pictures.note)}</p>' if pictures.neighbours
+                     else _unavailable("nearest training images", pictures.unavailable))
+        parts.append('<div class="thumbs">')
         for row, image_file in zip(wrong[:_THUMBNAILS_PER_RUN], run.image_files):
             uri = thumbnail_uri(image_file)  # the file's own name, not the printable one
             picture = f'<img alt="{html.escape(row["path"])}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
-            parts.append(f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
-                         f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>")
+            figure = (f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
+                      f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>")
+            near = pictures.neighbours.get(row["path"])
+            parts.append(f'<div class="mistake">{figure}{_neighbours_html(pictures.root, near)}</div>' if near else figure)
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _unavailable(what: str, why: str | None) -> str:
+    why = why or "none of these images, or no training image, has cached features"
+    return f'<p class="note unavailable">{html.escape(what)} unavailable: {html.escape(shown(why))}</p>'
+
+
+def _prediction_pictures(run: Run) -> str:
+    """ROC and precision-recall (binary tasks) and calibration, from the run's test_predictions.csv."""
+    from bottleneck.inspect.plots import prediction_pictures
+    from bottleneck.learn.run_folder import RunError, read_predictions_csv
+
+    try:
+        return prediction_pictures(read_predictions_csv(run.folder))
+    except RunError as exc:
+        return _unavailable("ROC, precision-recall and calibration", str(exc))
+    except (ValueError, IndexError) as exc:  # a hand-edited file: its probabilities do not fit its classes
+        return _unavailable("ROC, precision-recall and calibration", f"its test_predictions.csv does not add up ({exc})")
+
+
+def _feature_pictures(run: Run):
+    """The run's embedding map and nearest training images (`run_pictures.FeaturePictures`)."""
+    from bottleneck.inspect.run_pictures import FeaturePictures, feature_pictures
+
+    try:  # as written: names whose bytes are not UTF-8 as they are on disk
+        config, metrics = (read_run_json(run.folder / name) for name in (CONFIG_FILE, METRICS_FILE))
+    except DataError as exc:
+        return FeaturePictures(unavailable=str(exc))
+    wrong = metrics.get("misclassified") if isinstance(metrics, dict) else None
+    return feature_pictures(run.folder, config, wrong if isinstance(wrong, list) else [], _THUMBNAILS_PER_RUN,
+                            run.metrics.get("seed") if isinstance(run.metrics.get("seed"), int) else 0)
+
+
+def _neighbours_html(root: Path, near: list[tuple[str, str, float]]) -> str:
+    """The nearest training images of a misclassified one: small thumbnails with label and cosine similarity."""
+    figures = []
+    for relpath, label, similarity in near:
+        uri = thumbnail_uri(root / relpath, 64)
+        picture = f'<img alt="{html.escape(shown(relpath))}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
+        figures.append(f"<figure>{picture}<figcaption>{html.escape(shown(relpath))}<br><b>{html.escape(shown(label))}</b>"
+                       f" ({similarity:.3f})</figcaption></figure>")
+    return '<div class="neighbours"><div class="note">nearest training images</div>' + "".join(figures) + "</div>"
 
 
 _STYLE = """
@@ -427,9 +480,14 @@ th { background: #f0f0f0; } td { font-variant-numeric: tabular-nums; }
 .warning { background: #fee; border: 1px solid #c00; color: #900; padding: 0.5em; font-weight: bold; }
 .row { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 0.8em; } .thumbs figure { width: 150px; margin: 0; font-size: 0.8em; }
+figcaption { overflow-wrap: anywhere; } /* a long file name wraps instead of running under its neighbour */
+.mistake { display: flex; gap: 0.4em; align-items: flex-start; border: 1px solid #ddd; padding: 0.3em; }
+.neighbours { display: flex; flex-wrap: wrap; gap: 0.4em; width: 230px; font-size: 0.85em; }
+.neighbours .note { width: 100%; color: #555; } .thumbs .neighbours figure { width: 70px; }
+.unavailable { color: #666; font-style: italic; }
 .missing { width: 112px; height: 112px; background: #eee; display: flex; align-items: center; justify-content: center; }
 section { border-top: 2px solid #ddd; margin-top: 2em; }
-"""
+""" + MAP_STYLE
 
 
 def _summary_html(summary: dict | None) -> str:

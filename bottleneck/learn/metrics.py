@@ -185,3 +185,28 @@ def multi_label_mistakes(proba: np.ndarray, truth: np.ndarray, decided: np.ndarr
         wrong.append({"path": paths[i], "true": joined_labels(tuple(np.array(labels)[truth[i]])),
                       "predicted": joined_labels(tuple(np.array(labels)[decided[i]])), "confidence": float(sure.max())})
     return sorted(wrong, key=lambda row: -row["confidence"])
+
+
+#: Equal-width bins of top-1 confidence for the expected calibration error (Guo et al. 2017 use 15).
+CALIBRATION_BINS = 15
+
+
+def calibration(proba: np.ndarray, y_true: list[str], labels: list[str], bins: int = CALIBRATION_BINS) -> dict | None:
+    """Expected calibration error over `bins` equal-width bins of top-1 confidence (the images' share of each bin
+    times |accuracy - mean confidence| in it, summed), and each bin's count, accuracy and mean confidence."""
+    if len(y_true) == 0:
+        return None
+    proba = np.asarray(proba, np.float64)
+    proba = proba / proba.sum(axis=1, keepdims=True)
+    confidence = proba.max(axis=1)
+    correct = np.array(labels)[np.argmax(proba, axis=1)] == np.array(y_true)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)  # confidence 1.0 belongs to the last bin
+    count = np.bincount(which, minlength=bins)
+    hits = np.bincount(which, weights=correct, minlength=bins)
+    sure = np.bincount(which, weights=confidence, minlength=bins)
+    filled = count > 0
+    accuracy = np.divide(hits, count, out=np.zeros(bins), where=filled)
+    mean_confidence = np.divide(sure, count, out=np.zeros(bins), where=filled)
+    ece = float(np.sum(count / len(y_true) * np.abs(accuracy - mean_confidence)))
+    return {"expected_calibration_error": ece, "bins": bins, "count": count.tolist(),
+            "accuracy": accuracy.tolist(), "confidence": mean_confidence.tolist()}

@@ -384,3 +384,99 @@ def _run_thresholds(folder: Path, labels: list[str]) -> Thresholds:
         return read_thresholds(folder, labels)
     except ThresholdsError as exc:
         raise RunError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what a run was trained and tested on, for the report's pictures
+
+SPLIT_FILE = "split.csv"
+
+
+@dataclass
+class Predictions:
+    """A run's `test_predictions.csv`: each test image's path, true and predicted label, and probabilities."""
+
+    paths: list[str]
+    labels: list[str]
+    predicted: list[str]
+    classes: list[str]
+    proba: np.ndarray  # (n, len(classes))
+
+
+def read_predictions_csv(folder: Path) -> Predictions:
+    """The run's test predictions; a `RunError` saying in one line why they cannot be read."""
+    path = Path(folder) / PREDICTIONS_FILE
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise RunError(f"cannot read its {PREDICTIONS_FILE} ({exc.strerror or exc})") from None
+    except csv.Error as exc:
+        raise RunError(f"its {PREDICTIONS_FILE} is not CSV ({exc})") from None
+    header = rows[0] if rows else []
+    if header[:3] != ["path", "label", "predicted"] or not all(c.startswith(PROBABILITY_PREFIX) for c in header[3:]):
+        raise RunError(f"its {PREDICTIONS_FILE} does not start with path,label,predicted,{PROBABILITY_PREFIX}...")
+    body = [row for row in rows[1:] if row]
+    try:
+        proba = np.array([[float(p) for p in row[3:]] for row in body], np.float64).reshape(len(body), len(header) - 3)
+    except ValueError:
+        raise RunError(f"its {PREDICTIONS_FILE} has a row whose probabilities are not numbers") from None
+    return Predictions([r[0] for r in body], [r[1] for r in body], [r[2] for r in body],
+                       [c[len(PROBABILITY_PREFIX):] for c in header[3:]], proba)
+
+
+@dataclass
+class RunImages:
+    """The images of a run's split.csv that the cache still has features for, and where to read those."""
+
+    root: Path  # the images' folder: their paths are relative to it
+    relpaths: list[str]
+    labels: list[str]
+    splits: list[str]
+    rows: np.ndarray  # each image's row in `store`
+    store: object  # a snapshot of the FeatureStore the run learnt from
+    left_out: int = 0  # rows of split.csv whose file or features are gone
+
+    def features(self, positions) -> np.ndarray:
+        """(len(positions), d) float32 features of the images at `positions`, read from the store."""
+        return np.asarray(self.store.read_rows_at(self.rows[np.asarray(positions, np.int64)]), np.float32)
+
+
+def run_images(folder: Path, config: dict) -> RunImages:
+    """The run's images (split.csv) matched to its cached features by content; a `RunError` in one line when the
+    run was fine-tuned, or its split.csv, DATA or cache is gone."""
+    from bottleneck.features.maintenance import store_of
+    from bottleneck.learn.dataset import content_hashes
+    from bottleneck.learn.splits import read_split_csv
+
+    if config.get("kind") == FINE_TUNED:
+        raise RunError("a fine-tuned run caches its own outputs, not backbone features")
+    if not isinstance(config.get("store"), str):
+        raise RunError(f"its {CONFIG_FILE} names no feature store")
+    try:
+        rows = read_split_csv(folder / SPLIT_FILE)
+    except DataError as exc:
+        raise RunError(str(exc)) from None
+    root = run_path(folder, config, "data")
+    labels_file = config.get("labels_file")
+    if root is None and isinstance(labels_file, str):
+        root = Path(labels_file).parent
+    if root is None or not root.exists():
+        raise RunError(f"its images are not found (DATA {root or 'not recorded'} is gone)")
+    store_path = run_path(folder, config, "store") or Path(config["store"])
+    cache, fingerprint = store_path.parent, store_path.name.removesuffix(".h5")
+    if not cache.is_dir():
+        raise RunError(f"its feature cache {cache} is gone")
+    try:
+        store = store_of(cache, fingerprint).snapshot()
+        relpaths = sorted(rows)
+        hashes = content_hashes(root, cache, relpaths)
+        stored = store.rows_by_hash()
+    except (BottleneckError, OSError) as exc:
+        raise RunError(f"its feature cache {cache} cannot be read ({exc})") from None
+    keep = [i for i, h in enumerate(hashes) if h and h in stored]
+    if not keep:
+        raise RunError(f"none of its {len(relpaths)} images has features in {store_path} any more")
+    return RunImages(root, [relpaths[i] for i in keep], [rows[relpaths[i]][0] for i in keep],
+                     [rows[relpaths[i]][1] for i in keep], np.array([stored[hashes[i]] for i in keep], np.int64), store,
+                     len(relpaths) - len(keep))

@@ -22,7 +22,7 @@ from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
 from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths, write_predictions_csv,
                                          write_run_record)
-from bottleneck.learn.metrics import misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
+from bottleneck.learn.metrics import calibration, misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
 from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
 from bottleneck.features.shards import Columns
@@ -368,6 +368,8 @@ def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels:
         proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
         # intervals for the held-out splits: an interval around the training accuracy says nothing
         metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels, intervals=name != "train")
+        if metrics["splits"][name]:  # how far its confidences are from its accuracy (15 bins)
+            metrics["splits"][name]["expected_calibration_error"] = calibration(proba, [data.labels[i] for i in known], labels)["expected_calibration_error"]
         if name == "test":
             metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
             test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
