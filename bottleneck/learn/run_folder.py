@@ -136,16 +136,13 @@ def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba
 
 
 def read_test_predictions(folder: Path) -> dict[str, tuple[str, str]] | None:
-    """{path: (true label, predicted)} of a run's test_predictions.csv (labels as written: multi-label `a;b`),
-    or None when the file is missing or not as `write_predictions_csv` writes it."""
+    """{path: (true label, predicted)} of a single-label run's test_predictions.csv, or None when the
+    file is missing or not as `write_predictions_csv` writes it (`read_predictions_csv` says why)."""
     try:
-        with open(folder / PREDICTIONS_FILE, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            reader = csv.DictReader(handle)
-            if not {"path", "label", "predicted"} <= set(reader.fieldnames or ()):
-                return None
-            return {row["path"]: (row["label"], row["predicted"]) for row in reader}
-    except (OSError, csv.Error, TypeError):
+        predictions = read_predictions_csv(folder)
+    except RunError:
         return None
+    return dict(zip(predictions.paths, zip(predictions.labels, predictions.predicted)))
 
 
 @dataclass
