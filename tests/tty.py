@@ -25,7 +25,7 @@ def bottleneck_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "bottleneck", *map(str, args)]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child: this checkout first on the path, TensorFlow's level left as the user has it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: the start-up lines show unless we keep them off
