@@ -29,9 +29,8 @@ from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_cal
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
-from bottleneck.features.hashing import sha256_bytes
 from bottleneck.errors import CacheError, DataError
-from bottleneck.features.hashing import HashIndex
+from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 from bottleneck.features.shards import Columns
