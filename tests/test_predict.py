@@ -81,7 +81,7 @@ def test_new_images_are_computed_once_and_bad_files_get_a_reason(trained, tmp_pa
     out_csv = tmp_path / "p.csv"
     assert main(["predict", "--run", str(runs["keras"]), str(new), "--csv", str(out_csv)]) == 0
     rows = list(csv.DictReader(open(out_csv)))
-    assert len(rows) == 3 and rows[0]["path"] and {"label_1", "probability_1", "error"} <= set(rows[0])
+    assert len(rows) == 3 and rows[0]["path"] and {"label_1", "probability_red", "error"} <= set(rows[0])
 
 
 def test_nothing_predictable_and_bad_runs_are_one_line_errors(trained, tmp_path, capsys):

@@ -154,6 +154,16 @@ def _jax_kept_out(keep_out: bool):
             del sys.modules["jax"]
 
 
+def quiet_startup():
+    """A context keeping a backend's native start-up lines off the terminal while it is imported (or first asked
+    about its devices): TensorFlow's absl preamble and oneDNN notice come from C++ before TF_CPP_MIN_LOG_LEVEL
+    applies. They go to a log file (`bottleneck.features.noise.native_log_path`)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ chatter once logging is set up
+    from bottleneck.features.noise import native_startup_quiet
+
+    return native_startup_quiet()
+
+
 def import_keras():
     """Keras on the selected backend, quietly, in strict float32; one line if Keras or its backend is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for users
@@ -164,7 +174,7 @@ def import_keras():
     if "keras" not in sys.modules and backend in BACKENDS and not is_installed(backend):
         raise BackboneError(missing_backend_message(backend))
     try:
-        with _jax_kept_out(backend == "tensorflow"):
+        with quiet_startup(), _jax_kept_out(backend == "tensorflow"):
             import keras
     except ImportError as exc:
         if "keras" in str(exc).lower() and "No module named" in str(exc):
@@ -193,7 +203,11 @@ def backend_versions(keras) -> dict[str, str]:
 @lru_cache(maxsize=None)
 def accelerators(backend: str) -> tuple[str, ...]:
     """The GPUs (or TPUs) `backend` can run on here, by name; () on a CPU-only machine."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_startup():  # the first import of the backend may happen here (CUDA libraries say a lot)
+        return _accelerators(backend)
+
+
+def _accelerators(backend: str) -> tuple[str, ...]:
     if backend == "tensorflow":
         import tensorflow as tf
 

@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from bottleneck.backbones.applications import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TORCH_STD_RGB
-from bottleneck.backbones.backend import MIXED_POLICY, backend_versions, import_keras
+from bottleneck.backbones.backend import MIXED_POLICY, backend_versions, import_keras, quiet_startup
 from bottleneck.backbones.spec import RANDOM_WEIGHTS_SEED, WEIGHTS_IMAGENET, WEIGHTS_NONE, BackboneSpec
 from bottleneck.errors import BackboneError
 
@@ -41,7 +41,8 @@ def import_tensorflow():
         # TensorFlow's C++ start-up chatter (CPU features, tf.data attribute notes) is not for users.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         keras = import_keras()  # strict float32 before TensorFlow first computes
-        import tensorflow as tf
+        with quiet_startup():  # imported here first when Keras runs on another backend
+            import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
     except ImportError:
@@ -379,7 +380,13 @@ def _gpu_present() -> bool:
     return bool(accelerators(requested_backend()))
 
 
-def resolve_runtime(runtime: str, spec: BackboneSpec) -> str:
+def check_runtime(runtime: str, spec: BackboneSpec) -> None:
+    """`resolve_runtime`'s refusals, without asking a backend for GPUs (which imports it): a rerun with nothing
+    to compute imports no backend."""
+    resolve_runtime(runtime, spec, probe_gpu=False)
+
+
+def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) -> str:
     """The runtime that computes `spec`'s features: 'keras' or 'openvino' (`auto` and old names settled).
 
     auto: `$BOTTLENECK_RUNTIME` if set; else OpenVINO in float32 on a CPU where it is installed (faster
@@ -410,7 +417,7 @@ def resolve_runtime(runtime: str, spec: BackboneSpec) -> str:
         return runtime
     if spec.precision != "float32" or importlib.util.find_spec("openvino") is None:
         return "keras"
-    if (os.environ.get("KERAS_BACKEND") or "tensorflow") != "tensorflow" or _gpu_present():
+    if (os.environ.get("KERAS_BACKEND") or "tensorflow") != "tensorflow" or (probe_gpu and _gpu_present()):
         return "keras"
     return "openvino"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from bottleneck.cli.common import add_backbone_arguments, bounded_int, spec_from, stderr
 
@@ -11,11 +12,17 @@ def run(args: argparse.Namespace) -> int:
     """How far apart two image sets are in the cached feature space."""
     from bottleneck.learn.dataset import load_labelled_features
     from bottleneck.inspect.domain import compare_features
+    from bottleneck.features.engines.local import make_bar
 
     spec = spec_from(args)
     a = load_labelled_features(args.data_a, args.cache, spec, log=stderr, need_labels=False, layout=args.layout)
     b = load_labelled_features(args.data_b, args.cache, spec, log=stderr, need_labels=False, layout=args.layout)
-    result = compare_features(a.features, b.features, permutations=args.permutations)
+    bar = make_bar(args.permutations, not args.no_progress and sys.stderr.isatty(), unit="perm",
+                   desc="compare: MMD permutation test")
+    try:
+        result = compare_features(a.features, b.features, permutations=args.permutations, tick=bar.update)
+    finally:
+        bar.close()
     out = stderr if args.json else print
     out(f"{args.data_a} ({result['images_a']} images) vs {args.data_b} ({result['images_b']} images) in {a.store_path.name}:")
     out(f"  Frechet distance {result['frechet_distance']:.4f}")
@@ -42,4 +49,5 @@ def add_parser(commands) -> None:
     parser.add_argument("--permutations", type=bounded_int(1, 100_000), default=200,
                         help="permutations for the p-value, %(type)s (default: 200)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (over the permutations)")
     parser.set_defaults(handler=run)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from bottleneck.cli.common import bounded_int, stderr
 
@@ -12,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.use.export import PARITY_TOLERANCE, export_run, parity_rows
 
     result = export_run(args.run, args.out, tflite=args.tflite, check_images=args.check_images, cache_dir=args.cache,
-                        log=stderr)
+                        log=stderr, progress=not args.no_progress and sys.stderr.isatty())
     out = stderr if args.json else print
     out(f"exported {args.run} -> {result.out} ({', '.join(result.files)}) in {result.seconds:.1f} s")
     for row in parity_rows(result.parity)[1:]:
@@ -40,4 +41,5 @@ def add_parser(commands) -> None:
                         help="test images used to measure parity with predict, %(type)s (default: 32)")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
     parser.add_argument("--json", action="store_true", help="print {out, files, parity} as the last line of stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (each stage, with the time left)")
     parser.set_defaults(handler=run)

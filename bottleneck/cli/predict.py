@@ -41,26 +41,49 @@ def _check_csv_target(path: str) -> None:
         raise DataError(f"--csv {path} cannot be written (no permission, or a read-only file system)")
 
 
-def _write_csv(path: str, predictions, top: int, multi_labels: list[str] | None = None) -> None:
-    """path, error and the top labels with probabilities; a multi-label run (`multi_labels`, its labels): path,
-    error, the labels given (`a;b`) and a probability column per label."""
+def _check_paths(paths: list[str]) -> None:
+    """One line at once, before the run or a backend is loaded, when no path given exists (a file, a folder, a
+    shard member `x.tar/name` or a pattern of shards); a missing path among others gets its own reason later."""
+    from bottleneck.errors import DataError
+    from bottleneck.features.shards import SUFFIXES, is_pattern
+
+    def may_exist(given: str) -> bool:
+        if os.path.lexists(given) or is_pattern(given):
+            return True
+        text = given.lower()  # a shard member: a shard file somewhere before the member's name
+        return any(os.path.isfile(given[:at + len(suffix)]) for suffix in SUFFIXES
+                   for at in range(len(text)) if text.startswith(suffix + "/", at))
+
+    if any(may_exist(given) for given in paths):
+        return
+    if len(paths) == 1:
+        raise DataError(f"no such file or folder: {paths[0]}")
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    raise DataError(f"none of the {len(paths)} paths given exists: {shown}")
+
+
+def _write_csv(path: str, predictions, top: int, labels: list[str], multi_label: bool = False) -> None:
+    """path, error, the top labels (`label_1`.., at most one per class) and a `probability_<class>` column per
+    class, as in the run's test_predictions.csv; a multi-label run: path, error, the labels given (`a;b`) and a
+    probability column per label. Every row has every column (empty for a file that failed)."""
     from bottleneck.errors import DataError
     from bottleneck.features.label_file import joined_labels
     from bottleneck.learn.run_folder import PROBABILITY_PREFIX
 
+    ranks = [] if multi_label else [f"label_{k + 1}" for k in range(min(top, len(labels)))]
     try:
         with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.writer(handle)
-            if multi_labels is not None:
-                writer.writerow(["path", "error", "labels", *(PROBABILITY_PREFIX + label for label in multi_labels)])
-            else:
-                writer.writerow(["path", "error", *[f"{kind}_{k + 1}" for k in range(top) for kind in ("label", "probability")]])
+            writer.writerow(["path", "error", *(["labels"] if multi_label else ranks),
+                             *(PROBABILITY_PREFIX + label for label in labels)])
             for p in predictions:
-                if multi_labels is not None:
-                    given, probability = joined_labels(tuple(sorted(label for label, _ in p.labels or ()))), dict(p.top)
-                    cells = [given, *(repr(probability[label]) if label in probability else "" for label in multi_labels)]
+                probability = p.probabilities or dict(p.top)
+                if multi_label:
+                    named = [joined_labels(tuple(sorted(label for label, _ in p.labels or ()))) if p.error is None else ""]
                 else:
-                    cells = [cell for label, probability in p.top for cell in (label, repr(probability))]
+                    named = [label for label, _ in p.top[:len(ranks)]]
+                    named += [""] * (len(ranks) - len(named))
+                cells = [*named, *(repr(probability[label]) if label in probability else "" for label in labels)]
                 writer.writerow([p.path, p.error or "", *cells])
     except OSError as exc:  # a full disk (or /dev/full) shows only when the rows are flushed
         raise DataError(f"cannot write --csv {path}: {exc.strerror or exc}") from None
@@ -72,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from bottleneck.use.predict import predict_images
     from bottleneck.learn.run_folder import load_run
 
+    _check_paths(args.paths)
     if args.csv:
         _check_csv_target(args.csv)
     select_backend(args)
@@ -82,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     select_backend(args, loaded.spec)
     result = predict_images(loaded, args.paths, args.top, options, log=stderr, tta=args.tta)
     if args.csv:
-        _write_csv(args.csv, result.predictions, args.top, loaded.labels if loaded.multi_label else None)
+        _write_csv(args.csv, result.predictions, args.top, loaded.labels, loaded.multi_label)
     if args.json:
         for prediction in result.predictions:
             print(json.dumps(prediction.as_json()))

@@ -24,13 +24,13 @@ import numpy as np
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.backend import use_backend
-from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, get_feature_model, resolve_runtime
+from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
 from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
 from bottleneck.errors import CacheError, DataError
-from bottleneck.features.hashing import HashIndex
+from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 from bottleneck.features.shards import Columns
@@ -268,7 +268,7 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     started = time.monotonic()
     if options.backend is not None and spec.kind != "pixels":
         use_backend(options.backend)
-    resolve_runtime(options.runtime, spec)  # a runtime that cannot run this precision is an error before any work
+    check_runtime(options.runtime, spec)  # a runtime that cannot run this precision is an error before any work
     engine = get_engine(options)
     engine.check()  # bad engine settings are an error before any work
     cache, writable = _cache_folder(cache_dir, read_only_ok, engine.name, log)
@@ -281,8 +281,9 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
         with _writer(store, writable, options, log) as writer, \
                 _model_folder(cache, spec, options.runtime, writable) as models:
             tally = _sort_out(images, writer, index)
+            needs_backbone = _settle_by_content(tally, writer, index, options)
             try:
-                if tally.todo:
+                if needs_backbone or (tally.todo and engine.name != "local"):
                     # Before the redirect below, so TensorFlow's (or Ray's) start-up lines are not counted as decoder warnings.
                     engine.start(spec, models, log)
                 if engine.name == "local":
@@ -357,3 +358,54 @@ def _sort_out(images: list[ImageFile], writer: StoreWriter, index: HashIndex) ->
         else:
             tally.todo.append((image, known_hash))
     return tally
+
+
+def _settle_by_content(tally: Tally, writer: StoreWriter | MemoryWriter, index: HashIndex,
+                       options: ExtractOptions) -> bool:
+    """Hash the files the index does not know, in order, until one holds content the store lacks; say whether
+    any image needs the backbone.
+
+    A copied or renamed folder of known images is settled here, by content, without building the backbone
+    (seconds and a gigabyte saved, when there is nothing to compute). The scan stops at the first new
+    content, so a folder of new images costs one file read twice; unreadable files are left to the engine,
+    which records why.
+    """
+    if not tally.todo:
+        return False
+    if any(known_hash is not None for _, known_hash in tally.todo):
+        return True  # content the index knows and the store lacks: the backbone is needed anyway
+    from bottleneck.features.decode import UnreadableImage, read_image_file
+    from bottleneck.features.engines.local import bounded_map, make_bar
+
+    def content_of(image: ImageFile):
+        try:
+            data, stamp = read_image_file(str(image.path), options.max_pixels)
+        except UnreadableImage:
+            return image, None, None
+        return image, stamp, sha256_bytes(data)
+
+    workers = options.workers or os.cpu_count() or 1
+    remaining: list[tuple[ImageFile, str | None]] = []
+    bar = make_bar(len(tally.todo), options.progress, desc="hashing", leave=False)
+    try:
+        for position, (image, stamp, content_hash) in enumerate(
+                bounded_map(content_of, [image for image, _ in tally.todo], workers, 4 * workers)):
+            path = str(image.path)
+            if content_hash is None:
+                remaining.append((image, None))  # unreadable: the engine reads it again and records the reason
+            elif content_hash in writer.known_hashes:
+                index.remember(path, stamp, content_hash)
+                tally.reused += 1
+                tally.hash_of[path] = content_hash
+            elif content_hash in writer.known_failures:
+                index.remember(path, stamp, content_hash)
+                tally.failures.append(Failure(path, content_hash, writer.known_failures[content_hash].reason))
+            else:  # new content: the backbone is needed; the engine takes this file and every later one
+                tally.todo = remaining + [(image, content_hash)] + tally.todo[position + 1:]
+                return True
+            bar.update(1)
+    finally:
+        bar.close()
+        index.flush()
+    tally.todo = remaining
+    return False

@@ -10,6 +10,8 @@ Each set is subsampled to `max_per_set` rows (seeded) to keep this to a few seco
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from bottleneck.errors import DataError
@@ -39,8 +41,10 @@ def _mmd2(kernel: np.ndarray, in_a: np.ndarray) -> float:
     return float((kaa.sum() - np.trace(kaa)) / (na * (na - 1)) + (kbb.sum() - np.trace(kbb)) / (nb * (nb - 1)) - 2 * kab.mean())
 
 
-def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """(MMD^2, permutation p-value, kernel bandwidth) for the rows of `a` against those of `b`."""
+def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 0,
+             tick: Callable[[], None] = lambda: None) -> tuple[float, float, float]:
+    """(MMD^2, permutation p-value, kernel bandwidth) for the rows of `a` against those of `b`; `tick()` after each
+    permutation (a progress bar's)."""
     z = np.concatenate([a, b]).astype(np.float64)
     distances = _squared_distances(z)
     off_diagonal = distances[np.triu_indices(len(z), 1)]
@@ -50,17 +54,21 @@ def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 
     in_a[: len(a)] = True
     observed = _mmd2(kernel, in_a)
     rng = np.random.default_rng(seed)
-    exceed = sum(_mmd2(kernel, rng.permutation(in_a)) >= observed for _ in range(permutations))
+    exceed = 0
+    for _ in range(permutations):
+        exceed += _mmd2(kernel, rng.permutation(in_a)) >= observed
+        tick()
     return observed, (1 + exceed) / (1 + permutations), bandwidth
 
 
-def compare_features(a: np.ndarray, b: np.ndarray, max_per_set: int = 1000, permutations: int = 200, seed: int = 0) -> dict:
-    """Frechet distance and MMD between two feature sets (rows are images)."""
+def compare_features(a: np.ndarray, b: np.ndarray, max_per_set: int = 1000, permutations: int = 200, seed: int = 0,
+                     tick: Callable[[], None] = lambda: None) -> dict:
+    """Frechet distance and MMD between two feature sets (rows are images); `tick()` after each permutation."""
     if len(a) < 2 or len(b) < 2:
         raise DataError(f"need at least 2 images with features on each side; got {len(a)} and {len(b)}")
     rng = np.random.default_rng(seed)
     a = a[rng.choice(len(a), max_per_set, replace=False)] if len(a) > max_per_set else a
     b = b[rng.choice(len(b), max_per_set, replace=False)] if len(b) > max_per_set else b
-    mmd2, p_value, bandwidth = mmd_test(a, b, permutations, seed)
+    mmd2, p_value, bandwidth = mmd_test(a, b, permutations, seed, tick)
     return {"images_a": len(a), "images_b": len(b), "frechet_distance": frechet_distance(a, b),
             "mmd2": mmd2, "mmd_p_value": p_value, "mmd_bandwidth": bandwidth, "permutations": permutations}

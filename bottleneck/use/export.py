@@ -34,6 +34,7 @@ import numpy as np
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
 from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
+from bottleneck.features.noise import native_startup_quiet
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
@@ -100,12 +101,10 @@ def write_saved_model(model, labels: list[str], size: int, path: Path, threshold
 
 def write_tflite(model, path: Path) -> None:
     """A float32 TFLite model of pixels -> probabilities (TFLite has no image decoding ops)."""
-    import contextlib
-    import io
-
     tf, _ = import_tensorflow()
     # Keras' route (it exports a SavedModel first); converting a hand-made concrete function froze NaN weights.
-    with contextlib.redirect_stdout(io.StringIO()):  # it lists the endpoints it saved: not for our stdout
+    # It lists the endpoints it saved on stdout (not for our stdout), the converter's C++ notes on fd 2.
+    with contextlib.redirect_stdout(io.StringIO()), native_startup_quiet():
         content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     path.write_bytes(content)
 
@@ -124,7 +123,7 @@ def _reencoded(images: list[Path], folder: Path) -> dict[str, list[Path]]:
     """The test images as they are, and each re-encoded as JPEG and as PNG (so both paths are checked)."""
     from PIL import Image
 
-    sets: dict[str, list[Path]] = {"as given": list(images), "jpeg": [], "png": []}
+    sets: dict[str, list[Path]] = {PARITY_FORMATS[0]: list(images), **{fmt: [] for fmt in PARITY_FORMATS[1:]}}
     for i, source in enumerate(images):
         try:
             with Image.open(io.BytesIO(read_image_file(source)[0])) as image:
@@ -144,8 +143,16 @@ def _compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     return {"images": int(len(reference)), "max_abs_diff": worst}
 
 
-def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Callable[[str], None]) -> dict:
-    """Largest probability difference between `predict` and each artefact in `out`, per input format."""
+#: The input formats parity is measured on: the test images as they are, and re-encoded (`_reencoded`).
+PARITY_FORMATS = ("as given", "jpeg", "png")
+
+
+def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Callable[[str], None],
+                   stage: Callable[[str], None] = lambda name: None) -> dict:
+    """Largest probability difference between `predict` and each artefact in `out`, per input format.
+
+    `stage(name)` is told as each step begins (loading the artefacts, then each input format)."""
+    stage("parity: loading the artefacts")
     tf, keras = import_tensorflow()
     images = _test_images(run, limit)
     if not images:
@@ -158,14 +165,17 @@ def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Cal
     if tflite:
         import warnings
 
-        with warnings.catch_warnings():  # TF's notice that tf.lite moves to another package, not ours to act on
+        # TF's notice that tf.lite moves to another package is not ours to act on; TFLite's C++ says which
+        # delegate it created ("Created TensorFlow Lite XNNPACK delegate for CPU") on fd 2: to the native log.
+        with warnings.catch_warnings(), native_startup_quiet():
             warnings.simplefilter("ignore", UserWarning)
             interpreter = tf.lite.Interpreter(model_path=str(out / "model.tflite"))
-        interpreter.allocate_tensors()
+            interpreter.allocate_tensors()
     parity: dict = {"model.keras": {}, "saved_model": {}, **({"model.tflite": {}} if tflite else {})}
     with tempfile.TemporaryDirectory() as scratch:
         for fmt, paths in _reencoded(images, Path(scratch)).items():
             stop_if_interrupted()
+            stage(f"parity: {fmt} ({len(paths)} images)")
             reference, usable = _predict_probabilities(run, paths)
             if not usable:
                 continue
@@ -269,33 +279,68 @@ def _readable_as_umask_allows(folder: Path) -> None:
             pass
 
 
+class _Stages:
+    """The export's progress: one step per stage (and per input format of the parity check), named as it starts."""
+
+    def __init__(self, tflite: bool, progress: bool, log: Callable[[str], None]):
+        from bottleneck.features.engines.local import make_bar
+
+        # building the model, model.keras, SavedModel, [TFLite], loading the artefacts, then each input format
+        self.total = 4 + int(tflite) + len(PARITY_FORMATS)
+        self.bar = make_bar(self.total, progress, unit="step", desc="export")
+        self.log = self.bar.write if progress else log  # a line printed under the bar, not through it
+        self.done = -1  # no stage has started
+
+    def start(self, name: str) -> None:
+        """`name` begins: the stage before it is done."""
+        stop_if_interrupted()  # between stages: TensorFlow runs Python callbacks inside C, where a SIGTERM can vanish
+        if self.done >= 0:
+            self.bar.update(1)
+        self.done += 1
+        self.bar.set_description_str(f"export: {name}")
+
+    def finish(self) -> None:
+        """Every stage is done (the parity check may have had fewer steps: no test images found)."""
+        stop_if_interrupted()
+        self.bar.update(self.total - max(self.done, 0))
+        self.bar.set_description_str("export")
+        self.close()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool = False, check_images: int = 32,
-               cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None) -> ExportResult:
-    """Write the run's exports into `out` (whole or not at all) and measure their parity with `predict`."""
+               cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None,
+               progress: bool = False) -> ExportResult:
+    """Write the run's exports into `out` (whole or not at all) and measure their parity with `predict`.
+
+    `progress`: a bar on stderr naming each stage (building the model, model.keras, SavedModel, TFLite,
+    the parity check per input format), with the time left."""
     started = time.monotonic()
     run = load_run(run_dir, cache_dir)
     out = Path(out)
     with _writing_to(out):
         staging = _staging_for(out)
+    stages = _Stages(tflite, progress, log)
     if run.spec.precision in ("bf16", "int8"):
-        log(f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes them in "
-            "float32, as TensorFlow does everywhere: the parity below measures the difference")
+        stages.log(f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes "
+                   "them in float32, as TensorFlow does everywhere: the parity below measures the difference")
     try:
         with _writing_to(out):
-            # Between phases: TensorFlow runs Python callbacks inside C, where a SIGTERM's KeyboardInterrupt can vanish.
+            stages.start("building the model")
             model = build_classifier(run)
-            stop_if_interrupted()
+            stages.start("model.keras")
             model.save(staging / "model.keras")
-            stop_if_interrupted()
+            stages.start("SavedModel")
             write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model",
                               run.thresholds.values if run.thresholds is not None else None)
-            stop_if_interrupted()
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
             if tflite:
+                stages.start("TFLite")
                 write_tflite(model, staging / "model.tflite")
-                stop_if_interrupted()
-            parity = measure_parity(run, staging, tflite, check_images, log)
-            stop_if_interrupted()
+            parity = measure_parity(run, staging, tflite, check_images, stages.log, stages.start)
+            stages.finish()
             result = ExportResult(out, sorted(p.name for p in staging.iterdir()) + ["README.md", _EXPORT_MARK], parity)
             summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
                        "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,
@@ -312,6 +357,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
                 shutil.rmtree(out)
             os.replace(staging, out)  # the export appears whole or not at all
     finally:
+        stages.close()
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result

@@ -38,6 +38,7 @@ class Prediction:
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     labels: list[tuple[str, float]] | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)  # every label's, in the run's order (--csv)
 
     def as_json(self) -> dict:
         if self.error is not None:
@@ -129,10 +130,11 @@ def _top(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str
 def _predicted(shown: str, probabilities: np.ndarray, run: LoadedRun, top: int) -> Prediction:
     """One image's prediction: its top `top` labels; multi-label: the labels over their thresholds, and every
     label's probability."""
+    every = {label: float(p) for label, p in zip(run.labels, probabilities)}
     if run.thresholds is None:
-        return Prediction(shown, _top(probabilities, run.labels, top))
+        return Prediction(shown, _top(probabilities, run.labels, top), probabilities=every)
     return Prediction(shown, _top(probabilities, run.labels, len(run.labels)),
-                      labels=run.thresholds.labels_above(probabilities))
+                      labels=run.thresholds.labels_above(probabilities), probabilities=every)
 
 
 def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,

@@ -49,15 +49,16 @@ class _NullBar:
     def update(self, n: int = 1) -> None: ...
     def set_postfix_str(self, text: str) -> None: ...
     def write(self, text: str) -> None: ...
+    def set_description_str(self, text: str) -> None: ...
     def close(self) -> None: ...
 
 
-def make_bar(total: int, progress: bool, unit: str = "img"):
+def make_bar(total: int, progress: bool, unit: str = "img", desc: str = "features", leave: bool = True):
     if not progress or total == 0:
         return _NullBar()
     from tqdm.auto import tqdm  # a widget in a notebook, the usual bar on a terminal
 
-    return tqdm(total=total, unit=unit, desc="features", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, file=sys.stderr, smoothing=0.1, leave=leave)
 
 
 def read_and_decode(image: ImageFile, known_hash: str | None, known, size: int, max_pixels: int) -> Outcome:
