@@ -40,9 +40,12 @@ class HeadConfig:
     dropout: float | None = None
     batch_size: int | None = None
     patience: int | None = None
+    k: int | None = None
 
     def params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "head" and v is not None}
+        """The settings given; a logreg head's C is 'auto' (cross-validated) unless one is given."""
+        given = {k: v for k, v in asdict(self).items() if k != "head" and v is not None}
+        return {"C": "auto", **given} if self.head == "logreg" else given
 
 
 @dataclass
@@ -269,7 +272,8 @@ def train_on_features(
     _fit(model, train_X, train_y, (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
-    metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
+    params = _fitted_params(model, head, log)
+    metrics: dict = {"head": head.head, "params": params, "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
                                   "non_finite": len(data.non_finite),
                                   "exclude_file": excluded["left_out"] if excluded else 0},
@@ -311,7 +315,7 @@ def train_on_features(
             "command": argv if argv is not None else sys.argv,
             "data": str(Path(data_dir).absolute()) if data_dir is not None else None,
             "head": head.head,
-            "params": head.params(),
+            "params": params,
             "seed": split.seed,
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
@@ -336,6 +340,21 @@ def train_on_features(
         }
         write_run_record(staging, config, metrics)
     return RunResult(final, metrics)
+
+
+def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> dict:
+    """The settings the head trained with: a chosen C (with its grid and scores) or k instead of 'auto'."""
+    params = head.params()
+    search = getattr(model, "C_search_", None)
+    if search:
+        params.update(C=search["C"], C_grid=search["grid"], C_search=search)
+        log(f"C {search['C']:g} " + (f"(kept: {search['reason']})" if "reason" in search else
+                                     f"chosen by {search['folds']}-fold cross-validation over train+validation"))
+    found = getattr(model, "k_search_", None)
+    if found:
+        params.update(k=found["k"], k_grid=found["grid"], k_search=found)
+        log(f"k {found['k']} chosen on {found['chosen_on']}")
+    return params
 
 
 def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
