@@ -156,7 +156,7 @@ def _cross_validated_C(X: np.ndarray, y, multi_label: bool, class_weight, max_it
             for c, C in enumerate(C_GRID):  # one-vs-rest clones its estimator: no warm start here
                 model = OneVsRestClassifier(LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
                                                                random_state=seed)).fit(X_fit, target[fit_rows])
-                p = np.clip(model.predict_proba(X_held), 1e-15, 1 - 1e-15)
+                p = np.clip(np.asarray(model.predict_proba(X_held), np.float64), 1e-15, 1 - 1e-15)
                 truth = target[held]
                 loss[f, c] = float(-np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p)))
             continue
