@@ -159,3 +159,44 @@ def test_C_takes_auto_or_a_number_on_the_command_line(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train-head", "--C", "automatic"])
     assert "expected a number (auto or more than 0" in capsys.readouterr().err
+
+
+def test_pretrain_batch_adapts_to_a_small_source():
+    from bottleneck.learn.pretrain import PretrainConfig
+
+    assert PretrainConfig().batch_for(228) == 8  # 287 images (80% train): 29 steps per epoch, not 4 of 64
+    assert PretrainConfig().batch_for(900) == 30 and PretrainConfig().batch_for(100_000) == 64
+    assert PretrainConfig(batch_size=16).batch_for(228) == 16
+
+
+def test_pretrain_shows_a_line_per_epoch_with_its_scores_and_eta(tmp_path, capsys):
+    from bottleneck.learn.pretrain import PretrainConfig, pretrain
+
+    make_dataset(tmp_path / "source", per_class=6)
+    lines = []
+    pretrain(tmp_path / "source", tmp_path / "base.keras", PretrainConfig(image_size=16, blocks=1, filters=4, epochs=2),
+             log=lines.append, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert "batches of 8" in lines[0]
+    assert [line.split("  ")[0] for line in err[:2]] == ["pretrain: epoch 1/2", "pretrain: epoch 2/2"]
+    assert "val_acc" in err[0] and "ETA" in err[0] and err[2].startswith("pretrain: 2 epochs in")
+
+
+def test_keras_head_shows_its_epochs_only_when_verbose(capsys):
+    from bottleneck.learn.heads import KerasHead
+
+    X, y = blobs(10, 4, 1.0)
+    Xv, yv = blobs(3, 4, 1.0, seed=1)
+    KerasHead(epochs=3, patience=5).fit(X, y, validation_data=(Xv, yv))
+    assert capsys.readouterr().err == ""
+    head = KerasHead(epochs=3, patience=5, verbose=1).fit(X, y, validation_data=(Xv, yv))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("keras head: epoch 1/3  loss ") and "ETA" in err[0] and err[-1].startswith("keras head: 3 epochs")
+    assert len(head.history_["loss"]) == 3
+
+
+def test_keras_head_batch_gives_about_20_steps_per_epoch():
+    from bottleneck.learn.heads import KerasHead
+
+    assert KerasHead()._batch(50) == 8 and KerasHead()._batch(600) == 30 and KerasHead()._batch(10**6) == 64
+    assert KerasHead(batch_size=5)._batch(10**6) == 5

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
                         exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip,
-                        layout=args.layout, labels=args.labels, columns=columns_of(args))
+                        layout=args.layout, labels=args.labels, columns=columns_of(args), progress=True)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"

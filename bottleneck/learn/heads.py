@@ -399,30 +399,54 @@ def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np
 
 
 class KerasHead(ClassifierMixin, BaseEstimator):
-    """A Keras softmax layer on normalised features: Adam, optional dropout, early stopping.
+    """A Keras softmax layer on standardised features: Adam, an L2 penalty, optional dropout, early stopping on the
+    validation loss with the best weights restored.
+
+    The defaults are set so the head neither underfits few images (enough steps: a batch size that gives about 20
+    per epoch, a larger step size, patience) nor overfits them (the L2 penalty); see the README for when to prefer
+    it to logreg.
 
     Parameters
     ----------
     epochs : int, at most this many passes.
     learning_rate : float, Adam's step size.
     dropout : float in [0, 1), applied to the features.
-    batch_size : int.
+    batch_size : int, or None: about 20 steps per epoch (the training rows / 20, from 8 to 64).
     patience : int, epochs without a better validation loss before stopping.
+    l2 : float, the L2 penalty on the Dense layer's weights (added to the mean loss: l2 * sum(w ** 2)).
     class_weight : None or 'balanced'.
     random_state : int, seeds Keras, NumPy and Python.
     multi_label : bool, a Dense sigmoid layer and binary cross-entropy over label tuples instead of a softmax.
+    verbose : int, 1 shows a bar (or a line per epoch) on stderr.
     """
 
-    def __init__(self, *, epochs: int = 200, learning_rate: float = 1e-3, dropout: float = 0.0, batch_size: int = 64,
-                 patience: int = 10, class_weight: str | None = None, random_state: int = 0, multi_label: bool = False):
+    #: The largest batch `batch_size=None` picks.
+    MAX_AUTO_BATCH = 64
+
+    def __init__(self, *, epochs: int = 300, learning_rate: float = 1e-2, dropout: float = 0.0,
+                 batch_size: int | None = None, patience: int = 20, l2: float = 1e-3, class_weight: str | None = None,
+                 random_state: int = 0, multi_label: bool = False, verbose: int = 0):
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.dropout = dropout
         self.batch_size = batch_size
         self.patience = patience
+        self.l2 = l2
         self.class_weight = class_weight
         self.random_state = random_state
         self.multi_label = multi_label
+        self.verbose = verbose
+
+    def _batch(self, rows: int) -> int:
+        """`batch_size`, or about 20 steps per epoch over `rows` training rows (8 to 64 rows a batch)."""
+        return int(self.batch_size) if self.batch_size else int(min(self.MAX_AUTO_BATCH, max(8, rows // 20)))
+
+    def _callbacks(self, keras, monitor: str) -> list:
+        from bottleneck.learn.progress import epoch_callback
+
+        stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=self.patience, restore_best_weights=True)
+        shown = epoch_callback("keras head", self.epochs, bool(self.verbose))
+        return [stop] + ([shown] if shown else [])
 
     def _build(self, X: np.ndarray | None, n_classes: int, moments: tuple | None = None):
         """The model; the normalisation is adapted on X, or set from streamed (dim, mean, variance)."""
@@ -438,11 +462,12 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         x = normalise(inputs)
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
+        penalty = keras.regularizers.L2(self.l2) if self.l2 else None
         if self.multi_label:
-            outputs = keras.layers.Dense(n_classes, activation="sigmoid", name="sigmoid")(x)
+            outputs = keras.layers.Dense(n_classes, activation="sigmoid", name="sigmoid", kernel_regularizer=penalty)(x)
             loss, metrics = "binary_crossentropy", []
         else:
-            outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+            outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax", kernel_regularizer=penalty)(x)
             loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         model = keras.Model(inputs, outputs, name="bottleneck_head")
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss, metrics=metrics)
@@ -491,10 +516,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     def _fit_model(self, keras, X: np.ndarray, targets: np.ndarray, validation: tuple | None, weights: dict | None) -> None:
         """Build the model on X and train it, early stopping on the validation loss (else the training loss)."""
         self.model_ = self._build(X, len(self.classes_))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation else "loss", patience=self.patience,
-                                             restore_best_weights=True)
-        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self.batch_size,
-                                  class_weight=weights, callbacks=[stop], verbose=0, shuffle=True)
+        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self._batch(len(X)),
+                                  class_weight=weights, callbacks=self._callbacks(keras, "val_loss" if validation else "loss"),
+                                  verbose=0, shuffle=True)
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = X.shape[1]
         self.solver_ = "adam"
@@ -523,18 +547,19 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         if weights is not None:
             signature += (tf.TensorSpec((None,), tf.float32),)
         epoch = [0]
+        batch_size = self._batch(len(rows))
 
         def training_batches():
             rng = np.random.default_rng([self.random_state, epoch[0]])
             epoch[0] += 1
             for positions, block in rows.chunks(chunk_rows, rng):
-                for start in range(0, len(positions), self.batch_size):
-                    at = positions[start : start + self.batch_size]
-                    batch = (block[start : start + self.batch_size], y_index[at])
+                for start in range(0, len(positions), batch_size):
+                    at = positions[start : start + batch_size]
+                    batch = (block[start : start + batch_size], y_index[at])
                     yield batch + ((weights[at].astype(np.float32),) if weights is not None else ())
 
         train = tf.data.Dataset.from_generator(training_batches, output_signature=signature).apply(
-            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, self.batch_size)))
+            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, batch_size)))
         validation = None
         if validation_data is not None and len(validation_data[1]):
             val_rows, yv = validation_data
@@ -551,10 +576,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                 validation = tf.data.Dataset.from_generator(validation_batches, output_signature=signature[:2]).apply(
                     tf.data.experimental.assert_cardinality(val_rows.batches(chunk_rows, 1024)))
         self.model_ = self._build(None, len(self.classes_), (d, scaler.mean_, scaler.var_))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation is not None else "loss",
-                                             patience=self.patience, restore_best_weights=True)
-        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, callbacks=[stop], verbose=0,
-                                  shuffle=False)
+        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, verbose=0, shuffle=False,
+                                  callbacks=self._callbacks(keras, "val_loss" if validation is not None else "loss"))
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = d
         self.solver_ = "adam, streamed"

@@ -197,6 +197,7 @@ def train_head(
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
     columns: Columns | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
@@ -212,11 +213,12 @@ def train_head(
     `max_memory` (bytes, or a size such as '512M'; default a quarter of the available memory)
     bounds the features held at once: over it, the head streams them from the store.
     `stream` and `chunk_rows` force streaming and its chunk size (for tests and benchmarks).
+    `progress` shows a keras head's epochs on stderr.
     """
     make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
     budget = None if max_memory is None else parse_size(max_memory)
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
-    batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
+    batch_size = (head.batch_size or KerasHead.MAX_AUTO_BATCH) if head.head == "keras" else 0
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
                                   stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels,
                                   columns=columns)
@@ -229,7 +231,7 @@ def train_head(
         log(f"left out {count} images listed in {exclude}")
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
                              data_dir=data_dir, spec=spec, excluded=excluded, augment=augment, augment_flip=augment_flip,
-                             labels_file=labels)
+                             labels_file=labels, progress=progress)
 
 
 def train_on_features(
@@ -248,11 +250,14 @@ def train_on_features(
     augment: int | None = None,
     augment_flip: float | None = None,
     labels_file: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
     `excluded` describes images left out by `--exclude` ({file, listed, left_out}), for the record."""
     model = make_head(head.head, random_state=split.seed, multi_label=data.multi_label, **head.params())
+    if progress and "verbose" in model.get_params():
+        model.set_params(verbose=1)
     splits = splits_for(data, split, split_file, log)
     _check_classes(data, splits, log, folds)
     labels_all = _targets(data)
