@@ -41,6 +41,7 @@ class HeadConfig:
     batch_size: int | None = None
     patience: int | None = None
     k: int | None = None
+    l2: float | None = None
 
     def params(self) -> dict:
         """The settings given; a logreg head's C is 'auto' (cross-validated) unless one is given."""
