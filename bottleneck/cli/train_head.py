@@ -104,7 +104,7 @@ def add_parser(commands) -> None:
     head.add_argument("--epochs", type=EPOCHS, default=None, help="keras: most epochs, %(type)s (default: 300)")
     head.add_argument("--learning-rate", type=LEARNING_RATE, default=None, help="keras: Adam learning rate, %(type)s (default: 0.01)")
     head.add_argument("--l2", type=finite_float(0, 10), default=None,
-                      help="keras: L2 penalty on the weights, %(type)s (default: 0.001)")
+                      help="keras: L2 penalty on the weights, %(type)s (default: 0.01)")
     head.add_argument("--dropout", type=finite_float(0, 1, high_open=True), default=None,
                       help="keras: dropout on the features, %(type)s (default: 0)")
     head.add_argument("--batch-size", type=BATCH_SIZE, default=None,

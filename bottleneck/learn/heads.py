@@ -424,7 +424,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     MAX_AUTO_BATCH = 64
 
     def __init__(self, *, epochs: int = 300, learning_rate: float = 1e-2, dropout: float = 0.0,
-                 batch_size: int | None = None, patience: int = 20, l2: float = 1e-3, class_weight: str | None = None,
+                 batch_size: int | None = None, patience: int = 20, l2: float = 1e-2, class_weight: str | None = None,
                  random_state: int = 0, multi_label: bool = False, verbose: int = 0):
         self.epochs = epochs
         self.learning_rate = learning_rate
