@@ -78,11 +78,13 @@ def test_train_head_records_the_chosen_C_and_a_given_C_is_kept(extracted, tmp_pa
     auto = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
     config = json.loads((auto.run_dir / "config.json").read_text())
     params = config["params"]
-    assert params["C"] in C_GRID and params["C_grid"] == list(C_GRID) and params["C_search"]["folds"] >= 2
-    assert auto.metrics["params"] == params
+    assert params["C"] in C_GRID and params["C_grid"] == list(C_GRID) and config["tuning"]["C"]["folds"] >= 2
+    assert len(config["tuning"]["C"]["scores"]["mean_accuracy"]) == len(C_GRID)
+    assert auto.metrics["params"] == params and auto.metrics["tuning"] == config["tuning"]
     assert load_head(auto.run_dir / "head.npz").coef.shape[1] == SPEC.feature_dim
     fixed = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg", C=0.5), SPLIT)
-    assert json.loads((fixed.run_dir / "config.json").read_text())["params"] == {"C": 0.5}
+    fixed_config = json.loads((fixed.run_dir / "config.json").read_text())
+    assert fixed_config["params"] == {"C": 0.5} and fixed_config["tuning"] == {}
 
 
 def test_streamed_C_auto_keeps_1_and_records_why(extracted, tmp_path):
@@ -90,7 +92,7 @@ def test_streamed_C_auto_keeps_1_and_records_why(extracted, tmp_path):
     lines = []
     result = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, stream=True, chunk_rows=7,
                         log=lines.append)
-    assert result.metrics["params"]["C"] == 1.0 and "streamed" in result.metrics["params"]["C_search"]["reason"]
+    assert result.metrics["params"]["C"] == 1.0 and "streamed" in result.metrics["tuning"]["C"]["reason"]
     assert any(line.startswith("C 1 (kept: features streamed") for line in lines)
 
 
@@ -135,6 +137,7 @@ def test_knn_run_predicts_through_the_run_folder_and_export_is_refused_in_one_li
     run_dir = summary["run_dir"]
     config = json.loads(open(f"{run_dir}/config.json").read())
     assert config["head"] == "knn" and config["model"] == "head.npz" and config["params"]["k"] in config["params"]["k_grid"]
+    assert config["tuning"]["k"]["chosen_on"] == "validation"
     arrays = load_knn(f"{run_dir}/head.npz")
     assert arrays.k == config["params"]["k"] and arrays.features.shape[1] == SPEC.feature_dim
     with pytest.raises(HeadFileError, match="is a knn head"):

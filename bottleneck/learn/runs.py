@@ -278,8 +278,8 @@ def train_on_features(
     _fit(model, train_X, train_y, (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
-    params = _fitted_params(model, head, log)
-    metrics: dict = {"head": head.head, "params": params, "seed": split.seed, "training_seconds": training_seconds,
+    params, tuning = _fitted_params(model, head, log)
+    metrics: dict = {"head": head.head, "params": params, "tuning": tuning, "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
                                   "non_finite": len(data.non_finite),
                                   "exclude_file": excluded["left_out"] if excluded else 0},
@@ -322,6 +322,7 @@ def train_on_features(
             "data": str(Path(data_dir).absolute()) if data_dir is not None else None,
             "head": head.head,
             "params": params,
+            "tuning": tuning,
             "seed": split.seed,
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
@@ -348,19 +349,22 @@ def train_on_features(
     return RunResult(final, metrics)
 
 
-def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> dict:
-    """The settings the head trained with: a chosen C (with its grid and scores) or k instead of 'auto'."""
-    params = head.params()
+def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """(the settings the head trained with: a chosen C or k and its grid instead of 'auto'; how it was chosen, with
+    the scores of each value: `tuning`, {"C": ...} or {"k": ...}, empty when nothing was chosen)."""
+    params, tuning = head.params(), {}
     search = getattr(model, "C_search_", None)
     if search:
-        params.update(C=search["C"], C_grid=search["grid"], C_search=search)
+        params.update(C=search["C"], C_grid=search["grid"])
+        tuning["C"] = search
         log(f"C {search['C']:g} " + (f"(kept: {search['reason']})" if "reason" in search else
                                      f"chosen by {search['folds']}-fold cross-validation over train+validation"))
     found = getattr(model, "k_search_", None)
     if found:
-        params.update(k=found["k"], k_grid=found["grid"], k_search=found)
+        params.update(k=found["k"], k_grid=found["grid"])
+        tuning["k"] = found
         log(f"k {found['k']} chosen on {found['chosen_on']}")
-    return params
+    return params, tuning
 
 
 def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
