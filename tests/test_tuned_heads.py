@@ -81,6 +81,10 @@ def test_train_head_records_the_chosen_C_and_a_given_C_is_kept(extracted, tmp_pa
     assert params["C"] in C_GRID and params["C_grid"] == list(C_GRID) and config["tuning"]["C"]["folds"] >= 2
     assert len(config["tuning"]["C"]["scores"]["mean_accuracy"]) == len(C_GRID)
     assert auto.metrics["params"] == params and auto.metrics["tuning"] == config["tuning"]
+    from bottleneck.inspect.report import Run
+
+    shown = Run("x", auto.run_dir, config, auto.metrics).settings()
+    assert shown == f"C={params['C']}"  # the report names the chosen C, not the grid
     assert load_head(auto.run_dir / "head.npz").coef.shape[1] == SPEC.feature_dim
     fixed = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg", C=0.5), SPLIT)
     fixed_config = json.loads((fixed.run_dir / "config.json").read_text())
@@ -203,3 +207,11 @@ def test_keras_head_batch_gives_about_20_steps_per_epoch():
 
     assert KerasHead()._batch(50) == 8 and KerasHead()._batch(600) == 30 and KerasHead()._batch(10**6) == 64
     assert KerasHead(batch_size=5)._batch(10**6) == 5
+
+
+def test_train_head_cli_shows_the_keras_heads_epochs(extracted, tmp_path, capsys):
+    data, cache = extracted
+    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), *PIXELS,
+                 "--head", "keras", "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "keras head: epoch 1/2  loss " in err and "keras head: 2 epochs in" in err
