@@ -2,7 +2,7 @@
 
 The Python API (`import bottleneck as bn`; see `bottleneck.api`): `bn.extract`, `bn.load_features`
 (a `FeatureSet` with the split `train-head` draws), `bn.train_head` and `bn.Run`, and the heads
-`bn.LogRegHead` and `bn.KerasHead` (scikit-learn estimators). They are loaded when first used, so
+`bn.LogRegHead`, `bn.KerasHead` and `bn.KnnHead` (scikit-learn estimators). They are loaded when first used, so
 `import bottleneck` and the command's `--help` stay fast.
 """
 import importlib as _importlib
@@ -19,6 +19,7 @@ _warnings.filterwarnings("ignore", message=r"Pandas requires version .* of 'bott
 _API = {"extract": "bottleneck.api", "load_features": "bottleneck.api", "train_head": "bottleneck.api",
         "backbone": "bottleneck.api", "FeatureSet": "bottleneck.api", "Split": "bottleneck.api", "Run": "bottleneck.api",
         "LogRegHead": "bottleneck.learn.heads", "KerasHead": "bottleneck.learn.heads",
+        "KnnHead": "bottleneck.learn.heads",
         "BottleneckError": "bottleneck.errors"}
 __all__ = ["__version__", *_API]
 

@@ -259,7 +259,7 @@ def train_head(data: str | os.PathLike | None = None, cache: str | os.PathLike =
     """`bottleneck train-head`: train a head on the cached features and write its run folder; return the `Run`.
 
     `backbone` None takes the cache's only store; backbone flags and head settings (`C`, `class_weight`,
-    `epochs`, `learning_rate`, `dropout`, `batch_size`, `patience`) go by keyword; `max_memory`, `exclude`,
+    `epochs`, `learning_rate`, `dropout`, `batch_size`, `patience`, knn's `k`) go by keyword; `max_memory`, `exclude`,
     `augment` and `folds` as the command takes them."""
     from bottleneck.learn.runs import HeadConfig, train_head as train
     from bottleneck.learn.splits import SplitConfig

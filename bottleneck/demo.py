@@ -196,7 +196,7 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
     shutil.rmtree(runs, ignore_errors=True)  # the report shows this demo's runs only
     rows, logreg_runs = [], {}
     for name, spec in backbones.items():
-        keras_head = HeadConfig("keras", epochs=config.keras_epochs, learning_rate=0.01, batch_size=16, patience=30)
+        keras_head = HeadConfig("keras", epochs=config.keras_epochs)  # the head's own defaults
         for head in (HeadConfig("logreg"), keras_head):
             run = train_head(target, cache, runs, spec, head, split_file=str(split_file), log=log)
             accuracy, macro_f1 = _test_scores(run.metrics)

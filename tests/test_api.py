@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.utils.estimator_checks import check_class_weight_classifiers, parametrize_with_checks
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import bottleneck as bn
 from bottleneck.cli import main
-from bottleneck.learn.heads import KerasHead, LogRegHead
+from bottleneck.learn.heads import KerasHead, KnnHead, LogRegHead
 
 from .conftest import make_dataset
 
@@ -25,16 +25,9 @@ BACKBONE = dict(backbone="pixels", image_size=8)
 QUICK_KERAS = dict(epochs=10, learning_rate=0.05, patience=3)
 
 
-@parametrize_with_checks([LogRegHead(), KerasHead(**QUICK_KERAS)],
-                         expected_failed_checks=lambda head: {
-                             "check_class_weight_classifiers": "needs 60 epochs: test_keras_head_class_weight below"}
-                         if isinstance(head, KerasHead) else {})
+@parametrize_with_checks([LogRegHead(), LogRegHead(C="auto"), KnnHead(), KerasHead(**QUICK_KERAS)])
 def test_heads_are_scikit_learn_estimators(estimator, check):
-    check(estimator)
-
-
-def test_keras_head_class_weight():
-    check_class_weight_classifiers("KerasHead", KerasHead(epochs=60, learning_rate=0.05, patience=10))
+    check(estimator)  # the keras head passes check_class_weight_classifiers in 10 epochs since its batch adapts
 
 
 def test_import_is_light_and_the_api_is_listed():
@@ -44,8 +37,8 @@ def test_import_is_light_and_the_api_is_listed():
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr
     assert set(done.stdout.strip().split(",")) >= {"extract", "load_features", "train_head", "Run", "FeatureSet",
-                                                   "LogRegHead", "KerasHead"}
-    assert bn.LogRegHead is LogRegHead
+                                                   "LogRegHead", "KerasHead", "KnnHead"}
+    assert bn.LogRegHead is LogRegHead and bn.KnnHead is KnnHead
     with pytest.raises(AttributeError):
         bn.no_such_thing
 

@@ -77,6 +77,23 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
                    library_checks_low=library_checks_low)
 
 
+class OrAuto(Bounded):
+    """A `Bounded` number, or the word `auto` (returned as the string 'auto')."""
+
+    def __init__(self, number: Bounded) -> None:
+        super().__init__(number.kind, number.low, number.high, low_open=number.low_open, high_open=number.high_open,
+                         note=number.note, library_checks_low=number.library_checks_low)
+        self.__name__ = f"auto or {self.__name__}"
+
+    def __call__(self, text: str):
+        return "auto" if text.strip().lower() == "auto" else super().__call__(text)
+
+
+def or_auto(number: Bounded) -> OrAuto:
+    """`number`'s type that also takes `auto`."""
+    return OrAuto(number)
+
+
 #: The most `--max-memory` may say: more is no budget at all (and '1e400' must not reach int()).
 MAX_MEMORY_LIMIT = 2**50
 

@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     config = PretrainConfig(image_size=args.image_size, blocks=args.blocks, filters=args.filters, epochs=args.epochs,
                             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
     result = pretrain(args.data, args.out, config, args.split_file, log=stderr, layout=args.layout, labels=args.labels,
-                      columns=columns_of(args))
+                      columns=columns_of(args), progress=True)
     accuracy = "-" if result.validation_accuracy is None else f"{result.validation_accuracy:.4f}"
     print(f"saved {result.path} ({len(result.classes)} classes, {result.epochs_run} epochs, validation accuracy "
           f"{accuracy}, {result.seconds:.1f} s)")
@@ -41,7 +41,8 @@ def add_parser(commands) -> None:
                         help="filters of the first block, doubled per block, %(type)s (default: 32)")
     parser.add_argument("--epochs", type=bounded_int(0, 100_000), default=30,
                         help="most epochs, %(type)s; 0 saves the untrained network (default: 30)")
-    parser.add_argument("--batch-size", type=BATCH_SIZE, default=64, help="batch size, %(type)s (default: 64)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=None,
+                        help="batch size, %(type)s (default: about 30 steps per epoch, from 8 to 64 images)")
     parser.add_argument("--learning-rate", type=LEARNING_RATE, default=1e-3, help="Adam learning rate, %(type)s (default: 0.001)")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the weights and the training, %(type)s (default: 0)")
     parser.add_argument("--split-file", default=None, help="train on the train rows (and stop early on the validation rows) of this split.csv")

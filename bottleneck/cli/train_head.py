@@ -7,7 +7,7 @@ import json
 import sys
 
 from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, PERCENT, SEED, add_backbone_arguments,
-                                   add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget,
+                                   add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget, or_auto,
                                    print_split_scores, spec_from, stderr)
 
 
@@ -24,12 +24,12 @@ def run(args: argparse.Namespace) -> int:
     max_memory = memory_budget(args.max_memory)  # a bad size fails before any work
     head = HeadConfig(head=args.head, C=args.C, class_weight=args.class_weight, epochs=args.epochs,
                       learning_rate=args.learning_rate, dropout=args.dropout, batch_size=args.batch_size,
-                      patience=args.patience)
+                      patience=args.patience, k=args.k, l2=args.l2)
     split = SplitConfig(val_pct=args.val_pct, test_pct=args.test_pct, seed=args.seed)
     result = train_head(args.data, args.cache, args.runs, spec_from(args), head, split, args.split_file,
                         args.folds, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory,
                         exclude=args.exclude, augment=args.augment, augment_flip=args.augment_flip,
-                        layout=args.layout, labels=args.labels, columns=columns_of(args))
+                        layout=args.layout, labels=args.labels, columns=columns_of(args), progress=True)
     out = stderr if args.json else print
     metrics = result.metrics
     streamed = metrics.get("training", {}).get("mode") == "streamed"
@@ -73,7 +73,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     parser.add_argument("--runs", default="runs", help="folder for run folders (default: ./runs)")
     add_layout_argument(parser)
-    parser.add_argument("--head", choices=["logreg", "keras"], default="logreg", help="head type (default: logreg)")
+    parser.add_argument("--head", choices=["logreg", "keras", "knn"], default="logreg",
+                        help="head type: logreg, keras, or knn (cosine nearest neighbours) (default: logreg)")
     add_backbone_arguments(parser, optional=True)
     split = parser.add_argument_group("split")
     split.add_argument("--seed", type=SEED, default=0, help="seed of the split and of training, %(type)s (default: 0)")
@@ -97,15 +98,21 @@ def add_parser(commands) -> None:
                        help="also k-fold cross-validate over train+validation, %(type)s and at most the training and "
                        "validation images of the smallest class")
     head = parser.add_argument_group("head")
-    head.add_argument("--C", type=finite_float(0, 1e6, low_open=True), default=None,
-                      help="logreg: inverse regularisation strength, %(type)s (default: 1)")
+    head.add_argument("--C", type=or_auto(finite_float(0, 1e6, low_open=True)), default=None,
+                      help="logreg: inverse regularisation strength, %(type)s; auto chooses it from 1e-4..1e2 by "
+                      "5-fold cross-validation over train+validation, then trains on train (default: auto)")
+    head.add_argument("--k", type=bounded_int(1, 10_000), default=None,
+                      help="knn: neighbours, %(type)s (default: chosen on the validation split from 1, 3, 5, ... 51)")
     head.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
-    head.add_argument("--epochs", type=EPOCHS, default=None, help="keras: most epochs, %(type)s (default: 200)")
-    head.add_argument("--learning-rate", type=LEARNING_RATE, default=None, help="keras: Adam learning rate, %(type)s (default: 0.001)")
+    head.add_argument("--epochs", type=EPOCHS, default=None, help="keras: most epochs, %(type)s (default: 300)")
+    head.add_argument("--learning-rate", type=LEARNING_RATE, default=None, help="keras: Adam learning rate, %(type)s (default: 0.01)")
+    head.add_argument("--l2", type=finite_float(0, 10), default=None,
+                      help="keras: L2 penalty on the weights, %(type)s (default: 0.01)")
     head.add_argument("--dropout", type=finite_float(0, 1, high_open=True), default=None,
                       help="keras: dropout on the features, %(type)s (default: 0)")
-    head.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="keras: batch size, %(type)s (default: 64)")
-    head.add_argument("--patience", type=PATIENCE, default=None, help="keras: early-stopping patience, %(type)s (default: 10)")
+    head.add_argument("--batch-size", type=BATCH_SIZE, default=None,
+                      help="keras: batch size, %(type)s (default: about 20 steps per epoch, from 8 to 64)")
+    head.add_argument("--patience", type=PATIENCE, default=None, help="keras: early-stopping patience, %(type)s (default: 20)")
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
                         help="memory for features, e.g. 512M, 2G, 1.5GB or bytes, at most 1P (default: a quarter of the available "
                         "memory); larger feature sets are streamed from the store in chunks")

@@ -44,7 +44,7 @@ class Run:
 
     def settings(self) -> str:
         params = self.metrics.get("params") or {}
-        return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "defaults"
+        return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if not k.endswith("_grid")) or "defaults"
 
 
 def shown(value) -> str:

@@ -20,6 +20,11 @@ OUTPUT_NAME = "probabilities"
 
 def head_layers(run: LoadedRun, features):
     """The run's head applied to the symbolic `features`; returns the probabilities tensor."""
+    if run.config.get("head") == "knn":
+        from bottleneck.errors import BottleneckError
+
+        raise BottleneckError(f"{run.folder} has a knn head, which has no Keras form yet (it keeps every training "
+                              "row), so it is not exported or fine-tuned: train a logreg or keras head for that; `predict` takes this run")
     _, keras = import_tensorflow()
     if run.config.get("head") == "logreg":
         from bottleneck.learn.head_file import load_head

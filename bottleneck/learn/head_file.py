@@ -7,6 +7,9 @@ regression's `coef` and `intercept`, and the `classes` as unicode strings; a six
 `softmax` (one label per image; the default when absent, as in older runs) or `sigmoid` (multi-label:
 one independent logistic regression per label, one-vs-rest). Probabilities are computed from them directly; `model.joblib` is still written beside them, for people who want a
 scikit-learn Pipeline, and nothing of ours ever loads it.
+
+A knn head (`kind` knn) is written the same way: its L2-normalised training rows (`features`), each row's
+class index (`targets`), the `classes` and `k` (`save_knn`, `load_knn`).
 """
 from __future__ import annotations
 
@@ -123,6 +126,93 @@ def _stacked(scaler, estimators):
     return SimpleNamespace(steps=[("scaler", scaler), ("logreg", stacked)])
 
 
+#: The arrays of a knn head's file (`kind` knn).
+KNN_ARRAYS = ("features", "targets", "classes", "k")
+KNN = "knn"
+
+
+@dataclass(frozen=True)
+class KnnArrays:
+    """A cosine k-nearest-neighbours head: L2-normalised training rows, each one's class index, the classes, k.
+
+    Probabilities are the similarity-weighted vote shares of the k most similar rows (`heads.KnnHead`)."""
+
+    features: np.ndarray  # (n, d) float32, rows of unit length
+    targets: np.ndarray  # (n,) int, indices into classes
+    classes: np.ndarray  # (c,) unicode
+    k: int
+    kind: str = KNN
+    multi_label = False
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(c) for c in self.classes]
+
+    def to_head(self):
+        """The fitted `KnnHead` these arrays describe."""
+        from bottleneck.learn.heads import KnnHead
+
+        head = KnnHead(k=int(self.k))
+        head.features_, head.targets_, head.classes_ = self.features, self.targets, self.classes
+        head.k_, head.k_search_, head.n_features_in_ = int(self.k), None, self.feature_dim
+        return head
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.to_head().predict_proba(X)
+
+
+def save_knn(arrays: KnnArrays, folder: str | os.PathLike) -> Path:
+    """Write a knn head to `folder/head.npz`; return its path."""
+    path = Path(folder) / HEAD_FILE
+    with open(path, "wb") as handle:
+        np.savez(handle, features=arrays.features, targets=arrays.targets, classes=arrays.classes,
+                 k=np.int64(arrays.k), kind=np.str_(KNN))
+    return path
+
+
+def load_knn(path: str | os.PathLike) -> KnnArrays:
+    """The knn head in `path`, checked: plain arrays only, consistent shapes, finite numbers, k within the rows."""
+    path = Path(path)
+    values, kind = _read_arrays(path, KNN_ARRAYS, "knn")
+    if kind != KNN:
+        raise HeadFileError(f"{path} is a {kind} head, not a knn head")
+    features, targets, classes, k = (values[name] for name in KNN_ARRAYS)
+    n = features.shape[0] if features.ndim == 2 else -1
+    if classes.ndim != 1 or classes.dtype.kind != "U" or len(classes) < 2 or len(set(classes.tolist())) != len(classes):
+        raise HeadFileError(f"{path}: 'classes' must list at least two distinct labels")
+    if features.ndim != 2 or features.dtype.kind != "f" or not np.isfinite(features).all() or n < 1:
+        raise HeadFileError(f"{path}: 'features' must be a matrix of finite numbers")
+    if targets.shape != (n,) or targets.dtype.kind not in "iu" or targets.min() < 0 or targets.max() >= len(classes):
+        raise HeadFileError(f"{path}: 'targets' must give each row's class index")
+    if k.shape != () or k.dtype.kind not in "iu" or not 1 <= int(k) <= n:
+        raise HeadFileError(f"{path}: 'k' must be a whole number from 1 to the {n} rows")
+    return KnnArrays(features.astype(np.float32, copy=False), targets.astype(np.int64), classes, int(k))
+
+
+def _read_arrays(path: Path, names: tuple[str, ...], what: str) -> tuple[dict, str]:
+    """The named arrays of the .npz at `path` and its `kind` (softmax when absent); plain arrays only."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            kind = str(data["kind"]) if "kind" in data.files else SOFTMAX
+            missing = [name for name in names if name not in data.files]
+            if missing and not (kind == KNN and what != "knn"):
+                raise HeadFileError(f"{path} is not a {what} head (no {', '.join(missing)})")
+            values = {name: data[name] for name in names if name in data.files}
+    except HeadFileError:
+        raise
+    except ValueError as exc:  # np.load refuses pickles: object arrays inside a .npz, or a pickle file itself
+        if zipfile.is_zipfile(path):
+            raise HeadFileError(f"{path} holds something other than plain arrays ({exc}); not loaded") from None
+        raise HeadFileError(f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise HeadFileError(f"{path} is not a readable head file ({type(exc).__name__}: {exc})") from None
+    return values, kind
+
+
 def save_head(arrays: LogRegArrays, folder: str | os.PathLike) -> Path:
     """Write `folder/head.npz`; return its path."""
     path = Path(folder) / HEAD_FILE
@@ -134,21 +224,9 @@ def save_head(arrays: LogRegArrays, folder: str | os.PathLike) -> Path:
 def load_head(path: str | os.PathLike) -> LogRegArrays:
     """The head in `path`, checked: plain arrays only (no pickles), consistent shapes, finite numbers."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in ARRAYS if name not in data.files]
-            if missing:
-                raise HeadFileError(f"{path} is not a logistic-regression head (no {', '.join(missing)})")
-            values = {name: data[name] for name in ARRAYS}
-            kind = str(data["kind"]) if "kind" in data.files else SOFTMAX
-    except HeadFileError:
-        raise
-    except ValueError as exc:  # np.load refuses pickles: object arrays inside a .npz, or a pickle file itself
-        if zipfile.is_zipfile(path):
-            raise HeadFileError(f"{path} holds something other than plain arrays ({exc}); not loaded") from None
-        raise HeadFileError(f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise HeadFileError(f"{path} is not a readable head file ({type(exc).__name__}: {exc})") from None
+    values, kind = _read_arrays(path, ARRAYS, "logistic-regression")
+    if kind == KNN:
+        raise HeadFileError(f"{path} is a knn head, not a logistic-regression head")
     if kind not in (SOFTMAX, SIGMOID):
         raise HeadFileError(f"{path}: unknown kind {kind!r} (softmax or sigmoid)")
     arrays = LogRegArrays(**values, kind=kind)

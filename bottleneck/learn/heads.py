@@ -114,19 +114,100 @@ def _training_data(X, y, head: str, multi_label: bool) -> tuple[np.ndarray, Any]
     return _check_features(X, head=head), y
 
 
+#: `C="auto"`'s log grid, 1e-4 to 1e2 (CLIP's linear probes sweep a similar one).
+C_GRID = tuple(float(10.0 ** e) for e in range(-4, 3))
+#: Most folds `C="auto"` cross-validates over (fewer when the smallest class has fewer images).
+C_FOLDS = 5
+
+
+def _cross_validated_C(X: np.ndarray, y, multi_label: bool, class_weight, max_iter: int, seed: int) -> dict:
+    """The C of `C_GRID` with the best mean held-out score over seeded (stratified) folds of X, y.
+
+    Single-label: accuracy, ties broken by the lower log loss; multi-label: one C shared by every label,
+    the lowest mean binary cross-entropy. Each fold's scaler is fitted on that fold's training rows; along
+    the grid each fit starts from the last one's weights (warm start, C increasing), which is what keeps it
+    cheap. Returns {"C", "grid", "folds", "scores"} or, when a class is too small to fold, C 1 and the reason.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, log_loss
+    from sklearn.model_selection import KFold, StratifiedKFold
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    if multi_label:
+        classes = _label_classes(y)
+        target = multi_hot(y, classes).astype(np.int64)
+        folds = min(C_FOLDS, len(X))
+        splitter = KFold(folds, shuffle=True, random_state=seed)
+    else:
+        y = np.asarray(y)
+        target = y
+        folds = min(C_FOLDS, int(min(np.unique(y, return_counts=True)[1])))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if folds >= 2 else None
+    if folds < 2:
+        return {"C": 1.0, "grid": list(C_GRID), "folds": folds, "rows": len(X),
+                "reason": "a class has a single training or validation image: nothing to cross-validate, C 1 kept"}
+    accuracy = np.zeros((folds, len(C_GRID)))
+    loss = np.zeros((folds, len(C_GRID)))
+    for f, (fit_rows, held) in enumerate(splitter.split(X, target if not multi_label else None)):
+        scaler = StandardScaler().fit(X[fit_rows])
+        X_fit, X_held = scaler.transform(X[fit_rows]), scaler.transform(X[held])
+        if multi_label:
+            for c, C in enumerate(C_GRID):  # one-vs-rest clones its estimator: no warm start here
+                model = OneVsRestClassifier(LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
+                                                               random_state=seed)).fit(X_fit, target[fit_rows])
+                p = np.clip(np.asarray(model.predict_proba(X_held), np.float64), 1e-15, 1 - 1e-15)
+                truth = target[held]
+                loss[f, c] = float(-np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p)))
+            continue
+        model = LogisticRegression(C=C_GRID[0], class_weight=class_weight, max_iter=max_iter, random_state=seed,
+                                   warm_start=True)
+        for c, C in enumerate(C_GRID):
+            model.set_params(C=C).fit(X_fit, target[fit_rows])
+            proba = model.predict_proba(X_held)
+            accuracy[f, c] = accuracy_score(target[held], model.classes_[np.argmax(proba, axis=1)])
+            loss[f, c] = log_loss(target[held], proba, labels=model.classes_)
+    mean_loss = loss.mean(axis=0)
+    if multi_label:
+        best = int(np.argmin(mean_loss))
+        scores = {"mean_binary_cross_entropy": mean_loss.tolist()}
+    else:
+        mean_accuracy = accuracy.mean(axis=0)
+        best = min(range(len(C_GRID)), key=lambda c: (-round(mean_accuracy[c], 12), mean_loss[c]))
+        scores = {"mean_accuracy": mean_accuracy.tolist(), "mean_log_loss": mean_loss.tolist()}
+    return {"C": C_GRID[best], "grid": list(C_GRID), "folds": folds, "rows": len(X), "scores": scores}
+
+
+def _with_validation(X: np.ndarray, y, validation_data, multi_label: bool) -> tuple[np.ndarray, Any]:
+    """Training and validation rows together (validation rows of classes training lacks left out)."""
+    if validation_data is None or not len(validation_data[1]):
+        return X, y
+    Xv = _check_features(validation_data[0], X.shape[1])
+    yv = validation_data[1]
+    if multi_label:
+        joined = np.empty(len(y) + len(yv), dtype=object)
+        joined[:] = [*y, *yv]
+        return np.concatenate([X, Xv]), joined
+    known = set(np.asarray(y).tolist())
+    keep = np.array([label in known for label in np.asarray(yv).tolist()], dtype=bool)
+    return np.concatenate([X, Xv[keep]]), np.concatenate([np.asarray(y), np.asarray(yv)[keep]])
+
+
 class LogRegHead(ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression on standardised features.
 
     Parameters
     ----------
-    C : float, inverse regularisation strength.
+    C : float, inverse regularisation strength; or 'auto': chosen from `C_GRID` by 5-fold cross-validation over
+        the training and validation rows (`fit`'s validation_data), then refitted on the training rows only
+        (`C_` is the C used, `C_search_` the grid and scores; train-head's default).
     class_weight : None or 'balanced'.
     max_iter : int, L-BFGS iterations at most.
     random_state : int.
     multi_label : bool, one-vs-rest over label tuples instead of a softmax over one label per image.
     """
 
-    def __init__(self, *, C: float = 1.0, class_weight: str | None = None, max_iter: int = 1000, random_state: int = 0,
+    def __init__(self, *, C: float | str = 1.0, class_weight: str | None = None, max_iter: int = 1000, random_state: int = 0,
                  multi_label: bool = False):
         self.C = C
         self.class_weight = class_weight
@@ -137,16 +218,28 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def _logreg(self):
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+        return LogisticRegression(C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter,
                                   random_state=self.random_state)
+
+    def _fixed_C(self) -> float:
+        if isinstance(self.C, str) or not np.isfinite(self.C) or self.C <= 0:
+            raise BottleneckError(f"C must be a positive number or 'auto'; got {self.C!r}")
+        return float(self.C)
 
     def fit(self, X, y, validation_data=None) -> "LogRegHead":
         """Fit on X of shape (n_samples, n_features) and string labels y (multi-label: label tuples);
-        validation_data is unused."""
+        validation_data (X, y) only takes part in choosing C when C is 'auto'."""
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         X, y = _training_data(X, y, type(self).__name__, self.multi_label)
+        if self.C == "auto":
+            X_all, y_all = _with_validation(X, y, validation_data, self.multi_label)
+            self.C_search_ = _cross_validated_C(X_all, y_all, self.multi_label, self.class_weight, self.max_iter,
+                                                self.random_state)
+            self.C_ = self.C_search_["C"]
+        else:
+            self.C_, self.C_search_ = self._fixed_C(), None
         if self.multi_label:
             self._fit_one_vs_rest(X, y)
             self.n_iter_ = np.array([max(int(np.max(e.n_iter_)) for e in self.pipeline_[-1].estimators_)])
@@ -196,6 +289,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         if self.multi_label:
             raise _streamed_multi_label(self)
+        if self.C == "auto":  # each fit is a read of the store per L-BFGS iteration: a grid of them is too dear
+            self.C_, self.C_search_ = 1.0, {"C": 1.0, "grid": None, "reason": "features streamed from the store are "
+                                            "not cross-validated: C 1 kept (pass --C to choose)"}
+        else:
+            self.C_, self.C_search_ = self._fixed_C(), None
         y = np.asarray(y)
         classes = np.array(sorted(set(y.tolist())))
         y_index = np.searchsorted(classes, y)
@@ -208,7 +306,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         scale = scaler.scale_.astype(np.float32)
         weights = _sample_weights(y_index, k, self.class_weight)
         total = float(n if weights is None else weights.sum())
-        l2 = 1.0 / (self.C * total)
+        l2 = 1.0 / (self.C_ * total)
         passes = [0]
 
         def loss_and_gradient(w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -244,7 +342,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         result = minimize(loss_and_gradient, np.zeros(outputs * (d + 1)), method="L-BFGS-B", jac=True,
                           options={"maxiter": self.max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
         w = result.x.reshape(outputs, d + 1)
-        logreg = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+        logreg = LogisticRegression(C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter,
                                     random_state=self.random_state)
         logreg.classes_ = classes
         logreg.coef_ = np.ascontiguousarray(w[:, :d])
@@ -301,30 +399,54 @@ def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np
 
 
 class KerasHead(ClassifierMixin, BaseEstimator):
-    """A Keras softmax layer on normalised features: Adam, optional dropout, early stopping.
+    """A Keras softmax layer on standardised features: Adam, an L2 penalty, optional dropout, early stopping on the
+    validation loss with the best weights restored.
+
+    The defaults are set so the head neither underfits few images (enough steps: a batch size that gives about 20
+    per epoch, a larger step size, patience) nor overfits them (the L2 penalty); see the README for when to prefer
+    it to logreg.
 
     Parameters
     ----------
     epochs : int, at most this many passes.
     learning_rate : float, Adam's step size.
     dropout : float in [0, 1), applied to the features.
-    batch_size : int.
+    batch_size : int, or None: about 20 steps per epoch (the training rows / 20, from 8 to 64).
     patience : int, epochs without a better validation loss before stopping.
+    l2 : float, the L2 penalty on the Dense layer's weights (added to the mean loss: l2 * sum(w ** 2)).
     class_weight : None or 'balanced'.
     random_state : int, seeds Keras, NumPy and Python.
     multi_label : bool, a Dense sigmoid layer and binary cross-entropy over label tuples instead of a softmax.
+    verbose : int, 1 shows a bar (or a line per epoch) on stderr.
     """
 
-    def __init__(self, *, epochs: int = 200, learning_rate: float = 1e-3, dropout: float = 0.0, batch_size: int = 64,
-                 patience: int = 10, class_weight: str | None = None, random_state: int = 0, multi_label: bool = False):
+    #: The largest batch `batch_size=None` picks.
+    MAX_AUTO_BATCH = 64
+
+    def __init__(self, *, epochs: int = 300, learning_rate: float = 1e-2, dropout: float = 0.0,
+                 batch_size: int | None = None, patience: int = 20, l2: float = 1e-2, class_weight: str | None = None,
+                 random_state: int = 0, multi_label: bool = False, verbose: int = 0):
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.dropout = dropout
         self.batch_size = batch_size
         self.patience = patience
+        self.l2 = l2
         self.class_weight = class_weight
         self.random_state = random_state
         self.multi_label = multi_label
+        self.verbose = verbose
+
+    def _batch(self, rows: int) -> int:
+        """`batch_size`, or about 20 steps per epoch over `rows` training rows (8 to 64 rows a batch)."""
+        return int(self.batch_size) if self.batch_size else int(min(self.MAX_AUTO_BATCH, max(8, rows // 20)))
+
+    def _callbacks(self, keras, monitor: str) -> list:
+        from bottleneck.learn.progress import epoch_callback
+
+        stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=self.patience, restore_best_weights=True)
+        shown = epoch_callback("keras head", self.epochs, bool(self.verbose))
+        return [stop] + ([shown] if shown else [])
 
     def _build(self, X: np.ndarray | None, n_classes: int, moments: tuple | None = None):
         """The model; the normalisation is adapted on X, or set from streamed (dim, mean, variance)."""
@@ -340,11 +462,12 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         x = normalise(inputs)
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
+        penalty = keras.regularizers.L2(self.l2) if self.l2 else None
         if self.multi_label:
-            outputs = keras.layers.Dense(n_classes, activation="sigmoid", name="sigmoid")(x)
+            outputs = keras.layers.Dense(n_classes, activation="sigmoid", name="sigmoid", kernel_regularizer=penalty)(x)
             loss, metrics = "binary_crossentropy", []
         else:
-            outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
+            outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax", kernel_regularizer=penalty)(x)
             loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         model = keras.Model(inputs, outputs, name="bottleneck_head")
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss, metrics=metrics)
@@ -393,10 +516,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     def _fit_model(self, keras, X: np.ndarray, targets: np.ndarray, validation: tuple | None, weights: dict | None) -> None:
         """Build the model on X and train it, early stopping on the validation loss (else the training loss)."""
         self.model_ = self._build(X, len(self.classes_))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation else "loss", patience=self.patience,
-                                             restore_best_weights=True)
-        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self.batch_size,
-                                  class_weight=weights, callbacks=[stop], verbose=0, shuffle=True)
+        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self._batch(len(X)),
+                                  class_weight=weights, callbacks=self._callbacks(keras, "val_loss" if validation else "loss"),
+                                  verbose=0, shuffle=True)
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = X.shape[1]
         self.solver_ = "adam"
@@ -425,18 +547,19 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         if weights is not None:
             signature += (tf.TensorSpec((None,), tf.float32),)
         epoch = [0]
+        batch_size = self._batch(len(rows))
 
         def training_batches():
             rng = np.random.default_rng([self.random_state, epoch[0]])
             epoch[0] += 1
             for positions, block in rows.chunks(chunk_rows, rng):
-                for start in range(0, len(positions), self.batch_size):
-                    at = positions[start : start + self.batch_size]
-                    batch = (block[start : start + self.batch_size], y_index[at])
+                for start in range(0, len(positions), batch_size):
+                    at = positions[start : start + batch_size]
+                    batch = (block[start : start + batch_size], y_index[at])
                     yield batch + ((weights[at].astype(np.float32),) if weights is not None else ())
 
         train = tf.data.Dataset.from_generator(training_batches, output_signature=signature).apply(
-            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, self.batch_size)))
+            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, batch_size)))
         validation = None
         if validation_data is not None and len(validation_data[1]):
             val_rows, yv = validation_data
@@ -453,10 +576,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                 validation = tf.data.Dataset.from_generator(validation_batches, output_signature=signature[:2]).apply(
                     tf.data.experimental.assert_cardinality(val_rows.batches(chunk_rows, 1024)))
         self.model_ = self._build(None, len(self.classes_), (d, scaler.mean_, scaler.var_))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation is not None else "loss",
-                                             patience=self.patience, restore_best_weights=True)
-        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, callbacks=[stop], verbose=0,
-                                  shuffle=False)
+        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, verbose=0, shuffle=False,
+                                  callbacks=self._callbacks(keras, "val_loss" if validation is not None else "loss"))
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = d
         self.solver_ = "adam, streamed"
@@ -483,7 +604,128 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         return path
 
 
-HEADS = {"logreg": LogRegHead, "keras": KerasHead}
+#: The k `KnnHead` chooses from (those up to the number of training rows).
+K_GRID = (1, 3, 5, 7, 9, 11, 15, 21, 31, 51)
+
+
+class KnnHead(ClassifierMixin, BaseEstimator):
+    """k nearest neighbours by cosine similarity of L2-normalised features, for few-shot and retrieval-style use.
+
+    Probabilities are similarity-weighted vote shares of the k most similar training rows (weight: the cosine
+    similarity, floored at a small positive number). The head keeps every training row (`head.npz`).
+
+    Parameters
+    ----------
+    k : int, or None: chosen from `K_GRID` by accuracy on `fit`'s validation_data (ties: the lower log loss),
+        or by leave-one-out on the training rows when there is none (`k_` is the k used, `k_search_` the scores).
+    multi_label : bool, refused (a knn head takes one label per image).
+    """
+
+    def __init__(self, *, k: int | None = None, multi_label: bool = False):
+        self.k = k
+        self.multi_label = multi_label
+
+    def fit(self, X, y, validation_data=None) -> "KnnHead":
+        """Keep the normalised training rows and their labels; choose k unless it is given."""
+        if self.multi_label:
+            raise BottleneckError("the knn head takes one label per image; train a multi-label logreg or keras head")
+        X, y = _training_data(X, y, type(self).__name__, False)
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1):
+            raise BottleneckError(f"k must be a whole number of at least 1; got {self.k!r}")
+        self.classes_, self.targets_ = np.unique(np.asarray(y), return_inverse=True)
+        if len(self.classes_) < 2:
+            raise FeaturesError(f"{type(self).__name__} needs at least 2 classes; got 1 class")
+        self.features_ = _unit_rows(X)
+        self.n_features_in_ = X.shape[1]
+        self.history_ = None
+        self.solver_ = "cosine knn"
+        if self.k is not None:
+            self.k_, self.k_search_ = int(self.k), None
+        else:
+            self.k_search_ = self._choose_k(validation_data)
+            self.k_ = self.k_search_["k"]
+        return self
+
+    def _choose_k(self, validation_data) -> dict:
+        from sklearn.metrics import log_loss
+
+        grid = [k for k in K_GRID if k <= len(self.features_) - 1] or [1]
+        index = {label: i for i, label in enumerate(self.classes_.tolist())}
+        held = None
+        if validation_data is not None and len(validation_data[1]):
+            yv = np.asarray(validation_data[1])
+            keep = np.array([label in index for label in yv.tolist()], dtype=bool)
+            if keep.any():
+                Xv = _check_features(validation_data[0], self.n_features_in_, type(self).__name__)[keep]
+                held = ("validation", _unit_rows(Xv), np.array([index[label] for label in yv[keep].tolist()]))
+        if held is None:  # leave-one-out: each training row against all the others
+            held = ("leave-one-out on the training rows", self.features_, self.targets_)
+        how, rows, truth = held
+        similarity, neighbours = self._nearest(rows, max(grid), exclude_self=how != "validation")
+        accuracy, loss = [], []
+        for k in grid:
+            proba = self._votes(similarity[:, :k], neighbours[:, :k])
+            accuracy.append(float(np.mean(np.argmax(proba, axis=1) == truth)))
+            loss.append(float(log_loss(truth, np.clip(proba, 1e-15, 1), labels=np.arange(len(self.classes_)))))
+        best = min(range(len(grid)), key=lambda i: (-accuracy[i], loss[i]))
+        return {"k": grid[best], "grid": grid, "chosen_on": how, "accuracy": accuracy, "log_loss": loss}
+
+    def _nearest(self, rows: np.ndarray, k: int, exclude_self: bool = False, chunk: int = 1024):
+        """(similarities, training-row indices) of each row's k most similar training rows, most similar first."""
+        k = min(k, len(self.features_) - (1 if exclude_self else 0)) or 1
+        similarity = np.zeros((len(rows), k), np.float32)
+        neighbours = np.zeros((len(rows), k), np.int64)
+        for start in range(0, len(rows), chunk):
+            block = rows[start : start + chunk] @ self.features_.T
+            if exclude_self:
+                block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
+            # argsort (stable) of the negated similarities: equal similarities keep training order
+            order = np.argsort(-block, axis=1, kind="stable")[:, :k]
+            neighbours[start : start + chunk] = order
+            similarity[start : start + chunk] = np.take_along_axis(block, order, axis=1)
+        return similarity, neighbours
+
+    def _votes(self, similarity: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        weights = np.maximum(similarity.astype(np.float64), 1e-6)
+        proba = np.zeros((len(similarity), len(self.classes_)))
+        np.add.at(proba, (np.repeat(np.arange(len(similarity)), neighbours.shape[1]), self.targets_[neighbours].ravel()),
+                  weights.ravel())
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KnnHead":
+        raise BottleneckError("the knn head keeps every training row in memory, and these features are streamed from "
+                              "the store: raise --max-memory, or train a logreg head")
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Similarity-weighted vote shares of the k nearest training rows, columns in `classes_` order."""
+        check_is_fitted(self)
+        X = _check_features(X, self.n_features_in_, type(self).__name__)
+        return self._votes(*self._nearest(_unit_rows(X), self.k_))
+
+    def predict(self, X) -> np.ndarray:
+        return _predicted(self, X)
+
+    def arrays(self):
+        from bottleneck.learn.head_file import KnnArrays
+
+        return KnnArrays(self.features_, self.targets_.astype(np.int64), np.asarray([str(c) for c in self.classes_],
+                                                                                   dtype=np.str_), self.k_)
+
+    def save(self, folder: Path) -> Path:
+        """Write `head.npz`: the normalised training rows, their class indices, the classes and k (plain arrays)."""
+        from bottleneck.learn.head_file import save_knn
+
+        return save_knn(self.arrays(), folder)
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (a zero row stays zero), float32."""
+    X = np.asarray(X, np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+HEADS = {"logreg": LogRegHead, "keras": KerasHead, "knn": KnnHead}
 
 
 def make_head(name: str, **params) -> BaseEstimator:
@@ -492,6 +734,8 @@ def make_head(name: str, **params) -> BaseEstimator:
         raise BottleneckError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
     cls = HEADS[name]
     accepted = cls().get_params()
+    if "random_state" not in accepted:  # a deterministic head (knn) has no seed to take
+        params.pop("random_state", None)
     foreign = sorted(k for k, v in params.items() if k not in accepted and v is not None)
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)

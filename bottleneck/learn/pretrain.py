@@ -27,6 +27,8 @@ from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, 
 from bottleneck.features.shards import Columns
 
 FEATURE_LAYER = "features"
+#: Steps per epoch `--batch-size auto` aims at.
+STEPS_PER_EPOCH = 30
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,24 @@ class PretrainConfig:
     blocks: int = 3
     filters: int = 32  # doubled at each block
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int | None = None  # None: about `STEPS_PER_EPOCH` steps per epoch (see `batch_for`)
     learning_rate: float = 1e-3
     patience: int = 5
     seed: int = 0
+
+    def batch_for(self, images: int) -> int:
+        """`batch_size`, or one that gives about `STEPS_PER_EPOCH` steps per epoch over `images` (8 to 64): a
+        small source trained in batches of 64 takes too few steps per epoch to learn (or to settle BatchNorm)."""
+        if self.batch_size:
+            return int(self.batch_size)
+        return int(min(64, max(8, images // STEPS_PER_EPOCH)))
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
             raise BottleneckError(f"--image-size must be between 8 and 512; got {self.image_size}")
         if not 1 <= self.blocks <= 6 or self.image_size < 2 ** self.blocks:
             raise BottleneckError(f"--blocks must be between 1 and 6 and leave at least 1 pixel; got {self.blocks}")
-        if self.epochs < 0 or self.filters < 1 or self.batch_size < 1:
+        if self.epochs < 0 or self.filters < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise BottleneckError("--epochs must be 0 or more, --filters and --batch-size at least 1")
 
 
@@ -135,8 +144,10 @@ def labels_file(model_path: Path) -> Path:
 
 def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
              split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
-             layout: str = "auto", labels: str | None = None, columns: Columns | None = None) -> PretrainResult:
-    """Train the base on DATA's train split (validation split for early stopping) and save it to `out`."""
+             layout: str = "auto", labels: str | None = None, columns: Columns | None = None,
+             progress: bool = False) -> PretrainResult:
+    """Train the base on DATA's train split (validation split for early stopping) and save it to `out`;
+    `progress` shows each epoch on stderr (a bar on a terminal, else a line)."""
     tf, keras = import_tensorflow()
     tf.config.experimental.enable_op_determinism()
     out = Path(out)
@@ -153,11 +164,16 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     validation = (pixels[~train], y[~train]) if (~train).any() else None
     history: dict = {}
     if config.epochs:
-        log(f"pretraining on {int(train.sum())} images of {len(classes)} classes for up to {config.epochs} epochs")
+        from bottleneck.learn.progress import epoch_callback
+
+        batch_size = config.batch_for(int(train.sum()))
+        log(f"pretraining on {int(train.sum())} images of {len(classes)} classes for up to {config.epochs} epochs, "
+            f"batches of {batch_size} ({-(-int(train.sum()) // batch_size)} steps per epoch)")
         stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation else "loss", patience=config.patience,
                                              restore_best_weights=True)
+        shown = epoch_callback("pretrain", config.epochs, progress)
         history = model.fit(pixels[train], y[train], validation_data=validation, epochs=config.epochs,
-                            batch_size=config.batch_size, callbacks=[stop], verbose=0).history
+                            batch_size=batch_size, callbacks=[stop] + ([shown] if shown else []), verbose=0).history
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.keras")
     model.save(tmp)

@@ -306,6 +306,17 @@ def _logreg_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]
     return head.labels, head.predict_proba if head.multi_label else head.to_pipeline().predict_proba
 
 
+def _knn_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]:
+    from bottleneck.learn.head_file import HEAD_FILE, HeadFileError, load_knn
+
+    try:
+        head = load_knn(folder / HEAD_FILE)
+    except HeadFileError as exc:
+        raise RunError(str(exc)) from None
+    _check_head_fits(folder, HEAD_FILE, head.labels, head.feature_dim, config)
+    return head.labels, head.to_head().predict_proba
+
+
 def _check_head_kind(path: Path, sigmoid: bool, config: dict) -> None:
     """A multi-label run's head gives one sigmoid per label, a single-label run's a softmax; else one line."""
     if sigmoid != bool(config.get("multi_label")):
@@ -365,6 +376,8 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
         head = config.get("head")
         if head == "logreg":
             labels, classify = _logreg_classifier(folder, config)
+        elif head == "knn":
+            labels, classify = _knn_classifier(folder, config)
         elif head == "keras":
             labels, classify = _keras_classifier(folder / config["model"], config)
         else:

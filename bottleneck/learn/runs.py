@@ -40,9 +40,13 @@ class HeadConfig:
     dropout: float | None = None
     batch_size: int | None = None
     patience: int | None = None
+    k: int | None = None
+    l2: float | None = None
 
     def params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "head" and v is not None}
+        """The settings given; a logreg head's C is 'auto' (cross-validated) unless one is given."""
+        given = {k: v for k, v in asdict(self).items() if k != "head" and v is not None}
+        return {"C": "auto", **given} if self.head == "logreg" else given
 
 
 @dataclass
@@ -194,6 +198,7 @@ def train_head(
     layout: str = "auto",
     labels: str | os.PathLike | None = None,
     columns: Columns | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Train one head on the cached features of DATA and write its run folder; return its metrics.
 
@@ -209,11 +214,12 @@ def train_head(
     `max_memory` (bytes, or a size such as '512M'; default a quarter of the available memory)
     bounds the features held at once: over it, the head streams them from the store.
     `stream` and `chunk_rows` force streaming and its chunk size (for tests and benchmarks).
+    `progress` shows a keras head's epochs on stderr.
     """
     make_head(head.head, random_state=split.seed, **head.params())  # bad flags fail before any work
     budget = None if max_memory is None else parse_size(max_memory)
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
-    batch_size = (head.batch_size or KerasHead().batch_size) if head.head == "keras" else 0
+    batch_size = (head.batch_size or KerasHead.MAX_AUTO_BATCH) if head.head == "keras" else 0
     data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
                                   stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels,
                                   columns=columns)
@@ -221,7 +227,7 @@ def train_head(
     listed = read_exclude_file(exclude, data_dir) if exclude else None
     return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
                              data_dir=data_dir, spec=spec, exclude=exclude, exclude_listed=listed, augment=augment,
-                             augment_flip=augment_flip, labels_file=labels)
+                             augment_flip=augment_flip, labels_file=labels, progress=progress)
 
 
 def leave_out_of_training(data: LabelledFeatures, splits: list[str], listed: list[str], source: str,
@@ -261,12 +267,15 @@ def train_on_features(
     augment: int | None = None,
     augment_flip: float | None = None,
     labels_file: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Split, train, evaluate and write the run folder for features already matched to DATA.
 
     `exclude_listed` are the images `--exclude` (the file `exclude`) lists: left out of training and
     validation after the split is drawn on every image (`leave_out_of_training`)."""
     model = make_head(head.head, random_state=split.seed, multi_label=data.multi_label, **head.params())
+    if progress and "verbose" in model.get_params():
+        model.set_params(verbose=1)
     splits = splits_for(data, split, split_file, log)
     excluded = None
     if exclude_listed is not None:
@@ -289,7 +298,8 @@ def train_on_features(
     _fit(model, train_X, train_y, (X.subset(mask["validation"]), labels_all[mask["validation"]]), chunk_rows)
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
-    metrics: dict = {"head": head.head, "params": head.params(), "seed": split.seed, "training_seconds": training_seconds,
+    params, tuning = _fitted_params(model, head, log)
+    metrics: dict = {"head": head.head, "params": params, "tuning": tuning, "seed": split.seed, "training_seconds": training_seconds,
                      "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
                                   "non_finite": len(data.non_finite),
                                   "exclude_file": excluded["left_out"] if excluded else 0,
@@ -332,7 +342,8 @@ def train_on_features(
             "command": argv if argv is not None else sys.argv,
             "data": str(Path(data_dir).absolute()) if data_dir is not None else None,
             "head": head.head,
-            "params": head.params(),
+            "params": params,
+            "tuning": tuning,
             "seed": split.seed,
             "val_pct": split.val_pct,
             "test_pct": split.test_pct,
@@ -357,6 +368,24 @@ def train_on_features(
         }
         write_run_record(staging, config, metrics)
     return RunResult(final, metrics)
+
+
+def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """(the settings the head trained with: a chosen C or k and its grid instead of 'auto'; how it was chosen, with
+    the scores of each value: `tuning`, {"C": ...} or {"k": ...}, empty when nothing was chosen)."""
+    params, tuning = head.params(), {}
+    search = getattr(model, "C_search_", None)
+    if search:
+        params.update(C=search["C"], C_grid=search["grid"])
+        tuning["C"] = search
+        log(f"C {search['C']:g} " + (f"(kept: {search['reason']})" if "reason" in search else
+                                     f"chosen by {search['folds']}-fold cross-validation over train+validation"))
+    found = getattr(model, "k_search_", None)
+    if found:
+        params.update(k=found["k"], k_grid=found["grid"])
+        tuning["k"] = found
+        log(f"k {found['k']} chosen on {found['chosen_on']}")
+    return params, tuning
 
 
 def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
