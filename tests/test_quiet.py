@@ -171,3 +171,21 @@ def test_native_output_goes_to_the_log_and_python_stderr_stays(tmp_path):
     lines = log.read_text().splitlines()
     assert lines[1:] == ["native start-up line", "nested line", "loaded while decoding"]  # after one stamp line
     assert (tmp_path / "decoder.log").read_text() == "decoder line\n"
+
+
+@pytest.mark.parametrize("command", ["train-head --head keras", "pretrain", "audit"])
+def test_long_training_commands_show_progress_with_eta_at_a_terminal(command, pixels_extracted, tmp_path):
+    """Every step that can take long draws a bar with the time left on a terminal, and no start-up lines."""
+    data, cache = pixels_extracted
+    argv = {
+        "train-head --head keras": ["train-head", "--data", data, "--cache", cache, *PIXELS, "--head", "keras",
+                                    "--epochs", "5", "--patience", "100", "--runs", tmp_path / "runs"],
+        "pretrain": ["pretrain", "--data", data, "--out", tmp_path / "base.keras", "--image-size", "16",
+                     "--blocks", "1", "--filters", "4", "--epochs", "3"],
+        "audit": ["audit", "--data", data, "--cache", cache, *PIXELS, "--out", tmp_path / "audit", "--folds", "2"],
+    }[command]
+    code, shown = run_in_pty(bottleneck_argv(*argv), child_env(TMPDIR=str(tmp_path)), timeout=240)
+    assert code == 0, shown
+    bars = {"train-head --head keras": "5/5 [", "pretrain": "3/3 [", "audit": "audit: cross-validation"}
+    assert bars[command] in shown and "<" in shown, shown  # tqdm's [elapsed<remaining]
+    assert startup_lines(shown) == [], shown
