@@ -126,8 +126,8 @@ def test_bad_fine_tune_input_is_one_line(parent, capsys):
     with pytest.raises(BottleneckError, match="nearest names: conv"):
         fine_tune(run, FineTuneConfig(unfreeze_from="conv"))
     for args, message in [
-        (["--learning-rate", "nan"], "--learning-rate must be a positive number; got nan"),
-        (["--learning-rate", "-1"], "--learning-rate must be a positive number; got -1.0"),
+        (["--learning-rate", "nan"], "--learning-rate must be a positive number or auto; got nan"),
+        (["--learning-rate", "-1"], "--learning-rate must be a positive number or auto; got -1.0"),
         (["--augment", "flip,rotate"], "unknown --augment rotate; choose from: flip, crop, brightness"),
     ]:
         assert main(["fine-tune", "--run", str(run), *args]) == 2

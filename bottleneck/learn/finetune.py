@@ -42,30 +42,50 @@ _CROP_FRACTION = 0.8  # "crop" keeps a random square of 80-100% of the side, res
 _BRIGHTNESS_DELTA = 0.1 * 255
 
 
+BN_MODES = ("frozen", "affine", "train")
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class FineTuneConfig:
     """What to unfreeze and how to train; checked once, before any work."""
 
     unfreeze: int | None = None  # the top N layers with weights; None with no unfreeze_from: all of them
     unfreeze_from: str | None = None  # or: this layer and every one after it
-    learning_rate: float = 1e-5
-    epochs: int = 10
+    learning_rate: float | str = 1e-4  # the top group's peak rate, or "auto": the learning-rate finder's choice
+    epochs: int = 10  # with the base unfrozen, after the head's epochs
     batch_size: int = 16
     patience: int = 3
     augment: tuple[str, ...] = ()
     gradual: bool = False
     seed: int = 0
+    head_epochs: int = 0  # first, the base frozen: the head alone
+    bn: str = "frozen"  # BatchNormalization: frozen (inference mode), affine (gamma/beta trained, statistics frozen), train
+    lower_rate_factor: float = 10.0  # the lowest group's rate is the top rate divided by this (geometric in between)
+    warmup: float = 0.3  # fraction of a phase's steps spent warming the rate up (one-cycle), then cosine down
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unfreeze is not None and self.unfreeze_from is not None:
             raise DataError("give --unfreeze N or --unfreeze-from LAYER, not both")
         if self.unfreeze is not None and self.unfreeze < 1:
             raise DataError(f"--unfreeze must be at least 1; got {self.unfreeze}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise DataError(f"--learning-rate must be a positive number; got {self.learning_rate}")
+        if self.learning_rate != AUTO and not (isinstance(self.learning_rate, (int, float)) and
+                                               math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise DataError(f"--learning-rate must be a positive number or auto; got {self.learning_rate}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        if self.head_epochs < 0:
+            raise DataError(f"--head-epochs must be 0 or more; got {self.head_epochs}")
+        if self.bn not in BN_MODES:
+            raise DataError(f"unknown --bn {self.bn}; choose from: {', '.join(BN_MODES)}")
+        for name, low, high in (("lower_rate_factor", 1.0, 1e6), ("warmup", 0.0, 0.9), ("weight_decay", 0.0, 1.0),
+                                ("label_smoothing", 0.0, 0.5)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise DataError(f"--{name.replace('_', '-')} must be from {low:g} to {high:g}; got {value}")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
             raise DataError(f"unknown --augment {', '.join(unknown)}; choose from: {', '.join(AUGMENTATIONS)}")
@@ -116,17 +136,39 @@ def choose_unfrozen(layers: list, config: FineTuneConfig) -> list:
     return layers[-config.unfreeze:] if config.unfreeze else list(layers)
 
 
-def unfreeze_groups(unfrozen: list, gradual: bool) -> list[list]:
-    """Groups unfrozen one per epoch from the top with `gradual` (at most 4), else one group."""
-    if not gradual or len(unfrozen) <= 1:
+def unfreeze_groups(unfrozen: list) -> list[list]:
+    """The unfrozen layers in at most 4 groups of about equal size, the top group first: each group gets its own
+    learning rate (lower groups smaller), and `gradual` unfreezes one more group per epoch."""
+    if len(unfrozen) <= 1:
         return [unfrozen]
     count = min(4, len(unfrozen))
     bounds = np.linspace(len(unfrozen), 0, count + 1).round().astype(int)
     return [unfrozen[bounds[i + 1]:bounds[i]] for i in range(count)]
 
 
-def set_trainable(model, unfrozen: list) -> None:
-    """Freeze the whole network but `unfrozen` and the head; BatchNormalization stays frozen everywhere."""
+def group_rate_factors(count: int, lower_rate_factor: float) -> list[float]:
+    """Each group's share of the top rate, the top group first: 1 down to 1/lower_rate_factor, geometrically."""
+    if count <= 1:
+        return [1.0] * count
+    return [float(lower_rate_factor ** (-i / (count - 1))) for i in range(count)]
+
+
+def _batchnorm_owners(model, tunable: list) -> list[tuple]:
+    """(BatchNormalization layer, the tunable layer just below it, or None) for every BatchNorm of the backbone."""
+    _, keras = import_tensorflow()
+    wanted = {id(layer) for layer in tunable}
+    owner, found = None, []
+    for leaf in _leaf_layers(_feature_network(model)):
+        if id(leaf) in wanted:
+            owner = leaf
+        elif isinstance(leaf, keras.layers.BatchNormalization):
+            found.append((leaf, owner))
+    return found
+
+
+def set_trainable(model, unfrozen: list, bn: str = "frozen") -> None:
+    """Freeze the whole network but `unfrozen` and the head. BatchNormalization stays in inference mode (its
+    statistics frozen) but with `bn="train"`, where the BatchNorm layers just above unfrozen layers train."""
     _, keras = import_tensorflow()
     model.trainable = True
     wanted = {id(layer) for layer in unfrozen}
@@ -134,6 +176,31 @@ def set_trainable(model, unfrozen: list) -> None:
     for layer in _leaf_layers(model):
         is_head = id(layer) not in backbone  # everything after the feature network
         layer.trainable = (id(layer) in wanted or is_head) and not isinstance(layer, keras.layers.BatchNormalization)
+    if bn == "train":
+        for layer, owner in _batchnorm_owners(model, unfrozen):
+            layer.trainable = owner is not None
+
+
+def rate_groups(model, groups: list[list], stage: int, bn: str, lower_rate_factor: float) -> list[tuple[float, list]]:
+    """(rate factor, variables) per optimizer: the head at the top rate, then each unfrozen group of the backbone
+    at its own share of it. With `bn="affine"` every BatchNorm's gamma and beta train too (as in fastai), at the
+    rate of the group of the layer under it (the lowest unfrozen group's where that layer stays frozen)."""
+    factors = group_rate_factors(len(groups), lower_rate_factor)
+    active = groups[:stage]
+    backbone = {id(layer) for layer in _leaf_layers(_feature_network(model))}
+    head = [v for layer in _leaf_layers(model) if id(layer) not in backbone for v in layer.trainable_weights]
+    found = [(1.0, head)]
+    members = {id(layer): i for i, group in enumerate(active) for layer in group}
+    per_group: list[list] = [[v for layer in group for v in layer.trainable_weights] for group in active]
+    if active:
+        for layer, owner in _batchnorm_owners(model, [leaf for group in active for leaf in group]):
+            where = members.get(id(owner), len(active) - 1)
+            if bn == "affine":
+                per_group[where] += [v for v in (layer.gamma, layer.beta) if v is not None]
+            elif bn == "train" and owner is not None:
+                per_group[where] += list(layer.trainable_weights)
+    found += [(factors[i], variables) for i, variables in enumerate(per_group) if variables]
+    return found
 
 
 def augmenter(tf, augment: tuple[str, ...], size: int):
@@ -181,6 +248,20 @@ def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig
         yield batch, y[rows]
 
 
+def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list[list], state: dict,
+                          log: Callable[[str], None]) -> float:
+    """The configured rate, or with "auto" the finder's (its curve kept in `state`, so a resumed run reuses it)."""
+    if config.learning_rate != AUTO:
+        return float(config.learning_rate)
+    tf, _ = import_tensorflow()
+    augment_batch = augmenter(tf, config.augment, pixels.shape[1]) if config.augment else None
+    log(f"finding the learning rate: up to {FINDER_STEPS} batches at rates from {FINDER_LOW:g} to {FINDER_HIGH:g}")
+    state["lr_find"] = find_learning_rate(model, pixels, y, config, groups, augment_batch)
+    log(f"learning rate {state['lr_find']['chosen']:.3g} ({state['lr_find']['rule']}; steepest descent at "
+        f"{state['lr_find']['steepest']:.3g})")
+    return float(state["lr_find"]["chosen"])
+
+
 class _WorkFolder:
     """Per-epoch state of an unfinished fine-tune: last and best weights, optimizer, history."""
 
@@ -194,7 +275,7 @@ class _WorkFolder:
         except (OSError, ValueError):
             return None
 
-    def save(self, model, state: dict, best: bool) -> None:
+    def save(self, model, state: dict, best: bool, optimizer_variables: list) -> None:
         """Write this epoch's files under new names, then the state that names them, then drop older files:
         a run killed at any moment resumes from one consistent epoch."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -205,7 +286,7 @@ class _WorkFolder:
         if best:
             _save_weights_atomically(model, self.folder / names["best"])
         tmp = self.folder / ".optimizer.tmp.npz"
-        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
         os.replace(tmp, self.folder / names["optimizer"])
         state["files"] = names
         tmp_state = self.folder / ".state.json.tmp"
@@ -219,12 +300,11 @@ class _WorkFolder:
         name = state.get("files", {}).get(kind)
         return self.folder / name if name and (self.folder / name).exists() else None
 
-    def restore_optimizer(self, model, state: dict) -> bool:
+    def restore_optimizer(self, variables: list, state: dict) -> bool:
         try:
             saved = np.load(self.path(state, "optimizer"))
         except (OSError, TypeError):
             return False
-        variables = model.optimizer.variables
         if len(saved.files) != len(variables) or any(saved[f"v{i}"].shape != tuple(v.shape) for i, v in enumerate(variables)):
             return False
         for i, variable in enumerate(variables):
@@ -305,9 +385,111 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
             np.array([splits[i] for i in keep]), listed)
 
 
-def _compile(model, learning_rate: float) -> None:
-    _, keras = import_tensorflow()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
+class _Trainer:
+    """The optimizers of one stage (Adam, or AdamW with weight decay; one per rate group) and its training step."""
+
+    def __init__(self, model, groups: list[tuple[float, list]], config: FineTuneConfig):
+        tf, keras = import_tensorflow()
+
+        def optimizer():
+            if config.weight_decay:
+                return keras.optimizers.AdamW(1e-3, weight_decay=config.weight_decay)
+            return keras.optimizers.Adam(1e-3)
+
+        self.factors = [factor for factor, _ in groups]
+        self.optimizers = [optimizer() for _ in groups]
+        for each, (_, variables) in zip(self.optimizers, groups):
+            each.build(variables)
+        variables = [v for _, group in groups for v in group]
+        sizes = np.cumsum([0] + [len(group) for _, group in groups])
+        classes = int(model.output_shape[-1])
+        loss_function = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+
+        @tf.function
+        def step(pixels, labels):
+            with tf.GradientTape() as tape:
+                tape.watch([v.value for v in variables])  # BatchNorm's gamma and beta train with the layer frozen
+                loss = loss_function(tf.one_hot(labels, classes), model(pixels, training=True))
+            gradients = tape.gradient(loss, [v.value for v in variables])
+            for each, start, end in zip(self.optimizers, sizes[:-1], sizes[1:]):
+                each.apply_gradients(zip(gradients[start:end], variables[start:end]))
+            return loss
+
+        self._step = step
+
+    @property
+    def variables(self) -> list:
+        return [v for each in self.optimizers for v in each.variables]
+
+    def step(self, pixels, labels, rate: float) -> float:
+        for each, factor in zip(self.optimizers, self.factors):
+            each.learning_rate = rate * factor
+        return float(self._step(pixels, np.asarray(labels, np.int32)))
+
+
+def scheduled_rate(peak: float, step: int, total: int, warmup: float) -> float:
+    """One cycle: linear warm-up from peak/25 over the first `warmup` of the steps, then cosine down to ~0."""
+    warm = int(round(warmup * total))
+    if step < warm:
+        return peak * (1 / 25 + (1 - 1 / 25) * step / warm)
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+FINDER_STEPS, FINDER_LOW, FINDER_HIGH = 100, 1e-7, 1.0
+
+
+def find_learning_rate(model, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig, groups: list[list],
+                       augment_batch=None, steps: int = FINDER_STEPS) -> dict:
+    """fastai's `lr_find`: train the fully unfrozen network for `steps` batches at rates growing exponentially
+    from 1e-7 to 1, stop once the smoothed loss passes 4x its minimum, put the weights back and choose the rate
+    at the minimum of the smoothed loss divided by 10 (the steepest-descent point is recorded too)."""
+    tf, keras = import_tensorflow()
+    weights = model.get_weights()
+    set_trainable(model, [layer for group in groups for layer in group], config.bn)
+    trainer = _Trainer(model, rate_groups(model, groups, len(groups), config.bn, config.lower_rate_factor), config)
+    rates = FINDER_LOW * (FINDER_HIGH / FINDER_LOW) ** (np.arange(steps) / (steps - 1))
+
+    def batches():
+        for sweep in range(10**6):
+            yield from _epoch_batches(tf, pixels, y, config, 10**6 + sweep, augment_batch)
+
+    tried, losses, smoothed, average = [], [], [], 0.0
+    for i, (rate, (batch, labels)) in enumerate(zip(rates, batches())):
+        stop_if_interrupted()
+        loss = trainer.step(batch, labels, float(rate))
+        average = 0.98 * average + 0.02 * loss
+        tried.append(float(rate))
+        losses.append(loss)
+        smoothed.append(average / (1 - 0.98 ** (i + 1)))
+        if not math.isfinite(smoothed[-1]) or (i > 10 and smoothed[-1] > 4 * min(smoothed)):
+            break
+    model.set_weights(weights)  # the sweep leaves nothing behind, BatchNorm statistics included
+    keras.utils.set_random_seed(config.seed)
+    skip = max(1, len(tried) // 10)  # the first points average only a batch or two: noise, not a minimum
+    curve = np.array([value if math.isfinite(value) else np.inf for value in smoothed])
+    lowest = skip + int(np.argmin(curve[skip:])) if len(curve) > skip else int(np.argmin(curve))
+    slopes = np.gradient(curve[skip:lowest + 1], np.log(tried[skip:lowest + 1])) if lowest - skip >= 2 else np.zeros(1)
+    steepest = tried[skip + int(np.argmin(slopes))] if lowest - skip >= 2 else tried[lowest]
+    return {"rates": tried, "losses": losses, "smoothed": [float(v) for v in smoothed], "minimum": tried[lowest],
+            "steepest": steepest, "valley": tried[_valley(curve)], "chosen": tried[_valley(curve)],
+            "rule": "fastai's valley: two thirds down the longest run of falling smoothed loss"}
+
+
+def _valley(curve: np.ndarray) -> int:
+    """fastai's `valley` suggestion: the longest decreasing subsequence of the loss, then 1/2 of the way in
+    (`start + sections + sections / 2` with a third as a section, as fastai computes it)."""
+    longest = np.ones(len(curve), dtype=int)
+    end = 0
+    for i in range(1, len(curve)):
+        for j in range(i):
+            if curve[i] < curve[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[end] < longest[i]:
+            end = i
+    start = end - longest[end]
+    section = (end - start) / 3
+    return max(0, min(len(curve) - 1, start + int(section) + int(section / 2)))
 
 
 def _progress(total_steps: int, done_steps: int):
@@ -318,42 +500,56 @@ def _progress(total_steps: int, done_steps: int):
     return tqdm(total=total_steps, initial=done_steps, unit="batch", desc="fine-tune", file=sys.stderr, dynamic_ncols=True)
 
 
+def _stage(epoch: int, config: FineTuneConfig, groups: list[list]) -> int:
+    """How many groups train at `epoch`: none during the head's epochs, then all (or one more per epoch, gradual)."""
+    if epoch < config.head_epochs:
+        return 0
+    return min(epoch - config.head_epochs + 1, len(groups)) if config.gradual else len(groups)
+
+
 def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], work: _WorkFolder, state: dict,
            log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None) -> dict:
     tf, _ = import_tensorflow()
     steps = math.ceil(mask["train"].sum() / config.batch_size)
-    bar = _progress(steps * config.epochs, steps * state["epoch"])
+    total = config.head_epochs + config.epochs
+    bar = _progress(steps * total, steps * state["epoch"])
     validation = (pixels[mask["validation"]], y[mask["validation"]])
     train_pixels, train_y = pixels[mask["train"]], y[mask["train"]]  # one copy, not one per epoch
     augment_batch = augmenter(tf, config.augment, pixels.shape[1]) if config.augment else None
-    compiled_for = None
+    peak = state["learning_rate"]
+    trainer, trained_stage = None, None
     try:
-        while state["epoch"] < config.epochs and state["waited"] < config.patience:
-            epoch = state["epoch"]
-            stage = min(epoch, len(groups)) if config.gradual else 1
-            if compiled_for != stage:
-                set_trainable(model, [layer for group in groups[:stage] for layer in group])
-                _compile(model, config.learning_rate)
-                model.optimizer.build(model.trainable_variables)
-                previous_stage = min(epoch - 1, len(groups)) if config.gradual else 1
-                # Resuming mid-stage: the optimizer carries on as it would have; at a new stage it starts afresh anyway.
-                if compiled_for is None and epoch > 0 and previous_stage == stage and not work.restore_optimizer(model, state):
+        while state["epoch"] < total and state["waited"] < config.patience:
+            epoch, started = state["epoch"], time.perf_counter()
+            stage, head_phase = _stage(epoch, config, groups), epoch < config.head_epochs
+            if trained_stage != stage:
+                set_trainable(model, [layer for group in groups[:stage] for layer in group], config.bn if stage else "frozen")
+                trainer = _Trainer(model, rate_groups(model, groups, stage, config.bn, config.lower_rate_factor), config)
+                # Resuming mid-stage: the optimizers carry on as they would have; at a new stage they start afresh anyway.
+                if (trained_stage is None and epoch > 0 and _stage(epoch - 1, config, groups) == stage
+                        and (epoch - 1 < config.head_epochs) == head_phase and not work.restore_optimizer(trainer.variables, state)):
                     log("note: the optimizer state could not be restored; it starts afresh")
-                compiled_for = stage
+                trained_stage = stage
+            phase_epoch, phase_epochs = (epoch, config.head_epochs) if head_phase else (epoch - config.head_epochs, config.epochs)
             losses = []
-            for batch, labels in _epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch):
+            for k, (batch, labels) in enumerate(_epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch)):
                 stop_if_interrupted()  # a KeyboardInterrupt TensorFlow swallowed in a callback
-                losses.append(float(model.train_on_batch(batch, labels)))
+                rate = scheduled_rate(peak, phase_epoch * steps + k, phase_epochs * steps, config.warmup)
+                losses.append(trainer.step(batch, labels, rate))
                 if bar is not None:
                     bar.update(1)
             val_loss = validation_loss(model, *validation) if len(validation[1]) else losses[-1]
             better = val_loss < state["best_loss"]
             state["history"]["loss"].append(float(np.mean(losses)))
             state["history"]["val_loss"].append(val_loss)
+            state["history"].setdefault("seconds", []).append(time.perf_counter() - started)
+            # The head's epochs and the warm-up are not held against patience: the rate is still rising.
+            patient = head_phase or (phase_epoch + 1) * steps <= config.warmup * phase_epochs * steps
             state.update(epoch=epoch + 1, best_loss=min(val_loss, state["best_loss"]),
-                         best_epoch=epoch + 1 if better else state["best_epoch"], waited=0 if better else state["waited"] + 1)
-            work.save(model, state, best=better)
-            message = f"epoch {epoch + 1}/{config.epochs}: loss {np.mean(losses):.4f}, val_loss {val_loss:.4f}"
+                         best_epoch=epoch + 1 if better else state["best_epoch"],
+                         waited=0 if better or patient else state["waited"] + 1)
+            work.save(model, state, best=better, optimizer_variables=trainer.variables)
+            message = f"epoch {epoch + 1}/{total}: loss {np.mean(losses):.4f}, val_loss {val_loss:.4f}"
             bar.set_postfix_str(message) if bar is not None else log(message)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
@@ -403,7 +599,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
               on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
     """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent)."""
     from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths,
-                                             write_predictions_csv, write_run_record)
+                                             write_lr_find, write_predictions_csv, write_run_record)
     from bottleneck.learn.runs import versions
 
     tf, keras = import_tensorflow()
@@ -421,7 +617,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         model = build_classifier(run)
         size = int(model.input_shape[1])
         unfrozen = choose_unfrozen(tunable_layers(model), config)
-        groups = unfreeze_groups(unfrozen, config.gradual)
+        groups = unfreeze_groups(unfrozen)
         pixels, y, relpaths, splits, listed = _load_split_pixels(run, size, log)
         mask = {name: splits == name for name in SPLITS}
         if not mask["train"].any():
@@ -436,9 +632,14 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         else:
             state = _starting_state(model, pixels[mask["validation"]], y[mask["validation"]], work)
         state["parent"] = parent
-        log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
-            f"{int(mask['train'].sum())} images, {config.epochs} epochs at most, learning rate {config.learning_rate:g}")
         started = time.perf_counter()
+        if "learning_rate" not in state:
+            state["learning_rate"] = _choose_learning_rate(model, pixels[mask["train"]], y[mask["train"]], config, groups,
+                                                           state, log)
+        log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
+            f"{int(mask['train'].sum())} images, {config.head_epochs} head epochs then {config.epochs} at most, "
+            f"learning rate {state['learning_rate']:.3g} (lower groups down to 1/{config.lower_rate_factor:g} of it), "
+            f"BatchNorm {config.bn}")
         state = _train(model, pixels, y, mask, config, groups, work, state, log, on_epoch_end)
         if work.path(state, "best") is not None:
             import warnings
@@ -456,7 +657,12 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
                    "history": state["history"], "best_epoch": state["best_epoch"], "parent_run": run.run_id,
                    "unfrozen_layers": [layer.name for layer in unfrozen],
                    "pretrained": bool(run.spec.pretrained), "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
+        if state.get("lr_find"):
+            metrics["lr_find"] = {k: state["lr_find"][k] for k in ("minimum", "steepest", "chosen", "rule")}
+        metrics["learning_rate"] = state["learning_rate"]
         with new_run(runs, "fine-tune") as (final, staging):
+            if state.get("lr_find"):
+                write_lr_find(staging, state["lr_find"])
             _without_optimizer(model).save(staging / "model.keras")
             (staging / "labels.json").write_text(json.dumps(run.labels))
             shutil.copyfile(run.folder / "split.csv", staging / "split.csv")
