@@ -58,27 +58,28 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "fine-tune",
         help="fine-tune a run's backbone and head end to end (phase two)",
-        description="Start from a run's backbone and trained head, unfreeze the top layers (BatchNorm stays in "
-        "inference mode), and train on the run's own split with a low learning rate, early stopping on validation "
-        "loss and seeded augmentation. Re-reads the images. Ctrl-C keeps the best epoch; the same command resumes.",
+        description="Start from a run's backbone and trained head, unfreeze the top layers, and train on the run's own "
+        "split: one optimizer per layer group (lower groups slower), a one-cycle schedule (warm-up, then cosine), "
+        "label smoothing, early stopping on validation loss and seeded augmentation. Re-reads the images. Ctrl-C "
+        "keeps the best epoch; the same command resumes.",
         epilog="example: bottleneck fine-tune --run runs/20260101-120000-logreg-ab12 --unfreeze 20 --augment flip,crop",
     )
     parser.add_argument("--run", required=True, help="a run folder written by train-head (or fine-tune)")
     parser.add_argument("--runs", default=None, help="folder for the new run (default: beside the parent run)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--unfreeze", type=bounded_int(1, 100_000), default=None, metavar="N",
-                       help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm always stays frozen)")
+                       help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm: see --bn)")
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="unfreeze LAYER and every layer above it")
     parser.add_argument("--gradual", action="store_true",
                         help="train the head alone for one epoch, then unfreeze one group of layers per epoch")
-    parser.add_argument("--learning-rate", type=_RateOrAuto(), default=1e-4,
+    parser.add_argument("--learning-rate", type=_RateOrAuto(), default=1e-3,
                         help="peak learning rate of the top group and the head, %(type)s: 'auto' runs a learning-rate "
-                        "finder first (its curve: lr_find.json and lr_find.png in the run) (default: 1e-4)")
+                        "finder first (its curve: lr_find.json and lr_find.png in the run) (default: 1e-3)")
     parser.add_argument("--head-epochs", type=bounded_int(0, 100_000), default=0,
                         help="epochs training the head alone (the base frozen) before unfreezing, %(type)s (default: 0)")
-    parser.add_argument("--bn", choices=("frozen", "affine", "train"), default="frozen",
+    parser.add_argument("--bn", choices=("frozen", "affine", "train"), default="affine",
                         help="BatchNorm: frozen (inference mode, as the Keras guide), affine (gamma and beta train, "
-                        "statistics frozen, as fastai) or train (batch statistics) (default: frozen)")
+                        "statistics frozen, as fastai) or train (batch statistics) (default: affine)")
     parser.add_argument("--lower-rate-factor", type=finite_float(1, 1e6), default=10.0,
                         help="discriminative rates: the lowest of up to 4 layer groups learns this many times slower "
                         "than the top one, %(type)s (default: 10)")
@@ -87,8 +88,8 @@ def add_parser(commands) -> None:
                         "%(type)s (default: 0.3)")
     parser.add_argument("--weight-decay", type=finite_float(0, 1), default=0.0,
                         help="AdamW's decoupled weight decay, %(type)s (default: 0, plain Adam)")
-    parser.add_argument("--label-smoothing", type=finite_float(0, 0.5), default=0.0,
-                        help="label smoothing of the training loss, %(type)s (default: 0)")
+    parser.add_argument("--label-smoothing", type=finite_float(0, 0.5), default=0.1,
+                        help="label smoothing of the training loss, %(type)s (default: 0.1)")
     parser.add_argument("--epochs", type=EPOCHS, default=10, help="most epochs, %(type)s (default: 10)")
     parser.add_argument("--batch-size", type=BATCH_SIZE, default=16, help="batch size, %(type)s (default: 16)")
     parser.add_argument("--patience", type=PATIENCE, default=3,
