@@ -11,8 +11,9 @@ seen). On one target split the demo compares:
   (d) the same network trained from scratch on the few target images,
   (e) each transferred model fine-tuned end to end (`fine-tune`, phase two).
 
-It shows both outcomes honestly: negative transfer from the far source, and a clear win from the
-close one. Everything lands in one work folder; a second run reuses the models and the feature cache.
+It shows the outcomes honestly: negative transfer from the far source's frozen features (which
+fine-tuning end to end recovers, on the measured defaults), and a clear win from the close one.
+Everything lands in one work folder; a second run reuses the models and the feature cache.
 """
 from __future__ import annotations
 
