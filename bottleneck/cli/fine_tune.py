@@ -71,7 +71,7 @@ def add_parser(commands) -> None:
                        help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm: see --bn)")
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="unfreeze LAYER and every layer above it")
     parser.add_argument("--gradual", action="store_true",
-                        help="train the head alone for one epoch, then unfreeze one group of layers per epoch")
+                        help="after the head's epochs, unfreeze one more group of layers (of up to 4, the top first) per epoch")
     parser.add_argument("--learning-rate", type=_RateOrAuto(), default=1e-3,
                         help="peak learning rate of the top group and the head, %(type)s: 'auto' runs a learning-rate "
                         "finder first (its curve: lr_find.json and lr_find.png in the run) (default: 1e-3)")
