@@ -288,3 +288,17 @@ def test_learning_rate_finder_lands_in_the_good_range_and_keeps_its_curve(weak_h
     initial = loss_after(1e-12)
     good = [rate for rate in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1) if loss_after(rate) < initial / 2]
     assert good and min(good) / 3 <= chosen <= max(good) * 3, (chosen, good)
+
+
+def test_a_split_over_the_memory_budget_is_decoded_per_batch_with_the_same_result(parent, tmp_path):
+    _, _, _, run = parent
+    config = FineTuneConfig(epochs=2, learning_rate="auto", batch_size=8, patience=10, augment=("flip", "crop"))
+    said: list[str] = []
+    streamed = fine_tune(run, config, tmp_path / "streamed", log=said.append, max_memory=1000)
+    assert any("are over the memory budget" in line and "per batch" in line for line in said), said
+    held = fine_tune(run, config, tmp_path / "held", max_memory=2**30)
+    assert streamed.metrics["learning_rate"] == held.metrics["learning_rate"]
+    np.testing.assert_allclose(streamed.metrics["history"]["val_loss"], held.metrics["history"]["val_loss"], rtol=1e-6)
+    for name in ("train", "validation", "test"):
+        assert streamed.metrics["splits"][name]["accuracy"] == held.metrics["splits"][name]["accuracy"]
+        assert abs(streamed.metrics["splits"][name]["log_loss"] - held.metrics["splits"][name]["log_loss"]) < 1e-6

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, print_split_scores, stderr
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, memory_budget,
+                                   print_split_scores, stderr)
 
 
 class _RateOrAuto:
@@ -35,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
     """Fine-tune a run's backbone and head end to end on the run's own split; write a new run folder."""
     from bottleneck.learn.finetune import FineTuneConfig, fine_tune
 
+    max_memory = memory_budget(args.max_memory)  # a bad size fails before any work
     config = FineTuneConfig(unfreeze=args.unfreeze, unfreeze_from=args.unfreeze_from, learning_rate=args.learning_rate,
                             epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
                             augment=_augmentations(args.augment), gradual=args.gradual, seed=args.seed,
                             head_epochs=args.head_epochs, bn=args.bn, lower_rate_factor=args.lower_rate_factor,
                             warmup=args.warmup, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing)
-    result = fine_tune(args.run, config, args.runs, log=stderr, argv=["bottleneck", *sys.argv[1:]])
+    result = fine_tune(args.run, config, args.runs, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory)
     out = stderr if args.json else print
     metrics = result.metrics
     out(f"fine-tuned {metrics['parent_run']} -> {result.run_dir}  (best epoch {metrics['best_epoch']}, "
@@ -96,6 +98,10 @@ def add_parser(commands) -> None:
                         help="epochs without a better validation loss before stopping, %(type)s (default: 3)")
     parser.add_argument("--augment", default="", metavar="LIST",
                         help="comma-separated seeded augmentations: flip, crop, brightness (default: none)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for the decoded images (512M, 2G, ...): a split whose decoded pixels (twice, "
+                        "with the training copy) do not fit is decoded per batch instead (default: a quarter of the "
+                        "available memory)")
     parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of the weights' updates, order and augmentation, %(type)s (default: 0)")
     parser.add_argument("--json", action="store_true",

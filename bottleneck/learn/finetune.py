@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,7 +252,7 @@ def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig
     order = rng.permutation(len(y))
     for start in range(0, len(order), config.batch_size):
         rows = order[start:start + config.batch_size]
-        batch = tf.constant(pixels[rows].astype(np.float32))
+        batch = tf.constant(_decode(pixels, rows).astype(np.float32))
         if augment_batch is not None:
             seeds = tf.constant(np.stack([np.full(len(rows), config.seed), epoch * len(y) + rows], 1), tf.int32)
             batch = augment_batch(batch, seeds)
@@ -332,7 +333,7 @@ def _without_optimizer(model):
 
 def validation_loss(model, pixels: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of the true labels, computed the same way for epoch 0 and every later epoch."""
-    proba = np.clip(model.predict(pixels.astype(np.float32), batch_size=64, verbose=0), 1e-7, 1 - 1e-7)
+    proba = np.clip(_predict(model, pixels), 1e-7, 1 - 1e-7)
     return float(-np.mean(np.log(proba[np.arange(len(y)), y])))
 
 
@@ -378,21 +379,115 @@ def _save_weights_atomically(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None]):
+class _StreamedImages:
+    """The split's images decoded per batch through the one decoder (the split held as paths, not pixels):
+    what fine-tune uses when the decoded split would not fit in the memory budget."""
+
+    def __init__(self, paths: list[Path], size: int, log_file: Path):
+        self.paths, self.size, self.log_file = paths, size, log_file
+        self.shape = (len(paths), size, size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index) -> "_StreamedImages":
+        rows = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
+        return _StreamedImages([self.paths[i] for i in rows], self.size, self.log_file)
+
+    def decode(self, rows) -> np.ndarray:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from bottleneck.features.noise import decoder_noise_to
+
+        with ThreadPoolExecutor() as pool, decoder_noise_to(self.log_file):
+            pixels = list(pool.map(_decode_or_none, [self.paths[i] for i in rows], [self.size] * len(rows)))
+        for i, found in zip(rows, pixels):
+            if found is None:
+                raise DataError(f"{self.paths[i]} decoded when fine-tuning began and cannot be decoded now; "
+                                "restore it and run the same command again (finished epochs are kept)")
+        return np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8)
+
+
+def _decode_or_none(path: Path, size: int) -> np.ndarray | None:
+    """One image through the guards of `features` (as `load_images` decodes it), or None."""
+    from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
+    from bottleneck.features.noise import decoding
+
+    try:
+        with decoding(path):
+            return decode_image_file(path, size, DEFAULT_MAX_PIXELS)
+    except (ImageDecodeError, UnreadableImage):
+        return None
+
+
+def _subset(pixels, index):
+    return pixels.subset(index) if isinstance(pixels, _StreamedImages) else pixels[index]
+
+
+def _decode(pixels, rows) -> np.ndarray:
+    return pixels.decode(rows) if isinstance(pixels, _StreamedImages) else pixels[rows]
+
+
+def _predict(model, pixels) -> np.ndarray:
+    """Probabilities in batches of 64, whether the pixels are in memory or decoded 256 at a time (the same batches)."""
+    if not isinstance(pixels, _StreamedImages):
+        return model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
+    chunks = [model.predict(pixels.decode(np.arange(start, min(start + 256, len(pixels)))).astype(np.float32),
+                            batch_size=64, verbose=0) for start in range(0, len(pixels), 256)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, int(model.output_shape[-1])), np.float32)
+
+
+def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], max_memory: int | None = None):
+    """The run's split, decoded in memory when it fits in `max_memory` (default: a quarter of what is available;
+    the training rows are copied once, so twice the split), else as a `_StreamedImages` decoded per batch."""
+    from bottleneck.learn.memory import default_budget, human
+
     data = run.data_dir or Path("")
     if not data.is_dir():
         raise DataError(f"the images run {run.run_id} was trained on are not at {data} any more; fine-tuning re-reads them")
-    log(f"decoding the images of run {run.run_id} at {size}x{size}")
     listed = len(read_split_csv(run.folder / "split.csv"))
-    pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
-                                                   layout=run.config.get("layout", "classes"),
-                                                   labels=run.config.get("labels_file"),
-                                                   columns=Columns(**run.config["columns"]) if run.config.get("columns") else None,
-                                                   cache_dir=run.cache_dir)
+    budget = max_memory if max_memory is not None else default_budget()
+    needed = 2 * listed * size * size * 3
+    columns = Columns(**run.config["columns"]) if run.config.get("columns") else None
+    if needed <= budget:
+        log(f"decoding the images of run {run.run_id} at {size}x{size}")
+        pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
+                                                       layout=run.config.get("layout", "classes"),
+                                                       labels=run.config.get("labels_file"), columns=columns,
+                                                       cache_dir=run.cache_dir)
+    else:
+        log(f"the decoded images of run {run.run_id} at {size}x{size} ({human(needed)}) are over the memory budget "
+            f"({human(budget)}): checking that each decodes, then decoding them per batch")
+        pixels, labels, relpaths, splits = _streamed_split(run, data, size, columns)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
-    return (pixels[keep], np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],
+    return (_subset(pixels, keep), np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],
             np.array([splits[i] for i in keep]), listed)
+
+
+def _streamed_split(run: LoadedRun, data: Path, size: int, columns):
+    """The images `load_images` would decode (the run's split.csv, in discovery order) and that decode now."""
+    from bottleneck.features.discover import discover_images
+    from bottleneck.features.noise import decoder_log_in
+
+    discovery = discover_images(data, layout=run.config.get("layout", "classes"), labels=run.config.get("labels_file"),
+                                columns=columns)
+    saved = read_split_csv(run.folder / "split.csv")
+    chosen = [(image, saved[image.relpath][1]) for image in discovery.images
+              if saved.get(image.relpath, (None, "unlisted"))[1] in SPLITS]
+    cache = run.cache_dir if run.cache_dir and os.path.isdir(run.cache_dir) else Path(tempfile.gettempdir())
+    log_file = decoder_log_in(Path(cache), os.access(cache, os.W_OK))
+    everything = _StreamedImages([image.path for image, _ in chosen], size, log_file)
+    decodes = []
+    for start in range(0, len(chosen), 256):  # a bounded pass: each image decoded once and let go
+        stop_if_interrupted()
+        rows = range(start, min(start + 256, len(chosen)))
+        decodes += [_decode_or_none(everything.paths[i], size) is not None for i in rows]
+    keep = [i for i, ok in enumerate(decodes) if ok]
+    if not keep:
+        raise DataError(f"no decodable images in {data} for the splits {', '.join(SPLITS)}")
+    return (everything.subset(keep), [chosen[i][0].label for i in keep], [chosen[i][0].relpath for i in keep],
+            [chosen[i][1] for i in keep])
 
 
 class _Trainer:
@@ -524,8 +619,8 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
     steps = math.ceil(mask["train"].sum() / config.batch_size)
     total = config.head_epochs + config.epochs
     bar = _progress(steps * total, steps * state["epoch"])
-    validation = (pixels[mask["validation"]], y[mask["validation"]])
-    train_pixels, train_y = pixels[mask["train"]], y[mask["train"]]  # one copy, not one per epoch
+    validation = (_subset(pixels, mask["validation"]), y[mask["validation"]])
+    train_pixels, train_y = _subset(pixels, mask["train"]), y[mask["train"]]  # one copy, not one per epoch
     augment_batch = augmenter(tf, config.augment, pixels.shape[1]) if config.augment else None
     peak = state["learning_rate"]
     trainer, trained_stage = None, None
@@ -579,7 +674,7 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
     test_rows: tuple = ([], [], np.zeros((0, len(labels))))
     for name in SPLITS:
         rows = np.flatnonzero(mask[name])
-        proba = model.predict(pixels[rows].astype(np.float32), batch_size=64, verbose=0).astype(np.float64) if len(rows) else np.zeros((0, len(labels)))
+        proba = _predict(model, _subset(pixels, rows)).astype(np.float64) if len(rows) else np.zeros((0, len(labels)))
         truth = [labels[i] for i in y[rows]]
         metrics[name] = split_metrics(proba, truth, labels)
         if name == "test":
@@ -607,8 +702,11 @@ def _one_at_a_time(folder: Path, run_id: str):
 
 def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfig(), runs_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
-              on_epoch_end: Callable[[int], None] | None = None) -> FineTuneResult:
-    """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent)."""
+              on_epoch_end: Callable[[int], None] | None = None, max_memory: int | None = None) -> FineTuneResult:
+    """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent).
+
+    The run's split is decoded once and held in memory when twice its decoded size fits in `max_memory` bytes
+    (default: a quarter of the memory available); otherwise its images are decoded per batch (same results)."""
     from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths,
                                              write_lr_find, write_predictions_csv, write_run_record)
     from bottleneck.learn.runs import versions
@@ -629,7 +727,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         size = int(model.input_shape[1])
         unfrozen = choose_unfrozen(tunable_layers(model), config)
         groups = unfreeze_groups(unfrozen)
-        pixels, y, relpaths, splits, listed = _load_split_pixels(run, size, log)
+        pixels, y, relpaths, splits, listed = _load_split_pixels(run, size, log, max_memory)
         mask = {name: splits == name for name in SPLITS}
         if not mask["train"].any():
             raise DataError(f"run {run.run_id} has no training image left to fine-tune on")
@@ -641,11 +739,11 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
             resumed = state["epoch"]
             log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
         else:
-            state = _starting_state(model, pixels[mask["validation"]], y[mask["validation"]], work)
+            state = _starting_state(model, _subset(pixels, mask["validation"]), y[mask["validation"]], work)
         state["parent"] = parent
         started = time.perf_counter()
         if "learning_rate" not in state:
-            state["learning_rate"] = _choose_learning_rate(model, pixels[mask["train"]], y[mask["train"]], config, groups,
+            state["learning_rate"] = _choose_learning_rate(model, _subset(pixels, mask["train"]), y[mask["train"]], config, groups,
                                                            state, log)
         log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
             f"{int(mask['train'].sum())} images, {config.head_epochs} head epochs then {config.epochs} at most, "
