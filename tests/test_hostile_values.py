@@ -16,7 +16,8 @@ from .conftest import make_dataset
 HOSTILE = ("nan", "inf", "-inf", "NaN", "-1", "0", "1e400", "99999999999999999999", "abc", "", "1.5", "0x10")
 
 #: Flags typed as text but meaning a number, parsed by their command before any work.
-TEXT_NUMBERS = {("train-head", "--max-memory"), ("audit", "--max-memory"), ("dump", "--max-memory")}
+TEXT_NUMBERS = {("train-head", "--max-memory"), ("audit", "--max-memory"), ("dump", "--max-memory"),
+                ("fine-tune", "--max-memory")}
 NUMBER_METAVARS = {"N", "SECONDS", "SIZE", "BYTES", "PIXELS"}
 
 
@@ -138,11 +139,12 @@ def test_the_bounds_read_well(capsys):
     ("inf", "--max-memory 'inf' is not a size"), ("0", "--max-memory must be more than 0 bytes"),
     ("abc", "--max-memory 'abc' is not a size"),
 ])
-@pytest.mark.parametrize("command", ["train-head", "audit", "dump"])
+@pytest.mark.parametrize("command", ["train-head", "audit", "dump", "fine-tune"])
 def test_max_memory_hostile_sizes_are_one_line(command, value, expected, tmp_path, capsys):
     where = {"train-head": ["--runs", str(tmp_path / "runs")], "audit": ["--out", str(tmp_path / "runs")],
-             "dump": ["--out", str(tmp_path / "runs" / "f.parquet")]}[command]
-    assert main([command, "--data", str(tmp_path / "nothing"), *where, "--max-memory", value]) == 2
+             "dump": ["--out", str(tmp_path / "runs" / "f.parquet")], "fine-tune": ["--runs", str(tmp_path / "runs")]}[command]
+    source = "--run" if command == "fine-tune" else "--data"
+    assert main([command, source, str(tmp_path / "nothing"), *where, "--max-memory", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bottleneck: error: {expected}") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before any work

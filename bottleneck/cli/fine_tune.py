@@ -5,7 +5,27 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, print_split_scores, stderr
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, memory_budget,
+                                   print_split_scores, stderr)
+
+
+class _RateOrAuto:
+    """`--learning-rate`: a number (nan and values under 0 left to the command's one-line check), or 'auto'."""
+
+    numeric = True
+    library_checks_low = True
+
+    def __init__(self):
+        self.number = finite_float(0, 10, low_open=True, library_checks_low=True)
+        self.__name__ = f"{self.number.__name__}, or auto"
+
+    def __call__(self, text: str):
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return self.number(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected a number {self.__name__}, got {text!r}") from None
 
 
 def _augmentations(text: str) -> tuple[str, ...]:
@@ -16,10 +36,13 @@ def run(args: argparse.Namespace) -> int:
     """Fine-tune a run's backbone and head end to end on the run's own split; write a new run folder."""
     from bottleneck.learn.finetune import FineTuneConfig, fine_tune
 
+    max_memory = memory_budget(args.max_memory)  # a bad size fails before any work
     config = FineTuneConfig(unfreeze=args.unfreeze, unfreeze_from=args.unfreeze_from, learning_rate=args.learning_rate,
                             epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
-                            augment=_augmentations(args.augment), gradual=args.gradual, seed=args.seed)
-    result = fine_tune(args.run, config, args.runs, log=stderr, argv=["bottleneck", *sys.argv[1:]])
+                            augment=_augmentations(args.augment), gradual=args.gradual, seed=args.seed,
+                            head_epochs=args.head_epochs, bn=args.bn, lower_rate_factor=args.lower_rate_factor,
+                            warmup=args.warmup, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing)
+    result = fine_tune(args.run, config, args.runs, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory)
     out = stderr if args.json else print
     metrics = result.metrics
     out(f"fine-tuned {metrics['parent_run']} -> {result.run_dir}  (best epoch {metrics['best_epoch']}, "
@@ -37,26 +60,48 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "fine-tune",
         help="fine-tune a run's backbone and head end to end (phase two)",
-        description="Start from a run's backbone and trained head, unfreeze the top layers (BatchNorm stays in "
-        "inference mode), and train on the run's own split with a low learning rate, early stopping on validation "
-        "loss and seeded augmentation. Re-reads the images. Ctrl-C keeps the best epoch; the same command resumes.",
+        description="Start from a run's backbone and trained head, unfreeze the top layers, and train on the run's own "
+        "split: one optimizer per layer group (lower groups slower), a one-cycle schedule (warm-up, then cosine), "
+        "label smoothing, early stopping on validation loss and seeded augmentation. Re-reads the images. Ctrl-C "
+        "keeps the best epoch; the same command resumes.",
         epilog="example: bottleneck fine-tune --run runs/20260101-120000-logreg-ab12 --unfreeze 20 --augment flip,crop",
     )
     parser.add_argument("--run", required=True, help="a run folder written by train-head (or fine-tune)")
     parser.add_argument("--runs", default=None, help="folder for the new run (default: beside the parent run)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--unfreeze", type=bounded_int(1, 100_000), default=None, metavar="N",
-                       help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm always stays frozen)")
+                       help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm: see --bn)")
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="unfreeze LAYER and every layer above it")
     parser.add_argument("--gradual", action="store_true",
-                        help="train the head alone for one epoch, then unfreeze one group of layers per epoch")
-    parser.add_argument("--learning-rate", type=finite_float(0, 10, low_open=True, library_checks_low=True), default=1e-5, help="Adam learning rate, %(type)s (default: 1e-5)")
+                        help="after the head's epochs, unfreeze one more group of layers (of up to 4, the top first) per epoch")
+    parser.add_argument("--learning-rate", type=_RateOrAuto(), default=1e-3,
+                        help="peak learning rate of the top group and the head, %(type)s: 'auto' runs a learning-rate "
+                        "finder first (its curve: lr_find.json and lr_find.png in the run) (default: 1e-3)")
+    parser.add_argument("--head-epochs", type=bounded_int(0, 100_000), default=0,
+                        help="epochs training the head alone (the base frozen) before unfreezing, %(type)s (default: 0)")
+    parser.add_argument("--bn", choices=("frozen", "affine", "train"), default="affine",
+                        help="BatchNorm: frozen (inference mode, as the Keras guide), affine (gamma and beta train, "
+                        "statistics frozen, as fastai) or train (batch statistics) (default: affine)")
+    parser.add_argument("--lower-rate-factor", type=finite_float(1, 1e6), default=10.0,
+                        help="discriminative rates: the lowest of up to 4 layer groups learns this many times slower "
+                        "than the top one, %(type)s (default: 10)")
+    parser.add_argument("--warmup", type=finite_float(0, 0.9), default=0.3,
+                        help="fraction of the steps warming the rate up before the cosine decay (one cycle), "
+                        "%(type)s (default: 0.3)")
+    parser.add_argument("--weight-decay", type=finite_float(0, 1), default=0.0,
+                        help="AdamW's decoupled weight decay, %(type)s (default: 0, plain Adam)")
+    parser.add_argument("--label-smoothing", type=finite_float(0, 0.5), default=0.1,
+                        help="label smoothing of the training loss, %(type)s (default: 0.1)")
     parser.add_argument("--epochs", type=EPOCHS, default=10, help="most epochs, %(type)s (default: 10)")
     parser.add_argument("--batch-size", type=BATCH_SIZE, default=16, help="batch size, %(type)s (default: 16)")
     parser.add_argument("--patience", type=PATIENCE, default=3,
                         help="epochs without a better validation loss before stopping, %(type)s (default: 3)")
     parser.add_argument("--augment", default="", metavar="LIST",
                         help="comma-separated seeded augmentations: flip, crop, brightness (default: none)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for the decoded images (512M, 2G, ...): a split whose decoded pixels (twice, "
+                        "with the training copy) do not fit is decoded per batch instead (default: a quarter of the "
+                        "available memory)")
     parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of the weights' updates, order and augmentation, %(type)s (default: 0)")
     parser.add_argument("--json", action="store_true",

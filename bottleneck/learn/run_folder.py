@@ -107,6 +107,27 @@ def write_run_record(staging: Path, config: dict, metrics: dict) -> None:
     (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
 
 
+LR_FIND_FILE = "lr_find.json"  # fine-tune --learning-rate auto: the finder's curve (and lr_find.png, its plot)
+
+
+def write_lr_find(staging: Path, curve: dict) -> None:
+    """The learning-rate finder's sweep: its numbers as lr_find.json and their plot as lr_find.png."""
+    (staging / LR_FIND_FILE).write_text(json.dumps(curve, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    axes.plot(curve["rates"], curve["smoothed"], label="smoothed training loss")
+    axes.axvline(curve["chosen"], color="tab:red", linestyle="--", label=f"chosen {curve['chosen']:.2g}")
+    axes.set(xscale="log", xlabel="learning rate", ylabel="loss", title="learning-rate finder")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(staging / "lr_find.png", dpi=80)
+    plt.close(figure)
+
+
 def relative_paths(run_folder: Path, **paths: str | os.PathLike | None) -> dict[str, str]:
     """Each path relative to the run folder: what the run finds them by once the project folder has moved."""
     return {key: os.path.relpath(Path(path).absolute(), run_folder.absolute()) for key, path in paths.items()
