@@ -215,3 +215,19 @@ def test_train_head_cli_shows_the_keras_heads_epochs(extracted, tmp_path, capsys
                  "--head", "keras", "--epochs", "2"]) == 0
     err = capsys.readouterr().err
     assert "keras head: epoch 1/2  loss " in err and "keras head: 2 epochs in" in err
+
+
+def test_c_auto_cross_validates_on_a_bounded_stratified_sample(monkeypatch):
+    """The search's cost stays bounded on a large training set: C is chosen on a seeded sample, every class in it."""
+    import bottleneck.learn.heads as heads
+
+    monkeypatch.setattr(heads, "C_SEARCH_ROWS", 60)
+    rng = np.random.default_rng(0)
+    y = np.array(["a"] * 150 + ["b"] * 40 + ["c"] * 10)
+    X = rng.normal(size=(200, 5)) + (y[:, None] == "a") * 2.0
+    head = LogRegHead(C="auto").fit(X, y)
+    assert head.C_search_["rows"] == 60 and head.C_search_["C"] in C_GRID
+    sample_X, sample_y = heads._search_sample(X, y, False, 0, 60)
+    assert dict(zip(*np.unique(sample_y, return_counts=True))) == {"a": 45, "b": 12, "c": 3}  # stratified
+    assert np.array_equal(heads._search_sample(X, y, False, 0, 60)[0], sample_X)  # seeded
+    assert head.n_features_in_ == 5 and len(head.predict(X)) == 200  # the final fit used every row

@@ -118,6 +118,30 @@ def _training_data(X, y, head: str, multi_label: bool) -> tuple[np.ndarray, Any]
 C_GRID = tuple(float(10.0 ** e) for e in range(-4, 3))
 #: Most folds `C="auto"` cross-validates over (fewer when the smallest class has fewer images).
 C_FOLDS = 5
+#: Most rows `C="auto"` cross-validates on (a seeded sample, every class kept): its cost stays bounded
+#: (about 9x one fit at 2,250 rows) however large the training set; the final fit uses every row.
+C_SEARCH_ROWS = 5000
+
+
+def _search_sample(X: np.ndarray, y, multi_label: bool, seed: int, limit: int | None = None) -> tuple[np.ndarray, Any]:
+    """At most `limit` (default `C_SEARCH_ROWS`) rows of X, y for choosing C: a seeded sample, stratified by class
+    (single-label)."""
+    limit = C_SEARCH_ROWS if limit is None else limit
+    if len(X) <= limit:
+        return X, y
+    rng_keep = np.sort(np.random.default_rng(seed).choice(len(X), limit, replace=False))
+    if multi_label:
+        chosen = np.empty(limit, dtype=object)
+        chosen[:] = [y[i] for i in rng_keep]
+        return X[rng_keep], chosen
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, _ = train_test_split(np.arange(len(X)), train_size=limit, stratify=np.asarray(y), random_state=seed)
+    except ValueError:  # a class of one image cannot be stratified: a plain sample (C 1 is kept then anyway)
+        keep = rng_keep
+    keep = np.sort(keep)
+    return X[keep], np.asarray(y)[keep]
 
 
 def _cross_validated_C(X: np.ndarray, y, multi_label: bool, class_weight, max_iter: int, seed: int) -> dict:
@@ -234,7 +258,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         X, y = _training_data(X, y, type(self).__name__, self.multi_label)
         if self.C == "auto":
-            X_all, y_all = _with_validation(X, y, validation_data, self.multi_label)
+            X_all, y_all = _search_sample(*_with_validation(X, y, validation_data, self.multi_label), self.multi_label,
+                                          self.random_state)
             self.C_search_ = _cross_validated_C(X_all, y_all, self.multi_label, self.class_weight, self.max_iter,
                                                 self.random_state)
             self.C_ = self.C_search_["C"]
