@@ -162,7 +162,7 @@ def test_a_backend_that_is_not_installed_is_one_line(work, capsys, monkeypatch):
     code = main(["features", str(work["data"]), "--cache", str(work["root"] / "x"), "--backend", "torch", *NETWORK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "the torch backend is not installed: pip install 'bottleneck[torch]'" in err
+    assert "the torch backend is not installed: pip install 'bottleneck-transfer[torch]'" in err
 
 
 def test_keras_cannot_switch_backend_inside_one_process(work, capsys):

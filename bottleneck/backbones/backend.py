@@ -20,7 +20,7 @@ from bottleneck.errors import BackboneError
 BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
 
-#: The pip extra that brings each backend (`pip install 'bottleneck[jax]'`).
+#: The pip extra that brings each backend (`pip install 'bottleneck-transfer[jax]'`).
 EXTRAS = {"tensorflow": "cpu' (or '[gpu]' on a CUDA machine", "jax": "jax", "torch": "torch"}
 #: The module whose presence says a backend is installed.
 _MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -43,7 +43,7 @@ def is_installed(backend: str) -> bool:
 
 
 def missing_backend_message(backend: str) -> str:
-    return (f"the {backend} backend is not installed: pip install 'bottleneck[{EXTRAS[backend]}]' "
+    return (f"the {backend} backend is not installed: pip install 'bottleneck-transfer[{EXTRAS[backend]}]' "
             "(or choose another --backend)")
 
 
@@ -178,7 +178,7 @@ def import_keras():
             import keras
     except ImportError as exc:
         if "keras" in str(exc).lower() and "No module named" in str(exc):
-            raise BackboneError("Keras is not installed: pip install 'bottleneck[cpu]'") from None
+            raise BackboneError("Keras is not installed: pip install 'bottleneck-transfer[cpu]'") from None
         raise BackboneError(f"Keras cannot start on the {backend} backend ({exc})") from None
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf

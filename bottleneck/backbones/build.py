@@ -47,7 +47,7 @@ def import_tensorflow():
         tf.get_logger().setLevel("ERROR")  # retracing notes and the like; errors still raise
     except ImportError:
         raise BackboneError(
-            "TensorFlow is not installed: pip install 'bottleneck[cpu]' (or '[gpu]' on a CUDA machine)"
+            "TensorFlow is not installed: pip install 'bottleneck-transfer[cpu]' (or '[gpu]' on a CUDA machine)"
         ) from None
     if keras.config.backend() != "tensorflow":
         raise BackboneError(f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on "
@@ -404,7 +404,7 @@ def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) ->
             raise BackboneError(f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto "
                                 "or openvino")
         if importlib.util.find_spec("openvino") is None:
-            raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck[openvino]'")
+            raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck-transfer[openvino]'")
         return "openvino"
     if runtime == "tensorflow":
         return "keras"

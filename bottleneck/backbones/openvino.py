@@ -66,7 +66,7 @@ def _import_openvino():
     try:
         import openvino
     except ImportError:
-        raise BackboneError("--runtime openvino needs the openvino package: pip install 'bottleneck[openvino]'") from None
+        raise BackboneError("--runtime openvino needs the openvino package: pip install 'bottleneck-transfer[openvino]'") from None
     return openvino
 
 

@@ -147,7 +147,7 @@ def _import_nncf():
     try:
         import nncf
     except ImportError:
-        raise BackboneError("--precision int8 needs NNCF: pip install 'bottleneck[openvino]'") from None
+        raise BackboneError("--precision int8 needs NNCF: pip install 'bottleneck-transfer[openvino]'") from None
     logging.getLogger("nncf").setLevel(logging.ERROR)
     return nncf
 

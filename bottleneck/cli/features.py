@@ -154,7 +154,7 @@ def add_parser(commands) -> None:
     engine.add_argument("--engine", choices=["local", "ray"], default="local",
                         help="local: this process, batches committed as they go (default); ray: shards of "
                         "--shard-size images over a pool of Ray Data actors, on this machine or a cluster, each "
-                        "written as one store segment, failed shards retried (pip install 'bottleneck[ray]')")
+                        "written as one store segment, failed shards retried (pip install 'bottleneck-transfer[ray]')")
     engine.add_argument("--shard-size", type=bounded_int(1, 1_000_000, library_checks_low=True), default=None, metavar="N",
                         help=f"ray: images per shard, %(type)s (default: {DEFAULT_SHARD_SIZE})")
     engine.add_argument("--ray-address", default=None, metavar="ADDRESS",

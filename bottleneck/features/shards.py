@@ -332,7 +332,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError("reading Parquet needs pyarrow: pip install 'bottleneck[parquet]' (or pyarrow)") from None
+        raise DataError("reading Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow)") from None
     return pq
 
 

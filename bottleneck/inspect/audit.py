@@ -189,7 +189,7 @@ def _require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"the audit needs {module}: pip install 'bottleneck[audit]' (faiss-cpu and cleanlab)") from None
+        raise DataError(f"the audit needs {module}: pip install 'bottleneck-transfer[audit]' (faiss-cpu and cleanlab)") from None
 
 
 class _NoBar:

@@ -81,7 +81,7 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise DumpError("writing Parquet needs pyarrow: pip install 'bottleneck[parquet]' (or pyarrow), or write "
+        raise DumpError("writing Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow), or write "
                         ".npz") from None
     return pa, pq
 

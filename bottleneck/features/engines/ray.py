@@ -51,7 +51,7 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise DataError("--engine ray needs Ray: pip install 'bottleneck[ray]'") from None
+        raise DataError("--engine ray needs Ray: pip install 'bottleneck-transfer[ray]'") from None
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported per shard, by us
     return ray
