@@ -31,7 +31,6 @@ issues only when asked (`exclude_label_issues`).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -192,18 +191,11 @@ def _require(module: str):
         raise DataError(f"the audit needs {module}: pip install 'bottleneck-transfer[audit]' (faiss-cpu and cleanlab)") from None
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
-
-
 def progress_bar(total: int, desc: str, unit: str, progress: bool):
-    """A tqdm bar with ETA on stderr (as `features` draws one), or one that draws nothing."""
-    if not progress or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
+    """A tqdm bar with ETA on stderr (the one `features` draws), or one that draws nothing."""
+    from bottleneck.features.engines.local import make_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+    return make_bar(total, progress, unit=unit, desc=desc)
 
 
 def knn_graph(Z: np.ndarray, k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
