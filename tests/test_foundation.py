@@ -1,0 +1,211 @@
+"""Foundation-model backbones (KerasHub): specs, fingerprints, preset folders, features, heads and predict.
+
+The table and the fingerprint are plain data and tested without KerasHub; building needs the opt-in
+keras-hub install (`make hub`), and those tests say they were skipped without it. Networks are tiny
+configurations written as local preset folders (`save_to_preset`), the way a downloaded preset is read.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bottleneck.backbones.foundation import CLIP_MEAN_RGB, CLIP_STD_RGB, FOUNDATION_MODELS
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.cli import main
+from bottleneck.errors import BackboneError
+from tests.conftest import make_dataset
+
+SIZE = 28  # two 14-pixel patches a side for DINOv2; CLIP, SigLIP and ViT use 14-pixel patches too here
+
+TINY = {
+    "dinov2": ("DINOV2Backbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
+                                      position_embedding_shape=(518, 518, 3))),
+    "clip": ("CLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64)),
+    "siglip": ("SigLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2,
+                                           intermediate_dim=64)),
+    "vit": ("ViTBackbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, mlp_dim=64)),
+}
+
+
+def write_preset(folder: Path, family: str, seed: int = 1, registers: int = 0) -> Path:
+    """A tiny preset folder of `family` with random weights, as `Backbone.save_to_preset` writes it."""
+    keras_hub = pytest.importorskip("keras_hub")
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    class_name, config = TINY[family]
+    if registers:
+        config = {**config, "num_register_tokens": registers}
+    getattr(keras_hub.models, class_name)(**config, image_shape=(SIZE, SIZE, 3)).save_to_preset(str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain data: no KerasHub needed
+
+def fake_preset(folder: Path, class_name: str = "DINOV2Backbone", hidden: int = 32, weights: bytes = b"w") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"class_name": class_name, "config": {
+        "hidden_dim": hidden, "image_shape": [SIZE, SIZE, 3], "patch_size": 14}}))
+    (folder / "model.weights.h5").write_bytes(weights)
+    return folder
+
+
+def test_defaults_are_pretrained_and_the_models_own_pooling():
+    dino = BackboneSpec("dinov2_small")  # the flags' defaults: weights imagenet, pooling avg
+    assert (dino.weights, dino.pooling, dino.input_size, dino.feature_dim, dino.kind) == ("hub", "cls", 224, 384,
+                                                                                           "foundation")
+    assert dino.pretrained and dino.preprocessing.startswith("torch: x / 255")
+    assert BackboneSpec("siglip2_b16").pooling == "pooled"
+    assert not BackboneSpec("vit_b16", weights="none").pretrained
+    assert "clip:" in BackboneSpec("clip_vit_b32").preprocessing
+
+
+def test_stores_never_mix(tmp_path):
+    one, other = fake_preset(tmp_path / "one"), fake_preset(tmp_path / "other", weights=b"other weights")
+    specs = [BackboneSpec("dinov2_small", weights=w, pooling=p, image_size=SIZE)
+             for w in ("none", "hub", str(one), str(other)) for p in ("cls", "mean")]
+    specs += [BackboneSpec("dinov2_base", weights="none", image_size=SIZE),
+              BackboneSpec("dinov2_reg_small", weights="none", image_size=SIZE),
+              BackboneSpec("vit_b16", weights="none", image_size=32),
+              BackboneSpec("dinov2_small", weights="none", image_size=2 * SIZE)]
+    fingerprints = [spec.fingerprint() for spec in specs]
+    assert len(set(fingerprints)) == len(specs)
+    assert fingerprints[4].startswith("dinov2_small-28-preset-cls-")
+    before = BackboneSpec("dinov2_small", weights=str(one)).fingerprint()
+    (one / "metadata.json").write_text("{}")  # any file of the preset is covered
+    assert BackboneSpec("dinov2_small", weights=str(one)).fingerprint() != before
+
+
+def test_bad_choices_are_one_line(tmp_path):
+    with pytest.raises(BackboneError, match="--pooling pooled does not fit dinov2_small"):
+        BackboneSpec("dinov2_small", pooling="pooled")
+    with pytest.raises(BackboneError, match="multiple of dinov2_small's patch size 14"):
+        BackboneSpec("dinov2_small", weights="none", image_size=30)
+    with pytest.raises(BackboneError, match="not a KerasHub preset folder"):
+        BackboneSpec("dinov2_small", weights=str(tmp_path))
+    with pytest.raises(BackboneError, match="holds a CLIPVisionEncoder, not a dinov2 model"):
+        BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "clip", "CLIPVisionEncoder")))
+    clip = BackboneSpec("clip_vit_b16", weights=str(fake_preset(tmp_path / "clip2", "CLIPVisionEncoder", hidden=48)))
+    assert (clip.feature_dim, clip.input_size) == (48, SIZE)
+
+
+def test_backbones_lists_them(capsys):
+    assert main(["backbones", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out.splitlines()[-1])}
+    assert set(FOUNDATION_MODELS) <= set(rows)
+    assert rows["dinov2_small"]["pooling"] == ["cls", "mean"] and rows["siglip2_b16"]["pooling"] == ["pooled"]
+    assert rows["clip_vit_b16"]["licence"] == "MIT" and rows["dinov2_base"]["feature_dim"] == 768
+
+
+def test_missing_keras_hub_is_one_line(monkeypatch):
+    from bottleneck.backbones.build import import_keras_hub
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # import keras_hub now raises ImportError
+    with pytest.raises(BackboneError, match=r"need KerasHub .*pip install --no-deps 'keras-hub>=0.32' \(or `make hub`"):
+        import_keras_hub()
+
+
+# ---------------------------------------------------------------------------------------------
+# Built with KerasHub
+
+def features_of(spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:
+    from bottleneck.backbones.build import build_feature_network
+
+    return np.asarray(build_feature_network(spec)(pixels))
+
+
+def reference_tokens(folder: Path, pixels: np.ndarray, mean, std) -> np.ndarray:
+    """The preset's own output on pixels normalized by hand."""
+    import keras_hub
+
+    backbone = keras_hub.models.Backbone.from_preset(str(folder))
+    normalized = (pixels / 255.0 - np.asarray(mean)) / np.asarray(std)
+    inputs = {"images": normalized} if isinstance(backbone.input, dict) else normalized
+    return np.asarray(backbone(inputs))
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype("float32")
+
+
+def test_dinov2_pooling_and_preprocessing_match_the_preset(tmp_path, pixels):
+    folder = write_preset(tmp_path / "dino", "dinov2", registers=2)
+    tokens = reference_tokens(folder, pixels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert tokens.shape == (3, 1 + 2 + 4, 32)
+    cls = features_of(BackboneSpec("dinov2_reg_small", weights=str(folder)), pixels)
+    mean = features_of(BackboneSpec("dinov2_reg_small", weights=str(folder), pooling="mean"), pixels)
+    np.testing.assert_allclose(cls, tokens[:, 0], atol=1e-5)
+    np.testing.assert_allclose(mean, tokens[:, 3:].mean(axis=1), atol=1e-5)  # registers left out
+
+
+@pytest.mark.parametrize("family,name,mean,std", [
+    ("clip", "clip_vit_b16", CLIP_MEAN_RGB, CLIP_STD_RGB),
+    ("siglip", "siglip2_b16", (0.5,) * 3, (0.5,) * 3),
+    ("vit", "vit_b16", (0.5,) * 3, (0.5,) * 3),
+])
+def test_each_family_matches_its_preset(tmp_path, pixels, family, name, mean, std):
+    folder = write_preset(tmp_path / family, family)
+    tokens = reference_tokens(folder, pixels, mean, std)
+    features = features_of(BackboneSpec(name, weights=str(folder)), pixels)
+    expected = tokens if tokens.ndim == 2 else tokens[:, 0]  # SigLIP: its pooled output; the others: the class token
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+    assert features.shape == (3, 32)
+
+
+def test_random_weights_build_the_rows_configuration(pixels):
+    spec = BackboneSpec("dinov2_small", weights="none", image_size=SIZE)
+    first, again = features_of(spec, pixels), features_of(spec, pixels)
+    assert first.shape == (3, 384) and np.array_equal(first, again)  # seeded: the same network each time
+    assert np.std(first) > 0
+
+
+def test_a_preset_folder_with_missing_weights_is_one_line(tmp_path):
+    folder = write_preset(tmp_path / "dino", "dinov2")
+    other = write_preset(tmp_path / "bigger", "dinov2")
+    config = json.loads((other / "config.json").read_text())
+    config["config"]["num_layers"] = 3  # a third block the weights file does not hold
+    (other / "config.json").write_text(json.dumps(config))
+    from bottleneck.backbones.build import build_feature_network
+
+    with pytest.raises(BackboneError, match=f"{other}"):
+        build_feature_network(BackboneSpec("dinov2_small", weights=str(other)))
+    assert build_feature_network(BackboneSpec("dinov2_small", weights=str(folder))) is not None
+
+
+def test_hub_offline_is_one_line():
+    pytest.importorskip("keras_hub")
+    from bottleneck.backbones.build import build_feature_network
+
+    with pytest.raises(BackboneError, match="could not get the KerasHub preset dinov2_small .*--weights DIR"):
+        build_feature_network(BackboneSpec("dinov2_small", weights="hub", image_size=SIZE))
+
+
+def test_features_train_head_predict(tmp_path):
+    folder = write_preset(tmp_path / "dino", "dinov2")
+    data = tmp_path / "data"
+    make_dataset(data, per_class=3)
+    flags = ["--backbone", "dinov2_small", "--weights", str(folder), "--pooling", "mean", "--runtime", "keras"]
+    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *flags, "--no-progress"]) == 0
+    (store,) = (tmp_path / "cache").glob("*.h5")
+    assert store.name.startswith("dinov2_small-28-preset-mean-")
+    assert main(["train-head", "--data", str(data), "--cache", str(tmp_path / "cache"), *flags[:-2],
+                 "--runs", str(tmp_path / "runs")]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["backbone"]["pooling"] == "mean"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["predict", "--run", str(run), str(data), "--json", "--cache", str(tmp_path / "cache"),
+                     "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith('{"path"')]
+    assert len(rows) == len(list(data.rglob("*.png")))
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 1  # predict read the same store
+    (folder / "metadata.json").write_text("{}")  # the preset changed since the head was trained
+    assert main(["predict", "--run", str(run), str(data), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 2
