@@ -22,7 +22,7 @@ from bottleneck.errors import BackboneError
 WEIGHTS_HUB = "hub"
 #: What a missing keras-hub says: it is an opt-in install (its declared dependencies pull the full
 #: tensorflow package beside tensorflow-cpu), see `make hub`.
-HUB_INSTALL = ("pip install regex tokenizers kagglehub && pip install --no-deps 'keras-hub>=0.32' (or `make hub`; "
+HUB_INSTALL = ("pip install regex tokenizers sentencepiece kagglehub && pip install --no-deps 'keras-hub>=0.32' (or `make hub`; "
                "keras-hub's own dependencies would pull the full tensorflow beside tensorflow-cpu)")
 
 #: CLIP's own per-channel statistics (RGB, 0-1), from OpenAI's preprocessing.
