@@ -200,7 +200,7 @@ def test_features_train_head_predict(tmp_path):
     (store,) = (tmp_path / "cache").glob("*.h5")
     assert store.name.startswith("dinov2_small-28-preset-mean-")
     assert main(["train-head", "--data", str(data), "--cache", str(tmp_path / "cache"), *flags[:-2],
-                 "--runs", str(tmp_path / "runs")]) == 0
+                 "--runs", str(tmp_path / "runs"), "--head", "keras", "--epochs", "2"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert json.loads((run / "config.json").read_text())["backbone"]["pooling"] == "mean"
     out = io.StringIO()
@@ -210,6 +210,10 @@ def test_features_train_head_predict(tmp_path):
     rows = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith('{"path"')]
     assert len(rows) == len(list(data.rglob("*.png")))
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 1  # predict read the same store
+    # export (the .keras file and the SavedModel, each checked against predict) and fine-tune take it as it is
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exported"), "--no-progress"]) == 0
+    assert (tmp_path / "exported" / "model.keras").is_file() and (tmp_path / "exported" / "saved_model").is_dir()
+    assert main(["fine-tune", "--run", str(run), "--epochs", "1", "--unfreeze", "2"]) == 0
     (folder / "metadata.json").write_text("{}")  # the preset changed since the head was trained
     assert main(["predict", "--run", str(run), str(data), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 2
 
@@ -309,3 +313,16 @@ def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, 
 def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
     gaps = hugging_face_parity(tmp_path, family, pixels)
     assert max(gaps.values()) < 1e-4, gaps
+
+
+def test_openvino_computes_the_same_features(tmp_path, pixels):
+    pytest.importorskip("openvino")
+    from bottleneck.backbones.build import get_feature_model
+
+    folder = write_preset(tmp_path / "dino", "dinov2")
+    spec = BackboneSpec("dinov2_small", weights=str(folder))
+    batch = pixels.astype(np.uint8)
+    keras_features = get_feature_model(spec, "keras")(batch)
+    openvino_features = get_feature_model(spec, "openvino", tmp_path / "cache")(batch)
+    spread = np.median(np.linalg.norm(keras_features - keras_features.mean(0), axis=1))
+    assert np.linalg.norm(keras_features - openvino_features, axis=1).max() / spread < 1e-4
