@@ -45,7 +45,11 @@ def write_preset(folder: Path, family: str, seed: int = 1, registers: int = 0) -
     class_name, config = TINY[family]
     if registers:
         config = {**config, "num_register_tokens": registers}
-    getattr(keras_hub.models, class_name)(**config, image_shape=(SIZE, SIZE, 3)).save_to_preset(str(folder))
+    model = getattr(keras_hub.models, class_name)(**config, image_shape=(SIZE, SIZE, 3))
+    for variable in model.weights:  # numbered, as in KerasHub's own CLIP presets (a fresh CLIP leaves them 0)
+        if variable.path.endswith("position_ids"):
+            variable.assign(np.arange(variable.shape[1]).reshape(variable.shape))
+    model.save_to_preset(str(folder))
     return folder
 
 
@@ -309,6 +313,68 @@ def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, 
     return gaps
 
 
+def clip_from_transformers(model, folder: Path) -> None:
+    """Save transformers' CLIPVisionModel `model` as a KerasHub CLIPVisionEncoder preset (KerasHub has no CLIP
+    converter): the same weights, laid out as Keras keeps them."""
+    import keras_hub
+
+    config = model.config
+    heads, width = config.num_attention_heads, config.hidden_size
+    encoder = keras_hub.models.CLIPVisionEncoder(
+        patch_size=config.patch_size, hidden_dim=width, num_layers=config.num_hidden_layers, num_heads=heads,
+        intermediate_dim=config.intermediate_size, image_shape=(config.image_size, config.image_size, 3))
+    vision = getattr(model, "vision_model", model)  # transformers 5 keeps the layers on the model itself
+    state = {key: value.numpy() for key, value in vision.state_dict().items()}
+    values = {
+        "embedding/class_embedding": state["embeddings.class_embedding"],
+        "embedding/patch_embedding/kernel": state["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+        "embedding/position_embedding/embeddings": state["embeddings.position_embedding.weight"],
+        "pre_layer_norm/gamma": state["pre_layrnorm.weight"], "pre_layer_norm/beta": state["pre_layrnorm.bias"],
+        "layer_norm/gamma": state["post_layernorm.weight"], "layer_norm/beta": state["post_layernorm.bias"],
+    }
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"encoder_block_{i}/", f"encoder.layers.{i}."
+        for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            values[f"{ours}attention/{name}/kernel"] = state[f"{theirs}self_attn.{proj}.weight"].T.reshape(
+                width, heads, -1)
+            values[f"{ours}attention/{name}/bias"] = state[f"{theirs}self_attn.{proj}.bias"].reshape(heads, -1)
+        values[f"{ours}attention/attention_output/kernel"] = state[f"{theirs}self_attn.out_proj.weight"].T.reshape(
+            heads, -1, width)
+        values[f"{ours}attention/attention_output/bias"] = state[f"{theirs}self_attn.out_proj.bias"]
+        for n in (1, 2):
+            values[f"{ours}layer_norm_{n}/gamma"] = state[f"{theirs}layer_norm{n}.weight"]
+            values[f"{ours}layer_norm_{n}/beta"] = state[f"{theirs}layer_norm{n}.bias"]
+            values[f"{ours}dense_{n}/kernel"] = state[f"{theirs}mlp.fc{n}.weight"].T
+            values[f"{ours}dense_{n}/bias"] = state[f"{theirs}mlp.fc{n}.bias"]
+    assigned = 0
+    for variable in encoder.weights:
+        if variable.path in values:
+            variable.assign(values[variable.path])
+            assigned += 1
+    assert assigned == len(values) == len(encoder.weights) - 1  # all but position_ids, which are constants
+    encoder.save_to_preset(str(folder))
+
+
+def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("keras_hub")
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+        image_size=SIZE)).eval()
+    clip_from_transformers(model, tmp_path / "keras")
+    normalized = (pixels / 255.0 - np.array(CLIP_MEAN_RGB)) / np.array(CLIP_STD_RGB)
+    with torch.no_grad():
+        out = model(pixel_values=torch.tensor(normalized.transpose(0, 3, 1, 2), dtype=torch.float32))
+        patches = getattr(model, "vision_model", model).post_layernorm(out.last_hidden_state)[:, 1:].mean(dim=1)
+    for pooling, expected in (("cls", out.pooler_output.numpy()), ("mean", patches.numpy())):
+        ours = features_of(BackboneSpec("clip_vit_b16", weights=str(tmp_path / "keras"), pooling=pooling), pixels)
+        spread = np.median(np.linalg.norm(expected - expected.mean(0), axis=1))
+        assert np.linalg.norm(ours - expected, axis=1).max() / spread < 1e-4, pooling
+
+
 @pytest.mark.parametrize("family", ["dinov2", "vit"])
 def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
     gaps = hugging_face_parity(tmp_path, family, pixels)
@@ -326,3 +392,12 @@ def test_openvino_computes_the_same_features(tmp_path, pixels):
     openvino_features = get_feature_model(spec, "openvino", tmp_path / "cache")(batch)
     spread = np.median(np.linalg.norm(keras_features - keras_features.mean(0), axis=1))
     assert np.linalg.norm(keras_features - openvino_features, axis=1).max() / spread < 1e-4
+
+
+def test_clip_built_from_its_configuration_numbers_its_positions():
+    pytest.importorskip("keras_hub")
+    from bottleneck.backbones.build import build_foundation_backbone
+
+    backbone = build_foundation_backbone(BackboneSpec("clip_vit_b32", weights="none", image_size=64))
+    (ids,) = [v for v in backbone.weights if v.path.endswith("position_ids")]
+    assert np.asarray(ids.numpy()).tolist() == [[0, 1, 2, 3, 4]]  # KerasHub leaves them all 0: one position for all

@@ -275,8 +275,25 @@ def build_foundation_backbone(spec: BackboneSpec):
             raise BackboneError(f"cannot load the preset folder {spec.weights} for {spec.architecture} "
                                 f"({_first_line(exc)})") from None
     backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
+    _number_the_positions(backbone)
     backbone.trainable = False
     return backbone
+
+
+def _number_the_positions(backbone) -> None:
+    """Give position ids left at zero their numbers 0..n-1.
+
+    KerasHub's CLIP vision embedding creates its position ids as zeros and counts on a weights file to fill
+    them in (SigLIP's numbers its own): built from a configuration, or saved from one, every token would get
+    the first position's embedding. Zeros are never meant, so any all-zero ids are numbered.
+    """
+    for layer in backbone._flatten_layers(include_self=False):
+        ids = getattr(layer, "position_ids", None)
+        if ids is None or not hasattr(ids, "assign"):
+            continue
+        values = np.asarray(ids.numpy())
+        if values.size > 1 and not values.any():
+            ids.assign(np.arange(values.size, dtype=values.dtype).reshape(values.shape))
 
 
 def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int]):
