@@ -168,6 +168,7 @@ def test_each_family_matches_its_preset(tmp_path, pixels, family, name, mean, st
 
 
 def test_random_weights_build_the_rows_configuration(pixels):
+    pytest.importorskip("keras_hub")
     spec = BackboneSpec("dinov2_small", weights="none", image_size=SIZE)
     first, again = features_of(spec, pixels), features_of(spec, pixels)
     assert first.shape == (3, 384) and np.array_equal(first, again)  # seeded: the same network each time
