@@ -90,6 +90,20 @@ def test_stores_never_mix(tmp_path):
     assert BackboneSpec("dinov2_small", weights=str(one)).fingerprint() != before
 
 
+def test_hugging_face_snapshots_of_other_models_are_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "hidden_size": 32}))
+    with pytest.raises(BackboneError, match="a Hugging Face snapshot of a 'clip' model; KerasHub converts dinov2"):
+        BackboneSpec("clip_vit_b16", weights=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 48, "image_size": 28,
+                                                      "patch_size": 14}))
+    with pytest.raises(BackboneError, match="holds a vit snapshot, not a dinov2 model"):
+        BackboneSpec("dinov2_small", weights=str(tmp_path))
+    with pytest.raises(BackboneError, match="has no .safetensors weights"):
+        BackboneSpec("vit_b16", weights=str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert BackboneSpec("vit_b16", weights=str(tmp_path)).feature_dim == 48
+
+
 def test_bad_choices_are_one_line(tmp_path):
     with pytest.raises(BackboneError, match="--pooling pooled does not fit dinov2_small"):
         BackboneSpec("dinov2_small", pooling="pooled")
@@ -299,7 +313,7 @@ def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, 
         whole.save_pretrained(tmp_path / "hf")
         model, normalized = whole.vit, pixels / 127.5 - 1
         name, loader = "vit_b16", keras_hub.models.ViTBackbone
-    loader.from_preset(str(tmp_path / "hf")).save_to_preset(str(tmp_path / "keras"))
+    loader.from_preset(str(tmp_path / "hf")).save_to_preset(str(tmp_path / "keras"))  # KerasHub's conversion
     with torch.no_grad():
         out = model(pixel_values=torch.tensor(normalized.transpose(0, 3, 1, 2), dtype=torch.float32))
     tokens = out.last_hidden_state.numpy()  # after the final layer norm in both
@@ -307,10 +321,11 @@ def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, 
     if family == "dinov2":
         np.testing.assert_array_equal(reference["cls"], out.pooler_output.numpy())
     gaps = {}
-    for pooling, expected in reference.items():
-        ours = features_of(BackboneSpec(name, weights=str(tmp_path / "keras"), pooling=pooling), pixels)
-        spread = np.median(np.linalg.norm(expected - expected.mean(0), axis=1))
-        gaps[pooling] = float(np.linalg.norm(ours - expected, axis=1).max() / spread)
+    for folder in ("keras", "hf"):  # the converted preset, and the snapshot itself as --weights
+        for pooling, expected in reference.items():
+            ours = features_of(BackboneSpec(name, weights=str(tmp_path / folder), pooling=pooling), pixels)
+            spread = np.median(np.linalg.norm(expected - expected.mean(0), axis=1))
+            gaps[f"{folder} {pooling}"] = float(np.linalg.norm(ours - expected, axis=1).max() / spread)
     return gaps
 
 

@@ -157,10 +157,15 @@ def read_preset_folder(path: str, model: FoundationModel) -> PresetFolder:
     if not folder.is_dir() or not config_file.is_file():
         raise BackboneError(f"--weights {path}: not a KerasHub preset folder (no config.json); use --weights hub, "
                             "none, or a folder that Backbone.save_to_preset wrote (config.json + model.weights.h5)")
+    try:
+        config = json.loads(config_file.read_text())
+        if isinstance(config, dict) and "model_type" in config:
+            return _hugging_face_snapshot(folder, config, model)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"--weights {path}: unreadable config.json ({exc})") from None
     if not (folder / "model.weights.h5").is_file():
         raise BackboneError(f"--weights {path}: the preset folder has no model.weights.h5")
     try:
-        config = json.loads(config_file.read_text())
         class_name = str(config.get("registered_name") or config["class_name"]).split(">")[-1]
         arguments = dict(config["config"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -171,6 +176,32 @@ def read_preset_folder(path: str, model: FoundationModel) -> PresetFolder:
                             f"({' or '.join(allowed)}) for --backbone {model.name}")
     if "vision_encoder" in arguments:  # a whole CLIP or SigLIP: its vision half
         arguments = dict(arguments["vision_encoder"].get("config", arguments["vision_encoder"]))
+    return PresetFolder(folder, class_name, arguments)
+
+
+#: Hugging Face model types KerasHub converts on loading, and the class each becomes.
+_SNAPSHOT_CLASSES = {"dinov2": "DINOV2Backbone", "vit": "ViTBackbone"}
+
+
+def _hugging_face_snapshot(folder: Path, config: dict, model: FoundationModel) -> PresetFolder:
+    """A transformers snapshot folder (config.json + model.safetensors) that KerasHub converts as it loads."""
+    model_type = str(config["model_type"])
+    class_name = _SNAPSHOT_CLASSES.get(model_type)
+    if class_name is None:
+        raise BackboneError(f"--weights {folder}: a Hugging Face snapshot of a {model_type!r} model; KerasHub converts "
+                            f"{' and '.join(_SNAPSHOT_CLASSES)} snapshots only (others: a KerasHub preset folder)")
+    if class_name not in _FAMILY_CLASSES[model.family]:
+        raise BackboneError(f"--weights {folder} holds a {model_type} snapshot, not a {model.family} model for "
+                            f"--backbone {model.name}")
+    if not list(folder.glob("*.safetensors")):
+        raise BackboneError(f"--weights {folder}: the Hugging Face snapshot has no .safetensors weights")
+    try:
+        size = int(config["image_size"])
+        arguments = {"hidden_dim": int(config["hidden_size"]), "image_shape": [size, size, 3],
+                     "patch_size": int(config["patch_size"]),
+                     "num_register_tokens": int(config.get("num_register_tokens", 0))}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BackboneError(f"--weights {folder}: config.json lacks {exc}") from None
     return PresetFolder(folder, class_name, arguments)
 
 
