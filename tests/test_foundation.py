@@ -104,6 +104,16 @@ def test_hugging_face_snapshots_of_other_models_are_one_line(tmp_path):
     assert BackboneSpec("vit_b16", weights=str(tmp_path)).feature_dim == 48
 
 
+def test_a_store_and_a_run_record_rebuild_the_same_backbone(tmp_path):
+    from bottleneck.backbones.spec import spec_from_record, spec_from_store_attrs, spec_record
+    from bottleneck.features.extract import store_attrs
+
+    spec = BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "one")), pooling="mean")
+    attrs = store_attrs(spec, spec.weights_id(), 32)
+    assert spec_from_store_attrs(attrs).fingerprint() == spec.fingerprint()
+    assert spec_from_record(json.loads(json.dumps(spec_record(spec)))).fingerprint() == spec.fingerprint()
+
+
 def test_bad_choices_are_one_line(tmp_path):
     with pytest.raises(BackboneError, match="--pooling pooled does not fit dinov2_small"):
         BackboneSpec("dinov2_small", pooling="pooled")
