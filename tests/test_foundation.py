@@ -125,6 +125,11 @@ def test_bad_choices_are_one_line(tmp_path):
         BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "clip", "CLIPVisionEncoder")))
     clip = BackboneSpec("clip_vit_b16", weights=str(fake_preset(tmp_path / "clip2", "CLIPVisionEncoder", hidden=48)))
     assert (clip.feature_dim, clip.input_size) == (48, SIZE)
+    with pytest.raises(BackboneError, match="clip_vit_b16 takes 28x28 images with these weights"):
+        BackboneSpec("clip_vit_b16", weights=clip.weights, image_size=2 * SIZE)
+    with pytest.raises(BackboneError, match="vit_b16 takes 224x224 images with these weights"):
+        BackboneSpec("vit_b16", image_size=112)
+    assert BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "one")), image_size=2 * SIZE).input_size == 2 * SIZE
 
 
 def test_backbones_lists_them(capsys):

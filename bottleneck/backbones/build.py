@@ -287,9 +287,8 @@ def _number_the_positions(backbone) -> None:
     them in (SigLIP's numbers its own): built from a configuration, or saved from one, every token would get
     the first position's embedding. Zeros are never meant, so any all-zero ids are numbered.
     """
-    for layer in backbone._flatten_layers(include_self=False):
-        ids = getattr(layer, "position_ids", None)
-        if ids is None or not hasattr(ids, "assign"):
+    for ids in backbone.non_trainable_weights:
+        if not ids.path.endswith("position_ids"):
             continue
         values = np.asarray(ids.numpy())
         if values.size > 1 and not values.any():

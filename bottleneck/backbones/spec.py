@@ -110,10 +110,15 @@ class BackboneSpec:
         if self.pooling not in model.poolings:
             raise BackboneError(f"--pooling {self.pooling} does not fit {model.name}; choose one of: "
                                 f"{', '.join(f'{p} ({POOLINGS[p]})' for p in model.poolings)}")
-        patch = model.patch_size
+        patch, trained_size = model.patch_size, model.default_size
         if self.weights not in (WEIGHTS_NONE, WEIGHTS_HUB):
-            patch = self.preset_folder.patch_size  # also checks the folder holds a model of this family
+            folder = self.preset_folder  # also checks the folder holds a model of this family
+            patch, trained_size = folder.patch_size, folder.image_size
         size = self.input_size
+        if self.weights != WEIGHTS_NONE and model.family != "dinov2" and size != trained_size:
+            # Only DINOv2 resizes its position embeddings to another grid; the others hold one per patch.
+            raise BackboneError(f"{model.name} takes {trained_size}x{trained_size} images with these weights (its "
+                                f"position embeddings are fixed); got --image-size {size}")
         if not patch <= size <= 1024 or size % patch:
             raise BackboneError(f"--image-size must be a multiple of {model.name}'s patch size {patch} "
                                 f"(between {patch} and 1024); got {size}")
