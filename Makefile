@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
+.PHONY: install torch hub browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 torch: $(STAMP)
 	@test -z "$(WITH_TORCH)" || $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(WITH_TORCH)
+
+# Foundation-model backbones (opt-in): keras-hub without its declared dependencies (tensorflow-text would pull the
+# full tensorflow beside tensorflow-cpu), plus the few its vision models import.
+hub: $(STAMP)
+	$(BIN)/python -c "import keras_hub" 2>/dev/null || ($(BIN)/python -m pip install --quiet -e ".[hub]" && \
+	  $(BIN)/python -m pip install --quiet --no-deps "keras-hub>=0.32")
 
 # The report test opens the page in headless Chromium; install it where it is missing (Debian, as root).
 browser:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bottleneck.backbones.applications import ARCHITECTURES
+from bottleneck.backbones.foundation import FOUNDATION_MODELS
 from bottleneck.backbones.build import FeatureModel, build_feature_network, build_keras_backbone, preprocessing_layers
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError
@@ -248,7 +249,7 @@ def test_backbones_command_lists_every_backbone_without_tensorflow(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     by_name = {row["name"]: row for row in rows}
-    assert set(by_name) == {*ARCHITECTURES, "pixels"}
+    assert set(by_name) == {*ARCHITECTURES, *FOUNDATION_MODELS, "pixels"}
     assert by_name["resnet50"]["weights_cached"] is True and by_name["xception"]["weights_cached"] is False
     assert by_name["resnet50"]["weights_path"] == str(home / "models" / ARCHITECTURES["resnet50"].weights_file)
     expected = {"default_size": 240, "min_size": 32, "feature_dim": 1280, "preprocess_mode": "none",

@@ -59,7 +59,9 @@ def test_fingerprint_names_the_exact_backbone(tmp_path, weights_files):
         ({"weights": "/nowhere/w.h5"}, "weights file not found: /nowhere/w.h5 (use --weights imagenet, none, or a path)"),
         ({"architecture": "vgg99"}, "unknown backbone 'vgg99'; choose one of: inception_v3, xception, resnet50, "
          "resnet50_v2, mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, efficientnet_b1, "
-         "efficientnet_b2, efficientnet_b3, efficientnet_v2_b0, convnext_tiny, densenet121, pixels, "
+         "efficientnet_b2, efficientnet_b3, efficientnet_v2_b0, convnext_tiny, densenet121, dinov2_small, "
+         "dinov2_base, dinov2_large, dinov2_reg_small, dinov2_reg_base, clip_vit_b16, clip_vit_b32, siglip2_b16, "
+         "vit_b16, pixels, "
          "or a path to a .keras model file"),
     ],
 )

@@ -231,6 +231,105 @@ def build_file_backbone(spec: BackboneSpec):
     return model
 
 
+def import_keras_hub():
+    """keras_hub, or a one-line error naming the install (it is an opt-in extra)."""
+    import_keras()
+    try:
+        with quiet_startup():
+            import keras_hub
+    except ImportError as exc:
+        from bottleneck.backbones.foundation import HUB_INSTALL
+
+        raise BackboneError(f"foundation-model backbones need KerasHub ({_first_line(exc)}): {HUB_INSTALL}") from None
+    return keras_hub
+
+
+def build_foundation_backbone(spec: BackboneSpec):
+    """The frozen KerasHub vision model of `spec` (DINOv2, CLIP or SigLIP vision, ViT): pixels -> tokens or pooled.
+
+    `--weights none` builds the row's configuration at `spec.input_size` with seeded NumPy weights; a preset
+    folder loads offline with `from_preset` (all weights or an error); `hub` downloads the preset once.
+    """
+    keras_hub = import_keras_hub()
+    model = spec.foundation
+    shape = (spec.input_size, spec.input_size, 3)
+    if spec.weights == WEIGHTS_NONE:
+        backbone = getattr(keras_hub.models, model.keras_hub_class)(**model.config, image_shape=shape)
+        portable_random_weights(backbone, RANDOM_WEIGHTS_SEED)
+    elif spec.weights == "hub":
+        backbone = _download_preset(keras_hub, spec, shape)
+    else:
+        folder = spec.preset_folder
+        loader = getattr(keras_hub.models, folder.class_name)
+
+        def load():
+            if folder.image_size == spec.input_size:
+                return loader.from_preset(str(folder.path))
+            return loader.from_preset(str(folder.path), image_shape=shape)  # DINOv2 interpolates its positions
+
+        try:
+            backbone = load_all_or_nothing(load, spec.weights, spec.architecture)
+        except BackboneError:
+            raise
+        except Exception as exc:
+            raise BackboneError(f"cannot load the preset folder {spec.weights} for {spec.architecture} "
+                                f"({_first_line(exc)})") from None
+    backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
+    _number_the_positions(backbone)
+    backbone.trainable = False
+    return backbone
+
+
+def _number_the_positions(backbone) -> None:
+    """Give position ids left at zero their numbers 0..n-1.
+
+    KerasHub's CLIP vision embedding creates its position ids as zeros and counts on a weights file to fill
+    them in (SigLIP's numbers its own): built from a configuration, or saved from one, every token would get
+    the first position's embedding. Zeros are never meant, so any all-zero ids are numbered.
+    """
+    for ids in backbone.non_trainable_weights:
+        if not ids.path.endswith("position_ids"):
+            continue
+        values = np.asarray(ids.numpy())
+        if values.size > 1 and not values.any():
+            ids.assign(np.arange(values.size, dtype=values.dtype).reshape(values.shape))
+
+
+def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int]):
+    model = spec.foundation
+    whole = {"clip": "CLIPBackbone", "siglip": "SigLIPBackbone"}.get(model.family, model.keras_hub_class)
+    loader = getattr(keras_hub.models, whole)
+    try:
+        kwargs = {} if spec.input_size == model.default_size else {"image_shape": shape}
+        return loader.from_preset(model.preset, **kwargs)
+    except Exception as exc:
+        reason = _first_line(exc)
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise BackboneError(
+            f"could not get the KerasHub preset {model.preset} ({reason}); KerasHub downloads it once "
+            "(from Kaggle) when online. Offline? Pass --weights DIR, a local preset folder (config.json + "
+            "model.weights.h5, as Backbone.save_to_preset writes it), or --weights none for random weights (tests only)"
+        ) from None
+
+
+def pool_tokens(spec: BackboneSpec, tokens, keras):
+    """`spec.pooling` of a foundation model's output, with built-in layers (so the network saves safely).
+
+    cls: token 0 (after the final layer norm); mean: the mean of the patch tokens, leaving out the class
+    token and any register tokens; pooled: the model's own pooled output, as it is.
+    """
+    if spec.pooling == "pooled" or len(tokens.shape) == 2:
+        return tokens
+    count = int(tokens.shape[1])
+    if spec.pooling == "cls":
+        first = keras.layers.Cropping1D((0, count - 1), name="pool_cls_token")(tokens)
+        return keras.layers.Flatten(name="pool_cls_flatten")(first)
+    skipped = 1 + (spec.foundation.config.get("num_register_tokens", 0) if spec.weights in (WEIGHTS_NONE, "hub")
+                   else spec.preset_folder.register_tokens)
+    patches = keras.layers.Cropping1D((skipped, 0), name="pool_patch_tokens")(tokens)
+    return keras.layers.GlobalAveragePooling1D(name="pool_patch_mean")(patches)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preprocessing as layers, and the feature network
 
@@ -242,6 +341,8 @@ def preprocess_mode(spec: BackboneSpec) -> str:
     """'tf', 'caffe', 'torch', 'unit' (x / 255) or 'none': what the feature network does before the backbone."""
     if spec.kind == "application":
         return spec.arch.preprocess_mode
+    if spec.kind == "foundation":
+        return spec.foundation.preprocess_mode
     if spec.kind == "pixels":
         return "unit"
     return _FILE_PREPROCESS_MODES[spec.preprocess or "none"]
@@ -266,6 +367,14 @@ def preprocessing_layers(mode: str) -> list:
             layers.Rescaling(1.0 / 255, name="preprocess_torch_unit"),
             layers.Normalization(axis=-1, mean=list(TORCH_MEAN_RGB), variance=[s * s for s in TORCH_STD_RGB],
                                  name="preprocess_torch_normalize"),
+        ]
+    if mode == "clip":
+        from bottleneck.backbones.foundation import CLIP_MEAN_RGB, CLIP_STD_RGB
+
+        return [
+            layers.Rescaling(1.0 / 255, name="preprocess_clip_unit"),
+            layers.Normalization(axis=-1, mean=list(CLIP_MEAN_RGB), variance=[s * s for s in CLIP_STD_RGB],
+                                 name="preprocess_clip_normalize"),
         ]
     if mode == "caffe":
         return [_caffe_layer(keras)]
@@ -312,6 +421,9 @@ def _feature_network(spec: BackboneSpec, keras):
         x = layer(x)
     if spec.kind == "pixels":
         features = keras.layers.Flatten(name="flatten_pixels")(x)
+    elif spec.kind == "foundation":
+        backbone = build_foundation_backbone(spec)
+        features = pool_tokens(spec, backbone({"images": x} if isinstance(backbone.input, dict) else x), keras)
     else:
         backbone = build_keras_backbone(spec) if spec.kind == "application" else build_file_backbone(spec)
         features = backbone(x)
@@ -417,6 +529,8 @@ def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) ->
         return runtime
     if spec.precision != "float32" or importlib.util.find_spec("openvino") is None:
         return "keras"
+    if spec.kind == "foundation":
+        return "keras"  # KerasHub's networks are not converted to OpenVINO unless asked for (--runtime openvino)
     if (os.environ.get("KERAS_BACKEND") or "tensorflow") != "tensorflow" or (probe_gpu and _gpu_present()):
         return "keras"
     return "openvino"

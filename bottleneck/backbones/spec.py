@@ -19,6 +19,8 @@ from typing import Callable
 
 
 from bottleneck.backbones.applications import ARCHITECTURES, Architecture
+from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHTS_HUB, FoundationModel, PresetFolder,
+                                             preset_files, read_preset_folder)
 from bottleneck.backbones.keras_file import read_keras_file
 from bottleneck.errors import BackboneError
 from bottleneck.features.decode import DECODE_VERSION
@@ -67,6 +69,8 @@ class BackboneSpec:
             raise BackboneError("a calibration set belongs to --precision int8 only")
         if self.kind == "application":
             self._check_application()
+        elif self.kind == "foundation":
+            self._check_foundation()
         elif self.kind == "file":
             self._check_model_file()
         elif self.input_size < 1 or self.input_size > 256:
@@ -79,10 +83,13 @@ class BackboneSpec:
             return "pixels"
         if self.architecture in ARCHITECTURES:
             return "application"
+        if self.architecture in FOUNDATION_MODELS:
+            return "foundation"
         if self.architecture.endswith(".keras") or Path(self.architecture).is_file():
             return "file"
         raise BackboneError(
-            f"unknown backbone {self.architecture!r}; choose one of: {', '.join([*ARCHITECTURES, PIXELS])}, "
+            f"unknown backbone {self.architecture!r}; choose one of: "
+            f"{', '.join([*ARCHITECTURES, *FOUNDATION_MODELS, PIXELS])}, "
             "or a path to a .keras model file"
         )
 
@@ -92,6 +99,38 @@ class BackboneSpec:
             raise BackboneError(f"--image-size must be between {arch.min_size} and 2048 for {arch.name}; got {self.input_size}")
         if self.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(self.weights).is_file():
             raise BackboneError(f"weights file not found: {self.weights} (use --weights imagenet, none, or a path)")
+
+    def _check_foundation(self) -> None:
+        model = self.foundation
+        # The defaults of the flags (meant for applications) become this model's: pretrained and its own pooling.
+        if self.weights == WEIGHTS_IMAGENET:
+            object.__setattr__(self, "weights", WEIGHTS_HUB)
+        if self.pooling == "avg":
+            object.__setattr__(self, "pooling", model.default_pooling)
+        if self.pooling not in model.poolings:
+            raise BackboneError(f"--pooling {self.pooling} does not fit {model.name}; choose one of: "
+                                f"{', '.join(f'{p} ({POOLINGS[p]})' for p in model.poolings)}")
+        patch, trained_size = model.patch_size, model.default_size
+        if self.weights not in (WEIGHTS_NONE, WEIGHTS_HUB):
+            folder = self.preset_folder  # also checks the folder holds a model of this family
+            patch, trained_size = folder.patch_size, folder.image_size
+        size = self.input_size
+        if self.weights != WEIGHTS_NONE and model.family != "dinov2" and size != trained_size:
+            # Only DINOv2 resizes its position embeddings to another grid; the others hold one per patch.
+            raise BackboneError(f"{model.name} takes {trained_size}x{trained_size} images with these weights (its "
+                                f"position embeddings are fixed); got --image-size {size}")
+        if not patch <= size <= 1024 or size % patch:
+            raise BackboneError(f"--image-size must be a multiple of {model.name}'s patch size {patch} "
+                                f"(between {patch} and 1024); got {size}")
+
+    @property
+    def foundation(self) -> FoundationModel:
+        return FOUNDATION_MODELS[self.architecture]
+
+    @property
+    def preset_folder(self) -> PresetFolder:
+        """The local preset folder of `--weights DIR` (foundation models only)."""
+        return read_preset_folder(self.weights, self.foundation)
 
     def _check_model_file(self) -> None:
         info = read_keras_file(self.architecture)
@@ -129,6 +168,10 @@ class BackboneSpec:
             return PIXELS_DEFAULT_SIZE
         if self.architecture in ARCHITECTURES:
             return self.arch.default_size
+        if self.architecture in FOUNDATION_MODELS:
+            if self.weights in (WEIGHTS_NONE, WEIGHTS_HUB, WEIGHTS_IMAGENET):
+                return self.foundation.default_size
+            return self.preset_folder.image_size
         return int(read_keras_file(self.architecture).input_shape[0])
 
     @property
@@ -139,7 +182,7 @@ class BackboneSpec:
     @property
     def pretrained(self) -> bool:
         """False for random weights: `--weights none`, or a model file that `pretrain --epochs 0` saved."""
-        if self.kind == "application":
+        if self.kind in ("application", "foundation"):
             return self.weights != WEIGHTS_NONE
         if self.kind == "file":
             info = Path(self.architecture + ".info.json")
@@ -160,6 +203,10 @@ class BackboneSpec:
         """Length of a feature vector, or None for a model file (known once it is built)."""
         if self.kind == "application":
             return self.arch.feature_dim
+        if self.kind == "foundation":
+            if self.weights in (WEIGHTS_NONE, WEIGHTS_HUB):
+                return self.foundation.feature_dim
+            return self.preset_folder.feature_dim
         if self.kind == "pixels":
             return self.input_size * self.input_size * 3
         return None
@@ -168,6 +215,8 @@ class BackboneSpec:
     def preprocessing(self) -> str:
         if self.kind == "application":
             return self.arch.preprocessing
+        if self.kind == "foundation":
+            return self.foundation.preprocessing
         if self.kind == "pixels":
             return "pixels: x / 255, flattened"
         return PREPROCESSING[self.preprocess or "none"]
@@ -179,6 +228,10 @@ class BackboneSpec:
             return "sha256:" + hasher(str(Path(self.architecture).absolute()))
         if self.kind == "pixels":
             return "none"
+        if self.kind == "foundation" and self.weights == WEIGHTS_HUB:
+            return f"keras-hub:{self.foundation.preset}"
+        if self.kind == "foundation" and self.weights != WEIGHTS_NONE:
+            return "preset-sha256:" + _preset_digest(self.weights, hasher)
         if self.weights == WEIGHTS_IMAGENET:
             return self.weights
         if self.weights == WEIGHTS_NONE:
@@ -212,6 +265,8 @@ class BackboneSpec:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         if self.kind == "application":
             tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
+        elif self.kind == "foundation":
+            tag = {WEIGHTS_HUB: "hub", WEIGHTS_NONE: "none"}.get(self.weights, "preset") + f"-{self.pooling}"
         else:
             tag = {"file": self.layer, "pixels": "raw"}[self.kind]
         if self.precision != "float32":
@@ -220,6 +275,13 @@ class BackboneSpec:
             tag += f"-cal{self.calibration[:8]}"
         safe_name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{self.name}-{self.input_size}-{tag}")
         return f"{safe_name}-{digest}"
+
+
+def _preset_digest(folder: str, hasher: Callable[[str], str]) -> str:
+    """One digest over a preset folder: each file's relative name and content hash, in a fixed order."""
+    root = Path(folder).absolute()
+    listing = [(str(path.relative_to(root)), hasher(str(path))) for path in preset_files(str(root))]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def _sha256_of(path: str) -> str:
@@ -235,7 +297,7 @@ def spec_record(spec: BackboneSpec) -> dict:
 
     return {
         "architecture": absolute(spec.architecture) if spec.kind == "file" else spec.architecture,
-        "weights": spec.weights if spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE) else absolute(spec.weights),
+        "weights": spec.weights if spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE, WEIGHTS_HUB) else absolute(spec.weights),
         "image_size": spec.input_size,
         "pooling": spec.pooling,
         "layer": spec.layer,
@@ -256,6 +318,9 @@ def spec_from_store_attrs(attrs: dict) -> BackboneSpec:
     """The spec behind a store's attributes (for runs that predate `spec_record`)."""
     architecture = str(attrs["architecture"])
     size = int(attrs["input_size"])
+    if architecture in FOUNDATION_MODELS:
+        return BackboneSpec(architecture=architecture, weights=str(attrs["weights"]), image_size=size,
+                            pooling=str(attrs["pooling"]))
     if architecture == PIXELS or architecture in ARCHITECTURES:
         weights = str(attrs.get("weights", WEIGHTS_IMAGENET)) if architecture != PIXELS else WEIGHTS_NONE
         precision = str(attrs.get("precision", "float32"))

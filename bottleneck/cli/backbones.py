@@ -37,7 +37,18 @@ def backbone_rows() -> list[dict]:
             "weights_cached": cached is not None,
             "weights_path": str(cached) if cached else None,
         })
-    return [*rows, _pixels_row()]
+    return [*rows, *foundation_rows(), _pixels_row()]
+
+
+def foundation_rows() -> list[dict]:
+    """The KerasHub foundation models: their sizes, pooling (the default first), preprocessing and licence."""
+    from bottleneck.backbones.foundation import FOUNDATION_MODELS
+
+    return [{"name": model.name, "default_size": model.default_size, "min_size": model.patch_size,
+             "feature_dim": model.feature_dim, "preprocess_mode": model.preprocess_mode,
+             "preprocessing": model.preprocessing, "pooling": list(model.poolings), "licence": model.licence,
+             "keras_hub_preset": model.preset, "weights_file": None, "weights_cached": None, "weights_path": None}
+            for model in FOUNDATION_MODELS.values()]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -46,6 +57,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for row in rows:
         weights = "-" if row["weights_cached"] is None else ("cached" if row["weights_cached"] else "not cached")
+        if row.get("keras_hub_preset"):
+            weights = f"hub {row['keras_hub_preset']}; pooling {'|'.join(row['pooling'])}; {row['licence']}"
         lines.append((row["name"], str(row["default_size"]), str(row["min_size"]), str(row["feature_dim"]),
                       weights, row["preprocessing"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -65,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     out = stderr if as_json else print  # with --json, stdout is for the JSON alone
     out(format_table(rows))
     out(f"\nImageNet weights are looked up in {keras_cache_dir()} (Keras downloads a missing file on first use).")
+    out("Foundation models (KerasHub, an opt-in install): --weights hub | none | PRESET_DIR; --pooling, default first.")
     out("Also: --backbone MODEL.keras --layer NAME, your own Keras model cut at a layer.")
     if as_json:
         print(json.dumps(rows))

@@ -210,8 +210,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
     group = parser.add_argument_group("backbone" + (" (default: the only store in the cache)" if optional else ""))
     group.add_argument("--backbone", default=None if optional else "inception_v3",
                        help="a Keras application (inception_v3, resnet50, efficientnet_b0, ...: `bottleneck backbones` "
-                       "lists them), pixels (the raw image: a no-transfer baseline), or a .keras model file "
-                       "(default: inception_v3)")
+                       "lists them), a foundation model from KerasHub (dinov2_small, clip_vit_b16, siglip2_b16, vit_b16, ...), pixels "
+                       "(the raw image: a no-transfer baseline), or a .keras model file (default: inception_v3)")
     group.add_argument("--layer", default=None, help="with a .keras model file: the layer to extract (spatial layers are average-pooled)")
     group.add_argument("--preprocess", default=None, choices=["none", "unit", "inception"],
                        help="with a .keras model file: none (the model rescales itself; default), unit (x/255), inception (x/127.5-1)")
@@ -219,11 +219,15 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
         "--weights",
         default=None if optional else "imagenet",
         help="'imagenet' (Keras downloads them once), 'none' (random, for tests), or a path to a "
-        "no-top Keras weights file (.h5 or .weights.h5) (default: imagenet)",
+        "no-top Keras weights file (.h5 or .weights.h5) (default: imagenet); foundation models: 'hub' (KerasHub "
+        "downloads the preset once; the default), 'none', or a local preset folder (config.json + model.weights.h5)",
     )
     group.add_argument("--image-size", type=IMAGE_SIZE, default=None, metavar="N",
                        help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
                        "`bottleneck backbones` lists each one's default and minimum)")
+    group.add_argument("--pooling", choices=["cls", "mean", "pooled"], default=None,
+                       help="foundation models (dinov2_*, clip_*, siglip2_*, vit_*): cls (the class token; the default "
+                       "where there is one), mean (of the patch tokens) or pooled (SigLIP's own head); a store of its own")
     group.add_argument("--precision", choices=["float32", "mixed", "bf16", "int8"], default=None,
                        help="float32 (default: exact float32 arithmetic on every CPU and GPU); mixed: float16 compute "
                        "on a GPU; bf16: bfloat16 on CPUs that have it (AVX512_BF16, AMX), about twice as fast; int8: "
@@ -250,12 +254,12 @@ def spec_from(args: argparse.Namespace):
     from bottleneck.backbones.quantize import with_default_calibration
     from bottleneck.backbones.spec import BackboneSpec
 
-    if all(getattr(args, name) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess",
-                                                     "precision")):
+    if all(getattr(args, name, None) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess",
+                                                           "precision", "pooling")):
         return None
     spec = BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
                         image_size=args.image_size, layer=args.layer, preprocess=args.preprocess,
-                        precision=args.precision or "float32")
+                        precision=args.precision or "float32", pooling=getattr(args, "pooling", None) or "avg")
     cache = getattr(args, "cache", None)
     return with_default_calibration(spec, cache) if cache and spec.precision == "int8" else spec
 

@@ -101,7 +101,7 @@ def store_attrs(spec: BackboneSpec, weights_id: str, feature_dim: int) -> dict:
 
     return {
         "architecture": spec.architecture,
-        "weights": spec.weights if spec.kind == "application" else spec.kind,
+        "weights": spec.weights if spec.kind in ("application", "foundation") else spec.kind,
         "weights_id": weights_id,
         "pretrained": spec.pretrained,
         "warning": "" if spec.pretrained else spec.random_weights_warning,

@@ -505,6 +505,8 @@ def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder
     if spec is None or spec.kind == "pixels" or (spec.kind == "application"
                                                  and spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE)):
         return None
+    if spec.kind == "foundation":  # a preset folder is named, not copied: its fingerprint covers every file of it
+        return None
     source = spec.architecture if spec.kind == "file" else spec.weights
     kept = keep_backbone_file(source, data.store_path.parent)
     trained_on = str(data.attrs.get("weights_id", ""))
