@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch hub browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
+.PHONY: install torch hub hub-test browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
 
 install: $(STAMP)
 
@@ -33,13 +33,17 @@ hub: $(STAMP)
 	$(BIN)/python -c "import keras_hub" 2>/dev/null || ($(BIN)/python -m pip install --quiet -e ".[hub]" && \
 	  $(BIN)/python -m pip install --quiet --no-deps "keras-hub>=0.32")
 
+# The suite tests the foundation models too, against Hugging Face transformers' own (those tests need torch).
+hub-test: hub
+	@$(BIN)/python -c "import transformers" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[hub,hub-test]"
+
 # The report test opens the page in headless Chromium; install it where it is missing (Debian, as root).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 # Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once.
-test: $(STAMP) torch browser
+test: $(STAMP) torch hub-test browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The whole transfer-learning story on scikit-learn's digits, offline (see bottleneck/demo.py).

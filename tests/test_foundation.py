@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.errors import BackboneError
 from tests.conftest import make_dataset
+
+# Nothing here downloads; offline, Hugging Face's hub client would otherwise wait on the network (~100 s measured).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZE = 28  # two 14-pixel patches a side for DINOv2; CLIP, SigLIP and ViT use 14-pixel patches too here
 
