@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
                             epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
                             augment=_augmentations(args.augment), gradual=args.gradual, seed=args.seed,
                             head_epochs=args.head_epochs, bn=args.bn, lower_rate_factor=args.lower_rate_factor,
-                            warmup=args.warmup, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing)
+                            warmup=args.warmup, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                            soften=args.soften)
     result = fine_tune(args.run, config, args.runs, log=stderr, argv=["bottleneck", *sys.argv[1:]], max_memory=max_memory)
     out = stderr if args.json else print
     metrics = result.metrics
@@ -92,6 +93,10 @@ def add_parser(commands) -> None:
                         help="AdamW's decoupled weight decay, %(type)s (default: 0, plain Adam)")
     parser.add_argument("--label-smoothing", type=finite_float(0, 0.5), default=0.1,
                         help="label smoothing of the training loss, %(type)s (default: 0.1)")
+    parser.add_argument("--no-soften", dest="soften", action="store_false",
+                        help="keep a logreg parent's head as it is (by default its logits are divided by the "
+                        "temperature, at least 1, that fits the validation images best: same predictions, and "
+                        "a sharp head then leaves the base a gradient to learn from)")
     parser.add_argument("--epochs", type=EPOCHS, default=10, help="most epochs, %(type)s (default: 10)")
     parser.add_argument("--batch-size", type=BATCH_SIZE, default=16, help="batch size, %(type)s (default: 16)")
     parser.add_argument("--patience", type=PATIENCE, default=3,

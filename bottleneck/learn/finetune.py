@@ -76,6 +76,7 @@ class FineTuneConfig:
     warmup: float = 0.3  # fraction of a phase's steps spent warming the rate up (one-cycle), then cosine down
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     label_smoothing: float = 0.1
+    soften: bool = True  # divide a sharp logreg head's logits by the temperature fitted on validation (never sharpen)
 
     def __post_init__(self) -> None:
         if self.unfreeze is not None and self.unfreeze_from is not None:
@@ -271,6 +272,55 @@ def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list
     log(f"learning rate {state['lr_find']['chosen']:.3g} ({state['lr_find']['rule']}; steepest descent at "
         f"{state['lr_find']['steepest']:.3g})")
     return float(state["lr_find"]["chosen"])
+
+
+TEMPERATURE_MAX = 100.0
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T >= 1 minimising the cross-entropy of softmax(logits / T) against `y` (Guo et al. 2017)."""
+    grid = np.exp(np.linspace(0.0, math.log(TEMPERATURE_MAX), 241))
+    losses = [_cross_entropy(logits / t, y) for t in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_proba = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_proba[np.arange(len(y)), y].mean())
+
+
+def _softmax_head(model):
+    """The classifier's Dense softmax output layer (a logreg head's), or None for any other head."""
+    try:
+        layer = model.get_layer(OUTPUT_NAME)
+    except ValueError:
+        return None
+    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    return layer if layer.__class__.__name__ == "Dense" and activation == "softmax" else None
+
+
+def soften_head(model, pixels, y: np.ndarray, log: Callable[[str], None]) -> dict | None:
+    """Divide a sharp logreg head's weights by the temperature fitted on the validation images.
+
+    A head fitted to separate a few training images is so sharp that its training loss is nearly zero, which
+    leaves the base almost no gradient to learn from; the calibrated head predicts the same classes with the
+    confidence the validation images support. Returns what was done (kept in the run's metrics), or None."""
+    _, keras = import_tensorflow()
+    dense = _softmax_head(model)
+    if dense is None or not len(y):
+        return None
+    features = keras.Model(model.inputs, dense.input)
+    kernel, bias = dense.get_weights()
+    logits = _predict(features, pixels).astype(np.float64) @ kernel + bias
+    temperature = fit_temperature(logits, y)
+    record = {"temperature": temperature, "validation_loss_before": _cross_entropy(logits, y),
+              "validation_loss_after": _cross_entropy(logits / temperature, y)}
+    if temperature > 1.0:
+        dense.set_weights([kernel / temperature, bias / temperature])
+        log(f"softened the parent's head: temperature {temperature:.3g} fitted on validation (validation loss "
+            f"{record['validation_loss_before']:.3g} -> {record['validation_loss_after']:.3g}, same predictions)")
+    return record
 
 
 class _WorkFolder:
@@ -739,7 +789,11 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
             resumed = state["epoch"]
             log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
         else:
+            softened = soften_head(model, _subset(pixels, mask["validation"]), y[mask["validation"]], log) \
+                if config.soften else None
             state = _starting_state(model, _subset(pixels, mask["validation"]), y[mask["validation"]], work)
+            if softened:
+                state["softened"] = softened
         state["parent"] = parent
         started = time.perf_counter()
         if "learning_rate" not in state:
@@ -769,6 +823,8 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         if state.get("lr_find"):
             metrics["lr_find"] = {k: state["lr_find"][k] for k in ("minimum", "steepest", "valley", "chosen", "rule")}
         metrics["learning_rate"] = state["learning_rate"]
+        if state.get("softened"):
+            metrics["softened"] = state["softened"]
         with new_run(runs, "fine-tune") as (final, staging):
             if state.get("lr_find"):
                 write_lr_find(staging, state["lr_find"])
