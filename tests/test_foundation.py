@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZE = 28  # two 14-pixel patches a side for DINOv2; CLIP, SigLIP and ViT use 14-pixel patches too here
 
-# DINOv2's position embeddings are kept at the input size here: resized (518 -> the input's grid, as the real
-# presets are), PyTorch's bicubic resize differs from TensorFlow's and JAX's, and DINOv2's features on torch were
-# measured 2.2e-3 of the spread away from TensorFlow's (JAX: 6e-7); the other families do not resize.
+# DINOv2's preset is trained at 42 px (a 3x3 patch grid) and used at 28 (2x2), so its position table is resized
+# as the real presets' (518 px -> the input's grid) are: on every backend by TensorFlow's bicubic (PyTorch's own
+# differed by 2.2e-3 of the spread).
 TINY = {
     "dinov2": ("DINOV2Backbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
-                                      position_embedding_shape=(SIZE, SIZE, 3))),
+                                      position_embedding_shape=(42, 42, 3))),
     "clip": ("CLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64)),
     "siglip": ("SigLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2,
                                            intermediate_dim=64)),
@@ -134,6 +134,20 @@ def test_bad_choices_are_one_line(tmp_path):
     with pytest.raises(BackboneError, match="vit_b16 takes 224x224 images with these weights"):
         BackboneSpec("vit_b16", image_size=112)
     assert BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "one")), image_size=2 * SIZE).input_size == 2 * SIZE
+
+
+@pytest.mark.parametrize("side,grid", [(37, (16, 16)), (37, (23, 19)), (37, (48, 64)), (3, (2, 2)), (5, (5, 5))])
+def test_position_tables_resize_as_tensorflow_resizes_them(side, grid):
+    import tensorflow as tf
+
+    from bottleneck.backbones.foundation import resize_position_table
+
+    table = np.random.default_rng(side).normal(size=(1, 1 + side * side, 8)).astype(np.float32)
+    expected = tf.image.resize(table[:, 1:].reshape(1, side, side, 8), grid, method="bicubic", antialias=False)
+    ours = resize_position_table(table, grid)
+    assert ours.shape == (1, 1 + grid[0] * grid[1], 8)
+    np.testing.assert_array_equal(ours[:, 0], table[:, 0])  # the class token's position is kept
+    np.testing.assert_allclose(ours[0, 1:], expected.numpy().reshape(-1, 8), atol=2e-6)
 
 
 def test_backbones_lists_them(capsys):

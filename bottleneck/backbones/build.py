@@ -276,6 +276,8 @@ def build_foundation_backbone(spec: BackboneSpec):
                                 f"({_first_line(exc)})") from None
     backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
     _number_the_positions(backbone)
+    if spec.weights != WEIGHTS_NONE:  # seeded random weights set the resized table itself
+        _resize_positions_as_tensorflow_does(backbone)
     backbone.trainable = False
     return backbone
 
@@ -293,6 +295,27 @@ def _number_the_positions(backbone) -> None:
         values = np.asarray(ids.numpy())
         if values.size > 1 and not values.any():
             ids.assign(np.arange(values.size, dtype=values.dtype).reshape(values.shape))
+
+
+def _resize_positions_as_tensorflow_does(backbone) -> None:
+    """DINOv2's position table, resized to the input's patch grid the same way on every backend.
+
+    KerasHub resizes it (518 px -> the input's grid) with the backend's own bicubic, and PyTorch's kernel differs
+    from TensorFlow's: DINOv2's features on PyTorch were 2.2e-3 of their spread away. NumPy's copy of TensorFlow's
+    resize keeps the rows of one fingerprint the same whichever backend computed them.
+    """
+    from bottleneck.backbones.foundation import resize_position_table
+
+    for layer in backbone._flatten_layers():
+        if not (hasattr(layer, "interpolated_position_embeddings") and hasattr(layer, "position_embedding_shape")):
+            continue
+        if tuple(layer.position_embedding_shape[:2]) == tuple(layer.image_shape[:2]) or layer.antialias_in_interpolation:
+            continue  # nothing resized; or an antialiased resize, which no preset of ours asks for
+        keras = import_keras()
+        table = np.asarray(keras.ops.convert_to_numpy(layer.position_embeddings), np.float32)
+        grid = layer.image_shape[0] // layer.patch_size, layer.image_shape[1] // layer.patch_size
+        layer.interpolated_position_embeddings.assign(
+            resize_position_table(table, grid).astype(layer.interpolated_position_embeddings.dtype))
 
 
 def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int]):
