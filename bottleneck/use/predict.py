@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck.bounds import TOP
 from bottleneck.errors import DataError
 from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
 from bottleneck.features.decode import NOT_A_FILE
@@ -175,8 +176,7 @@ def predict_images(
     `tta` (test-time augmentation): also classify that many augmented views of each image (0: as
     many as the run trained on, else 4), cached like features, and average the probabilities.
     """
-    if top < 1:
-        raise DataError(f"--top must be at least 1; got {top}")
+    TOP.check(top, "--top", DataError)
     started = time.monotonic()
     run = run if isinstance(run, LoadedRun) else load_run(run)
     images, predictions, skipped = list_inputs(paths, run.cache_dir)
