@@ -194,10 +194,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the Keras backend that runs the backbone: the same weights give the same features on each, "
                        "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
                        "'bottleneck-transfer[jax]', torch: 'bottleneck-transfer[torch]')")
-    group.add_argument("--runtime", choices=["auto", "keras", "tensorflow", "openvino"], default="auto",
+    group.add_argument("--runtime", choices=["auto", "keras", "openvino"], default="auto",
                        help="auto (default): OpenVINO on a CPU where it is installed (the same features, faster), Keras "
-                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend ('tensorflow', its "
-                       "old name, is the same); openvino: converted once per backbone into the cache (pip install "
+                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend; openvino: "
+                       "converted once per backbone into the cache (pip install "
                        "'bottleneck-transfer[openvino]')")
 
 
