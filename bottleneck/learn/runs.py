@@ -527,10 +527,13 @@ def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
 
 
 def versions() -> dict:
+    """The versions of Python and of the installed packages a run may use (every Keras backend, OpenVINO and
+    NNCF, KerasHub), read from their metadata: none of them is imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"bottleneck": __version__, "python": sys.version.split()[0]}
-    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow"):
+    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow",
+                    "jax", "jaxlib", "torch", "openvino", "nncf", "keras-hub"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
