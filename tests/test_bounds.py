@@ -106,3 +106,17 @@ def test_every_flag_type_is_built_from_a_declaration():
         id(bounds.PIXELS_IMAGE_SIZE), id(bounds.FOUNDATION_IMAGE_SIZE)}  # backbone-specific: the library's alone
     assert OrAuto(bounds.C).__name__ == "auto or more than 0 and at most 1e+06"
     assert OrAuto(bounds.BATCH_SIZE, auto_last=True).__name__ == "1 to 4096, or auto"
+
+
+def test_a_model_file_with_a_free_input_size_takes_the_flags_cap_in_the_library_too(tmp_path):
+    """The 2048 cap (`bounds.IMAGE_SIZE`) is the library's as well: `bn.extract` with a free-size model refuses
+    100000 px in one line instead of being killed by the kernel."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(inputs)).save(tmp_path / "free.keras")
+    free = str(tmp_path / "free.keras")
+    assert BackboneSpec(architecture=free, layer="gap", image_size=2048).input_size == 2048
+    with pytest.raises(BottleneckError, match=r"^--image-size must be from 1 to 2048 \(larger inputs do not fit in "
+                                              r"memory; .*\); got 100000$"):
+        BackboneSpec(architecture=free, layer="gap", image_size=100_000)
