@@ -76,7 +76,8 @@ def test_every_numeric_flag_is_bounded_and_its_help_says_the_bounds():
         text = " ".join(parser.format_help().split())
         for action in parser._actions:
             flag = " ".join([*prefix, *action.option_strings[:1]])
-            assert action.type not in (int, float), f"{flag} takes any {action.type.__name__}: use bounded_int or finite_float"
+            assert action.type not in (int, float), \
+                f"{flag} takes any {action.type.__name__}: declare its bounds in bottleneck.bounds, type=Bounded(...)"
             if action.type is not None and action.type is not str:
                 assert getattr(action.type, "numeric", False), f"{flag}: an unmarked type {action.type!r}"
                 assert any(action.type.interval is declared for declared in DECLARED.values()), \
