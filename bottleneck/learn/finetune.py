@@ -39,7 +39,6 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import bounds
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
@@ -48,6 +47,7 @@ from bottleneck.features.shards import Columns
 from bottleneck.learn.pretrain import load_images
 from bottleneck.learn.run_folder import FINE_TUNED, LoadedRun, load_run
 from bottleneck.learn.splits import SPLITS, read_split_csv
+from bottleneck import bounds
 
 AUGMENTATIONS = ("flip", "crop", "brightness")
 _CROP_FRACTION = 0.8  # "crop" keeps a random square of 80-100% of the side, resized back
