@@ -76,7 +76,7 @@ def model_alone(spec: BackboneSpec, batch_size: int, images: int) -> float:
     return calls * batch_size / (time.perf_counter() - start)
 
 
-def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int, runtime: str = "tensorflow",
+def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int, runtime: str = "keras",
          converted: Path | None = None) -> dict:
     """`extract_features` end to end with the model already built (OpenVINO: already converted)."""
     if converted is not None:  # share one conversion between rounds, as a cache folder does between runs

@@ -135,14 +135,12 @@ def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engi
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--shard-size", "0"], "bottleneck: error: --shard-size must be at least 1; got 0"),
-        (["--engine", "ray", "--shard-size", "0"], "bottleneck: error: --shard-size must be at least 1; got 0"),
         (["--shard-size", "10"], "bottleneck: error: --shard-size applies to --engine ray only"),
         (["--engine", "ray", "--ray-address", "127.0.0.1:1"],
          "bottleneck: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"),
         (["--engine", "ray", "--gpus-per-worker", "1"], "bottleneck: error: --gpus-per-worker 1: this machine has no GPUs"),
     ],
-    ids=["shard-size-0", "ray-shard-size-0", "shard-size-local", "unreachable", "no-gpu"],
+    ids=["shard-size-local", "unreachable", "no-gpu"],
 )
 def test_bad_engine_input_is_one_line_and_exit_code_2(capsys, tmp_path, ray_session, argv, message):
     data = tmp_path / "data"

@@ -114,16 +114,17 @@ def test_an_openvino_conversion_that_does_not_compute_tensorflows_features_is_re
     import pytest
 
     from bottleneck.backbones.build import FeatureModel
-    from bottleneck.backbones.openvino import _check_against_tensorflow
+    from bottleneck.backbones.openvino import _check_conversion_matches_keras
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.errors import BackboneError
 
     spec = BackboneSpec(architecture=str(_tiny_model_file(tmp_path / "rgb.keras", (16, 16, 3))), layer="gap")
     network = FeatureModel(spec).model
-    assert _check_against_tensorflow(network, lambda x: [np.asarray(network(x))], 16) == 0.0
+    assert _check_conversion_matches_keras(network, lambda x: [np.asarray(network(x))], 16) == 0.0
     with pytest.raises(BackboneError, match=r"^OpenVINO's conversion of rgb_features does not compute TensorFlow's "
-                                            r"features \(off by up to .* on a check input.*use --runtime tensorflow$"):
-        _check_against_tensorflow(network, lambda x: [np.asarray(network(x)) * 1.04], 16)  # 4% off, like a damaged .bin
+                                            r"features \(off by up to .* on a check input.*use --runtime keras$"):
+        # 4% off, like a damaged .bin
+        _check_conversion_matches_keras(network, lambda x: [np.asarray(network(x)) * 1.04], 16)
 
 
 def test_a_weights_file_of_another_architecture_is_one_line_without_keras_warnings(tmp_path, capfd):

@@ -3,6 +3,7 @@ modes, discriminative rates, the learning-rate finder, a win over the parent on 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -136,9 +137,11 @@ def test_bad_fine_tune_input_is_one_line(parent, capsys):
     _, _, _, run = parent
     with pytest.raises(BottleneckError, match="nearest names: conv"):
         fine_tune(run, FineTuneConfig(unfreeze_from="conv"))
+    for value in (math.nan, -1.0):  # the command refuses these in argparse (tests/test_hostile_values.py)
+        with pytest.raises(BottleneckError, match=rf"^--learning-rate must be more than 0 and at most 10, or auto; "
+                                                  rf"got {value}$"):
+            FineTuneConfig(learning_rate=value)
     for args, message in [
-        (["--learning-rate", "nan"], "--learning-rate must be a positive number or auto; got nan"),
-        (["--learning-rate", "-1"], "--learning-rate must be a positive number or auto; got -1.0"),
         (["--augment", "flip,rotate"], "unknown --augment rotate; choose from: flip, crop, brightness"),
     ]:
         if message is None:  # argparse's choices

@@ -158,7 +158,8 @@ def test_runtime_auto_picks_openvino_on_a_cpu_and_keras_where_openvino_does_not_
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     monkeypatch.setattr(build, "_gpu_present", lambda: False)
     assert build.resolve_runtime("auto", inception) == "openvino"
-    assert build.resolve_runtime("tensorflow", inception) == "keras"
+    with pytest.raises(BackboneError, match="^unknown --runtime 'tensorflow'; choose one of: auto, keras, openvino$"):
+        build.resolve_runtime("tensorflow", inception)  # the old name of keras, retired
     assert build.resolve_runtime("auto", BackboneSpec(architecture="pixels")) == "keras"
     assert build.resolve_runtime("auto", BackboneSpec(weights="none", precision="mixed")) == "keras"
     with pytest.raises(BackboneError, match="^--precision int8 runs on the OpenVINO runtime"):

@@ -497,7 +497,7 @@ class FeatureModel:
 
 #: What runs the feature network: the fastest exact one here (auto), Keras on this process's backend, or a
 #: conversion of it.
-RUNTIMES = ("auto", "keras", "tensorflow", "openvino")  # 'tensorflow': the old name of 'keras'
+RUNTIMES = ("auto", "keras", "openvino")
 DEFAULT_RUNTIME = "auto"
 #: Set to keras or openvino to make `auto` pick that runtime (the test suite picks keras: each test's fresh
 #: cache would otherwise convert its backbone to OpenVINO once more).
@@ -522,7 +522,7 @@ def check_runtime(runtime: str, spec: BackboneSpec) -> None:
 
 
 def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) -> str:
-    """The runtime that computes `spec`'s features: 'keras' or 'openvino' (`auto` and old names settled).
+    """The runtime that computes `spec`'s features: 'keras' or 'openvino' (`auto` settled).
 
     auto: `$BOTTLENECK_RUNTIME` if set; else OpenVINO in float32 on a CPU where it is installed (faster
     than Keras, same features, same store), Keras on a GPU, with --backend jax/torch, or for
@@ -535,14 +535,12 @@ def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) ->
     if spec.kind == "pixels":
         return "keras"  # no network: nothing to run
     if spec.precision in ("bf16", "int8"):
-        if runtime in ("keras", "tensorflow"):
+        if runtime == "keras":
             raise BackboneError(f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto "
                                 "or openvino")
         if importlib.util.find_spec("openvino") is None:
             raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck-transfer[openvino]'")
         return "openvino"
-    if runtime == "tensorflow":
-        return "keras"
     if runtime == "auto" and os.environ.get(RUNTIME_ENV):
         chosen = os.environ[RUNTIME_ENV]
         if chosen not in ("keras", "openvino"):

@@ -162,8 +162,9 @@ def conversion_problem(folder: Path, fmt: str = FORMAT) -> str | None:
     return None
 
 
-def _check_against_tensorflow(network, compiled, size: int) -> float:
-    """Largest difference between OpenVINO's and TensorFlow's features on fixed inputs; a `BackboneError` if off."""
+def _check_conversion_matches_keras(network, compiled, size: int) -> float:
+    """Largest difference between the OpenVINO conversion's features and the Keras network's own on fixed inputs;
+    a `BackboneError` if off by more than the tolerance."""
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (1, size, size, 3)).astype(np.float32)
     ramp = np.broadcast_to(np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(1, size, size, 3),
@@ -175,7 +176,7 @@ def _check_against_tensorflow(network, compiled, size: int) -> float:
         off = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
         raise BackboneError(f"OpenVINO's conversion of {network.name} does not compute TensorFlow's features "
                             f"(off by up to {off:.3g} on a check input, tolerance {RTOL:g} relative); "
-                            "use --runtime tensorflow")
+                            "use --runtime keras")
     finite = np.isfinite(expected)  # a network whose weights hold NaN computes NaN on both: a faithful conversion
     return float(np.max(np.abs(got - expected)[finite])) if finite.any() else 0.0
 
@@ -210,7 +211,7 @@ def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], N
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     except OSError as exc:
         raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
-                         "use --runtime tensorflow or another --cache") from None
+                         "use --runtime keras or another --cache") from None
     try:
         try:
             # Full float32 weights: save_model's default fp16 compression costs ~1e-3 relative error,
@@ -222,8 +223,8 @@ def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], N
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise BackboneError(f"OpenVINO cannot convert {spec.name} ({first}); use --runtime tensorflow") from None
-        difference = _check_against_tensorflow(network, compiled, spec.input_size)
+            raise BackboneError(f"OpenVINO cannot convert {spec.name} ({first}); use --runtime keras") from None
+        difference = _check_conversion_matches_keras(network, compiled, spec.input_size)
         del compiled
         shutil.rmtree(staging / "savedmodel", ignore_errors=True)
         (staging / FORMAT_FILE).write_text(FORMAT)
@@ -238,7 +239,7 @@ def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], N
                       f"(its features within {difference:.2g} of TensorFlow's on the check inputs)")
     except OSError as exc:
         raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
-                         "use --runtime tensorflow or another --cache") from None
+                         "use --runtime keras or another --cache") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from bottleneck.backbones.applications import ARCHITECTURES, Architecture
 from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHTS_HUB, FoundationModel, PresetFolder,
                                              preset_files, read_preset_folder)
 from bottleneck.backbones.keras_file import read_keras_file
+from bottleneck.bounds import FOUNDATION_IMAGE_SIZE, IMAGE_SIZE, PIXELS_IMAGE_SIZE
 from bottleneck.errors import BackboneError
 from bottleneck.features.decode import DECODE_VERSION
 
@@ -73,8 +74,9 @@ class BackboneSpec:
             self._check_foundation()
         elif self.kind == "file":
             self._check_model_file()
-        elif self.input_size < 1 or self.input_size > 256:
-            raise BackboneError(f"--image-size must be between 1 and 256 for pixels; got {self.input_size}")
+        elif self.input_size not in PIXELS_IMAGE_SIZE:
+            raise BackboneError(f"--image-size must be between {PIXELS_IMAGE_SIZE.low} and {PIXELS_IMAGE_SIZE.high} for "
+                                f"pixels; got {self.input_size}")
 
     @property
     def kind(self) -> str:
@@ -95,8 +97,9 @@ class BackboneSpec:
 
     def _check_application(self) -> None:
         arch = ARCHITECTURES[self.architecture]
-        if not arch.min_size <= self.input_size <= 2048:
-            raise BackboneError(f"--image-size must be between {arch.min_size} and 2048 for {arch.name}; got {self.input_size}")
+        if not arch.min_size <= self.input_size <= IMAGE_SIZE.high:
+            raise BackboneError(f"--image-size must be between {arch.min_size} and {IMAGE_SIZE.high} for {arch.name}; "
+                                f"got {self.input_size}")
         if self.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(self.weights).is_file():
             raise BackboneError(f"weights file not found: {self.weights} (use --weights imagenet, none, or a path)")
 
@@ -119,9 +122,9 @@ class BackboneSpec:
             # Only DINOv2 resizes its position embeddings to another grid; the others hold one per patch.
             raise BackboneError(f"{model.name} takes {trained_size}x{trained_size} images with these weights (its "
                                 f"position embeddings are fixed); got --image-size {size}")
-        if not patch <= size <= 1024 or size % patch:
+        if not patch <= size <= FOUNDATION_IMAGE_SIZE.high or size % patch:
             raise BackboneError(f"--image-size must be a multiple of {model.name}'s patch size {patch} "
-                                f"(between {patch} and 1024); got {size}")
+                                f"(between {patch} and {FOUNDATION_IMAGE_SIZE.high}); got {size}")
 
     @property
     def foundation(self) -> FoundationModel:
@@ -148,6 +151,8 @@ class BackboneSpec:
             raise BackboneError(f"{self.architecture} takes {height}x{height} images; got --image-size {self.image_size}")
         if not (height or self.image_size):
             raise BackboneError(f"{self.architecture} does not fix its input size: pass --image-size")
+        if not height:  # a free input size takes any size; one too large is killed by the kernel, not refused
+            IMAGE_SIZE.check(self.image_size, "--image-size", BackboneError, f"{IMAGE_SIZE.must} ({IMAGE_SIZE.note})")
         if (self.preprocess or "none") not in PREPROCESSING:
             raise BackboneError(f"unknown --preprocess {self.preprocess!r}; choose one of: {', '.join(PREPROCESSING)}")
 

@@ -6,8 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, bounded_int, columns_of,
-                                   data_or_labels, finite_float, memory_budget, spec_from, stderr)
+from bottleneck import bounds
+from bottleneck.cli.common import (Bounded, add_backbone_arguments, add_layout_argument, add_split_arguments,
+                                   columns_of, data_or_labels, memory_budget, spec_from, stderr)
 
 _SHOWN = 5
 
@@ -83,12 +84,12 @@ def add_parser(commands) -> None:
     add_backbone_arguments(parser, optional=True)
     add_split_arguments(parser, "split (as train-head draws it, to find leakage)")
     audit = parser.add_argument_group("thresholds")
-    audit.add_argument("--duplicate-threshold", type=finite_float(0, 1, low_open=True), default=DUPLICATE_FACTOR,
+    audit.add_argument("--duplicate-threshold", type=Bounded(bounds.DUPLICATE_THRESHOLD), default=DUPLICATE_FACTOR,
                        metavar="FACTOR", help="near-duplicates: closer than FACTOR x the median nearest-neighbour "
                        f"distance, %(type)s (default: {DUPLICATE_FACTOR}, cleanlab's)")
-    audit.add_argument("--neighbours", type=bounded_int(1, 100), default=NEIGHBOURS,
+    audit.add_argument("--neighbours", type=Bounded(bounds.NEIGHBOURS), default=NEIGHBOURS,
                        help=f"neighbours per image for outliers, %(type)s (default: {NEIGHBOURS})")
-    audit.add_argument("--folds", type=bounded_int(2, 20), default=FOLDS,
+    audit.add_argument("--folds", type=Bounded(bounds.AUDIT_FOLDS), default=FOLDS,
                        help=f"cross-validation folds for label issues, %(type)s (default: {FOLDS}, fewer when a class is small)")
     parser.add_argument("--exclude-label-issues", action="store_true",
                         help="list the label issues in exclude.txt too (by default it lists leaked training copies "

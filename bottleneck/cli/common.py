@@ -5,6 +5,9 @@ import argparse
 import math
 import sys
 
+from bottleneck import bounds
+from bottleneck.bounds import Interval
+
 EXIT_USAGE = 2
 
 
@@ -13,36 +16,19 @@ def stderr(message: str) -> None:
 
 
 class Bounded:
-    """An argparse `type=` for a number within bounds: refuses words, nan, infinities and values out of range.
+    """An argparse `type=` built from a declared `bounds.Interval`: refuses words, nan, infinities and values out of
+    range, in argparse's one line naming the flag.
 
-    `numeric = True` marks it for the test that feeds every numeric flag hostile values; `__name__` is the
-    range in words, so a flag's help says it with `%(type)s`. With `library_checks_low`, values under the low bound
-    and non-finite ones go on to the library, which refuses them in one line naming the flag (`bottleneck: error:
-    ...`, exit 2): for flags whose library check came first and whose message scripts may already match.
+    `numeric = True` marks it for the test that feeds every numeric flag hostile values (which reads `interval`);
+    `__name__` is the range in words, so a flag's help says it with `%(type)s`.
     """
 
     numeric = True
 
-    def __init__(self, kind: type, low: float | None, high: float | None, *, low_open: bool = False,
-                 high_open: bool = False, note: str = "", library_checks_low: bool = False) -> None:
-        self.kind, self.low, self.high, self.low_open, self.high_open, self.note = kind, low, high, low_open, high_open, note
-        self.library_checks_low = library_checks_low
-        self.__name__ = self._range()
-
-    def _range(self) -> str:
-        if self.kind is int and self.low is not None and self.high is not None:
-            return f"{self.low} to {self.high}"
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'more than' if self.low_open else 'at least'} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'less than' if self.high_open else 'at most'} {self.high:g}")
-        return " and ".join(parts) or "any finite number"
-
-    def accepts(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+    def __init__(self, interval: Interval) -> None:
+        self.interval = interval
+        self.kind = interval.kind
+        self.__name__ = interval.words
 
     def __call__(self, text: str):
         what = "a whole number" if self.kind is int else "a number"
@@ -50,52 +36,42 @@ class Bounded:
             value = self.kind(text)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {what} ({self.__name__}), got {text!r}") from None
-        if self.library_checks_low and not (self.kind is float and value == math.inf) and \
-                not (self.high is not None and value > self.high):
-            return value  # nan, -inf and values under the low bound: the library refuses them in one line
         if self.kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number ({self.__name__}), got {text!r}")
-        if not self.accepts(value):
+        if value not in self.interval:
             scope = f"from {self.__name__}" if self.kind is int else self.__name__
-            raise argparse.ArgumentTypeError(f"expected {what} {scope}, got {text!r}"
-                                             + (f" ({self.note})" if self.note else ""))
+            note = self.interval.note
+            raise argparse.ArgumentTypeError(f"expected {what} {scope}, got {text!r}" + (f" ({note})" if note else ""))
         return value
 
     def __repr__(self) -> str:
         return f"<{self.kind.__name__} {self.__name__}>"
 
 
-def bounded_int(low: int, high: int, note: str = "", library_checks_low: bool = False) -> Bounded:
-    """A whole number from `low` to `high` (both included)."""
-    return Bounded(int, low, high, note=note, library_checks_low=library_checks_low)
-
-
-def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-                 note: str = "", library_checks_low: bool = False) -> Bounded:
-    """A finite number (never nan or inf) within the bounds; `*_open` leaves a bound itself out."""
-    return Bounded(float, low, high, low_open=low_open, high_open=high_open, note=note,
-                   library_checks_low=library_checks_low)
-
-
 class OrAuto(Bounded):
-    """A `Bounded` number, or the word `auto` (returned as the string 'auto')."""
+    """A `Bounded` number, or the word `auto` (returned as the string 'auto'): `--C`'s 'auto or <range>' (a bad
+    value is refused as `Bounded` refuses it), or, with `auto_last`, '<range>, or auto' (one message for any bad
+    value: `--batch-size`, fine-tune's `--learning-rate`)."""
 
-    def __init__(self, number: Bounded) -> None:
-        super().__init__(number.kind, number.low, number.high, low_open=number.low_open, high_open=number.high_open,
-                         note=number.note, library_checks_low=number.library_checks_low)
-        self.__name__ = f"auto or {self.__name__}"
+    def __init__(self, interval: Interval, auto_last: bool = False) -> None:
+        super().__init__(interval)
+        self.auto_last = auto_last
+        self.__name__ = f"{self.__name__}, or auto" if auto_last else f"auto or {self.__name__}"
 
     def __call__(self, text: str):
-        return "auto" if text.strip().lower() == "auto" else super().__call__(text)
+        if text.strip().lower() == "auto":
+            return "auto"
+        if not self.auto_last:
+            return super().__call__(text)
+        try:
+            return super().__call__(text)
+        except argparse.ArgumentTypeError:
+            what = "a whole number from" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} {self.__name__}, got {text!r}") from None
 
 
-def or_auto(number: Bounded) -> OrAuto:
-    """`number`'s type that also takes `auto`."""
-    return OrAuto(number)
-
-
-#: The most `--max-memory` may say: more is no budget at all (and '1e400' must not reach int()).
-MAX_MEMORY_LIMIT = 2**50
+#: The most `--max-memory` may say (declared in `bounds`).
+MAX_MEMORY_LIMIT = bounds.MAX_MEMORY_BYTES
 
 
 def memory_budget(text: str | None) -> int | None:
@@ -117,43 +93,19 @@ def memory_budget(text: str | None) -> int | None:
     return size
 
 
-#: Shared bounds, so a flag means the same range in every command.
-BATCH_SIZE = bounded_int(1, 4096)
-
-
-class _BatchSizeOrAuto:
-    """`--batch-size` of commands that run the backbone: a whole number, or 'auto' (chosen for the device)."""
-
-    numeric = True
-    __name__ = f"{BATCH_SIZE.__name__}, or auto"
-
-    def __call__(self, text: str):
-        if text.strip().lower() == "auto":
-            return "auto"
-        try:
-            return BATCH_SIZE(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {self.__name__}, got {text!r}") from None
-
-    def __repr__(self) -> str:
-        return f"<batch size {self.__name__}>"
-
-
-BATCH_SIZE_OR_AUTO = _BatchSizeOrAuto()
-WORKERS = bounded_int(1, 1024)
-EPOCHS = bounded_int(1, 100_000)
-PATIENCE = bounded_int(1, 100_000)
-SEED = bounded_int(0, 2**32 - 1)
-LEARNING_RATE = finite_float(0, 10, low_open=True)
-LOCK_TIMEOUT = finite_float(0, 10_000_000, note="seconds; leave the flag out to wait as long as it takes")
-#: Applications refuse more than 2048 (backbones/spec.py); a model file with a free input size would take any
-#: size and be killed by the kernel (100000 px asked for 24 GB): the same cap, checked before anything is built.
-IMAGE_SIZE = bounded_int(1, 2048, note="larger inputs do not fit in memory; `bottleneck backbones` lists each "
-                         "backbone's default and minimum")
-
-
+#: Flags shared by several commands (their bounds are declared in `bottleneck.bounds`).
+BATCH_SIZE = Bounded(bounds.BATCH_SIZE)
+#: `--batch-size` of commands that run the backbone: a whole number, or 'auto' (chosen for the device).
+BATCH_SIZE_OR_AUTO = OrAuto(bounds.BATCH_SIZE, auto_last=True)
+WORKERS = Bounded(bounds.WORKERS)
+EPOCHS = Bounded(bounds.EPOCHS)
+PATIENCE = Bounded(bounds.PATIENCE)
+SEED = Bounded(bounds.SEED)
+LEARNING_RATE = Bounded(bounds.LEARNING_RATE)
+LOCK_TIMEOUT = Bounded(bounds.LOCK_TIMEOUT)
+IMAGE_SIZE = Bounded(bounds.IMAGE_SIZE)
 #: --val-pct and --test-pct.
-PERCENT = finite_float(0, 100, high_open=True)
+PERCENT = Bounded(bounds.PERCENT)
 
 
 def add_split_arguments(parser: argparse.ArgumentParser, title: str):
@@ -242,10 +194,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the Keras backend that runs the backbone: the same weights give the same features on each, "
                        "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
                        "'bottleneck-transfer[jax]', torch: 'bottleneck-transfer[torch]')")
-    group.add_argument("--runtime", choices=["auto", "keras", "tensorflow", "openvino"], default="auto",
+    group.add_argument("--runtime", choices=["auto", "keras", "openvino"], default="auto",
                        help="auto (default): OpenVINO on a CPU where it is installed (the same features, faster), Keras "
-                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend ('tensorflow', its "
-                       "old name, is the same); openvino: converted once per backbone into the cache (pip install "
+                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend; openvino: "
+                       "converted once per backbone into the cache (pip install "
                        "'bottleneck-transfer[openvino]')")
 
 

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import add_backbone_arguments, bounded_int, spec_from, stderr
+from bottleneck import bounds
+from bottleneck.cli.common import (Bounded, add_backbone_arguments, spec_from, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +47,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--layout", choices=("auto", "classes", "plain"), default="auto",
                         help="how each folder is laid out; plain: every image under it, labels unused (default: auto)")
     add_backbone_arguments(parser, optional=True)
-    parser.add_argument("--permutations", type=bounded_int(1, 100_000), default=200,
+    parser.add_argument("--permutations", type=Bounded(bounds.PERMUTATIONS), default=200,
                         help="permutations for the p-value, %(type)s (default: 200)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (over the permutations)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bottleneck.cli.common import EPOCHS, bounded_int, stderr
+from bottleneck import bounds
+from bottleneck.cli.common import (Bounded, EPOCHS, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +40,7 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--work", default="cache/demo", help="folder for the digits, models and runs (default: cache/demo)")
     parser.add_argument("--cache", default="cache", help="feature cache folder (default: ./cache)")
-    parser.add_argument("--labelled", type=bounded_int(1, 150, note="each digit has about 175 images: 5 go to validation, the rest "
-                                                                 "to test"), default=10,
+    parser.add_argument("--labelled", type=Bounded(bounds.LABELLED), default=10,
                         help="labelled target images per class, %(type)s (default: 10)")
     parser.add_argument("--pretrain-epochs", type=EPOCHS, default=20, help="epochs to pretrain the base, %(type)s (default: 20)")
     parser.add_argument("--json", action="store_true", help="print the comparison as one JSON object on the last line")

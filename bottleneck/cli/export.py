@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import bounded_int, stderr
+from bottleneck import bounds
+from bottleneck.cli.common import (Bounded, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--run", required=True, help="a run folder written by train-head or fine-tune")
     parser.add_argument("--out", required=True, help="folder to write (replaced if it holds an earlier export)")
     parser.add_argument("--tflite", action="store_true", help="also write a float32 TFLite model (pixels in)")
-    parser.add_argument("--check-images", type=bounded_int(1, 10_000), default=32,
+    parser.add_argument("--check-images", type=Bounded(bounds.CHECK_IMAGES), default=32,
                         help="test images used to measure parity with predict, %(type)s (default: 32)")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
     parser.add_argument("--json", action="store_true", help="print {out, files, parity} as the last line of stdout")

@@ -6,8 +6,9 @@ import json
 import sys
 from typing import Callable
 
-from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
-                                   add_backend_arguments, add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float,
+from bottleneck import bounds
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, Bounded, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
+                                   add_backend_arguments, add_layout_argument, columns_of, data_or_labels,
                                    select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
@@ -144,7 +145,7 @@ def add_parser(commands) -> None:
                           help="%(type)s; local engine: decoding threads (default: one per CPU core); ray engine: actors, "
                           "each loading the backbone once (default: one per machine, or per GPU group with "
                           "--gpus-per-worker)")
-    features.add_argument("--max-pixels", type=bounded_int(1, 10**12), default=DEFAULT_MAX_PIXELS,
+    features.add_argument("--max-pixels", type=Bounded(bounds.MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
                           help=f"refuse images with more pixels than this, %(type)s (default: {DEFAULT_MAX_PIXELS:,})")
     features.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
                           help="when another run writes the same store, wait at most this long, %(type)s "
@@ -155,30 +156,30 @@ def add_parser(commands) -> None:
                         help="local: this process, batches committed as they go (default); ray: shards of "
                         "--shard-size images over a pool of Ray Data actors, on this machine or a cluster, each "
                         "written as one store segment, failed shards retried (pip install 'bottleneck-transfer[ray]')")
-    engine.add_argument("--shard-size", type=bounded_int(1, 1_000_000, library_checks_low=True), default=None, metavar="N",
+    engine.add_argument("--shard-size", type=Bounded(bounds.SHARD_SIZE), default=None, metavar="N",
                         help=f"ray: images per shard, %(type)s (default: {DEFAULT_SHARD_SIZE})")
     engine.add_argument("--ray-address", default=None, metavar="ADDRESS",
                         help="ray: a running cluster (HOST:PORT, ray://HOST:PORT or auto); DATA and the cache "
                         "must be at the same paths on every node (default: start a local Ray instance)")
-    engine.add_argument("--gpus-per-worker", type=finite_float(0, 1024), default=None, metavar="N",
+    engine.add_argument("--gpus-per-worker", type=Bounded(bounds.GPUS_PER_WORKER), default=None, metavar="N",
                         help="ray: GPUs each actor holds, %(type)s (default: none)")
     int8 = features.add_argument_group("int8 (--precision int8)")
     int8.add_argument("--calibration", default=None, metavar="DIR",
                       help="calibrate the int8 model on the images under DIR (any layout) instead of DATA's own; the "
                       "first int8 run in a cache calibrates once and later runs reuse it: another calibration set is "
                       "another store, so only name one on purpose")
-    int8.add_argument("--calibration-images", type=bounded_int(1, 100_000), default=DEFAULT_CALIBRATION_IMAGES,
+    int8.add_argument("--calibration-images", type=Bounded(bounds.CALIBRATION_IMAGES), default=DEFAULT_CALIBRATION_IMAGES,
                       metavar="N", help=f"how many images (a seeded choice) a new calibration takes, %(type)s "
                       f"(default: {DEFAULT_CALIBRATION_IMAGES}, fewer if there are fewer)")
     features.add_argument("--dtype", choices=["float32", "float16"], default=None,
                           help="how a new store keeps its features: float16 halves disk and reads (heads still compute "
                           "in float32); an existing store keeps its own (default: float32)")
-    features.add_argument("--augment", type=bounded_int(1, 64), default=None, metavar="N",
+    features.add_argument("--augment", type=Bounded(bounds.VIEWS), default=None, metavar="N",
                           help="also compute N augmented views of each image (flip, random resized crop, brightness and "
                           "contrast; seeded by the image's content, so the same views every time), cached beside the "
                           "features for `train-head --augment` and `predict --tta`, %(type)s. With --backbone pixels the "
                           "views are the augmented images' pixels")
-    features.add_argument("--augment-flip", type=finite_float(0, 1), default=None, metavar="P",
+    features.add_argument("--augment-flip", type=Bounded(bounds.PROBABILITY), default=None, metavar="P",
                           help="with --augment: the probability of a horizontal flip in a view, %(type)s (default: 0.5; "
                           "0 for digits, text and anything a mirror changes); another value is another set of views")
     features.add_argument("--strict", action="store_true", help="exit with an error if any image failed")

@@ -5,27 +5,9 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, memory_budget,
+from bottleneck import bounds
+from bottleneck.cli.common import (BATCH_SIZE, Bounded, EPOCHS, OrAuto, PATIENCE, SEED, memory_budget,
                                    print_split_scores, stderr)
-
-
-class _RateOrAuto:
-    """`--learning-rate`: a number (nan and values under 0 left to the command's one-line check), or 'auto'."""
-
-    numeric = True
-    library_checks_low = True
-
-    def __init__(self):
-        self.number = finite_float(0, 10, low_open=True, library_checks_low=True)
-        self.__name__ = f"{self.number.__name__}, or auto"
-
-    def __call__(self, text: str):
-        if text.strip().lower() == "auto":
-            return "auto"
-        try:
-            return self.number(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected a number {self.__name__}, got {text!r}") from None
 
 
 def _augmentations(text: str) -> tuple[str, ...]:
@@ -70,28 +52,28 @@ def add_parser(commands) -> None:
     parser.add_argument("--run", required=True, help="a run folder written by train-head (or fine-tune)")
     parser.add_argument("--runs", default=None, help="folder for the new run (default: beside the parent run)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--unfreeze", type=bounded_int(1, 100_000), default=None, metavar="N",
+    which.add_argument("--unfreeze", type=Bounded(bounds.UNFREEZE), default=None, metavar="N",
                        help="unfreeze the top N backbone layers with weights, %(type)s (default: all; BatchNorm: see --bn)")
     which.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="unfreeze LAYER and every layer above it")
     parser.add_argument("--gradual", action="store_true",
                         help="after the head's epochs, unfreeze one more group of layers (of up to 4, the top first) per epoch")
-    parser.add_argument("--learning-rate", type=_RateOrAuto(), default=1e-3,
+    parser.add_argument("--learning-rate", type=OrAuto(bounds.LEARNING_RATE, auto_last=True), default=1e-3,
                         help="peak learning rate of the top group and the head, %(type)s: 'auto' runs a learning-rate "
                         "finder first (its curve: lr_find.json and lr_find.png in the run) (default: 1e-3)")
-    parser.add_argument("--head-epochs", type=bounded_int(0, 100_000), default=0,
+    parser.add_argument("--head-epochs", type=Bounded(bounds.HEAD_EPOCHS), default=0,
                         help="epochs training the head alone (the base frozen) before unfreezing, %(type)s (default: 0)")
     parser.add_argument("--bn", choices=("frozen", "affine", "train"), default="affine",
                         help="BatchNorm: frozen (inference mode, as the Keras guide), affine (gamma and beta train, "
                         "statistics frozen, as fastai) or train (batch statistics) (default: affine)")
-    parser.add_argument("--lower-rate-factor", type=finite_float(1, 1e6), default=10.0,
+    parser.add_argument("--lower-rate-factor", type=Bounded(bounds.LOWER_RATE_FACTOR), default=10.0,
                         help="discriminative rates: the lowest of up to 4 layer groups learns this many times slower "
                         "than the top one, %(type)s (default: 10)")
-    parser.add_argument("--warmup", type=finite_float(0, 0.9), default=0.3,
+    parser.add_argument("--warmup", type=Bounded(bounds.WARMUP), default=0.3,
                         help="fraction of the steps warming the rate up before the cosine decay (one cycle), "
                         "%(type)s (default: 0.3)")
-    parser.add_argument("--weight-decay", type=finite_float(0, 1), default=0.0,
+    parser.add_argument("--weight-decay", type=Bounded(bounds.WEIGHT_DECAY), default=0.0,
                         help="AdamW's decoupled weight decay, %(type)s (default: 0, plain Adam)")
-    parser.add_argument("--label-smoothing", type=finite_float(0, 0.5), default=0.1,
+    parser.add_argument("--label-smoothing", type=Bounded(bounds.LABEL_SMOOTHING), default=0.1,
                         help="label smoothing of the training loss, %(type)s (default: 0.1)")
     parser.add_argument("--no-soften", dest="soften", action="store_false",
                         help="keep a logreg parent's head as it is (by default its logits are divided by the "

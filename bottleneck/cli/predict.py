@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backend_arguments, bounded_int,
+from bottleneck import bounds
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, Bounded, LOCK_TIMEOUT, WORKERS, add_backend_arguments,
                                    select_backend, stderr)
 
 
@@ -138,7 +139,7 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
     parser.add_argument("--run", required=True, help="a run folder written by train-head or fine-tune")
-    parser.add_argument("--top", type=bounded_int(1, 1000), default=3, help="labels shown per image, %(type)s (default: 3)")
+    parser.add_argument("--top", type=Bounded(bounds.TOP), default=3, help="labels shown per image, %(type)s (default: 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")
     parser.add_argument("--csv", default=None, metavar="FILE", help="write the predictions to a CSV file")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
@@ -147,7 +148,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)")
     parser.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
                         help="wait at most this long for another run writing the same store, %(type)s (default: no limit)")
-    parser.add_argument("--tta", type=bounded_int(1, 64), nargs="?", const=0, default=None, metavar="N",
+    parser.add_argument("--tta", type=Bounded(bounds.VIEWS), nargs="?", const=0, default=None, metavar="N",
                         help="test-time augmentation: average the probabilities over each image and N augmented views "
                         "(cached like features), %(type)s (default N: as many as the run trained on, else 4)")
     add_backend_arguments(parser)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from bottleneck.cli.common import (BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, columns_of, data_or_labels,
-                                   stderr)
+from bottleneck import bounds
+from bottleneck.cli.common import (BATCH_SIZE, Bounded, LEARNING_RATE, SEED, add_layout_argument, columns_of,
+                                   data_or_labels, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,12 +35,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--data", default=None, help="source images, one sub-folder per class (optional with --labels)")
     add_layout_argument(parser)
     parser.add_argument("--out", required=True, help="the .keras file to write")
-    parser.add_argument("--image-size", type=bounded_int(8, 512), default=32, help="square input size, %(type)s (default: 32)")
-    parser.add_argument("--blocks", type=bounded_int(1, 6), default=3,
+    parser.add_argument("--image-size", type=Bounded(bounds.PRETRAIN_IMAGE_SIZE), default=32,
+                        help="square input size, %(type)s (default: 32)")
+    parser.add_argument("--blocks", type=Bounded(bounds.BLOCKS), default=3,
                         help="conv blocks, %(type)s, each but the last halving the size (default: 3)")
-    parser.add_argument("--filters", type=bounded_int(1, 1024), default=32,
+    parser.add_argument("--filters", type=Bounded(bounds.FILTERS), default=32,
                         help="filters of the first block, doubled per block, %(type)s (default: 32)")
-    parser.add_argument("--epochs", type=bounded_int(0, 100_000), default=30,
+    parser.add_argument("--epochs", type=Bounded(bounds.PRETRAIN_EPOCHS), default=30,
                         help="most epochs, %(type)s; 0 saves the untrained network (default: 30)")
     parser.add_argument("--batch-size", type=BATCH_SIZE, default=None,
                         help="batch size, %(type)s (default: about 30 steps per epoch, from 8 to 64 images)")

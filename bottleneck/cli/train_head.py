@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, PERCENT, SEED, add_backbone_arguments,
-                                   add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget, or_auto,
-                                   print_split_scores, spec_from, stderr)
+from bottleneck import bounds
+from bottleneck.cli.common import (BATCH_SIZE, Bounded, EPOCHS, LEARNING_RATE, OrAuto, PATIENCE, PERCENT, SEED,
+                                   add_backbone_arguments, add_layout_argument, columns_of, data_or_labels,
+                                   memory_budget, print_split_scores, spec_from, stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,32 +84,32 @@ def add_parser(commands) -> None:
     split.add_argument("--test-pct", type=PERCENT, default=10.0,
                        help="test percentage, %(type)s; with --val-pct, less than 100 (default: 10)")
     split.add_argument("--split-file", default=None, help="reuse a saved split.csv")
-    parser.add_argument("--augment", type=bounded_int(1, 64), nargs="?", const=0, default=None, metavar="N",
+    parser.add_argument("--augment", type=Bounded(bounds.VIEWS), nargs="?", const=0, default=None, metavar="N",
                         help="also train on the cached augmented views of the training images (never of validation or "
                         "test images): N per image, %(type)s, or with no N every view the cache holds "
                         "(compute them with `features --augment N`)")
-    parser.add_argument("--augment-flip", type=finite_float(0, 1), default=None, metavar="P",
+    parser.add_argument("--augment-flip", type=Bounded(bounds.PROBABILITY), default=None, metavar="P",
                         help="with --augment: the views computed with this flip probability, %(type)s (as given to "
                         "`features --augment-flip`; default: 0.5)")
     parser.add_argument("--exclude", default=None, metavar="FILE",
                         help="leave the images this file lists (one per line, relative to DATA or absolute: an "
                         "audit's exclude.txt) out of training and validation; the test split never changes, so runs "
                         "with and without it are scored on the same test images. The run records it")
-    split.add_argument("--folds", type=bounded_int(2, 1000), default=None,
+    split.add_argument("--folds", type=Bounded(bounds.FOLDS), default=None,
                        help="also k-fold cross-validate over train+validation, %(type)s and at most the training and "
                        "validation images of the smallest class")
     head = parser.add_argument_group("head")
-    head.add_argument("--C", type=or_auto(finite_float(0, 1e6, low_open=True)), default=None,
+    head.add_argument("--C", type=OrAuto(bounds.C), default=None,
                       help="logreg: inverse regularisation strength, %(type)s; auto chooses it from 1e-4..1e2 by "
                       "5-fold cross-validation over train+validation, then trains on train (default: auto)")
-    head.add_argument("--k", type=bounded_int(1, 10_000), default=None,
+    head.add_argument("--k", type=Bounded(bounds.K), default=None,
                       help="knn: neighbours, %(type)s (default: chosen on the validation split from 1, 3, 5, ... 51)")
     head.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
     head.add_argument("--epochs", type=EPOCHS, default=None, help="keras: most epochs, %(type)s (default: 300)")
     head.add_argument("--learning-rate", type=LEARNING_RATE, default=None, help="keras: Adam learning rate, %(type)s (default: 0.01)")
-    head.add_argument("--l2", type=finite_float(0, 10), default=None,
+    head.add_argument("--l2", type=Bounded(bounds.L2), default=None,
                       help="keras: L2 penalty on the weights, %(type)s (default: 0.01)")
-    head.add_argument("--dropout", type=finite_float(0, 1, high_open=True), default=None,
+    head.add_argument("--dropout", type=Bounded(bounds.DROPOUT), default=None,
                       help="keras: dropout on the features, %(type)s (default: 0)")
     head.add_argument("--batch-size", type=BATCH_SIZE, default=None,
                       help="keras: batch size, %(type)s (default: about 20 steps per epoch, from 8 to 64)")

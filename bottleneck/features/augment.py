@@ -21,10 +21,10 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.bounds import VIEWS
 from bottleneck.errors import DataError
 from bottleneck.features.store import FeatureStore, MemoryWriter
 
-MAX_VIEWS = 64
 #: Attribute of a view store: the largest number of views per image computed so far.
 VIEWS_ATTR = "views_per_image"
 
@@ -187,8 +187,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     from bottleneck.features.engines import computed_by, non_finite_rows
     from bottleneck.features.engines.local import bounded_map, make_bar
 
-    if not 1 <= views <= MAX_VIEWS:
-        raise DataError(f"--augment must be from 1 to {MAX_VIEWS} views per image; got {views}")
+    VIEWS.check(views, "--augment", DataError, f"{VIEWS.must} views per image")
     store = view_store(cache_dir, plain, recipe)
     with store.writer() if writable else contextlib.nullcontext(MemoryWriter(store)) as writer:
         todo, queued = [], set()

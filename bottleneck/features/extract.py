@@ -30,6 +30,7 @@ from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
 from bottleneck.errors import CacheError, DataError
+from bottleneck import bounds
 from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
@@ -162,16 +163,15 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and not isinstance(self.batch_size, numbers.Integral):
             raise DataError(f"--batch-size must be a whole number or auto; got {self.batch_size!r}")
-        for name in ("workers", "max_pixels", "shard_size") + (("batch_size",) if self.batch_size != "auto" else ()):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DataError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise DataError(f"--gpus-per-worker must be 0 or more; got {self.gpus_per_worker}")
+        checked = {"workers": bounds.WORKERS, "max_pixels": bounds.MAX_PIXELS, "shard_size": bounds.SHARD_SIZE,
+                    "gpus_per_worker": bounds.GPUS_PER_WORKER, "calibration_images": bounds.CALIBRATION_IMAGES}
+        if self.batch_size != "auto":
+            checked["batch_size"] = bounds.BATCH_SIZE
+        for name, interval in checked.items():
+            if getattr(self, name) is not None:
+                interval.check(getattr(self, name), f"--{name.replace('_', '-')}", DataError)
         if self.runtime not in RUNTIMES:
             raise DataError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-        if self.calibration_images < 1:
-            raise DataError(f"--calibration-images must be at least 1; got {self.calibration_images}")
         if self.dtype not in (None, *DTYPES):
             raise DataError(f"unknown --dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.engine not in ENGINES:

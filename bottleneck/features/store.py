@@ -1027,7 +1027,7 @@ class StoreWriter:
 
     def _merged_attrs(self, previous: dict, extra: dict) -> dict:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        merged = {k: v for k, v in previous.items() if k in ("created", "tensorflow_version", "keras_version")}
+        merged = {k: v for k, v in previous.items() if k == "created" or k.endswith("_version")}  # any backend's
         merged.update(self.store.attrs)
         merged.update({k: v for k, v in extra.items() if v is not None})
         merged.setdefault("created", now)

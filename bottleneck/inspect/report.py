@@ -544,12 +544,11 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = No
     `summary` ({title, rows, notes}) is an extra table shown first, as the demo's comparison.
     A run that cannot be read or drawn is left out with a warning line to `log`. The page is
     written under a temporary name and renamed; that name is removed when the write fails and,
-    if a killed run (or an older version) left it, at the start of the next.
+    if a killed run left it, at the start of the next.
     """
     target = Path(out) if out else Path(runs_dir) / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
-    for leftover in (tmp, Path(runs_dir) / ".report.html.tmp"):  # left by a killed run, or an older version
-        _remove(leftover)
+    _remove(tmp)  # left by a killed run
     if target.is_dir():
         raise DataError(f"--out {shown(target)} is a folder: name the HTML file to write, as "
                         f"--out {shown(target / 'report.html')}")

@@ -47,6 +47,7 @@ from bottleneck.features.shards import Columns
 from bottleneck.learn.pretrain import load_images
 from bottleneck.learn.run_folder import FINE_TUNED, LoadedRun, load_run
 from bottleneck.learn.splits import SPLITS, read_split_csv
+from bottleneck import bounds
 
 AUGMENTATIONS = ("flip", "crop", "brightness")
 _CROP_FRACTION = 0.8  # "crop" keeps a random square of 80-100% of the side, resized back
@@ -81,26 +82,25 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.unfreeze is not None and self.unfreeze_from is not None:
             raise DataError("give --unfreeze N or --unfreeze-from LAYER, not both")
-        if self.unfreeze is not None and self.unfreeze < 1:
-            raise DataError(f"--unfreeze must be at least 1; got {self.unfreeze}")
-        if self.learning_rate != AUTO and not (isinstance(self.learning_rate, (int, float)) and
-                                               math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise DataError(f"--learning-rate must be a positive number or auto; got {self.learning_rate}")
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise DataError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
-        if self.head_epochs < 0:
-            raise DataError(f"--head-epochs must be 0 or more; got {self.head_epochs}")
+        if self.learning_rate != AUTO:
+            bounds.LEARNING_RATE.check(self.learning_rate, "--learning-rate", DataError,
+                                       f"{bounds.LEARNING_RATE.must}, or auto")
+        for name, interval in self._bounded().items():
+            if getattr(self, name) is not None:
+                interval.check(getattr(self, name), f"--{name.replace('_', '-')}", DataError)
         if self.bn not in BN_MODES:
             raise DataError(f"unknown --bn {self.bn}; choose from: {', '.join(BN_MODES)}")
-        for name, low, high in (("lower_rate_factor", 1.0, 1e6), ("warmup", 0.0, 0.9), ("weight_decay", 0.0, 1.0),
-                                ("label_smoothing", 0.0, 0.5)):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and low <= value <= high):
-                raise DataError(f"--{name.replace('_', '-')} must be from {low:g} to {high:g}; got {value}")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
             raise DataError(f"unknown --augment {', '.join(unknown)}; choose from: {', '.join(AUGMENTATIONS)}")
+
+    @staticmethod
+    def _bounded() -> dict[str, bounds.Interval]:
+        """The numeric fields and their declared bounds (`bottleneck.bounds`), checked in this order."""
+        return {"unfreeze": bounds.UNFREEZE, "epochs": bounds.EPOCHS, "batch_size": bounds.BATCH_SIZE,
+                "patience": bounds.PATIENCE, "head_epochs": bounds.HEAD_EPOCHS,
+                "lower_rate_factor": bounds.LOWER_RATE_FACTOR, "warmup": bounds.WARMUP,
+                "weight_decay": bounds.WEIGHT_DECAY, "label_smoothing": bounds.LABEL_SMOOTHING}
 
     def key(self) -> str:
         """Names the work folder: the same command resumes the same work."""

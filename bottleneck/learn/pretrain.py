@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import bounds
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
 from bottleneck.features.discover import discover_images
@@ -52,12 +53,15 @@ class PretrainConfig:
         return int(min(64, max(8, images // STEPS_PER_EPOCH)))
 
     def __post_init__(self) -> None:
-        if not 8 <= self.image_size <= 512:
-            raise BottleneckError(f"--image-size must be between 8 and 512; got {self.image_size}")
-        if not 1 <= self.blocks <= 6 or self.image_size < 2 ** self.blocks:
-            raise BottleneckError(f"--blocks must be between 1 and 6 and leave at least 1 pixel; got {self.blocks}")
-        if self.epochs < 0 or self.filters < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise BottleneckError("--epochs must be 0 or more, --filters and --batch-size at least 1")
+        size, blocks = bounds.PRETRAIN_IMAGE_SIZE, bounds.BLOCKS
+        size.check(self.image_size, "--image-size", BottleneckError, f"between {size.low} and {size.high}")
+        if self.blocks not in blocks or self.image_size < 2 ** self.blocks:
+            raise BottleneckError(f"--blocks must be between {blocks.low} and {blocks.high} and leave at least 1 pixel; "
+                                  f"got {self.blocks}")
+        for name, interval in (("epochs", bounds.PRETRAIN_EPOCHS), ("filters", bounds.FILTERS),
+                               ("batch_size", bounds.BATCH_SIZE)):
+            if getattr(self, name) is not None:
+                interval.check(getattr(self, name), f"--{name.replace('_', '-')}", BottleneckError)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
+from bottleneck.bounds import FOLDS
 from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
                                       without_excluded)
 from bottleneck.errors import BackboneError, BottleneckError, DataError
@@ -131,8 +132,7 @@ def _targets(data: LabelledFeatures) -> np.ndarray:
 
 def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
     """K-fold needs each class in every fold: at least `folds` groups of training and validation images."""
-    if folds < 2:
-        raise DataError(f"--folds must be at least 2; got {folds}")
+    FOLDS.check(folds, "--folds", DataError)
     groups: dict[str, set[str]] = {}
     for relpath, label, split in zip(data.relpaths, data.labels, splits):
         if split != "test":
@@ -527,10 +527,13 @@ def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
 
 
 def versions() -> dict:
+    """The versions of Python and of the installed packages a run may use (every Keras backend, OpenVINO and
+    NNCF, KerasHub), read from their metadata: none of them is imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"bottleneck": __version__, "python": sys.version.split()[0]}
-    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow"):
+    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow",
+                    "jax", "jaxlib", "torch", "openvino", "nncf", "keras-hub"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from bottleneck.bounds import PERCENT
 from bottleneck.errors import DataError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.val_pct < 100 and 0 <= self.test_pct < 100 and self.val_pct + self.test_pct < 100):
+        if not (self.val_pct in PERCENT and self.test_pct in PERCENT and self.val_pct + self.test_pct < PERCENT.high):
             raise DataError(
                 f"--val-pct and --test-pct must be between 0 and 100 and leave some training images; "
                 f"got {self.val_pct:g} and {self.test_pct:g}"

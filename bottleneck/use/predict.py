@@ -25,6 +25,7 @@ from bottleneck.features.decode import NOT_A_FILE
 from bottleneck.features.shards import member_of
 from bottleneck.features.extract import ExtractOptions, compute_into_store
 from bottleneck.learn.run_folder import LoadedRun, load_run
+from bottleneck.bounds import TOP
 
 
 @dataclass
@@ -175,8 +176,7 @@ def predict_images(
     `tta` (test-time augmentation): also classify that many augmented views of each image (0: as
     many as the run trained on, else 4), cached like features, and average the probabilities.
     """
-    if top < 1:
-        raise DataError(f"--top must be at least 1; got {top}")
+    TOP.check(top, "--top", DataError)
     started = time.monotonic()
     run = run if isinstance(run, LoadedRun) else load_run(run)
     images, predictions, skipped = list_inputs(paths, run.cache_dir)
