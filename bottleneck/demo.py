@@ -96,7 +96,7 @@ class DemoConfig:
     scratch_epochs: int = 300  # few images make few steps per epoch: give training from scratch a fair chance
     # Measured (README, fine-tune): 10 epochs at 1e-5 never left the parent; 50 images make 4 steps an epoch, and the
     # far base needs about 100 steps at 1e-3 to retrain past its sharp head. Validation is 25 images, so its loss is
-    # noisy: a patience of 20 stopped the far source at 0.856 test accuracy, 60 let it reach 0.939 (README's sweep).
+    # noisy: a patience of 20 stopped the far source at 0.856 test accuracy, 60 let it reach 0.87-0.95 (docs' sweep).
     fine_tune_epochs: int = 120
     fine_tune_learning_rate: float = 1e-3
     fine_tune_patience: int = 60
