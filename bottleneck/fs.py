@@ -19,7 +19,8 @@ import h5py
 from bottleneck.errors import CacheError, disk_full, is_disk_full
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flush `folder`'s entries (a rename in it) to disk, where the system allows."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -28,15 +29,16 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-_NO_LOCKS = ("the file system of {folder} does not support file locking, which HDF5 uses: put the cache on a "
+NO_HDF5_LOCKS = ("the file system of {folder} does not support file locking, which HDF5 uses: put the cache on a "
              "local disk, or set HDF5_USE_FILE_LOCKING=FALSE if only one run at a time touches it")
 
 
-def _is_lock_failure(exc: OSError) -> bool:
+def is_lock_failure(exc: OSError) -> bool:
+    """Whether HDF5 failed to open a file because the file system refused its lock."""
     return "unable to lock file" in str(exc).lower()
 
 
-def _write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
+def write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
     """Create `path` and `write` it; a full disk is one OSError(ENOSPC), without h5py's tracebacks.
 
     When a write fills the disk, every HDF5 object freed afterwards tries to flush again, and h5py
@@ -46,8 +48,8 @@ def _write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
     try:
         handle = h5py.File(path, "w")
     except OSError as exc:
-        if _is_lock_failure(exc):
-            raise CacheError(_NO_LOCKS.format(folder=path.parent)) from None
+        if is_lock_failure(exc):
+            raise CacheError(NO_HDF5_LOCKS.format(folder=path.parent)) from None
         raise
     error: BaseException | None = None
     real, sys.stderr = sys.stderr, io.StringIO()
@@ -80,10 +82,11 @@ def _write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
         raise error
 
 
-def _write_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
+def write_hdf5_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
+    """Write the HDF5 file `target` under a temporary name, flush it and rename it; a full disk is one line."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        _write_hdf5(tmp, write)
+        write_hdf5(tmp, write)
         with open(tmp, "rb+") as raw:
             os.fsync(raw.fileno())
         os.replace(tmp, target)
@@ -94,7 +97,7 @@ def _write_atomically(target: Path, write: Callable[[h5py.File], None], needed_b
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def process_alive(pid: int) -> bool:

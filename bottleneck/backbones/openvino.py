@@ -36,7 +36,7 @@ from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
-from bottleneck.features.store import pid_named_folders, process_alive
+from bottleneck.fs import pid_named_folders, process_alive
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.

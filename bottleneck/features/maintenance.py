@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 import h5py
 
 from bottleneck.errors import CacheError
-from bottleneck.features.store import FeatureStore, exclusive_lock
+from bottleneck.features.store import FeatureStore
+from bottleneck.fs import exclusive_lock
 
 
 

@@ -686,7 +686,7 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
 @contextlib.contextmanager
 def _one_at_a_time(folder: Path, run_id: str):
     """Hold the lock of a fine-tune's work folder; one line if the same fine-tune is running in another process."""
-    from bottleneck.features.store import exclusive_lock
+    from bottleneck.fs import exclusive_lock
 
     def busy(holder: str) -> BottleneckError:
         return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "

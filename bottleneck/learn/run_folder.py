@@ -27,7 +27,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec, spec_from_record, spec_from_store_attrs
 from bottleneck.errors import BottleneckError, DataError
-from bottleneck.features.store import process_alive
+from bottleneck.fs import process_alive
 from bottleneck.learn.thresholds import Thresholds
 
 #: config.json "kind" of a run written by `fine-tune`.

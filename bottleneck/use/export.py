@@ -234,7 +234,7 @@ def _check_replaceable(out: Path) -> None:
 
 def _remove_killed_stagings(out: Path) -> None:
     """Remove the staging folders (`.NAME.<pid>.*`) that killed exports left beside `out`."""
-    from bottleneck.features.store import pid_named_folders, process_alive
+    from bottleneck.fs import pid_named_folders, process_alive
 
     for entry, pid in pid_named_folders(out):
         if pid is not None and pid != os.getpid() and not process_alive(pid):

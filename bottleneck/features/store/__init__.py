@@ -26,8 +26,6 @@ from bottleneck.features.store.layout import (COMPUTED_BY, DTYPES, FORMAT_VERSIO
                                               Failure, StoredFeatures, StoreIndex, add_counts, printable)
 from bottleneck.features.store.read import FeatureStore, StoreSnapshot
 from bottleneck.features.store.write import MemoryWriter, StoreWriter
-from bottleneck.fs import exclusive_lock, pid_named_folders, process_alive
 
 __all__ = ["COMPUTED_BY", "DTYPES", "FORMAT_VERSION", "SMALL_SEGMENT_BYTES", "UNRECORDED", "Failure", "FeatureStore",
-           "MemoryWriter", "StoreIndex", "StoreSnapshot", "StoreWriter", "StoredFeatures", "add_counts", "exclusive_lock",
-           "pid_named_folders", "printable", "process_alive"]
+           "MemoryWriter", "StoreIndex", "StoreSnapshot", "StoreWriter", "StoredFeatures", "add_counts", "printable"]

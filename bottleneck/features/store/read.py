@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -13,11 +12,10 @@ import h5py
 import numpy as np
 
 from bottleneck.errors import CacheError
-from bottleneck.features.store.layout import (DTYPES, FORMAT_VERSION, UNRECORDED, COMPUTED_BY, _COPY_ROWS, Failure,
-                                              StoredFeatures, StoreIndex, T, _Plan, _PartMerged, _Source, _computed_by,
-                                              _is_run, _read_failures, _read_hashes, _reason, _write_failures, _write_rows,
-                                              add_counts)
-from bottleneck.fs import _NO_LOCKS, _is_lock_failure, _write_atomically, exclusive_lock
+from bottleneck.features.store.layout import (_COPY_ROWS, DTYPES, FORMAT_VERSION, Failure, StoredFeatures, StoreIndex, T,
+                                              _computed_by, _is_run, _PartMerged, _Plan, _read_failures, _read_hashes,
+                                              _reason, _Source, add_counts)
+from bottleneck.fs import NO_HDF5_LOCKS, exclusive_lock, is_lock_failure
 
 if TYPE_CHECKING:
     from bottleneck.features.store.write import StoreWriter
@@ -89,23 +87,9 @@ class FeatureStore:
         An engine's shard writes its rows this way; the next `finish` of a writer holding the lock
         brings them into the index. A segment that exists already is left as it is (a retried shard).
         """
-        target = self.segment_path(name)
-        if target.exists():
-            return target
-        if features.shape != (len(hashes), self.feature_dim):
-            raise CacheError(f"segment of shape {features.shape} does not fit a store of dimension {self.feature_dim}")
-        dtype = dtype or self.dtype()
-        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        from bottleneck.features.store.write import write_segment
 
-        def write(handle: h5py.File) -> None:
-            _write_rows(handle, hashes, features, paths, dtype)
-            _write_failures(handle, list(failures))
-            handle.attrs["dtype"] = dtype
-            if hashes:
-                handle.attrs[COMPUTED_BY] = json.dumps({computed_by or UNRECORDED: len(hashes)})
-
-        _write_atomically(target, write, features.nbytes)
-        return target
+        return write_segment(self, name, hashes, features, paths, failures, dtype, computed_by)
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -117,8 +101,8 @@ class FeatureStore:
                 raise _PartMerged(path) from None
             raise CacheError(f"feature store {path} disappeared while being read") from None
         except OSError as exc:
-            if _is_lock_failure(exc):
-                raise CacheError(_NO_LOCKS.format(folder=path.parent)) from None
+            if is_lock_failure(exc):
+                raise CacheError(NO_HDF5_LOCKS.format(folder=path.parent)) from None
             raise CacheError(f"cannot read feature store {path} ({exc}); delete it to rebuild") from None
 
     def _index_contents(self) -> tuple[bool, list[str], dict]:

@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
@@ -19,10 +20,32 @@ from bottleneck.errors import CacheError
 from bottleneck.features.store.layout import (_HASH_DTYPE, _LEGACY_SEGMENT, COMPUTED_BY, SMALL_SEGMENT_BYTES, UNRECORDED,
                                               Failure, _Plan, _Source, _as_stored, _read_hashes, _runs, _string_array,
                                               _write_failures, _write_rows, add_counts)
-from bottleneck.fs import _fsync_dir, _write_atomically
+from bottleneck.fs import fsync_dir, write_hdf5_atomically
 
 if TYPE_CHECKING:
     from bottleneck.features.store.read import FeatureStore
+
+
+def write_segment(store: FeatureStore, name: str, hashes: list[str], features: np.ndarray, paths: list[str],
+                  failures: list[Failure] = (), dtype: str | None = None, computed_by: str = "") -> Path:
+    """`FeatureStore.write_segment`: one segment of rows, atomically, without the store's lock."""
+    target = store.segment_path(name)
+    if target.exists():
+        return target
+    if features.shape != (len(hashes), store.feature_dim):
+        raise CacheError(f"segment of shape {features.shape} does not fit a store of dimension {store.feature_dim}")
+    dtype = dtype or store.dtype()
+    store.segments_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(handle: h5py.File) -> None:
+        _write_rows(handle, hashes, features, paths, dtype)
+        _write_failures(handle, list(failures))
+        handle.attrs["dtype"] = dtype
+        if hashes:
+            handle.attrs[COMPUTED_BY] = json.dumps({computed_by or UNRECORDED: len(hashes)})
+
+    write_hdf5_atomically(target, write, features.nbytes)
+    return target
 
 
 class MemoryWriter:
@@ -130,7 +153,7 @@ class StoreWriter:
                 handle.attrs[COMPUTED_BY] = json.dumps({computed_by or UNRECORDED: len(hashes)})
 
         try:
-            _write_atomically(self.store.parts_dir / name, write, features.nbytes)
+            write_hdf5_atomically(self.store.parts_dir / name, write, features.nbytes)
         except BaseException:
             with self._failures_lock:
                 self._pending_failures[:0] = failures
@@ -228,7 +251,7 @@ class StoreWriter:
                 handle.attrs[COMPUTED_BY] = json.dumps(computed_by)
 
         computed_by = add_counts(*(s.computed_by for s in ordered))
-        _write_atomically(path, write, len(hashes) * self.store.feature_dim * np.dtype(self.dtype).itemsize)
+        write_hdf5_atomically(path, write, len(hashes) * self.store.feature_dim * np.dtype(self.dtype).itemsize)
         return _Source(path, "segment", len(hashes), np.arange(len(hashes), dtype=np.int64), hashes, failures,
                        computed_by=computed_by)
 
@@ -243,7 +266,7 @@ class StoreWriter:
             except OSError:
                 shutil.copyfile(source.path, tmp)
             os.replace(tmp, target)
-            _fsync_dir(self.store.segments_dir)
+            fsync_dir(self.store.segments_dir)
         return _Source(target, "segment", source.rows, source.keep, source.hashes, source.failures,
                        computed_by=source.computed_by)
 
@@ -285,7 +308,7 @@ class StoreWriter:
                 handle.attrs[key] = value
             handle.attrs["dtype"] = self.dtype
 
-        _write_atomically(self.store.path, write)
+        write_hdf5_atomically(self.store.path, write)
 
     def _merged_attrs(self, previous: dict, extra: dict) -> dict:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
