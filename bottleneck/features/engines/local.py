@@ -28,7 +28,7 @@ from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
 from bottleneck.errors import stop_if_interrupted
-from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
+from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")

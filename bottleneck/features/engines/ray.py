@@ -30,7 +30,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BottleneckError, DataError
-from bottleneck.features.engines import FAULT_ENV, Shard, ShardedEngine, ShardJob, ShardResult, ShardRunner
+from bottleneck.features.engines.sharded import FAULT_ENV, Shard, ShardedEngine, ShardJob, ShardResult, ShardRunner
 
 #: pandas (which Ray Data imports) looks for the numerical library also called `bottleneck`, finds this
 #: package and warns that its version is too old; it then does without it. Workers get the same filter.
