@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bottleneck.features.engines.base import (DEFAULT_BATCH_SIZE, NON_FINITE, Engine, Tally, computed_by,
                                               non_finite_rows)
-from bottleneck.features.engines.sharded import (DEFAULT_SHARD_SIZE, FAULT_ENV, SHARD_TRIES, InProcessEngine, Shard, ShardedEngine, ShardJob,
+from bottleneck.features.engines.sharded import (DEFAULT_SHARD_SIZE, FAULT_ENV, SHARD_TRIES, Shard, ShardedEngine, ShardJob,
                                                  ShardResult, ShardRunner, ViewPlan, make_job, plan_shards)
 
 ENGINES = ("local", "ray")
@@ -42,7 +42,6 @@ def get_engine(options) -> Engine:
     return LocalEngine(options)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SHARD_SIZE", "ENGINES", "FAULT_ENV", "NON_FINITE", "SHARD_TRIES", "Engine", "InProcessEngine",
-           "Shard",
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SHARD_SIZE", "ENGINES", "FAULT_ENV", "NON_FINITE", "SHARD_TRIES", "Engine", "Shard",
            "ShardJob", "ShardResult", "ShardRunner", "ShardedEngine", "Tally", "ViewPlan", "computed_by", "get_engine",
            "make_job", "non_finite_rows", "plan_shards"]

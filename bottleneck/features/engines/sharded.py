@@ -441,13 +441,3 @@ class ShardedEngine:
             for tmp in [*store.segments_dir.glob(".seg-*.tmp"), *store.segments_dir.glob(".seg-*.tries")]:
                 tmp.unlink(missing_ok=True)
 
-
-class InProcessEngine(ShardedEngine):
-    """The sharded steps run one shard after another in this process: the seam's reference, for tests."""
-
-    name = "in-process"
-
-    def map_shards(self, job: ShardJob, shards: list[Shard], log: Callable[[str], None]) -> Iterator[ShardResult]:
-        runner = ShardRunner(job)
-        for shard in shards:
-            yield runner.run(shard)
