@@ -290,19 +290,12 @@ class ShardRunner:
 
     def summarise_written(self, shard: Shard) -> ShardResult:
         """The result of a shard whose segment an earlier try wrote: files are hashed again, not decoded."""
-        import h5py
-
         from bottleneck.features.decode import UnreadableImage, read_image_file
         from bottleneck.features.hashing import sha256_bytes
 
-        with h5py.File(self.store.segment_path(shard.name), "r") as handle:
-            rows = {h.decode("ascii") for h in handle["content_hash"][()]}
-            failed: dict[str, Failure] = {}
-            if "failures" in handle:
-                group = handle["failures"]
-                columns = [group[name].asstr()[()] for name in ("path", "content_hash", "reason")]
-                for p, h, r in zip(*columns):
-                    failed[str(p)] = Failure(str(p), str(h), str(r))
+        hashes, failures = self.store.segment_rows(shard.name)
+        rows = set(hashes)
+        failed = {failure.path: failure for failure in failures}
         result = ShardResult(shard.index, shard.name, len(shard.items), resumed=True)
         taken: set[str] = set()
         for image, known_hash in shard.items:

@@ -93,6 +93,11 @@ class FeatureStore:
 
     # ---- reading -----------------------------------------------------------------------------
 
+    def segment_rows(self, name: str) -> tuple[list[str], list[Failure]]:
+        """The row hashes and failures of the segment called `name`, read as they are (a shard's own segment)."""
+        with h5py.File(self.segment_path(name), "r") as handle:
+            return _read_hashes(handle), _read_failures(handle)
+
     def _open(self, path: Path) -> h5py.File:
         try:
             return h5py.File(path, "r")
