@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="cache/bench-precision", help="work folder (bases, digits, cache)")
     args = parser.parse_args()
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities, cpu_flags
     from bottleneck.backbones.quantize import settle_calibration
     from bottleneck.backbones.spec import BackboneSpec

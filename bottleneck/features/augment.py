@@ -180,7 +180,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     warnings to the cache's log, not over the progress bar. `engine_options` (an `ExtractOptions` whose
     engine is `ray`) computes the views in shards on that engine instead, a segment per shard.
     """
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
     from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding

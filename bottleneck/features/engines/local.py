@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from bottleneck.backbones.build import get_feature_model, resolve_runtime
+from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image, read_image_file

@@ -162,7 +162,7 @@ class RayEngine(ShardedEngine):
             self._actors = max(1, int(gpus // want))  # one actor per GPU (or group of GPUs)
         else:
             self._actors = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))  # one per machine
-        from bottleneck.backbones.build import get_feature_model, resolve_runtime
+        from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 
         if resolve_runtime(options.runtime, spec) == "openvino":
             get_feature_model(spec, options.runtime, cache_dir)  # convert once here, not in every actor at once

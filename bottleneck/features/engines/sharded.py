@@ -184,7 +184,7 @@ class ShardRunner:
 
     def load_model(self):
         if self.model is None:
-            from bottleneck.backbones.build import get_feature_model
+            from bottleneck.backbones.runtime import get_feature_model
 
             self.model = get_feature_model(self.job.spec, self.job.runtime, self.store.cache_dir)
         return self.model
