@@ -1,11 +1,12 @@
-"""The bottom layer of files: atomic writes (HDF5 under a temporary name, flushed and renamed), exclusive
-locks, and whether the process that left a file behind still runs. Used by every stage that writes."""
+"""The bottom layer of files: content hashes, atomic writes (HDF5 under a temporary name, flushed and renamed),
+exclusive locks, and whether the process that left a file behind still runs. Used by every stage."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
 import gc
+import hashlib
 import io
 import os
 import re
@@ -17,6 +18,23 @@ from typing import Callable
 import h5py
 
 from bottleneck.errors import CacheError, disk_full, is_disk_full
+
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a regular file's content, read in 1 MiB chunks (`features.hashing.sha256_file` also reads
+    a tar shard's members)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

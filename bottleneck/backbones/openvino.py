@@ -135,7 +135,7 @@ def is_current_conversion(folder: Path, fmt: str = FORMAT) -> bool:
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    from bottleneck.features.hashing import sha256_file
+    from bottleneck.fs import sha256_file
 
     return {name: sha256_file(folder / name) for name in MODEL_FILES}
 

@@ -107,7 +107,7 @@ def choose_calibration(paths: list[Path], size: int, count: int = DEFAULT_CALIBR
     whenever `paths` holds that many good ones.
     """
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, too_large
-    from bottleneck.features.hashing import sha256_bytes
+    from bottleneck.fs import sha256_bytes
 
     ordered = sorted(paths, key=str)
     order = np.random.default_rng(CALIBRATION_SEED).permutation(len(ordered))

@@ -14,7 +14,6 @@ import stat
 import warnings
 
 import numpy as np
-import PIL
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bottleneck.errors import BottleneckError
@@ -47,10 +46,8 @@ def _gib(size_bytes: int) -> str:
     return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
 
 
-#: Part of every backbone fingerprint: bump when decoding changes the pixels it produces. Pillow's major
-#: version is in it because resampling changes between majors (Pillow 13 reordered the bilinear passes,
-#: moving pixels by one level): a store is never extended with features of other pixels.
-DECODE_VERSION = f"pillow{PIL.__version__.split('.')[0]}-rgb-white-alpha-bilinear-v1"
+#: This decoder's version is `DECODE_VERSION`, kept with the fingerprint that records it (`backbones/spec.py`):
+#: bump it there when decoding changes the pixels it produces.
 
 _ALPHA_BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S"})
