@@ -319,7 +319,7 @@ def train_on_features(
     if model.history_:
         metrics["history"] = model.history_
     if mask["train"].sum() >= 2 and mask["test"].sum() >= 2:
-        from bottleneck.inspect.domain import compare_features
+        from bottleneck.learn.domain import compare_features
 
         rng = np.random.default_rng(split.seed)  # the draw compare_features would make: the same rows
         train_sample = _domain_sample(X.subset(mask["train"]), 500, rng)
