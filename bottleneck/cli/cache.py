@@ -67,8 +67,10 @@ def compact(args: argparse.Namespace) -> int:
 def gc(args: argparse.Namespace) -> int:
     """List (or with --delete, remove) what no store or run needs."""
     from bottleneck.features.maintenance import collect_garbage, foreign_files
+    from bottleneck.learn.run_folder import referenced_fingerprints
 
-    garbage, busy = collect_garbage(args.cache, args.runs or (), delete=args.delete)
+    keep = referenced_fingerprints(args.runs) if args.runs else None
+    garbage, busy = collect_garbage(args.cache, keep, delete=args.delete)
     out = stderr if args.json else print
     _say_foreign(foreign_files(args.cache), out)
     verb = "removed" if args.delete else "would remove"

@@ -2,7 +2,6 @@
 and what can go (`cache gc`). Every change takes the store's lock, like a run that writes it."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -127,42 +126,15 @@ def _bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
-    """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
-    from bottleneck.learn.run_folder import CONFIG_FILE, backbone_fingerprint
-
-    found: set[str] = set()
-    for runs in runs_dirs:
-        folder = Path(runs)
-        if not folder.is_dir():
-            raise CacheError(f"--runs {folder} is not a folder of runs")
-        for config in folder.rglob(CONFIG_FILE):
-            try:
-                recorded = json.loads(config.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(recorded, dict):
-                if backbone_fingerprint(recorded):
-                    found.add(backbone_fingerprint(recorded))
-                if recorded.get("store"):
-                    found.add(Path(str(recorded["store"])).stem)
-                augment = recorded.get("augment")
-                if isinstance(augment, dict) and augment.get("store"):
-                    found.add(Path(str(augment["store"])).stem)
-    return found
-
-
-def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.PathLike] = (),
+def collect_garbage(cache_dir: str | os.PathLike, keep: set[str] | None = None,
                     delete: bool = False) -> tuple[list[Garbage], list[str]]:
     """What can be removed from a cache folder (removed with `delete`), and the stores skipped as busy.
 
     Always: temporary files of killed runs, and segments whose rows all live on in newer segments
-    (left by a merge interrupted before its clean-up). With `runs_dirs`: also every store that no
-    run in them was trained on. Each store is looked at, and cleaned, under its lock.
+    (left by a merge interrupted before its clean-up). With `keep` (the fingerprints runs use,
+    `run_folder.referenced_fingerprints`): also every store not in it. Each store is looked at, and cleaned, under its lock.
     """
     cache = Path(cache_dir)
-    runs_dirs = list(runs_dirs)
-    keep = referenced_fingerprints(runs_dirs) if runs_dirs else None
     garbage: list[Garbage] = []
     busy: list[str] = []
     stores = stores_in(cache)

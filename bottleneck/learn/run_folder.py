@@ -21,12 +21,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec, spec_from_record, spec_from_store_attrs
-from bottleneck.errors import BottleneckError, DataError
+from bottleneck.errors import BottleneckError, CacheError, DataError
 from bottleneck.fs import process_alive
 from bottleneck.learn.thresholds import Thresholds
 
@@ -511,3 +511,26 @@ def run_images(folder: Path, config: dict) -> RunImages:
     return RunImages(root, [relpaths[i] for i in keep], [rows[relpaths[i]][0] for i in keep],
                      [rows[relpaths[i]][1] for i in keep], np.array([stored[hashes[i]] for i in keep], np.int64), store,
                      len(relpaths) - len(keep))
+
+
+def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
+    """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
+    found: set[str] = set()
+    for runs in runs_dirs:
+        folder = Path(runs)
+        if not folder.is_dir():
+            raise CacheError(f"--runs {folder} is not a folder of runs")
+        for config in folder.rglob(CONFIG_FILE):
+            try:
+                recorded = json.loads(config.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(recorded, dict):
+                if backbone_fingerprint(recorded):
+                    found.add(backbone_fingerprint(recorded))
+                if recorded.get("store"):
+                    found.add(Path(str(recorded["store"])).stem)
+                augment = recorded.get("augment")
+                if isinstance(augment, dict) and augment.get("store"):
+                    found.add(Path(str(augment["store"])).stem)
+    return found
