@@ -155,7 +155,7 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
 
     from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities
-    from bottleneck.backbones.quantize import settle_calibration
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.features.discover import discover_images
 

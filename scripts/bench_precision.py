@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities, cpu_flags
-    from bottleneck.backbones.quantize import settle_calibration
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.demo import SOURCES, DemoConfig, _bases, _prepare_digits
     from bottleneck.features.discover import discover_images

@@ -25,7 +25,8 @@ from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.backend import use_backend
 from bottleneck.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
-from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
+from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
+from bottleneck.features.calibration import settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
