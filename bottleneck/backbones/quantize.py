@@ -177,7 +177,8 @@ def _compare_with_float32(float32, int8, pixels: np.ndarray) -> dict:
             "cosine": float(np.median(cosine))}
 
 
-def _quantized(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
+def quantized_spec(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
+    """`spec` calibrated on `chosen`, its int8 model quantized first unless the cache holds a sound one."""
     from bottleneck.backbones.openvino import _set_aside, conversion_problem, ensure_conversion
 
     target = int8_folder(float_model, chosen.digest)

@@ -9,10 +9,12 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck.backbones.quantize import (CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES, CalibrationSet, _quantized,
+from bottleneck.backbones.quantize import (CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES, CalibrationSet, quantized_spec,
                                            calibration_digest, float_folder, int8_folder, with_default_calibration)
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError, CacheError
+from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, too_large
+from bottleneck.fs import sha256_bytes
 
 
 def choose_calibration(paths: list[Path], size: int, count: int = DEFAULT_CALIBRATION_IMAGES,
@@ -22,9 +24,6 @@ def choose_calibration(paths: list[Path], size: int, count: int = DEFAULT_CALIBR
     A file that cannot be decoded is passed over for the next one, so the set has `count` images
     whenever `paths` holds that many good ones.
     """
-    from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, too_large
-    from bottleneck.fs import sha256_bytes
-
     ordered = sorted(paths, key=str)
     order = np.random.default_rng(CALIBRATION_SEED).permutation(len(ordered))
     pixels, hashes, seen = [], [], set()
@@ -79,7 +78,7 @@ def settle_calibration(spec: BackboneSpec, cache_dir: str | os.PathLike, candida
     if calibration_dir is not None:
         chosen = choose_calibration(calibration_paths(calibration_dir), spec.input_size, count, max_pixels,
                                     source=str(calibration_dir))
-        return _quantized(spec, chosen, float_model, log)
+        return quantized_spec(spec, chosen, float_model, log)
     spec = with_default_calibration(spec, cache_dir)
     if spec.calibration is not None:
         if not int8_folder(float_model, spec.calibration).exists():
@@ -91,4 +90,4 @@ def settle_calibration(spec: BackboneSpec, cache_dir: str | os.PathLike, candida
         raise CacheError(f"no int8 model in {cache_dir} yet: run `bottleneck features DATA --cache {cache_dir} "
                          "--precision int8` first (it calibrates on DATA's images, or on --calibration DIR)")
     chosen = choose_calibration(candidates, spec.input_size, count, max_pixels, source="DATA")
-    return _quantized(spec, chosen, float_model, log)
+    return quantized_spec(spec, chosen, float_model, log)
