@@ -34,7 +34,7 @@ import numpy as np
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
 from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
-from bottleneck.features.noise import native_startup_quiet
+from bottleneck.quiet import native_startup_quiet
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
