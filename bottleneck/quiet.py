@@ -15,11 +15,12 @@ import weakref
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
-_STDERR_FD = 2
-_temporary_streams: "weakref.WeakSet[io.TextIOWrapper]" = weakref.WeakSet()  # terminal streams closed on exit
+STDERR_FD = 2
+temporary_streams: "weakref.WeakSet[io.TextIOWrapper]" = weakref.WeakSet()  # terminal streams closed on exit
 
 
-def _flush(stream: Optional[IO]) -> None:
+def flush_quietly(stream: Optional[IO]) -> None:
+    """Flush `stream` if it can be (it may be None, closed or not a stream)."""
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.flush()
 
@@ -73,27 +74,27 @@ def native_startup_quiet() -> Iterator[None]:
     if _quiet_depth or threading.current_thread() is not threading.main_thread():
         yield
         return
-    _flush(sys.stderr)  # what was written before belongs on the terminal
-    _flush(sys.__stderr__)
+    flush_quietly(sys.stderr)  # what was written before belongs on the terminal
+    flush_quietly(sys.__stderr__)
     try:
-        saved = os.dup(_STDERR_FD)
+        saved = os.dup(STDERR_FD)
     except OSError:  # no fd 2 at all: nothing to keep quiet
         yield
         return
     previous = sys.stderr
-    if previous in _temporary_streams and sys.__stderr__ is not None:
+    if previous in temporary_streams and sys.__stderr__ is not None:
         sys.stderr = sys.__stderr__
     log = _open_native_log()
-    os.dup2(log, _STDERR_FD)
+    os.dup2(log, STDERR_FD)
     os.close(log)
     _quiet_depth += 1
     try:
         yield
     finally:
         _quiet_depth -= 1
-        _flush(sys.__stderr__)
-        _flush(sys.stderr)
-        os.dup2(saved, _STDERR_FD)
+        flush_quietly(sys.__stderr__)
+        flush_quietly(sys.stderr)
+        os.dup2(saved, STDERR_FD)
         os.close(saved)
         if sys.stderr is sys.__stderr__ and previous is not sys.__stderr__:
             sys.stderr = previous

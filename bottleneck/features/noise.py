@@ -29,7 +29,7 @@ from typing import IO, Iterator, Optional, TextIO
 
 from bottleneck.errors import CacheError
 from bottleneck.features.decode import set_pillow_warning_action
-from bottleneck.quiet import _STDERR_FD, _flush, _temporary_streams
+from bottleneck.quiet import STDERR_FD, flush_quietly, temporary_streams
 
 _SCAN_CHUNK = 1 << 20
 
@@ -162,19 +162,19 @@ def _close_log(noise: NoiseLog, existed: bool) -> None:
 
 def _redirect_fd2(noise: NoiseLog, undo: contextlib.ExitStack) -> int:
     """Point fd 2 at the log; return a descriptor for where it pointed before (the terminal)."""
-    _flush(sys.stderr)  # what Python already wrote belongs on the terminal, not in the log
-    saved = os.dup(_STDERR_FD)
+    flush_quietly(sys.stderr)  # what Python already wrote belongs on the terminal, not in the log
+    saved = os.dup(STDERR_FD)
     undo.callback(os.close, saved)
-    os.dup2(noise._fd, _STDERR_FD)
+    os.dup2(noise._fd, STDERR_FD)
     undo.callback(_restore_fd2, saved)
     return saved
 
 
 def _restore_fd2(saved: int) -> None:
     # Objects still writing to fd 2 (the original sys.stderr) flush into the log they wrote to.
-    _flush(sys.__stderr__)
-    _flush(sys.stderr)
-    os.dup2(saved, _STDERR_FD)
+    flush_quietly(sys.__stderr__)
+    flush_quietly(sys.stderr)
+    os.dup2(saved, STDERR_FD)
 
 
 def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
@@ -191,12 +191,12 @@ def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
         write_through=True,
     )
     sys.stderr = terminal
-    _temporary_streams.add(terminal)
+    temporary_streams.add(terminal)
     undo.callback(_restore_sys_stderr, original, terminal)
 
 
 def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) -> None:
-    _flush(terminal)
+    flush_quietly(terminal)
     if sys.stderr is terminal:  # someone who replaced it meanwhile keeps their own
         sys.stderr = original
     terminal.close()
@@ -204,7 +204,7 @@ def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) 
 
 def _writes_to_fd2(stream: Optional[IO]) -> bool:
     try:
-        return stream is not None and stream.fileno() == _STDERR_FD
+        return stream is not None and stream.fileno() == STDERR_FD
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return False
 
