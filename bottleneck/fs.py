@@ -9,7 +9,6 @@ import gc
 import hashlib
 import io
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Callable
 
 import h5py
 
+from bottleneck import naming
 from bottleneck.errors import CacheError, disk_full, is_disk_full
 
 _CHUNK = 1 << 20
@@ -102,7 +102,7 @@ def write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
 
 def write_hdf5_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
     """Write the HDF5 file `target` under a temporary name, flush it and rename it; a full disk is one line."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = naming.temporary_path(target)
     try:
         write_hdf5(tmp, write)
         with open(tmp, "rb+") as raw:
@@ -138,8 +138,7 @@ def pid_named_folders(target: Path) -> list[tuple[Path, int | None]]:
         return []
     named = []
     for entry in entries:
-        match = re.match(r"(\d+)\.", entry.name[len(prefix):])
-        named.append((entry, int(match.group(1)) if match else None))
+        named.append((entry, naming.pid_after(prefix, entry.name)))
     return named
 
 
@@ -169,7 +168,7 @@ def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[st
                     if busy is not None:
                         raise busy(holder) from None
                     raise CacheError(
-                        f"another bottleneck run (pid {holder}) is writing {lock_path.with_suffix('.h5')}; "
+                        f"another bottleneck run (pid {holder}) is writing {lock_path.with_suffix(naming.STORE_SUFFIX)}; "
                         "wait for it to finish or pass --lock-timeout SECONDS to wait"
                     ) from None
                 if not told and on_wait is not None:

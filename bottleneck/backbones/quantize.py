@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError, CacheError
 
@@ -56,20 +57,18 @@ class CalibrationSet:
 
 def float_folder(spec: BackboneSpec, cache_dir: str | os.PathLike) -> Path:
     """Where the float32 OpenVINO conversion of `spec`'s network lives in the cache."""
-    return (Path(cache_dir) / f"{spec.float32_spec.fingerprint()}.openvino").resolve()
+    return naming.openvino_folder(Path(cache_dir), spec.float32_spec.fingerprint()).resolve()
 
 
 def int8_folder(float_model: Path, calibration: str) -> Path:
     """The folder of the int8 model quantized from `float_model` on the calibration set `calibration`."""
-    stem = float_model.name[: -len(".openvino")] if float_model.name.endswith(".openvino") else float_model.name
-    return float_model.parent / f"{stem}.int8-{calibration}.openvino"
+    return float_model.parent / naming.int8_folder_name(float_model, calibration)
 
 
 def calibrations_made(float_model: Path) -> list[dict]:
     """The calibration records of the int8 models made from `float_model`, oldest first."""
-    stem = float_model.name[: -len(".openvino")]
     records = []
-    for folder in float_model.parent.glob(f"{stem}.int8-*.openvino"):
+    for folder in float_model.parent.glob(naming.int8_folders_glob(float_model)):
         try:
             record = json.loads((folder / CALIBRATION_FILE).read_text())
             records.append({"digest": str(record["calibration"]["digest"]), "created": float(record["created"]),

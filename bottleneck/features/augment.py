@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import DataError
 from bottleneck.features.store import FeatureStore, MemoryWriter
@@ -99,7 +100,7 @@ def view_store(cache_dir: str | os.PathLike, plain: FeatureStore, recipe: Augmen
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in recorded.items()
              if k not in ("fingerprint", "format_version", "created", "updated", "dtype")}
     attrs.update(augment_recipe=json.dumps(recipe.identity()), augments=plain.fingerprint)
-    return FeatureStore(cache_dir, f"{plain.fingerprint}-aug-{recipe.digest()}", plain.feature_dim, attrs)
+    return FeatureStore(cache_dir, naming.views_fingerprint(plain.fingerprint, recipe.digest()), plain.feature_dim, attrs)
 
 
 def views_held(store: FeatureStore) -> int:
@@ -117,7 +118,7 @@ def other_view_recipes(cache_dir: str | os.PathLike, plain_fingerprint: str) -> 
     import h5py
 
     recipes = []
-    for path in sorted(Path(cache_dir).glob(f"{plain_fingerprint}-aug-*.h5")):
+    for path in sorted(Path(cache_dir).glob(naming.views_glob(plain_fingerprint))):
         try:
             with h5py.File(path, "r") as handle:
                 recipes.append(recipe_from_record(json.loads(handle.attrs["augment_recipe"])))

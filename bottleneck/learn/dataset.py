@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
@@ -229,7 +230,7 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
 
     cache = Path(cache_dir)
     found = fingerprints_in(cache) if cache.is_dir() else []
-    found = [name for name in found if "-aug-" not in name]  # augmented views belong to their backbone's store
+    found = [name for name in found if not naming.is_views_store(name)]  # augmented views belong to their backbone's store
     if not found:
         raise CacheError(f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first")
     if spec is None:

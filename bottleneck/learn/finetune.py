@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
@@ -692,7 +693,7 @@ def _one_at_a_time(folder: Path, run_id: str):
         return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
                                "to finish (its epochs are kept) or change a setting to start another")
 
-    lock = folder.parent / (folder.name + ".lock")
+    lock = naming.lock_beside(folder)
     with exclusive_lock(lock, timeout=0, busy=busy):
         try:
             yield
@@ -719,7 +720,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
     if run.spec.kind == "pixels" and not run.fine_tuned:
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
     runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training
-    work = _WorkFolder(runs / f".fine-tune-{run.run_id}-{config.key()}")
+    work = _WorkFolder(naming.fine_tune_folder(runs, run.run_id, config.key()))
     with _one_at_a_time(work.folder, run.run_id):
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import __version__
+from bottleneck import __version__, naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full
 from bottleneck.features.shards import Columns
@@ -164,7 +164,7 @@ def dump_features(
                         "which is streamed in row groups, or raise --max-memory")
     splits = splits_of(data, split, split_file, log)
     metadata = backbone_metadata(data)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = naming.temporary_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if parquet:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, Tally, computed_by, non_finite_rows
@@ -325,7 +326,7 @@ class ShardRunner:
 
 def tries_path(store: FeatureStore, name: str) -> Path:
     """The file counting the tries of shard `name` (one byte each), removed when the run ends."""
-    return store.segments_dir / f".seg-{name}.tries"
+    return store.segments_dir / naming.shard_tries_file(name)
 
 
 def _make_bar(total: int, progress: bool, unit: str = "img"):
@@ -431,6 +432,6 @@ class ShardedEngine:
     def _remove_temporaries(store: FeatureStore) -> None:
         """Segments a killed worker was writing, and try counters (no worker runs; the driver holds the lock)."""
         if store.segments_dir.is_dir():
-            for tmp in [*store.segments_dir.glob(".seg-*.tmp"), *store.segments_dir.glob(".seg-*.tries")]:
+            for tmp in [leftover for pattern in naming.SHARD_LEFTOVER_GLOBS for leftover in store.segments_dir.glob(pattern)]:
                 tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,6 @@ DTYPES = ("float32", "float16")
 SMALL_SEGMENT_BYTES = 64 * 2**20
 _COPY_ROWS = 4096
 _HASH_DTYPE = "S64"
-_LEGACY_SEGMENT = "seg-00000000000000000000-format1.h5"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import h5py
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.errors import CacheError
 from bottleneck.features.store.layout import (_COPY_ROWS, DTYPES, FORMAT_VERSION, Failure, StoredFeatures, StoreIndex, T,
                                               _computed_by, _is_run, _PartMerged, _Plan, _read_failures, _read_hashes,
@@ -33,10 +34,10 @@ class FeatureStore:
         self.feature_dim = feature_dim
         self.requested_dtype = dtype
         self.attrs = dict(attrs, fingerprint=fingerprint, format_version=FORMAT_VERSION)
-        self.path = self.cache_dir / f"{fingerprint}.h5"
-        self.parts_dir = self.cache_dir / f"{fingerprint}.parts"
-        self.segments_dir = self.cache_dir / f"{fingerprint}.segments"
-        self.lock_path = self.cache_dir / f"{fingerprint}.lock"
+        self.path = naming.store_index(self.cache_dir, fingerprint)
+        self.parts_dir = naming.store_parts(self.cache_dir, fingerprint)
+        self.segments_dir = naming.store_segments(self.cache_dir, fingerprint)
+        self.lock_path = naming.store_lock(self.cache_dir, fingerprint)
         self._contents_cache: dict[Path, tuple[tuple[int, int, int], tuple[dict, list[str], list[Failure]]]] = {}
 
     # ---- files -------------------------------------------------------------------------------
@@ -44,16 +45,16 @@ class FeatureStore:
     def part_files(self) -> list[Path]:
         if not self.parts_dir.is_dir():
             return []
-        return sorted(self.parts_dir.glob("part-*.h5"))
+        return sorted(self.parts_dir.glob(naming.PART_GLOB))
 
     def segment_files(self) -> list[Path]:
         if not self.segments_dir.is_dir():
             return []
-        return sorted(self.segments_dir.glob("seg-*.h5"))
+        return sorted(self.segments_dir.glob(naming.SEGMENT_GLOB))
 
     def segment_path(self, name: str) -> Path:
         """Where the segment called `name` lives (whether or not it exists)."""
-        return self.segments_dir / f"seg-{name}.h5"
+        return self.segments_dir / naming.segment_file(name)
 
     def files(self) -> list[Path]:
         """Every file of this store on disk (index, segments, parts, lock)."""

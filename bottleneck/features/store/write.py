@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,8 +15,9 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.errors import CacheError
-from bottleneck.features.store.layout import (_HASH_DTYPE, _LEGACY_SEGMENT, COMPUTED_BY, SMALL_SEGMENT_BYTES, UNRECORDED,
+from bottleneck.features.store.layout import (_HASH_DTYPE, COMPUTED_BY, SMALL_SEGMENT_BYTES, UNRECORDED,
                                               Failure, _Plan, _Source, _as_stored, _read_hashes, _runs, _string_array,
                                               _write_failures, _write_rows, add_counts)
 from bottleneck.fs import fsync_dir, write_hdf5_atomically
@@ -114,8 +114,8 @@ class StoreWriter:
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.store.cache_dir, self.store.parts_dir, self.store.segments_dir):
             if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
-                    if tmp.name.startswith((f".{self.store.fingerprint}", ".part-", ".seg-")):
+                for tmp in folder.glob(naming.TEMPORARY_GLOB):
+                    if tmp.name.startswith(naming.store_temporary_prefixes(self.store.fingerprint)):
                         tmp.unlink(missing_ok=True)
 
     def _drop_unreadable_files(self) -> None:
@@ -142,7 +142,7 @@ class StoreWriter:
             raise CacheError(f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}")
         self.store.parts_dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.h5"
+        name = naming.new_file_name("part", self._seq)
         with self._failures_lock:
             failures, self._pending_failures = self._pending_failures, []
 
@@ -234,7 +234,7 @@ class StoreWriter:
         failures = {f.key: f for s in ordered for f in s.failures}
         failures = [f for f in failures.values() if f.content_hash not in plan.seen]
         self._seq += 1
-        path = self.store.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.h5"
+        path = self.store.segments_dir / naming.new_file_name("seg", self._seq)
         self.store.segments_dir.mkdir(parents=True, exist_ok=True)
 
         def write(handle: h5py.File) -> None:
@@ -257,10 +257,10 @@ class StoreWriter:
 
     def _legacy_as_segment(self, source: _Source) -> _Source:
         """A format-1 store file becomes the first segment: a hard link (no copy) where the disk allows."""
-        target = self.store.segments_dir / _LEGACY_SEGMENT
+        target = self.store.segments_dir / naming.LEGACY_SEGMENT
         self.store.segments_dir.mkdir(parents=True, exist_ok=True)
         if not target.exists():
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = naming.temporary_path(target)
             try:
                 os.link(source.path, tmp)
             except OSError:
