@@ -21,6 +21,7 @@ from bottleneck.backbones.applications import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TO
 from bottleneck.backbones.backend import MIXED_POLICY, backend_versions, import_keras, quiet_startup
 from bottleneck.backbones.spec import RANDOM_WEIGHTS_SEED, WEIGHTS_IMAGENET, WEIGHTS_NONE, BackboneSpec
 from bottleneck.errors import BackboneError
+from bottleneck.text import first_line
 
 #: The name of the feature network's input: float32 (n, size, size, 3) RGB pixels in 0..255.
 INPUT_NAME = "pixels"
@@ -51,11 +52,6 @@ def import_tensorflow():
                             f"{keras.config.backend()} here (KERAS_BACKEND): set KERAS_BACKEND=tensorflow for it; "
                             "`features` and `predict` run on any backend (--backend)")
     return tf, keras
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +98,8 @@ def what_did_not_load(message: str) -> str:
         count = int(total.group(1))
         shown = ", ".join(names[:3])
         more = f" and {count - 3} more" if count > 3 else ""
-        return f"{count} layers did not load: {shown}{more}" if names else _first_line(message)
-    line = _first_line(message)
+        return f"{count} layers did not load: {shown}{more}" if names else first_line(message)
+    line = first_line(message)
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -185,7 +181,7 @@ def _build_with_imagenet_weights(spec: BackboneSpec, builder: Callable, shape: t
         raise
     except Exception as exc:
         raise BackboneError(
-            f"could not get the ImageNet weights of {spec.architecture} ({_first_line(exc)}); "
+            f"could not get the ImageNet weights of {spec.architecture} ({first_line(exc)}); "
             f"Keras downloads them once into ~/.keras/models/{spec.arch.weights_file}. Offline? Pass --weights "
             "PATH to a local no-top weights file, or --weights none for random weights (tests only)"
         ) from None
@@ -198,7 +194,7 @@ def _load_weights_file(model, spec: BackboneSpec) -> None:
         raise
     except Exception as exc:
         message = str(exc)
-        detail = what_did_not_load(message) if _PARTIAL_LOAD.search(message) else _first_line(exc)
+        detail = what_did_not_load(message) if _PARTIAL_LOAD.search(message) else first_line(exc)
         raise BackboneError(
             f"weights file {spec.weights} does not fit {spec.architecture} without its top ({detail})"
         ) from None
@@ -211,7 +207,7 @@ def build_file_backbone(spec: BackboneSpec):
         # safe_mode refuses the Lambda layers that would run code stored in the file.
         full = keras.saving.load_model(spec.architecture, compile=False, safe_mode=True)
     except Exception as exc:
-        raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({_first_line(exc)})") from None
+        raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({first_line(exc)})") from None
     inputs = list(full.inputs)
     shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
     if len(shape) != 4 or shape[-1] != 3:
@@ -237,7 +233,7 @@ def import_keras_hub():
     except ImportError as exc:
         from bottleneck.backbones.foundation import HUB_INSTALL
 
-        raise BackboneError(f"foundation-model backbones need KerasHub ({_first_line(exc)}): {HUB_INSTALL}") from None
+        raise BackboneError(f"foundation-model backbones need KerasHub ({first_line(exc)}): {HUB_INSTALL}") from None
     return keras_hub
 
 
@@ -270,7 +266,7 @@ def build_foundation_backbone(spec: BackboneSpec):
             raise
         except Exception as exc:
             raise BackboneError(f"cannot load the preset folder {spec.weights} for {spec.architecture} "
-                                f"({_first_line(exc)})") from None
+                                f"({first_line(exc)})") from None
     backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
     _number_the_positions(backbone)
     backbone.trainable = False
@@ -300,7 +296,7 @@ def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int])
         kwargs = {} if spec.input_size == model.default_size else {"image_shape": shape}
         return loader.from_preset(model.preset, **kwargs)
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise BackboneError(
             f"could not get the KerasHub preset {model.preset} ({reason}); KerasHub downloads it once "

@@ -445,7 +445,7 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
                      kept: frozenset[str] = frozenset()) -> tuple[LabelledFeatures, int]:
     """`data` less the images `listed` (relative to DATA) but those in `kept` (train-head keeps the test split's);
     one line if any listed image is not under DATA."""
-    from bottleneck.features.store import printable
+    from bottleneck.text import printable
 
     known = set(data.relpaths) | set(data.failed) | set(data.missing) | set(data.non_finite)
     unknown = [p for p in listed if p not in known]

@@ -16,7 +16,8 @@ from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, Tally, computed_by, non_finite_rows
-from bottleneck.features.store import Failure, FeatureStore, StoreWriter, printable
+from bottleneck.features.store import Failure, FeatureStore, StoreWriter
+from bottleneck.text import error_line, printable
 
 DEFAULT_SHARD_SIZE = 2000
 #: Tries of a shard inside one worker (Python errors); a killed worker is restarted by the engine.
@@ -149,11 +150,6 @@ class _Known:
         self.known_failures = dict(job.known_failures)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _test_fault(shard: Shard, when: str) -> None:
     """Fail on purpose when the tests ask for it (see FAULT_ENV); does nothing otherwise."""
     setting = os.environ.get(FAULT_ENV)
@@ -227,7 +223,7 @@ class ShardRunner:
                 result.tries = attempt
                 return result
             except Exception as exc:  # noqa: BLE001: reported per shard, never lost
-                error = _one_line(exc)
+                error = error_line(exc)
         return ShardResult(shard.index, shard.name, len(shard.items), tries=self.job.tries, error=error)
 
     def compute(self, shard: Shard) -> ShardOutput:

@@ -23,9 +23,9 @@ A store written before segments existed (format 1) holds its rows in FP.h5 itsel
 as it is and becomes the first segment (a rename, not a copy) the next time rows are added.
 """
 from bottleneck.features.store.layout import (COMPUTED_BY, DTYPES, FORMAT_VERSION, SMALL_SEGMENT_BYTES, UNRECORDED,
-                                              Failure, StoredFeatures, StoreIndex, add_counts, printable)
+                                              Failure, StoredFeatures, StoreIndex, add_counts)
 from bottleneck.features.store.read import FeatureStore, StoreSnapshot
 from bottleneck.features.store.write import MemoryWriter, StoreWriter
 
 __all__ = ["COMPUTED_BY", "DTYPES", "FORMAT_VERSION", "SMALL_SEGMENT_BYTES", "UNRECORDED", "Failure", "FeatureStore",
-           "MemoryWriter", "StoreIndex", "StoreSnapshot", "StoreWriter", "StoredFeatures", "add_counts", "printable"]
+           "MemoryWriter", "StoreIndex", "StoreSnapshot", "StoreWriter", "StoredFeatures", "add_counts"]

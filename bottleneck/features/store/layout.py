@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from bottleneck.errors import CacheError
+from bottleneck.text import printable
 
 T = TypeVar("T")
 FORMAT_VERSION = 2
@@ -65,11 +66,6 @@ class StoreIndex:
     def rows_by_hash(self) -> dict[str, int]:
         return {h: i for i, h in enumerate(self.content_hash)}
 
-
-
-def printable(text: str) -> str:
-    """UTF-8-safe text: file names that are not valid UTF-8 keep their bytes as U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _string_array(values: list[str]) -> np.ndarray:
@@ -152,11 +148,6 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [rows.size]])
     return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends)]
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class _PartMerged(Exception):

@@ -15,8 +15,9 @@ from bottleneck import naming
 from bottleneck.errors import CacheError
 from bottleneck.features.store.layout import (_COPY_ROWS, DTYPES, FORMAT_VERSION, Failure, StoredFeatures, StoreIndex, T,
                                               _computed_by, _is_run, _PartMerged, _Plan, _read_failures, _read_hashes,
-                                              _reason, _Source, add_counts)
+                                              _Source, add_counts)
 from bottleneck.fs import NO_HDF5_LOCKS, exclusive_lock, is_lock_failure
+from bottleneck.text import first_line
 
 if TYPE_CHECKING:
     from bottleneck.features.store.write import StoreWriter
@@ -122,7 +123,7 @@ class FeatureStore:
             try:
                 return True, [str(n) for n in handle["segments/name"].asstr()[()]], attrs
             except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                raise CacheError(f"the index {self.path.name} is damaged ({_reason(exc)}); delete it and the next "
+                raise CacheError(f"the index {self.path.name} is damaged ({first_line(exc, 200)}); delete it and the next "
                                  f"`bottleneck features` run rebuilds it from {self.segments_dir.name}/") from None
 
     def _listing(self, tolerate_missing: bool) -> tuple[list[tuple[Path, str, bool]], _Plan]:
@@ -181,7 +182,7 @@ class FeatureStore:
             except (KeyError, ValueError, UnicodeDecodeError, CacheError) as exc:
                 if kind == "part" or (kind == "segment" and not indexed):
                     continue  # cut short by a killed run: the next writer drops it and its rows are computed again
-                raise CacheError(f"the feature store {self.path.name} is damaged ({path.name}: {_reason(exc)}); "
+                raise CacheError(f"the feature store {self.path.name} is damaged ({path.name}: {first_line(exc, 200)}); "
                                  f"delete {self.path.name} and {self.segments_dir.name}/ to rebuild it") from None
             before = len(plan.seen)
             plan.seen.update(file_hashes)
