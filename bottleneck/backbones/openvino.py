@@ -37,6 +37,7 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
 from bottleneck.fs import pid_named_folders, process_alive
+from bottleneck.text import format_bytes
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.
@@ -290,7 +291,7 @@ def ensure_conversion(spec: BackboneSpec, folder: Path) -> None:
     """Make `folder` hold a verified float32 conversion of `spec`'s network, converting (again) if needed."""
     left = remove_leftovers(folder)
     if left:
-        _say(f"removed {left / 1e6:.1f} MB of OpenVINO conversion that a killed run left beside {folder}")
+        _say(f"removed {format_bytes(left)} of OpenVINO conversion that a killed run left beside {folder}")
     problem = conversion_problem(folder)
     if problem is not None:
         if folder.exists():

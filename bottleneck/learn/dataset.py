@@ -22,8 +22,9 @@ from bottleneck.errors import CacheError, DataError
 from bottleneck.features.decode import too_large
 from bottleneck.features.hashing import HashIndex, file_stamp
 from bottleneck.features.store import FeatureStore, StoreSnapshot
-from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
+from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, plan_memory
 from bottleneck.features.shards import Columns
+from bottleneck.text import format_bytes
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
 _DENSE_ENOUGH = 0.25
@@ -177,8 +178,8 @@ class LabelledFeatures:
         """All features as one array; refused when they were left in the store for being over the memory budget."""
         if not self.rows.in_memory:
             raise MemoryBudgetError(
-                f"the features of these {len(self.rows)} images ({human(self.rows.nbytes)}) do not fit the memory "
-                f"budget ({human(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
+                f"the features of these {len(self.rows)} images ({format_bytes(self.rows.nbytes)}) do not fit the memory "
+                f"budget ({format_bytes(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
                 f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory")
         return self.rows.array
 

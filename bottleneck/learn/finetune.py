@@ -441,7 +441,8 @@ def _predict(model, pixels) -> np.ndarray:
 def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], max_memory: int | None = None):
     """The run's split, decoded in memory when it fits in `max_memory` (default: a quarter of what is available;
     the training rows are copied once, so twice the split), else as a `_StreamedImages` decoded per batch."""
-    from bottleneck.learn.memory import default_budget, human
+    from bottleneck.learn.memory import default_budget
+    from bottleneck.text import format_bytes
 
     data = run.data_dir or Path("")
     if not data.is_dir():
@@ -457,8 +458,8 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], ma
                                                        labels=run.config.get("labels_file"), columns=columns,
                                                        cache_dir=run.cache_dir)
     else:
-        log(f"the decoded images of run {run.run_id} at {size}x{size} ({human(needed)}) are over the memory budget "
-            f"({human(budget)}): checking that each decodes, then decoding them per batch")
+        log(f"the decoded images of run {run.run_id} at {size}x{size} ({format_bytes(needed)}) are over the memory budget "
+            f"({format_bytes(budget)}): checking that each decodes, then decoding them per batch")
         pixels, labels, relpaths, splits = _streamed_split(run, data, size, columns)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
