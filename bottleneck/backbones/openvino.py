@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
@@ -299,6 +300,27 @@ def ensure_conversion(spec: BackboneSpec, folder: Path) -> None:
         convert_to_openvino(spec, folder)
 
 
+#: What the int8 model folder quantize writes holds (its `format.txt`).
+INT8_FORMAT = "int8 feature network v1: float32 RGB 0-255 pixels in, NNCF post-training quantization\n"
+
+
+def int8_folder(float_model: Path, calibration: str) -> Path:
+    """The folder of the int8 model quantized from `float_model` on the calibration set `calibration`."""
+    return float_model.parent / naming.int8_folder_name(float_model, calibration)
+
+
+def int8_model_file(spec: BackboneSpec, float_model: Path) -> Path:
+    """The int8 model.xml of `spec` (whose calibration is settled); one line if it is missing or damaged."""
+    if spec.calibration is None:
+        raise BackboneError("--precision int8: no calibration chosen (run `bottleneck features` first)")
+    folder = int8_folder(float_model, spec.calibration)
+    problem = conversion_problem(folder, INT8_FORMAT)
+    if problem is not None:
+        raise CacheError(f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
+                         "DATA --precision int8` again (it quantizes anew; another calibration set is another store)")
+    return folder / "model.xml"
+
+
 class OpenVinoFeatureModel:
     """Runs a converted feature network with OpenVINO on uint8 RGB batches; converts it into `folder` first if needed.
 
@@ -313,8 +335,6 @@ class OpenVinoFeatureModel:
             raise BackboneError(f"--precision {spec.precision} does not run on OpenVINO; use --runtime keras")
         check_cpu_precision(spec.precision)
         if spec.precision == "int8":  # runs its own files, checked against their record; not the float32 ones
-            from bottleneck.backbones.quantize import int8_model_file
-
             model_xml = int8_model_file(spec, folder)
         else:
             ensure_conversion(spec.float32_spec, folder)

@@ -39,7 +39,6 @@ DEFAULT_CALIBRATION_IMAGES = 300
 CALIBRATION_SEED = 0
 #: Part of the calibration digest: bump when the quantization recipe changes what it makes of the same images.
 METHOD = "nncf-ptq-performance-fastbias-v1"
-INT8_FORMAT = "int8 feature network v1: float32 RGB 0-255 pixels in, NNCF post-training quantization\n"
 CALIBRATION_FILE = "calibration.json"
 #: How many calibration images the quantized model is compared with float32 on, after quantizing.
 CHECK_IMAGES = 32
@@ -58,11 +57,6 @@ class CalibrationSet:
 def float_folder(spec: BackboneSpec, cache_dir: str | os.PathLike) -> Path:
     """Where the float32 OpenVINO conversion of `spec`'s network lives in the cache."""
     return naming.openvino_folder(Path(cache_dir), spec.float32_spec.fingerprint()).resolve()
-
-
-def int8_folder(float_model: Path, calibration: str) -> Path:
-    """The folder of the int8 model quantized from `float_model` on the calibration set `calibration`."""
-    return float_model.parent / naming.int8_folder_name(float_model, calibration)
 
 
 def calibrations_made(float_model: Path) -> list[dict]:
@@ -116,8 +110,8 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
     """
     import openvino as ov
 
-    from bottleneck.backbones.openvino import (RECORD_FILE, _file_hashes, compile_on_cpu, conversion_problem,
-                                               remove_leftovers)
+    from bottleneck.backbones.openvino import (INT8_FORMAT, RECORD_FILE, _file_hashes, compile_on_cpu,
+                                               conversion_problem, int8_folder, remove_leftovers)
 
     nncf = _import_nncf()
     target = int8_folder(float_model, calibration.digest)
@@ -178,7 +172,7 @@ def _compare_with_float32(float32, int8, pixels: np.ndarray) -> dict:
 
 def quantized_spec(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
     """`spec` calibrated on `chosen`, its int8 model quantized first unless the cache holds a sound one."""
-    from bottleneck.backbones.openvino import _set_aside, conversion_problem, ensure_conversion
+    from bottleneck.backbones.openvino import INT8_FORMAT, _set_aside, conversion_problem, ensure_conversion, int8_folder
 
     target = int8_folder(float_model, chosen.digest)
     problem = conversion_problem(target, INT8_FORMAT)
@@ -189,17 +183,3 @@ def quantized_spec(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path
         ensure_conversion(spec.float32_spec, float_model)
         quantize(spec, chosen, float_model, log)
     return replace(spec, calibration=chosen.digest)
-
-
-def int8_model_file(spec: BackboneSpec, float_model: Path) -> Path:
-    """The int8 model.xml of `spec` (whose calibration is settled); one line if it is missing or damaged."""
-    from bottleneck.backbones.openvino import conversion_problem
-
-    if spec.calibration is None:
-        raise BackboneError("--precision int8: no calibration chosen (run `bottleneck features` first)")
-    folder = int8_folder(float_model, spec.calibration)
-    problem = conversion_problem(folder, INT8_FORMAT)
-    if problem is not None:
-        raise CacheError(f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
-                         "DATA --precision int8` again (it quantizes anew; another calibration set is another store)")
-    return folder / "model.xml"

@@ -9,8 +9,9 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck.backbones.quantize import (CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES, CalibrationSet, quantized_spec,
-                                           calibration_digest, float_folder, int8_folder, with_default_calibration)
+from bottleneck.backbones.openvino import int8_folder
+from bottleneck.backbones.quantize import (CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES, CalibrationSet, calibration_digest,
+                                           float_folder, quantized_spec, with_default_calibration)
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError, CacheError
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, too_large
