@@ -131,7 +131,8 @@ def collect_garbage(cache_dir: str | os.PathLike, keep: set[str] | None = None,
 
     Always: temporary files of killed runs, and segments whose rows all live on in newer segments
     (left by a merge interrupted before its clean-up). With `keep` (the fingerprints runs use,
-    `run_folder.referenced_fingerprints`): also every store not in it. Each store is looked at, and cleaned, under its lock.
+    `run_folder.referenced_fingerprints`): also every store not in it. Each store is looked at, and
+    cleaned, under its lock.
     """
     cache = Path(cache_dir)
     garbage: list[Garbage] = []

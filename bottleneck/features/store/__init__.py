@@ -1,6 +1,6 @@
 """The HDF5 feature store: one per exact backbone, keyed by image content, crash-safe, growing by what is new.
 
-Layout in the cache folder, for a backbone fingerprint FP:
+Layout in the cache folder, for a backbone fingerprint FP (the names are built in `bottleneck.naming`):
 
     FP.h5        the index, what readers open: `features` (N, D) and `content_hash` (N,) as HDF5
                  virtual datasets over the segment files, group `failures` (path, content_hash,
