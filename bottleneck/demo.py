@@ -29,7 +29,7 @@ from typing import Callable
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.features.extract import extract_features
-from bottleneck.inspect.domain import compare_features
+from bottleneck.learn.domain import compare_features
 from bottleneck.inspect.report import write_report
 from bottleneck.learn.dataset import load_labelled_features
 from bottleneck.learn.finetune import FineTuneConfig, fine_tune

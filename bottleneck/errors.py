@@ -50,15 +50,17 @@ def disk_full(folder, needed_bytes: int | None = None) -> DiskFullError:
     import shutil
     from pathlib import Path
 
+    from bottleneck.text import format_bytes
+
     where = Path(folder)
     while not where.exists() and where != where.parent:
         where = where.parent
     try:
-        free = f"{shutil.disk_usage(where).free / 1e6:.0f} MB free"
+        free = f"{format_bytes(shutil.disk_usage(where).free)} free"
     except OSError:
         free = "free space unknown"
     needed = ""
     if needed_bytes:
-        needed = f"{needed_bytes / 1e6:.1f} MB needed, " if needed_bytes >= 100_000 else f"{needed_bytes / 1e3:.1f} KB needed, "
+        needed = f"{format_bytes(needed_bytes)} needed, "
     return DiskFullError(f"disk full at {where}: {needed}{free}; what was committed is kept: free some space and "
                          "run the same command again")

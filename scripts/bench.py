@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bottleneck.backbones.spec import BackboneSpec  # noqa: E402
 
-from bottleneck.backbones.build import get_feature_model  # noqa: E402
+from bottleneck.backbones.runtime import get_feature_model  # noqa: E402
 from bottleneck.features.decode import decode_image  # noqa: E402
 from bottleneck.features.extract import extract_features  # noqa: E402
 

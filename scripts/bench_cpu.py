@@ -153,9 +153,9 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
     """For each OpenVINO precision this CPU runs: its limit, the model alone and end to end (images/s)."""
     from dataclasses import replace
 
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities
-    from bottleneck.backbones.quantize import settle_calibration
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.features.discover import discover_images
 
@@ -186,7 +186,7 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
 
 def runtime_rounds(photos: Path, work: Path, spec, batch: np.ndarray, calls: int, args) -> tuple[list[dict], str]:
     """Paired rounds of each runtime, model only and end to end, against the float32 sgemm limit."""
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
 
     keras_model = get_feature_model(spec, "keras")
     openvino_model = get_feature_model(spec, "openvino", work)

@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> dict:
     from bottleneck.backbones.backend import accelerators, use_backend
 
     backend = use_backend(args.backend)
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.spec import BackboneSpec
 
     devices = accelerators(backend)

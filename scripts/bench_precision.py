@@ -98,9 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="cache/bench-precision", help="work folder (bases, digits, cache)")
     args = parser.parse_args()
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities, cpu_flags
-    from bottleneck.backbones.quantize import settle_calibration
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.demo import SOURCES, DemoConfig, _bases, _prepare_digits
     from bottleneck.features.discover import discover_images

@@ -16,9 +16,8 @@ import pytest
 from bottleneck.backbones.applications import ARCHITECTURES
 from bottleneck.backbones.foundation import FOUNDATION_MODELS
 from bottleneck.backbones.build import FeatureModel, build_feature_network, build_keras_backbone, preprocessing_layers
-from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.backbones.spec import DECODE_VERSION, BackboneSpec
 from bottleneck.errors import BackboneError
-from bottleneck.features.decode import DECODE_VERSION
 
 NAMES = sorted(ARCHITECTURES)
 SMALL = "mobilenet_v3_small"  # the quickest to build: the weights tests use it

@@ -186,10 +186,18 @@ def test_a_sharded_engine_computes_the_same_views_and_resumes_a_written_shard(tm
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.features.augment import compute_views, view_store
     from bottleneck.features.discover import discover_images
-    from bottleneck.features.engines import InProcessEngine, Tally, ViewPlan
+    from bottleneck.features.engines import ShardedEngine, ShardRunner, Tally, ViewPlan
     from bottleneck.features.extract import ExtractOptions, extract_features, open_store
     from bottleneck.features.hashing import HashIndex
     from bottleneck.learn.dataset import content_hashes
+
+    class InProcessEngine(ShardedEngine):
+        """The sharded steps one shard after another in this process: the seam's reference."""
+
+        def map_shards(self, job, shards, log):
+            runner = ShardRunner(job)
+            for shard in shards:
+                yield runner.run(shard)
 
     data = tmp_path / "data"
     make_dataset(data, per_class=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from bottleneck.inspect.domain import compare_features, frechet_distance, mmd_test
+from bottleneck.learn.domain import compare_features, frechet_distance, mmd_test
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula():

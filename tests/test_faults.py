@@ -8,8 +8,9 @@ import sqlite3
 import numpy as np
 import pytest
 
+from bottleneck import fs
 from bottleneck.cli import main
-from bottleneck.features import hashing, store as store_module
+from bottleneck.features import hashing
 from bottleneck.features.hashing import INDEX_NAME, HashIndex
 from bottleneck.features.store import FeatureStore
 
@@ -50,21 +51,21 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_committed(pixels_extracted, 
     [index_file] = cache.glob("*.h5")
     fingerprint = index_file.stem
     make_dataset(data, per_class=6, start=4)  # more images to compute
-    real_file = store_module.h5py.File
+    real_file = fs.h5py.File
 
     def full(path, mode="r", *args, **kwargs):
         if mode == "w":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_file(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_module.h5py, "File", full)
+    monkeypatch.setattr(fs.h5py, "File", full)
     capsys.readouterr()
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"bottleneck: error: disk full at {cache / (fingerprint + '.parts')}: 12.3 KB needed, "), err  # one batch of 16 images
-    assert "MB free" in err and "run the same command again" in err
+    assert err.startswith(f"bottleneck: error: disk full at {cache / (fingerprint + '.parts')}: 12.0 KiB needed, "), err  # one batch of 16 images
+    assert any(f"{unit} free" in err for unit in ("KiB", "MiB", "GiB", "TiB")) and "run the same command again" in err
     assert len(err.splitlines()) == 1
-    monkeypatch.setattr(store_module.h5py, "File", real_file)
+    monkeypatch.setattr(fs.h5py, "File", real_file)
     assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 12  # the old store is whole
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0  # room again: it finishes
     assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 30

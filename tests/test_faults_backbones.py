@@ -94,7 +94,7 @@ def test_a_damaged_openvino_model_is_converted_again_and_killed_conversions_are_
 
     model = OpenVinoFeatureModel(spec, folder)
     err = capsys.readouterr().err.splitlines()
-    assert err[:3] == [f"bottleneck: removed 2.0 MB of OpenVINO conversion that a killed run left beside {folder}",
+    assert err[:3] == [f"bottleneck: removed 1.9 MiB of OpenVINO conversion that a killed run left beside {folder}",
                        f"bottleneck: the OpenVINO model in {folder} does not match the record of its files "
                        "(model.bin changed: damaged?): converting it again",
                        f"bottleneck: converting rgb to OpenVINO once (kept in {folder.parent})"]

@@ -432,7 +432,7 @@ def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
 
 def test_openvino_computes_the_same_features(tmp_path, pixels):
     pytest.importorskip("openvino")
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
 
     folder = write_preset(tmp_path / "dino", "dinov2")
     spec = BackboneSpec("dinov2_small", weights=str(folder))

@@ -150,33 +150,33 @@ def test_float32_is_float32_arithmetic_on_every_backend_even_when_the_environmen
 
 
 def test_runtime_auto_picks_openvino_on_a_cpu_and_keras_where_openvino_does_not_fit(monkeypatch):
-    from bottleneck.backbones import build
+    from bottleneck.backbones import runtime
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.errors import BackboneError
 
     inception = BackboneSpec(weights="none", image_size=75)
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
-    monkeypatch.setattr(build, "_gpu_present", lambda: False)
-    assert build.resolve_runtime("auto", inception) == "openvino"
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: False)
+    assert runtime.resolve_runtime("auto", inception) == "openvino"
     with pytest.raises(BackboneError, match="^unknown --runtime 'tensorflow'; choose one of: auto, keras, openvino$"):
-        build.resolve_runtime("tensorflow", inception)  # the old name of keras, retired
-    assert build.resolve_runtime("auto", BackboneSpec(architecture="pixels")) == "keras"
-    assert build.resolve_runtime("auto", BackboneSpec(weights="none", precision="mixed")) == "keras"
+        runtime.resolve_runtime("tensorflow", inception)  # the old name of keras, retired
+    assert runtime.resolve_runtime("auto", BackboneSpec(architecture="pixels")) == "keras"
+    assert runtime.resolve_runtime("auto", BackboneSpec(weights="none", precision="mixed")) == "keras"
     with pytest.raises(BackboneError, match="^--precision int8 runs on the OpenVINO runtime"):
-        build.resolve_runtime("keras", BackboneSpec(weights="none", precision="int8"))
+        runtime.resolve_runtime("keras", BackboneSpec(weights="none", precision="int8"))
     monkeypatch.setenv("KERAS_BACKEND", "jax")  # the user chose a Keras backend
-    assert build.resolve_runtime("auto", inception) == "keras"
+    assert runtime.resolve_runtime("auto", inception) == "keras"
     monkeypatch.setenv("BOTTLENECK_RUNTIME", "keras")
-    assert build.resolve_runtime("auto", inception) == "keras"
-    assert build.resolve_runtime("openvino", inception) == "openvino"
+    assert runtime.resolve_runtime("auto", inception) == "keras"
+    assert runtime.resolve_runtime("openvino", inception) == "openvino"
     monkeypatch.setenv("BOTTLENECK_RUNTIME", "fast")
     with pytest.raises(BackboneError, match="^unknown BOTTLENECK_RUNTIME='fast'; choose keras or openvino"):
-        build.resolve_runtime("auto", inception)
+        runtime.resolve_runtime("auto", inception)
     monkeypatch.delenv("BOTTLENECK_RUNTIME")
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
-    monkeypatch.setattr(build, "_gpu_present", lambda: True)
-    assert build.resolve_runtime("auto", inception) == "keras"
-    assert build.resolve_runtime("auto", BackboneSpec(weights="none", precision="bf16")) == "openvino"
+    monkeypatch.setattr(runtime, "_gpu_present", lambda: True)
+    assert runtime.resolve_runtime("auto", inception) == "keras"
+    assert runtime.resolve_runtime("auto", BackboneSpec(weights="none", precision="bf16")) == "openvino"
 
 
 def test_features_run_on_openvino_by_default_say_the_one_conversion_and_share_the_keras_store(tmp_path, capsys):
@@ -209,14 +209,14 @@ def test_features_run_on_openvino_by_default_say_the_one_conversion_and_share_th
 
 
 def test_under_auto_a_network_openvino_cannot_convert_runs_on_keras_with_one_line(tmp_path, capsys, monkeypatch):
-    from bottleneck.backbones import build, openvino as runtime
+    from bottleneck.backbones import openvino, runtime
     from bottleneck.errors import BackboneError
 
     def refuse(spec, target, log=None):
         raise BackboneError(f"OpenVINO cannot convert {spec.name} (an op it lacks); use --runtime tensorflow")
 
-    monkeypatch.setattr(runtime, "convert_to_openvino", refuse)
-    build._openvino_model.cache_clear()
+    monkeypatch.setattr(openvino, "convert_to_openvino", refuse)
+    runtime._openvino_model.cache_clear()
     data = tmp_path / "data"
     make_dataset(data, per_class=1)
     model = _tiny_model_file(tmp_path / "odd.keras")
@@ -358,9 +358,9 @@ def test_int8_faults_are_one_line(tmp_path, capsys):
     with open(folder / "model.bin", "r+b") as handle:
         handle.seek(100)
         handle.write(b"\xff" * 16)
-    from bottleneck.backbones import build
+    from bottleneck.backbones import runtime
 
-    build._openvino_model.cache_clear()
+    runtime._openvino_model.cache_clear()
     (data / "red" / "extra.png").write_bytes((data / "red" / "red_000.png").read_bytes()[:-1] + b"\x00")
     make_dataset(data, per_class=1, start=7)
     one_line(["features", str(data), "--cache", str(cache), *flags, "--no-progress"],

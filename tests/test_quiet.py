@@ -148,7 +148,8 @@ def test_predict_with_no_existing_path_says_so_before_loading_anything(tmp_path)
 def test_native_output_goes_to_the_log_and_python_stderr_stays(tmp_path):
     script = (
         "import os, sys\n"
-        "from bottleneck.features.noise import decoder_noise_to, native_startup_quiet\n"
+        "from bottleneck.features.noise import decoder_noise_to\n"
+        "from bottleneck.quiet import native_startup_quiet\n"
         "print('before', file=sys.stderr, flush=True)\n"
         "with native_startup_quiet():\n"
         "    os.write(2, b'native start-up line\\n')\n"

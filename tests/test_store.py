@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from bottleneck.features import store as store_module
+from bottleneck import fs
 from bottleneck.errors import CacheError
 from bottleneck.features.store import Failure, FeatureStore
 
@@ -71,17 +71,17 @@ def test_death_during_merge_leaves_the_old_store_and_the_parts(tmp_path, monkeyp
     with store.writer() as writer:
         writer.commit(*rows(2))
         writer.finish()
-    real_replace = store_module.os.replace
+    real_replace = fs.os.replace
 
     def die_before_rename(src, dst):
         raise KeyboardInterrupt  # as if killed with the temporary file fully written
 
     with store.writer() as writer:
         writer.commit(*rows(2, start=2))
-        monkeypatch.setattr(store_module.os, "replace", die_before_rename)
+        monkeypatch.setattr(fs.os, "replace", die_before_rename)
         with pytest.raises(KeyboardInterrupt):
             writer.finish()
-    monkeypatch.setattr(store_module.os, "replace", real_replace)
+    monkeypatch.setattr(fs.os, "replace", real_replace)
     (tmp_path / ".test-fp.h5.999.tmp").write_bytes(b"half-written by a killed run")
     assert len(store.load().content_hash) == 4
     with store.writer() as writer:

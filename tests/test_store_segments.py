@@ -10,7 +10,9 @@ import pytest
 
 from bottleneck.cli import main
 from bottleneck.errors import CacheError
+from bottleneck import fs
 from bottleneck.features import store as store_module
+from bottleneck.features.store import write as store_write
 from bottleneck.features.maintenance import collect_garbage, compact, stores_in
 from bottleneck.features.store import Failure, FeatureStore
 
@@ -41,7 +43,7 @@ def plain_read(store: FeatureStore) -> tuple[list[str], np.ndarray]:
 
 
 def test_adding_rows_writes_a_new_segment_and_never_touches_the_old(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "SMALL_SEGMENT_BYTES", 0)  # every segment counts as large: no merging
+    monkeypatch.setattr(store_write, "SMALL_SEGMENT_BYTES", 0)  # every segment counts as large: no merging
     store = make_store(tmp_path)
     add(store, 400, 0)
     [first] = store.segment_files()
@@ -113,7 +115,7 @@ def test_a_segment_written_by_a_shard_is_adopted_without_a_copy(tmp_path):
 
 
 def test_a_missing_segment_is_dropped_from_the_index(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "SMALL_SEGMENT_BYTES", 0)
+    monkeypatch.setattr(store_write, "SMALL_SEGMENT_BYTES", 0)
     store = make_store(tmp_path)
     add(store, 10, 0)
     add(store, 10, 10)
@@ -159,7 +161,7 @@ def test_float16_halves_the_size_and_reads_as_float32(tmp_path):
 
 
 def test_compact_rewrites_every_segment_into_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "SMALL_SEGMENT_BYTES", 0)
+    monkeypatch.setattr(store_write, "SMALL_SEGMENT_BYTES", 0)
     store = make_store(tmp_path)
     for i in range(4):
         add(store, 5, 5 * i)
@@ -204,7 +206,7 @@ def test_a_file_system_without_locks_is_one_clear_line(tmp_path, monkeypatch):
     def no_locks(handle, flags):
         raise OSError(errno.ENOLCK, "No locks available")  # what flock says on some network file systems
 
-    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fs.fcntl, "flock", no_locks)
     with pytest.raises(CacheError, match="does not support file locking.*local disk"):
         with make_store(tmp_path).writer():
             pass
@@ -217,7 +219,7 @@ def test_hdf5_refusing_to_lock_is_one_clear_line(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')")
 
-    monkeypatch.setattr(store_module.h5py, "File", refuse)
+    monkeypatch.setattr(fs.h5py, "File", refuse)
     with pytest.raises(CacheError, match="does not support file locking, which HDF5 uses.*HDF5_USE_FILE_LOCKING=FALSE"):
         store.load()
     with pytest.raises(CacheError, match="does not support file locking"):

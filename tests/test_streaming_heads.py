@@ -127,7 +127,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 import h5py, scipy.optimize, scipy.special, sklearn.linear_model, sklearn.metrics, sklearn.pipeline, sklearn.preprocessing  # noqa: F401
-import bottleneck.inspect.domain, bottleneck.learn.metrics  # noqa: F401
+import bottleneck.learn.domain, bottleneck.learn.metrics  # noqa: F401
 from bottleneck.features.store import FeatureStore
 from bottleneck.learn.dataset import FeatureRows, LabelledFeatures
 from bottleneck.learn.memory import parse_size, plan_memory

@@ -174,7 +174,7 @@ def test_named_backbones_are_recorded_by_name_and_never_copied(tmp_path, capsys)
 
 
 def test_a_fine_tuned_runs_backbone_is_an_explicit_field_and_old_runs_still_read(tmp_path):
-    from bottleneck.features.maintenance import referenced_fingerprints
+    from bottleneck.learn.run_folder import referenced_fingerprints
     from bottleneck.learn.run_folder import backbone_fingerprint
 
     new = {"kind": "fine-tune", "fingerprint": "base-16-features-aaa", "store": None,

@@ -157,9 +157,9 @@ def _jax_kept_out(keep_out: bool):
 def quiet_startup():
     """A context keeping a backend's native start-up lines off the terminal while it is imported (or first asked
     about its devices): TensorFlow's absl preamble and oneDNN notice come from C++ before TF_CPP_MIN_LOG_LEVEL
-    applies. They go to a log file (`bottleneck.features.noise.native_log_path`)."""
+    applies. They go to a log file (`bottleneck.quiet.native_log_path`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ chatter once logging is set up
-    from bottleneck.features.noise import native_startup_quiet
+    from bottleneck.quiet import native_startup_quiet
 
     return native_startup_quiet()
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import warnings
-from functools import lru_cache
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -24,6 +21,7 @@ from bottleneck.backbones.applications import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TO
 from bottleneck.backbones.backend import MIXED_POLICY, backend_versions, import_keras, quiet_startup
 from bottleneck.backbones.spec import RANDOM_WEIGHTS_SEED, WEIGHTS_IMAGENET, WEIGHTS_NONE, BackboneSpec
 from bottleneck.errors import BackboneError
+from bottleneck.text import first_line
 
 #: The name of the feature network's input: float32 (n, size, size, 3) RGB pixels in 0..255.
 INPUT_NAME = "pixels"
@@ -54,11 +52,6 @@ def import_tensorflow():
                             f"{keras.config.backend()} here (KERAS_BACKEND): set KERAS_BACKEND=tensorflow for it; "
                             "`features` and `predict` run on any backend (--backend)")
     return tf, keras
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +98,8 @@ def what_did_not_load(message: str) -> str:
         count = int(total.group(1))
         shown = ", ".join(names[:3])
         more = f" and {count - 3} more" if count > 3 else ""
-        return f"{count} layers did not load: {shown}{more}" if names else _first_line(message)
-    line = _first_line(message)
+        return f"{count} layers did not load: {shown}{more}" if names else first_line(message)
+    line = first_line(message)
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -188,7 +181,7 @@ def _build_with_imagenet_weights(spec: BackboneSpec, builder: Callable, shape: t
         raise
     except Exception as exc:
         raise BackboneError(
-            f"could not get the ImageNet weights of {spec.architecture} ({_first_line(exc)}); "
+            f"could not get the ImageNet weights of {spec.architecture} ({first_line(exc)}); "
             f"Keras downloads them once into ~/.keras/models/{spec.arch.weights_file}. Offline? Pass --weights "
             "PATH to a local no-top weights file, or --weights none for random weights (tests only)"
         ) from None
@@ -201,7 +194,7 @@ def _load_weights_file(model, spec: BackboneSpec) -> None:
         raise
     except Exception as exc:
         message = str(exc)
-        detail = what_did_not_load(message) if _PARTIAL_LOAD.search(message) else _first_line(exc)
+        detail = what_did_not_load(message) if _PARTIAL_LOAD.search(message) else first_line(exc)
         raise BackboneError(
             f"weights file {spec.weights} does not fit {spec.architecture} without its top ({detail})"
         ) from None
@@ -214,7 +207,7 @@ def build_file_backbone(spec: BackboneSpec):
         # safe_mode refuses the Lambda layers that would run code stored in the file.
         full = keras.saving.load_model(spec.architecture, compile=False, safe_mode=True)
     except Exception as exc:
-        raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({_first_line(exc)})") from None
+        raise BackboneError(f"cannot load {spec.architecture} as a Keras model ({first_line(exc)})") from None
     inputs = list(full.inputs)
     shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
     if len(shape) != 4 or shape[-1] != 3:
@@ -240,7 +233,7 @@ def import_keras_hub():
     except ImportError as exc:
         from bottleneck.backbones.foundation import HUB_INSTALL
 
-        raise BackboneError(f"foundation-model backbones need KerasHub ({_first_line(exc)}): {HUB_INSTALL}") from None
+        raise BackboneError(f"foundation-model backbones need KerasHub ({first_line(exc)}): {HUB_INSTALL}") from None
     return keras_hub
 
 
@@ -273,7 +266,7 @@ def build_foundation_backbone(spec: BackboneSpec):
             raise
         except Exception as exc:
             raise BackboneError(f"cannot load the preset folder {spec.weights} for {spec.architecture} "
-                                f"({_first_line(exc)})") from None
+                                f"({first_line(exc)})") from None
     backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
     _number_the_positions(backbone)
     if spec.weights != WEIGHTS_NONE:  # seeded random weights set the resized table itself
@@ -326,7 +319,7 @@ def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int])
         kwargs = {} if spec.input_size == model.default_size else {"image_shape": shape}
         return loader.from_preset(model.preset, **kwargs)
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise BackboneError(
             f"could not get the KerasHub preset {model.preset} ({reason}); KerasHub downloads it once "
@@ -493,100 +486,3 @@ class FeatureModel:
         if self._features is None:
             return batch.reshape(len(batch), -1).astype(np.float32) / 255.0
         return np.asarray(self._features(np.ascontiguousarray(batch)), dtype=np.float32)
-
-
-#: What runs the feature network: the fastest exact one here (auto), Keras on this process's backend, or a
-#: conversion of it.
-RUNTIMES = ("auto", "keras", "openvino")
-DEFAULT_RUNTIME = "auto"
-#: Set to keras or openvino to make `auto` pick that runtime (the test suite picks keras: each test's fresh
-#: cache would otherwise convert its backbone to OpenVINO once more).
-RUNTIME_ENV = "BOTTLENECK_RUNTIME"
-
-
-def _gpu_present() -> bool:
-    """True where a GPU may be: a CUDA or ROCm device node, then confirmed by the backend (which is imported)."""
-    import glob
-
-    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
-        return False  # no device node: no need to import a backend to ask
-    from bottleneck.backbones.backend import accelerators, requested_backend
-
-    return bool(accelerators(requested_backend()))
-
-
-def check_runtime(runtime: str, spec: BackboneSpec) -> None:
-    """`resolve_runtime`'s refusals, without asking a backend for GPUs (which imports it): a rerun with nothing
-    to compute imports no backend."""
-    resolve_runtime(runtime, spec, probe_gpu=False)
-
-
-def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) -> str:
-    """The runtime that computes `spec`'s features: 'keras' or 'openvino' (`auto` settled).
-
-    auto: `$BOTTLENECK_RUNTIME` if set; else OpenVINO in float32 on a CPU where it is installed (faster
-    than Keras, same features, same store), Keras on a GPU, with --backend jax/torch, or for
-    --precision mixed. bf16 and int8 run on OpenVINO only.
-    """
-    import importlib.util
-
-    if runtime not in RUNTIMES:
-        raise BackboneError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    if spec.kind == "pixels":
-        return "keras"  # no network: nothing to run
-    if spec.precision in ("bf16", "int8"):
-        if runtime == "keras":
-            raise BackboneError(f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto "
-                                "or openvino")
-        if importlib.util.find_spec("openvino") is None:
-            raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck-transfer[openvino]'")
-        return "openvino"
-    if runtime == "auto" and os.environ.get(RUNTIME_ENV):
-        chosen = os.environ[RUNTIME_ENV]
-        if chosen not in ("keras", "openvino"):
-            raise BackboneError(f"unknown {RUNTIME_ENV}={chosen!r}; choose keras or openvino (or unset it for auto)")
-        return chosen
-    if runtime != "auto":
-        return runtime
-    if spec.precision != "float32" or importlib.util.find_spec("openvino") is None:
-        return "keras"
-    if spec.kind == "foundation":
-        return "keras"  # KerasHub's networks are not converted to OpenVINO unless asked for (--runtime openvino)
-    if (os.environ.get("KERAS_BACKEND") or "tensorflow") != "tensorflow" or (probe_gpu and _gpu_present()):
-        return "keras"
-    return "openvino"
-
-
-def get_feature_model(spec: BackboneSpec, runtime: str = DEFAULT_RUNTIME, cache_dir: Path | None = None):
-    """A feature model for `spec`, built once per process (later runs in one process reuse it).
-
-    `runtime='auto'` (the default) picks with `resolve_runtime`. `runtime='keras'` runs the Keras
-    network on this process's backend (TensorFlow unless `--backend` or `KERAS_BACKEND` chose JAX
-    or PyTorch). `runtime='openvino'` converts the network once per fingerprint into `cache_dir` and
-    runs it with OpenVINO (an optional extra), which is faster on CPUs; `pixels` needs no runtime.
-    Under auto, a network OpenVINO cannot convert runs on Keras, with one line saying so.
-    """
-    chosen = resolve_runtime(runtime, spec)
-    if chosen == "openvino":
-        from bottleneck.backbones.quantize import float_folder
-
-        try:
-            return _openvino_model(spec, float_folder(spec, cache_dir or "cache"))
-        except BackboneError as exc:
-            if runtime != "auto" or spec.precision != "float32":
-                raise
-            print(f"bottleneck: {exc}; computing with Keras instead", file=sys.stderr, flush=True)
-    # Keyed by the weights' content too: a model file retrained at the same path is a new network, not the one held.
-    return _keras_model(spec, import_keras().config.backend() if spec.kind != "pixels" else "numpy", spec.weights_id())
-
-
-@lru_cache(maxsize=4)
-def _keras_model(spec: BackboneSpec, backend: str, weights_id: str) -> FeatureModel:
-    return FeatureModel(spec)
-
-
-@lru_cache(maxsize=4)
-def _openvino_model(spec: BackboneSpec, folder: Path):
-    from bottleneck.backbones.openvino import OpenVinoFeatureModel
-
-    return OpenVinoFeatureModel(spec, folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bottleneck.errors import CacheError, disk_full, is_disk_full
-from bottleneck.features.hashing import sha256_file
+from bottleneck.fs import sha256_file
 
 #: The folder of a cache that keeps model files by content.
 BACKBONES_FOLDER = "backbones"

@@ -32,11 +32,13 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 
 from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
-from bottleneck.features.store import pid_named_folders, process_alive
+from bottleneck.fs import pid_named_folders, process_alive
+from bottleneck.text import format_bytes
 
 #: Written beside model.xml. Conversions without it predate the preprocessing being part of the
 #: network (they expect preprocessed input), so they are converted again rather than fed raw pixels.
@@ -135,7 +137,7 @@ def is_current_conversion(folder: Path, fmt: str = FORMAT) -> bool:
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    from bottleneck.features.hashing import sha256_file
+    from bottleneck.fs import sha256_file
 
     return {name: sha256_file(folder / name) for name in MODEL_FILES}
 
@@ -291,12 +293,33 @@ def ensure_conversion(spec: BackboneSpec, folder: Path) -> None:
     """Make `folder` hold a verified float32 conversion of `spec`'s network, converting (again) if needed."""
     left = remove_leftovers(folder)
     if left:
-        _say(f"removed {left / 1e6:.1f} MB of OpenVINO conversion that a killed run left beside {folder}")
+        _say(f"removed {format_bytes(left)} of OpenVINO conversion that a killed run left beside {folder}")
     problem = conversion_problem(folder)
     if problem is not None:
         if folder.exists():
             _say(f"the OpenVINO model in {folder} {problem}: converting it again")
         convert_to_openvino(spec, folder)
+
+
+#: What the int8 model folder quantize writes holds (its `format.txt`).
+INT8_FORMAT = "int8 feature network v1: float32 RGB 0-255 pixels in, NNCF post-training quantization\n"
+
+
+def int8_folder(float_model: Path, calibration: str) -> Path:
+    """The folder of the int8 model quantized from `float_model` on the calibration set `calibration`."""
+    return float_model.parent / naming.int8_folder_name(float_model, calibration)
+
+
+def int8_model_file(spec: BackboneSpec, float_model: Path) -> Path:
+    """The int8 model.xml of `spec` (whose calibration is settled); one line if it is missing or damaged."""
+    if spec.calibration is None:
+        raise BackboneError("--precision int8: no calibration chosen (run `bottleneck features` first)")
+    folder = int8_folder(float_model, spec.calibration)
+    problem = conversion_problem(folder, INT8_FORMAT)
+    if problem is not None:
+        raise CacheError(f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
+                         "DATA --precision int8` again (it quantizes anew; another calibration set is another store)")
+    return folder / "model.xml"
 
 
 class OpenVinoFeatureModel:
@@ -313,8 +336,6 @@ class OpenVinoFeatureModel:
             raise BackboneError(f"--precision {spec.precision} does not run on OpenVINO; use --runtime keras")
         check_cpu_precision(spec.precision)
         if spec.precision == "int8":  # runs its own files, checked against their record; not the float32 ones
-            from bottleneck.backbones.quantize import int8_model_file
-
             model_xml = int8_model_file(spec, folder)
         else:
             ensure_conversion(spec.float32_spec, folder)

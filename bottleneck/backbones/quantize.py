@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError, CacheError
 
@@ -38,7 +39,6 @@ DEFAULT_CALIBRATION_IMAGES = 300
 CALIBRATION_SEED = 0
 #: Part of the calibration digest: bump when the quantization recipe changes what it makes of the same images.
 METHOD = "nncf-ptq-performance-fastbias-v1"
-INT8_FORMAT = "int8 feature network v1: float32 RGB 0-255 pixels in, NNCF post-training quantization\n"
 CALIBRATION_FILE = "calibration.json"
 #: How many calibration images the quantized model is compared with float32 on, after quantizing.
 CHECK_IMAGES = 32
@@ -56,20 +56,13 @@ class CalibrationSet:
 
 def float_folder(spec: BackboneSpec, cache_dir: str | os.PathLike) -> Path:
     """Where the float32 OpenVINO conversion of `spec`'s network lives in the cache."""
-    return (Path(cache_dir) / f"{spec.float32_spec.fingerprint()}.openvino").resolve()
-
-
-def int8_folder(float_model: Path, calibration: str) -> Path:
-    """The folder of the int8 model quantized from `float_model` on the calibration set `calibration`."""
-    stem = float_model.name[: -len(".openvino")] if float_model.name.endswith(".openvino") else float_model.name
-    return float_model.parent / f"{stem}.int8-{calibration}.openvino"
+    return naming.openvino_folder(Path(cache_dir), spec.float32_spec.fingerprint()).resolve()
 
 
 def calibrations_made(float_model: Path) -> list[dict]:
     """The calibration records of the int8 models made from `float_model`, oldest first."""
-    stem = float_model.name[: -len(".openvino")]
     records = []
-    for folder in float_model.parent.glob(f"{stem}.int8-*.openvino"):
+    for folder in float_model.parent.glob(naming.int8_folders_glob(float_model)):
         try:
             record = json.loads((folder / CALIBRATION_FILE).read_text())
             records.append({"digest": str(record["calibration"]["digest"]), "created": float(record["created"]),
@@ -99,50 +92,6 @@ def calibration_digest(hashes: Iterable[str], size: int) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def choose_calibration(paths: list[Path], size: int, count: int = DEFAULT_CALIBRATION_IMAGES,
-                       max_pixels: int | None = None, source: str = "") -> CalibrationSet:
-    """Up to `count` images of `paths`, in a seeded order over the sorted paths, decoded to `size`.
-
-    A file that cannot be decoded is passed over for the next one, so the set has `count` images
-    whenever `paths` holds that many good ones.
-    """
-    from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, too_large
-    from bottleneck.features.hashing import sha256_bytes
-
-    ordered = sorted(paths, key=str)
-    order = np.random.default_rng(CALIBRATION_SEED).permutation(len(ordered))
-    pixels, hashes, seen = [], [], set()
-    for position in order:
-        if len(pixels) >= count:
-            break
-        path = ordered[int(position)]
-        try:
-            if too_large(path.stat().st_size, max_pixels or DEFAULT_MAX_PIXELS):
-                continue
-            data = path.read_bytes()
-            content_hash = sha256_bytes(data)
-            if content_hash in seen:
-                continue
-            pixels.append(decode_image(data, size, max_pixels or DEFAULT_MAX_PIXELS))
-        except (OSError, ImageDecodeError):
-            continue
-        hashes.append(content_hash)
-        seen.add(content_hash)
-    if not pixels:
-        raise BackboneError(f"--precision int8 needs calibration images, and none of the {len(paths)} files of "
-                            f"{source or 'DATA'} could be decoded")
-    return CalibrationSet(calibration_digest(hashes, size), hashes, np.stack(pixels), source)
-
-
-def calibration_paths(folder: str | os.PathLike) -> list[Path]:
-    """Every file under `folder` (hidden ones left out): `--calibration DIR` needs no class sub-folders."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise BackboneError(f"--calibration {folder}: not a folder of images")
-    return [path for path in root.rglob("*")
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)]
-
-
 def _import_nncf():
     try:
         import nncf
@@ -161,8 +110,8 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
     """
     import openvino as ov
 
-    from bottleneck.backbones.openvino import (RECORD_FILE, _file_hashes, compile_on_cpu, conversion_problem,
-                                               remove_leftovers)
+    from bottleneck.backbones.openvino import (INT8_FORMAT, RECORD_FILE, _file_hashes, compile_on_cpu,
+                                               conversion_problem, int8_folder, remove_leftovers)
 
     nncf = _import_nncf()
     target = int8_folder(float_model, calibration.digest)
@@ -221,43 +170,9 @@ def _compare_with_float32(float32, int8, pixels: np.ndarray) -> dict:
             "cosine": float(np.median(cosine))}
 
 
-def settle_calibration(spec: BackboneSpec, cache_dir: str | os.PathLike, candidates: list[Path] | None = None,
-                       calibration_dir: str | None = None, count: int = DEFAULT_CALIBRATION_IMAGES,
-                       max_pixels: int | None = None, log: Callable[[str], None] = lambda message: None) -> BackboneSpec:
-    """`spec` with the calibration its int8 features come from, quantizing once if the cache has none.
-
-    `--calibration DIR` picks (or makes) the calibration on DIR's images; otherwise the cache's first
-    calibration is reused; otherwise `candidates` (the run's own images) are calibrated on. Without
-    candidates (`predict`, `train-head`) a missing int8 model is one line.
-    """
-    if spec.precision != "int8":
-        return spec
-    from bottleneck.backbones.openvino import check_cpu_precision
-
-    float_model = float_folder(spec, cache_dir)
-    note = check_cpu_precision("int8")
-    if note:
-        log(f"note: {note}")
-    if calibration_dir is not None:
-        chosen = choose_calibration(calibration_paths(calibration_dir), spec.input_size, count, max_pixels,
-                                    source=str(calibration_dir))
-        return _quantized(spec, chosen, float_model, log)
-    spec = with_default_calibration(spec, cache_dir)
-    if spec.calibration is not None:
-        if not int8_folder(float_model, spec.calibration).exists():
-            raise CacheError(f"the int8 model of calibration {spec.calibration} is not in {cache_dir}: run "
-                             f"`bottleneck features DATA --cache {cache_dir} --precision int8 --calibration DIR` "
-                             "with the images it was calibrated on, or use a cache that holds it")
-        return spec
-    if not candidates:
-        raise CacheError(f"no int8 model in {cache_dir} yet: run `bottleneck features DATA --cache {cache_dir} "
-                         "--precision int8` first (it calibrates on DATA's images, or on --calibration DIR)")
-    chosen = choose_calibration(candidates, spec.input_size, count, max_pixels, source="DATA")
-    return _quantized(spec, chosen, float_model, log)
-
-
-def _quantized(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
-    from bottleneck.backbones.openvino import _set_aside, conversion_problem, ensure_conversion
+def quantized_spec(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
+    """`spec` calibrated on `chosen`, its int8 model quantized first unless the cache holds a sound one."""
+    from bottleneck.backbones.openvino import INT8_FORMAT, _set_aside, conversion_problem, ensure_conversion, int8_folder
 
     target = int8_folder(float_model, chosen.digest)
     problem = conversion_problem(target, INT8_FORMAT)
@@ -268,17 +183,3 @@ def _quantized(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, lo
         ensure_conversion(spec.float32_spec, float_model)
         quantize(spec, chosen, float_model, log)
     return replace(spec, calibration=chosen.digest)
-
-
-def int8_model_file(spec: BackboneSpec, float_model: Path) -> Path:
-    """The int8 model.xml of `spec` (whose calibration is settled); one line if it is missing or damaged."""
-    from bottleneck.backbones.openvino import conversion_problem
-
-    if spec.calibration is None:
-        raise BackboneError("--precision int8: no calibration chosen (run `bottleneck features` first)")
-    folder = int8_folder(float_model, spec.calibration)
-    problem = conversion_problem(folder, INT8_FORMAT)
-    if problem is not None:
-        raise CacheError(f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
-                         "DATA --precision int8` again (it quantizes anew; another calibration set is another store)")
-    return folder / "model.xml"

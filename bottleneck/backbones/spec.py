@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import PIL
 
 from bottleneck.backbones.applications import ARCHITECTURES, Architecture
 from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHTS_HUB, FoundationModel, PresetFolder,
@@ -24,8 +25,12 @@ from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHT
 from bottleneck.backbones.keras_file import read_keras_file
 from bottleneck.bounds import FOUNDATION_IMAGE_SIZE, IMAGE_SIZE, PIXELS_IMAGE_SIZE
 from bottleneck.errors import BackboneError
-from bottleneck.features.decode import DECODE_VERSION
 
+#: Part of every backbone fingerprint: the version of the decoder (`bottleneck.features.decode`); bump it when
+#: decoding changes the pixels it produces. Pillow's major version is in it because resampling changes between
+#: majors (Pillow 13 reordered the bilinear passes, moving pixels by one level): a store is never extended with
+#: features of other pixels.
+DECODE_VERSION = f"pillow{PIL.__version__.split('.')[0]}-rgb-white-alpha-bilinear-v1"
 
 PIXELS = "pixels"
 PIXELS_DEFAULT_SIZE = 16
@@ -290,7 +295,7 @@ def _preset_digest(folder: str, hasher: Callable[[str], str]) -> str:
 
 
 def _sha256_of(path: str) -> str:
-    from bottleneck.features.hashing import sha256_file
+    from bottleneck.fs import sha256_file
 
     return sha256_file(path)
 

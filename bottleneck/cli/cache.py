@@ -6,14 +6,7 @@ import json
 import time
 
 from bottleneck.cli.common import LOCK_TIMEOUT, stderr
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+from bottleneck.text import format_bytes
 
 
 def _say_foreign(paths, out) -> None:
@@ -37,7 +30,7 @@ def info(args: argparse.Namespace) -> int:
         out(f"{item['fingerprint']}  {item['architecture'] or '?'} ({weights}, {item['input_size'] or '?'} px, "
             f"{item['feature_dim']}-d {item['dtype']}){warning}")
         out(f"  {item['rows']} images, {item['failures']} failures, {item['segments']} segments{pending}, "
-            f"{_size(item['bytes'])}, updated {item['updated'] or '?'}")
+            f"{format_bytes(item['bytes'])}, updated {item['updated'] or '?'}")
         if item.get("computed_by"):
             out("  computed by " + "; ".join(f"{name}: {count}" for name, count in sorted(item["computed_by"].items())))
     if args.json:
@@ -56,7 +49,7 @@ def compact(args: argparse.Namespace) -> int:
         seconds = time.monotonic() - started
         results.append({"fingerprint": store.fingerprint, "changed": changed, "bytes_before": before,
                         "bytes_after": after, "seconds": round(seconds, 3)})
-        line = (f"{store.fingerprint}: {_size(before)} -> {_size(after)} in one segment ({seconds:.1f} s)" if changed
+        line = (f"{store.fingerprint}: {format_bytes(before)} -> {format_bytes(after)} in one segment ({seconds:.1f} s)" if changed
                 else f"{store.fingerprint}: already one segment, nothing to do")
         (stderr if args.json else print)(line)
     if args.json:
@@ -67,17 +60,19 @@ def compact(args: argparse.Namespace) -> int:
 def gc(args: argparse.Namespace) -> int:
     """List (or with --delete, remove) what no store or run needs."""
     from bottleneck.features.maintenance import collect_garbage, foreign_files
+    from bottleneck.learn.run_folder import referenced_fingerprints
 
-    garbage, busy = collect_garbage(args.cache, args.runs or (), delete=args.delete)
+    keep = referenced_fingerprints(args.runs) if args.runs else None
+    garbage, busy = collect_garbage(args.cache, keep, delete=args.delete)
     out = stderr if args.json else print
     _say_foreign(foreign_files(args.cache), out)
     verb = "removed" if args.delete else "would remove"
     for item in garbage:
-        out(f"{verb} {item.path} ({_size(item.bytes)}): {item.reason}")
+        out(f"{verb} {item.path} ({format_bytes(item.bytes)}): {item.reason}")
     for fingerprint in busy:
         out(f"skipped {fingerprint}: a run is writing it")
     total = sum(item.bytes for item in garbage)
-    out(f"{verb} {len(garbage)} items, {_size(total)}" + ("" if args.delete or not garbage else "; pass --delete to remove them"))
+    out(f"{verb} {len(garbage)} items, {format_bytes(total)}" + ("" if args.delete or not garbage else "; pass --delete to remove them"))
     if args.json:
         print(json.dumps({"deleted": args.delete, "bytes": total, "items": [g.as_json() for g in garbage], "busy": busy}))
     return 0

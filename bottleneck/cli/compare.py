@@ -12,7 +12,7 @@ from bottleneck.cli.common import (Bounded, add_backbone_arguments, spec_from, s
 def run(args: argparse.Namespace) -> int:
     """How far apart two image sets are in the cached feature space."""
     from bottleneck.learn.dataset import load_labelled_features
-    from bottleneck.inspect.domain import compare_features
+    from bottleneck.learn.domain import compare_features
     from bottleneck.features.engines.local import make_bar
 
     spec = spec_from(args)

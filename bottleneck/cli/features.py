@@ -45,7 +45,7 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
             out(f"    {line}")
     if result.failures:
         out("  failed:")
-        from bottleneck.features.store import printable
+        from bottleneck.text import printable
 
         for failure in result.failures[:_FAILURES_SHOWN]:
             out(f"    {printable(failure.path)}: {failure.reason}")

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.bounds import VIEWS
 from bottleneck.errors import DataError
@@ -99,7 +100,7 @@ def view_store(cache_dir: str | os.PathLike, plain: FeatureStore, recipe: Augmen
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in recorded.items()
              if k not in ("fingerprint", "format_version", "created", "updated", "dtype")}
     attrs.update(augment_recipe=json.dumps(recipe.identity()), augments=plain.fingerprint)
-    return FeatureStore(cache_dir, f"{plain.fingerprint}-aug-{recipe.digest()}", plain.feature_dim, attrs)
+    return FeatureStore(cache_dir, naming.views_fingerprint(plain.fingerprint, recipe.digest()), plain.feature_dim, attrs)
 
 
 def views_held(store: FeatureStore) -> int:
@@ -117,7 +118,7 @@ def other_view_recipes(cache_dir: str | os.PathLike, plain_fingerprint: str) -> 
     import h5py
 
     recipes = []
-    for path in sorted(Path(cache_dir).glob(f"{plain_fingerprint}-aug-*.h5")):
+    for path in sorted(Path(cache_dir).glob(naming.views_glob(plain_fingerprint))):
         try:
             with h5py.File(path, "r") as handle:
                 recipes.append(recipe_from_record(json.loads(handle.attrs["augment_recipe"])))
@@ -180,7 +181,7 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     warnings to the cache's log, not over the progress bar. `engine_options` (an `ExtractOptions` whose
     engine is `ray`) computes the views in shards on that engine instead, a segment per shard.
     """
-    from bottleneck.backbones.build import get_feature_model
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
     from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding

@@ -14,10 +14,10 @@ import stat
 import warnings
 
 import numpy as np
-import PIL
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bottleneck.errors import BottleneckError
+from bottleneck.text import format_bytes
 
 #: Twice Pillow's own warning threshold: about 179 megapixels, more than any camera makes.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -39,18 +39,12 @@ def too_large(size_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | No
     limit = max_file_bytes(max_pixels)
     if size_bytes <= limit:
         return None
-    return (f"file of {_gib(size_bytes)} is larger than any image bottleneck decodes (limit {_gib(limit)}: "
+    return (f"file of {format_bytes(size_bytes)} is larger than any image bottleneck decodes (limit {format_bytes(limit)}: "
             f"8 bytes a pixel of --max-pixels {max_pixels:,}, plus 256 MiB); not read")
 
 
-def _gib(size_bytes: int) -> str:
-    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
-
-
-#: Part of every backbone fingerprint: bump when decoding changes the pixels it produces. Pillow's major
-#: version is in it because resampling changes between majors (Pillow 13 reordered the bilinear passes,
-#: moving pixels by one level): a store is never extended with features of other pixels.
-DECODE_VERSION = f"pillow{PIL.__version__.split('.')[0]}-rgb-white-alpha-bilinear-v1"
+#: This decoder's version is `DECODE_VERSION`, kept with the fingerprint that records it (`backbones/spec.py`):
+#: bump it there when decoding changes the pixels it produces.
 
 _ALPHA_BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S"})

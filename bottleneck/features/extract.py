@@ -21,11 +21,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from bottleneck import __version__
+from bottleneck import __version__, naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.backend import use_backend
-from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
-from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
+from bottleneck.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
+from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
+from bottleneck.features.calibration import settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
@@ -137,7 +138,7 @@ def open_store(cache_dir: Path, spec: BackboneSpec, index: HashIndex, dtype: str
     """
     identity = spec.identity(index.hash_file)
     fingerprint = spec.fingerprint(index.hash_file)
-    dim = _feature_dim(spec, Path(cache_dir) / f"{fingerprint}.h5")
+    dim = _feature_dim(spec, naming.store_index(Path(cache_dir), fingerprint))
     return FeatureStore(cache_dir, fingerprint, dim, store_attrs(spec, identity["weights"], dim), dtype=dtype)
 
 

@@ -7,15 +7,16 @@ it cannot be written (a read-only cache, a full disk) hashes are kept in memory 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import sys
 from pathlib import Path
 
+from bottleneck import fs
+from bottleneck.fs import sha256_bytes  # also the content key of bytes for this module's callers
+
 
 INDEX_NAME = "file-hashes.sqlite"
-_CHUNK = 1 << 20
 _SCHEMA = "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
 #: Shard listings (see `bottleneck.features.shards`), remembered by path and stamp: an unchanged shard is not listed again.
 _SHARD_SCHEMA = ("CREATE TABLE IF NOT EXISTS shards (key BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
@@ -23,22 +24,12 @@ _SHARD_SCHEMA = ("CREATE TABLE IF NOT EXISTS shards (key BLOB PRIMARY KEY, size 
 _DAMAGED = ("file is not a database", "malformed", "database corrupt", "no such table", "no such column")
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of `data`."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's content (or a tar shard member's, see `bottleneck.features.shards`), read in 1 MiB chunks."""
-    digest = hashlib.sha256()
     try:
-        handle = open(path, "rb")
+        return fs.sha256_file(path)
     except NotADirectoryError:
         return sha256_bytes(_member_bytes(path))
-    with handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int, int]:

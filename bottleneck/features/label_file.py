@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bottleneck.errors import DataError
+from bottleneck.text import first_line
 from bottleneck.features.discover import SPLIT_FOLDERS, relpath_or_absolute
 
 COLUMNS = ("path", "label", "split", "group")
@@ -46,7 +47,7 @@ class LabelFileProblems:
     named: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, kind: str, path: str) -> None:
-        from bottleneck.features.store import printable
+        from bottleneck.text import printable
 
         self.counts[kind] += 1
         self.named.setdefault(kind, [])
@@ -99,7 +100,7 @@ def _parquet_rows(source: Path) -> Iterator[LabelRow]:
     try:
         table = pq.read_table(source)
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
-        raise DataError(f"cannot read label file {source}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot read label file {source}: {first_line(exc)}") from None
     column = _columns(table.column_names, source)
     values = {name: table.column(i).to_pylist() for name, i in column.items()}
     for number in range(table.num_rows):

@@ -2,7 +2,6 @@
 and what can go (`cache gc`). Every change takes the store's lock, like a run that writes it."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -11,23 +10,23 @@ from typing import Callable, Iterable
 
 import h5py
 
+from bottleneck import naming
 from bottleneck.errors import CacheError
-from bottleneck.features.store import FeatureStore, exclusive_lock
+from bottleneck.features.store import FeatureStore
+from bottleneck.fs import exclusive_lock
 
 
 
 def fingerprints_in(cache: Path) -> list[str]:
     """Every store in `cache`: an index file, or segments and parts left by a first run that never finished."""
-    names = {p.stem for p in cache.glob("*.h5") if not p.name.startswith(".")}
-    names |= {p.name[: -len(suffix)] for suffix in (".segments", ".parts") for p in cache.glob("*" + suffix) if p.is_dir()}
-    return sorted(names)
+    return sorted(naming.store_fingerprints(cache))
 
 
 def _feature_dim(cache: Path, fingerprint: str) -> int:
-    candidates = [cache / f"{fingerprint}.h5"]
-    for folder in (cache / f"{fingerprint}.segments", cache / f"{fingerprint}.parts"):
+    candidates = [naming.store_index(cache, fingerprint)]
+    for folder in (naming.store_segments(cache, fingerprint), naming.store_parts(cache, fingerprint)):
         if folder.is_dir():
-            candidates.extend(sorted(folder.glob("*.h5")))
+            candidates.extend(sorted(folder.glob(f"*{naming.STORE_SUFFIX}")))
     for path in candidates:
         try:
             with h5py.File(path, "r") as handle:
@@ -58,15 +57,15 @@ def _names_itself(path: Path, fingerprint: str) -> bool:
 def is_ours(cache: Path, fingerprint: str) -> bool:
     """True if `fingerprint` in `cache` is a bottleneck store: its segment or part folders (only we make them), or
     an index file whose attributes name its own fingerprint. A user's `weights.h5` is neither."""
-    if any((cache / f"{fingerprint}{suffix}").is_dir() for suffix in (".segments", ".parts")):
+    if any(folder.is_dir() for folder in (naming.store_segments(cache, fingerprint), naming.store_parts(cache, fingerprint))):
         return True
-    return _names_itself(cache / f"{fingerprint}.h5", fingerprint)
+    return _names_itself(naming.store_index(cache, fingerprint), fingerprint)
 
 
 def foreign_files(cache_dir: str | os.PathLike) -> list[Path]:
     """The `.h5` files in a cache folder that are not bottleneck stores: never read, locked or removed by us."""
     cache = Path(cache_dir)
-    return sorted(cache / f"{fp}.h5" for fp in fingerprints_in(cache) if not is_ours(cache, fp))
+    return sorted(naming.store_index(cache, fp) for fp in fingerprints_in(cache) if not is_ours(cache, fp))
 
 
 def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[FeatureStore]:
@@ -126,42 +125,16 @@ def _bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
-    """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
-    from bottleneck.learn.run_folder import CONFIG_FILE, backbone_fingerprint
-
-    found: set[str] = set()
-    for runs in runs_dirs:
-        folder = Path(runs)
-        if not folder.is_dir():
-            raise CacheError(f"--runs {folder} is not a folder of runs")
-        for config in folder.rglob(CONFIG_FILE):
-            try:
-                recorded = json.loads(config.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(recorded, dict):
-                if backbone_fingerprint(recorded):
-                    found.add(backbone_fingerprint(recorded))
-                if recorded.get("store"):
-                    found.add(Path(str(recorded["store"])).stem)
-                augment = recorded.get("augment")
-                if isinstance(augment, dict) and augment.get("store"):
-                    found.add(Path(str(augment["store"])).stem)
-    return found
-
-
-def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.PathLike] = (),
+def collect_garbage(cache_dir: str | os.PathLike, keep: set[str] | None = None,
                     delete: bool = False) -> tuple[list[Garbage], list[str]]:
     """What can be removed from a cache folder (removed with `delete`), and the stores skipped as busy.
 
     Always: temporary files of killed runs, and segments whose rows all live on in newer segments
-    (left by a merge interrupted before its clean-up). With `runs_dirs`: also every store that no
-    run in them was trained on. Each store is looked at, and cleaned, under its lock.
+    (left by a merge interrupted before its clean-up). With `keep` (the fingerprints runs use,
+    `run_folder.referenced_fingerprints`): also every store not in it. Each store is looked at, and
+    cleaned, under its lock.
     """
     cache = Path(cache_dir)
-    runs_dirs = list(runs_dirs)
-    keep = referenced_fingerprints(runs_dirs) if runs_dirs else None
     garbage: list[Garbage] = []
     busy: list[str] = []
     stores = stores_in(cache)
@@ -182,7 +155,7 @@ def collect_garbage(cache_dir: str | os.PathLike, runs_dirs: Iterable[str | os.P
         except CacheError:
             busy.append(store.fingerprint)
     # Only temporary files named after one of our stores (and not one being written): a user's .*.tmp is theirs.
-    stray = [Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp])) for tmp in cache.glob(".*.tmp")
+    stray = [Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp])) for tmp in cache.glob(naming.TEMPORARY_GLOB)
              if any(tmp.name.startswith(f".{fp}.") for fp in ours) and not any(tmp.name.startswith(f".{fp}.")
                                                                               for fp in busy)]
     if delete:
@@ -194,7 +167,7 @@ def _leftovers(store: FeatureStore) -> list[Garbage]:
     found = []
     for folder in (store.segments_dir, store.parts_dir):
         if folder.is_dir():
-            found.extend(Garbage(p, "temporary file of a run that was killed", _bytes([p])) for p in folder.glob(".*.tmp"))
+            found.extend(Garbage(p, "temporary file of a run that was killed", _bytes([p])) for p in folder.glob(naming.TEMPORARY_GLOB))
     plan = store._reading(store._plan)
     for source in plan.sources:
         if source.kind == "segment" and not source.indexed and not source.keep.size and not source.failures:

@@ -9,9 +9,9 @@ messages are unaffected. `NoiseLog.count` says how many lines of noise were logg
 
 Enter and leave the context from the main thread: fd 2 and `sys.stderr` belong to the process.
 
-`native_startup_quiet()` is the same fd-2 redirection for native libraries' start-up lines
-(TensorFlow's `absl::InitializeLog` preamble and oneDNN notice, which C++ prints before
-`TF_CPP_MIN_LOG_LEVEL` is read; TFLite's XNNPACK delegate line): they go to `native_log_path()`.
+`bottleneck.quiet.native_startup_quiet()` is the same fd-2 redirection for native libraries' start-up
+lines (TensorFlow's `absl::InitializeLog` preamble and oneDNN notice, which C++ prints before
+`TF_CPP_MIN_LOG_LEVEL` is read; TFLite's XNNPACK delegate line).
 """
 from __future__ import annotations
 
@@ -23,21 +23,19 @@ import tempfile
 import threading
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Optional, TextIO
 
 from bottleneck.errors import CacheError
 from bottleneck.features.decode import set_pillow_warning_action
+from bottleneck.quiet import STDERR_FD, flush_quietly, temporary_streams
 
-_STDERR_FD = 2
 _SCAN_CHUNK = 1 << 20
 
 _sessions_lock = threading.Lock()
 _sessions: dict[str, "NoiseLog"] = {}  # active logs by absolute path: nested use of one path is shared
 _current = threading.local()  # .path: the file this thread is decoding, for warnings raised meanwhile
-_temporary_streams: "weakref.WeakSet[io.TextIOWrapper]" = weakref.WeakSet()  # terminal streams closed on exit
 
 
 @dataclass(eq=False)
@@ -164,19 +162,19 @@ def _close_log(noise: NoiseLog, existed: bool) -> None:
 
 def _redirect_fd2(noise: NoiseLog, undo: contextlib.ExitStack) -> int:
     """Point fd 2 at the log; return a descriptor for where it pointed before (the terminal)."""
-    _flush(sys.stderr)  # what Python already wrote belongs on the terminal, not in the log
-    saved = os.dup(_STDERR_FD)
+    flush_quietly(sys.stderr)  # what Python already wrote belongs on the terminal, not in the log
+    saved = os.dup(STDERR_FD)
     undo.callback(os.close, saved)
-    os.dup2(noise._fd, _STDERR_FD)
+    os.dup2(noise._fd, STDERR_FD)
     undo.callback(_restore_fd2, saved)
     return saved
 
 
 def _restore_fd2(saved: int) -> None:
     # Objects still writing to fd 2 (the original sys.stderr) flush into the log they wrote to.
-    _flush(sys.__stderr__)
-    _flush(sys.stderr)
-    os.dup2(saved, _STDERR_FD)
+    flush_quietly(sys.__stderr__)
+    flush_quietly(sys.stderr)
+    os.dup2(saved, STDERR_FD)
 
 
 def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
@@ -193,12 +191,12 @@ def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
         write_through=True,
     )
     sys.stderr = terminal
-    _temporary_streams.add(terminal)
+    temporary_streams.add(terminal)
     undo.callback(_restore_sys_stderr, original, terminal)
 
 
 def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) -> None:
-    _flush(terminal)
+    flush_quietly(terminal)
     if sys.stderr is terminal:  # someone who replaced it meanwhile keeps their own
         sys.stderr = original
     terminal.close()
@@ -206,14 +204,9 @@ def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) 
 
 def _writes_to_fd2(stream: Optional[IO]) -> bool:
     try:
-        return stream is not None and stream.fileno() == _STDERR_FD
+        return stream is not None and stream.fileno() == STDERR_FD
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return False
-
-
-def _flush(stream: Optional[IO]) -> None:
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        stream.flush()
 
 
 def _route_warnings(noise: NoiseLog, undo: contextlib.ExitStack) -> None:
@@ -248,78 +241,3 @@ def _warning_line(message, category: type, filename: str, lineno: int, decoding_
     where = f" while decoding {decoding_path}" if decoding_path else ""
     source = f"{Path(filename).parent.name}/{Path(filename).name}:{lineno}"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning{where}: {category.__name__}: {message} ({source})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Native libraries' start-up lines
-
-#: The native log is started afresh once it grows past this many bytes.
-NATIVE_LOG_LIMIT = 1 << 20
-_quiet_depth = 0
-_native_log_stamped = False
-
-
-def native_log_path() -> Path:
-    """Where native start-up lines go: one log per user in the temporary folder (no cache is known at import)."""
-    uid = getattr(os, "getuid", None)
-    return Path(tempfile.gettempdir()) / (f"bottleneck-native-{uid()}.log" if uid else "bottleneck-native.log")
-
-
-def _open_native_log() -> int:
-    path = native_log_path()
-    try:
-        too_big = path.stat().st_size > NATIVE_LOG_LIMIT
-    except OSError:
-        too_big = False
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if too_big else 0), 0o600)
-    except OSError:  # another user's file, a read-only temporary folder: the lines are dropped, never shown
-        return os.open(os.devnull, os.O_WRONLY)
-    global _native_log_stamped
-    if not _native_log_stamped:  # once per process: which run the lines below came from
-        _native_log_stamped = True
-        stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n"
-        with contextlib.suppress(OSError):
-            os.write(fd, stamp.encode("utf-8", "backslashreplace"))
-    return fd
-
-
-@contextlib.contextmanager
-def native_startup_quiet() -> Iterator[None]:
-    """While active, what C and C++ code writes to fd 2 goes to `native_log_path()`, not to the terminal.
-
-    For importing TensorFlow, Keras and the other backends, and creating a TFLite interpreter: their
-    native start-up lines are printed before any log level applies. Unlike `decoder_noise_to`,
-    `sys.stderr` is not replaced by a temporary terminal stream: logging handlers created during an
-    import keep the `sys.stderr` they found, so it must be one that outlives the context (the
-    process's own; a temporary one of `decoder_noise_to` is swapped for it meanwhile). Python lines
-    the import itself prints go to the log too. Nested or off the main thread: no redirection.
-    """
-    global _quiet_depth
-    if _quiet_depth or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _flush(sys.stderr)  # what was written before belongs on the terminal
-    _flush(sys.__stderr__)
-    try:
-        saved = os.dup(_STDERR_FD)
-    except OSError:  # no fd 2 at all: nothing to keep quiet
-        yield
-        return
-    previous = sys.stderr
-    if previous in _temporary_streams and sys.__stderr__ is not None:
-        sys.stderr = sys.__stderr__
-    log = _open_native_log()
-    os.dup2(log, _STDERR_FD)
-    os.close(log)
-    _quiet_depth += 1
-    try:
-        yield
-    finally:
-        _quiet_depth -= 1
-        _flush(sys.__stderr__)
-        _flush(sys.stderr)
-        os.dup2(saved, _STDERR_FD)
-        os.close(saved)
-        if sys.stderr is sys.__stderr__ and previous is not sys.__stderr__:
-            sys.stderr = previous

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bottleneck.errors import DataError
+from bottleneck.text import first_line
 
 SHARD_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
@@ -360,7 +361,7 @@ def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: C
         listing.problem = str(exc)
         return listing
     except (OSError, ValueError, NotImplementedError) as exc:  # what pyarrow raises derives from these
-        listing.problem = f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        listing.problem = f"not a readable Parquet file ({first_line(exc)})"
         return listing
     listing.members = [Member(path, f"{image}/{row}", row, 0, labels[row] if labels else "", (0, mtime_ns, inode))
                        for row in range(total)]
@@ -397,7 +398,7 @@ def _parquet_cell(member: Member) -> bytes:
         group = bisect.bisect_right(starts, member.offset) - 1
         cell = _row_group_cells(member.shard, member.stamp[1], group, column)[member.offset - starts[group]]
     except (ValueError, NotImplementedError) as exc:
-        raise OSError(f"cannot read row {row} of {member.shard}: {str(exc).splitlines()[0]}") from None
+        raise OSError(f"cannot read row {row} of {member.shard}: {first_line(exc)}") from None
     if os.stat(member.shard).st_mtime_ns != member.stamp[1]:
         raise OSError(f"{member.shard} changed while it was read")
     if cell is None:

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from bottleneck import naming
 from bottleneck.errors import DataError, disk_full, is_disk_full
 from bottleneck.inspect.audit import AuditResult
 from bottleneck.inspect.report import _STYLE, _html_table, thumbnail_uri
@@ -137,7 +138,7 @@ def exclude_text(result: AuditResult) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = naming.temporary_path(path)
     try:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)

@@ -140,7 +140,8 @@ STYLE = """
 def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails: int = MAX_THUMBNAILS) -> str:
     """The map as HTML (inline SVG, legend, tooltip, script); `marks` maps each kind of marked point
     (`MISCLASSIFIED`, `FLAGGED`) to its legend text; thumbnails read from `root`/relpath."""
-    from bottleneck.inspect.report import shown as printable, thumbnail_uri
+    from bottleneck.inspect.report import thumbnail_uri
+    from bottleneck.text import shown as shown_text
 
     map_id = f"emap-{next(_map_ids)}"
     classes = sorted(set(embedding.labels))
@@ -153,8 +154,8 @@ def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails
         template = _SHAPES[shape.get(embedding.kinds[i], 0)][0]
         uri = thumbnail_uri(root / embedding.relpaths[i], THUMBNAIL_SIDE, quality=70) if i in with_thumbnail else None
         points.append(template.format(x=x, y=y, x0=x - 5, y0=y - 5, c=colour[embedding.labels[i]])
-                      + f' data-c="{html.escape(printable(embedding.captions[i]))}"' + (f' data-i="{uri}"' if uri else "") + "/>")
-    legend = [f'<span><i class="swatch" style="background:{colour[label]}"></i>{html.escape(printable(label))}</span>'
+                      + f' data-c="{html.escape(shown_text(embedding.captions[i]))}"' + (f' data-i="{uri}"' if uri else "") + "/>")
+    legend = [f'<span><i class="swatch" style="background:{colour[label]}"></i>{html.escape(shown_text(label))}</span>'
               for label in classes[:30]]
     if len(classes) > 30:
         legend.append(f"<span>... and {len(classes) - 30} more labels</span>")

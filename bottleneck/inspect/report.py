@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
+from bottleneck.text import shown
 from bottleneck.inspect.embedding_map import STYLE as MAP_STYLE
 from bottleneck.learn.run_folder import (CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json,
                                          read_test_predictions, run_path)
@@ -45,15 +46,6 @@ class Run:
     def settings(self) -> str:
         params = self.metrics.get("params") or {}
         return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if not k.endswith("_grid")) or "defaults"
-
-
-def shown(value) -> str:
-    """`value` as text that any UTF-8 page or terminal takes: bytes of a name that are not UTF-8 become \\xNN."""
-    text = str(value)
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeError:  # a lone surrogate that is no escaped byte (hand-written JSON)
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _displayable(value):

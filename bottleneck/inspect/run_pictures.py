@@ -103,7 +103,7 @@ def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) ->
 
 
 def _nearest_training(images, paths: list[str], position: dict[str, int], seed: int) -> tuple[dict, str]:
-    from bottleneck.inspect.report import shown
+    from bottleneck.text import shown
 
     train = np.array([i for i, split in enumerate(images.splits) if split == "train"], np.int64)
     if len(train) > MAX_POOL:

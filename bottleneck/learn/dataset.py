@@ -15,14 +15,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.decode import too_large
 from bottleneck.features.hashing import HashIndex, file_stamp
 from bottleneck.features.store import FeatureStore, StoreSnapshot
-from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
+from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, plan_memory
 from bottleneck.features.shards import Columns
+from bottleneck.text import format_bytes
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
 _DENSE_ENOUGH = 0.25
@@ -176,8 +178,8 @@ class LabelledFeatures:
         """All features as one array; refused when they were left in the store for being over the memory budget."""
         if not self.rows.in_memory:
             raise MemoryBudgetError(
-                f"the features of these {len(self.rows)} images ({human(self.rows.nbytes)}) do not fit the memory "
-                f"budget ({human(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
+                f"the features of these {len(self.rows)} images ({format_bytes(self.rows.nbytes)}) do not fit the memory "
+                f"budget ({format_bytes(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
                 f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory")
         return self.rows.array
 
@@ -229,7 +231,7 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
 
     cache = Path(cache_dir)
     found = fingerprints_in(cache) if cache.is_dir() else []
-    found = [name for name in found if "-aug-" not in name]  # augmented views belong to their backbone's store
+    found = [name for name in found if not naming.is_views_store(name)]  # augmented views belong to their backbone's store
     if not found:
         raise CacheError(f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first")
     if spec is None:
@@ -444,7 +446,7 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
                      kept: frozenset[str] = frozenset()) -> tuple[LabelledFeatures, int]:
     """`data` less the images `listed` (relative to DATA) but those in `kept` (train-head keeps the test split's);
     one line if any listed image is not under DATA."""
-    from bottleneck.features.store import printable
+    from bottleneck.text import printable
 
     known = set(data.relpaths) | set(data.failed) | set(data.missing) | set(data.non_finite)
     unknown = [p for p in listed if p not in known]

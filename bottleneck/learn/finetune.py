@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
@@ -490,7 +491,8 @@ def _predict(model, pixels) -> np.ndarray:
 def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], max_memory: int | None = None):
     """The run's split, decoded in memory when it fits in `max_memory` (default: a quarter of what is available;
     the training rows are copied once, so twice the split), else as a `_StreamedImages` decoded per batch."""
-    from bottleneck.learn.memory import default_budget, human
+    from bottleneck.learn.memory import default_budget
+    from bottleneck.text import format_bytes
 
     data = run.data_dir or Path("")
     if not data.is_dir():
@@ -506,8 +508,8 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], ma
                                                        labels=run.config.get("labels_file"), columns=columns,
                                                        cache_dir=run.cache_dir)
     else:
-        log(f"the decoded images of run {run.run_id} at {size}x{size} ({human(needed)}) are over the memory budget "
-            f"({human(budget)}): checking that each decodes, then decoding them per batch")
+        log(f"the decoded images of run {run.run_id} at {size}x{size} ({format_bytes(needed)}) are over the memory budget "
+            f"({format_bytes(budget)}): checking that each decodes, then decoding them per batch")
         pixels, labels, relpaths, splits = _streamed_split(run, data, size, columns)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
@@ -736,13 +738,13 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
 @contextlib.contextmanager
 def _one_at_a_time(folder: Path, run_id: str):
     """Hold the lock of a fine-tune's work folder; one line if the same fine-tune is running in another process."""
-    from bottleneck.features.store import exclusive_lock
+    from bottleneck.fs import exclusive_lock
 
     def busy(holder: str) -> BottleneckError:
         return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
                                "to finish (its epochs are kept) or change a setting to start another")
 
-    lock = folder.parent / (folder.name + ".lock")
+    lock = naming.lock_beside(folder)
     with exclusive_lock(lock, timeout=0, busy=busy):
         try:
             yield
@@ -769,7 +771,7 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
     if run.spec.kind == "pixels" and not run.fine_tuned:
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
     runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training
-    work = _WorkFolder(runs / f".fine-tune-{run.run_id}-{config.key()}")
+    work = _WorkFolder(naming.fine_tune_folder(runs, run.run_id, config.key()))
     with _one_at_a_time(work.folder, run.run_id):
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()

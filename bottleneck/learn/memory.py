@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from bottleneck.errors import BottleneckError
+from bottleneck.text import format_bytes
 
 #: The default budget: this fraction of the memory available when training starts.
 DEFAULT_FRACTION = 0.25
@@ -73,14 +74,6 @@ def default_budget() -> int:
     return max(64 * 2**20, 1 << (quarter.bit_length() - 1))
 
 
-def human(size: int) -> str:
-    """'1.5 GiB', '512 MiB', '900 B'."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.3g} {unit}"
-    return f"{size} B"
-
-
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a training set is held: in memory, or streamed in chunks of `chunk_rows` rows; and why."""
@@ -110,8 +103,8 @@ def chunk_rows_for(budget: int, dim: int, min_rows: int = MIN_CHUNK_ROWS) -> int
     if rows < min_rows:
         need = min_rows * row_bytes * STREAM_FACTOR
         raise MemoryBudgetError(
-            f"--max-memory {human(budget)} cannot hold one batch of {min_rows} rows of {dim} features "
-            f"(about {human(need)} while training); give at least {-(-need // 2**20)}M")
+            f"--max-memory {format_bytes(budget)} cannot hold one batch of {min_rows} rows of {dim} features "
+            f"(about {format_bytes(need)} while training); give at least {-(-need // 2**20)}M")
     return int(min(rows, MAX_CHUNK_ROWS))
 
 
@@ -134,5 +127,5 @@ def plan_memory(rows: int, dim: int, budget: int | None, batch_size: int = 0, st
     if fits:
         return MemoryPlan("streamed", budget, feature_bytes, chunk, "streaming was asked for", source)
     return MemoryPlan("streamed", budget, feature_bytes, chunk,
-                      f"the features ({human(feature_bytes)}, about {human(feature_bytes * IN_MEMORY_FACTOR)} to train "
-                      f"in memory) exceed the memory budget of {human(budget)}", source)
+                      f"the features ({format_bytes(feature_bytes)}, about {format_bytes(feature_bytes * IN_MEMORY_FACTOR)} to train "
+                      f"in memory) exceed the memory budget of {format_bytes(budget)}", source)

@@ -21,13 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec, spec_from_record, spec_from_store_attrs
-from bottleneck.errors import BottleneckError, DataError
-from bottleneck.features.store import process_alive
+from bottleneck.errors import BottleneckError, CacheError, DataError
+from bottleneck.fs import process_alive
 from bottleneck.learn.thresholds import Thresholds
 
 #: config.json "kind" of a run written by `fine-tune`.
@@ -66,9 +67,9 @@ def prepare_runs_dir(runs_dir: str | os.PathLike) -> Path:
 
 def _remove_abandoned_staging(runs: Path) -> None:
     """`.RUN.PID.tmp` folders whose process is gone: a run killed while writing its folder."""
-    for staging in runs.glob(".*.tmp"):
-        pid = staging.name[: -len(".tmp")].rsplit(".", 1)[-1]
-        if staging.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+    for staging in runs.glob(naming.TEMPORARY_GLOB):
+        pid = naming.temporary_pid(staging.name)
+        if staging.is_dir() and pid is not None and not process_alive(pid):
             shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -79,7 +80,7 @@ def new_run(runs: Path, kind: str) -> Iterator[tuple[Path, Path]]:
     raises, the staging folder is removed."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(2)}"
     final = runs / run_id
-    staging = runs / f".{run_id}.{os.getpid()}.tmp"
+    staging = naming.temporary_path(final)
     staging.mkdir(parents=True)
     try:
         yield final, staging
@@ -495,7 +496,7 @@ def run_images(folder: Path, config: dict) -> RunImages:
     if root is None or not root.exists():
         raise RunError(f"its images are not found (DATA {root or 'not recorded'} is gone)")
     store_path = run_path(folder, config, "store") or Path(config["store"])
-    cache, fingerprint = store_path.parent, store_path.name.removesuffix(".h5")
+    cache, fingerprint = store_path.parent, naming.fingerprint_of(store_path)
     if not cache.is_dir():
         raise RunError(f"its feature cache {cache} is gone")
     try:
@@ -511,3 +512,26 @@ def run_images(folder: Path, config: dict) -> RunImages:
     return RunImages(root, [relpaths[i] for i in keep], [rows[relpaths[i]][0] for i in keep],
                      [rows[relpaths[i]][1] for i in keep], np.array([stored[hashes[i]] for i in keep], np.int64), store,
                      len(relpaths) - len(keep))
+
+
+def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:
+    """The store fingerprints the runs under `runs_dirs` were trained on (their augmented views' stores too)."""
+    found: set[str] = set()
+    for runs in runs_dirs:
+        folder = Path(runs)
+        if not folder.is_dir():
+            raise CacheError(f"--runs {folder} is not a folder of runs")
+        for config in folder.rglob(CONFIG_FILE):
+            try:
+                recorded = json.loads(config.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(recorded, dict):
+                if backbone_fingerprint(recorded):
+                    found.add(backbone_fingerprint(recorded))
+                if recorded.get("store"):
+                    found.add(Path(str(recorded["store"])).stem)
+                augment = recorded.get("augment")
+                if isinstance(augment, dict) and augment.get("store"):
+                    found.add(Path(str(augment["store"])).stem)
+    return found

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import __version__
+from bottleneck import __version__, naming
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
 from bottleneck.bounds import FOLDS
 from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
@@ -319,7 +319,7 @@ def train_on_features(
     if model.history_:
         metrics["history"] = model.history_
     if mask["train"].sum() >= 2 and mask["test"].sum() >= 2:
-        from bottleneck.inspect.domain import compare_features
+        from bottleneck.learn.domain import compare_features
 
         rng = np.random.default_rng(split.seed)  # the draw compare_features would make: the same rows
         train_sample = _domain_sample(X.subset(mask["train"]), 500, rng)
@@ -446,11 +446,11 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
                         "or train without --augment")
     recipe = recipe_from(flip)
     cache = data.store_path.parent
-    fingerprint = f"{data.store_path.stem}-aug-{recipe.digest()}"
+    fingerprint = naming.views_fingerprint(data.store_path.stem, recipe.digest())
     flip_flag = f" --augment-flip {flip:g}" if flip is not None else ""
     command = (f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
                f"{views or 4}{flip_flag}` with the same backbone flags first")
-    if not (cache / f"{fingerprint}.h5").exists():
+    if not naming.store_index(cache, fingerprint).exists():
         others = other_view_recipes(cache, data.store_path.stem)
         if others:
             held_flips = " or ".join(f"--augment-flip {recipe.flip:g}" for recipe in others)

@@ -190,7 +190,7 @@ def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | 
     contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
                     if p in saved and saved[p][0] != label]
     if contradicted:
-        from bottleneck.features.store import printable
+        from bottleneck.text import printable
 
         path, said, folder = contradicted[0]
         raise DataError(

@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import __version__
+from bottleneck import __version__, naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full
 from bottleneck.features.shards import Columns
 from bottleneck.learn.dataset import LabelledFeatures, load_labelled_features
-from bottleneck.learn.memory import human
 from bottleneck.learn.splits import SplitConfig, splits_for
+from bottleneck.text import format_bytes
 
 #: The file formats `--out` may name, by suffix.
 FORMATS = (".parquet", ".npz")
@@ -159,12 +159,12 @@ def dump_features(
                                   need_labels=False)
     streamed = bool(data.memory and data.memory.streamed)
     if streamed and not parquet:
-        raise DumpError(f"the features of these {len(data.rows)} images ({human(data.rows.nbytes)}) exceed the memory "
-                        f"budget ({human(data.memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
+        raise DumpError(f"the features of these {len(data.rows)} images ({format_bytes(data.rows.nbytes)}) exceed the memory "
+                        f"budget ({format_bytes(data.memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
                         "which is streamed in row groups, or raise --max-memory")
     splits = splits_of(data, split, split_file, log)
     metadata = backbone_metadata(data)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = naming.temporary_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if parquet:

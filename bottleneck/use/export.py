@@ -34,7 +34,7 @@ import numpy as np
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
 from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
-from bottleneck.features.noise import native_startup_quiet
+from bottleneck.quiet import native_startup_quiet
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
@@ -234,7 +234,7 @@ def _check_replaceable(out: Path) -> None:
 
 def _remove_killed_stagings(out: Path) -> None:
     """Remove the staging folders (`.NAME.<pid>.*`) that killed exports left beside `out`."""
-    from bottleneck.features.store import pid_named_folders, process_alive
+    from bottleneck.fs import pid_named_folders, process_alive
 
     for entry, pid in pid_named_folders(out):
         if pid is not None and pid != os.getpid() and not process_alive(pid):

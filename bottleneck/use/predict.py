@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from bottleneck import naming
 from bottleneck.errors import DataError
 from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
 from bottleneck.features.decode import NOT_A_FILE
@@ -184,7 +185,7 @@ def predict_images(
         raise DataError(f"no images found in {', '.join(paths)}")
     computed = reused = views_computed = 0
     if images:
-        store_file = run.cache_dir / f"{run.fingerprint}.h5"
+        store_file = naming.store_index(run.cache_dir, run.fingerprint)
         if not run.fine_tuned and not store_file.exists():
             log(f"warning: the feature store of run {run.run_id} ({store_file}) is gone; "
                 "every image is computed and cached anew")

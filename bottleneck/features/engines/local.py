@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from bottleneck.backbones.build import get_feature_model, resolve_runtime
+from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image, read_image_file
@@ -28,7 +28,7 @@ from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
 from bottleneck.errors import stop_if_interrupted
-from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
+from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")

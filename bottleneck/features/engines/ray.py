@@ -30,7 +30,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BottleneckError, DataError
-from bottleneck.features.engines import FAULT_ENV, Shard, ShardedEngine, ShardJob, ShardResult, ShardRunner
+from bottleneck.features.engines.sharded import FAULT_ENV, Shard, ShardedEngine, ShardJob, ShardResult, ShardRunner
 
 #: pandas (which Ray Data imports) looks for the numerical library also called `bottleneck`, finds this
 #: package and warns that its version is too old; it then does without it. Workers get the same filter.
@@ -162,7 +162,7 @@ class RayEngine(ShardedEngine):
             self._actors = max(1, int(gpus // want))  # one actor per GPU (or group of GPUs)
         else:
             self._actors = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))  # one per machine
-        from bottleneck.backbones.build import get_feature_model, resolve_runtime
+        from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 
         if resolve_runtime(options.runtime, spec) == "openvino":
             get_feature_model(spec, options.runtime, cache_dir)  # convert once here, not in every actor at once
