@@ -11,7 +11,7 @@ import bottleneck
 
 PACKAGE = Path(bottleneck.__file__).parent
 #: Bottom to top; a module may import its own layer and those below. The bottom modules import only each other.
-LAYERS = (("errors", "fs", "naming", "quiet", "text"), ("backbones",), ("features",), ("learn",), ("use",),
+LAYERS = (("bounds", "errors", "fs", "naming", "quiet", "text"), ("backbones",), ("features",), ("learn",), ("use",),
           ("inspect",), ("api", "demo"), ("cli",), ("__init__", "__main__"))
 
 
