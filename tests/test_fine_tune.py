@@ -14,7 +14,8 @@ from bottleneck.errors import BottleneckError
 from bottleneck.features.extract import extract_features
 from bottleneck.inspect.report import write_report
 from bottleneck.learn.classifier import build_classifier
-from bottleneck.learn.finetune import FineTuneConfig, fine_tune, fit_temperature, soften_head
+from bottleneck.learn.finetune import FineTuneConfig, fine_tune
+from bottleneck.learn.finetune_network import fit_temperature, soften_head
 from bottleneck.learn.pretrain import PretrainConfig, pretrain
 from bottleneck.learn.run_folder import PREDICTIONS_FILE, load_run
 from bottleneck.learn.runs import HeadConfig, train_head

@@ -23,15 +23,12 @@ like any other, whose `model.keras` is the whole network (pixels in, probabiliti
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,16 +40,16 @@ from bottleneck import naming
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
+from bottleneck.learn.finetune_images import (AUGMENTATIONS, _epoch_batches, _load_split_pixels, _predict, _subset,
+                                              augmenter)
+from bottleneck.learn.finetune_network import (choose_unfrozen, rate_groups, set_trainable, soften_head,
+                                               tunable_layers, unfreeze_groups)
+from bottleneck.learn.finetune_work import (_one_at_a_time, _resumable_state, _starting_state, _WorkFolder,
+                                            _without_optimizer, parent_identity, validation_loss)
 from bottleneck.learn.metrics import misclassified, split_metrics
-from bottleneck.features.shards import Columns
-from bottleneck.learn.pretrain import load_images
-from bottleneck.learn.run_folder import FINE_TUNED, LoadedRun, load_run
-from bottleneck.learn.splits import SPLITS, read_split_csv
+from bottleneck.learn.run_folder import FINE_TUNED, load_run
+from bottleneck.learn.splits import SPLITS
 from bottleneck import bounds
-
-AUGMENTATIONS = ("flip", "crop", "brightness")
-_CROP_FRACTION = 0.8  # "crop" keeps a random square of 80-100% of the side, resized back
-_BRIGHTNESS_DELTA = 0.1 * 255
 
 
 BN_MODES = ("frozen", "affine", "train")
@@ -115,152 +112,6 @@ class FineTuneResult:
     resumed_from_epoch: int = 0
 
 
-def _leaf_layers(layer) -> list:
-    """Every layer inside `layer`, nested models opened up, in order."""
-    inner = getattr(layer, "layers", None)
-    if not inner:
-        return [layer]
-    return [leaf for child in inner for leaf in _leaf_layers(child)]
-
-
-def _feature_network(model):
-    """The backbone part of a classifier built by `build_classifier`: its first nested model."""
-    return next(layer for layer in model.layers if getattr(layer, "layers", None))
-
-
-def tunable_layers(model) -> list:
-    """The backbone's layers that hold trainable weights, BatchNormalization excluded, bottom to top."""
-    _, keras = import_tensorflow()
-    leaves = _leaf_layers(_feature_network(model))
-    fixed = (keras.layers.BatchNormalization, keras.layers.Normalization, keras.layers.Rescaling)
-    return [leaf for leaf in leaves if leaf.weights and not isinstance(leaf, fixed)
-            and not leaf.name.startswith("bottleneck_")]
-
-
-def choose_unfrozen(layers: list, config: FineTuneConfig) -> list:
-    """The layers `config` unfreezes, bottom to top."""
-    if config.unfreeze_from is not None:
-        names = [layer.name for layer in layers]
-        if config.unfreeze_from not in names:
-            close = difflib.get_close_matches(config.unfreeze_from, names, n=5, cutoff=0.3) or names[-5:]
-            raise DataError(f"--unfreeze-from {config.unfreeze_from!r} is not a trainable layer of this backbone; "
-                            f"nearest names: {', '.join(close)}")
-        return layers[names.index(config.unfreeze_from):]
-    return layers[-config.unfreeze:] if config.unfreeze else list(layers)
-
-
-def unfreeze_groups(unfrozen: list) -> list[list]:
-    """The unfrozen layers in at most 4 groups of about equal size, the top group first: each group gets its own
-    learning rate (lower groups smaller), and `gradual` unfreezes one more group per epoch."""
-    if len(unfrozen) <= 1:
-        return [unfrozen]
-    count = min(4, len(unfrozen))
-    bounds = np.linspace(len(unfrozen), 0, count + 1).round().astype(int)
-    return [unfrozen[bounds[i + 1]:bounds[i]] for i in range(count)]
-
-
-def group_rate_factors(count: int, lower_rate_factor: float) -> list[float]:
-    """Each group's share of the top rate, the top group first: 1 down to 1/lower_rate_factor, geometrically."""
-    if count <= 1:
-        return [1.0] * count
-    return [float(lower_rate_factor ** (-i / (count - 1))) for i in range(count)]
-
-
-def _batchnorm_owners(model, tunable: list) -> list[tuple]:
-    """(BatchNormalization layer, the tunable layer just below it, or None) for every BatchNorm of the backbone."""
-    _, keras = import_tensorflow()
-    wanted = {id(layer) for layer in tunable}
-    owner, found = None, []
-    for leaf in _leaf_layers(_feature_network(model)):
-        if id(leaf) in wanted:
-            owner = leaf
-        elif isinstance(leaf, keras.layers.BatchNormalization):
-            found.append((leaf, owner))
-    return found
-
-
-def set_trainable(model, unfrozen: list, bn: str = "frozen") -> None:
-    """Freeze the whole network but `unfrozen` and the head. BatchNormalization stays in inference mode (its
-    statistics frozen) but with `bn="train"`, where the BatchNorm layers just above unfrozen layers train."""
-    _, keras = import_tensorflow()
-    model.trainable = True
-    wanted = {id(layer) for layer in unfrozen}
-    backbone = {id(layer) for layer in _leaf_layers(_feature_network(model))}
-    for layer in _leaf_layers(model):
-        is_head = id(layer) not in backbone  # everything after the feature network
-        layer.trainable = (id(layer) in wanted or is_head) and not isinstance(layer, keras.layers.BatchNormalization)
-    if bn == "train":
-        for layer, owner in _batchnorm_owners(model, unfrozen):
-            layer.trainable = owner is not None
-
-
-def rate_groups(model, groups: list[list], stage: int, bn: str, lower_rate_factor: float) -> list[tuple[float, list]]:
-    """(rate factor, variables) per optimizer: the head at the top rate, then each unfrozen group of the backbone
-    at its own share of it. With `bn="affine"` every BatchNorm's gamma and beta train too (as in fastai), at the
-    rate of the group of the layer under it (the lowest unfrozen group's where that layer stays frozen)."""
-    factors = group_rate_factors(len(groups), lower_rate_factor)
-    active = groups[:stage]
-    backbone = {id(layer) for layer in _leaf_layers(_feature_network(model))}
-    head = [v for layer in _leaf_layers(model) if id(layer) not in backbone for v in layer.trainable_weights]
-    found = [(1.0, head)]
-    members = {id(layer): i for i, group in enumerate(active) for layer in group}
-    per_group: list[list] = [[v for layer in group for v in layer.trainable_weights] for group in active]
-    if active:
-        for layer, owner in _batchnorm_owners(model, [leaf for group in active for leaf in group]):
-            where = members.get(id(owner), len(active) - 1)
-            if bn == "affine":
-                per_group[where] += [v for v in (layer.gamma, layer.beta) if v is not None]
-            elif bn == "train" and owner is not None:
-                per_group[where] += list(layer.trainable_weights)
-    found += [(factors[i], variables) for i, variables in enumerate(per_group) if variables]
-    return found
-
-
-def augmenter(tf, augment: tuple[str, ...], size: int):
-    """Seeded augmentation of a batch, as one `tf.function` traced here, once.
-
-    Run eagerly, `map_fn` builds a `TensorArray` per call, and a Ctrl-C inside one made TensorFlow
-    print an "Object was never used" block at exit; in a graph, an interrupt lands between calls.
-    """
-    augment_batch = tf.function(lambda pixels, seeds: _augment_batch(tf, pixels, seeds, augment, size),
-                                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
-                                                 tf.TensorSpec([None, 2], tf.int32)])
-    augment_batch(tf.zeros([1, size, size, 3]), tf.zeros([1, 2], tf.int32))  # the one trace, before training
-    return augment_batch
-
-
-def _augment_batch(tf, pixels, seeds, augment: tuple[str, ...], size: int):
-    """Seeded augmentation of one batch: each image gets its own stateless seed pair."""
-
-    def one(args):
-        image, seed = args
-        if "flip" in augment:
-            image = tf.image.stateless_random_flip_left_right(image, seed)
-        if "crop" in augment:
-            side = tf.cast(tf.round(size * tf.random.stateless_uniform([], seed + 1, _CROP_FRACTION, 1.0)), tf.int32)
-            image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seed + 2)
-            image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-        if "brightness" in augment:
-            image = tf.clip_by_value(tf.image.stateless_random_brightness(image, _BRIGHTNESS_DELTA, seed + 3), 0.0, 255.0)
-        return image
-
-    return tf.map_fn(one, (pixels, seeds), fn_output_signature=tf.float32)
-
-
-def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig, epoch: int, augment_batch=None):
-    """The training batches of one epoch: shuffled and augmented (by `augment_batch`, see `augmenter`) from
-    (seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
-    rng = np.random.default_rng([config.seed, epoch])
-    order = rng.permutation(len(y))
-    for start in range(0, len(order), config.batch_size):
-        rows = order[start:start + config.batch_size]
-        batch = tf.constant(_decode(pixels, rows).astype(np.float32))
-        if augment_batch is not None:
-            seeds = tf.constant(np.stack([np.full(len(rows), config.seed), epoch * len(y) + rows], 1), tf.int32)
-            batch = augment_batch(batch, seeds)
-        yield batch, y[rows]
-
-
 def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list[list], state: dict,
                           log: Callable[[str], None]) -> float:
     """The configured rate, or with "auto" the finder's (its curve kept in `state`, so a resumed run reuses it)."""
@@ -273,273 +124,6 @@ def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list
     log(f"learning rate {state['lr_find']['chosen']:.3g} ({state['lr_find']['rule']}; steepest descent at "
         f"{state['lr_find']['steepest']:.3g})")
     return float(state["lr_find"]["chosen"])
-
-
-TEMPERATURE_MAX = 100.0
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T >= 1 minimising the cross-entropy of softmax(logits / T) against `y` (Guo et al. 2017)."""
-    grid = np.exp(np.linspace(0.0, math.log(TEMPERATURE_MAX), 241))
-    losses = [_cross_entropy(logits / t, y) for t in grid]
-    return float(grid[int(np.argmin(losses))])
-
-
-def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_proba = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_proba[np.arange(len(y)), y].mean())
-
-
-def _softmax_head(model):
-    """The classifier's Dense softmax output layer (a logreg head's), or None for any other head."""
-    try:
-        layer = model.get_layer(OUTPUT_NAME)
-    except ValueError:
-        return None
-    activation = getattr(getattr(layer, "activation", None), "__name__", "")
-    return layer if layer.__class__.__name__ == "Dense" and activation == "softmax" else None
-
-
-def soften_head(model, pixels, y: np.ndarray, log: Callable[[str], None]) -> dict | None:
-    """Divide a sharp logreg head's weights by the temperature fitted on the validation images.
-
-    A head fitted to separate a few training images is so sharp that its training loss is nearly zero, which
-    leaves the base almost no gradient to learn from; the calibrated head predicts the same classes with the
-    confidence the validation images support. Returns what was done (kept in the run's metrics), or None."""
-    _, keras = import_tensorflow()
-    dense = _softmax_head(model)
-    if dense is None or not len(y):
-        return None
-    features = keras.Model(model.inputs, dense.input)
-    kernel, bias = dense.get_weights()
-    logits = _predict(features, pixels).astype(np.float64) @ kernel + bias
-    temperature = fit_temperature(logits, y)
-    record = {"temperature": temperature, "validation_loss_before": _cross_entropy(logits, y),
-              "validation_loss_after": _cross_entropy(logits / temperature, y)}
-    if temperature > 1.0:
-        dense.set_weights([kernel / temperature, bias / temperature])
-        log(f"softened the parent's head: temperature {temperature:.3g} fitted on validation (validation loss "
-            f"{record['validation_loss_before']:.3g} -> {record['validation_loss_after']:.3g}, same predictions)")
-    return record
-
-
-class _WorkFolder:
-    """Per-epoch state of an unfinished fine-tune: last and best weights, optimizer, history."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.state_file = folder / "state.json"
-
-    def load_state(self) -> dict | None:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def save(self, model, state: dict, best: bool, optimizer_variables: list) -> None:
-        """Write this epoch's files under new names, then the state that names them, then drop older files:
-        a run killed at any moment resumes from one consistent epoch."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        epoch = state["epoch"]
-        names = {"last": f"last-{epoch}.weights.h5", "optimizer": f"optimizer-{epoch}.npz",
-                 "best": f"best-{epoch}.weights.h5" if best else state.get("files", {}).get("best")}
-        _save_weights_atomically(model, self.folder / names["last"])
-        if best:
-            _save_weights_atomically(model, self.folder / names["best"])
-        tmp = self.folder / ".optimizer.tmp.npz"
-        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
-        os.replace(tmp, self.folder / names["optimizer"])
-        state["files"] = names
-        tmp_state = self.folder / ".state.json.tmp"
-        tmp_state.write_text(json.dumps(state))
-        os.replace(tmp_state, self.state_file)
-        for stale in self.folder.iterdir():
-            if stale.name not in set(names.values()) | {self.state_file.name}:
-                stale.unlink(missing_ok=True)
-
-    def path(self, state: dict, kind: str) -> Path | None:
-        name = state.get("files", {}).get(kind)
-        return self.folder / name if name and (self.folder / name).exists() else None
-
-    def restore_optimizer(self, variables: list, state: dict) -> bool:
-        try:
-            saved = np.load(self.path(state, "optimizer"))
-        except (OSError, TypeError):
-            return False
-        if len(saved.files) != len(variables) or any(saved[f"v{i}"].shape != tuple(v.shape) for i, v in enumerate(variables)):
-            return False
-        for i, variable in enumerate(variables):
-            variable.assign(saved[f"v{i}"])
-        return True
-
-
-def _without_optimizer(model):
-    """The same network, uncompiled: a saved optimizer would only make Keras warn when the file is loaded."""
-    _, keras = import_tensorflow()
-    clean = keras.models.clone_model(model)
-    clean.set_weights(model.get_weights())
-    return clean
-
-
-def validation_loss(model, pixels: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy of the true labels, computed the same way for epoch 0 and every later epoch."""
-    proba = np.clip(_predict(model, pixels), 1e-7, 1 - 1e-7)
-    return float(-np.mean(np.log(proba[np.arange(len(y)), y])))
-
-
-def _starting_state(model, pixels: np.ndarray, y: np.ndarray, work: _WorkFolder) -> dict:
-    """Epoch 0 is the parent run itself: fine-tuning keeps it when no epoch beats its validation loss."""
-    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "waited": 0, "history": {"loss": [], "val_loss": []}}
-    if len(y):
-        state["best_loss"] = validation_loss(model, pixels, y)
-        work.folder.mkdir(parents=True, exist_ok=True)
-        _save_weights_atomically(model, work.folder / "best-0.weights.h5")
-        state["files"] = {"best": "best-0.weights.h5"}
-    return state
-
-
-PARENT_FILES = ("head.npz", "model.keras", "labels.json")  # what a run's head is made of, whichever it has
-
-
-def parent_identity(run: LoadedRun) -> str:
-    """A digest of the parent run's head and backbone: a resumed fine-tune must start from the same ones."""
-    digest = hashlib.sha256(f"{run.fingerprint}\n{json.dumps(run.labels)}".encode())
-    for name in PARENT_FILES:
-        path = run.folder / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
-
-
-def _resumable_state(work: _WorkFolder, parent: str, run_id: str, log: Callable[[str], None]) -> dict | None:
-    """The saved state to resume from, or None: none saved, or saved from a parent whose head has changed since."""
-    state = work.load_state()
-    if state is None or work.path(state, "last") is None:
-        return None
-    if state.get("parent") != parent:
-        log(f"warning: the head or backbone of run {run_id} changed since {work.folder} saved epoch {state['epoch']} "
-            "(a file of the run was replaced): its epochs belong to the old parent, so fine-tuning starts again")
-        return None
-    return state
-
-
-def _save_weights_atomically(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
-class _StreamedImages:
-    """The split's images decoded per batch through the one decoder (the split held as paths, not pixels):
-    what fine-tune uses when the decoded split would not fit in the memory budget."""
-
-    def __init__(self, paths: list[Path], size: int, log_file: Path):
-        self.paths, self.size, self.log_file = paths, size, log_file
-        self.shape = (len(paths), size, size, 3)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, index) -> "_StreamedImages":
-        rows = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
-        return _StreamedImages([self.paths[i] for i in rows], self.size, self.log_file)
-
-    def decode(self, rows) -> np.ndarray:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from bottleneck.features.noise import decoder_noise_to
-
-        with ThreadPoolExecutor() as pool, decoder_noise_to(self.log_file):
-            pixels = list(pool.map(_decode_or_none, [self.paths[i] for i in rows], [self.size] * len(rows)))
-        for i, found in zip(rows, pixels):
-            if found is None:
-                raise DataError(f"{self.paths[i]} decoded when fine-tuning began and cannot be decoded now; "
-                                "restore it and run the same command again (finished epochs are kept)")
-        return np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8)
-
-
-def _decode_or_none(path: Path, size: int) -> np.ndarray | None:
-    """One image through the guards of `features` (as `load_images` decodes it), or None."""
-    from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
-    from bottleneck.features.noise import decoding
-
-    try:
-        with decoding(path):
-            return decode_image_file(path, size, DEFAULT_MAX_PIXELS)
-    except (ImageDecodeError, UnreadableImage):
-        return None
-
-
-def _subset(pixels, index):
-    return pixels.subset(index) if isinstance(pixels, _StreamedImages) else pixels[index]
-
-
-def _decode(pixels, rows) -> np.ndarray:
-    return pixels.decode(rows) if isinstance(pixels, _StreamedImages) else pixels[rows]
-
-
-def _predict(model, pixels) -> np.ndarray:
-    """Probabilities in batches of 64, whether the pixels are in memory or decoded 256 at a time (the same batches)."""
-    if not isinstance(pixels, _StreamedImages):
-        return model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
-    chunks = [model.predict(pixels.decode(np.arange(start, min(start + 256, len(pixels)))).astype(np.float32),
-                            batch_size=64, verbose=0) for start in range(0, len(pixels), 256)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, int(model.output_shape[-1])), np.float32)
-
-
-def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], max_memory: int | None = None):
-    """The run's split, decoded in memory when it fits in `max_memory` (default: a quarter of what is available;
-    the training rows are copied once, so twice the split), else as a `_StreamedImages` decoded per batch."""
-    from bottleneck.learn.memory import default_budget
-    from bottleneck.text import format_bytes
-
-    data = run.data_dir or Path("")
-    if not data.is_dir():
-        raise DataError(f"the images run {run.run_id} was trained on are not at {data} any more; fine-tuning re-reads them")
-    listed = len(read_split_csv(run.folder / "split.csv"))
-    budget = max_memory if max_memory is not None else default_budget()
-    needed = 2 * listed * size * size * 3
-    columns = Columns(**run.config["columns"]) if run.config.get("columns") else None
-    if needed <= budget:
-        log(f"decoding the images of run {run.run_id} at {size}x{size}")
-        pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
-                                                       layout=run.config.get("layout", "classes"),
-                                                       labels=run.config.get("labels_file"), columns=columns,
-                                                       cache_dir=run.cache_dir)
-    else:
-        log(f"the decoded images of run {run.run_id} at {size}x{size} ({format_bytes(needed)}) are over the memory budget "
-            f"({format_bytes(budget)}): checking that each decodes, then decoding them per batch")
-        pixels, labels, relpaths, splits = _streamed_split(run, data, size, columns)
-    index = {label: i for i, label in enumerate(run.labels)}
-    keep = [i for i, label in enumerate(labels) if label in index]
-    return (_subset(pixels, keep), np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],
-            np.array([splits[i] for i in keep]), listed)
-
-
-def _streamed_split(run: LoadedRun, data: Path, size: int, columns):
-    """The images `load_images` would decode (the run's split.csv, in discovery order) and that decode now."""
-    from bottleneck.features.discover import discover_images
-    from bottleneck.features.noise import decoder_log_in
-
-    discovery = discover_images(data, layout=run.config.get("layout", "classes"), labels=run.config.get("labels_file"),
-                                columns=columns)
-    saved = read_split_csv(run.folder / "split.csv")
-    chosen = [(image, saved[image.relpath][1]) for image in discovery.images
-              if saved.get(image.relpath, (None, "unlisted"))[1] in SPLITS]
-    cache = run.cache_dir if run.cache_dir and os.path.isdir(run.cache_dir) else Path(tempfile.gettempdir())
-    log_file = decoder_log_in(Path(cache), os.access(cache, os.W_OK))
-    everything = _StreamedImages([image.path for image, _ in chosen], size, log_file)
-    decodes = []
-    for start in range(0, len(chosen), 256):  # a bounded pass: each image decoded once and let go
-        stop_if_interrupted()
-        rows = range(start, min(start + 256, len(chosen)))
-        decodes += [_decode_or_none(everything.paths[i], size) is not None for i in rows]
-    keep = [i for i, ok in enumerate(decodes) if ok]
-    if not keep:
-        raise DataError(f"no decodable images in {data} for the splits {', '.join(SPLITS)}")
-    return (everything.subset(keep), [chosen[i][0].label for i in keep], [chosen[i][0].relpath for i in keep],
-            [chosen[i][1] for i in keep])
 
 
 class _Trainer:
@@ -733,24 +317,6 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
             test_rows = ([relpaths[i] for i in rows], truth, proba)
     return metrics, test_rows
 
-
-
-@contextlib.contextmanager
-def _one_at_a_time(folder: Path, run_id: str):
-    """Hold the lock of a fine-tune's work folder; one line if the same fine-tune is running in another process."""
-    from bottleneck.fs import exclusive_lock
-
-    def busy(holder: str) -> BottleneckError:
-        return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
-                               "to finish (its epochs are kept) or change a setting to start another")
-
-    lock = naming.lock_beside(folder)
-    with exclusive_lock(lock, timeout=0, busy=busy):
-        try:
-            yield
-        finally:
-            if not folder.exists():  # finished: nothing left to resume, so nothing of ours stays in the runs folder
-                lock.unlink(missing_ok=True)
 
 def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfig(), runs_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
