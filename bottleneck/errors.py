@@ -46,7 +46,7 @@ def is_disk_full(exc: OSError) -> bool:
 
 
 def disk_full(folder, needed_bytes: int | None = None) -> DiskFullError:
-    """'disk full at <folder>: N MB needed, M MB free', with what to do."""
+    """'disk full at <folder>: N KiB needed, M GiB free', with what to do."""
     import shutil
     from pathlib import Path
 
