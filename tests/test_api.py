@@ -101,6 +101,7 @@ def test_a_run_predicts_as_the_command_does(project, capsys):
         bn.train_head(root / "data", cache=root / "cache", runs=root / "runs", colour="red", **BACKBONE)
 
 
+@pytest.mark.slow
 def test_the_example_notebook_runs(tmp_path, monkeypatch):
     """Every code cell of examples/one_cache_many_experiments.ipynb, in order, in one namespace."""
     notebook = json.loads((REPO / "examples" / "one_cache_many_experiments.ipynb").read_text())

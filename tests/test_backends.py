@@ -119,6 +119,7 @@ def features_in_a_new_process(backend: str, work: dict) -> subprocess.CompletedP
                           cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_a_backend_computes_tensorflows_features_into_the_same_store(backend, work):
     if backend == "torch" and importlib.util.find_spec("torch") is None:
@@ -187,6 +188,7 @@ def test_mixed_precision_needs_a_gpu(work, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "--precision mixed needs a GPU" in err
 
 
+@pytest.mark.slow
 def test_mixed_precision_is_a_store_of_its_own_and_stays_close():
     from bottleneck.backbones.build import FeatureModel
 

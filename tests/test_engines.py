@@ -49,6 +49,7 @@ def ray_options(**values) -> ExtractOptions:
     return ExtractOptions(engine="ray", **values)
 
 
+@pytest.mark.slow
 def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(tmp_path, ray_session):
     data = tmp_path / "data"
     make_dataset(data, per_class=4)
@@ -76,6 +77,7 @@ def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(t
     assert (again.computed, again.reused, again.shards) == (0, 13, 0)  # settled from the hash index: Ray not needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise-once", "kill-once"])
 def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(tmp_path, ray_session, monkeypatch, fault):
     data, cache = tmp_path / "data", tmp_path / "cache"

@@ -41,6 +41,7 @@ def parent(tmp_path_factory):
     return root, data, base, run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [CONFIG, RECIPE], ids=["plain", "recipe"])
 def test_interrupted_fine_tune_resumes_to_the_same_result(parent, tmp_path, config):
     _, _, _, run = parent

@@ -225,6 +225,7 @@ def test_hub_offline_is_one_line():
         build_feature_network(BackboneSpec("dinov2_small", weights="hub", image_size=SIZE))
 
 
+@pytest.mark.slow
 def test_features_train_head_predict(tmp_path):
     folder = write_preset(tmp_path / "dino", "dinov2")
     data = tmp_path / "data"
@@ -279,6 +280,7 @@ def store_rows(cache: Path) -> tuple[str, np.ndarray]:
         return path.name, handle["features"][()][order]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_every_backend_computes_tensorflows_features(backend, on_tensorflow):
     import importlib.util
@@ -412,6 +414,7 @@ def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
     assert max(gaps.values()) < 1e-4, gaps
 
 
+@pytest.mark.slow
 def test_openvino_computes_the_same_features(tmp_path, pixels):
     pytest.importorskip("openvino")
     from bottleneck.backbones.build import get_feature_model
