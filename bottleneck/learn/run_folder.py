@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -465,7 +465,7 @@ class RunImages:
     labels: list[str]
     splits: list[str]
     rows: np.ndarray  # each image's row in `store`
-    store: object  # a snapshot of the FeatureStore the run learnt from
+    store: Any  # a snapshot of the FeatureStore the run learnt from
     left_out: int = 0  # rows of split.csv whose file or features are gone
 
     def features(self, positions) -> np.ndarray:

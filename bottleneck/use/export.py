@@ -438,7 +438,7 @@ def pixels_of(path, size={size}):
         rgba = image.convert("RGBA")  # transparency onto white
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
-    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, np.float32)  # RGB 0-255
 
 model = keras.saving.load_model("model.keras", safe_mode=True)
