@@ -109,7 +109,7 @@ def test_the_example_notebook_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "notebook", "exec"), namespace)  # noqa: S102: our own notebook
+            exec(compile("".join(cell["source"]), "notebook", "exec"), namespace)  # noqa: S102 - our own notebook
     scores = namespace["scores"]
     assert {"kNN", "bottleneck logreg"} <= set(scores) and any(name.startswith("SVM") for name in scores)
     import importlib.util

@@ -167,7 +167,7 @@ def test_a_backend_that_is_not_installed_is_one_line(work, capsys, monkeypatch):
 
 
 def test_keras_cannot_switch_backend_inside_one_process(work, capsys):
-    import keras  # noqa: F401: this test process runs Keras on TensorFlow
+    import keras  # noqa: F401 - this test process runs Keras on TensorFlow
 
     code = main(["features", str(work["data"]), "--cache", str(work["root"] / "x"), "--backend", "jax", *NETWORK])
     err = capsys.readouterr().err.strip()

@@ -141,7 +141,7 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     block = readme[readme.index("import keras, numpy as np"):]
     recipe = block[:block.index("model = keras.saving")]
     namespace: dict = {}
-    exec(recipe, namespace)  # noqa: S102: our own README's code
+    exec(recipe, namespace)  # noqa: S102 - our own README's code
     rng = np.random.default_rng(0)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated

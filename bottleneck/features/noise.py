@@ -26,7 +26,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Optional, TextIO
+from typing import IO, Iterator, TextIO
 
 from bottleneck.errors import CacheError
 from bottleneck.features.decode import set_pillow_warning_action
@@ -197,21 +197,21 @@ def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
     undo.callback(_restore_sys_stderr, original, terminal)
 
 
-def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) -> None:
+def _restore_sys_stderr(original: TextIO | None, terminal: io.TextIOWrapper) -> None:
     _flush(terminal)
     if sys.stderr is terminal:  # someone who replaced it meanwhile keeps their own
         sys.stderr = original
     terminal.close()
 
 
-def _writes_to_fd2(stream: Optional[IO]) -> bool:
+def _writes_to_fd2(stream: IO | None) -> bool:
     try:
         return stream is not None and stream.fileno() == _STDERR_FD
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return False
 
 
-def _flush(stream: Optional[IO]) -> None:
+def _flush(stream: IO | None) -> None:
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.flush()
 
@@ -244,7 +244,7 @@ def _pillow_dir() -> str:
     return os.path.dirname(os.path.abspath(PIL.__file__)) + os.sep
 
 
-def _warning_line(message, category: type, filename: str, lineno: int, decoding_path: Optional[str]) -> str:
+def _warning_line(message, category: type, filename: str, lineno: int, decoding_path: str | None) -> str:
     where = f" while decoding {decoding_path}" if decoding_path else ""
     source = f"{Path(filename).parent.name}/{Path(filename).name}:{lineno}"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning{where}: {category.__name__}: {message} ({source})"

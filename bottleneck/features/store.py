@@ -841,7 +841,7 @@ class StoreWriter:
             try:
                 with h5py.File(path, "r") as handle:
                     _read_hashes(handle)
-                    handle["features"].shape
+                    handle["features"].shape  # noqa: B018 - reading it checks the dataset opens
             except (OSError, KeyError):
                 path.unlink(missing_ok=True)
 

@@ -353,7 +353,7 @@ def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
     try:
         # safe_mode refuses Lambda layers (code stored in the file); anything else unreadable is one line too.
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001: Keras raises many kinds for a file that is not its model
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a file that is not its model
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RunError(f"{path} is not a Keras head this run can load ({text})") from None
     outputs = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None

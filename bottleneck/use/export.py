@@ -250,7 +250,7 @@ def _writing_to(out: Path):
         if is_disk_full(exc):
             raise disk_full(out.parent) from None
         raise ExportError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
-    except Exception as exc:  # noqa: BLE001: TensorFlow reports a full disk as its own ResourceExhaustedError
+    except Exception as exc:  # noqa: BLE001 - TensorFlow reports a full disk as its own ResourceExhaustedError
         text = str(exc)
         if "No space left on device" in text or type(exc).__name__ == "ResourceExhaustedError":
             raise disk_full(out.parent) from None

@@ -305,7 +305,7 @@ class ShardRunner:
                     result = self.write(self.compute(shard))
                 result.tries = attempt
                 return result
-            except Exception as exc:  # noqa: BLE001: reported per shard, never lost
+            except Exception as exc:  # noqa: BLE001 - reported per shard, never lost
                 error = _one_line(exc)
         return ShardResult(shard.index, shard.name, len(shard.items), tries=self.job.tries, error=error)
 
