@@ -5,9 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from bottleneck.backbones.spec import BackboneSpec
-
 from bottleneck.backbones.build import FeatureModel, build_keras_backbone
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError
 
 from .conftest import TEST_SIZE

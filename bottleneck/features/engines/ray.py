@@ -23,8 +23,9 @@ import pickle
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
