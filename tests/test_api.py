@@ -25,8 +25,14 @@ BACKBONE = dict(backbone="pixels", image_size=8)
 QUICK_KERAS = dict(epochs=10, learning_rate=0.05, patience=3)
 
 
-@parametrize_with_checks([LogRegHead(), LogRegHead(C="auto"), KnnHead(), KerasHead(**QUICK_KERAS)])
+@parametrize_with_checks([LogRegHead(), KnnHead()])
 def test_heads_are_scikit_learn_estimators(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.slow
+@parametrize_with_checks([LogRegHead(C="auto"), KerasHead(**QUICK_KERAS)])
+def test_heads_that_train_longer_are_scikit_learn_estimators(estimator, check):
     check(estimator)  # the keras head passes check_class_weight_classifiers in 10 epochs since its batch adapts
 
 

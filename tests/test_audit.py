@@ -162,6 +162,7 @@ def test_a_weak_model_says_its_label_issues_cannot_be_trusted(tmp_path, capsys):
     assert not {issue["path"] for issue in record["label_issues"]} & set(listed)
 
 
+@pytest.mark.slow
 def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_long_steps(tmp_path, capsys):
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.inspect.audit import AuditConfig, run_audit

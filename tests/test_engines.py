@@ -90,6 +90,7 @@ def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(tm
     assert leftovers(cache) == []
 
 
+@pytest.mark.slow
 def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path, ray_session, monkeypatch, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)

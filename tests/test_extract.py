@@ -69,6 +69,7 @@ def stored(cache: Path):
     return open_store(cache, SPEC, HashIndex(cache)).load()
 
 
+@pytest.mark.slow
 def test_features_match_an_independent_computation_and_bad_files_are_recorded(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     plain = make_dataset(data, per_class=2)

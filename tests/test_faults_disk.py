@@ -203,6 +203,7 @@ def test_predict_reads_a_read_only_cache_and_computes_what_it_lacks_in_memory(tm
     assert with_views.keys() == {p for p in expected if p.startswith(str(fresh))}
 
 
+@pytest.mark.slow
 def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(tmp_path, small_disk):
     from bottleneck.features.extract import ExtractOptions
     from bottleneck.learn.pretrain import PretrainConfig, pretrain

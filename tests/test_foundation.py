@@ -388,6 +388,7 @@ def clip_from_transformers(model, folder: Path) -> None:
     encoder.save_to_preset(str(folder))
 
 
+@pytest.mark.slow
 def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("keras_hub")

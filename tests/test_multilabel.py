@@ -252,6 +252,7 @@ def test_a_sigmoid_head_file_round_trips_and_a_mismatched_head_is_refused(made, 
         load_run(copy)
 
 
+@pytest.mark.slow
 def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets(made):
     with open(made["run"] / "split.csv", newline="") as handle:
         saved = [[row["path"], ";".join(reversed(row["label"].split(";"))), row["split"]] for row in csv.DictReader(handle)]
@@ -263,6 +264,7 @@ def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets
     assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()
 
 
+@pytest.mark.slow
 def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
     with open(made["run"] / "split.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -319,6 +319,7 @@ def test_int8_calibrates_once_per_cache_and_every_later_run_on_any_folder_reuses
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_int8_faults_are_one_line(tmp_path, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)

@@ -79,6 +79,7 @@ def test_markdown_has_the_comparison_and_per_class_tables(runs):
     assert markdown.count("per-class test metrics") == 2 and (runs / "elsewhere.html").exists()
 
 
+@pytest.mark.slow
 def test_script_prints_markdown_and_fails_cleanly(runs, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(runs)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("# Runs")

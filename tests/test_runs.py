@@ -69,6 +69,7 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     assert without_timing(second.metrics) == without_timing(first.metrics)
 
 
+@pytest.mark.slow
 def test_keras_head_saves_a_plain_keras_model_and_repeats(extracted, tmp_path):
     import keras
 
@@ -86,6 +87,7 @@ def test_keras_head_saves_a_plain_keras_model_and_repeats(extracted, tmp_path):
         assert a["accuracy"] == b["accuracy"] and abs(a["log_loss"] - b["log_loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
     data, cache, spec = extracted
     first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
@@ -149,6 +151,7 @@ def test_top5_accuracy_only_over_five_classes():
     assert "top5_accuracy" not in split_metrics(np.eye(3), labels[:3], labels[:3])
 
 
+@pytest.mark.slow
 def test_logreg_training_never_loads_tensorflow(extracted, tmp_path):
     data, cache, spec = extracted
     probe = (
@@ -176,6 +179,7 @@ def _predicted_paths(run_dir) -> list[str]:
         return [row["path"] for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["drawn", "split-file", "split-folders", "streamed"])
 def test_exclude_never_changes_the_test_split(tmp_path, variant):
     """A planted exclude list naming test, validation and training images: the run with it is scored on exactly
