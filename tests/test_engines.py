@@ -111,7 +111,7 @@ def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path,
     assert (rerun.computed, rerun.reused, rerun.failed) == (5, 7, 0)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engine, request):
     """A driver killed after two shards wrote their segments: those are kept (and counted as reused), the rest is
     computed."""

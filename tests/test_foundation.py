@@ -409,7 +409,7 @@ def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
         assert np.linalg.norm(ours - expected, axis=1).max() / spread < 1e-4, pooling
 
 
-@pytest.mark.parametrize("family", ["dinov2", "vit"])
+@pytest.mark.parametrize("family", [pytest.param("dinov2", marks=pytest.mark.slow), "vit"])
 def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
     gaps = hugging_face_parity(tmp_path, family, pixels)
     assert max(gaps.values()) < 1e-4, gaps
