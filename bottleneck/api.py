@@ -15,10 +15,9 @@ experiment in a notebook and a run from the command line see the same images in 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def extract(data: str | os.PathLike | None = None, cache: str | os.PathLike = "c
 class Split:
     """Which split each image of a `FeatureSet` is in: train, validation or test."""
 
-    features: FeatureSet
+    features: "FeatureSet"
     of: list[str]  # one split name per image, in the feature set's order
 
     def indices(self, name: str) -> np.ndarray:
@@ -207,7 +206,7 @@ class Run:
     loaded: Any = field(repr=False)  # the LoadedRun behind it
 
     @classmethod
-    def load(cls, path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Run:
+    def load(cls, path: str | os.PathLike, cache: str | os.PathLike | None = None) -> "Run":
         """Open a run folder (never unpickling anything); `cache` where its features live, if they moved."""
         from bottleneck.learn.run_folder import load_run
 
@@ -262,8 +261,7 @@ def train_head(data: str | os.PathLike | None = None, cache: str | os.PathLike =
     `backbone` None takes the cache's only store; backbone flags and head settings (`C`, `class_weight`,
     `epochs`, `learning_rate`, `dropout`, `batch_size`, `patience`, knn's `k`) go by keyword; `max_memory`, `exclude`,
     `augment` and `folds` as the command takes them."""
-    from bottleneck.learn.runs import HeadConfig
-    from bottleneck.learn.runs import train_head as train
+    from bottleneck.learn.runs import HeadConfig, train_head as train
     from bottleneck.learn.splits import SplitConfig
 
     flags = {k: params.pop(k) for k in ("weights", "layer", "image_size", "preprocess", "precision") if k in params}

@@ -33,8 +33,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bottleneck.backbones.build import get_feature_model  # noqa: E402
 from bottleneck.backbones.spec import BackboneSpec  # noqa: E402
+
+from bottleneck.backbones.build import get_feature_model  # noqa: E402
 from bottleneck.features.decode import decode_image  # noqa: E402
 from bottleneck.features.extract import extract_features  # noqa: E402
 
@@ -157,8 +158,8 @@ def rerun_at_scale(count: int, work: Path) -> dict:
 
 def cache_read_and_logreg(work: Path, rows: int, classes: int = 10, dim: int = 2048) -> dict:
     """Read `rows` x `dim` float32 features back from a store (vs a raw read of the file), train logreg on them."""
-    from bottleneck.features.store import FeatureStore
     from bottleneck.learn.heads import LogRegHead
+    from bottleneck.features.store import FeatureStore
 
     rng = np.random.default_rng(2)
     store = FeatureStore(work / "big-cache", "bench-store", dim, {"pretrained": False})

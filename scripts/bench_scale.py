@@ -92,7 +92,7 @@ def pick_write_counter() -> str:
 class Meter:
     """Wall time and bytes written by this process inside a `with` block."""
 
-    def __enter__(self) -> Meter:
+    def __enter__(self) -> "Meter":
         self._io = io_counters()
         self._t = time.perf_counter()
         return self

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from bottleneck.backbones.applications import ARCHITECTURES
-from bottleneck.backbones.build import FeatureModel, build_feature_network, build_keras_backbone, preprocessing_layers
 from bottleneck.backbones.foundation import FOUNDATION_MODELS
+from bottleneck.backbones.build import FeatureModel, build_feature_network, build_keras_backbone, preprocessing_layers
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError
 from bottleneck.features.decode import DECODE_VERSION

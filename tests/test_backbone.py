@@ -5,8 +5,9 @@ import h5py
 import numpy as np
 import pytest
 
-from bottleneck.backbones.build import FeatureModel, build_keras_backbone
 from bottleneck.backbones.spec import BackboneSpec
+
+from bottleneck.backbones.build import FeatureModel, build_keras_backbone
 from bottleneck.errors import BackboneError
 
 from .conftest import TEST_SIZE

@@ -5,6 +5,7 @@ import pytest
 
 from bottleneck.demo import DemoConfig, run_demo
 
+
 # Fewer epochs than `make demo` (which takes about 2.5 minutes here): the same story, in the suite's budget.
 QUICK = DemoConfig(pretrain_epochs=6, keras_epochs=100, scratch_epochs=100, fine_tune_epochs=5)
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from bottleneck.errors import DataError
 from bottleneck.features.discover import discover_images
+from bottleneck.errors import DataError
 
 from .conftest import make_dataset, synthetic_image
 

@@ -14,9 +14,9 @@ import pytest
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
-from bottleneck.features.discover import discover_images
 from bottleneck.features.engines import FAULT_ENV, ShardRunner, make_job, plan_shards
 from bottleneck.features.extract import ExtractOptions, extract_features, open_store
+from bottleneck.features.discover import discover_images
 from bottleneck.features.hashing import HashIndex
 
 from .conftest import TEST_SIZE, make_dataset

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from bottleneck.cli import main
-from bottleneck.features import hashing
-from bottleneck.features import store as store_module
+from bottleneck.features import hashing, store as store_module
 from bottleneck.features.hashing import INDEX_NAME, HashIndex
 from bottleneck.features.store import FeatureStore
 
 from .conftest import PIXELS, make_dataset
+
 
 
 def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(pixels_extracted, capsys):

@@ -9,6 +9,7 @@ from bottleneck.features.decode import DEFAULT_MAX_PIXELS, max_file_bytes
 from .conftest import PIXELS, make_dataset
 
 
+
 def test_a_64_gb_file_in_data_is_refused_unread_as_a_failure_of_that_file(tmp_path, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)

@@ -19,6 +19,7 @@ from bottleneck.cli import main
 from .conftest import PIXELS, make_dataset
 
 
+
 class SmallDisk(type(Path())):
     """A mounted tmpfs that can be given more room."""
 

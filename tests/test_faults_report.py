@@ -23,6 +23,7 @@ from bottleneck.learn.dataset import load_labelled_features
 from .conftest import PIXELS, make_dataset
 
 
+
 def rot(cache: Path, rows, value=np.nan) -> Path:
     """Write `value` into the given rows of the (only) segment's features, as bit rot would; return the segment."""
     [segment] = cache.glob("*.segments/seg-*.h5")

@@ -43,7 +43,7 @@ def batch_decoder(size: int) -> Callable:
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def graph_decoder(size: int) -> Callable:
     if size != SAVED_MODEL_SIZE:
         return batch_decoder(size)
@@ -266,7 +266,7 @@ CASES: dict[str, Callable[[], bytes]] = {
 }
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def case_bytes(name: str) -> bytes:
     return CASES[name]()
 

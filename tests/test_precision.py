@@ -209,8 +209,7 @@ def test_features_run_on_openvino_by_default_say_the_one_conversion_and_share_th
 
 
 def test_under_auto_a_network_openvino_cannot_convert_runs_on_keras_with_one_line(tmp_path, capsys, monkeypatch):
-    from bottleneck.backbones import build
-    from bottleneck.backbones import openvino as runtime
+    from bottleneck.backbones import build, openvino as runtime
     from bottleneck.errors import BackboneError
 
     def refuse(spec, target, log=None):

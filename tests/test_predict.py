@@ -11,7 +11,8 @@ import pytest
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features.extract import extract_features
-from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX, RunError, load_run
+from bottleneck.learn.run_folder import RunError, load_run
+from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX
 from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 from bottleneck.use.predict import predict_images

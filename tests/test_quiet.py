@@ -13,7 +13,7 @@ import pytest
 from bottleneck.cli import main
 
 from .conftest import PIXELS, make_dataset, synthetic_image
-from .tty import bottleneck_argv, child_env, run_in_pty
+from .tty import bottleneck_argv, run_in_pty, child_env
 
 #: What TensorFlow (and TFLite) print from C++ before any log level applies.
 STARTUP_LINES = ("absl::InitializeLog", "oneDNN custom operations", "XNNPACK", "cpu_feature_guard",

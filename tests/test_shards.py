@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features import shards as shards_module
 from bottleneck.features.discover import discover_images
 from bottleneck.features.extract import extract_features
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.shards import UNSAFE_NAME, expand_pattern, list_shard, member_of, sample_key
 
 from .conftest import COLOURS, PIXELS, image_bytes, synthetic_image

@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from bottleneck.errors import CacheError
 from bottleneck.features import store as store_module
+from bottleneck.errors import CacheError
 from bottleneck.features.store import Failure, FeatureStore
 
 DIM = 8

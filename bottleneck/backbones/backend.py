@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from functools import cache
+from functools import lru_cache
 
 from bottleneck.backbones.spec import PRECISIONS
 from bottleneck.errors import BackboneError
@@ -200,7 +200,7 @@ def backend_versions(keras) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Devices
 
-@cache
+@lru_cache(maxsize=None)
 def accelerators(backend: str) -> tuple[str, ...]:
     """The GPUs (or TPUs) `backend` can run on here, by name; () on a CPU-only machine."""
     with quiet_startup():  # the first import of the backend may happen here (CUDA libraries say a lot)

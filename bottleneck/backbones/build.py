@@ -84,7 +84,7 @@ class _LogCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> _LogCapture:
+    def __enter__(self) -> "_LogCapture":
         logging.getLogger().addHandler(self)
         return self
 

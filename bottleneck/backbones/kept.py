@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from bottleneck.errors import CacheError, disk_full, is_disk_full
 from bottleneck.features.hashing import sha256_file

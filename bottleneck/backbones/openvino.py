@@ -32,8 +32,9 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck.backbones.build import FeatureModel
 from bottleneck.backbones.spec import BackboneSpec
+
+from bottleneck.backbones.build import FeatureModel
 from bottleneck.errors import BackboneError, CacheError
 from bottleneck.features.store import pid_named_folders, process_alive
 

@@ -25,10 +25,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -162,13 +161,8 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
     """
     import openvino as ov
 
-    from bottleneck.backbones.openvino import (
-        RECORD_FILE,
-        _file_hashes,
-        compile_on_cpu,
-        conversion_problem,
-        remove_leftovers,
-    )
+    from bottleneck.backbones.openvino import (RECORD_FILE, _file_hashes, compile_on_cpu, conversion_problem,
+                                               remove_leftovers)
 
     nncf = _import_nncf()
     target = int8_folder(float_model, calibration.digest)

@@ -17,19 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+
 from bottleneck.backbones.applications import ARCHITECTURES, Architecture
-from bottleneck.backbones.foundation import (
-    FOUNDATION_MODELS,
-    POOLINGS,
-    WEIGHTS_HUB,
-    FoundationModel,
-    PresetFolder,
-    preset_files,
-    read_preset_folder,
-)
+from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHTS_HUB, FoundationModel, PresetFolder,
+                                             preset_files, read_preset_folder)
 from bottleneck.backbones.keras_file import read_keras_file
 from bottleneck.errors import BackboneError
 from bottleneck.features.decode import DECODE_VERSION
+
 
 PIXELS = "pixels"
 PIXELS_DEFAULT_SIZE = 16
@@ -157,7 +152,7 @@ class BackboneSpec:
             raise BackboneError(f"unknown --preprocess {self.preprocess!r}; choose one of: {', '.join(PREPROCESSING)}")
 
     @property
-    def float32_spec(self) -> BackboneSpec:
+    def float32_spec(self) -> "BackboneSpec":
         """This backbone in float32: the network OpenVINO converts, which bf16 and int8 are derived from."""
         return replace(self, precision="float32", calibration=None)
 

@@ -8,25 +8,12 @@ import argparse
 import os
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Sequence
 
 from bottleneck import __version__
-from bottleneck.cli import (
-    audit,
-    backbones,
-    cache,
-    compare,
-    demo,
-    dump,
-    export,
-    features,
-    fine_tune,
-    predict,
-    pretrain,
-    report,
-    train_head,
-)
+from bottleneck.cli import (audit, backbones, cache, compare, demo, dump, export, features, fine_tune, predict, pretrain,
+                            report, train_head)
 from bottleneck.cli.common import EXIT_USAGE, stderr
 from bottleneck.errors import INTERRUPTED, BottleneckError, DiskFullError, disk_full, is_disk_full
 

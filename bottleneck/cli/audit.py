@@ -6,18 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from bottleneck.cli.common import (
-    add_backbone_arguments,
-    add_layout_argument,
-    add_split_arguments,
-    bounded_int,
-    columns_of,
-    data_or_labels,
-    finite_float,
-    memory_budget,
-    spec_from,
-    stderr,
-)
+from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, bounded_int, columns_of,
+                                   data_or_labels, finite_float, memory_budget, spec_from, stderr)
 
 _SHOWN = 5
 

@@ -47,8 +47,7 @@ def info(args: argparse.Namespace) -> int:
 
 def compact(args: argparse.Namespace) -> int:
     """Rewrite each store's segments into one file (optionally converting its dtype)."""
-    from bottleneck.features.maintenance import compact as compact_store
-    from bottleneck.features.maintenance import stores_in
+    from bottleneck.features.maintenance import compact as compact_store, stores_in
 
     results = []
     for store in stores_in(args.cache, args.store):

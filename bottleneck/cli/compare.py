@@ -10,9 +10,9 @@ from bottleneck.cli.common import add_backbone_arguments, bounded_int, spec_from
 
 def run(args: argparse.Namespace) -> int:
     """How far apart two image sets are in the cached feature space."""
-    from bottleneck.features.engines.local import make_bar
-    from bottleneck.inspect.domain import compare_features
     from bottleneck.learn.dataset import load_labelled_features
+    from bottleneck.inspect.domain import compare_features
+    from bottleneck.features.engines.local import make_bar
 
     spec = spec_from(args)
     a = load_labelled_features(args.data_a, args.cache, spec, log=stderr, need_labels=False, layout=args.layout)

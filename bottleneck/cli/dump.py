@@ -5,16 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bottleneck.cli.common import (
-    add_backbone_arguments,
-    add_layout_argument,
-    add_split_arguments,
-    columns_of,
-    data_or_labels,
-    memory_budget,
-    spec_from,
-    stderr,
-)
+from bottleneck.cli.common import (add_backbone_arguments, add_layout_argument, add_split_arguments, columns_of,
+                                   data_or_labels, memory_budget, spec_from, stderr)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,21 +6,9 @@ import json
 import sys
 from typing import Callable
 
-from bottleneck.cli.common import (
-    BATCH_SIZE_OR_AUTO,
-    LOCK_TIMEOUT,
-    WORKERS,
-    add_backbone_arguments,
-    add_backend_arguments,
-    add_layout_argument,
-    bounded_int,
-    columns_of,
-    data_or_labels,
-    finite_float,
-    select_backend,
-    spec_from,
-    stderr,
-)
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backbone_arguments,
+                                   add_backend_arguments, add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float,
+                                   select_backend, spec_from, stderr)
 from bottleneck.errors import StrictModeError
 
 _FAILURES_SHOWN = 10
@@ -109,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _augment(args: argparse.Namespace, spec, options):
     """`--augment N`: the views of every image that has features, cached beside them."""
-    from bottleneck.backbones.quantize import with_default_calibration
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.features.augment import compute_views, recipe_from
     from bottleneck.features.discover import discover_images
     from bottleneck.learn.dataset import content_hashes, find_store
+
+    from bottleneck.backbones.quantize import with_default_calibration
 
     spec = with_default_calibration(spec or BackboneSpec(), args.cache)  # a first int8 run has just calibrated
     plain = find_store(args.cache, spec)
@@ -129,10 +118,10 @@ def _augment(args: argparse.Namespace, spec, options):
 
 
 def add_parser(commands) -> None:
-    from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS
     from bottleneck.features.engines import DEFAULT_SHARD_SIZE
     from bottleneck.features.extract import DEFAULT_BATCH_SIZE
+    from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
 
     features = commands.add_parser(
         "features",

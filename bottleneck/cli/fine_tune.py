@@ -5,17 +5,8 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import (
-    BATCH_SIZE,
-    EPOCHS,
-    PATIENCE,
-    SEED,
-    bounded_int,
-    finite_float,
-    memory_budget,
-    print_split_scores,
-    stderr,
-)
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, PATIENCE, SEED, bounded_int, finite_float, memory_budget,
+                                   print_split_scores, stderr)
 
 
 class _RateOrAuto:

@@ -8,15 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from bottleneck.cli.common import (
-    BATCH_SIZE_OR_AUTO,
-    LOCK_TIMEOUT,
-    WORKERS,
-    add_backend_arguments,
-    bounded_int,
-    select_backend,
-    stderr,
-)
+from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, LOCK_TIMEOUT, WORKERS, add_backend_arguments, bounded_int,
+                                   select_backend, stderr)
 
 
 def _table(predictions) -> str:
@@ -99,8 +92,8 @@ def _write_csv(path: str, predictions, top: int, labels: list[str], multi_label:
 def run(args: argparse.Namespace) -> int:
     """Predict the labels of images (files or folders, recursively) with a trained run."""
     from bottleneck.features.extract import ExtractOptions
-    from bottleneck.learn.run_folder import load_run
     from bottleneck.use.predict import predict_images
+    from bottleneck.learn.run_folder import load_run
 
     _check_paths(args.paths)
     if args.csv:

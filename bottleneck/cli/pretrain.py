@@ -3,16 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from bottleneck.cli.common import (
-    BATCH_SIZE,
-    LEARNING_RATE,
-    SEED,
-    add_layout_argument,
-    bounded_int,
-    columns_of,
-    data_or_labels,
-    stderr,
-)
+from bottleneck.cli.common import (BATCH_SIZE, LEARNING_RATE, SEED, add_layout_argument, bounded_int, columns_of, data_or_labels,
+                                   stderr)
 
 
 def run(args: argparse.Namespace) -> int:

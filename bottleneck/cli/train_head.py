@@ -6,25 +6,9 @@ import argparse
 import json
 import sys
 
-from bottleneck.cli.common import (
-    BATCH_SIZE,
-    EPOCHS,
-    LEARNING_RATE,
-    PATIENCE,
-    PERCENT,
-    SEED,
-    add_backbone_arguments,
-    add_layout_argument,
-    bounded_int,
-    columns_of,
-    data_or_labels,
-    finite_float,
-    memory_budget,
-    or_auto,
-    print_split_scores,
-    spec_from,
-    stderr,
-)
+from bottleneck.cli.common import (BATCH_SIZE, EPOCHS, LEARNING_RATE, PATIENCE, PERCENT, SEED, add_backbone_arguments,
+                                   add_layout_argument, bounded_int, columns_of, data_or_labels, finite_float, memory_budget, or_auto,
+                                   print_split_scores, spec_from, stderr)
 
 
 def run(args: argparse.Namespace) -> int:

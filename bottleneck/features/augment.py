@@ -183,9 +183,9 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     from bottleneck.backbones.build import get_feature_model
     from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
+    from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
     from bottleneck.features.engines import computed_by, non_finite_rows
     from bottleneck.features.engines.local import bounded_map, make_bar
-    from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
 
     if not 1 <= views <= MAX_VIEWS:
         raise DataError(f"--augment must be from 1 to {MAX_VIEWS} views per image; got {views}")

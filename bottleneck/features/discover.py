@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from bottleneck.errors import DataError
 from bottleneck.features.shards import Columns

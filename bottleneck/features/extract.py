@@ -15,26 +15,26 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from bottleneck import __version__
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.backbones.backend import use_backend
 from bottleneck.backbones.build import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
 from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES, settle_calibration
-from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.errors import CacheError, DataError
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
+from bottleneck.errors import CacheError, DataError
 from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
-from bottleneck.features.shards import Columns
 from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
+from bottleneck.features.shards import Columns
+
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+
 INDEX_NAME = "file-hashes.sqlite"
 _CHUNK = 1 << 20
 _SCHEMA = "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"

@@ -16,10 +16,9 @@ import csv
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from bottleneck.errors import DataError
 from bottleneck.features.discover import SPLIT_FOLDERS, relpath_or_absolute

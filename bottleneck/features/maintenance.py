@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import h5py
 
 from bottleneck.errors import CacheError
 from bottleneck.features.store import FeatureStore, exclusive_lock
+
 
 
 def fingerprints_in(cache: Path) -> list[str]:

@@ -24,10 +24,9 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, Iterator, TextIO
 
 from bottleneck.errors import CacheError
 from bottleneck.features.decode import set_pillow_warning_action
@@ -36,9 +35,9 @@ _STDERR_FD = 2
 _SCAN_CHUNK = 1 << 20
 
 _sessions_lock = threading.Lock()
-_sessions: dict[str, NoiseLog] = {}  # active logs by absolute path: nested use of one path is shared
+_sessions: dict[str, "NoiseLog"] = {}  # active logs by absolute path: nested use of one path is shared
 _current = threading.local()  # .path: the file this thread is decoding, for warnings raised meanwhile
-_temporary_streams: weakref.WeakSet[io.TextIOWrapper] = weakref.WeakSet()  # terminal streams closed on exit
+_temporary_streams: "weakref.WeakSet[io.TextIOWrapper]" = weakref.WeakSet()  # terminal streams closed on exit
 
 
 @dataclass(eq=False)

@@ -174,7 +174,7 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     return listing
 
 
-def list_shard(path: str | os.PathLike, columns: Columns | None = None, index=None) -> ShardListing:
+def list_shard(path: str | os.PathLike, columns: "Columns | None" = None, index=None) -> ShardListing:
     """The image members of one shard, a tar or a Parquet file; `columns` names a Parquet file's image and label
     columns. Listed once per process while its size and mtime are unchanged, and once for good where `index`
     (the cache's `HashIndex`) remembers the listing."""

@@ -36,11 +36,10 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
@@ -595,7 +594,7 @@ class FeatureStore:
             start += source.keep.size
         return features
 
-    def snapshot(self) -> StoreSnapshot:
+    def snapshot(self) -> "StoreSnapshot":
         """The store as it is now: its row hashes, and reads by row number that stay right while writers merge."""
         return StoreSnapshot(self)
 
@@ -637,7 +636,7 @@ class FeatureStore:
     # ---- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writer(self, lock_timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator[StoreWriter]:
+    def writer(self, lock_timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator["StoreWriter"]:
         """Hold this store's lock and yield a `StoreWriter`; release the lock at exit."""
         with exclusive_lock(self.lock_path, lock_timeout, on_wait):
             yield StoreWriter(self)

@@ -284,10 +284,10 @@ def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: li
     """Each image's probability of each label (truth: (n, k) 0/1) from one-vs-rest logistic regressions that
     never saw it; folds stratified by `strata` (each image's rarest label). A label constant in a fold's
     training images gets that constant."""
-    import warnings
-
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
+
+    import warnings
 
     proba = np.zeros(truth.shape)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -140,8 +140,7 @@ STYLE = """
 def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails: int = MAX_THUMBNAILS) -> str:
     """The map as HTML (inline SVG, legend, tooltip, script); `marks` maps each kind of marked point
     (`MISCLASSIFIED`, `FLAGGED`) to its legend text; thumbnails read from `root`/relpath."""
-    from bottleneck.inspect.report import shown as printable
-    from bottleneck.inspect.report import thumbnail_uri
+    from bottleneck.inspect.report import shown as printable, thumbnail_uri
 
     map_id = f"emap-{next(_map_ids)}"
     classes = sorted(set(embedding.labels))

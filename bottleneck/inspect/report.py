@@ -16,14 +16,8 @@ from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
 from bottleneck.inspect.embedding_map import STYLE as MAP_STYLE
-from bottleneck.learn.run_folder import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    backbone_fingerprint,
-    read_run_json,
-    read_test_predictions,
-    run_path,
-)
+from bottleneck.learn.run_folder import (CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json,
+                                         read_test_predictions, run_path)
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.decode import too_large
-from bottleneck.features.discover import discover_images
 from bottleneck.features.hashing import HashIndex, file_stamp
-from bottleneck.features.shards import Columns
 from bottleneck.features.store import FeatureStore, StoreSnapshot
 from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, human, plan_memory
+from bottleneck.features.shards import Columns
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
 _DENSE_ENOUGH = 0.25
@@ -72,7 +71,7 @@ class FeatureRows:
         """Bytes of these features as float32."""
         return len(self) * self.dim * 4
 
-    def subset(self, positions) -> FeatureRows:
+    def subset(self, positions) -> "FeatureRows":
         """The rows at `positions` (indices or a boolean mask), as FeatureRows of the same kind."""
         positions = np.asarray(positions)
         if positions.dtype == bool:

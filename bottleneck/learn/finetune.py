@@ -41,9 +41,9 @@ import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
-from bottleneck.features.shards import Columns
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
 from bottleneck.learn.metrics import misclassified, split_metrics
+from bottleneck.features.shards import Columns
 from bottleneck.learn.pretrain import load_images
 from bottleneck.learn.run_folder import FINE_TUNED, LoadedRun, load_run
 from bottleneck.learn.splits import SPLITS, read_split_csv
@@ -390,7 +390,7 @@ class _StreamedImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, index) -> _StreamedImages:
+    def subset(self, index) -> "_StreamedImages":
         rows = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
         return _StreamedImages([self.paths[i] for i in rows], self.size, self.log_file)
 
@@ -707,15 +707,8 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
 
     The run's split is decoded once and held in memory when twice its decoded size fits in `max_memory` bytes
     (default: a quarter of the memory available); otherwise its images are decoded per batch (same results)."""
-    from bottleneck.learn.run_folder import (
-        PREDICTIONS_FILE,
-        new_run,
-        prepare_runs_dir,
-        relative_paths,
-        write_lr_find,
-        write_predictions_csv,
-        write_run_record,
-    )
+    from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths,
+                                             write_lr_find, write_predictions_csv, write_run_record)
     from bottleneck.learn.runs import versions
 
     tf, keras = import_tensorflow()

@@ -250,7 +250,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
             raise BottleneckError(f"C must be a positive number or 'auto'; got {self.C!r}")
         return float(self.C)
 
-    def fit(self, X, y, validation_data=None) -> LogRegHead:
+    def fit(self, X, y, validation_data=None) -> "LogRegHead":
         """Fit on X of shape (n_samples, n_features) and string labels y (multi-label: label tuples);
         validation_data (X, y) only takes part in choosing C when C is 'auto'."""
         from sklearn.pipeline import make_pipeline
@@ -291,7 +291,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.pipeline_.fit(X, multi_hot(y, self.classes_).astype(np.int64))
         self.arrays_ = arrays_from_pipeline(self.pipeline_, self.classes_)
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> LogRegHead:
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "LogRegHead":
         """Fit on features too large for memory (`FeatureRows`), reading `chunk_rows` rows at a time.
 
         Why this solver: it minimises exactly the objective `fit` does (scikit-learn's
@@ -509,7 +509,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             validation = (_check_features(validation_data[0]), multi_hot(validation_data[1], self.classes_))
         return multi_hot(y, self.classes_), validation
 
-    def fit(self, X, y, validation_data=None) -> KerasHead:
+    def fit(self, X, y, validation_data=None) -> "KerasHead":
         """Fit on X of shape (n_samples, n_features) and string labels y; stop early on validation loss."""
         tf, keras = import_tensorflow()
         keras.utils.set_random_seed(self.random_state)
@@ -548,7 +548,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.solver_ = "adam"
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> KerasHead:
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KerasHead":
         """Fit on features too large for memory (`FeatureRows`), streamed from the store chunk by chunk.
 
         Each epoch visits the chunks in a seeded random order and the rows of each chunk in a
@@ -650,7 +650,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         self.k = k
         self.multi_label = multi_label
 
-    def fit(self, X, y, validation_data=None) -> KnnHead:
+    def fit(self, X, y, validation_data=None) -> "KnnHead":
         """Keep the normalised training rows and their labels; choose k unless it is given."""
         if self.multi_label:
             raise BottleneckError("the knn head takes one label per image; train a multi-label logreg or keras head")
@@ -717,7 +717,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
                   weights.ravel())
         return proba / proba.sum(axis=1, keepdims=True)
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> KnnHead:
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KnnHead":
         raise BottleneckError("the knn head keeps every training row in memory, and these features are streamed from "
                               "the store: raise --max-memory, or train a logreg head")
 

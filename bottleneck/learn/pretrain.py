@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
-from bottleneck.errors import BottleneckError, DataError
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
 from bottleneck.features.discover import discover_images
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
-from bottleneck.features.shards import Columns
+from bottleneck.errors import BottleneckError, DataError
 from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
+from bottleneck.features.shards import Columns
 
 FEATURE_LAYER = "features"
 #: Steps per epoch `--batch-size auto` aims at.

@@ -15,34 +15,17 @@ import numpy as np
 
 from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
+from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
+                                      without_excluded)
 from bottleneck.errors import BackboneError, BottleneckError, DataError
-from bottleneck.features.shards import Columns
-from bottleneck.learn.dataset import (
-    FeatureRows,
-    LabelledFeatures,
-    load_labelled_features,
-    read_exclude_file,
-    without_excluded,
-)
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
-from bottleneck.learn.metrics import (
-    calibration,
-    misclassified,
-    multi_label_metrics,
-    multi_label_mistakes,
-    split_metrics,
-)
-from bottleneck.learn.run_folder import (
-    PREDICTIONS_FILE,
-    new_run,
-    prepare_runs_dir,
-    relative_paths,
-    write_predictions_csv,
-    write_run_record,
-)
+from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths, write_predictions_csv,
+                                         write_run_record)
+from bottleneck.learn.metrics import calibration, misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
 from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
+from bottleneck.features.shards import Columns
 
 
 @dataclass(frozen=True)

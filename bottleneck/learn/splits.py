@@ -164,12 +164,12 @@ def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
     return {relpath: fold_of[(label, group_of(relpath, groups))] for relpath, label in items}
 
 
-def _strata(data: LabelledFeatures) -> list[str]:
+def _strata(data: "LabelledFeatures") -> list[str]:
     """What each image's split is stratified by: its class, or a multi-label image's rarest label."""
     return rarest_labels(data.label_sets) if data.multi_label else list(data.labels)
 
 
-def splits_for(data: LabelledFeatures, config: SplitConfig, split_file: str | None,
+def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | None,
                log: Callable[[str], None]) -> list[str]:
     """Each image's split as `train-head` draws it: split folders or a split column, else drawn by `config`;
     `split_file` (a saved split.csv) wins for the images it lists."""

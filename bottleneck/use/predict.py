@@ -20,10 +20,10 @@ from typing import Callable
 import numpy as np
 
 from bottleneck.errors import DataError
-from bottleneck.features.decode import NOT_A_FILE
 from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
-from bottleneck.features.extract import ExtractOptions, compute_into_store
+from bottleneck.features.decode import NOT_A_FILE
 from bottleneck.features.shards import member_of
+from bottleneck.features.extract import ExtractOptions, compute_into_store
 from bottleneck.learn.run_folder import LoadedRun, load_run
 
 

@@ -11,25 +11,24 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from bottleneck.backbones.build import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
 from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.errors import stop_if_interrupted
 from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image, read_image_file
 from bottleneck.features.discover import ImageFile
-from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
+from bottleneck.errors import stop_if_interrupted
+from bottleneck.features.engines import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")

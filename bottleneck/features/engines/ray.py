@@ -23,9 +23,8 @@ import pickle
 import socket
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
