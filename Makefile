@@ -14,7 +14,7 @@ RUNS ?= runs
 HEAD ?= logreg
 ARGS ?=
 
-.PHONY: install torch hub hub-test browser test demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
+.PHONY: install torch hub hub-test browser test test-fast lint demo features train-head report bench bench-scale bench-gpu bench-audit bench-cpu bench-precision bench-shards clean
 
 install: $(STAMP)
 
@@ -45,6 +45,17 @@ browser:
 # Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once.
 test: $(STAMP) torch hub-test browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The suite less its end-to-end cases marked `slow` (InceptionV3 extractions, whole demos, fine-tuning): every module
+# still tested, in under two minutes on two cores.
+test-fast: $(STAMP) torch hub-test browser
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+# ruff's lint (rules in pyproject.toml), its formatter as a check, and mypy on the package (settings in setup.cfg).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The whole transfer-learning story on scikit-learn's digits, offline (see bottleneck/demo.py).
 demo: $(STAMP)

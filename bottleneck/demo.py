@@ -79,7 +79,7 @@ def write_digits(out: Path, digits, size: int = 64, parity: int | None = None) -
         path = folder / f"digit_{index:04d}.png"
         if not path.exists():
             pixels = (255 - image * (255 / 16)).astype(np.uint8)  # dark ink on white paper
-            Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).save(path)
+            Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC).save(path)
         count += 1
     return count
 
@@ -184,9 +184,9 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
     }
     computed = {}
     for name, spec in backbones.items():
-        result = extract_features(target, cache, spec, batch_size=64)
-        computed[name] = result.computed
-        log(f"{name}: {result.images} target images, computed {result.computed}, reused {result.reused}")
+        extraction = extract_features(target, cache, spec, batch_size=64)
+        computed[name] = extraction.computed
+        log(f"{name}: {extraction.images} target images, computed {extraction.computed}, reused {extraction.reused}")
     for key in sources:
         spec = BackboneSpec(architecture=str(bases[key]), layer="features")
         computed[f"source {descriptions[key]} (for the domain distance)"] = extract_features(sources[key], cache, spec, batch_size=64).computed

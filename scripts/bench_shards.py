@@ -103,7 +103,7 @@ def main() -> None:
         write_shards(work / "shards", images, args.per_shard)
         sources = {"files": work / "files", "shards": work / "shards"}
         rows: dict[str, dict[str, float]] = {name: {} for name in sources}
-        for name, data in sources.items():  # one warm-up read each, so both start from the page cache
+        for data in sources.values():  # one warm-up read each, so both start from the page cache
             read_all(sorted(data.rglob("*.*")))
         for step in ("read only", "features", "rerun", "train-head"):  # "train-head" below: all but the fit
             for name, data in sources.items():

@@ -71,3 +71,19 @@ def pixels_extracted(tmp_path: Path) -> tuple[Path, Path]:
     make_dataset(data, per_class=4)
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
     return data, cache
+
+
+#: The files that take longest (measured with --durations), started first: `make test` hands whole files to its two
+#: workers (--dist loadfile), and a long file begun last would leave one worker alone at the end.
+LONGEST_FIRST = ("test_foundation.py", "test_backends.py", "test_export.py", "test_audit.py", "test_demo.py",
+                 "test_multilabel.py", "test_engines.py", "test_backbone.py", "test_quiet.py", "test_shards.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist: keep the collection's order of files (below)
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -25,8 +25,14 @@ BACKBONE = dict(backbone="pixels", image_size=8)
 QUICK_KERAS = dict(epochs=10, learning_rate=0.05, patience=3)
 
 
-@parametrize_with_checks([LogRegHead(), LogRegHead(C="auto"), KnnHead(), KerasHead(**QUICK_KERAS)])
+@parametrize_with_checks([LogRegHead(), KnnHead()])
 def test_heads_are_scikit_learn_estimators(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.slow
+@parametrize_with_checks([LogRegHead(C="auto"), KerasHead(**QUICK_KERAS)])
+def test_heads_that_train_longer_are_scikit_learn_estimators(estimator, check):
     check(estimator)  # the keras head passes check_class_weight_classifiers in 10 epochs since its batch adapts
 
 
@@ -101,6 +107,7 @@ def test_a_run_predicts_as_the_command_does(project, capsys):
         bn.train_head(root / "data", cache=root / "cache", runs=root / "runs", colour="red", **BACKBONE)
 
 
+@pytest.mark.slow
 def test_the_example_notebook_runs(tmp_path, monkeypatch):
     """Every code cell of examples/one_cache_many_experiments.ipynb, in order, in one namespace."""
     notebook = json.loads((REPO / "examples" / "one_cache_many_experiments.ipynb").read_text())
@@ -108,7 +115,7 @@ def test_the_example_notebook_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "notebook", "exec"), namespace)  # noqa: S102: our own notebook
+            exec(compile("".join(cell["source"]), "notebook", "exec"), namespace)  # noqa: S102 - our own notebook
     scores = namespace["scores"]
     assert {"kNN", "bottleneck logreg"} <= set(scores) and any(name.startswith("SVM") for name in scores)
     import importlib.util

@@ -49,6 +49,7 @@ def test_the_common_applications_are_all_there():
             "efficientnet_v2_b0", "convnext_tiny", "densenet121"} <= set(ARCHITECTURES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_application_gives_its_features_at_its_minimum_size(name):
     import keras
@@ -67,6 +68,7 @@ def test_every_application_gives_its_features_at_its_minimum_size(name):
         BackboneSpec(architecture=name, weights="none", image_size=arch.min_size - 1)
 
 
+@pytest.mark.slow
 def test_feature_model_runs_the_same_network_on_uint8_batches():
     name = "resnet50"  # 'caffe': the preprocessing with weights of its own
     batch = pixels(3, ARCHITECTURES[name].min_size, seed=1)
@@ -122,6 +124,7 @@ def saved_config_modules(path) -> set[str]:
     return set(re.findall(r'"module": "([^"]+)"', config))
 
 
+@pytest.mark.slow
 def test_feature_networks_load_in_safe_mode_without_this_package(tmp_path):
     import keras
 
@@ -273,6 +276,7 @@ _COMPOSED_NAMES = ["resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_smal
                    "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
 
 
+@pytest.mark.slow
 def test_weights_file_names_are_those_keras_downloads(monkeypatch):
     """Ask builders for their ImageNet weights and stop them at the download, or read the Keras module."""
     import inspect

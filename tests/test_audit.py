@@ -108,6 +108,7 @@ def test_noise_images_are_the_top_outliers(planted):
     assert set(planted["noise"]) <= set(far_out) and len(far_out) <= 8  # only the far-out ones go to exclude.txt
 
 
+@pytest.mark.slow
 def test_exclude_file_lists_the_training_copies_of_leaks_and_train_head_uses_it(planted, capsys):
     text = (planted["out"] / "exclude.txt").read_text()
     listed = [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -161,6 +162,7 @@ def test_a_weak_model_says_its_label_issues_cannot_be_trusted(tmp_path, capsys):
     assert not {issue["path"] for issue in record["label_issues"]} & set(listed)
 
 
+@pytest.mark.slow
 def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_long_steps(tmp_path, capsys):
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.inspect.audit import AuditConfig, run_audit
@@ -179,6 +181,7 @@ def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_lo
     assert re.search(r"audit: kNN graph: 100%.*45/45 \[", err) and re.search(r"audit: cross-validation: 100%.*3/3", err)
 
 
+@pytest.mark.slow
 def test_json_line_and_counts(planted, capsys):
     result = planted["result"]
     assert result["counts"]["label_issues"] == len(result["label_issues"])
@@ -206,6 +209,7 @@ def test_audit_page_is_self_contained_and_every_thumbnail_renders(planted, tmp_p
     assert loaded and int(loaded.group(1)) == int(loaded.group(2)) == len(sources)
 
 
+@pytest.mark.slow
 def test_random_weights_refuse_to_call_pairs_duplicates(tmp_path, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)

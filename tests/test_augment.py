@@ -231,6 +231,7 @@ def test_a_sharded_engine_computes_the_same_views_and_resumes_a_written_shard(tm
         np.testing.assert_array_equal(row, results["sharded"][key])
 
 
+@pytest.mark.slow
 def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, capsys):
     pytest.importorskip("ray")
     data, cache = tmp_path / "data", tmp_path / "cache"

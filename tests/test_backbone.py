@@ -71,12 +71,14 @@ def test_bad_specs_are_refused_before_tensorflow_loads(kwargs, message):
     assert str(caught.value) == message
 
 
+@pytest.mark.slow
 def test_random_weights_are_the_same_network_every_time():
     spec = BackboneSpec(weights="none", image_size=TEST_SIZE)
     first, second = FeatureModel(spec), FeatureModel(spec)
     np.testing.assert_array_equal(first(random_batch()), second(random_batch()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", [0, 1], ids=["weights.h5", "legacy-h5"])
 def test_weights_file_is_loaded(weights_files, which):
     path, expected = weights_files[which], weights_files[2]
@@ -101,6 +103,7 @@ def test_garbage_weights_file_is_a_clear_error(tmp_path):
         build_keras_backbone(BackboneSpec(weights=str(garbage), image_size=TEST_SIZE))
 
 
+@pytest.mark.slow
 def test_imagenet_download_failure_says_what_to_do(monkeypatch):
     import keras
 

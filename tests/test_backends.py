@@ -53,6 +53,14 @@ def work(tmp_path_factory) -> dict:
             "tf_predictions": predict_lines(root, run, "tensorflow")}
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> dict:
+    """The same 15 images as `work`, no features: for the tests of flags that fail or pick before any network."""
+    root = tmp_path_factory.mktemp("backends-folder")
+    make_dataset(root / "data", per_class=5)
+    return {"root": root, "data": root / "data"}
+
+
 def predict_lines(root: Path, run: Path, backend: str, stdout: str | None = None) -> dict[str, np.ndarray]:
     """Probabilities per image from `predict --json` (run here on TensorFlow, or given as another process's stdout)."""
     if stdout is None:
@@ -119,6 +127,7 @@ def features_in_a_new_process(backend: str, work: dict) -> subprocess.CompletedP
                           cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_a_backend_computes_tensorflows_features_into_the_same_store(backend, work):
     if backend == "torch" and importlib.util.find_spec("torch") is None:
@@ -150,25 +159,26 @@ def test_a_backend_computes_tensorflows_features_into_the_same_store(backend, wo
         np.testing.assert_allclose(probabilities, work["tf_predictions"][path], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cache_info_says_what_computed_the_rows(work, capsys):
     assert main(["cache", "info", "--cache", str(work["root"] / "tf-none")]) == 0
     assert "computed by keras " in capsys.readouterr().out
 
 
-def test_a_backend_that_is_not_installed_is_one_line(work, capsys, monkeypatch):
+def test_a_backend_that_is_not_installed_is_one_line(folder, capsys, monkeypatch):
     import bottleneck.backbones.backend as backend
 
     monkeypatch.setattr(backend, "is_installed", lambda name: name == "tensorflow")
-    code = main(["features", str(work["data"]), "--cache", str(work["root"] / "x"), "--backend", "torch", *NETWORK])
+    code = main(["features", str(folder["data"]), "--cache", str(folder["root"] / "x"), "--backend", "torch", *NETWORK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "the torch backend is not installed: pip install 'bottleneck-transfer[torch]'" in err
 
 
-def test_keras_cannot_switch_backend_inside_one_process(work, capsys):
-    import keras  # noqa: F401: this test process runs Keras on TensorFlow
+def test_keras_cannot_switch_backend_inside_one_process(folder, capsys):
+    import keras  # noqa: F401 - this test process runs Keras on TensorFlow
 
-    code = main(["features", str(work["data"]), "--cache", str(work["root"] / "x"), "--backend", "jax", *NETWORK])
+    code = main(["features", str(folder["data"]), "--cache", str(folder["root"] / "x"), "--backend", "jax", *NETWORK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Keras already runs on tensorflow" in err
     assert use_backend("tensorflow") == "tensorflow" and use_backend(None) == "tensorflow"
@@ -180,13 +190,14 @@ def test_an_unknown_keras_backend_variable_is_one_line(monkeypatch):
         use_backend(None)
 
 
-def test_mixed_precision_needs_a_gpu(work, capsys):
-    code = main(["features", str(work["data"]), "--cache", str(work["root"] / "x"), "--weights", "none",
+def test_mixed_precision_needs_a_gpu(folder, capsys):
+    code = main(["features", str(folder["data"]), "--cache", str(folder["root"] / "x"), "--weights", "none",
                  "--precision", "mixed", *NETWORK])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--precision mixed needs a GPU" in err
 
 
+@pytest.mark.slow
 def test_mixed_precision_is_a_store_of_its_own_and_stays_close():
     from bottleneck.backbones.build import FeatureModel
 
@@ -201,19 +212,19 @@ def test_mixed_precision_is_a_store_of_its_own_and_stays_close():
     assert 0 < np.linalg.norm(a - b, axis=1).max() / spread < 0.5
 
 
-def test_batch_size_auto_is_the_default_on_a_cpu(work, capsys):
+def test_batch_size_auto_is_the_default_on_a_cpu(folder, capsys):
     from bottleneck.features.engines import DEFAULT_BATCH_SIZE
     from bottleneck.features.engines.local import LocalEngine
     from bottleneck.features.extract import ExtractOptions
 
     engine = LocalEngine(ExtractOptions(batch_size="auto"))
-    engine.start(BackboneSpec(weights="none", image_size=TEST_SIZE), work["root"] / "auto", print)
+    engine.start(BackboneSpec(weights="none", image_size=TEST_SIZE), folder["root"] / "auto", print)
     assert engine.batch_size == DEFAULT_BATCH_SIZE
-    cache = work["root"] / "auto-cli"
-    assert main(["features", str(work["data"]), "--cache", str(cache), "--weights", "none", "--image-size",
+    cache = folder["root"] / "auto-cli"
+    assert main(["features", str(folder["data"]), "--cache", str(cache), "--weights", "none", "--image-size",
                  str(TEST_SIZE), "--batch-size", "auto", "--no-progress"]) == 0
     assert "computed 15" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_code:
-        main(["features", str(work["data"]), "--cache", str(cache), "--batch-size", "big"])
+        main(["features", str(folder["data"]), "--cache", str(cache), "--batch-size", "big"])
     assert exit_code.value.code == 2
     assert "expected a whole number from 1 to 4096, or auto, got 'big'" in capsys.readouterr().err

@@ -64,6 +64,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
     assert "Traceback" not in err and out == ""
 
 
+@pytest.mark.slow
 def test_json_summary_is_the_last_line_and_strict_fails_on_bad_files(capsys, tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)

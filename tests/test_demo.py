@@ -1,6 +1,8 @@
 """`make demo`: the comparison it prints, and a second run that reuses everything."""
 from __future__ import annotations
 
+import pytest
+
 from bottleneck.demo import DemoConfig, run_demo
 
 
@@ -8,6 +10,7 @@ from bottleneck.demo import DemoConfig, run_demo
 QUICK = DemoConfig(pretrain_epochs=6, keras_epochs=100, scratch_epochs=100, fine_tune_epochs=5)
 
 
+@pytest.mark.slow
 def test_demo_compares_every_approach_on_two_sources_and_an_unchanged_rerun_does_nothing(tmp_path):
     work, cache = tmp_path / "demo", tmp_path / "cache"
     first = run_demo(work, cache, QUICK, log=lambda message: None)

@@ -144,6 +144,7 @@ def test_max_memory_under_the_features_streams_parquet_and_refuses_npz_in_one_li
     assert err.count("\n") == 1 and "write .parquet" in err and not npz.exists()
 
 
+@pytest.mark.slow
 def test_multi_label_dump_has_a_list_column_in_parquet_and_joined_labels_in_npz(tmp_path):
     root = tmp_path / "ml"
     (root / "images").mkdir(parents=True)

@@ -49,6 +49,7 @@ def ray_options(**values) -> ExtractOptions:
     return ExtractOptions(engine="ray", **values)
 
 
+@pytest.mark.slow
 def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(tmp_path, ray_session):
     data = tmp_path / "data"
     make_dataset(data, per_class=4)
@@ -76,6 +77,7 @@ def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(t
     assert (again.computed, again.reused, again.shards) == (0, 13, 0)  # settled from the hash index: Ray not needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise-once", "kill-once"])
 def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(tmp_path, ray_session, monkeypatch, fault):
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -88,6 +90,7 @@ def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(tm
     assert leftovers(cache) == []
 
 
+@pytest.mark.slow
 def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path, ray_session, monkeypatch, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)
@@ -108,7 +111,7 @@ def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path,
     assert (rerun.computed, rerun.reused, rerun.failed) == (5, 7, 0)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engine, request):
     """A driver killed after two shards wrote their segments: those are kept (and counted as reused), the rest is
     computed."""

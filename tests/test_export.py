@@ -69,6 +69,7 @@ def test_test_split_mixes_jpeg_and_png(runs):
     assert ".jpg" in paths and ".png" in paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["logreg", "keras"])
 def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path):
     run, data = runs[0][head], runs[1]
@@ -98,6 +99,7 @@ def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path)
     assert loaded["top_label"] == [p.top[0][0] for p in predicted.predictions]
 
 
+@pytest.mark.slow
 def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     from bottleneck.learn.finetune import FineTuneConfig, fine_tune
 
@@ -139,7 +141,7 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     block = readme[readme.index("import keras, numpy as np"):]
     recipe = block[:block.index("model = keras.saving")]
     namespace: dict = {}
-    exec(recipe, namespace)  # noqa: S102: our own README's code
+    exec(recipe, namespace)  # noqa: S102 - our own README's code
     rng = np.random.default_rng(0)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated
@@ -177,6 +179,7 @@ def test_an_interrupt_a_library_swallowed_stops_the_export_at_the_next_phase(run
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging left either
 
 
+@pytest.mark.slow
 def test_tensorflow_loads_without_jax_for_the_tensorflow_backend():
     probe = ("import sys; from bottleneck.backbones.backend import import_keras; keras = import_keras(); "
              "import tensorflow; assert keras.config.backend() == 'tensorflow'; print('jax' in sys.modules); "

@@ -69,6 +69,7 @@ def stored(cache: Path):
     return open_store(cache, SPEC, HashIndex(cache)).load()
 
 
+@pytest.mark.slow
 def test_features_match_an_independent_computation_and_bad_files_are_recorded(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     plain = make_dataset(data, per_class=2)
@@ -171,6 +172,7 @@ def _features_command(data: Path, cache: Path, *extra: str) -> list[str]:
 
 
 # Ctrl-C and SIGTERM are tested the same way, on the pixels backbone, in test_faults.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGKILL], ids=["kill-9"])
 def test_killed_run_resumes_where_it_stopped(tmp_path, stop):
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -200,6 +202,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, stop):
         assert len(set(handle["content_hash"][()])) == 42
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_share_the_work_and_never_corrupt(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=6)
@@ -227,6 +230,7 @@ def test_file_names_that_are_not_utf8_are_stored(tmp_path):
     assert any("caf" in p for p in stored(tmp_path / "cache").source_path)  # paths live in the segments
 
 
+@pytest.mark.slow
 def test_openvino_runtime_gives_tensorflows_features(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, per_class=2)

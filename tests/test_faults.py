@@ -203,6 +203,7 @@ def test_train_head_does_not_read_a_64_gb_file_features_refused(pixels_extracted
     assert json.loads((run / "metrics.json").read_text())["excluded"]["failed_extraction"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_during_train_head_writes_nothing_and_says_so(pixels_extracted, tmp_path):
     import signal
     import subprocess

@@ -90,6 +90,7 @@ def trained(tmp_path):
     return data, cache, runs
 
 
+@pytest.mark.slow
 def test_train_head_report_and_predict_on_a_full_disk(trained, small_disk, capsys):
     data, cache, runs = trained
     [run] = runs.iterdir()
@@ -111,6 +112,7 @@ def test_train_head_report_and_predict_on_a_full_disk(trained, small_disk, capsy
     assert run.exists()
 
 
+@pytest.mark.slow
 def test_predict_and_export_on_a_full_disk(tmp_path, small_disk, capsys):
     data, cache, runs = tmp_path / "data", small_disk / "cache", tmp_path / "runs"
     small_disk.resize("20m")
@@ -174,6 +176,7 @@ def _predicted(args: list[str]) -> tuple[dict[str, dict], str]:
     return {row["path"]: {t["label"]: t["probability"] for t in row["top"]} for row in map(json.loads, out.splitlines())}, err
 
 
+@pytest.mark.slow
 def test_predict_reads_a_read_only_cache_and_computes_what_it_lacks_in_memory(tmp_path, small_disk):
     data, fresh, runs = tmp_path / "data", tmp_path / "fresh", tmp_path / "runs"
     cache = small_disk / "cache"
@@ -201,6 +204,7 @@ def test_predict_reads_a_read_only_cache_and_computes_what_it_lacks_in_memory(tm
     assert with_views.keys() == {p for p in expected if p.startswith(str(fresh))}
 
 
+@pytest.mark.slow
 def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(tmp_path, small_disk):
     from bottleneck.features.extract import ExtractOptions
     from bottleneck.learn.pretrain import PretrainConfig, pretrain

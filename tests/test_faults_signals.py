@@ -5,6 +5,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 
 
 def test_a_forked_child_gets_the_default_signal_handlers_back():
@@ -46,6 +47,7 @@ def test_confident_learning_runs_in_this_process(monkeypatch):
     assert seen["n_jobs"] == 1  # no forked pool to inherit a SIGTERM handler or die holding a lock
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_fine_tune_is_one_line_and_no_tensorflow_noise(tmp_path):
     """Mid-epoch, augmentation running: no TensorArray "Object was never used" block, no crash, exit code 130."""
     import subprocess

@@ -44,6 +44,7 @@ def parent(tmp_path_factory):
     return root, data, base, run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [CONFIG, RECIPE], ids=["plain", "recipe"])
 def test_interrupted_fine_tune_resumes_to_the_same_result(parent, tmp_path, config):
     _, _, _, run = parent
@@ -70,6 +71,7 @@ def test_interrupted_fine_tune_resumes_to_the_same_result(parent, tmp_path, conf
         assert abs(resumed.metrics["splits"][name]["log_loss"] - fresh.metrics["splits"][name]["log_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_fine_tuned_run_keeps_batchnorm_and_works_with_predict_and_report(parent, capsys):
     import keras
 
@@ -110,6 +112,7 @@ def _leaves(layer):
     return [leaf for child in inner for leaf in _leaves(child)] if inner else [layer]
 
 
+@pytest.mark.slow
 def test_resume_after_the_parents_head_was_swapped_says_so_and_starts_again(parent, tmp_path):
     import shutil
 
@@ -195,6 +198,7 @@ def far_digits(tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow
 def test_fine_tuning_beats_its_parent_where_frozen_features_are_poor(far_digits, tmp_path):
     _, run = far_digits
     parent_accuracy = json.loads((run / "metrics.json").read_text())["splits"]["test"]["accuracy"]
@@ -298,6 +302,7 @@ def test_batchnorm_modes_train_what_they_say(weak_head, bn):
     assert (affine_moved, statistics_moved) == {"frozen": (False, False), "affine": (True, False), "train": (True, True)}[bn]
 
 
+@pytest.mark.slow
 def test_learning_rate_finder_lands_in_the_good_range_and_keeps_its_curve(weak_head, tmp_path):
     from bottleneck.learn import finetune
 
@@ -325,6 +330,7 @@ def test_learning_rate_finder_lands_in_the_good_range_and_keeps_its_curve(weak_h
     assert good and min(good) / 3 <= chosen <= max(good) * 3, (chosen, good)
 
 
+@pytest.mark.slow
 def test_a_split_over_the_memory_budget_is_decoded_per_batch_with_the_same_result(parent, tmp_path):
     _, _, _, run = parent
     config = FineTuneConfig(epochs=2, learning_rate="auto", batch_size=8, patience=10, augment=("flip", "crop"))

@@ -243,6 +243,7 @@ def test_hub_offline_is_one_line():
         build_feature_network(BackboneSpec("dinov2_small", weights="hub", image_size=SIZE))
 
 
+@pytest.mark.slow
 def test_features_train_head_predict(tmp_path):
     folder = write_preset(tmp_path / "dino", "dinov2")
     data = tmp_path / "data"
@@ -297,6 +298,7 @@ def store_rows(cache: Path) -> tuple[str, np.ndarray]:
         return path.name, handle["features"][()][order]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_every_backend_computes_tensorflows_features(backend, on_tensorflow):
     import importlib.util
@@ -425,6 +427,7 @@ def clip_from_transformers(model, folder: Path) -> None:
     encoder.save_to_preset(str(folder))
 
 
+@pytest.mark.slow
 def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("keras_hub")
@@ -445,12 +448,13 @@ def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
         assert np.linalg.norm(ours - expected, axis=1).max() / spread < 1e-4, pooling
 
 
-@pytest.mark.parametrize("family", ["dinov2", "vit"])
+@pytest.mark.parametrize("family", [pytest.param("dinov2", marks=pytest.mark.slow), "vit"])
 def test_features_equal_hugging_face_transformers(tmp_path, pixels, family):
     gaps = hugging_face_parity(tmp_path, family, pixels)
     assert max(gaps.values()) < 1e-4, gaps
 
 
+@pytest.mark.slow
 def test_openvino_computes_the_same_features(tmp_path, pixels):
     pytest.importorskip("openvino")
     from bottleneck.backbones.runtime import get_feature_model

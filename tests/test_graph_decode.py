@@ -271,6 +271,7 @@ def case_bytes(name: str) -> bytes:
     return CASES[name]()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_graph_decoder_is_bit_exact(name: str, size: int) -> None:

@@ -235,6 +235,7 @@ def test_split_file_label_contradicting_the_folders_is_refused(extracted, tmp_pa
     assert _train(extracted, tmp_path, "--split-file", str(good))[0] == 0  # the same file, labels right: trained
 
 
+@pytest.mark.slow
 def test_more_folds_than_the_smallest_class_is_refused_before_training(extracted, tmp_path, capsys):
     code, runs = _train(extracted, tmp_path, "--folds", "9")
     assert code == 2 and _no_run_written(runs)

@@ -151,6 +151,7 @@ def test_bad_label_files_are_one_line(tmp_path, capsys):
                                                "label file naming them)")
 
 
+@pytest.mark.slow
 def test_fine_tune_and_export_of_a_run_from_a_label_file(tmp_path):
     from bottleneck.learn.pretrain import PretrainConfig, pretrain
 

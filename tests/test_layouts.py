@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from bottleneck.cli import main
 from bottleneck.features.discover import discover_images
 
@@ -104,6 +106,7 @@ def test_an_ambiguous_layout_is_one_line_asking_for_layout(tmp_path, capsys):
     assert "look like split folders, without a train folder; pass --layout" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretrain_fine_tune_and_export_from_split_folders(tmp_path, capsys):
     from bottleneck.learn.pretrain import load_images
 

@@ -102,6 +102,7 @@ def test_logreg_learns_every_label_with_thresholds_from_validation(made, capsys)
     assert all({s for labels, s in splits if label in labels} == {"train", "validation", "test"} for label in PATCHES)
 
 
+@pytest.mark.slow
 def test_the_train_head_summary_shows_map_and_micro_f1(made, capsys):
     assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]),
                  "--runs", str(made["root"] / "summary-runs"), "--json"]) == 0
@@ -112,6 +113,7 @@ def test_the_train_head_summary_shows_map_and_micro_f1(made, capsys):
     assert summary["mean_average_precision"]["test"] > 0.9 and summary["micro_f1"]["test"] > 0.8
 
 
+@pytest.mark.slow
 def test_thresholds_never_see_the_test_labels(made):
     """The same images and splits (a split column), the test rows' labels scrambled: the same thresholds."""
     truth = list(made["truth"].items())
@@ -164,6 +166,7 @@ def test_the_report_has_the_per_label_table(made, capsys):
     assert "per-label test metrics" in page and all(f"<td>{label}</td>" in page for label in PATCHES)
 
 
+@pytest.mark.slow
 def test_the_keras_head_is_a_sigmoid_layer_and_predict_uses_it(made, capsys):
     runs = made["root"] / "keras-runs"
     assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
@@ -186,6 +189,7 @@ def test_the_keras_head_is_a_sigmoid_layer_and_predict_uses_it(made, capsys):
     assert tuple(sorted(json.loads(capsys.readouterr().out)["labels"])) == made["truth"]["images/img002.png"]
 
 
+@pytest.mark.slow
 def test_export_saved_model_gives_the_labels_predict_gives(made, capsys):
     import tensorflow as tf
 
@@ -248,6 +252,7 @@ def test_a_sigmoid_head_file_round_trips_and_a_mismatched_head_is_refused(made, 
         load_run(copy)
 
 
+@pytest.mark.slow
 def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets(made):
     with open(made["run"] / "split.csv", newline="") as handle:
         saved = [[row["path"], ";".join(reversed(row["label"].split(";"))), row["split"]] for row in csv.DictReader(handle)]
@@ -259,6 +264,7 @@ def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets
     assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()
 
 
+@pytest.mark.slow
 def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
     with open(made["run"] / "split.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -119,6 +119,7 @@ def _float32_settings(backend: str, extra_env: dict) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.slow
 def test_float32_is_float32_arithmetic_on_every_backend_even_when_the_environment_asks_for_bf16():
     import importlib.util
 
@@ -256,6 +257,7 @@ def _int8_features(data: Path, cache: Path, model: Path, *extra: str) -> list[st
             "--precision", "int8", "--no-progress", "--json", *extra]
 
 
+@pytest.mark.slow
 def test_int8_calibrates_once_per_cache_and_every_later_run_on_any_folder_reuses_it(tmp_path, capsys):
     data, other, calibration, cache = (tmp_path / name for name in ("data", "other", "calibration", "cache"))
     make_dataset(data, per_class=3)
@@ -317,6 +319,7 @@ def test_int8_calibrates_once_per_cache_and_every_later_run_on_any_folder_reuses
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_int8_faults_are_one_line(tmp_path, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)

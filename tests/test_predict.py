@@ -17,7 +17,7 @@ from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 from bottleneck.use.predict import predict_images
 
-from .conftest import TEST_SIZE, make_dataset, synthetic_image
+from .conftest import make_dataset, synthetic_image
 
 SPLIT = SplitConfig(val_pct=20, test_pct=30, seed=3)
 
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data, cache, runs = root / "data", root / "cache", root / "runs"
     make_dataset(data, per_class=8)
-    spec = BackboneSpec(weights="none", image_size=TEST_SIZE)
+    spec = BackboneSpec(architecture="pixels", image_size=8)  # what predict does around the features is under test
     extract_features(data, cache, spec)
     logreg = train_head(data, cache, runs, spec, HeadConfig("logreg"), SPLIT).run_dir
     keras_run = train_head(data, cache, runs, spec, HeadConfig("keras", epochs=20), SPLIT).run_dir

@@ -34,6 +34,7 @@ def pixels_run(pixels_extracted, tmp_path) -> tuple[Path, Path, Path]:
     return data, cache, run
 
 
+@pytest.mark.slow
 def test_export_shows_each_stage_with_the_time_left_and_no_startup_lines(pixels_run, tmp_path):
     _, _, run = pixels_run
     env = child_env(TMPDIR=str(tmp_path))  # the native log goes to the temporary folder
@@ -61,6 +62,7 @@ def test_compare_shows_the_permutation_test_progress(pixels_extracted, tmp_path)
     assert code == 0 and "permutation test:" not in plain and "Frechet distance" in plain
 
 
+@pytest.mark.slow
 def test_a_keras_backbone_is_quiet_and_not_loaded_for_a_copied_folder(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)
@@ -174,6 +176,7 @@ def test_native_output_goes_to_the_log_and_python_stderr_stays(tmp_path):
     assert (tmp_path / "decoder.log").read_text() == "decoder line\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train-head --head keras", "pretrain", "audit"])
 def test_long_training_commands_show_progress_with_eta_at_a_terminal(command, pixels_extracted, tmp_path):
     """Every step that can take long draws a bar with the time left on a terminal, and no start-up lines."""

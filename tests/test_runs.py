@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import joblib
@@ -12,23 +13,28 @@ from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.errors import BottleneckError, CacheError, DataError
 from bottleneck.features.extract import extract_features
+from bottleneck.learn.pretrain import PretrainConfig, pretrain
 from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig, read_split_csv
 
-from .conftest import TEST_SIZE, make_dataset
+from .conftest import make_dataset
 
-SPEC = BackboneSpec(weights="none", image_size=TEST_SIZE)
 SPLIT = SplitConfig(val_pct=20, test_pct=20, seed=1)
 
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
+    """(data, cache, spec): 24 images and a broken one, with features of a small untrained network (random weights,
+    which a run must say, at a fraction of InceptionV3's cost)."""
     root = tmp_path_factory.mktemp("runs")
     data, cache = root / "data", root / "cache"
     make_dataset(data, per_class=8)
     (data / "red" / "broken.jpg").write_text("not an image")
-    extract_features(data, cache, SPEC)
-    return data, cache
+    base = root / "untrained.keras"
+    pretrain(data, base, PretrainConfig(image_size=16, blocks=2, filters=8, epochs=0))
+    spec = BackboneSpec(architecture=str(base), layer="features")
+    extract_features(data, cache, spec)
+    return data, cache, spec
 
 
 def without_timing(metrics: dict) -> dict:
@@ -36,7 +42,7 @@ def without_timing(metrics: dict) -> dict:
 
 
 def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp_path):
-    data, cache = extracted
+    data, cache, spec = extracted
     first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
     names = sorted(p.name for p in first.run_dir.iterdir())
     assert names == ["config.json", "head.npz", "metrics.json", "model.joblib", "split.csv", "test_predictions.csv"]
@@ -53,7 +59,7 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     rows = read_split_csv(first.run_dir / "split.csv")
     assert len(rows) == 24 and {s for _, s in rows.values()} == {"train", "validation", "test"}
     config = json.loads((first.run_dir / "config.json").read_text())
-    assert config["fingerprint"] == SPEC.fingerprint() and config["seed"] == 1 and "scikit-learn" in config["versions"]
+    assert config["fingerprint"] == spec.fingerprint() and config["seed"] == 1 and "scikit-learn" in config["versions"]
 
     pipeline = joblib.load(first.run_dir / "model.joblib")  # plain joblib, no bottleneck needed
     assert list(pipeline.classes_) == ["blue", "green", "red"]
@@ -63,25 +69,27 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     assert without_timing(second.metrics) == without_timing(first.metrics)
 
 
+@pytest.mark.slow
 def test_keras_head_saves_a_plain_keras_model_and_repeats(extracted, tmp_path):
     import keras
 
-    data, cache = extracted
+    data, cache, spec = extracted
     head = HeadConfig("keras", epochs=15, dropout=0.2)
-    first = train_head(data, cache, tmp_path / "runs", SPEC, head, SPLIT)
+    first = train_head(data, cache, tmp_path / "runs", spec, head, SPLIT)
     assert (first.run_dir / "model.keras").exists()
     assert json.loads((first.run_dir / "labels.json").read_text()) == ["blue", "green", "red"]
     assert len(first.metrics["history"]["loss"]) >= 1 and "val_loss" in first.metrics["history"]
     model = keras.saving.load_model(first.run_dir / "model.keras", safe_mode=True)
     assert model.output_shape == (None, 3)
-    second = train_head(data, cache, tmp_path / "runs", SPEC, head, SPLIT)
+    second = train_head(data, cache, tmp_path / "runs", spec, head, SPLIT)
     for name in ("train", "validation", "test"):
         a, b = first.metrics["splits"][name], second.metrics["splits"][name]
         assert a["accuracy"] == b["accuracy"] and abs(a["log_loss"] - b["log_loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
-    data, cache = extracted
+    data, cache, spec = extracted
     first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
     other_seed = SplitConfig(val_pct=20, test_pct=20, seed=99)
     reused = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), other_seed,
@@ -92,7 +100,7 @@ def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
 
 
 def test_new_images_without_features_are_counted_and_named(extracted, tmp_path):
-    data, cache = extracted
+    data, cache, spec = extracted
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     make_dataset(copy, per_class=1, start=90)
@@ -103,10 +111,11 @@ def test_new_images_without_features_are_counted_and_named(extracted, tmp_path):
 
 
 def test_bad_input_gets_one_clear_line(extracted, tmp_path):
-    data, cache = extracted
+    data, cache, spec = extracted
     with pytest.raises(CacheError, match=r"^no feature cache in .*: run `bottleneck features DATA --cache"):
         train_head(data, tmp_path / "empty-cache", tmp_path / "runs")
-    with pytest.raises(CacheError, match=r"^no features for backbone inception_v3-299-none-\w+ in .*another backbone \(inception_v3-75-none-"):
+    with pytest.raises(CacheError, match=r"^no features for backbone inception_v3-299-none-\w+ in .*another backbone \("
+                       + re.escape(spec.fingerprint())):
         train_head(data, cache, tmp_path / "runs", BackboneSpec(weights="none"))
     lonely = tmp_path / "lonely"
     shutil.copytree(data, lonely)
@@ -120,7 +129,7 @@ def test_bad_input_gets_one_clear_line(extracted, tmp_path):
 
 
 def test_cli_train_head_json(extracted, tmp_path, capsys):
-    data, cache = extracted
+    data, cache, spec = extracted
     code = main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"),
                  "--head", "logreg", "--C", "0.5", "--class-weight", "balanced", "--json"])
     out, err = capsys.readouterr()
@@ -142,8 +151,9 @@ def test_top5_accuracy_only_over_five_classes():
     assert "top5_accuracy" not in split_metrics(np.eye(3), labels[:3], labels[:3])
 
 
+@pytest.mark.slow
 def test_logreg_training_never_loads_tensorflow(extracted, tmp_path):
-    data, cache = extracted
+    data, cache, spec = extracted
     probe = (
         "import sys\n"
         "from bottleneck.cli import main\n"
@@ -169,6 +179,7 @@ def _predicted_paths(run_dir) -> list[str]:
         return [row["path"] for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["drawn", "split-file", "split-folders", "streamed"])
 def test_exclude_never_changes_the_test_split(tmp_path, variant):
     """A planted exclude list naming test, validation and training images: the run with it is scored on exactly

@@ -67,6 +67,7 @@ def test_labels_come_from_the_samples_label_member(tmp_path, label_ext):
     assert first.container == str(tmp_path / "data" / "train-000.tar")
 
 
+@pytest.mark.slow
 def test_shards_end_to_end_features_train_predict_report(tmp_path, capsys):
     files, data = tmp_path / "files", tmp_path / "shards"
     write_shards(data, per_shard=12, shards=3)
@@ -286,6 +287,7 @@ def test_hostile_member_names_and_links_are_read_in_place_never_followed(tmp_pat
     assert not (tmp_path / "escape.png").exists()
 
 
+@pytest.mark.slow
 def test_ray_reads_shards_in_parallel_and_writes_a_segment_per_shard(tmp_path):
     pytest.importorskip("ray")
     data, cache = tmp_path / "data", tmp_path / "cache"

@@ -105,6 +105,7 @@ def test_streamed_logreg_equals_in_memory_repeats_and_predicts(extracted, tmp_pa
         np.testing.assert_allclose([got[label] for label in labels], recorded[path], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_streamed_keras_repeats_and_streamed_folds(extracted, tmp_path):
     data, cache = extracted
     runs = tmp_path / "runs"
@@ -170,6 +171,7 @@ def synthetic_store(cache: Path, rows: int, dim: int, classes: int = 5, seed: in
         writer.finish()
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_within_the_budget_on_a_store_four_times_larger(tmp_path):
     rows, dim, budget = 16000, 1024, 16 * 2**20  # 62.5 MiB of features, 16 MiB budget
     synthetic_store(tmp_path / "cache", rows, dim)

@@ -75,6 +75,7 @@ def predicted(run, images: list, capsys, *flags: str) -> tuple[np.ndarray, str]:
                      for line in lines]), said.err
 
 
+@pytest.mark.slow
 def test_a_moved_project_predicts_and_exports_the_same(project, tmp_path, capsys):
     project, run = project
     config = json.loads((run / "config.json").read_text())
@@ -158,6 +159,7 @@ def test_a_run_whose_backbone_is_nowhere_fails_in_one_line_naming_where_it_looke
     assert "is found nowhere" in capsys.readouterr().err and not (tmp_path / "exported").exists()
 
 
+@pytest.mark.slow
 def test_named_backbones_are_recorded_by_name_and_never_copied(tmp_path, capsys):
     make_dataset(tmp_path / "data", per_class=3)
     cache = tmp_path / "cache"
@@ -198,6 +200,7 @@ def save_weights(path, seed: int) -> None:
                                         pooling="avg").save_weights(path)
 
 
+@pytest.mark.slow
 def test_an_application_keeps_its_weights_file_by_content(tmp_path, capsys):
     """`--weights FILE` of an application is kept like a `.keras` backbone: rewriting the file leaves the run its own."""
     project = tmp_path / "project"

@@ -64,6 +64,7 @@ def test_C_auto_with_a_class_too_small_to_fold_keeps_1_and_says_why():
     assert head.C_ == 1.0 and "single" in head.C_search_["reason"]
 
 
+@pytest.mark.slow
 def test_C_auto_multi_label_shares_one_C_by_binary_cross_entropy():
     X, y = blobs(12, 6, 1.0)
     labels = np.empty(len(y), dtype=object)
@@ -176,6 +177,7 @@ def test_pretrain_batch_adapts_to_a_small_source():
     assert PretrainConfig(batch_size=16).batch_for(228) == 16
 
 
+@pytest.mark.slow
 def test_pretrain_shows_a_line_per_epoch_with_its_scores_and_eta(tmp_path, capsys):
     from bottleneck.learn.pretrain import PretrainConfig, pretrain
 
@@ -189,6 +191,7 @@ def test_pretrain_shows_a_line_per_epoch_with_its_scores_and_eta(tmp_path, capsy
     assert "val_acc" in err[0] and "ETA" in err[0] and err[2].startswith("pretrain: 2 epochs in")
 
 
+@pytest.mark.slow
 def test_keras_head_shows_its_epochs_only_when_verbose(capsys):
     from bottleneck.learn.heads import KerasHead
 

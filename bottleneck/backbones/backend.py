@@ -124,7 +124,7 @@ def float32_settings(keras) -> dict[str, object]:
     elif backend == "jax":
         import jax
 
-        settings["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+        settings["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     elif backend == "torch":
         import torch
 

@@ -116,7 +116,7 @@ def auto_batch_size(model, cpu_default: int, log: Callable[[str], None] = lambda
     for batch_size in GPU_BATCH_SIZES:
         try:
             rate = _images_per_second(model, batch_size, size)
-        except Exception as exc:  # noqa: BLE001: out of memory, in each backend's own words
+        except Exception as exc:  # noqa: BLE001 - out of memory, in each backend's own words
             if not _is_out_of_memory(exc):
                 raise
             break

@@ -85,7 +85,7 @@ def make_view(pixels: np.ndarray, content_hash: str, recipe: AugmentRecipe, k: i
     flip = rng.random() < recipe.flip
     brightness = rng.uniform(1 - recipe.brightness, 1 + recipe.brightness)
     contrast = rng.uniform(1 - recipe.contrast, 1 + recipe.contrast)
-    image = Image.fromarray(pixels).crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+    image = Image.fromarray(pixels).crop((left, top, left + width, top + height)).resize((size, size), Image.Resampling.BILINEAR)
     out = np.asarray(image, dtype=np.float32)
     if flip:
         out = out[:, ::-1]

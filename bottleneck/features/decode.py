@@ -152,7 +152,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         with image:
             upright = _load_upright(image, size)
             rgb = to_rgb(upright)
-            resized = rgb.resize((size, size), Image.BILINEAR)
+            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(resized, dtype=np.uint8)
     except ImageDecodeError:
         raise

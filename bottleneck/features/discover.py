@@ -167,9 +167,9 @@ def _settle_labels(found: list[tuple[ImageFile, bool]], skipped: Counter) -> tup
             if len(copies) > 1:
                 skipped["same file listed twice"] += len(copies) - 1
             continue
-        real = [image for image, is_real in copies if is_real]
-        if len(real) == 1 or len({image.label for image in real}) == 1:
-            winner = real[0]
+        real_files = [image for image, is_real in copies if is_real]
+        if len(real_files) == 1 or len({image.label for image in real_files}) == 1:
+            winner = real_files[0]
             images.append(winner)
             links = [image for image, _ in copies if image.label != winner.label]
             skipped[LINKED_FROM_ANOTHER_CLASS] += len(links)

@@ -18,11 +18,14 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from bottleneck.errors import DataError
 from bottleneck.text import first_line
 from bottleneck.features.discover import SPLIT_FOLDERS, relpath_or_absolute
+
+if TYPE_CHECKING:
+    from bottleneck.features.shards import Member
 
 COLUMNS = ("path", "label", "split", "group")
 _NAMED = 3  # the first few problem paths named per kind
@@ -140,7 +143,7 @@ class ListedImage:
     container: str = ""  # the shard holding this image (see `bottleneck.features.shards`), "" for a file
 
 
-def _stat_of(path: Path) -> tuple[os.stat_result, object]:
+def _stat_of(path: Path) -> tuple[os.stat_result, Member | None]:
     """The file's stat, or for an image inside a tar or Parquet shard (`x.tar/0001.jpg`) a stat of it as a file
     (its own size; its shard's mode, inode, device and times) and the member; OSError when it is neither."""
     try:

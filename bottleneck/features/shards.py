@@ -166,12 +166,12 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     except OSError as exc:
         listing.problem = f"cannot read: {exc.strerror or exc}"
         return listing
-    last = {info.name: info for info in found}  # a name held twice: the later copy is what extraction leaves
-    if len(found) > len(last):
-        listing.skipped["member listed twice"] += len(found) - len(last)
+    latest = {info.name: info for info in found}  # a name held twice: the later copy is what extraction leaves
+    if len(found) > len(latest):
+        listing.skipped["member listed twice"] += len(found) - len(latest)
     listing.members = [Member(path, info.name, info.offset_data, info.size,
                               labels.get(sample_key(info.name)[0], (0, ""))[1], (info.size, *stamp_of))
-                       for info in last.values()]
+                       for info in latest.values()]
     return listing
 
 

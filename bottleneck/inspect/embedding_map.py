@@ -80,7 +80,7 @@ def project_2d(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     if umap is not None:
         try:
             return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(X) - 1)).fit_transform(X), "UMAP"
-        except Exception:  # noqa: BLE001: any failure of an optional library falls back to t-SNE
+        except Exception:  # noqa: BLE001 - any failure of an optional library falls back to t-SNE
             pass
     try:
         from sklearn.decomposition import PCA
@@ -94,7 +94,7 @@ def project_2d(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         # One OpenMP thread: on a busy machine t-SNE's spinning threads took 10x longer (3 s vs 30 s, 900 points).
         with threadpool_limits(limits=1, user_api="openmp"):
             return tsne.fit_transform(reduced), "t-SNE"
-    except Exception as exc:  # noqa: BLE001: the map must not cost the report
+    except Exception as exc:  # noqa: BLE001 - the map must not cost the report
         return _pca_2d(X), f"PCA (t-SNE failed: {type(exc).__name__})"
 
 

@@ -243,7 +243,7 @@ def comparison_rows(runs: list[Run]) -> list[list[str]]:
         test = run.metrics["splits"].get("test") or {}
         backbone = backbone_words(run.config) + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
         head = run.metrics["head"] + (f" of {run.config['parent_run']}" if run.config.get("parent_run") else "")
-        score = (lambda split: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split: _fmt(run.accuracy(split)))
+        score = (lambda split, run=run: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split, run=run: _fmt(run.accuracy(split)))
         test_score = score("test") if run.multi_label else _with_interval(run.accuracy("test"), test.get("accuracy_ci"))
         versus = "-" if i == 0 or run.multi_label or runs[i - 1].multi_label else _paired_cell(paired_comparison(run, runs[i - 1], outcomes))
         rows.append([run.run_id, head + (" (multi-label)" if run.multi_label else ""), run.settings(),

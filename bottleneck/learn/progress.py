@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 def _stderr(message: str) -> None:
@@ -35,7 +35,9 @@ def epoch_callback(desc: str, epochs: int, enabled: bool, tty: bool | None = Non
     keras = import_keras()
     terminal = sys.stderr.isatty() if tty is None else tty
 
-    class EpochProgress(keras.callbacks.Callback):
+    Callback: Any = keras.callbacks.Callback  # a base class that exists once Keras is loaded
+
+    class EpochProgress(Callback):
         def on_train_begin(self, logs=None):
             self.started = self.last = time.perf_counter()
             self.bar = None

@@ -488,7 +488,7 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
 
 def _as_array(values: list, dtype) -> np.ndarray:
     """`values` as a 1-d array of `dtype`; an object array keeps tuples whole (numpy would make them a matrix)."""
-    if dtype != object:
+    if dtype != object:  # noqa: E721 - a numpy dtype equals `object` when it is the object dtype
         return np.array(values)
     out = np.empty(len(values), dtype=object)
     out[:] = values

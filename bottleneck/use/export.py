@@ -250,7 +250,7 @@ def _writing_to(out: Path):
         if is_disk_full(exc):
             raise disk_full(out.parent) from None
         raise ExportError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
-    except Exception as exc:  # noqa: BLE001: TensorFlow reports a full disk as its own ResourceExhaustedError
+    except Exception as exc:  # noqa: BLE001 - TensorFlow reports a full disk as its own ResourceExhaustedError
         text = str(exc)
         if "No space left on device" in text or type(exc).__name__ == "ResourceExhaustedError":
             raise disk_full(out.parent) from None
@@ -438,7 +438,7 @@ def pixels_of(path, size={size}):
         rgba = image.convert("RGBA")  # transparency onto white
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
-    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, np.float32)  # RGB 0-255
 
 model = keras.saving.load_model("model.keras", safe_mode=True)

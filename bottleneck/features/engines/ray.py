@@ -215,6 +215,6 @@ class RayEngine(ShardedEngine):
                 yield pickle.loads(row["result"])
         except BottleneckError:
             raise
-        except Exception as exc:  # noqa: BLE001: Ray's errors become one line
+        except Exception as exc:  # noqa: BLE001 - Ray's errors become one line
             text = str(exc).strip().splitlines()
             raise BottleneckError(f"the Ray engine failed: {text[-1] if text else type(exc).__name__}") from None
