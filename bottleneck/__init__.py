@@ -5,6 +5,7 @@ The Python API (`import bottleneck as bn`; see `bottleneck.api`): `bn.extract`, 
 `bn.LogRegHead`, `bn.KerasHead` and `bn.KnnHead` (scikit-learn estimators). They are loaded when first used, so
 `import bottleneck` and the command's `--help` stay fast.
 """
+
 import importlib as _importlib
 import warnings as _warnings
 
@@ -16,11 +17,19 @@ _warnings.filterwarnings("ignore", message=r"Pandas requires version .* of 'bott
 
 
 #: The public API and the module each name lives in.
-_API = {"extract": "bottleneck.api", "load_features": "bottleneck.api", "train_head": "bottleneck.api",
-        "backbone": "bottleneck.api", "FeatureSet": "bottleneck.api", "Split": "bottleneck.api", "Run": "bottleneck.api",
-        "LogRegHead": "bottleneck.learn.heads", "KerasHead": "bottleneck.learn.heads",
-        "KnnHead": "bottleneck.learn.heads",
-        "BottleneckError": "bottleneck.errors"}
+_API = {
+    "extract": "bottleneck.api",
+    "load_features": "bottleneck.api",
+    "train_head": "bottleneck.api",
+    "backbone": "bottleneck.api",
+    "FeatureSet": "bottleneck.api",
+    "Split": "bottleneck.api",
+    "Run": "bottleneck.api",
+    "LogRegHead": "bottleneck.learn.heads",
+    "KerasHead": "bottleneck.learn.heads",
+    "KnnHead": "bottleneck.learn.heads",
+    "BottleneckError": "bottleneck.errors",
+}
 __all__ = ["__version__", *_API]
 
 

@@ -12,12 +12,14 @@ The same pipeline as the commands, as functions that return objects instead of p
 `load_features(...).split(...)` is exactly the split `train-head` draws with the same flags, so an
 experiment in a notebook and a run from the command line see the same images in each split.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,12 +29,25 @@ from bottleneck.errors import BottleneckError, DataError
 __all__ = ["FeatureSet", "Split", "Run", "backbone", "extract", "load_features", "train_head"]
 
 
-def backbone(name: str = "inception_v3", *, weights: str = "imagenet", layer: str | None = None,
-             image_size: int | None = None, preprocess: str | None = None, precision: str = "float32") -> BackboneSpec:
+def backbone(
+    name: str = "inception_v3",
+    *,
+    weights: str = "imagenet",
+    layer: str | None = None,
+    image_size: int | None = None,
+    preprocess: str | None = None,
+    precision: str = "float32",
+) -> BackboneSpec:
     """The backbone the `--backbone`, `--weights`, `--layer`, `--image-size`, `--preprocess` and `--precision`
     flags name: a Keras application, `pixels`, or a path to your own `.keras` file (with `layer`)."""
-    return BackboneSpec(architecture=name, weights=weights, image_size=image_size, layer=layer, preprocess=preprocess,
-                        precision=precision)
+    return BackboneSpec(
+        architecture=name,
+        weights=weights,
+        image_size=image_size,
+        layer=layer,
+        preprocess=preprocess,
+        precision=precision,
+    )
 
 
 def _spec(backbone_name: str | BackboneSpec, **flags: Any) -> BackboneSpec:
@@ -51,10 +66,19 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def extract(data: str | os.PathLike | None = None, cache: str | os.PathLike = "cache",
-            backbone: str | BackboneSpec = "inception_v3", *, labels: str | os.PathLike | None = None,
-            layout: str = "auto", image_column: str | None = None, label_column: str | None = None,
-            progress: bool = True, log: Callable[[str], None] = _say, **options: Any):
+def extract(
+    data: str | os.PathLike | None = None,
+    cache: str | os.PathLike = "cache",
+    backbone: str | BackboneSpec = "inception_v3",
+    *,
+    labels: str | os.PathLike | None = None,
+    layout: str = "auto",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = _say,
+    **options: Any,
+):
     """`bottleneck features`: compute what the cache lacks for the images of `data` (or a label file's) and
     return the summary (`ExtractionResult`). Backbone flags (`weights`, `layer`, `image_size`, `preprocess`,
     `precision`) and extraction options (`batch_size`, `workers`, `engine`, `max_pixels`, ...) go by keyword.
@@ -62,15 +86,23 @@ def extract(data: str | os.PathLike | None = None, cache: str | os.PathLike = "c
     from bottleneck.features.extract import ExtractOptions, extract_features
 
     flags = {k: options.pop(k) for k in ("weights", "layer", "image_size", "preprocess", "precision") if k in options}
-    return extract_features(data, cache, _spec(backbone, **flags), ExtractOptions(progress=progress, **options),
-                            log=log, layout=layout, labels=labels, columns=_columns(image_column, label_column))
+    return extract_features(
+        data,
+        cache,
+        _spec(backbone, **flags),
+        ExtractOptions(progress=progress, **options),
+        log=log,
+        layout=layout,
+        labels=labels,
+        columns=_columns(image_column, label_column),
+    )
 
 
 @dataclass
 class Split:
     """Which split each image of a `FeatureSet` is in: train, validation or test."""
 
-    features: "FeatureSet"
+    features: FeatureSet
     of: list[str]  # one split name per image, in the feature set's order
 
     def indices(self, name: str) -> np.ndarray:
@@ -87,8 +119,9 @@ class Split:
         """`(X, y)` of each split named, in order: `(X_train, y_train), (X_test, y_test) = split.arrays("train", "test")`.
 
         y holds the labels as strings; for multi-label data, a 0/1 matrix over `features.classes`."""
-        return tuple((self.features.take(self.indices(name)), self.features.targets(self.indices(name)))
-                     for name in names)
+        return tuple(
+            (self.features.take(self.indices(name)), self.features.targets(self.indices(name))) for name in names
+        )
 
 
 @dataclass
@@ -130,8 +163,10 @@ class FeatureSet:
     def features(self) -> np.ndarray:
         """(n, d) float32 features, in `paths` order; past the memory budget, use `iter_chunks` instead."""
         if not self.in_memory:
-            raise DataError(f"the features of {len(self)} images are larger than the memory budget: read them with "
-                            "iter_chunks(), or load_features(..., max_memory='8G')")
+            raise DataError(
+                f"the features of {len(self)} images are larger than the memory budget: read them with "
+                "iter_chunks(), or load_features(..., max_memory='8G')"
+            )
         return self.data.rows.materialise()
 
     def __len__(self) -> int:
@@ -156,14 +191,19 @@ class FeatureSet:
         """(positions, features) a chunk at a time, in store order: bounded memory however large the set."""
         yield from self.data.rows.chunks(chunk_rows)
 
-    def split(self, seed: int = 0, val_pct: float = 10.0, test_pct: float = 10.0,
-              split_file: str | os.PathLike | None = None) -> Split:
+    def split(
+        self, seed: int = 0, val_pct: float = 10.0, test_pct: float = 10.0, split_file: str | os.PathLike | None = None
+    ) -> Split:
         """The split `train-head` draws with these flags (split folders and a label file's split column as it
         takes them; `split_file` as `--split-file`), exactly."""
         from bottleneck.learn.splits import SplitConfig, splits_for
 
-        drawn = splits_for(self.data, SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
-                            None if split_file is None else str(split_file), lambda message: None)
+        drawn = splits_for(
+            self.data,
+            SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
+            None if split_file is None else str(split_file),
+            lambda message: None,
+        )
         self._split = Split(self, drawn)
         return self._split
 
@@ -179,11 +219,21 @@ class FeatureSet:
         return frame
 
 
-def load_features(data: str | os.PathLike | None = None, cache: str | os.PathLike = "cache",
-                  backbone: str | BackboneSpec = "inception_v3", *, labels: str | os.PathLike | None = None,
-                  layout: str = "auto", image_column: str | None = None, label_column: str | None = None,
-                  max_memory: int | str | None = None, stream: bool | None = None, chunk_rows: int | None = None,
-                  log: Callable[[str], None] = _say, **backbone_flags: Any) -> FeatureSet:
+def load_features(
+    data: str | os.PathLike | None = None,
+    cache: str | os.PathLike = "cache",
+    backbone: str | BackboneSpec = "inception_v3",
+    *,
+    labels: str | os.PathLike | None = None,
+    layout: str = "auto",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_memory: int | str | None = None,
+    stream: bool | None = None,
+    chunk_rows: int | None = None,
+    log: Callable[[str], None] = _say,
+    **backbone_flags: Any,
+) -> FeatureSet:
     """The cached features of the images of `data` (or those a label file names), matched by content and
     labelled as `train-head` labels them; images the cache lacks are left out with a warning.
 
@@ -193,8 +243,18 @@ def load_features(data: str | os.PathLike | None = None, cache: str | os.PathLik
     from bottleneck.learn.memory import parse_size
 
     budget = None if max_memory is None else parse_size(max_memory)
-    loaded = load_labelled_features(data, cache, _spec(backbone, **backbone_flags), log=log, max_memory=budget,
-                                    stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels, columns=_columns(image_column, label_column))
+    loaded = load_labelled_features(
+        data,
+        cache,
+        _spec(backbone, **backbone_flags),
+        log=log,
+        max_memory=budget,
+        stream=stream,
+        chunk_rows=chunk_rows,
+        layout=layout,
+        labels=labels,
+        columns=_columns(image_column, label_column),
+    )
     return FeatureSet(loaded, loaded.store_path)
 
 
@@ -206,7 +266,7 @@ class Run:
     loaded: Any = field(repr=False)  # the LoadedRun behind it
 
     @classmethod
-    def load(cls, path: str | os.PathLike, cache: str | os.PathLike | None = None) -> "Run":
+    def load(cls, path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Run:
         """Open a run folder (never unpickling anything); `cache` where its features live, if they moved."""
         from bottleneck.learn.run_folder import load_run
 
@@ -246,32 +306,60 @@ class Run:
         from bottleneck.features.extract import ExtractOptions
         from bottleneck.use.predict import predict_images
 
-        result = predict_images(self.loaded, [os.fspath(p) for p in paths], top=top,
-                                options=ExtractOptions(**options) if options else None)
+        result = predict_images(
+            self.loaded, [os.fspath(p) for p in paths], top=top, options=ExtractOptions(**options) if options else None
+        )
         return [prediction.as_json() for prediction in result.predictions]
 
 
-def train_head(data: str | os.PathLike | None = None, cache: str | os.PathLike = "cache",
-               runs: str | os.PathLike = "runs", backbone: str | BackboneSpec | None = None, *, head: str = "logreg",
-               labels: str | os.PathLike | None = None, layout: str = "auto", seed: int = 0, val_pct: float = 10.0,
-               test_pct: float = 10.0, split_file: str | os.PathLike | None = None, image_column: str | None = None,
-               label_column: str | None = None, log: Callable[[str], None] = _say, **params: Any) -> Run:
+def train_head(
+    data: str | os.PathLike | None = None,
+    cache: str | os.PathLike = "cache",
+    runs: str | os.PathLike = "runs",
+    backbone: str | BackboneSpec | None = None,
+    *,
+    head: str = "logreg",
+    labels: str | os.PathLike | None = None,
+    layout: str = "auto",
+    seed: int = 0,
+    val_pct: float = 10.0,
+    test_pct: float = 10.0,
+    split_file: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    log: Callable[[str], None] = _say,
+    **params: Any,
+) -> Run:
     """`bottleneck train-head`: train a head on the cached features and write its run folder; return the `Run`.
 
     `backbone` None takes the cache's only store; backbone flags and head settings (`C`, `class_weight`,
     `epochs`, `learning_rate`, `dropout`, `batch_size`, `patience`, knn's `k`) go by keyword; `max_memory`, `exclude`,
     `augment` and `folds` as the command takes them."""
-    from bottleneck.learn.runs import HeadConfig, train_head as train
+    from bottleneck.learn.runs import HeadConfig
+    from bottleneck.learn.runs import train_head as train
     from bottleneck.learn.splits import SplitConfig
 
     flags = {k: params.pop(k) for k in ("weights", "layer", "image_size", "preprocess", "precision") if k in params}
     spec = None if backbone is None and not flags else _spec(backbone or "inception_v3", **flags)
-    run_options = {k: params.pop(k) for k in ("max_memory", "exclude", "augment", "augment_flip", "folds") if k in params}
+    run_options = {
+        k: params.pop(k) for k in ("max_memory", "exclude", "augment", "augment_flip", "folds") if k in params
+    }
     unknown = sorted(set(params) - set(HeadConfig.__dataclass_fields__))
     if unknown:
         raise BottleneckError(f"train_head got unknown settings: {', '.join(unknown)}")
-    result = train(data, cache, runs, spec, HeadConfig(head=head, **params),
-                   SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
-                   None if split_file is None else str(split_file), log=log, argv=["bottleneck.api.train_head"],
-                   layout=layout, labels=labels, columns=_columns(image_column, label_column), **run_options)
+    result = train(
+        data,
+        cache,
+        runs,
+        spec,
+        HeadConfig(head=head, **params),
+        SplitConfig(val_pct=val_pct, test_pct=test_pct, seed=seed),
+        None if split_file is None else str(split_file),
+        log=log,
+        argv=["bottleneck.api.train_head"],
+        layout=layout,
+        labels=labels,
+        columns=_columns(image_column, label_column),
+        **run_options,
+    )
     return Run.load(result.run_dir)

@@ -4,6 +4,7 @@ The CLI builds its argparse types from these (`cli/common.Bounded`), the library
 `Interval.check` (one `BottleneckError` line naming the flag), and `tests/test_hostile_values.py` reads them: a bound
 changed here changes all three.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,10 +44,18 @@ class Interval:
         both = self.kind is int and self.low is not None and self.high is not None
         return f"from {self.words}" if both else self.words
 
+    @property
+    def top(self) -> float:
+        """The high bound, of a declaration that has one."""
+        if self.high is None:
+            raise ValueError("this interval has no high bound")
+        return self.high
+
     def __contains__(self, value: object) -> bool:
         """A finite real number within the bounds (words, nan and infinities are not)."""
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             return False
+        value = float(value)
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
@@ -62,8 +71,14 @@ def whole(low: int, high: int, note: str = "") -> Interval:
     return Interval(int, low, high, note=note)
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
-           note: str = "") -> Interval:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    note: str = "",
+) -> Interval:
     """Finite numbers within the bounds."""
     return Interval(float, low, high, low_open=low_open, high_open=high_open, note=note)
 
@@ -86,8 +101,9 @@ MAX_MEMORY_BYTES = 2**50
 
 # Backbones. Applications refuse more than 2048 (backbones/spec.py); a model file with a free input size would take
 # any size and be killed by the kernel (100000 px asked for 24 GB): the same cap, checked before anything is built.
-IMAGE_SIZE = whole(1, 2048, note="larger inputs do not fit in memory; `bottleneck backbones` lists each backbone's "
-                   "default and minimum")
+IMAGE_SIZE = whole(
+    1, 2048, note="larger inputs do not fit in memory; `bottleneck backbones` lists each backbone's default and minimum"
+)
 PIXELS_IMAGE_SIZE = whole(1, 256)
 FOUNDATION_IMAGE_SIZE = whole(1, 1024)  # and a multiple of the model's patch size
 

@@ -15,6 +15,7 @@ It shows the outcomes honestly: negative transfer from the far source's frozen f
 fine-tuning end to end recovers, on the measured defaults), and a clear win from the close one.
 Everything lands in one work folder; a second run reuses the models and the feature cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,9 @@ from typing import Callable
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import discover_images
 from bottleneck.features.extract import extract_features
-from bottleneck.learn.domain import compare_features
 from bottleneck.inspect.report import write_report
 from bottleneck.learn.dataset import load_labelled_features
+from bottleneck.learn.domain import compare_features
 from bottleneck.learn.finetune import FineTuneConfig, fine_tune
 from bottleneck.learn.pretrain import PretrainConfig, evaluate_classifier, pretrain
 from bottleneck.learn.runs import HeadConfig, train_head
@@ -123,8 +124,11 @@ def write_target_split(target: Path, out: Path, config: DemoConfig) -> None:
     for label, paths in by_class.items():
         ordered = sorted(paths, key=lambda p: (draw(0, p), p))
         for i, path in enumerate(ordered):
-            split = "train" if i < config.labelled_per_class else (
-                "validation" if i < config.labelled_per_class + config.validation_per_class else "test")
+            split = (
+                "train"
+                if i < config.labelled_per_class
+                else ("validation" if i < config.labelled_per_class + config.validation_per_class else "test")
+            )
             rows.append((path, label, split))
     write_split_csv(out, rows)
 
@@ -147,29 +151,49 @@ def _prepare_digits(work: Path, config: DemoConfig, log) -> tuple[dict[str, Path
         count = write_digits(sources[source.key], source.digits, parity=source.parity)
         log(f"source '{source.description}': {count} images")
     target = work / TARGET_FOLDER
-    log(f"target digits 5-9: {write_digits(target, TARGET_DIGITS, parity=1)} images (other images than the close source's)")
+    log(
+        f"target digits 5-9: {write_digits(target, TARGET_DIGITS, parity=1)} images (other images than the close source's)"
+    )
     split_file = work / f"target-split-{config.labelled_per_class}.csv"
     write_target_split(target, split_file, config)
     return sources, target, split_file
 
 
-def _bases(work: Path, sources: dict[str, Path], target: Path, split_file: Path, config: DemoConfig, log) -> dict[str, Path]:
+def _bases(
+    work: Path, sources: dict[str, Path], target: Path, split_file: Path, config: DemoConfig, log
+) -> dict[str, Path]:
     base_config = PretrainConfig(image_size=config.image_size, filters=config.filters, epochs=config.pretrain_epochs)
     bases = {key: work / f"base-{key}.keras" for key in sources}
     for key, path in bases.items():
         _ensure_model(path, sources[key], base_config, None, log)
     bases["random"] = work / "random-base.keras"
-    _ensure_model(bases["random"], sources["far"], PretrainConfig(image_size=config.image_size, filters=config.filters,
-                                                                  epochs=0), None, log)
+    _ensure_model(
+        bases["random"],
+        sources["far"],
+        PretrainConfig(image_size=config.image_size, filters=config.filters, epochs=0),
+        None,
+        log,
+    )
     bases["scratch"] = work / f"scratch-{config.labelled_per_class}-per-class.keras"  # depends on the target split
-    _ensure_model(bases["scratch"], target, PretrainConfig(image_size=config.image_size, filters=config.filters,
-                                                           epochs=config.scratch_epochs, batch_size=16, patience=30),
-                  split_file, log)
+    _ensure_model(
+        bases["scratch"],
+        target,
+        PretrainConfig(
+            image_size=config.image_size,
+            filters=config.filters,
+            epochs=config.scratch_epochs,
+            batch_size=16,
+            patience=30,
+        ),
+        split_file,
+        log,
+    )
     return bases
 
 
-def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfig(),
-             log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    work: str | Path, cache: str | Path, config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print
+) -> DemoResult:
     """Run the demo in `work` with features cached in `cache`; return the comparison."""
     started = time.perf_counter()
     work, cache = Path(work), Path(cache)
@@ -178,7 +202,9 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
     descriptions = {s.key: s.description for s in SOURCES}
     backbones = {
         f"(a) transferred from {descriptions['far']}": BackboneSpec(architecture=str(bases["far"]), layer="features"),
-        f"(a) transferred from {descriptions['close']}": BackboneSpec(architecture=str(bases["close"]), layer="features"),
+        f"(a) transferred from {descriptions['close']}": BackboneSpec(
+            architecture=str(bases["close"]), layer="features"
+        ),
         "(b) raw pixels": BackboneSpec(architecture="pixels", image_size=config.pixel_size),
         "(c) random-weights features": BackboneSpec(architecture=str(bases["random"]), layer="features"),
     }
@@ -189,7 +215,9 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
         log(f"{name}: {extraction.images} target images, computed {extraction.computed}, reused {extraction.reused}")
     for key in sources:
         spec = BackboneSpec(architecture=str(bases[key]), layer="features")
-        computed[f"source {descriptions[key]} (for the domain distance)"] = extract_features(sources[key], cache, spec, batch_size=64).computed
+        computed[f"source {descriptions[key]} (for the domain distance)"] = extract_features(
+            sources[key], cache, spec, batch_size=64
+        ).computed
 
     runs = work / "runs"
     inputs_key = _inputs_key(config, backbones, bases, split_file)
@@ -209,18 +237,35 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
             if head.head == "logreg":
                 logreg_runs[name] = run.run_dir
     scores = evaluate_classifier(bases["scratch"], target, str(split_file))
-    rows.append({"approach": "(d) trained from scratch", "head": "its own softmax",
-                 "test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"]})
-    tuning = FineTuneConfig(epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate, batch_size=16,
-                            patience=config.fine_tune_patience, augment=("crop", "brightness"))  # digits must not be mirrored
+    rows.append(
+        {
+            "approach": "(d) trained from scratch",
+            "head": "its own softmax",
+            "test_accuracy": scores["accuracy"],
+            "test_macro_f1": scores["macro_f1"],
+        }
+    )
+    tuning = FineTuneConfig(
+        epochs=config.fine_tune_epochs,
+        learning_rate=config.fine_tune_learning_rate,
+        batch_size=16,
+        patience=config.fine_tune_patience,
+        augment=("crop", "brightness"),
+    )  # digits must not be mirrored
     for key in ("far", "close"):
         parent = logreg_runs[f"(a) transferred from {descriptions[key]}"]
         tuned = fine_tune(parent, tuning, runs, log=log)
         accuracy, macro_f1 = _test_scores(tuned.metrics)
         best = tuned.metrics["best_epoch"]
         head = f"logreg, then end to end (best epoch {best}" + (": the parent, no epoch beat it)" if best == 0 else ")")
-        rows.append({"approach": f"(e) fine-tuned from {descriptions[key]}", "head": head,
-                     "test_accuracy": accuracy, "test_macro_f1": macro_f1})
+        rows.append(
+            {
+                "approach": f"(e) fine-tuned from {descriptions[key]}",
+                "head": head,
+                "test_accuracy": accuracy,
+                "test_macro_f1": macro_f1,
+            }
+        )
 
     domain = {}
     for key in sources:
@@ -240,14 +285,20 @@ def run_demo(work: str | Path, cache: str | Path, config: DemoConfig = DemoConfi
 _RESULT_FILE = "demo.json"
 
 
-def _inputs_key(config: DemoConfig, backbones: dict[str, BackboneSpec], bases: dict[str, Path], split_file: Path) -> str:
+def _inputs_key(
+    config: DemoConfig, backbones: dict[str, BackboneSpec], bases: dict[str, Path], split_file: Path
+) -> str:
     """Everything the comparison depends on: settings, exact backbones (their files' hashes), split, scratch model."""
     from bottleneck import __version__
     from bottleneck.features.hashing import sha256_file
 
-    parts = {"config": asdict(config), "version": __version__, "split": sha256_file(split_file),
-             "scratch": sha256_file(bases["scratch"]),
-             "backbones": {name: spec.fingerprint() for name, spec in backbones.items()}}
+    parts = {
+        "config": asdict(config),
+        "version": __version__,
+        "split": sha256_file(split_file),
+        "scratch": sha256_file(bases["scratch"]),
+        "backbones": {name: spec.fingerprint() for name, spec in backbones.items()},
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -258,13 +309,26 @@ def _earlier_result(runs: Path, key: str, computed: dict) -> DemoResult | None:
         return None
     if saved.get("key") != key or not (runs / "report.html").exists():
         return None
-    return DemoResult(saved["rows"], saved["winner"], saved["negative_transfer"], saved["domain"],
-                      transfer_margin=saved["transfer_margin"], computed=computed, report=runs / "report.html")
+    return DemoResult(
+        saved["rows"],
+        saved["winner"],
+        saved["negative_transfer"],
+        saved["domain"],
+        transfer_margin=saved["transfer_margin"],
+        computed=computed,
+        report=runs / "report.html",
+    )
 
 
 def _save_result(runs: Path, key: str, result: DemoResult) -> None:
-    fields = {"key": key, "rows": result.rows, "winner": result.winner, "negative_transfer": result.negative_transfer,
-              "domain": result.domain, "transfer_margin": result.transfer_margin}
+    fields = {
+        "key": key,
+        "rows": result.rows,
+        "winner": result.winner,
+        "negative_transfer": result.negative_transfer,
+        "domain": result.domain,
+        "transfer_margin": result.transfer_margin,
+    }
     tmp = runs / f".{_RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(fields, indent=2))
     os.replace(tmp, runs / _RESULT_FILE)  # written last: a demo killed before this point is redone whole
@@ -273,26 +337,36 @@ def _save_result(runs: Path, key: str, result: DemoResult) -> None:
 def _transfer_margins(rows: list[dict], descriptions: dict[str, str]) -> dict[str, float]:
     """Per source: best test accuracy of its transferred or fine-tuned models minus the best of (b), (c) and (d)."""
     baseline = max(r["test_accuracy"] for r in rows if r["approach"][:3] in ("(b)", "(c)", "(d)"))
-    return {key: max(r["test_accuracy"] for r in rows if r["approach"].endswith(f"from {text}")) - baseline
-            for key, text in descriptions.items()}
+    return {
+        key: max(r["test_accuracy"] for r in rows if r["approach"].endswith(f"from {text}")) - baseline
+        for key, text in descriptions.items()
+    }
 
 
 def demo_summary(result: DemoResult, config: DemoConfig) -> dict:
     """The comparison as a titled table with the verdicts, for the report and the terminal."""
     table = [["approach", "head", "test accuracy", "test macro F1"]]
     table += [[r["approach"], r["head"], f"{r['test_accuracy']:.4f}", f"{r['test_macro_f1']:.4f}"] for r in result.rows]
-    notes = [f"Target: digits 5-9 with {config.labelled_per_class} labelled training images per class. "
-             f"Winner: {result.winner['approach']} ({result.winner['head']}), test accuracy {result.winner['test_accuracy']:.4f}."]
+    notes = [
+        f"Target: digits 5-9 with {config.labelled_per_class} labelled training images per class. "
+        f"Winner: {result.winner['approach']} ({result.winner['head']}), test accuracy {result.winner['test_accuracy']:.4f}."
+    ]
     for source in SOURCES:
         margin = result.transfer_margin.get(source.key, 0.0)
         domain = result.domain[source.key]
-        distance = (f"source vs target in its feature space: Frechet distance {domain['frechet_distance']:.3f}, "
-                    f"MMD^2 {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})")
+        distance = (
+            f"source vs target in its feature space: Frechet distance {domain['frechet_distance']:.3f}, "
+            f"MMD^2 {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})"
+        )
         if margin < 0:
-            notes.append(f"WARNING: negative transfer from {source.description}: its best transferred or fine-tuned "
-                         f"model is {-margin:.4f} below the best of pixels, random features and training from scratch; "
-                         f"{distance}.")
+            notes.append(
+                f"WARNING: negative transfer from {source.description}: its best transferred or fine-tuned "
+                f"model is {-margin:.4f} below the best of pixels, random features and training from scratch; "
+                f"{distance}."
+            )
         else:
-            notes.append(f"Transfer from {source.description} wins: {margin:.4f} above the best of pixels, random "
-                         f"features and training from scratch; {distance}.")
+            notes.append(
+                f"Transfer from {source.description} wins: {margin:.4f} above the best of pixels, random "
+                f"features and training from scratch; {distance}."
+            )
     return {"title": "Does transfer help? Same target split for every approach", "rows": table, "notes": notes}

@@ -1,4 +1,5 @@
 """The one family of user-facing errors. The CLI prints them as one line and exits with code 2."""
+
 import threading
 
 #: Set when the user pressed Ctrl-C (or sent SIGTERM). Python raises KeyboardInterrupt in the main thread,
@@ -41,8 +42,12 @@ def is_disk_full(exc: OSError) -> bool:
     import errno
 
     text = str(exc).lower()
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text or "errno = 28" in text \
+    return (
+        exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        or "no space left on device" in text
+        or "errno = 28" in text
         or "disk is full" in text
+    )
 
 
 def disk_full(folder, needed_bytes: int | None = None) -> DiskFullError:
@@ -62,5 +67,7 @@ def disk_full(folder, needed_bytes: int | None = None) -> DiskFullError:
     needed = ""
     if needed_bytes:
         needed = f"{format_bytes(needed_bytes)} needed, "
-    return DiskFullError(f"disk full at {where}: {needed}{free}; what was committed is kept: free some space and "
-                         "run the same command again")
+    return DiskFullError(
+        f"disk full at {where}: {needed}{free}; what was committed is kept: free some space and "
+        "run the same command again"
+    )

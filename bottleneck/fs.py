@@ -1,5 +1,6 @@
 """The bottom layer of files: content hashes, atomic writes (HDF5 under a temporary name, flushed and renamed),
 exclusive locks, and whether the process that left a file behind still runs. Used by every stage."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-NO_HDF5_LOCKS = ("the file system of {folder} does not support file locking, which HDF5 uses: put the cache on a "
-             "local disk, or set HDF5_USE_FILE_LOCKING=FALSE if only one run at a time touches it")
+NO_HDF5_LOCKS = (
+    "the file system of {folder} does not support file locking, which HDF5 uses: put the cache on a "
+    "local disk, or set HDF5_USE_FILE_LOCKING=FALSE if only one run at a time touches it"
+)
 
 
 def is_lock_failure(exc: OSError) -> bool:
@@ -143,8 +146,12 @@ def pid_named_folders(target: Path) -> list[tuple[Path, int | None]]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[str], None] | None = None,
-                   busy: Callable[[str], Exception] | None = None):
+def exclusive_lock(
+    lock_path: Path,
+    timeout: float | None,
+    on_wait: Callable[[str], None] | None = None,
+    busy: Callable[[str], Exception] | None = None,
+):
     """Hold an exclusive lock on `lock_path` (waiting up to `timeout` seconds; None: as long as it takes).
 
     `busy(holder_pid)` makes the error raised when the wait runs out (default: another run writes the store).
@@ -180,7 +187,8 @@ def exclusive_lock(lock_path: Path, timeout: float | None, on_wait: Callable[[st
                     raise CacheError(
                         f"the file system of {lock_path.parent} does not support file locking, which keeps two runs "
                         "from writing one store at once: put the cache on a local disk (--cache) and copy it over "
-                        "when done") from None
+                        "when done"
+                    ) from None
                 raise
         handle.seek(0)
         handle.truncate()

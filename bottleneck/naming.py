@@ -13,6 +13,7 @@ For a store of backbone fingerprint FP in a cache folder (`bottleneck.features.s
 
 and beside runs, `.fine-tune-<run id>-<settings key>/` (with its `.lock`): a fine-tune's resumable epochs.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ FINE_TUNE_PREFIX = ".fine-tune-"
 
 # ---- a store's files ------------------------------------------------------------------------
 
+
 def store_index(cache: Path, fingerprint: str) -> Path:
     return cache / f"{fingerprint}{STORE_SUFFIX}"
 
@@ -62,8 +64,12 @@ def fingerprint_of(store_file: Path) -> str:
 def store_fingerprints(cache: Path) -> set[str]:
     """The fingerprints the names in `cache` speak of: index files, and segment or part folders."""
     names = {p.stem for p in cache.glob(f"*{STORE_SUFFIX}") if not p.name.startswith(".")}
-    names |= {p.name[: -len(suffix)] for suffix in (SEGMENTS_SUFFIX, PARTS_SUFFIX) for p in cache.glob("*" + suffix)
-              if p.is_dir()}
+    names |= {
+        p.name[: -len(suffix)]
+        for suffix in (SEGMENTS_SUFFIX, PARTS_SUFFIX)
+        for p in cache.glob("*" + suffix)
+        if p.is_dir()
+    }
     return names
 
 
@@ -90,6 +96,7 @@ def store_temporary_prefixes(fingerprint: str) -> tuple[str, ...]:
 
 
 # ---- augmented views, OpenVINO conversions ---------------------------------------------------
+
 
 def views_fingerprint(fingerprint: str, recipe_digest: str) -> str:
     return f"{fingerprint}{VIEWS_MARK}{recipe_digest}"
@@ -140,11 +147,12 @@ def temporary_pid(name: str) -> int | None:
 
 def pid_after(prefix: str, name: str) -> int | None:
     """The pid that follows `prefix` in `name` (`.NAME.<pid>.`...), or None."""
-    match = re.match(r"(\d+)\.", name[len(prefix):])
+    match = re.match(r"(\d+)\.", name[len(prefix) :])
     return int(match.group(1)) if match else None
 
 
 # ---- beside runs ------------------------------------------------------------------------------
+
 
 def fine_tune_folder(runs: Path, run_id: str, key: str) -> Path:
     return runs / f"{FINE_TUNE_PREFIX}{run_id}-{key}"

@@ -2,6 +2,7 @@
 `native_log_path()` while TensorFlow, Keras or another backend is imported, or a TFLite interpreter made
 (their C++ prints before any log level applies). The bottom of the package: `features.noise` builds the
 decoders' log on the same fd-2 plumbing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,14 +13,15 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator, Optional
+from typing import IO
 
 STDERR_FD = 2
-temporary_streams: "weakref.WeakSet[io.TextIOWrapper]" = weakref.WeakSet()  # terminal streams closed on exit
+temporary_streams: weakref.WeakSet[io.TextIOWrapper] = weakref.WeakSet()  # terminal streams closed on exit
 
 
-def flush_quietly(stream: Optional[IO]) -> None:
+def flush_quietly(stream: IO | None) -> None:
     """Flush `stream` if it can be (it may be None, closed or not a stream)."""
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.flush()

@@ -2,6 +2,7 @@
 
 One unit system for sizes: binary units (KiB, MiB, GiB, TiB) with one decimal, as `--max-memory` reads them.
 """
+
 from __future__ import annotations
 
 

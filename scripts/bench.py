@@ -16,6 +16,7 @@ Ours, the model alone and the naive loop run in paired rounds and the medians ar
 
 Photos: crops and flips of the two photographs scikit-learn ships, so nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bottleneck.backbones.spec import BackboneSpec  # noqa: E402
-
 from bottleneck.backbones.runtime import get_feature_model  # noqa: E402
+from bottleneck.backbones.spec import BackboneSpec  # noqa: E402
 from bottleneck.features.decode import decode_image  # noqa: E402
 from bottleneck.features.extract import extract_features  # noqa: E402
 
@@ -76,8 +76,9 @@ def model_alone(spec: BackboneSpec, batch_size: int, images: int) -> float:
     return calls * batch_size / (time.perf_counter() - start)
 
 
-def ours(spec: BackboneSpec, data: Path, cache: Path, batch_size: int, runtime: str = "keras",
-         converted: Path | None = None) -> dict:
+def ours(
+    spec: BackboneSpec, data: Path, cache: Path, batch_size: int, runtime: str = "keras", converted: Path | None = None
+) -> dict:
     """`extract_features` end to end with the model already built (OpenVINO: already converted)."""
     if converted is not None:  # share one conversion between rounds, as a cache folder does between runs
         cache.mkdir(parents=True, exist_ok=True)
@@ -132,8 +133,21 @@ def naive(spec: BackboneSpec, paths: list[Path], out: Path) -> float:
 
 def cli_rerun_seconds(data: Path, cache: Path, spec: BackboneSpec) -> float:
     """Wall time of a whole `bottleneck features` process over a folder already in the cache."""
-    command = [sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache),
-               "--weights", spec.weights, "--image-size", str(spec.input_size), "--json", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "bottleneck",
+        "features",
+        str(data),
+        "--cache",
+        str(cache),
+        "--weights",
+        spec.weights,
+        "--image-size",
+        str(spec.input_size),
+        "--json",
+        "--no-progress",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
@@ -152,14 +166,17 @@ def rerun_at_scale(count: int, work: Path) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i:06d}.png")
     first = extract_features(data, cache, spec, batch_size=64)
-    return {"images": count, "first_run_seconds": round(first.seconds, 1),
-            "unchanged_rerun_seconds": round(cli_rerun_seconds(data, cache, spec), 2)}
+    return {
+        "images": count,
+        "first_run_seconds": round(first.seconds, 1),
+        "unchanged_rerun_seconds": round(cli_rerun_seconds(data, cache, spec), 2),
+    }
 
 
 def cache_read_and_logreg(work: Path, rows: int, classes: int = 10, dim: int = 2048) -> dict:
     """Read `rows` x `dim` float32 features back from a store (vs a raw read of the file), train logreg on them."""
-    from bottleneck.learn.heads import LogRegHead
     from bottleneck.features.store import FeatureStore
+    from bottleneck.learn.heads import LogRegHead
 
     rng = np.random.default_rng(2)
     store = FeatureStore(work / "big-cache", "bench-store", dim, {"pretrained": False})
@@ -167,7 +184,7 @@ def cache_read_and_logreg(work: Path, rows: int, classes: int = 10, dim: int = 2
     centres = rng.normal(0, 1, (classes, dim)).astype(np.float32)
     with store.writer() as writer:
         for start in range(0, rows, 5000):
-            part = labels[start:start + 5000]
+            part = labels[start : start + 5000]
             features = centres[part] + rng.normal(0, 12, (len(part), dim)).astype(np.float32)  # overlapping classes
             writer.commit([f"{i:064x}" for i in range(start, start + len(part))], features, [""] * len(part))
         writer.finish()
@@ -185,9 +202,14 @@ def cache_read_and_logreg(work: Path, rows: int, classes: int = 10, dim: int = 2
     head = LogRegHead().fit(loaded.features, labels.astype(str))
     train_seconds = time.perf_counter() - start
     accuracy = float(np.mean(head.predict(loaded.features) == labels.astype(str)))
-    return {"rows": rows, "megabytes": round(megabytes), "load_mb_per_second": round(megabytes / ours_seconds),
-            "raw_read_mb_per_second": round(megabytes / raw), "logreg_train_seconds": round(train_seconds, 1),
-            "logreg_train_accuracy": round(accuracy, 3)}
+    return {
+        "rows": rows,
+        "megabytes": round(megabytes),
+        "load_mb_per_second": round(megabytes / ours_seconds),
+        "raw_read_mb_per_second": round(megabytes / raw),
+        "logreg_train_seconds": round(train_seconds, 1),
+        "logreg_train_accuracy": round(accuracy, 3),
+    }
 
 
 def main() -> None:
@@ -195,11 +217,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="photos for each end-to-end measurement")
     parser.add_argument("--image-size", type=int, default=299)
     parser.add_argument("--batch-sizes", default="1,8,16,32")
-    parser.add_argument("--rounds", type=int, default=3, help="paired rounds of model alone / ours / naive (median taken)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="paired rounds of model alone / ours / naive (median taken)"
+    )
     parser.add_argument("--rerun-images", type=int, default=10000, help="images in the unchanged-rerun test (0: skip)")
-    parser.add_argument("--cache-rows", type=int, default=50000, help="rows in the cache-read and logreg test (0: skip)")
-    parser.add_argument("--no-openvino", dest="openvino", action="store_false",
-                        help="skip the OpenVINO runtime (measured by default when it is installed)")
+    parser.add_argument(
+        "--cache-rows", type=int, default=50000, help="rows in the cache-read and logreg test (0: skip)"
+    )
+    parser.add_argument(
+        "--no-openvino",
+        dest="openvino",
+        action="store_false",
+        help="skip the OpenVINO runtime (measured by default when it is installed)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     args = parser.parse_args()
     if args.openvino:
@@ -235,8 +265,14 @@ def main() -> None:
             predicted = predict_speed(run_dir, fresh, best_batch)
             measured = {"model_alone": alone, "ours": end_to_end, "naive": loop, "predict": predicted}
             if args.openvino:
-                measured["ours_openvino"] = ours(spec, work / "photos", work / f"ov-cache-{round_number}", best_batch,
-                                                 runtime="openvino", converted=work / "ov-converted")["images_per_second"]
+                measured["ours_openvino"] = ours(
+                    spec,
+                    work / "photos",
+                    work / f"ov-cache-{round_number}",
+                    best_batch,
+                    runtime="openvino",
+                    converted=work / "ov-converted",
+                )["images_per_second"]
             rounds.append(measured)
         figures["rounds"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
         figures["model_alone_images_per_second"] = round(median([r["model_alone"] for r in rounds]), 2)
@@ -252,7 +288,9 @@ def main() -> None:
             figures["matmul_peak_gflops"] = round(peak, 1)
             figures["physical_limit_images_per_second"] = round(limit, 2)
             figures["ours_openvino_images_per_second"] = round(median([r["ours_openvino"] for r in rounds]), 2)
-            figures["ours_openvino_vs_model_alone"] = round(median([r["ours_openvino"] / r["model_alone"] for r in rounds]), 3)
+            figures["ours_openvino_vs_model_alone"] = round(
+                median([r["ours_openvino"] / r["model_alone"] for r in rounds]), 3
+            )
             figures["ours_openvino_vs_physical_limit"] = round(figures["ours_openvino_images_per_second"] / limit, 3)
         figures["rerun_unchanged_seconds"] = round(cli_rerun_seconds(work / "photos", work / "cache-0", spec), 2)
         if args.rerun_images:
@@ -269,7 +307,10 @@ def print_table(figures: dict) -> None:
     sweep = figures["model_alone_sweep_images_per_second"]
     rows = [("model alone, batch sweep", ", ".join(f"{b}: {v:.2f}" for b, v in sweep.items()) + " images/s")]
     rows += [
-        (f"model alone, batch {best} (median of {len(figures['rounds'])})", f"{figures['model_alone_images_per_second']:.2f} images/s"),
+        (
+            f"model alone, batch {best} (median of {len(figures['rounds'])})",
+            f"{figures['model_alone_images_per_second']:.2f} images/s",
+        ),
         (f"bottleneck features, batch {best}", f"{figures['ours_images_per_second']:.2f} images/s"),
         ("naive loop (retrain.py style)", f"{figures['naive_images_per_second']:.2f} images/s"),
         ("ours / model alone (paired median)", f"{figures['ours_vs_model_alone']:.3f}"),
@@ -280,10 +321,15 @@ def print_table(figures: dict) -> None:
     ]
     if "ours_openvino_images_per_second" in figures:
         rows += [
-            (f"bottleneck features --runtime openvino, batch {best}", f"{figures['ours_openvino_images_per_second']:.2f} images/s"),
+            (
+                f"bottleneck features --runtime openvino, batch {best}",
+                f"{figures['ours_openvino_images_per_second']:.2f} images/s",
+            ),
             ("openvino ours / TF model alone (paired median)", f"{figures['ours_openvino_vs_model_alone']:.3f}"),
-            (f"physical limit ({figures['matmul_peak_gflops']} GFLOP/s matmul peak)",
-             f"{figures['physical_limit_images_per_second']:.2f} images/s"),
+            (
+                f"physical limit ({figures['matmul_peak_gflops']} GFLOP/s matmul peak)",
+                f"{figures['physical_limit_images_per_second']:.2f} images/s",
+            ),
             ("openvino ours / physical limit", f"{figures['ours_openvino_vs_physical_limit']:.3f}"),
         ]
     if "rerun_at_scale" in figures:
@@ -291,8 +337,12 @@ def print_table(figures: dict) -> None:
         rows.append((f"unchanged rerun, {scale['images']:,} images", f"{scale['unchanged_rerun_seconds']:.2f} s"))
     if "cache_read" in figures:
         read = figures["cache_read"]
-        rows.append((f"load {read['rows']:,} x 2048 features ({read['megabytes']} MB)",
-                     f"{read['load_mb_per_second']} MB/s (raw read of the file: {read['raw_read_mb_per_second']} MB/s)"))
+        rows.append(
+            (
+                f"load {read['rows']:,} x 2048 features ({read['megabytes']} MB)",
+                f"{read['load_mb_per_second']} MB/s (raw read of the file: {read['raw_read_mb_per_second']} MB/s)",
+            )
+        )
         rows.append((f"logreg head on {read['rows']:,} x 2048", f"{read['logreg_train_seconds']} s"))
     width = max(len(r[0]) for r in rows)
     print(f"\nInceptionV3 at {figures['image_size']}x{figures['image_size']}, {figures['cores']} cores, one run:")

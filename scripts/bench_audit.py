@@ -7,6 +7,7 @@ have, under a backbone named by a stand-in weights file: class clusters with spr
 near-duplicate pairs (half of them across splits), label flips and far outliers. The audit itself
 runs as the real command in a new process; recall and precision on the planted cases are reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def write_images(data: Path, count: int, classes: int) -> list[tuple[str, str, s
     return rows
 
 
-def synthetic_features(labels: list[str], classes: int, dim: int, planted: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+def synthetic_features(
+    labels: list[str], classes: int, dim: int, planted: int, seed: int = 0
+) -> tuple[np.ndarray, dict]:
     """Class clusters, and planted near-duplicates, label flips (rows drawn from another class) and outliers."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (classes, dim)).astype(np.float32)
@@ -56,7 +59,11 @@ def synthetic_features(labels: list[str], classes: int, dim: int, planted: int, 
         other = (y[row] + 1 + rng.integers(0, classes - 1)) % classes
         X[row] = np.maximum(centres[other] + rng.normal(0, 1.6, dim), 0)
     X[outliers] = np.maximum(rng.normal(0, 6.0, (planted, dim)), 0)
-    return X, {"duplicates": list(zip(dup_a.tolist(), dup_b.tolist())), "flips": flips.tolist(), "outliers": outliers.tolist()}
+    return X, {
+        "duplicates": list(zip(dup_a.tolist(), dup_b.tolist())),
+        "flips": flips.tolist(),
+        "outliers": outliers.tolist(),
+    }
 
 
 def write_store(cache: Path, spec: BackboneSpec, rows: list[tuple[str, str, str]], X: np.ndarray, data: Path) -> None:
@@ -69,7 +76,9 @@ def write_store(cache: Path, spec: BackboneSpec, rows: list[tuple[str, str, str]
         with store.writer() as writer:
             for start in range(0, len(rows), 8192):
                 part = rows[start : start + 8192]
-                writer.commit([h for _, _, h in part], X[start : start + len(part)], [str(data / p) for p, _, _ in part])
+                writer.commit(
+                    [h for _, _, h in part], X[start : start + len(part)], [str(data / p) for p, _, _ in part]
+                )
             writer.finish()
     finally:
         index.close()
@@ -82,7 +91,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--planted", type=int, default=100, help="pairs, flips and outliers planted, of each")
     parser.add_argument("--out", default="cache/bench-audit")
-    parser.add_argument("--max-memory", default="512M", help="the audit's --max-memory: features over it are read in chunks")
+    parser.add_argument(
+        "--max-memory", default="512M", help="the audit's --max-memory: features over it are read in chunks"
+    )
     args = parser.parse_args()
     work = Path(args.out)
     data, cache = work / "data", work / "cache"
@@ -94,16 +105,38 @@ def main() -> None:
     rows = write_images(data, args.images, args.classes)
     X, planted = synthetic_features([label for _, label, _ in rows], args.classes, args.dim, args.planted)
     write_store(cache, spec, rows, X, data)
-    print(f"{args.images} images and their {args.dim}-d store written in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"{args.images} images and their {args.dim}-d store written in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     del X
 
-    argv = ["audit", "--data", str(data), "--cache", str(cache), "--weights", str(weights), "--image-size", "75",
-            "--out", str(work / "audit"), "--json", "--max-memory", args.max_memory]
+    argv = [
+        "audit",
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--weights",
+        str(weights),
+        "--image-size",
+        "75",
+        "--out",
+        str(work / "audit"),
+        "--json",
+        "--max-memory",
+        args.max_memory,
+    ]
     # The child reports its own peak (VmHWM of its address space): a parent's ru_maxrss of children would count
     # this process's pages, which the child holds for an instant between fork and exec.
-    command = [sys.executable, "-c", "import sys, re; from bottleneck.cli import main; code = main(sys.argv[1:]); "
-               "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr); "
-               "sys.exit(code)", *argv]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys, re; from bottleneck.cli import main; code = main(sys.argv[1:]); "
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr); "
+        "sys.exit(code)",
+        *argv,
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - started
@@ -124,21 +157,35 @@ def main() -> None:
 
     def score(found: set, wanted: set) -> dict:
         hits = len(found & wanted)
-        return {"recall": round(hits / len(wanted), 3), "precision": round(hits / len(found), 3) if found else None,
-                "found": len(found)}
+        return {
+            "recall": round(hits / len(wanted), 3),
+            "precision": round(hits / len(found), 3) if found else None,
+            "found": len(found),
+        }
 
-    summary = {"images": args.images, "dim": args.dim, "seconds": round(seconds, 1), "peak_rss_mib": round(peak_mib),
-               "stages": result["seconds"], "near_duplicates": score(found_pairs, want_pairs),
-               "label_issues": score(found_issues, want_issues), "outliers": score(found_outliers, want_outliers),
-               "far_out_outliers": score(far_out, want_outliers),
-               "planted_outliers_in_the_top_ranks": round(len(top_outliers & want_outliers) / len(want_outliers), 3),
-               "planted_flips_and_outliers_in_the_top_ranks": round(len(top_issues & (want_issues | want_outliers))
-                                                                     / len(top_issues), 3) if top_issues else None,
-               "max_memory": args.max_memory,
-               # noise outliers belong to no class, so confident learning rightly flags their labels too
-               "label_issues_precision_counting_outliers": round(len(found_issues & (want_issues | want_outliers))
-                                                                 / max(1, len(found_issues)), 3),
-               "cpu_cores": os.cpu_count()}
+    summary = {
+        "images": args.images,
+        "dim": args.dim,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(peak_mib),
+        "stages": result["seconds"],
+        "near_duplicates": score(found_pairs, want_pairs),
+        "label_issues": score(found_issues, want_issues),
+        "outliers": score(found_outliers, want_outliers),
+        "far_out_outliers": score(far_out, want_outliers),
+        "planted_outliers_in_the_top_ranks": round(len(top_outliers & want_outliers) / len(want_outliers), 3),
+        "planted_flips_and_outliers_in_the_top_ranks": round(
+            len(top_issues & (want_issues | want_outliers)) / len(top_issues), 3
+        )
+        if top_issues
+        else None,
+        "max_memory": args.max_memory,
+        # noise outliers belong to no class, so confident learning rightly flags their labels too
+        "label_issues_precision_counting_outliers": round(
+            len(found_issues & (want_issues | want_outliers)) / max(1, len(found_issues)), 3
+        ),
+        "cpu_cores": os.cpu_count(),
+    }
     (work / "results.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

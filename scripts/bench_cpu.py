@@ -15,6 +15,7 @@ InceptionV3's 11.4 GFLOP per 299x299 image. Measured in paired rounds, medians r
   OpenVINO's own kernels on one large MatMul (int8: the MatMul quantized by NNCF), over InceptionV3's
   11.4 G(FL)OP per image; and decoding alone, the stage that counts once the model is fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,13 @@ def onnx_session(work: Path, size: int, reference):
         return None, "onnxruntime not installed"
     path = work / "inception.onnx"
     if not path.exists():
-        done = subprocess.run([sys.executable, "-c", _EXPORT_ONNX, str(path), str(size)], capture_output=True, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, "-c", _EXPORT_ONNX, str(path), str(size)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"},
+            cwd=ROOT,
+        )
         if done.returncode:
             return None, "export failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -89,13 +95,21 @@ def onnx_session(work: Path, size: int, reference):
     pixels, expected = reference
     got = run(pixels)
     spread = np.median(np.linalg.norm(expected - expected.mean(0), axis=1))
-    return run, f"features off TensorFlow's by {np.linalg.norm(got - expected, axis=1).max() / spread:.1e} of the spread"
+    return (
+        run,
+        f"features off TensorFlow's by {np.linalg.norm(got - expected, axis=1).max() / spread:.1e} of the spread",
+    )
 
 
 #: Convolutions shaped like InceptionV3's (channels in, out, height and width, kernel, batch): the peak in a
 #: precision is the fastest of them, as OpenVINO's own kernels run them.
-PEAK_CONVOLUTIONS = ((512, 512, 56, 1, 4), (256, 256, 28, 3, 8), (192, 192, 35, 3, 8), (384, 384, 17, 3, 16),
-                     (64, 64, 147, 3, 2))
+PEAK_CONVOLUTIONS = (
+    (512, 512, 56, 1, 4),
+    (256, 256, 28, 3, 8),
+    (192, 192, 35, 3, 8),
+    (384, 384, 17, 3, 16),
+    (64, 64, 147, 3, 2),
+)
 
 
 def openvino_peak(precision: str, repeats: int = 5) -> float:
@@ -124,8 +138,9 @@ def openvino_peak(precision: str, repeats: int = 5) -> float:
             import nncf
 
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                model = nncf.quantize(model, nncf.Dataset([data]), subset_size=1,
-                                      preset=nncf.QuantizationPreset.PERFORMANCE)
+                model = nncf.quantize(
+                    model, nncf.Dataset([data]), subset_size=1, preset=nncf.QuantizationPreset.PERFORMANCE
+                )
         compiled = compile_on_cpu(model, precision)
         compiled(data)
         started = time.perf_counter()
@@ -153,10 +168,10 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
     """For each OpenVINO precision this CPU runs: its limit, the model alone and end to end (images/s)."""
     from dataclasses import replace
 
-    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities
-    from bottleneck.features.calibration import settle_calibration
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.spec import BackboneSpec
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.features.discover import discover_images
 
     spec = BackboneSpec(weights="none")
@@ -166,8 +181,12 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
         chosen = replace(spec, precision=precision)
         started = time.monotonic()
         if precision == "int8":  # calibrated once on the photos and kept in the work folder, like a cache
-            chosen = settle_calibration(chosen, work, [image.path for image in discover_images(photos).images],
-                                        log=lambda line: print(line, flush=True))
+            chosen = settle_calibration(
+                chosen,
+                work,
+                [image.path for image in discover_images(photos).images],
+                log=lambda line: print(line, flush=True),
+            )
         model = get_feature_model(chosen, "openvino", work)
         prepared = time.monotonic() - started
         links = [work / name for name in os.listdir(work) if name.endswith(".openvino")]
@@ -178,9 +197,12 @@ def precision_rows(photos: Path, work: Path, batch: np.ndarray, calls: int, batc
 
             result = extract_features(photos, cache, chosen, batch_size=batch_size, runtime="openvino")
             end_to_end = result.computed / result.seconds
-        rows[precision] = {"limit": openvino_peak(precision) / GFLOP_PER_IMAGE,
-                           "model": images_per_second(model, batch, calls), "end_to_end": end_to_end,
-                           "prepare_s": round(prepared, 1)}
+        rows[precision] = {
+            "limit": openvino_peak(precision) / GFLOP_PER_IMAGE,
+            "model": images_per_second(model, batch, calls),
+            "end_to_end": end_to_end,
+            "prepare_s": round(prepared, 1),
+        }
     return rows
 
 
@@ -194,11 +216,13 @@ def runtime_rounds(photos: Path, work: Path, spec, batch: np.ndarray, calls: int
     onnx_run, onnx_note = onnx_session(work, spec.input_size, (batch[:4], keras_model(batch[:4])))
     rounds = []
     for number in range(args.rounds):
-        measured = {"limit": matmul_peak_gflops() / GFLOP_PER_IMAGE,
-                    "openvino_model": images_per_second(openvino_model, batch, calls),
-                    "openvino_end_to_end": end_to_end(photos, spec, "openvino", args.batch_size, converted),
-                    "tensorflow_model": images_per_second(keras_model, batch, calls),
-                    "tensorflow_end_to_end": end_to_end(photos, spec, "keras", args.batch_size, None)}
+        measured = {
+            "limit": matmul_peak_gflops() / GFLOP_PER_IMAGE,
+            "openvino_model": images_per_second(openvino_model, batch, calls),
+            "openvino_end_to_end": end_to_end(photos, spec, "openvino", args.batch_size, converted),
+            "tensorflow_model": images_per_second(keras_model, batch, calls),
+            "tensorflow_end_to_end": end_to_end(photos, spec, "keras", args.batch_size, None),
+        }
         if onnx_run is not None:
             measured["onnxruntime_model"] = images_per_second(onnx_run, batch, calls)
         rounds.append(measured)
@@ -238,23 +262,35 @@ def main() -> None:
         per_precision[name]["model_vs_limit"] = round(median(r["model"] / r["limit"] for r in runs), 3)
         per_precision[name]["end_to_end_vs_limit"] = round(median(r["end_to_end"] / r["limit"] for r in runs), 3)
         per_precision[name]["end_to_end_vs_model"] = round(median(r["end_to_end"] / r["model"] for r in runs), 3)
-        per_precision[name]["end_to_end_vs_float32"] = round(median(
-            r["end_to_end"] / round_["float32"]["end_to_end"] for r, round_ in zip(runs, precisions)), 3)
+        per_precision[name]["end_to_end_vs_float32"] = round(
+            median(r["end_to_end"] / round_["float32"]["end_to_end"] for r, round_ in zip(runs, precisions)), 3
+        )
         per_precision[name]["first_run_prepare_s"] = runs[0]["prepare_s"]
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in per_precision[name].items()), flush=True)
     decoding = median(decode_only(photos, size, os.cpu_count() or 1) for _ in range(args.rounds))
     figures, ratios = {}, {}
     if rounds:
         figures = {name: round(median(r[name] for r in rounds), 2) for name in rounds[0]}
-        ratios = {f"{name}_vs_limit": round(median(r[name] / r["limit"] for r in rounds), 3)
-                  for name in rounds[0] if name != "limit"}
-        ratios["openvino_end_to_end_vs_model"] = round(median(r["openvino_end_to_end"] / r["openvino_model"]
-                                                              for r in rounds), 3)
-    summary = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "batch_size": args.batch_size,
-               "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(("avx512", "amx", "avx_vnni", "avx2"))),
-               "openvino_capabilities": list(cpu_capabilities()),
-               "images_per_second": figures, "ratios": ratios, "onnx": onnx_note,
-               "per_precision": per_precision, "decode_only_images_per_second": round(decoding, 1)}
+        ratios = {
+            f"{name}_vs_limit": round(median(r[name] / r["limit"] for r in rounds), 3)
+            for name in rounds[0]
+            if name != "limit"
+        }
+        ratios["openvino_end_to_end_vs_model"] = round(
+            median(r["openvino_end_to_end"] / r["openvino_model"] for r in rounds), 3
+        )
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_cores": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(("avx512", "amx", "avx_vnni", "avx2"))),
+        "openvino_capabilities": list(cpu_capabilities()),
+        "images_per_second": figures,
+        "ratios": ratios,
+        "onnx": onnx_note,
+        "per_precision": per_precision,
+        "decode_only_images_per_second": round(decoding, 1),
+    }
     (work / "results.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

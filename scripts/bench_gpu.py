@@ -13,6 +13,7 @@ precision is measured where the backend sees a GPU. Reference: Keras' applicatio
 InceptionV3 6.9 ms per batch of 32 on a GPU (about 4,600 images/s). Runs on a CPU too (small
 `--images`), as a smoke test and for the per-backend CPU figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,12 +92,24 @@ def worker(args: argparse.Namespace) -> dict:
         for batch_size in args.batch_sizes:
             model_only = measure_model(model, batch_size, args.images, size)
             end_to_end = measure_end_to_end(data, spec, batch_size, workers)
-            rows.append({"precision": precision, "batch_size": batch_size, "model_only": round(model_only, 1),
-                         "end_to_end": round(end_to_end, 1), "end_to_end_vs_model": round(end_to_end / model_only, 3),
-                         "limit": "decode" if decode < model_only else "model"})
+            rows.append(
+                {
+                    "precision": precision,
+                    "batch_size": batch_size,
+                    "model_only": round(model_only, 1),
+                    "end_to_end": round(end_to_end, 1),
+                    "end_to_end_vs_model": round(end_to_end / model_only, 3),
+                    "limit": "decode" if decode < model_only else "model",
+                }
+            )
             print(json.dumps({"progress": rows[-1], "backend": backend}), file=sys.stderr, flush=True)
-    return {"backend": backend, "devices": list(devices) or ["CPU"], "cpu_cores": workers,
-            "decode_images_per_second": round(decode, 1), "rows": rows}
+    return {
+        "backend": backend,
+        "devices": list(devices) or ["CPU"],
+        "cpu_cores": workers,
+        "decode_images_per_second": round(decode, 1),
+        "rows": rows,
+    }
 
 
 def installed_backends() -> list[str]:
@@ -106,18 +119,24 @@ def installed_backends() -> list[str]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'backend':<11} {'device':<28} {'precision':<9} {'batch':>5} {'decode/s':>9} {'model/s':>9} "
-          f"{'end-to-end/s':>12} {'e2e/model':>9}  limit")
+    print(
+        f"\n{'backend':<11} {'device':<28} {'precision':<9} {'batch':>5} {'decode/s':>9} {'model/s':>9} "
+        f"{'end-to-end/s':>12} {'e2e/model':>9}  limit"
+    )
     for result in results:
         if "error" in result:
             print(f"{result['backend']:<11} error: {result['error']}")
             continue
         for row in result["rows"]:
-            print(f"{result['backend']:<11} {result['devices'][0][:28]:<28} {row['precision']:<9} {row['batch_size']:>5} "
-                  f"{result['decode_images_per_second']:>9.1f} {row['model_only']:>9.1f} {row['end_to_end']:>12.1f} "
-                  f"{row['end_to_end_vs_model']:>9.3f}  {row['limit']}")
-    print(f"Keras' reference: {KERAS_REFERENCE['model']} {KERAS_REFERENCE['ms_per_batch_of_32']} ms per batch of 32 "
-          f"on its GPU (about {KERAS_REFERENCE['images_per_second']} images/s)")
+            print(
+                f"{result['backend']:<11} {result['devices'][0][:28]:<28} {row['precision']:<9} {row['batch_size']:>5} "
+                f"{result['decode_images_per_second']:>9.1f} {row['model_only']:>9.1f} {row['end_to_end']:>12.1f} "
+                f"{row['end_to_end_vs_model']:>9.3f}  {row['limit']}"
+            )
+    print(
+        f"Keras' reference: {KERAS_REFERENCE['model']} {KERAS_REFERENCE['ms_per_batch_of_32']} ms per batch of 32 "
+        f"on its GPU (about {KERAS_REFERENCE['images_per_second']} images/s)"
+    )
 
 
 def main() -> None:
@@ -146,17 +165,39 @@ def main() -> None:
         shutil.rmtree(photos, ignore_errors=True)
         make_photos(photos, args.images)
     results = []
-    for backend in (args.backends.split(",") if args.backends else installed_backends()):
-        command = [sys.executable, __file__, "--backend", backend, "--photos", str(photos), "--backbone", args.backbone,
-                   "--image-size", str(args.image_size), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
-                   "--images", str(args.images)] + (["--float32-only"] if args.float32_only else [])
+    for backend in args.backends.split(",") if args.backends else installed_backends():
+        command = [
+            sys.executable,
+            __file__,
+            "--backend",
+            backend,
+            "--photos",
+            str(photos),
+            "--backbone",
+            args.backbone,
+            "--image-size",
+            str(args.image_size),
+            "--batch-sizes",
+            ",".join(map(str, args.batch_sizes)),
+            "--images",
+            str(args.images),
+        ] + (["--float32-only"] if args.float32_only else [])
         env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         lines = done.stdout.strip().splitlines()
-        results.append(json.loads(lines[-1]) if done.returncode == 0 and lines else
-                       {"backend": backend, "error": f"exit {done.returncode}"})
-    summary = {"date": time.strftime("%Y-%m-%d"), "images": args.images, "image_size": args.image_size,
-               "backbone": args.backbone, "keras_reference": KERAS_REFERENCE, "results": results}
+        results.append(
+            json.loads(lines[-1])
+            if done.returncode == 0 and lines
+            else {"backend": backend, "error": f"exit {done.returncode}"}
+        )
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "images": args.images,
+        "image_size": args.image_size,
+        "backbone": args.backbone,
+        "keras_reference": KERAS_REFERENCE,
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print_table(results)
     print(f"wrote {out / 'results.json'}")

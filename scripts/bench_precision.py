@@ -11,6 +11,7 @@ features' relative error against float32, the agreement of each test image's nea
 neighbour, and a logreg head's test accuracy on two splits: the demo's (10 labelled images per
 class) and half the images labelled, half tested (seeded, 50/50).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def decoded(images, size: int) -> np.ndarray:
 
 
 def batched(model, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([np.asarray(model(pixels[i:i + batch]), np.float32) for i in range(0, len(pixels), batch)])
+    return np.concatenate([np.asarray(model(pixels[i : i + batch]), np.float32) for i in range(0, len(pixels), batch)])
 
 
 def emulated_bf16(spec, pixels: np.ndarray) -> np.ndarray:
@@ -68,6 +69,7 @@ def emulated_bf16(spec, pixels: np.ndarray) -> np.ndarray:
 
 def nearest_neighbour_agreement(exact: np.ndarray, approx: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
     """The share of test images whose nearest training image (cosine) is the same in both feature sets."""
+
     def nearest(features):
         unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
         return np.argmax(unit[test] @ unit[train].T, axis=1)
@@ -90,19 +92,21 @@ def splits(images, target: Path, split_file: Path) -> dict[str, tuple[np.ndarray
     demo = np.array([recorded[image.relpath][1] if image.relpath in recorded else "" for image in images])
     default = assign_splits([(image.relpath, image.label) for image in images], SplitConfig(val_pct=0, test_pct=50))
     drawn = np.array([default[image.relpath] for image in images])
-    return {"demo split (10 labels per class)": (demo == "train", demo == "test"),
-            "half labelled (50/50)": (drawn == "train", drawn == "test")}
+    return {
+        "demo split (10 labels per class)": (demo == "train", demo == "test"),
+        "half labelled (50/50)": (drawn == "train", drawn == "test"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="cache/bench-precision", help="work folder (bases, digits, cache)")
     args = parser.parse_args()
-    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.openvino import cpu_capabilities, cpu_flags
-    from bottleneck.features.calibration import settle_calibration
+    from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.backbones.spec import BackboneSpec
     from bottleneck.demo import SOURCES, DemoConfig, _bases, _prepare_digits
+    from bottleneck.features.calibration import settle_calibration
     from bottleneck.features.discover import discover_images
 
     work = Path(args.out)
@@ -113,34 +117,50 @@ def main() -> None:
     images = discover_images(target).images
     labels = np.array([image.label for image in images])
     masks = splits(images, target, split_file)
-    results = {"date": time.strftime("%Y-%m-%d"), "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(
-        ("avx512", "amx", "avx_vnni", "avx2"))), "openvino_capabilities": list(cpu_capabilities()), "bases": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni", "avx2"))),
+        "openvino_capabilities": list(cpu_capabilities()),
+        "bases": {},
+    }
     for source in SOURCES:
         spec = BackboneSpec(architecture=str(bases[source.key]), layer="features")
         pixels = decoded(images, spec.input_size)
         exact = batched(get_feature_model(spec, "openvino", cache), pixels)
         variants = {"float32 (Keras)": batched(get_feature_model(spec, "keras"), pixels)}
         started = time.monotonic()
-        int8 = settle_calibration(replace(spec, precision="int8"), cache, calibration_dir=str(sources[source.key]),
-                                  log=print)
+        int8 = settle_calibration(
+            replace(spec, precision="int8"), cache, calibration_dir=str(sources[source.key]), log=print
+        )
         variants["int8 (OpenVINO, NNCF)"] = batched(get_feature_model(int8, "openvino", cache), pixels)
         quantize_s = time.monotonic() - started
         if "BF16" in cpu_capabilities():
-            variants["bf16 (OpenVINO)"] = batched(get_feature_model(replace(spec, precision="bf16"), "openvino", cache),
-                                                  pixels)
+            variants["bf16 (OpenVINO)"] = batched(
+                get_feature_model(replace(spec, precision="bf16"), "openvino", cache), pixels
+            )
         variants["bf16 emulated (Keras mixed_bfloat16)"] = emulated_bf16(spec, pixels)
-        rows = {"float32 (OpenVINO)": {"relative_error": 0.0, "nn_agreement": 1.0,
-                                       **{name: test_accuracy(exact, labels, *m) for name, m in masks.items()}}}
+        rows = {
+            "float32 (OpenVINO)": {
+                "relative_error": 0.0,
+                "nn_agreement": 1.0,
+                **{name: test_accuracy(exact, labels, *m) for name, m in masks.items()},
+            }
+        }
         train, test = masks["half labelled (50/50)"]
         for name, features in variants.items():
             relative = np.linalg.norm(features - exact, axis=1) / np.maximum(np.linalg.norm(exact, axis=1), 1e-12)
-            rows[name] = {"relative_error": float(np.median(relative)),
-                          "nn_agreement": nearest_neighbour_agreement(exact, features, train, test),
-                          **{split: test_accuracy(features, labels, *m) for split, m in masks.items()}}
+            rows[name] = {
+                "relative_error": float(np.median(relative)),
+                "nn_agreement": nearest_neighbour_agreement(exact, features, train, test),
+                **{split: test_accuracy(features, labels, *m) for split, m in masks.items()},
+            }
         results["bases"][source.description] = {"rows": rows, "int8_quantize_s": round(quantize_s, 1)}
         for name, row in rows.items():
-            print(f"{source.description:>26} | {name:<38} | " + " | ".join(
-                f"{key} {value:.4g}" for key, value in row.items()), flush=True)
+            print(
+                f"{source.description:>26} | {name:<38} | "
+                + " | ".join(f"{key} {value:.4g}" for key, value in row.items()),
+                flush=True,
+            )
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

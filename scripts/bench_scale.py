@@ -24,6 +24,7 @@ extracted with the `pixels` backbone: the rerun time per file, scaled to 10k ima
 
 Prints a markdown table, writes `OUT/results.json` and a log-log plot (`--plot`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,7 @@ def log(message: str) -> None:
 
 # ---- measuring ---------------------------------------------------------------------------------
 
+
 def io_counters() -> dict[str, int]:
     try:
         with open("/proc/self/io", encoding="ascii") as handle:
@@ -92,7 +94,7 @@ def pick_write_counter() -> str:
 class Meter:
     """Wall time and bytes written by this process inside a `with` block."""
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         self._io = io_counters()
         self._t = time.perf_counter()
         return self
@@ -138,6 +140,7 @@ def drop_from_page_cache(paths) -> None:
 
 # ---- synthetic rows ----------------------------------------------------------------------------
 
+
 def centres(dim: int) -> np.ndarray:
     return (np.random.default_rng(SEED).standard_normal((CLASSES, dim)) * 0.1).astype(np.float32)
 
@@ -156,12 +159,21 @@ def synthetic_rows(start: int, stop: int, dim: int, centre: np.ndarray):
 def open_store(cache: Path, dim: int):
     from bottleneck.features.store import FeatureStore
 
-    attrs = {"architecture": "synthetic", "feature_dim": dim, "pretrained": True, "warning": "",
-             "input_size": 0, "pooling": "avg", "layer": "", "preprocessing": "none"}
+    attrs = {
+        "architecture": "synthetic",
+        "feature_dim": dim,
+        "pretrained": True,
+        "warning": "",
+        "input_size": 0,
+        "pooling": "avg",
+        "layer": "",
+        "preprocessing": "none",
+    }
     return FeatureStore(cache, FINGERPRINT, dim, attrs, dtype="float32")
 
 
 # ---- the steps ---------------------------------------------------------------------------------
+
 
 def build(store, n: int, dim: int, centre: np.ndarray) -> dict:
     generate = write = 0.0
@@ -179,8 +191,13 @@ def build(store, n: int, dim: int, centre: np.ndarray) -> dict:
     with Meter() as m:
         with store.writer() as writer:
             writer.finish()
-    return {"generate_s": generate, "write_segments_s": write, "index_s": m.seconds,
-            "bytes_written": written + m.written, "segments": -(-n // SEGMENT_ROWS)}
+    return {
+        "generate_s": generate,
+        "write_segments_s": write,
+        "index_s": m.seconds,
+        "bytes_written": written + m.written,
+        "segments": -(-n // SEGMENT_ROWS),
+    }
 
 
 def add_rows(store, start: int, dim: int, centre: np.ndarray) -> dict:
@@ -194,17 +211,27 @@ def add_rows(store, start: int, dim: int, centre: np.ndarray) -> dict:
         try:
             with Meter() as committing:
                 for at in range(0, ADD_ROWS, COMMIT_ROWS):
-                    writer.commit(hashes[at : at + COMMIT_ROWS], features[at : at + COMMIT_ROWS], paths[at : at + COMMIT_ROWS])
+                    writer.commit(
+                        hashes[at : at + COMMIT_ROWS], features[at : at + COMMIT_ROWS], paths[at : at + COMMIT_ROWS]
+                    )
             with Meter() as finishing:
                 writer.finish()
         finally:
             context.__exit__(None, None, None)
     new = [p for p in store.segment_files() if p.name not in before]
-    return {"seconds": total.seconds, "bytes_written": total.written, "open_s": opening.seconds,
-            "open_bytes": opening.written, "commit_s": committing.seconds, "commit_bytes": committing.written,
-            "finish_s": finishing.seconds, "finish_bytes": finishing.written,
-            "new_segment_rows": [_rows_of(p) for p in new], "index_bytes": store.path.stat().st_size,
-            "payload_bytes": ADD_ROWS * dim * 4}
+    return {
+        "seconds": total.seconds,
+        "bytes_written": total.written,
+        "open_s": opening.seconds,
+        "open_bytes": opening.written,
+        "commit_s": committing.seconds,
+        "commit_bytes": committing.written,
+        "finish_s": finishing.seconds,
+        "finish_bytes": finishing.written,
+        "new_segment_rows": [_rows_of(p) for p in new],
+        "index_bytes": store.path.stat().st_size,
+        "payload_bytes": ADD_ROWS * dim * 4,
+    }
 
 
 def _rows_of(path: Path) -> int:
@@ -229,8 +256,14 @@ def unchanged(store, repeats: int = 3) -> dict:
     t = time.perf_counter()
     store.index()
     index_s = time.perf_counter() - t
-    return {"finish_s": median([r[0] for r in runs]), "finish_bytes": max(r[1] for r in runs),
-            "changed": any(r[2] for r in runs), "known_s": median(known), "index_s": index_s, "rows": len(hashes)}
+    return {
+        "finish_s": median([r[0] for r in runs]),
+        "finish_bytes": max(r[1] for r in runs),
+        "changed": any(r[2] for r in runs),
+        "known_s": median(known),
+        "index_s": index_s,
+        "rows": len(hashes),
+    }
 
 
 def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
@@ -255,8 +288,12 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
         chunks += 1
     seconds = time.perf_counter() - t
     del block
-    out.update(stream_s=seconds, stream_MBps=rows * dim * 4 / MB / seconds, stream_rows_per_s=rows / seconds,
-               stream_chunks=chunks)
+    out.update(
+        stream_s=seconds,
+        stream_MBps=rows * dim * 4 / MB / seconds,
+        stream_rows_per_s=rows / seconds,
+        stream_chunks=chunks,
+    )
     import h5py
 
     drop_from_page_cache(store.files())
@@ -279,8 +316,22 @@ def reads(store, rows: int, dim: int, load_fraction: float) -> dict:
 
 def head(cache: Path, rows: int, dim: int, max_memory: str, iters: int, kind: str = "logreg") -> dict:
     """Train a head in a subprocess on every row; its peak RSS is its own VmHWM."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--head-worker", str(cache), "--dim", str(dim),
-               "--rows", str(rows), "--max-memory", max_memory, "--head-iters", str(iters), "--head", kind]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--head-worker",
+        str(cache),
+        "--dim",
+        str(dim),
+        "--rows",
+        str(rows),
+        "--max-memory",
+        max_memory,
+        "--head-iters",
+        str(iters),
+        "--head",
+        kind,
+    ]
     t = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     wall = time.perf_counter() - t
@@ -329,11 +380,26 @@ def head_worker(args) -> None:
     sample.sort()
     accuracy = float(np.mean(model.predict(rows.take(sample)) == y[sample]))
     peak = peak_rss()
-    print(json.dumps({"rows": n, "mode": plan.mode, "chunk_rows": plan.chunk_rows, "max_memory_bytes": budget,
-                      "index_s": index_s, "read_s": read_s, "fit_s": fit_s, "passes": passes,
-                      "seconds_per_pass": (fit_s + read_s) / passes if passes else None,
-                      "converged": getattr(model, "converged_", None), "train_accuracy_sample": accuracy,
-                      "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "solver": getattr(model, "solver_", None)}))
+    print(
+        json.dumps(
+            {
+                "rows": n,
+                "mode": plan.mode,
+                "chunk_rows": plan.chunk_rows,
+                "max_memory_bytes": budget,
+                "index_s": index_s,
+                "read_s": read_s,
+                "fit_s": fit_s,
+                "passes": passes,
+                "seconds_per_pass": (fit_s + read_s) / passes if passes else None,
+                "converged": getattr(model, "converged_", None),
+                "train_accuracy_sample": accuracy,
+                "baseline_rss_bytes": baseline,
+                "peak_rss_bytes": peak,
+                "solver": getattr(model, "solver_", None),
+            }
+        )
+    )
 
 
 def file_system(work: Path, files: int, repeats: int = 3) -> dict:
@@ -362,16 +428,36 @@ def file_system(work: Path, files: int, repeats: int = 3) -> dict:
         assert again.computed == 0 and again.reused == files, (again.computed, again.reused)
         times.append((m.seconds, m.written))
     t = time.perf_counter()
-    cli = subprocess.run([str(Path(sys.executable).parent / "bottleneck"), "features", str(data), "--cache", str(cache),
-                          "--backbone", "pixels", "--image-size", "8"], capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "bottleneck"),
+            "features",
+            str(data),
+            "--cache",
+            str(cache),
+            "--backbone",
+            "pixels",
+            "--image-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     cli_s = time.perf_counter() - t
     rerun = median([s for s, _ in times])
-    return {"files": files, "first_extract_s": first_s, "computed": first.computed, "rerun_s": rerun,
-            "rerun_bytes": max(w for _, w in times), "rerun_per_10k_s": rerun / files * 10_000,
-            "cli_rerun_s": cli_s if cli.returncode == 0 else None}
+    return {
+        "files": files,
+        "first_extract_s": first_s,
+        "computed": first.computed,
+        "rerun_s": rerun,
+        "rerun_bytes": max(w for _, w in times),
+        "rerun_per_10k_s": rerun / files * 10_000,
+        "cli_rerun_s": cli_s if cli.returncode == 0 else None,
+    }
 
 
 # ---- report ------------------------------------------------------------------------------------
+
 
 def fmt(value, digits=3):
     if value is None:
@@ -407,23 +493,33 @@ def table(results: dict) -> str:
             head_cell = f"{hd['mode']}, {hd['passes']} passes, {fmt(hd['fit_s'] + hd['read_s'])} s"
         elif hd:
             head_cell = "failed"
-        lines.append("| " + " | ".join([
-            f"{n:,}",
-            f"{entry['store_bytes'] / 2**30:.2f} GiB",
-            (f"{fmt(median([a['seconds'] for a in adds]))} ({fmt(median([a['open_s'] for a in adds]), 2)} / "
-             f"{fmt(median([a['commit_s'] for a in adds]), 2)} / {fmt(median([a['finish_s'] for a in adds]), 2)})") if adds else "–",
-            fmt(statistics.mean(a["bytes_written"] for a in adds) / MB) if adds else "–",
-            f"{fmt(rerun.get('finish_s'))} / {rerun.get('finish_bytes', '–')}" if rerun else "–",
-            fmt(rerun.get("known_s")),
-            fmt(per_10k),
-            fmt(rd.get("load_MBps")) if "load_MBps" in rd else ("skipped" if rd else "–"),
-            fmt(rd.get("stream_MBps")),
-            fmt(rd.get("raw_stream_MBps")),
-            fmt(rd["chunk_warm_s"] * 1000) if "chunk_warm_s" in rd else "–",
-            head_cell,
-            fmt(hd.get("seconds_per_pass")),
-            f"{hd['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in hd else "–",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{n:,}",
+                    f"{entry['store_bytes'] / 2**30:.2f} GiB",
+                    (
+                        f"{fmt(median([a['seconds'] for a in adds]))} ({fmt(median([a['open_s'] for a in adds]), 2)} / "
+                        f"{fmt(median([a['commit_s'] for a in adds]), 2)} / {fmt(median([a['finish_s'] for a in adds]), 2)})"
+                    )
+                    if adds
+                    else "–",
+                    fmt(statistics.mean(a["bytes_written"] for a in adds) / MB) if adds else "–",
+                    f"{fmt(rerun.get('finish_s'))} / {rerun.get('finish_bytes', '–')}" if rerun else "–",
+                    fmt(rerun.get("known_s")),
+                    fmt(per_10k),
+                    fmt(rd.get("load_MBps")) if "load_MBps" in rd else ("skipped" if rd else "–"),
+                    fmt(rd.get("stream_MBps")),
+                    fmt(rd.get("raw_stream_MBps")),
+                    fmt(rd["chunk_warm_s"] * 1000) if "chunk_warm_s" in rd else "–",
+                    head_cell,
+                    fmt(hd.get("seconds_per_pass")),
+                    f"{hd['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in hd else "–",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -451,23 +547,40 @@ def plot(results: dict, target: Path) -> None:
     series(left, [e["reads"].get("stream_s") for e in sizes], "snapshot pass, 16k chunks", "D-")
     series(left, [e["reads"].get("raw_stream_s") for e in sizes], "same chunks, h5py on the index", "d--")
     series(left, [e["reads"].get("chunk_warm_s") for e in sizes], "one 16k chunk (warm)", "x--")
-    series(left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg head: one pass over the rows", "P-")
+    series(
+        left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg head: one pass over the rows", "P-"
+    )
     lo, hi = left.get_ylim()
     anchor = min(v for v in [e["reads"].get("stream_s") or e["unchanged"]["known_s"] for e in sizes])
     left.plot(n, anchor * n / n[0], ":", color="grey", label="O(n) reference")
-    left.set(xscale="log", yscale="log", xlabel="rows in the store", ylabel="seconds",
-             title=f"Time vs store size ({results['dim']} float32 features)")
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="rows in the store",
+        ylabel="seconds",
+        title=f"Time vs store size ({results['dim']} float32 features)",
+    )
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7)
 
-    series(right, [statistics.mean(a["bytes_written"] for a in e["add"]) / MB for e in sizes], "written to add 1,000 rows", "o-")
+    series(
+        right,
+        [statistics.mean(a["bytes_written"] for a in e["add"]) / MB for e in sizes],
+        "written to add 1,000 rows",
+        "o-",
+    )
     series(right, [e["store_bytes"] / MB for e in sizes], "store size on disk", "s-")
     series(right, [e.get("head", {}).get("peak_rss_bytes", 0) / MB for e in sizes], "head training: peak RSS", "P-")
     payload = ADD_ROWS * results["dim"] * 4 / MB
     right.plot(n, [payload] * len(n), ":", color="grey", label="1,000 rows of features (O(new))")
     right.plot(n, sizes[0]["store_bytes"] / MB * n / n[0], "--", color="lightgrey", label="O(n) reference")
-    right.set(xscale="log", yscale="log", xlabel="rows in the store", ylabel="MB",
-              title=f"Bytes vs store size (head --max-memory {results['max_memory']})")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="rows in the store",
+        ylabel="MB",
+        title=f"Bytes vs store size (head --max-memory {results['max_memory']})",
+    )
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=7)
     fig.tight_layout()
@@ -478,6 +591,7 @@ def plot(results: dict, target: Path) -> None:
 
 # ---- main --------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="rows per synthetic store (comma-separated)")
@@ -485,18 +599,32 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke test: sizes 2000,20000 and 300 files")
     parser.add_argument("--files", type=int, default=3000, help="tiny real PNGs for the file-system part of a rerun")
     parser.add_argument("--adds", type=int, default=3, help="additions of 1,000 rows per size")
-    parser.add_argument("--max-memory", default="1G", help="the head's memory budget for features (train-head --max-memory)")
+    parser.add_argument(
+        "--max-memory", default="1G", help="the head's memory budget for features (train-head --max-memory)"
+    )
     parser.add_argument("--head-iters", type=int, default=10, help="L-BFGS iterations (logreg) at most, so 1M finishes")
-    parser.add_argument("--head-iters-large", type=int, default=2,
-                        help="L-BFGS iterations at most above 200k rows (every pass reads the whole store)")
-    parser.add_argument("--load-fraction", type=float, default=0.35,
-                        help="store.load() only where the features fit this share of the available memory")
+    parser.add_argument(
+        "--head-iters-large",
+        type=int,
+        default=2,
+        help="L-BFGS iterations at most above 200k rows (every pass reads the whole store)",
+    )
+    parser.add_argument(
+        "--load-fraction",
+        type=float,
+        default=0.35,
+        help="store.load() only where the features fit this share of the available memory",
+    )
     parser.add_argument("--no-head", action="store_true", help="skip head training")
     parser.add_argument("--out", default="cache/bench-scale", help="results.json and the synthetic stores go here")
     parser.add_argument("--plot", default="docs/bench-scale.png", help="the PNG plot ('' for none)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic stores")
-    parser.add_argument("--report", metavar="RESULTS_JSON", default=None,
-                        help="print the table and draw the plot of an earlier run's results.json, measuring nothing")
+    parser.add_argument(
+        "--report",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table and draw the plot of an earlier run's results.json, measuring nothing",
+    )
     parser.add_argument("--head-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--head", default="logreg", help=argparse.SUPPRESS)
@@ -518,11 +646,21 @@ def main(argv=None) -> int:
     if args.quick and plot_path and args.plot == parser.get_default("plot"):
         plot_path = out / "bench-scale.png"  # a smoke test does not overwrite the README's plot
     work = out / "work"
-    results = {"dim": args.dim, "sizes": [], "max_memory": args.max_memory, "head_iters": args.head_iters,
-               "head_iters_large": args.head_iters_large,
-               "write_counter": WRITE_COUNTER, "chunk_rows": CHUNK_ROWS, "segment_rows": SEGMENT_ROWS,
-               "commit_rows": COMMIT_ROWS, "add_rows": ADD_ROWS, "cpus": os.cpu_count(),
-               "memory_available_at_start": available_memory(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = {
+        "dim": args.dim,
+        "sizes": [],
+        "max_memory": args.max_memory,
+        "head_iters": args.head_iters,
+        "head_iters_large": args.head_iters_large,
+        "write_counter": WRITE_COUNTER,
+        "chunk_rows": CHUNK_ROWS,
+        "segment_rows": SEGMENT_ROWS,
+        "commit_rows": COMMIT_ROWS,
+        "add_rows": ADD_ROWS,
+        "cpus": os.cpu_count(),
+        "memory_available_at_start": available_memory(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     centre = centres(args.dim)
 
     def save() -> None:
@@ -531,8 +669,10 @@ def main(argv=None) -> int:
     try:
         log(f"file-system part: {files} tiny PNGs, pixels backbone")
         results["file_system"] = file_system(work, files)
-        log(f"  rerun of {files} unchanged files: {results['file_system']['rerun_s']:.3f} s "
-            f"({results['file_system']['rerun_per_10k_s']:.2f} s per 10k)")
+        log(
+            f"  rerun of {files} unchanged files: {results['file_system']['rerun_s']:.3f} s "
+            f"({results['file_system']['rerun_per_10k_s']:.2f} s per 10k)"
+        )
         save()
         for n in sizes:
             cache = work / f"n{n}"
@@ -542,25 +682,33 @@ def main(argv=None) -> int:
             results["sizes"].append(entry)
             log(f"N={n:,}: building ({-(-n // SEGMENT_ROWS)} segments of up to {SEGMENT_ROWS:,} rows)")
             entry["build"] = build(store, n, args.dim, centre)
-            log(f"  built in {entry['build']['write_segments_s'] + entry['build']['index_s']:.1f} s "
-                f"(+{entry['build']['generate_s']:.1f} s making up features)")
+            log(
+                f"  built in {entry['build']['write_segments_s'] + entry['build']['index_s']:.1f} s "
+                f"(+{entry['build']['generate_s']:.1f} s making up features)"
+            )
             entry["add"] = []
             for a in range(args.adds):
                 entry["add"].append(add_rows(store, n + a * ADD_ROWS, args.dim, centre))
                 last = entry["add"][-1]
-                log(f"  add {ADD_ROWS:,}: {last['seconds']:.2f} s, {last['bytes_written'] / MB:.1f} MB written "
+                log(
+                    f"  add {ADD_ROWS:,}: {last['seconds']:.2f} s, {last['bytes_written'] / MB:.1f} MB written "
                     f"(open {last['open_s']:.2f} s, commits {last['commit_s']:.2f} s, finish {last['finish_s']:.2f} s; "
-                    f"new segment of {last['new_segment_rows']} rows)")
+                    f"new segment of {last['new_segment_rows']} rows)"
+                )
             rows = n + args.adds * ADD_ROWS
             entry["unchanged"] = unchanged(store)
             assert entry["unchanged"]["rows"] == rows, (entry["unchanged"]["rows"], rows)
-            log(f"  unchanged finish: {entry['unchanged']['finish_s']:.3f} s, {entry['unchanged']['finish_bytes']} bytes; "
-                f"known() {entry['unchanged']['known_s']:.3f} s")
+            log(
+                f"  unchanged finish: {entry['unchanged']['finish_s']:.3f} s, {entry['unchanged']['finish_bytes']} bytes; "
+                f"known() {entry['unchanged']['known_s']:.3f} s"
+            )
             entry["store_bytes"] = sum(p.stat().st_size for p in store.files() if p.is_file())
             entry["reads"] = reads(store, rows, args.dim, args.load_fraction)
             rd = entry["reads"]
-            log(f"  load: {fmt(rd.get('load_MBps'))} MB/s; streamed: {rd['stream_MBps']:.0f} MB/s in {rd['stream_chunks']} "
-                f"chunks; one chunk warm {rd['chunk_warm_s'] * 1000:.0f} ms")
+            log(
+                f"  load: {fmt(rd.get('load_MBps'))} MB/s; streamed: {rd['stream_MBps']:.0f} MB/s in {rd['stream_chunks']} "
+                f"chunks; one chunk warm {rd['chunk_warm_s'] * 1000:.0f} ms"
+            )
             save()
             if not args.no_head:
                 drop_from_page_cache(store.files())
@@ -570,8 +718,10 @@ def main(argv=None) -> int:
                 entry["head"]["max_iter"] = iters
                 hd = entry["head"]
                 if "error" not in hd:
-                    log(f"  head: {hd['mode']} ({hd['chunk_rows']} rows per chunk), {hd['fit_s'] + hd['read_s']:.1f} s, "
-                        f"{hd['passes']} passes, peak RSS {hd['peak_rss_bytes'] / 2**20:.0f} MiB")
+                    log(
+                        f"  head: {hd['mode']} ({hd['chunk_rows']} rows per chunk), {hd['fit_s'] + hd['read_s']:.1f} s, "
+                        f"{hd['passes']} passes, peak RSS {hd['peak_rss_bytes'] / 2**20:.0f} MiB"
+                    )
             save()
             if not args.keep:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -586,14 +736,18 @@ def main(argv=None) -> int:
 
 
 def report(results: dict, plot_path: Path | None) -> None:
-    print(f"\nStore growth, {results['dim']} float32 features per row; bytes counted by /proc/self/io "
-          f"{results['write_counter']}.\n")
+    print(
+        f"\nStore growth, {results['dim']} float32 features per row; bytes counted by /proc/self/io "
+        f"{results['write_counter']}.\n"
+    )
     print(table(results))
     fs = results.get("file_system")
     if fs:
-        print(f"\nFile-system part of a rerun: {fs['files']} unchanged tiny PNGs in {fs['rerun_s']:.3f} s "
-              f"= {fs['rerun_per_10k_s']:.2f} s per 10k images (in process; the CLI, start-up included: "
-              f"{fmt(fs['cli_rerun_s'])} s).")
+        print(
+            f"\nFile-system part of a rerun: {fs['files']} unchanged tiny PNGs in {fs['rerun_s']:.3f} s "
+            f"= {fs['rerun_per_10k_s']:.2f} s per 10k images (in process; the CLI, start-up included: "
+            f"{fmt(fs['cli_rerun_s'])} s)."
+        )
     if plot_path:
         plot(results, plot_path)
         print(f"plot: {plot_path}")

@@ -15,6 +15,7 @@ is the whole `bottleneck` command as a new process, files and shards taking turn
 The default backbone is raw pixels at 32x32, so the pipeline around the model (listing, reading,
 hashing, decoding, storing) is what is measured; `--backbone inception_v3` measures a real one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,23 +112,41 @@ def main() -> None:
                 if step == "read only":
                     rows[name][step] = read_all(sorted(p for p in data.rglob("*") if p.is_file()))
                 elif step == "train-head":  # the fit itself is left out: it depends on the split, not on the source
-                    seconds, result = timed([*cli, "train-head", "--data", str(data), "--cache", str(cache),
-                                             *backbone, "--runs", str(work / f"runs-{name}"), "--json"])
+                    seconds, result = timed(
+                        [
+                            *cli,
+                            "train-head",
+                            "--data",
+                            str(data),
+                            "--cache",
+                            str(cache),
+                            *backbone,
+                            "--runs",
+                            str(work / f"runs-{name}"),
+                            "--json",
+                        ]
+                    )
                     metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
                     rows[name][step] = seconds - metrics["training_seconds"]
                 else:
-                    rows[name][step], result = timed([*cli, "features", str(data), "--cache", str(cache), *backbone,
-                                                      "--no-progress", "--json"])
+                    rows[name][step], result = timed(
+                        [*cli, "features", str(data), "--cache", str(cache), *backbone, "--no-progress", "--json"]
+                    )
                     expected = (args.images, 0) if step == "features" else (0, args.images)
                     assert (result["computed"], result["reused"]) == expected, result
-    print(f"{args.images} images ({args.images // args.per_shard} shards of {args.per_shard}), backbone "
-          f"{args.backbone} at {args.image_size}, {os.cpu_count()} CPUs; seconds, one run")
+    print(
+        f"{args.images} images ({args.images // args.per_shard} shards of {args.per_shard}), backbone "
+        f"{args.backbone} at {args.image_size}, {os.cpu_count()} CPUs; seconds, one run"
+    )
     print(f"{'step':<12}{'files':>10}{'shards':>10}{'shards/files':>14}")
     for step in rows["files"]:
         files, shards = rows["files"][step], rows["shards"][step]
         print(f"{step:<12}{files:>10.2f}{shards:>10.2f}{shards / files:>14.2f}")
-    (out / "bench-shards.json").write_text(json.dumps({"images": args.images, "per_shard": args.per_shard,
-                                                       "backbone": args.backbone, "seconds": rows}, indent=2))
+    (out / "bench-shards.json").write_text(
+        json.dumps(
+            {"images": args.images, "per_shard": args.per_shard, "backbone": args.backbone, "seconds": rows}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

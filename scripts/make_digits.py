@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Write scikit-learn's bundled handwritten digits as PNG files, one folder per digit.
 
-    python scripts/make_digits.py OUT [--digits 0,1,2] [--size 64]
+python scripts/make_digits.py OUT [--digits 0,1,2] [--size 64]
 """
+
 from __future__ import annotations
 
 import argparse

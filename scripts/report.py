@@ -5,6 +5,7 @@
 
 The same as `bottleneck report`; this script needs no install beyond the package's dependencies.
 """
+
 from __future__ import annotations
 
 import sys

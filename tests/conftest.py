@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic image folders, made fresh by each test that needs one."""
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,9 @@ def synthetic_image(colour: tuple[int, int, int], seed: int, size: tuple[int, in
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def make_dataset(root: Path, per_class: int = 3, classes: dict = COLOURS, fmt: str = "PNG", start: int = 0) -> list[Path]:
+def make_dataset(
+    root: Path, per_class: int = 3, classes: dict = COLOURS, fmt: str = "PNG", start: int = 0
+) -> list[Path]:
     """Write `per_class` images for each class into root/<class>/; return their paths."""
     paths = []
     ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
@@ -75,8 +78,18 @@ def pixels_extracted(tmp_path: Path) -> tuple[Path, Path]:
 
 #: The files that take longest (measured with --durations), started first: `make test` hands whole files to its two
 #: workers (--dist loadfile), and a long file begun last would leave one worker alone at the end.
-LONGEST_FIRST = ("test_foundation.py", "test_backends.py", "test_export.py", "test_audit.py", "test_demo.py",
-                 "test_multilabel.py", "test_engines.py", "test_backbone.py", "test_quiet.py", "test_shards.py")
+LONGEST_FIRST = (
+    "test_foundation.py",
+    "test_backends.py",
+    "test_export.py",
+    "test_audit.py",
+    "test_demo.py",
+    "test_multilabel.py",
+    "test_engines.py",
+    "test_backbone.py",
+    "test_quiet.py",
+    "test_shards.py",
+)
 
 
 def pytest_configure(config):

@@ -1,5 +1,6 @@
 """The Python API (`import bottleneck as bn`): the same split and rows as the commands, the heads as
 scikit-learn estimators, and the example notebook, executed."""
+
 from __future__ import annotations
 
 import csv
@@ -37,13 +38,28 @@ def test_heads_that_train_longer_are_scikit_learn_estimators(estimator, check):
 
 
 def test_import_is_light_and_the_api_is_listed():
-    probe = ("import sys, bottleneck as bn; assert 'tensorflow' not in sys.modules and 'sklearn' not in sys.modules; "
-             "print(','.join(bn.__all__))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    probe = (
+        "import sys, bottleneck as bn; assert 'tensorflow' not in sys.modules and 'sklearn' not in sys.modules; "
+        "print(','.join(bn.__all__))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert done.returncode == 0, done.stderr
-    assert set(done.stdout.strip().split(",")) >= {"extract", "load_features", "train_head", "Run", "FeatureSet",
-                                                   "LogRegHead", "KerasHead", "KnnHead"}
+    assert set(done.stdout.strip().split(",")) >= {
+        "extract",
+        "load_features",
+        "train_head",
+        "Run",
+        "FeatureSet",
+        "LogRegHead",
+        "KerasHead",
+        "KnnHead",
+    }
     assert bn.LogRegHead is LogRegHead and bn.KnnHead is KnnHead
     with pytest.raises(AttributeError):
         bn.no_such_thing
@@ -88,7 +104,7 @@ def test_features_past_the_memory_budget_come_in_chunks(project):
     for positions, chunk in streamed.iter_chunks():
         rows[positions] = chunk
     np.testing.assert_array_equal(rows, whole.features)
-    (X, y), = streamed.split(seed=3, test_pct=20).arrays("test")
+    ((X, y),) = streamed.split(seed=3, test_pct=20).arrays("test")
     np.testing.assert_array_equal(X, whole.take(whole.split(seed=3, test_pct=20).indices("test")))
 
 

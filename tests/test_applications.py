@@ -1,5 +1,6 @@
 """Every Keras application as a backbone: the table's numbers, the feature network (preprocessing as
 layers, safe_mode loading), all-or-nothing weights files, and `bottleneck backbones`."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from bottleneck.backbones.applications import ARCHITECTURES
-from bottleneck.backbones.foundation import FOUNDATION_MODELS
 from bottleneck.backbones.build import FeatureModel, build_feature_network, build_keras_backbone, preprocessing_layers
+from bottleneck.backbones.foundation import FOUNDATION_MODELS
 from bottleneck.backbones.spec import DECODE_VERSION, BackboneSpec
 from bottleneck.errors import BackboneError
 
@@ -32,8 +33,9 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def network_of(name: str):
     if name not in _NETWORKS:
-        _NETWORKS[name] = build_feature_network(BackboneSpec(architecture=name, weights="none",
-                                                             image_size=ARCHITECTURES[name].min_size))
+        _NETWORKS[name] = build_feature_network(
+            BackboneSpec(architecture=name, weights="none", image_size=ARCHITECTURES[name].min_size)
+        )
     return _NETWORKS[name]
 
 
@@ -44,9 +46,22 @@ def forget_networks():
 
 
 def test_the_common_applications_are_all_there():
-    assert {"inception_v3", "xception", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-            "efficientnet_v2_b0", "convnext_tiny", "densenet121"} <= set(ARCHITECTURES)
+    assert {
+        "inception_v3",
+        "xception",
+        "resnet50",
+        "resnet50_v2",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "efficientnet_b1",
+        "efficientnet_b2",
+        "efficientnet_b3",
+        "efficientnet_v2_b0",
+        "convnext_tiny",
+        "densenet121",
+    } <= set(ARCHITECTURES)
 
 
 @pytest.mark.slow
@@ -63,7 +78,8 @@ def test_every_application_gives_its_features_at_its_minimum_size(name):
     assert network.trainable is False and not network.trainable_weights
     with pytest.raises(ValueError):  # the minimum is Keras' own, not only ours
         getattr(keras.applications, arch.keras_builder)(
-            include_top=False, weights=None, input_shape=(arch.min_size - 1, arch.min_size - 1, 3), pooling="avg")
+            include_top=False, weights=None, input_shape=(arch.min_size - 1, arch.min_size - 1, 3), pooling="avg"
+        )
     with pytest.raises(BackboneError, match=f"--image-size must be between {arch.min_size} and 2048 for {name}"):
         BackboneSpec(architecture=name, weights="none", image_size=arch.min_size - 1)
 
@@ -79,8 +95,9 @@ def test_feature_model_runs_the_same_network_on_uint8_batches():
 
 
 def test_fingerprints_differ_between_applications():
-    at_minimum = {BackboneSpec(architecture=n, weights="none", image_size=ARCHITECTURES[n].min_size).fingerprint()
-                  for n in NAMES}
+    at_minimum = {
+        BackboneSpec(architecture=n, weights="none", image_size=ARCHITECTURES[n].min_size).fingerprint() for n in NAMES
+    }
     at_one_size = {BackboneSpec(architecture=n, weights="none", image_size=75).fingerprint() for n in NAMES}
     assert len(at_minimum) == len(at_one_size) == len(NAMES)
     assert all(fp.startswith(n) for fp, n in zip(sorted(at_one_size), NAMES))
@@ -88,8 +105,12 @@ def test_fingerprints_differ_between_applications():
 
 def test_inception_v3_fingerprint_is_unchanged_so_old_caches_stay_valid():
     assert BackboneSpec().identity() == {
-        "architecture": "inception_v3", "weights": "imagenet", "input_size": 299, "pooling": "avg",
-        "preprocessing": "inception: x / 127.5 - 1 (RGB)", "decode": DECODE_VERSION,
+        "architecture": "inception_v3",
+        "weights": "imagenet",
+        "input_size": 299,
+        "pooling": "avg",
+        "preprocessing": "inception: x / 127.5 - 1 (RGB)",
+        "decode": DECODE_VERSION,
     }
 
 
@@ -110,7 +131,7 @@ def test_preprocessing_layers_equal_keras_preprocess_input(name):
 
 def test_model_file_preprocessing_layers():
     x = np.random.default_rng(3).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
-    unit, = preprocessing_layers("unit")
+    (unit,) = preprocessing_layers("unit")
     np.testing.assert_allclose(unit(x).numpy(), x / 255.0, rtol=0, atol=1e-6)
     assert preprocessing_layers("none") == []
 
@@ -135,8 +156,9 @@ def test_feature_networks_load_in_safe_mode_without_this_package(tmp_path):
         assert not any(module.startswith("bottleneck") for module in saved_config_modules(path))
         loaded = keras.saving.load_model(path, safe_mode=True)
         x = pixels(2, size).astype(np.float32)
-        np.testing.assert_allclose(loaded(x, training=False).numpy(), network_of(name)(x, training=False).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            loaded(x, training=False).numpy(), network_of(name)(x, training=False).numpy(), rtol=1e-5, atol=1e-5
+        )
     x = np.random.default_rng(4).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     for mode in ["tf", "torch", "unit"]:
         inputs = keras.Input((4, 4, 3), name="pixels")
@@ -150,6 +172,7 @@ def test_feature_networks_load_in_safe_mode_without_this_package(tmp_path):
 
 # --- weights files: all or nothing -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory):
     """A no-top MobileNetV3Small saved as .weights.h5, the same truncated, and a MobileNetV3Large's."""
@@ -158,19 +181,21 @@ def small_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     size = ARCHITECTURES[SMALL].min_size
     keras.utils.set_random_seed(7)
-    model = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(size, size, 3),
-                                                pooling="avg")
+    model = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
+    )
     full = folder / "small.weights.h5"
     model.save_weights(full)
     truncated = folder / "truncated.weights.h5"
     shutil.copy(full, truncated)
     with h5py.File(truncated, "a") as handle:
         layers = handle["layers"]
-        for name in sorted(layers)[len(layers) // 2:]:
+        for name in sorted(layers)[len(layers) // 2 :]:
             del layers[name]
     other = folder / "large.weights.h5"
-    keras.applications.MobileNetV3Large(include_top=False, weights=None, input_shape=(size, size, 3),
-                                        pooling="avg").save_weights(other)
+    keras.applications.MobileNetV3Large(
+        include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
+    ).save_weights(other)
     return {"full": full, "truncated": truncated, "other": other, "model": model}
 
 
@@ -204,7 +229,7 @@ def test_a_truncated_legacy_h5_is_an_error(small_weights, tmp_path):
     with h5py.File(legacy, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, small_weights["model"])
         names = [n.decode() if isinstance(n, bytes) else n for n in handle.attrs["layer_names"]]
-        for name in names[len(names) // 2:]:
+        for name in names[len(names) // 2 :]:
             del handle[name]
         handle.attrs["layer_names"] = [n.encode() for n in names[: len(names) // 2]]
     with pytest.raises(BackboneError, match=r"^weights file .*truncated.h5 does not fit .* \(Layer count mismatch"):
@@ -219,16 +244,22 @@ def test_a_load_keras_only_warns_about_is_an_error_too(small_weights, monkeypatc
 
     def load_then_warn(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        warnings.warn("Skipping nested container at 'layers/stem': no matching group found in the saved file. "
-                      "Affected layers will retain their freshly-initialized weights.")
+        warnings.warn(
+            "Skipping nested container at 'layers/stem': no matching group found in the saved file. "
+            "Affected layers will retain their freshly-initialized weights."
+        )
 
     monkeypatch.setattr(keras.Model, "load_weights", load_then_warn)
-    with pytest.raises(BackboneError, match=r"^weights file .*small.weights.h5 does not fit mobilenet_v3_small without "
-                                            r"its top \(only part of it loaded; Skipping nested container"):
+    with pytest.raises(
+        BackboneError,
+        match=r"^weights file .*small.weights.h5 does not fit mobilenet_v3_small without "
+        r"its top \(only part of it loaded; Skipping nested container",
+    ):
         build_keras_backbone(small_spec(small_weights["full"]))
 
 
 # --- bottleneck backbones --------------------------------------------------------------------
+
 
 def test_backbones_command_lists_every_backbone_without_tensorflow(tmp_path):
     home = tmp_path / "keras"
@@ -246,16 +277,26 @@ def test_backbones_command_lists_every_backbone_without_tensorflow(tmp_path):
     import os
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KERAS_HOME": str(home)})
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KERAS_HOME": str(home)},
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     by_name = {row["name"]: row for row in rows}
     assert set(by_name) == {*ARCHITECTURES, *FOUNDATION_MODELS, "pixels"}
     assert by_name["resnet50"]["weights_cached"] is True and by_name["xception"]["weights_cached"] is False
     assert by_name["resnet50"]["weights_path"] == str(home / "models" / ARCHITECTURES["resnet50"].weights_file)
-    expected = {"default_size": 240, "min_size": 32, "feature_dim": 1280, "preprocess_mode": "none",
-                "weights_file": "efficientnetb1_notop.h5"}
+    expected = {
+        "default_size": 240,
+        "min_size": 32,
+        "feature_dim": 1280,
+        "preprocess_mode": "none",
+        "weights_file": "efficientnetb1_notop.h5",
+    }
     assert {key: by_name["efficientnet_b1"][key] for key in expected} == expected
     table = done.stderr.splitlines()
     assert table[0].split() == ["backbone", "size", "min", "features", "imagenet", "weights", "preprocessing"]
@@ -272,8 +313,16 @@ def test_backbones_command_prints_a_table(capsys):
 
 #: Whose ImageNet weights file name Keras composes in code: ask the builder (one per naming scheme;
 #: EfficientNetB1-B3 are named like B0). The others name their file literally in their module.
-_COMPOSED_NAMES = ["resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-                   "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
+_COMPOSED_NAMES = [
+    "resnet50",
+    "resnet50_v2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_v2_b0",
+    "convnext_tiny",
+]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ says so), a byte copy of a 1 filed under 2 (an exact duplicate with two labels),
 images. The digits themselves have a few genuinely ambiguous images, so precision is measured
 rather than assumed.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,11 @@ def planted(tmp_path_factory) -> dict:
         shutil.move(data / "3" / name, data / "4" / f"moved_{name}")
         moved.append(f"4/moved_{name}")
     near = []  # the usual near-copies: re-encoded as JPEG, slightly brightened, scaled down
-    for digit, make_copy in ((0, lambda im, to: im.save(to.with_suffix(".jpg"), "JPEG", quality=90)),
-                             (1, lambda im, to: ImageEnhance.Brightness(im).enhance(1.02).save(to)),
-                             (2, lambda im, to: im.resize((28, 28), Image.BICUBIC).save(to))):
+    for digit, make_copy in (
+        (0, lambda im, to: im.save(to.with_suffix(".jpg"), "JPEG", quality=90)),
+        (1, lambda im, to: ImageEnhance.Brightness(im).enhance(1.02).save(to)),
+        (2, lambda im, to: im.resize((28, 28), Image.BICUBIC).save(to)),
+    ):
         original = sorted((data / str(digit)).iterdir())[5]
         copy = original.with_name("near_" + original.name)
         make_copy(Image.open(original).convert("RGB"), copy)
@@ -60,11 +63,33 @@ def planted(tmp_path_factory) -> dict:
     split_file = root / "split.csv"
     split_file.write_text("path,label,split\n" + "".join(f"{p},{p.split('/')[0]},{s}\n" for p, s in splits.items()))
     out = root / "audit"
-    code = main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--split-file", str(split_file),
-                 "--out", str(out), "--json"])
+    code = main(
+        [
+            "audit",
+            "--data",
+            str(data),
+            "--cache",
+            str(cache),
+            *PIXELS,
+            "--split-file",
+            str(split_file),
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
-    return {"root": root, "data": data, "cache": cache, "out": out, "moved": moved, "near": near, "noise": noise,
-            "exact": (f"1/{exact_source.name}", "2/copied_one.png"), "result": json.loads((out / "audit.json").read_text())}
+    return {
+        "root": root,
+        "data": data,
+        "cache": cache,
+        "out": out,
+        "moved": moved,
+        "near": near,
+        "noise": noise,
+        "exact": (f"1/{exact_source.name}", "2/copied_one.png"),
+        "result": json.loads((out / "audit.json").read_text()),
+    }
 
 
 def test_moved_files_are_label_issues_ranked_first(planted):
@@ -119,9 +144,25 @@ def test_exclude_file_lists_the_training_copies_of_leaks_and_train_head_uses_it(
     assert not (flagged - set(planted["noise"])) & set(listed)  # label issues only with --exclude-label-issues
     assert f"# label issues ({len(flagged)}): not listed" in text and set(planted["noise"]) <= set(listed)
     runs = planted["root"] / "runs"
-    assert main(["train-head", "--data", str(planted["data"]), "--cache", str(planted["cache"]), *PIXELS,
-                 "--runs", str(runs), "--exclude", str(planted["out"] / "exclude.txt"),
-                 "--split-file", str(planted["root"] / "split.csv")]) == 0  # the split the audit checked
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(planted["data"]),
+                "--cache",
+                str(planted["cache"]),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--exclude",
+                str(planted["out"] / "exclude.txt"),
+                "--split-file",
+                str(planted["root"] / "split.csv"),
+            ]
+        )
+        == 0
+    )  # the split the audit checked
     printed = capsys.readouterr().out
     assert f"{len(set(listed))} images left out of training and validation: listed in" in printed
     assert re.search(r"  test       accuracy \d\.\d{4} \[\d\.\d{3}, \d\.\d{3}\]  macro F1", printed)  # with its 95% CI
@@ -135,8 +176,9 @@ def test_exclude_file_lists_the_training_copies_of_leaks_and_train_head_uses_it(
 def test_the_audit_states_the_cross_validated_accuracy_behind_its_label_issues(planted):
     model = planted["result"]["label_model"]
     assert model["metric"] == "accuracy" and model["folds"] == 5 and model["trusted"]
-    assert 0.85 <= model["value"] <= 1 and model["chance"] == pytest.approx(max(planted["result"]["classes"].values())
-                                                                             / planted["result"]["images"], abs=1e-6)
+    assert 0.85 <= model["value"] <= 1 and model["chance"] == pytest.approx(
+        max(planted["result"]["classes"].values()) / planted["result"]["images"], abs=1e-6
+    )
     page = (planted["out"] / "audit.html").read_text()
     assert f"cross-validated logistic regression with accuracy {model['value']:.3f}" in page and "TOO WEAK" not in page
     assert f"accuracy {model['value']:.3f} (chance" in (planted["out"] / "exclude.txt").read_text()
@@ -149,16 +191,22 @@ def test_a_weak_model_says_its_label_issues_cannot_be_trusted(tmp_path, capsys):
     make_dataset(data, per_class=15, classes={"a": (120, 120, 120), "b": (122, 120, 120), "c": (120, 122, 120)})
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
-                 "--json"]) == 0
+    assert (
+        main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"), "--json"])
+        == 0
+    )
     captured = capsys.readouterr()
     record = json.loads(captured.out.strip().splitlines()[-1])
     model = record["label_model"]
     assert model["value"] < 0.85 and not model["trusted"] and model["chance"] == pytest.approx(1 / 3)
-    assert f"WARNING: label issues come from a 5-fold cross-validated logistic regression with accuracy " \
-           f"{model['value']:.3f} (chance 0.333): TOO WEAK" in captured.err
+    assert (
+        f"WARNING: label issues come from a 5-fold cross-validated logistic regression with accuracy "
+        f"{model['value']:.3f} (chance 0.333): TOO WEAK" in captured.err
+    )
     assert "TOO WEAK" in (tmp_path / "audit" / "audit.html").read_text()
-    listed = [line for line in (tmp_path / "audit" / "exclude.txt").read_text().splitlines() if not line.startswith("#")]
+    listed = [
+        line for line in (tmp_path / "audit" / "exclude.txt").read_text().splitlines() if not line.startswith("#")
+    ]
     assert not {issue["path"] for issue in record["label_issues"]} & set(listed)
 
 
@@ -170,8 +218,22 @@ def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_lo
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=15, classes={"a": (120, 120, 120), "b": (122, 120, 120), "c": (120, 122, 120)})
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    assert main(["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
-                 "--exclude-label-issues"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--out",
+                str(tmp_path / "audit"),
+                "--exclude-label-issues",
+            ]
+        )
+        == 0
+    )
     assert "audit:" not in capsys.readouterr().err  # no bar when stderr is no terminal
     flagged = json.loads((tmp_path / "audit" / "audit.json").read_text())["label_issues"]
     listed = (tmp_path / "audit" / "exclude.txt").read_text().splitlines()
@@ -185,9 +247,25 @@ def test_label_issues_go_to_exclude_txt_when_asked_and_progress_bars_show_the_lo
 def test_json_line_and_counts(planted, capsys):
     result = planted["result"]
     assert result["counts"]["label_issues"] == len(result["label_issues"])
-    assert result["counts"]["leakage"] == sum(p["leakage"] for p in result["near_duplicates"] + result["exact_duplicates"])
-    assert main(["audit", "--data", str(planted["data"]), "--cache", str(planted["cache"]), *PIXELS,
-                 "--out", str(planted["root"] / "again"), "--json"]) == 0
+    assert result["counts"]["leakage"] == sum(
+        p["leakage"] for p in result["near_duplicates"] + result["exact_duplicates"]
+    )
+    assert (
+        main(
+            [
+                "audit",
+                "--data",
+                str(planted["data"]),
+                "--cache",
+                str(planted["cache"]),
+                *PIXELS,
+                "--out",
+                str(planted["root"] / "again"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"near_duplicates", "label_issues", "outliers", "counts"} <= set(last)
     assert set(last["near_duplicates"][0]) >= {"a", "b", "distance", "splits"}
@@ -202,9 +280,19 @@ def test_audit_page_is_self_contained_and_every_thumbnail_renders(planted, tmp_p
     assert "Leakage" in page and "Label issues" in page and "Outliers" in page
     probe_page = tmp_path / "probe.html"
     probe_page.write_text(page.replace("</body>", PROBE + "</body>"))
-    dom = subprocess.run([browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            browser(),
+            *BROWSER_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe_page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     loaded = re.search(r"<title>IMAGES (\d+)/(\d+)</title>", dom)
     assert loaded and int(loaded.group(1)) == int(loaded.group(2)) == len(sources)
 
@@ -216,25 +304,45 @@ def test_random_weights_refuse_to_call_pairs_duplicates(tmp_path, capsys):
     shutil.copy(next((data / "red").iterdir()), data / "blue" / "copy.png")
     network = ["--weights", "none", "--image-size", str(TEST_SIZE)]
     assert main(["features", str(data), "--cache", str(cache), *network, "--no-progress"]) == 0
-    assert main(["audit", "--data", str(data), "--cache", str(cache), *network, "--out", str(tmp_path / "a"),
-                 "--folds", "2"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *network,
+                "--out",
+                str(tmp_path / "a"),
+                "--folds",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "WARNING: RANDOM WEIGHTS" in out and "near-duplicates are not reported" in out
     result = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert result["near_duplicates"] == [] and len(result["exact_duplicates"]) == 1 and not result["pretrained"]
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"only": 3}, "found 1 class folder with images"),
-    ({"a": 3, "b": 1}, "class 'b' has a single image with features"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"only": 3}, "found 1 class folder with images"),
+        ({"a": 3, "b": 1}, "class 'b' has a single image with features"),
+    ],
+)
 def test_data_an_audit_cannot_use_is_one_line(tmp_path, capsys, layout, message):
     data = tmp_path / "data"
     for label, count in layout.items():
         make_dataset(data, per_class=count, classes={label: (120, 80, 40)})
     assert main(["features", str(data), "--cache", str(tmp_path / "c"), *PIXELS, "--no-progress"]) in (0, 2)
     capsys.readouterr()
-    assert main(["audit", "--data", str(data), "--cache", str(tmp_path / "c"), *PIXELS, "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(["audit", "--data", str(data), "--cache", str(tmp_path / "c"), *PIXELS, "--out", str(tmp_path / "a")]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
 
@@ -242,8 +350,23 @@ def test_data_an_audit_cannot_use_is_one_line(tmp_path, capsys, layout, message)
 def test_an_exclude_file_naming_missing_images_is_one_line(planted, tmp_path, capsys):
     listing = tmp_path / "exclude.txt"
     listing.write_text("# a comment\n0/no_such_image.png\n")
-    assert main(["train-head", "--data", str(planted["data"]), "--cache", str(planted["cache"]), *PIXELS,
-                 "--runs", str(tmp_path / "runs"), "--exclude", str(listing)]) == 2
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(planted["data"]),
+                "--cache",
+                str(planted["cache"]),
+                *PIXELS,
+                "--runs",
+                str(tmp_path / "runs"),
+                "--exclude",
+                str(listing),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "names 1 images that are not under DATA, first 0/no_such_image.png" in err
 
@@ -253,12 +376,18 @@ def test_audit_page_maps_the_images_flagged_ones_marked_and_hover_shows_a_thumbn
 
     result = planted["result"]
     page = (planted["out"] / "audit.html").read_text()
-    flagged = ({issue["path"] for issue in result["label_issues"]} | {o["path"] for o in result["outliers"]}
-               | {path for pair in result["near_duplicates"] + result["exact_duplicates"] for path in (pair["a"], pair["b"])})
+    flagged = (
+        {issue["path"] for issue in result["label_issues"]}
+        | {o["path"] for o in result["outliers"]}
+        | {path for pair in result["near_duplicates"] + result["exact_duplicates"] for path in (pair["a"], pair["b"])}
+    )
     assert set(re.findall(r'<rect [^>]*stroke="#d00"[^>]* data-c="([^"\n]*)', page)) == flagged
     assert page.count(" data-c=") == result["images"] and "embedding" not in result  # the map is the page's alone
-    assert re.search(r"(t-SNE|UMAP) of the audit&#x27;s standardised features, L2-normalised \(its cosine distance\), "
-                     f"{result['images']} images", page)
+    assert re.search(
+        r"(t-SNE|UMAP) of the audit&#x27;s standardised features, L2-normalised \(its cosine distance\), "
+        f"{result['images']} images",
+        page,
+    )
     title = chromium_title(planted["out"] / "audit.html", HOVER, tmp_path)
     hover = re.fullmatch(r"HOVER shown (\d+) data:image/jpeg (\S+)", title)
     assert hover and int(hover.group(1)) > 0 and (planted["data"] / hover.group(2)).is_file(), title

@@ -1,5 +1,6 @@
 """Augmented views are computed once, cached beside the features, used for training images only, and
 averaged by `predict --tta`."""
+
 from __future__ import annotations
 
 import csv
@@ -37,7 +38,9 @@ def test_a_view_depends_only_on_recipe_content_and_number():
     assert not np.array_equal(first, make_view(pixels, "ab" * 32, DEFAULT_RECIPE, 1))
     assert not np.array_equal(first, make_view(pixels, "cd" * 32, DEFAULT_RECIPE, 0))
     other = AugmentRecipe(seed=1)
-    assert other.digest() != DEFAULT_RECIPE.digest() and view_key("ab" * 32, other, 0) != view_key("ab" * 32, DEFAULT_RECIPE, 0)
+    assert other.digest() != DEFAULT_RECIPE.digest() and view_key("ab" * 32, other, 0) != view_key(
+        "ab" * 32, DEFAULT_RECIPE, 0
+    )
 
 
 def test_views_are_cached_beside_the_features_and_a_rerun_computes_none(augmented, capsys):
@@ -49,15 +52,46 @@ def test_views_are_cached_beside_the_features_and_a_rerun_computes_none(augmente
         assert json.loads(views.attrs["augment_recipe"])["seed"] == 0
     assert not any(np.allclose(row, plain_row) for row in view_rows for plain_row in plain_rows)  # views are new rows
     assert len(np.unique(view_rows.round(5), axis=0)) == len(view_rows)
-    assert main(["features", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS, "--augment",
-                 str(VIEWS), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(augmented["data"]),
+                "--cache",
+                str(augmented["cache"]),
+                *PIXELS,
+                "--augment",
+                str(VIEWS),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert f"augmented views ({VIEWS} per image): computed 0, reused {len(view_rows)}" in capsys.readouterr().out
 
 
 def test_train_head_adds_views_of_training_images_only(augmented, capsys):
     runs = augmented["root"] / "runs"
-    assert main(["train-head", "--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS,
-                 "--runs", str(runs), "--augment", "--val-pct", "20", "--test-pct", "20"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(augmented["data"]),
+                "--cache",
+                str(augmented["cache"]),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--augment",
+                "--val-pct",
+                "20",
+                "--test-pct",
+                "20",
+            ]
+        )
+        == 0
+    )
     (run,) = runs.iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     with open(run / "split.csv", newline="") as handle:
@@ -88,8 +122,21 @@ def test_the_views_used_are_exactly_those_of_training_images(augmented):
 
 def test_predict_tta_averages_the_image_and_its_views(augmented, capsys):
     runs = augmented["root"] / "tta-runs"
-    assert main(["train-head", "--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS,
-                 "--runs", str(runs)]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(augmented["data"]),
+                "--cache",
+                str(augmented["cache"]),
+                *PIXELS,
+                "--runs",
+                str(runs),
+            ]
+        )
+        == 0
+    )
     (run,) = runs.iterdir()
     image = next((augmented["data"] / "red").iterdir())
     capsys.readouterr()
@@ -118,16 +165,46 @@ def test_train_head_augment_without_views_is_one_line(tmp_path, capsys):
     make_dataset(data, per_class=3)
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "r"),
-                 "--augment", "2"]) == 2
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(tmp_path / "r"),
+                "--augment",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no augmented views" in err and "--augment 2" in err
 
 
 def test_another_flip_probability_is_another_set_of_views_and_runs_record_it(augmented, capsys):
     args = ["--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS]
-    assert main(["features", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS, "--augment", "2",
-                 "--augment-flip", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(augmented["data"]),
+                "--cache",
+                str(augmented["cache"]),
+                *PIXELS,
+                "--augment",
+                "2",
+                "--augment-flip",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stores = sorted(augmented["cache"].glob("*-aug-*.h5"))
     assert len(stores) == 2 and AugmentRecipe(flip=0.0).digest() in " ".join(p.name for p in stores)
     runs = augmented["root"] / "flip-runs"
@@ -142,12 +219,29 @@ def test_another_flip_probability_is_another_set_of_views_and_runs_record_it(aug
 
 def test_cache_gc_keeps_the_views_a_run_trained_on(augmented, capsys):
     runs = augmented["root"] / "gc-runs"
-    assert main(["train-head", "--data", str(augmented["data"]), "--cache", str(augmented["cache"]), *PIXELS,
-                 "--runs", str(runs), "--augment"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(augmented["data"]),
+                "--cache",
+                str(augmented["cache"]),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--augment",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["cache", "gc", "--cache", str(augmented["cache"]), "--runs", str(runs)]) == 0  # a dry run
     out = capsys.readouterr().out
-    used, other = augmented["views"].name, [p.name for p in augmented["cache"].glob("*-aug-*.h5") if p != augmented["views"]]
+    used, other = (
+        augmented["views"].name,
+        [p.name for p in augmented["cache"].glob("*-aug-*.h5") if p != augmented["views"]],
+    )
     assert used not in out
     assert all(name in out for name in other)  # views no run trained on are collectable, like any unused store
 
@@ -211,8 +305,9 @@ def test_a_sharded_engine_computes_the_same_views_and_resumes_a_written_shard(tm
         images = discover_images(data).images
         hashes = content_hashes(data, cache, [im.relpath for im in images])
         if name == "local":
-            results[name] = _views_by_key(compute_views(list(zip((str(im.path) for im in images), hashes)), cache,
-                                                        spec, plain, 2).store)
+            results[name] = _views_by_key(
+                compute_views(list(zip((str(im.path) for im in images), hashes)), cache, spec, plain, 2).store
+            )
             continue
         store = view_store(cache, plain, DEFAULT_RECIPE)
         engine = InProcessEngine(ExtractOptions())
@@ -236,8 +331,30 @@ def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, 
     pytest.importorskip("ray")
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)
-    assert main(["features", str(data), "--cache", str(cache), "--backbone", "pixels", "--image-size", "8",
-                 "--engine", "ray", "--workers", "2", "--shard-size", "3", "--augment", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                "--backbone",
+                "pixels",
+                "--image-size",
+                "8",
+                "--engine",
+                "ray",
+                "--workers",
+                "2",
+                "--shard-size",
+                "3",
+                "--augment",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "augmented views (2 per image): computed 12, reused 0" in capsys.readouterr().out
     [view_segments] = [p for p in cache.glob("*-aug-*.segments")]
     assert len(list(view_segments.glob("seg-*.h5"))) == 2

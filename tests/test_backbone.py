@@ -1,13 +1,13 @@
 """Backbone specs, fingerprints, and the three ways to get weights (imagenet, none, a file)."""
+
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import pytest
 
-from bottleneck.backbones.spec import BackboneSpec
-
 from bottleneck.backbones.build import FeatureModel, build_keras_backbone
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError
 
 from .conftest import TEST_SIZE
@@ -25,7 +25,9 @@ def weights_files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("weights")
     keras.utils.set_random_seed(123)
-    model = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg")
+    model = keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg"
+    )
     modern = folder / "mine.weights.h5"
     model.save_weights(modern)
     legacy = folder / "inception_v3_notop.h5"
@@ -49,20 +51,29 @@ def test_fingerprint_names_the_exact_backbone(tmp_path, weights_files):
     assert len(others | {base.fingerprint()}) == 5
     copy = tmp_path / "copy.weights.h5"
     copy.write_bytes(modern.read_bytes())
-    assert BackboneSpec(weights=str(copy), image_size=TEST_SIZE).fingerprint() == BackboneSpec(weights=str(modern), image_size=TEST_SIZE).fingerprint()
+    assert (
+        BackboneSpec(weights=str(copy), image_size=TEST_SIZE).fingerprint()
+        == BackboneSpec(weights=str(modern), image_size=TEST_SIZE).fingerprint()
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"image_size": 50}, "--image-size must be between 75 and 2048 for inception_v3; got 50"),
-        ({"weights": "/nowhere/w.h5"}, "weights file not found: /nowhere/w.h5 (use --weights imagenet, none, or a path)"),
-        ({"architecture": "vgg99"}, "unknown backbone 'vgg99'; choose one of: inception_v3, xception, resnet50, "
-         "resnet50_v2, mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, efficientnet_b1, "
-         "efficientnet_b2, efficientnet_b3, efficientnet_v2_b0, convnext_tiny, densenet121, dinov2_small, "
-         "dinov2_base, dinov2_large, dinov2_reg_small, dinov2_reg_base, clip_vit_b16, clip_vit_b32, siglip2_b16, "
-         "vit_b16, pixels, "
-         "or a path to a .keras model file"),
+        (
+            {"weights": "/nowhere/w.h5"},
+            "weights file not found: /nowhere/w.h5 (use --weights imagenet, none, or a path)",
+        ),
+        (
+            {"architecture": "vgg99"},
+            "unknown backbone 'vgg99'; choose one of: inception_v3, xception, resnet50, "
+            "resnet50_v2, mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, efficientnet_b1, "
+            "efficientnet_b2, efficientnet_b3, efficientnet_v2_b0, convnext_tiny, densenet121, dinov2_small, "
+            "dinov2_base, dinov2_large, dinov2_reg_small, dinov2_reg_base, clip_vit_b16, clip_vit_b32, siglip2_b16, "
+            "vit_b16, pixels, "
+            "or a path to a .keras model file",
+        ),
     ],
 )
 def test_bad_specs_are_refused_before_tensorflow_loads(kwargs, message):
@@ -92,7 +103,9 @@ def test_weights_file_of_another_network_is_a_clear_error(tmp_path):
     import keras
 
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(wrong)
-    with pytest.raises(BackboneError, match=r"^weights file .*wrong.weights.h5 does not fit inception_v3 without its top \("):
+    with pytest.raises(
+        BackboneError, match=r"^weights file .*wrong.weights.h5 does not fit inception_v3 without its top \("
+    ):
         build_keras_backbone(BackboneSpec(weights=str(wrong), image_size=TEST_SIZE))
 
 

@@ -5,6 +5,7 @@ backend once per process), through the real `bottleneck features --backend` comm
 measured as the largest distance between one image's features on two backends, relative to the
 median distance of an image from the mean: the spread that a head separates classes with.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,16 +42,42 @@ def work(tmp_path_factory) -> dict:
     make_dataset(first_half, per_class=2)  # the same first two images of each class
     weights = root / "inception.weights.h5"
     keras.utils.set_random_seed(3)  # Keras' own initialisers: weights unlike the seeded random ones
-    keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3),
-                                   pooling="avg").save_weights(weights)
+    keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg"
+    ).save_weights(weights)
     for name, flag in (("none", "none"), ("file", str(weights))):
         extract_features(data, root / f"tf-{name}", BackboneSpec(weights=flag, image_size=TEST_SIZE), batch_size=4)
     extract_features(first_half, root / "shared", BackboneSpec(weights="none", image_size=TEST_SIZE), batch_size=4)
-    assert main(["train-head", "--data", str(data), "--cache", str(root / "tf-none"), "--weights", "none", "--image-size",
-                 str(TEST_SIZE), "--runs", str(root / "runs"), "--head", "keras", "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(root / "tf-none"),
+                "--weights",
+                "none",
+                "--image-size",
+                str(TEST_SIZE),
+                "--runs",
+                str(root / "runs"),
+                "--head",
+                "keras",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     (run,) = (root / "runs").iterdir()
-    return {"root": root, "data": data, "weights": weights, "run": run,
-            "tf_predictions": predict_lines(root, run, "tensorflow")}
+    return {
+        "root": root,
+        "data": data,
+        "weights": weights,
+        "run": run,
+        "tf_predictions": predict_lines(root, run, "tensorflow"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +99,26 @@ def predict_lines(root: Path, run: Path, backend: str, stdout: str | None = None
             assert main(predict_argv(root, run, backend)) == 0
         stdout = buffer.getvalue()
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"path"')]
-    return {row["path"]: np.array(sorted((t["label"], t["probability"]) for t in row["top"]))[:, 1].astype(float)
-            for row in rows}
+    return {
+        row["path"]: np.array(sorted((t["label"], t["probability"]) for t in row["top"]))[:, 1].astype(float)
+        for row in rows
+    }
 
 
 def predict_argv(root: Path, run: Path, backend: str) -> list[str]:
     """Predict the red images with the Keras head, computing their features again (a cache of its own)."""
-    return ["predict", "--run", str(run), str(root / "data" / "red"), "--json", "--top", "3",
-            "--cache", str(root / f"predict-{backend}"), "--no-progress"]
+    return [
+        "predict",
+        "--run",
+        str(run),
+        str(root / "data" / "red"),
+        "--json",
+        "--top",
+        "3",
+        "--cache",
+        str(root / f"predict-{backend}"),
+        "--no-progress",
+    ]
 
 
 def store_of(cache: Path) -> tuple[str, dict[str, np.ndarray], h5py.AttributeManager]:
@@ -117,14 +156,22 @@ def features_in_a_new_process(backend: str, work: dict) -> subprocess.CompletedP
     ]
     calls = [[*c, "--backend", backend, *NETWORK] for c in calls]
     calls.append([*predict_argv(root, work["run"], backend), "--backend", backend])
-    script = ("import sys; from bottleneck.cli import main\n"
-              f"for argv in {calls!r}:\n"
-              "    code = main(argv)\n"
-              "    if code: sys.exit(code)\n"
-              f"print('export exit code', main(['export', '--run', {str(work['run'])!r}, '--out', {str(root / 'x')!r}]))\n")
+    script = (
+        "import sys; from bottleneck.cli import main\n"
+        f"for argv in {calls!r}:\n"
+        "    code = main(argv)\n"
+        "    if code: sys.exit(code)\n"
+        f"print('export exit code', main(['export', '--run', {str(work['run'])!r}, '--out', {str(root / 'x')!r}]))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 @pytest.mark.slow
@@ -151,7 +198,10 @@ def test_a_backend_computes_tensorflows_features_into_the_same_store(backend, wo
     assert "computed 9, reused 6" in done.stdout
     # export needs TensorFlow (SavedModel): on another backend, one line
     assert "export exit code 2" in done.stdout
-    assert f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on {backend}" in done.stderr
+    assert (
+        f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on {backend}"
+        in done.stderr
+    )
     # predict on this backend: the same probabilities as on TensorFlow, from features it computed itself
     predictions = predict_lines(root, work["run"], backend, done.stdout)
     assert sorted(predictions) == sorted(work["tf_predictions"]) and len(predictions) == 5
@@ -191,8 +241,19 @@ def test_an_unknown_keras_backend_variable_is_one_line(monkeypatch):
 
 
 def test_mixed_precision_needs_a_gpu(folder, capsys):
-    code = main(["features", str(folder["data"]), "--cache", str(folder["root"] / "x"), "--weights", "none",
-                 "--precision", "mixed", *NETWORK])
+    code = main(
+        [
+            "features",
+            str(folder["data"]),
+            "--cache",
+            str(folder["root"] / "x"),
+            "--weights",
+            "none",
+            "--precision",
+            "mixed",
+            *NETWORK,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--precision mixed needs a GPU" in err
 
@@ -201,8 +262,10 @@ def test_mixed_precision_needs_a_gpu(folder, capsys):
 def test_mixed_precision_is_a_store_of_its_own_and_stays_close():
     from bottleneck.backbones.build import FeatureModel
 
-    full, mixed = BackboneSpec(weights="none", image_size=TEST_SIZE), BackboneSpec(weights="none", image_size=TEST_SIZE,
-                                                                                    precision="mixed")
+    full, mixed = (
+        BackboneSpec(weights="none", image_size=TEST_SIZE),
+        BackboneSpec(weights="none", image_size=TEST_SIZE, precision="mixed"),
+    )
     assert mixed.fingerprint() != full.fingerprint() and "-mixed-" in mixed.fingerprint()
     assert full.fingerprint() == BackboneSpec(weights="none", image_size=TEST_SIZE, precision="float32").fingerprint()
     pixels = np.random.default_rng(0).integers(0, 256, (4, TEST_SIZE, TEST_SIZE, 3), dtype=np.uint8)
@@ -221,8 +284,24 @@ def test_batch_size_auto_is_the_default_on_a_cpu(folder, capsys):
     engine.start(BackboneSpec(weights="none", image_size=TEST_SIZE), folder["root"] / "auto", print)
     assert engine.batch_size == DEFAULT_BATCH_SIZE
     cache = folder["root"] / "auto-cli"
-    assert main(["features", str(folder["data"]), "--cache", str(cache), "--weights", "none", "--image-size",
-                 str(TEST_SIZE), "--batch-size", "auto", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(folder["data"]),
+                "--cache",
+                str(cache),
+                "--weights",
+                "none",
+                "--image-size",
+                str(TEST_SIZE),
+                "--batch-size",
+                "auto",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "computed 15" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_code:
         main(["features", str(folder["data"]), "--cache", str(cache), "--batch-size", "big"])

@@ -1,5 +1,6 @@
 """Each numeric bound is declared once (`bottleneck.bounds`): the library refuses exactly what the command's flag
 refuses, in one line naming the flag (the flags' side is tests/test_hostile_values.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,9 @@ def test_every_flag_type_is_built_from_a_declaration():
     assert len(types) >= 50
     assert all(any(kind.interval is d for d in declared) for kind in types)
     assert {id(d) for d in declared} <= {id(kind.interval) for kind in types} | {
-        id(bounds.PIXELS_IMAGE_SIZE), id(bounds.FOUNDATION_IMAGE_SIZE)}  # backbone-specific: the library's alone
+        id(bounds.PIXELS_IMAGE_SIZE),
+        id(bounds.FOUNDATION_IMAGE_SIZE),
+    }  # backbone-specific: the library's alone
     assert OrAuto(bounds.C).__name__ == "auto or more than 0 and at most 1e+06"
     assert OrAuto(bounds.BATCH_SIZE, auto_last=True).__name__ == "1 to 4096, or auto"
 
@@ -117,6 +120,9 @@ def test_a_model_file_with_a_free_input_size_takes_the_flags_cap_in_the_library_
     keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(inputs)).save(tmp_path / "free.keras")
     free = str(tmp_path / "free.keras")
     assert BackboneSpec(architecture=free, layer="gap", image_size=2048).input_size == 2048
-    with pytest.raises(BottleneckError, match=r"^--image-size must be from 1 to 2048 \(larger inputs do not fit in "
-                                              r"memory; .*\); got 100000$"):
+    with pytest.raises(
+        BottleneckError,
+        match=r"^--image-size must be from 1 to 2048 \(larger inputs do not fit in "
+        r"memory; .*\); got 100000$",
+    ):
         BackboneSpec(architecture=free, layer="gap", image_size=100_000)

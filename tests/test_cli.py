@@ -1,4 +1,5 @@
 """The command line: instant help, one-line errors with exit code 2, the JSON summary."""
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,18 @@ def test_every_command_has_help_with_an_example():
     "argv, message",
     [
         (["features", "{tmp}/missing"], "bottleneck: error: data folder not found: {tmp}/missing"),
-        (["features", "{data}", "--image-size", "50", "--weights", "none"],
-         "bottleneck: error: --image-size must be between 75 and 2048 for inception_v3; got 50"),
-        (["features", "{data}", "--cache", "{tmp}/afile/cache", "--weights", "none"],
-         "bottleneck: error: cannot write to cache folder {tmp}/afile/cache: Not a directory"),
-        (["features", "{data}", "--weights", "{tmp}/nope.h5"],
-         "bottleneck: error: weights file not found: {tmp}/nope.h5 (use --weights imagenet, none, or a path)"),
+        (
+            ["features", "{data}", "--image-size", "50", "--weights", "none"],
+            "bottleneck: error: --image-size must be between 75 and 2048 for inception_v3; got 50",
+        ),
+        (
+            ["features", "{data}", "--cache", "{tmp}/afile/cache", "--weights", "none"],
+            "bottleneck: error: cannot write to cache folder {tmp}/afile/cache: Not a directory",
+        ),
+        (
+            ["features", "{data}", "--weights", "{tmp}/nope.h5"],
+            "bottleneck: error: weights file not found: {tmp}/nope.h5 (use --weights imagenet, none, or a path)",
+        ),
     ],
     ids=["missing-data", "small-size", "unwritable-cache", "missing-weights"],
 )
@@ -74,8 +81,16 @@ def test_json_summary_is_the_last_line_and_strict_fails_on_bad_files(capsys, tmp
     code, out, err = run_cli(capsys, *argv)
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) == {"images", "computed", "reused", "failed", "store", "seconds", "images_per_second",
-                            "decoder_warnings"}
+    assert set(summary) == {
+        "images",
+        "computed",
+        "reused",
+        "failed",
+        "store",
+        "seconds",
+        "images_per_second",
+        "decoder_warnings",
+    }
     assert (summary["images"], summary["computed"], summary["failed"]) == (8, 6, 2)
     assert "RANDOM WEIGHTS" in err and "broken.jpg: not an image Pillow can read" in err
     assert "not utf8 \ufffd.png: empty file (0 bytes)" in err

@@ -1,4 +1,5 @@
 """Decoding real-world oddities: every format Pillow writes, odd modes, EXIF, hostile bytes."""
+
 from __future__ import annotations
 
 import io
@@ -79,10 +80,22 @@ def test_animated_gif_uses_first_frame():
     assert close_to(decode_image(buffer.getvalue(), SIZE)[10, 10], RED)
 
 
-@pytest.mark.parametrize("mode, fmt", [
-    ("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("I", "TIFF"), ("RGBA", "PNG"),
-    ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("LAB", "TIFF"), ("I;16", "TIFF"), ("F", "TIFF"),
-])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("1", "PNG"),
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("I", "TIFF"),
+        ("RGBA", "PNG"),
+        ("CMYK", "TIFF"),
+        ("YCbCr", "TIFF"),
+        ("LAB", "TIFF"),
+        ("I;16", "TIFF"),
+        ("F", "TIFF"),
+    ],
+)
 def test_every_common_mode_converts(mode, fmt):
     image = synthetic_image(RED, 3)
     image = Image.fromarray(np.full((20, 20), 1000, np.uint16)) if mode == "I;16" else image.convert(mode)
@@ -147,7 +160,9 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_before_decoding():

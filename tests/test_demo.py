@@ -1,10 +1,10 @@
 """`make demo`: the comparison it prints, and a second run that reuses everything."""
+
 from __future__ import annotations
 
 import pytest
 
 from bottleneck.demo import DemoConfig, run_demo
-
 
 # Fewer epochs than `make demo` (which takes about 2.5 minutes here): the same story, in the suite's budget.
 QUICK = DemoConfig(pretrain_epochs=6, keras_epochs=100, scratch_epochs=100, fine_tune_epochs=5)
@@ -16,8 +16,11 @@ def test_demo_compares_every_approach_on_two_sources_and_an_unchanged_rerun_does
     first = run_demo(work, cache, QUICK, log=lambda message: None)
     approaches = [row["approach"] for row in first.rows]
     far, close = "(a) transferred from digits 0-4", "(a) transferred from digits 0-9, other images"
-    assert approaches == [far] * 2 + [close] * 2 + ["(b) raw pixels"] * 2 + ["(c) random-weights features"] * 2 + \
-        ["(d) trained from scratch", "(e) fine-tuned from digits 0-4", "(e) fine-tuned from digits 0-9, other images"]
+    assert approaches == [far] * 2 + [close] * 2 + ["(b) raw pixels"] * 2 + ["(c) random-weights features"] * 2 + [
+        "(d) trained from scratch",
+        "(e) fine-tuned from digits 0-4",
+        "(e) fine-tuned from digits 0-9, other images",
+    ]
     assert all(0 <= row["test_accuracy"] <= 1 for row in first.rows)
     baseline = max(r["test_accuracy"] for r in first.rows if r["approach"][:3] in ("(b)", "(c)", "(d)"))
     best_close = max(r["test_accuracy"] for r in first.rows if r["approach"].endswith("other images"))

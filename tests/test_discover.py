@@ -1,12 +1,13 @@
 """Finding labelled images: class folders, nesting, hidden and non-image files, duplicates, errors."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from bottleneck.features.discover import discover_images
 from bottleneck.errors import DataError
+from bottleneck.features.discover import discover_images
 
 from .conftest import make_dataset, synthetic_image
 
@@ -55,7 +56,10 @@ def test_extensions_are_case_insensitive_and_links_count_once(tmp_path):
     "setup, message",
     [
         (lambda root: None, "data folder not found: {root}"),
-        (lambda root: root.mkdir(), "no images found in {root} (expected one sub-folder per class holding image files)"),
+        (
+            lambda root: root.mkdir(),
+            "no images found in {root} (expected one sub-folder per class holding image files)",
+        ),
         (lambda root: root.write_text("x"), "data path is not a folder: {root}"),
         (
             lambda root: make_dataset(root, per_class=2, classes={"only": (1, 2, 3)}),
@@ -102,7 +106,8 @@ def test_every_extension_of_a_format_pillow_opens_is_an_image_extension():
 
     Image.init()
     openable = {
-        fmt for fmt, (opener, _accept) in Image.OPEN.items()
+        fmt
+        for fmt, (opener, _accept) in Image.OPEN.items()
         if not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
         and fmt not in {"MPEG", "FITSSTUB"}  # identify-only plugins that are not StubImageFiles
     }
@@ -117,9 +122,12 @@ def test_a_link_from_one_class_into_another_never_relabels_images(tmp_path):
     os.symlink("../blue", tmp_path / "red" / "blue_link")  # ln -s ../bees data/ants/bees_link
     found = discover_images(tmp_path)
     assert sorted((im.relpath, im.label) for im in found.images) == sorted(
-        (p.relative_to(tmp_path).as_posix(), p.parent.name) for p in tmp_path.glob("*/*.png"))
+        (p.relative_to(tmp_path).as_posix(), p.parent.name) for p in tmp_path.glob("*/*.png")
+    )
     assert found.skipped["link into another class (left out)"] == 2
-    assert len(found.conflicts) == 2 and "red/blue_link/" in found.conflicts[0] and "(class 'blue')" in found.conflicts[0]
+    assert (
+        len(found.conflicts) == 2 and "red/blue_link/" in found.conflicts[0] and "(class 'blue')" in found.conflicts[0]
+    )
 
 
 def test_a_link_to_data_itself_leaves_every_label_alone(tmp_path):
@@ -137,7 +145,9 @@ def test_a_hard_link_in_two_classes_is_a_conflict_left_out_of_both(tmp_path):
     found = discover_images(tmp_path)
     assert all(im.path != first and im.relpath != "red/also-blue.png" for im in found.images)
     assert found.skipped["in two classes (left out)"] == 2
-    assert found.conflicts == [f"blue/{first.name} and red/also-blue.png are one file in classes 'blue', 'red': left out of every class"]
+    assert found.conflicts == [
+        f"blue/{first.name} and red/also-blue.png are one file in classes 'blue', 'red': left out of every class"
+    ]
 
 
 def test_features_names_the_link_in_its_summary(tmp_path, capsys):
@@ -146,8 +156,22 @@ def test_features_names_the_link_in_its_summary(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data, per_class=2)
     os.symlink("../blue", data / "red" / "blue_link")
-    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", "pixels",
-                 "--image-size", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--backbone",
+                "pixels",
+                "--image-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "6 images in 3 classes" in out and "link into another class (left out) 2" in out
     assert "WARNING: 2 files are reachable from two class folders" in out and "red/blue_link/" in out

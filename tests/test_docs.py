@@ -1,5 +1,6 @@
 """The README, docs/ and ARCHITECTURE.md stay true to the code: links resolve, every command parses, every module is
 mapped, every docs page is reachable from the README."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Domain distances: the Frechet formula against scipy's matrix square root, and the MMD test."""
+
 from __future__ import annotations
 
 import numpy as np

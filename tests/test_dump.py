@@ -1,5 +1,6 @@
 """`bottleneck dump`: the cache joined to its labels and splits as Parquet or npz, read back by pandas, numpy and
 DuckDB; streamed row groups within the memory budget; multi-label and unlabelled data; one-line errors."""
+
 from __future__ import annotations
 
 import csv
@@ -78,10 +79,24 @@ def test_parquet_dump_opens_in_pandas_with_the_store_rows_and_train_heads_split(
     assert meta["bottleneck.pretrained"] == "true" and meta["bottleneck.feature_dim"] == "192"
 
     # --split-file: the run's split, whatever the seed
-    assert dump("--data", str(data), "--cache", str(cache), "--seed", "9", "--split-file", str(run / "split.csv"),
-                "--out", str(out)) == 0
-    assert dict(zip(*pd.read_parquet(out, columns=["path", "split"]).to_dict("list").values())) == \
-        {p: s for p, (_, s) in read_split_csv(run).items()}
+    assert (
+        dump(
+            "--data",
+            str(data),
+            "--cache",
+            str(cache),
+            "--seed",
+            "9",
+            "--split-file",
+            str(run / "split.csv"),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
+    assert dict(zip(*pd.read_parquet(out, columns=["path", "split"]).to_dict("list").values())) == {
+        p: s for p, (_, s) in read_split_csv(run).items()
+    }
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
@@ -160,8 +175,9 @@ def test_multi_label_dump_has_a_list_column_in_parquet_and_joined_labels_in_npz(
     assert parquet.columns == ["path", "labels", "split", "content_hash", "features"]
     assert pq.read_schema(parquet.out).field("labels").type == pa.list_(pa.string())
     frame = pd.read_parquet(parquet.out)
-    assert {p: tuple(v) for p, v in zip(frame["path"], frame["labels"])} == \
-        {f"images/{i:02d}.png": tuple(sorted(s)) for i, s in enumerate(sets)}
+    assert {p: tuple(v) for p, v in zip(frame["path"], frame["labels"])} == {
+        f"images/{i:02d}.png": tuple(sorted(s)) for i, s in enumerate(sets)
+    }
     assert {p: s for p, (_, s) in read_split_csv(run).items()} == dict(zip(frame["path"], frame["split"]))
     dump_features(None, cache, root / "f.npz", labels=labels)
     with np.load(root / "f.npz", allow_pickle=False) as arrays:

@@ -3,6 +3,7 @@
 One local Ray instance (3 logical CPUs on this 2-core machine: two actors and room for Ray Data's
 own tasks) is shared by the tests of this module.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
+from bottleneck.features.discover import discover_images
 from bottleneck.features.engines import FAULT_ENV, ShardRunner, make_job, plan_shards
 from bottleneck.features.extract import ExtractOptions, extract_features, open_store
-from bottleneck.features.discover import discover_images
 from bottleneck.features.hashing import HashIndex
 
 from .conftest import TEST_SIZE, make_dataset
@@ -59,8 +60,10 @@ def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(t
     assert (local.computed, local.reused, local.failed) == (12, 1, 1)
     reference = stored(tmp_path / "local", INCEPTION)
 
-    for name, options in [("two-workers", ray_options(workers=2, shard_size=4, batch_size=3)),
-                          ("one-worker", ray_options(workers=1, shard_size=100))]:
+    for name, options in [
+        ("two-workers", ray_options(workers=2, shard_size=4, batch_size=3)),
+        ("one-worker", ray_options(workers=1, shard_size=100)),
+    ]:
         run = extract_features(data, tmp_path / name, INCEPTION, options)
         assert (run.computed, run.reused, run.failed, run.failed_shards) == (12, 1, 1, []), name
         assert run.shards == (4 if name == "two-workers" else 1)
@@ -68,8 +71,9 @@ def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(t
         got = stored(tmp_path / name, INCEPTION)
         assert sorted(got.content_hash) == sorted(reference.content_hash)
         rows = got.rows_by_hash()
-        np.testing.assert_allclose(got.features[[rows[h] for h in reference.content_hash]], reference.features,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got.features[[rows[h] for h in reference.content_hash]], reference.features, rtol=1e-5, atol=1e-6
+        )
         assert [f.reason for f in got.failures] == [f.reason for f in reference.failures]
         assert leftovers(tmp_path / name) == []
 
@@ -79,7 +83,9 @@ def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise-once", "kill-once"])
-def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(tmp_path, ray_session, monkeypatch, fault):
+def test_a_shard_whose_worker_fails_once_is_retried_and_the_store_is_complete(
+    tmp_path, ray_session, monkeypatch, fault
+):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)
     monkeypatch.setenv(FAULT_ENV, f"{fault}:{tmp_path}")
@@ -95,8 +101,23 @@ def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path,
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)
     monkeypatch.setenv(FAULT_ENV, f"raise-always:{tmp_path}")
-    argv = ["features", str(data), "--cache", str(cache), "--backbone", "pixels", "--image-size", "8",
-            "--engine", "ray", "--workers", "1", "--shard-size", "5", "--no-progress"]
+    argv = [
+        "features",
+        str(data),
+        "--cache",
+        str(cache),
+        "--backbone",
+        "pixels",
+        "--image-size",
+        "8",
+        "--engine",
+        "ray",
+        "--workers",
+        "1",
+        "--shard-size",
+        "5",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     err = out + err
@@ -115,8 +136,11 @@ def test_a_shard_failing_every_try_is_reported_and_the_others_are_kept(tmp_path,
 def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engine, request):
     """A driver killed after two shards wrote their segments: those are kept (and counted as reused), the rest is
     computed."""
-    options = ExtractOptions() if engine == "local" else (request.getfixturevalue("ray_session"),
-                                                          ray_options(workers=1, shard_size=4))[1]
+    options = (
+        ExtractOptions()
+        if engine == "local"
+        else (request.getfixturevalue("ray_session"), ray_options(workers=1, shard_size=4))[1]
+    )
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=4)
     images = discover_images(data).images
@@ -139,9 +163,14 @@ def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engi
     "argv, message",
     [
         (["--shard-size", "10"], "bottleneck: error: --shard-size applies to --engine ray only"),
-        (["--engine", "ray", "--ray-address", "127.0.0.1:1"],
-         "bottleneck: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"),
-        (["--engine", "ray", "--gpus-per-worker", "1"], "bottleneck: error: --gpus-per-worker 1: this machine has no GPUs"),
+        (
+            ["--engine", "ray", "--ray-address", "127.0.0.1:1"],
+            "bottleneck: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused",
+        ),
+        (
+            ["--engine", "ray", "--gpus-per-worker", "1"],
+            "bottleneck: error: --gpus-per-worker 1: this machine has no GPUs",
+        ),
     ],
     ids=["shard-size-local", "unreachable", "no-gpu"],
 )

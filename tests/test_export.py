@@ -1,4 +1,5 @@
 """`bottleneck export`: every artefact loads without this package and equals `predict` within 1e-4."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,10 @@ def runs(tmp_path_factory):
     pretrain(data, base, PretrainConfig(image_size=24, blocks=2, filters=8, epochs=2))
     spec = BackboneSpec(architecture=str(base), layer="features")
     extract_features(data, cache, spec)
-    return {head: train_head(data, cache, root / "runs", spec, HeadConfig(head, **extra), SPLIT).run_dir
-            for head, extra in (("logreg", {}), ("keras", {"epochs": 10}))}, data
+    return {
+        head: train_head(data, cache, root / "runs", spec, HeadConfig(head, **extra), SPLIT).run_dir
+        for head, extra in (("logreg", {}), ("keras", {"epochs": 10}))
+    }, data
 
 
 def test_test_split_mixes_jpeg_and_png(runs):
@@ -75,8 +78,14 @@ def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path)
     run, data = runs[0][head], runs[1]
     out = tmp_path / "exported"
     result = export_run(run, out, tflite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "labels.txt", "model.keras",
-                                                     "model.tflite", "saved_model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "export.json",
+        "labels.txt",
+        "model.keras",
+        "model.tflite",
+        "saved_model",
+    ]
     assert result.parity["saved_model"]["jpeg"]["images"] >= 5 and result.parity["saved_model"]["png"]["images"] >= 5
     assert result.worst <= PARITY_TOLERANCE, result.parity
     assert "Parity with `bottleneck predict`" in (out / "README.md").read_text()
@@ -85,8 +94,12 @@ def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path)
     paths = [str(data / relpath) for relpath in tests]
     pixels = np.stack([decode_image(open(p, "rb").read(), 24) for p in paths]).astype(np.float32)
     np.save(tmp_path / "pixels.npy", pixels)
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(out), str(tmp_path / "pixels.npy"), *paths],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOADER, str(out), str(tmp_path / "pixels.npy"), *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert not loaded["bottleneck_imported"]
@@ -95,7 +108,9 @@ def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path)
     predicted = predict_images(run, paths, top=3)
     expected = np.array([[dict(p.top)[label] for label in loaded["labels"]] for p in predicted.predictions])
     for artefact in ("model.keras", "saved_model", "model.tflite"):
-        np.testing.assert_allclose(np.array(loaded[artefact]), expected, rtol=0, atol=PARITY_TOLERANCE, err_msg=artefact)
+        np.testing.assert_allclose(
+            np.array(loaded[artefact]), expected, rtol=0, atol=PARITY_TOLERANCE, err_msg=artefact
+        )
     assert loaded["top_label"] == [p.top[0][0] for p in predicted.predictions]
 
 
@@ -111,8 +126,10 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     occupied.mkdir()
     (occupied / "mine.txt").write_text("keep me")
     assert main(["export", "--run", str(runs[0]["logreg"]), "--out", str(occupied)]) == 2
-    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {occupied} exists and is not an earlier export "
-                                               "(it also holds mine.txt); choose another --out or remove it")
+    assert capsys.readouterr().err.strip() == (
+        f"bottleneck: error: {occupied} exists and is not an earlier export "
+        "(it also holds mine.txt); choose another --out or remove it"
+    )
     assert (occupied / "mine.txt").read_text() == "keep me"
     # A file named export.json does not make a folder ours: anything else in it is refused, by name.
     (occupied / "export.json").write_text("{}")
@@ -138,8 +155,8 @@ def test_export_of_a_fine_tuned_run_and_bad_targets(runs, tmp_path, capsys):
     from PIL import Image
 
     readme = (tmp_path / "tuned-export" / "README.md").read_text()
-    block = readme[readme.index("import keras, numpy as np"):]
-    recipe = block[:block.index("model = keras.saving")]
+    block = readme[readme.index("import keras, numpy as np") :]
+    recipe = block[: block.index("model = keras.saving")]
     namespace: dict = {}
     exec(recipe, namespace)  # noqa: S102 - our own README's code
     rng = np.random.default_rng(0)
@@ -181,11 +198,18 @@ def test_an_interrupt_a_library_swallowed_stops_the_export_at_the_next_phase(run
 
 @pytest.mark.slow
 def test_tensorflow_loads_without_jax_for_the_tensorflow_backend():
-    probe = ("import sys; from bottleneck.backbones.backend import import_keras; keras = import_keras(); "
-             "import tensorflow; assert keras.config.backend() == 'tensorflow'; print('jax' in sys.modules); "
-             "import importlib.util; installed = importlib.util.find_spec('jax') is not None; "
-             "print(__import__('jax').numpy.zeros(2).shape if installed else '(2,)')")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    probe = (
+        "import sys; from bottleneck.backbones.backend import import_keras; keras = import_keras(); "
+        "import tensorflow; assert keras.config.backend() == 'tensorflow'; print('jax' in sys.modules); "
+        "import importlib.util; installed = importlib.util.find_spec('jax') is not None; "
+        "print(__import__('jax').numpy.zeros(2).shape if installed else '(2,)')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "(2,)"]  # not loaded with TensorFlow; importable when asked for

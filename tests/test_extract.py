@@ -1,4 +1,5 @@
 """End to end: a folder of images (odd files among them) into the store, reruns, a killed run."""
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,14 @@ def independent_features(paths: list[Path]) -> np.ndarray:
     """Plain Pillow decode and resize, Keras' preprocess_input, the same seeded random network."""
     import keras
 
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.BILINEAR)) for p in paths])
-    model = glorot_redrawn(keras.applications.InceptionV3(include_top=False, weights=None,
-                                                          input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg"))
+    pixels = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((TEST_SIZE, TEST_SIZE), Image.BILINEAR)) for p in paths]
+    )
+    model = glorot_redrawn(
+        keras.applications.InceptionV3(
+            include_top=False, weights=None, input_shape=(TEST_SIZE, TEST_SIZE, 3), pooling="avg"
+        )
+    )
     return model.predict(keras.applications.inception_v3.preprocess_input(pixels.astype("float32")), verbose=0)
 
 
@@ -167,8 +173,19 @@ def test_busy_store_makes_the_second_run_refuse(tmp_path, dataset):
 
 
 def _features_command(data: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache),
-            "--weights", "none", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bottleneck",
+        "features",
+        str(data),
+        "--cache",
+        str(cache),
+        "--weights",
+        "none",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # Ctrl-C and SIGTERM are tested the same way, on the pixels backbone, in test_faults.py.
@@ -190,7 +207,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, stop):
     if stop == signal.SIGINT:
         assert run.returncode == 130
         assert err.strip().splitlines()[-1] == (
-            "bottleneck: interrupted; committed batches are kept, run the same command again to resume")
+            "bottleneck: interrupted; committed batches are kept, run the same command again to resume"
+        )
     store = open_store(cache, spec, HashIndex(cache))
     committed = len(store.load().content_hash)  # parts left by a killed run read correctly
     assert committed >= 6

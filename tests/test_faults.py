@@ -1,4 +1,5 @@
 """Faults and hostile input: nothing wrong stored, nothing lost, one line and never a traceback."""
+
 from __future__ import annotations
 
 import errno
@@ -15,7 +16,6 @@ from bottleneck.features.hashing import INDEX_NAME, HashIndex
 from bottleneck.features.store import FeatureStore
 
 from .conftest import PIXELS, make_dataset
-
 
 
 def test_a_damaged_hash_index_is_rebuilt_with_a_line_saying_so(pixels_extracted, capsys):
@@ -42,7 +42,10 @@ def test_a_read_only_cache_still_trains(pixels_extracted, tmp_path, monkeypatch,
     index = HashIndex(cache)
     assert not index.writable
     index.close()
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"]) == 0
+    assert (
+        main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"])
+        == 0
+    )
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -62,16 +65,22 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_committed(pixels_extracted, 
     capsys.readouterr()
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"bottleneck: error: disk full at {cache / (fingerprint + '.parts')}: 12.0 KiB needed, "), err  # one batch of 16 images
+    assert err.startswith(f"bottleneck: error: disk full at {cache / (fingerprint + '.parts')}: 12.0 KiB needed, "), (
+        err
+    )  # one batch of 16 images
     assert any(f"{unit} free" in err for unit in ("KiB", "MiB", "GiB", "TiB")) and "run the same command again" in err
     assert len(err.splitlines()) == 1
     monkeypatch.setattr(fs.h5py, "File", real_file)
     assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 12  # the old store is whole
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0  # room again: it finishes
+    assert (
+        main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    )  # room again: it finishes
     assert len(FeatureStore(cache, fingerprint, 192, {}).load().content_hash) == 30
 
 
-@pytest.mark.parametrize("command", [["train-head", "--data", "D", "--cache", "C", "--runs", "R"], ["report", "--runs", "R"]])
+@pytest.mark.parametrize(
+    "command", [["train-head", "--data", "D", "--cache", "C", "--runs", "R"], ["report", "--runs", "R"]]
+)
 def test_ctrl_c_outside_extraction_does_not_talk_about_batches(command, tmp_path, monkeypatch, capsys):
     from bottleneck.cli import report, train_head
 
@@ -80,8 +89,17 @@ def test_ctrl_c_outside_extraction_does_not_talk_about_batches(command, tmp_path
 
     monkeypatch.setattr(train_head, "run", interrupted)
     monkeypatch.setattr(report, "run", interrupted)
-    assert main([part.replace("D", str(tmp_path)).replace("C", str(tmp_path)).replace("R", str(tmp_path)) if len(part) == 1 else part
-                 for part in command]) == 130
+    assert (
+        main(
+            [
+                part.replace("D", str(tmp_path)).replace("C", str(tmp_path)).replace("R", str(tmp_path))
+                if len(part) == 1
+                else part
+                for part in command
+            ]
+        )
+        == 130
+    )
     assert capsys.readouterr().err.strip() == "bottleneck: interrupted; nothing was written"
 
 
@@ -96,7 +114,10 @@ def test_train_head_uses_features_a_killed_run_left_outside_the_index(pixels_ext
     data, cache = pixels_extracted
     [index_file] = cache.glob("*.h5")
     index_file.unlink()  # as if killed after writing its segment, before the index
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"]) == 0
+    assert (
+        main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]["train"] == 1.0
 
 
@@ -129,7 +150,10 @@ def test_a_runs_folder_that_cannot_be_written_fails_before_training(pixels_extra
     capsys.readouterr()
     assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(blocker)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"bottleneck: error: cannot write run folders to --runs {blocker}: ") and len(err.splitlines()) == 1
+    assert (
+        err.startswith(f"bottleneck: error: cannot write run folders to --runs {blocker}: ")
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_a_run_folder_half_written_by_a_killed_run_is_cleared(pixels_extracted, tmp_path):
@@ -149,8 +173,21 @@ def test_ctrl_c_and_sigterm_stop_features_and_the_rerun_resumes(tmp_path, stop, 
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=40)
-    command = [sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache), *PIXELS,
-               "--no-progress", "--batch-size", "1", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "bottleneck",
+        "features",
+        str(data),
+        "--cache",
+        str(cache),
+        *PIXELS,
+        "--no-progress",
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+    ]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(cache.glob("*.parts/part-*.h5")):
@@ -159,8 +196,13 @@ def test_ctrl_c_and_sigterm_stop_features_and_the_rerun_resumes(tmp_path, stop, 
     run.send_signal(getattr(signal, stop))
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "bottleneck: interrupted; committed batches are kept, run the same command again to resume"
-    committed = len(FeatureStore(cache, next(cache.glob("*.parts")).name[: -len(".parts")], 192, {}).load().content_hash)
+    assert (
+        err.strip().splitlines()[-1]
+        == "bottleneck: interrupted; committed batches are kept, run the same command again to resume"
+    )
+    committed = len(
+        FeatureStore(cache, next(cache.glob("*.parts")).name[: -len(".parts")], 192, {}).load().content_hash
+    )
     assert 1 <= committed < 120
     capsys.readouterr()
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json"]) == 0
@@ -212,8 +254,24 @@ def test_sigterm_during_train_head_writes_nothing_and_says_so(pixels_extracted, 
 
     data, cache = pixels_extracted
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "bottleneck", "train-head", "--data", str(data), "--cache", str(cache),
-               "--runs", str(runs), "--head", "keras", "--epochs", "100000", "--patience", "100000"]
+    command = [
+        sys.executable,
+        "-m",
+        "bottleneck",
+        "train-head",
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--runs",
+        str(runs),
+        "--head",
+        "keras",
+        "--epochs",
+        "100000",
+        "--patience",
+        "100000",
+    ]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not runs.exists():  # checked and created before training starts

@@ -1,4 +1,5 @@
 """Faults in backbones and runtimes, and files too large to read: one line, never a traceback, nothing wrong stored."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ from bottleneck.cli import main
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, max_file_bytes
 
 from .conftest import PIXELS, make_dataset
-
 
 
 def test_a_64_gb_file_in_data_is_refused_unread_as_a_failure_of_that_file(tmp_path, capsys):
@@ -42,13 +42,24 @@ def test_a_model_file_whose_input_is_not_rgb_is_one_line(tmp_path, capsys):
     make_dataset(data, per_class=1)
     gray = _tiny_model_file(tmp_path / "gray.keras", (16, 16, 1))
     two = _tiny_model_file(tmp_path / "two.keras", (16, 16, 3), (16, 16, 3))
-    for model, expected in [(gray, f"bottleneck: error: {gray} takes 1-channel input; a backbone must take RGB "
-                                   "(3-channel) images"),
-                            (two, f"bottleneck: error: {two} takes 2 inputs; a backbone must take one RGB (3-channel) "
-                                  "image input")]:
+    for model, expected in [
+        (gray, f"bottleneck: error: {gray} takes 1-channel input; a backbone must take RGB (3-channel) images"),
+        (two, f"bottleneck: error: {two} takes 2 inputs; a backbone must take one RGB (3-channel) image input"),
+    ]:
         capsys.readouterr()
-        code = main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", str(model),
-                     "--layer", "gap", "--no-progress"])
+        code = main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--backbone",
+                str(model),
+                "--layer",
+                "gap",
+                "--no-progress",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2
         [line] = err.strip().splitlines()
@@ -94,10 +105,12 @@ def test_a_damaged_openvino_model_is_converted_again_and_killed_conversions_are_
 
     model = OpenVinoFeatureModel(spec, folder)
     err = capsys.readouterr().err.splitlines()
-    assert err[:3] == [f"bottleneck: removed 1.9 MiB of OpenVINO conversion that a killed run left beside {folder}",
-                       f"bottleneck: the OpenVINO model in {folder} does not match the record of its files "
-                       "(model.bin changed: damaged?): converting it again",
-                       f"bottleneck: converting rgb to OpenVINO once (kept in {folder.parent})"]
+    assert err[:3] == [
+        f"bottleneck: removed 1.9 MiB of OpenVINO conversion that a killed run left beside {folder}",
+        f"bottleneck: the OpenVINO model in {folder} does not match the record of its files "
+        "(model.bin changed: damaged?): converting it again",
+        f"bottleneck: converting rgb to OpenVINO once (kept in {folder.parent})",
+    ]
     assert len(err) == 4 and err[3].startswith("bottleneck: converted rgb to OpenVINO in ")
     np.testing.assert_allclose(model(batch), reference, rtol=1e-4, atol=1e-5)
     assert not killed.exists() and not older.exists() and busy.exists()
@@ -121,8 +134,11 @@ def test_an_openvino_conversion_that_does_not_compute_tensorflows_features_is_re
     spec = BackboneSpec(architecture=str(_tiny_model_file(tmp_path / "rgb.keras", (16, 16, 3))), layer="gap")
     network = FeatureModel(spec).model
     assert _check_conversion_matches_keras(network, lambda x: [np.asarray(network(x))], 16) == 0.0
-    with pytest.raises(BackboneError, match=r"^OpenVINO's conversion of rgb_features does not compute TensorFlow's "
-                                            r"features \(off by up to .* on a check input.*use --runtime keras$"):
+    with pytest.raises(
+        BackboneError,
+        match=r"^OpenVINO's conversion of rgb_features does not compute TensorFlow's "
+        r"features \(off by up to .* on a check input.*use --runtime keras$",
+    ):
         # 4% off, like a damaged .bin
         _check_conversion_matches_keras(network, lambda x: [np.asarray(network(x)) * 1.04], 16)
 
@@ -137,8 +153,14 @@ def test_a_weights_file_of_another_architecture_is_one_line_without_keras_warnin
 
     data = tmp_path / "data"
     make_dataset(data, per_class=1)
-    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(16, 3, name="Conv1"),
-                              keras.layers.BatchNormalization(name="bn_Conv1"), keras.layers.GlobalAveragePooling2D()])
+    other = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(16, 3, name="Conv1"),
+            keras.layers.BatchNormalization(name="bn_Conv1"),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
     modern, legacy = tmp_path / "other.weights.h5", tmp_path / "other.h5"
     other.save_weights(modern)
     with h5py.File(legacy, "w") as handle:
@@ -159,8 +181,21 @@ def test_a_weights_file_of_another_architecture_is_one_line_without_keras_warnin
         try:
             with warnings.catch_warnings(record=True) as escaped:
                 warnings.simplefilter("always")
-                code = main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", "mobilenet_v2",
-                             "--weights", str(weights), "--image-size", "32", "--no-progress"])
+                code = main(
+                    [
+                        "features",
+                        str(data),
+                        "--cache",
+                        str(tmp_path / "cache"),
+                        "--backbone",
+                        "mobilenet_v2",
+                        "--weights",
+                        str(weights),
+                        "--image-size",
+                        "32",
+                        "--no-progress",
+                    ]
+                )
         finally:
             logging.getLogger().removeHandler(logged)
         err = capfd.readouterr().err

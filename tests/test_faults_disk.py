@@ -3,6 +3,7 @@
 Each command ends with one line, `bottleneck: error: disk full at ...`, exit code 2, no traceback,
 no temporary file left behind, and what existed before is intact; with room again it finishes.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ from bottleneck.cli import main
 from .conftest import PIXELS, make_dataset
 
 
-
 class SmallDisk(type(Path())):
     """A mounted tmpfs that can be given more room."""
 
@@ -34,7 +34,9 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); test_faults.py injects ENOSPC instead")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); test_faults.py injects ENOSPC instead"
+        )
     try:
         yield mount_point
     finally:
@@ -96,7 +98,9 @@ def test_train_head_report_and_predict_on_a_full_disk(trained, small_disk, capsy
     [run] = runs.iterdir()
     fill(small_disk, leave=0)
     capsys.readouterr()
-    code, _, err = bottleneck("train-head", "--data", str(data), "--cache", str(cache), "--runs", str(small_disk / "runs"))
+    code, _, err = bottleneck(
+        "train-head", "--data", str(data), "--cache", str(cache), "--runs", str(small_disk / "runs")
+    )
     assert code == 2
     one_disk_full_line(err)
     assert temporaries(small_disk) == [] and not any(p.name.startswith(".") for p in (small_disk / "runs").glob("*"))
@@ -147,8 +151,9 @@ def test_export_to_a_read_only_file_system_is_one_line(tmp_path, small_disk):
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"bottleneck: error: cannot write the export to {small_disk / 'exported'}: "
-                                            "Read-only file system")
+    assert err.strip().splitlines()[-1] == (
+        f"bottleneck: error: cannot write the export to {small_disk / 'exported'}: Read-only file system"
+    )
 
 
 def _read_only(mount_point: Path):
@@ -173,7 +178,9 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
 def _predicted(args: list[str]) -> tuple[dict[str, dict], str]:
     code, out, err = bottleneck("predict", *args, "--json", "--top", "3")
     assert code == 0 and "Traceback" not in err, err
-    return {row["path"]: {t["label"]: t["probability"] for t in row["top"]} for row in map(json.loads, out.splitlines())}, err
+    return {
+        row["path"]: {t["label"]: t["probability"] for t in row["top"]} for row in map(json.loads, out.splitlines())
+    }, err
 
 
 @pytest.mark.slow
@@ -189,8 +196,10 @@ def test_predict_reads_a_read_only_cache_and_computes_what_it_lacks_in_memory(tm
     before = _listing(cache)
     with _read_only(small_disk):
         got, err = _predicted(["--run", str(run), str(data / "red"), str(fresh)])
-        assert (f"warning: cannot write to cache folder {cache}: Read-only file system: reading what it holds; images "
-                "it lacks are computed in this process only, not cached") in err
+        assert (
+            f"warning: cannot write to cache folder {cache}: Read-only file system: reading what it holds; images "
+            "it lacks are computed in this process only, not cached"
+        ) in err
         assert "(computed 6, from the cache 4, failed 0)" in err
         with_views, err = _predicted(["--run", str(run), str(fresh), "--tta", "2"])
         assert "computed 6 features and 12 augmented views" in err
@@ -215,8 +224,9 @@ def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(
     small_disk.resize("20m")
     make_dataset(data, per_class=4)
     make_dataset(fresh, per_class=1, start=10)
-    base = pretrain(data, tmp_path / "base.keras", PretrainConfig(image_size=16, blocks=2, filters=4, epochs=1,
-                                                                   batch_size=8)).path
+    base = pretrain(
+        data, tmp_path / "base.keras", PretrainConfig(image_size=16, blocks=2, filters=4, epochs=1, batch_size=8)
+    ).path
     backbone = ["--backbone", str(base), "--layer", "features"]
     assert main(["features", str(data), "--cache", str(cache), *backbone, "--no-progress", "--runtime", "keras"]) == 0
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *backbone, "--runs", str(runs)]) == 0
@@ -224,7 +234,9 @@ def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(
     scratch_before = set(Path(tempfile.gettempdir()).glob("bottleneck-openvino-*"))
     said: list[str] = []
     with _read_only(small_disk):
-        converted = predict_images(run, [str(fresh)], top=3, options=ExtractOptions(runtime="openvino"), log=said.append)
+        converted = predict_images(
+            run, [str(fresh)], top=3, options=ExtractOptions(runtime="openvino"), log=said.append
+        )
         keras_made = predict_images(run, [str(fresh)], top=3, options=ExtractOptions(runtime="keras"))
     assert any("Read-only file system" in line for line in said) and not list(cache.glob("*.openvino"))
     assert set(Path(tempfile.gettempdir()).glob("bottleneck-openvino-*")) == scratch_before  # the scratch is gone

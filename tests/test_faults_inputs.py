@@ -1,4 +1,5 @@
 """Inputs that are not files: predict never hangs on a FIFO or reads /dev/zero until the memory is gone."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,20 @@ def test_predict_refuses_a_fifo_and_a_device_in_one_line_each_and_predicts_the_r
     os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading would block for good
     good = next((data / "red").iterdir())
     # In a process of its own with a deadline: a hang fails the test instead of stalling the suite.
-    done = subprocess.run([sys.executable, "-m", "bottleneck", "predict", "--run", str(run), str(fifo), "/dev/zero",
-                           str(good)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "bottleneck", "predict", "--run", str(run), str(fifo), "/dev/zero", str(good)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     lines = (done.stdout + done.stderr).splitlines()
     # (long paths are shown with their start elided)
-    assert any(fifo.name in line and "not a regular file (a FIFO, device or socket): not read" in line for line in lines)
+    assert any(
+        fifo.name in line and "not a regular file (a FIFO, device or socket): not read" in line for line in lines
+    )
     assert any("/dev/zero" in line and "not a regular file" in line for line in lines)
     assert any(good.name in line and " red " in line for line in lines), lines
     assert "Traceback" not in done.stderr
@@ -43,9 +51,25 @@ def test_a_fifo_inside_data_is_skipped_without_blocking(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, per_class=2)
     os.mkfifo(data / "red" / "stuck.png")
-    done = subprocess.run([sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(tmp_path / "cache"),
-                           *PIXELS, "--no-progress", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bottleneck",
+            "features",
+            str(data),
+            "--cache",
+            str(tmp_path / "cache"),
+            *PIXELS,
+            "--no-progress",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     assert '"computed": 6' in done.stdout.splitlines()[-1]
 
@@ -58,8 +82,11 @@ def test_predict_csv_that_cannot_be_written_is_one_line_before_any_work(tmp_path
     [run] = list(runs.iterdir())
     capsys.readouterr()
     image = next((data / "red").iterdir())
-    cases = [(tmp_path / "no" / "such" / "out.csv", "the folder"), (tmp_path, "is a folder; give the name of a file"),
-             ("/dev/full", "cannot write --csv /dev/full: No space left on device")]
+    cases = [
+        (tmp_path / "no" / "such" / "out.csv", "the folder"),
+        (tmp_path, "is a folder; give the name of a file"),
+        ("/dev/full", "cannot write --csv /dev/full: No space left on device"),
+    ]
     for target, expected in cases:
         assert main(["predict", "--run", str(run), str(image), "--csv", str(target)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -83,21 +110,74 @@ def test_misleading_lines_are_gone(tmp_path, capsys):
     assert "was trained without augmented views" in err
     assert "(computed 0 features and 8 augmented views, from the cache 4," in err  # not "computed 0" after 8 views
     # views held for another flip probability are named, not "holds no augmented views"
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--augment", "1", "--augment-flip", "0",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--augment",
+                "1",
+                "--augment-flip",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
-                 "--augment", "--augment-flip", "0.3"]) == 2
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--augment",
+                "--augment-flip",
+                "0.3",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "holds views of these features for another recipe (" in err and "not for --augment-flip 0.3" in err
     assert "--augment-flip 0 " in err.replace(")", " ") and "--augment-flip 0.5" in err  # predict --tta made 0.5's
     # --augment-flip without --augment is not silently ignored
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--augment-flip", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith("--augment-flip sets the flips of augmented views: it needs --augment N")
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
-                 "--augment-flip", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith("--augment-flip picks the augmented views to train on: it needs "
-                                                    "--augment")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--augment-flip sets the flips of augmented views: it needs --augment N")
+    )
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--augment-flip",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--augment-flip picks the augmented views to train on: it needs --augment")
+    )
 
 
 def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
@@ -107,7 +187,12 @@ def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
     names = ["odd\nname.png", "#hash.png", " edge .png", "back\\slash.png", "form\x0cfeed.png"]
     for name in names:
         line = escape_listed_name(name)
-        assert "\n" not in line and not line.startswith("#") and line == line.strip() and unescape_listed_name(line) == name
+        assert (
+            "\n" not in line
+            and not line.startswith("#")
+            and line == line.strip()
+            and unescape_listed_name(line) == name
+        )
     data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
     make_dataset(data, per_class=5)
     source = next((data / "red").iterdir()).read_bytes()
@@ -115,11 +200,28 @@ def test_an_exclude_list_holds_any_file_name_escaped(tmp_path, capsys):
         (data / "red" / name).write_bytes(source[:-12] + bytes([i]) + source[-11:])
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
     listing = tmp_path / "exclude.txt"
-    listing.write_text("# written as the audit writes it\n" + "".join(f"red/{escape_listed_name(n)}\n" for n in names),
-                       encoding="utf-8")
+    listing.write_text(
+        "# written as the audit writes it\n" + "".join(f"red/{escape_listed_name(n)}\n" for n in names),
+        encoding="utf-8",
+    )
     capsys.readouterr()
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
-                 "--exclude", str(listing)]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--exclude",
+                str(listing),
+            ]
+        )
+        == 0
+    )
     assert f"images left out of training and validation: listed in {listing}" in capsys.readouterr().out
     (run,) = runs.iterdir()
     record = json.loads((run / "config.json").read_text())["exclude"]

@@ -1,4 +1,5 @@
 """Cleaning never deletes a file we did not write: `cache info` and `cache gc` leave a user's files alone."""
+
 from __future__ import annotations
 
 import h5py

@@ -3,6 +3,7 @@
 Features rotted in a segment file (NaN or infinity) are left out with one line or refused with one
 line, never handed to scikit-learn; `report` skips a run it cannot read and reports the others.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,7 +22,6 @@ from bottleneck.errors import CacheError
 from bottleneck.learn.dataset import load_labelled_features
 
 from .conftest import PIXELS, make_dataset
-
 
 
 def rot(cache: Path, rows, value=np.nan) -> Path:
@@ -103,11 +103,14 @@ def runs(tmp_path_factory):
     odd_file = victim.with_name(os.fsdecode(b"\xfe-odd.png"))
     victim.rename(odd_file)
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--test-pct", "50"]) == 0
+    assert (
+        main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--test-pct", "50"]) == 0
+    )
     [run] = runs.iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
-    metrics["misclassified"] = [{"path": str(odd_file.relative_to(data)), "true": NOT_UTF8_CLASS, "predicted": "blue",
-                                 "confidence": 0.6}]
+    metrics["misclassified"] = [
+        {"path": str(odd_file.relative_to(data)), "true": NOT_UTF8_CLASS, "predicted": "blue", "confidence": 0.6}
+    ]
     (run / "metrics.json").write_text(json.dumps(metrics))  # as train-head writes a misclassified image
     return runs
 
@@ -155,15 +158,22 @@ def alone(runs: Path, tmp_path: Path, **paths: Path) -> Path:
 @pytest.mark.parametrize("gone", ["cache", "data"])
 def test_report_of_a_run_sent_without_its_cache_or_data_says_so_in_one_line_per_picture(runs, tmp_path, capsys, gone):
     config = json.loads(next(runs.glob("2*/config.json")).read_text())
-    moved = {"cache": {"store": tmp_path / "gone" / Path(config["store"]).name}, "data": {"data": tmp_path / "gone"}}[gone]
+    moved = {"cache": {"store": tmp_path / "gone" / Path(config["store"]).name}, "data": {"data": tmp_path / "gone"}}[
+        gone
+    ]
     sent = alone(runs, tmp_path, **moved)
     capsys.readouterr()
     assert main(["report", "--runs", str(sent)]) == 0
     assert "Traceback" not in capsys.readouterr().err
     page = (sent / "report.html").read_text(encoding="utf-8")
-    why = {"cache": f"its feature cache {tmp_path / 'gone'} is gone", "data": f"its images are not found (DATA {tmp_path / 'gone'} is gone)"}
+    why = {
+        "cache": f"its feature cache {tmp_path / 'gone'} is gone",
+        "data": f"its images are not found (DATA {tmp_path / 'gone'} is gone)",
+    }
     assert re.findall(r'<p class="note unavailable">([^<]*)</p>', page) == [
-        f"embedding map unavailable: {why[gone]}", f"nearest training images unavailable: {why[gone]}"]
+        f"embedding map unavailable: {why[gone]}",
+        f"nearest training images unavailable: {why[gone]}",
+    ]
     assert 'alt="reliability diagram" src="data:image/png;base64,' in page  # from test_predictions.csv alone
 
 
@@ -181,8 +191,13 @@ def test_report_with_rotted_features_draws_the_map_of_the_others(runs, tmp_path,
 
 
 def test_report_skips_runs_it_cannot_read_with_one_line_each_and_reports_the_others(runs, tmp_path, capsys):
-    bad = {"z-empty": b"{}", "z-null": b"null", "z-list": b"[]", "z-latin1": '{"head": "é"}'.encode("latin-1"),
-           "z-cut": b'{"head": "logreg", "spl'}
+    bad = {
+        "z-empty": b"{}",
+        "z-null": b"null",
+        "z-list": b"[]",
+        "z-latin1": '{"head": "é"}'.encode("latin-1"),
+        "z-cut": b'{"head": "logreg", "spl',
+    }
     copies = {name: copy_run(runs, name, metrics) for name, metrics in bad.items()}
     deep = copy_run(runs, "z-deep")
     metrics = json.loads((deep / "metrics.json").read_text())
@@ -216,7 +231,9 @@ def test_report_with_no_readable_run_is_one_line(tmp_path, capsys):
     assert main(["report", "--runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("warning: skipped run") == 2
-    assert one_error_line(err.split("\n", 2)[2]).startswith(f"bottleneck: error: none of the 2 runs in {tmp_path} can be read")
+    assert one_error_line(err.split("\n", 2)[2]).startswith(
+        f"bottleneck: error: none of the 2 runs in {tmp_path} can be read"
+    )
     assert not (tmp_path / "report.html").exists()
 
 
@@ -228,11 +245,16 @@ def test_report_out_naming_a_folder_is_one_line_and_leaves_nothing(tmp_path, cap
     capsys.readouterr()
     assert main(["report", "--runs", str(runs), "--out", str(folder)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == f"bottleneck: error: --out {folder} is a folder: name the HTML file to write, as --out {folder}/report.html"
+    assert (
+        line
+        == f"bottleneck: error: --out {folder} is a folder: name the HTML file to write, as --out {folder}/report.html"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "rr"] and not any(folder.iterdir())
 
 
-def test_report_on_a_full_disk_leaves_no_temporary_file_and_the_next_run_clears_an_old_one(tmp_path, monkeypatch, capsys):
+def test_report_on_a_full_disk_leaves_no_temporary_file_and_the_next_run_clears_an_old_one(
+    tmp_path, monkeypatch, capsys
+):
     runs = small_runs(tmp_path / "in")
     tmp_path = tmp_path / "out"
     tmp_path.mkdir()
@@ -256,13 +278,20 @@ def test_report_on_a_full_disk_leaves_no_temporary_file_and_the_next_run_clears_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
-@pytest.mark.parametrize("content, why", [
-    (None, "cannot read its test_predictions.csv (No such file or directory)"),
-    ("path,true,guess\n", "its test_predictions.csv does not start with path,label,predicted,probability_..."),
-    ("path,label,predicted,probability_blue\nblue/x.png,blue,blue,high\n",
-     "its test_predictions.csv has a row whose probabilities are not numbers"),
-])
-def test_report_of_a_run_whose_test_predictions_are_gone_or_damaged_says_so_in_one_line(runs, tmp_path, capsys, content, why):
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (None, "cannot read its test_predictions.csv (No such file or directory)"),
+        ("path,true,guess\n", "its test_predictions.csv does not start with path,label,predicted,probability_..."),
+        (
+            "path,label,predicted,probability_blue\nblue/x.png,blue,blue,high\n",
+            "its test_predictions.csv has a row whose probabilities are not numbers",
+        ),
+    ],
+)
+def test_report_of_a_run_whose_test_predictions_are_gone_or_damaged_says_so_in_one_line(
+    runs, tmp_path, capsys, content, why
+):
     sent = alone(runs, tmp_path)
     [run] = sent.iterdir()
     (run / "test_predictions.csv").unlink()
@@ -273,5 +302,6 @@ def test_report_of_a_run_whose_test_predictions_are_gone_or_damaged_says_so_in_o
     assert "Traceback" not in capsys.readouterr().err
     page = (sent / "report.html").read_text(encoding="utf-8")
     assert re.findall(r'<p class="note unavailable">([^<]*)</p>', page) == [
-        f"ROC, precision-recall and calibration unavailable: {why}"]
-    assert "<h3>embedding map</h3><div class=\"emap\"" in page  # the other pictures stand
+        f"ROC, precision-recall and calibration unavailable: {why}"
+    ]
+    assert '<h3>embedding map</h3><div class="emap"' in page  # the other pictures stand

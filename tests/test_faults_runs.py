@@ -1,5 +1,6 @@
 """Runs are data, not code: opening a run someone sent never runs what is inside it, and a head that does
 not belong to its run is one line naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,24 @@ def runs(tmp_path_factory):
         for head in ("logreg", "keras"):
             out = root / f"runs-{name}-{head}"
             extra = ["--epochs", "3"] if head == "keras" else []
-            assert main(["train-head", "--data", str(data), "--cache", str(root / "cache"), *PIXELS, "--head", head,
-                         "--runs", str(out), *extra]) == 0
+            assert (
+                main(
+                    [
+                        "train-head",
+                        "--data",
+                        str(data),
+                        "--cache",
+                        str(root / "cache"),
+                        *PIXELS,
+                        "--head",
+                        head,
+                        "--runs",
+                        str(out),
+                        *extra,
+                    ]
+                )
+                == 0
+            )
             [made[f"{name}-{head}"]] = list(out.iterdir())
     return root, made
 
@@ -77,8 +94,10 @@ def test_a_hostile_pickle_in_a_run_is_never_loaded(runs, tmp_path, capsys):
     (run / "head.npz").unlink()
     code, err = _predict(run, _an_image(root), capsys)
     assert code == 2 and not marker.exists()
-    assert err[-1].startswith(f"bottleneck: error: {run} keeps its head as a pickle (model.joblib), which "
-                              "bottleneck does not load: a pickle runs code when it is opened")
+    assert err[-1].startswith(
+        f"bottleneck: error: {run} keeps its head as a pickle (model.joblib), which "
+        "bottleneck does not load: a pickle runs code when it is opened"
+    )
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 2
     assert not marker.exists() and "keeps its head as a pickle" in capsys.readouterr().err
 
@@ -106,14 +125,18 @@ def test_a_head_of_another_run_is_one_line_naming_the_file(runs, tmp_path, capsy
             shutil.copy(made[f"three-{head}"] / "labels.json", run / "labels.json")
         code, err = _predict(run, _an_image(root), capsys)
         assert code == 2, err
-        assert err[-1].startswith(f"bottleneck: error: {run / name} classifies blue, green, red, but the run was "
-                                  "trained on ant, bee: the head belongs to another run")
+        assert err[-1].startswith(
+            f"bottleneck: error: {run / name} classifies blue, green, red, but the run was "
+            "trained on ant, bee: the head belongs to another run"
+        )
     # A Keras head whose labels.json was swapped: the outputs and the labels disagree.
     run = _copy(made["two-keras"], tmp_path / "labels")
     shutil.copy(made["three-keras"] / "labels.json", run / "labels.json")
     code, err = _predict(run, _an_image(root), capsys)
-    assert code == 2 and err[-1] == (f"bottleneck: error: {run / 'model.keras'} gives 2 probabilities, but "
-                                     f"{run / 'labels.json'} lists 3 labels: the head or the labels belong to another run")
+    assert code == 2 and err[-1] == (
+        f"bottleneck: error: {run / 'model.keras'} gives 2 probabilities, but "
+        f"{run / 'labels.json'} lists 3 labels: the head or the labels belong to another run"
+    )
     # A config.json of another run: its labels are not the head's.
     run = _copy(made["two-logreg"], tmp_path / "config")
     shutil.copy(made["three-logreg"] / "config.json", run / "config.json")
@@ -130,8 +153,10 @@ def test_a_head_for_another_feature_width_is_one_line(runs, tmp_path, capsys):
     with open(run / "head.npz", "wb") as handle:
         np.savez(handle, **arrays)
     code, err = _predict(run, _an_image(root), capsys)
-    assert code == 2 and err[-1] == (f"bottleneck: error: {run / 'head.npz'} takes 10 features, but the run's backbone "
-                                     "gives 192: the head belongs to another run")
+    assert code == 2 and err[-1] == (
+        f"bottleneck: error: {run / 'head.npz'} takes 10 features, but the run's backbone "
+        "gives 192: the head belongs to another run"
+    )
 
 
 @pytest.mark.parametrize("name", ["head.npz", "model.keras"])
@@ -152,8 +177,9 @@ def test_a_keras_head_with_a_lambda_layer_is_refused_without_running_it(runs, tm
     outputs = keras.layers.Lambda(lambda x: x[:, :2] * 0 + 0.5)(inputs)
     keras.Model(inputs, outputs).save(run / "model.keras")
     code, err = _predict(run, _an_image(root), capsys)
-    assert code == 2 and err[-1].startswith(f"bottleneck: error: {run / 'model.keras'} is not a Keras head this "
-                                            "run can load")
+    assert code == 2 and err[-1].startswith(
+        f"bottleneck: error: {run / 'model.keras'} is not a Keras head this run can load"
+    )
 
 
 def test_test_predictions_header_is_unambiguous_for_classes_named_path_and_label(tmp_path):

@@ -1,4 +1,5 @@
 """Signals and forked workers: a library's worker pool never inherits our KeyboardInterrupt on SIGTERM."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ def test_a_forked_child_gets_the_default_signal_handlers_back():
         assert signal.getsignal(signal.SIGTERM) is _interrupt
         child = os.fork()
         if child == 0:  # the child: what a multiprocessing pool worker would start with
-            ok = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+            ok = (
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+            )
             os._exit(0 if ok else 1)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
@@ -71,11 +74,36 @@ def test_ctrl_c_in_fine_tune_is_one_line_and_no_tensorflow_noise(tmp_path):
     root = Path(__file__).resolve().parent.parent
     for sent in (signal.SIGINT,):  # SIGTERM takes the same handler (test_a_forked_child_... and the CLI tests)
         process = subprocess.Popen(
-            [sys.executable, "-m", "bottleneck", "fine-tune", "--run", str(run), "--runs", str(tmp_path / sent.name),
-             "--epochs", "100", "--patience", "100", "--learning-rate", "1e-3", "--augment", "flip,crop,brightness"],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},  # the CLI's own, not the suite's
-                 "PYTHONPATH": str(root), "PYTHONFAULTHANDLER": "1"})
+            [
+                sys.executable,
+                "-m",
+                "bottleneck",
+                "fine-tune",
+                "--run",
+                str(run),
+                "--runs",
+                str(tmp_path / sent.name),
+                "--epochs",
+                "100",
+                "--patience",
+                "100",
+                "--learning-rate",
+                "1e-3",
+                "--augment",
+                "flip,crop,brightness",
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **{
+                    k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"
+                },  # the CLI's own, not the suite's
+                "PYTHONPATH": str(root),
+                "PYTHONFAULTHANDLER": "1",
+            },
+        )
         lines = []
         for line in process.stderr:  # training, with augmentation, is under way once an epoch has ended
             lines.append(line)
@@ -87,8 +115,9 @@ def test_ctrl_c_in_fine_tune_is_one_line_and_no_tensorflow_noise(tmp_path):
         err = "".join(lines) + rest
         assert process.returncode == 130, err  # a segmentation fault would be -11
         assert "never used" not in err and "ERROR" not in err and "Traceback" not in err and "Fatal" not in err, err
-        assert err.strip().splitlines()[-1] == ("bottleneck: interrupted; finished epochs are kept, run the same "
-                                                "command again to resume")
+        assert err.strip().splitlines()[-1] == (
+            "bottleneck: interrupted; finished epochs are kept, run the same command again to resume"
+        )
 
 
 _POOL_UNDER_SIGTERM = """
@@ -120,7 +149,13 @@ def test_a_forked_pool_under_sigterm_in_a_loop_ends_quietly():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", _POOL_UNDER_SIGTERM], cwd=root, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run(
+        [sys.executable, "-c", _POOL_UNDER_SIGTERM],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr

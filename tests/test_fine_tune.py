@@ -1,5 +1,6 @@
 """`bottleneck fine-tune`: interrupt and resume, a run like any other, predict on it, bad input; the recipe: BatchNorm
 modes, discriminative rates, the learning-rate finder, a win over the parent on a planted task."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,19 @@ from .conftest import make_dataset
 SPLIT = SplitConfig(val_pct=25, test_pct=25, seed=2)
 CONFIG = FineTuneConfig(epochs=4, learning_rate=1e-3, batch_size=8, patience=10, augment=("flip", "crop", "brightness"))
 # Every part of the recipe at once: the finder, the head's epoch, BatchNorm's affine parameters, AdamW, smoothing.
-RECIPE = FineTuneConfig(epochs=3, learning_rate="auto", batch_size=8, patience=10, augment=("flip", "crop"), head_epochs=1,
-                        bn="affine", weight_decay=0.01, label_smoothing=0.1, lower_rate_factor=10, warmup=0.3)
+RECIPE = FineTuneConfig(
+    epochs=3,
+    learning_rate="auto",
+    batch_size=8,
+    patience=10,
+    augment=("flip", "crop"),
+    head_epochs=1,
+    bn="affine",
+    weight_decay=0.01,
+    label_smoothing=0.1,
+    lower_rate_factor=10,
+    warmup=0.3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +88,26 @@ def test_fine_tuned_run_keeps_batchnorm_and_works_with_predict_and_report(parent
     import keras
 
     root, data, base, run = parent
-    assert main(["fine-tune", "--run", str(run), "--epochs", "3", "--learning-rate", "0.001", "--gradual", "--label-smoothing", "0",
-                 "--augment", "flip,crop", "--json"]) == 0
+    assert (
+        main(
+            [
+                "fine-tune",
+                "--run",
+                str(run),
+                "--epochs",
+                "3",
+                "--learning-rate",
+                "0.001",
+                "--gradual",
+                "--label-smoothing",
+                "0",
+                "--augment",
+                "flip,crop",
+                "--json",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     child = root / "runs" / line["run_dir"].split("/")[-1]
     assert line["parent_run"] == run.name
@@ -133,8 +163,12 @@ def test_resume_after_the_parents_head_was_swapped_says_so_and_starts_again(pare
     said: list[str] = []
     again = fine_tune(run, config, tmp_path / "runs", log=said.append)
     assert again.resumed_from_epoch == 0
-    assert any(line.startswith(f"warning: the head or backbone of run {run.name} changed since ") and
-               "saved epoch 1" in line and "fine-tuning starts again" in line for line in said), said
+    assert any(
+        line.startswith(f"warning: the head or backbone of run {run.name} changed since ")
+        and "saved epoch 1" in line
+        and "fine-tuning starts again" in line
+        for line in said
+    ), said
 
 
 def test_bad_fine_tune_input_is_one_line(parent, capsys):
@@ -142,8 +176,11 @@ def test_bad_fine_tune_input_is_one_line(parent, capsys):
     with pytest.raises(BottleneckError, match="nearest names: conv"):
         fine_tune(run, FineTuneConfig(unfreeze_from="conv"))
     for value in (math.nan, -1.0):  # the command refuses these in argparse (tests/test_hostile_values.py)
-        with pytest.raises(BottleneckError, match=rf"^--learning-rate must be more than 0 and at most 10, or auto; "
-                                                  rf"got {value}$"):
+        with pytest.raises(
+            BottleneckError,
+            match=rf"^--learning-rate must be more than 0 and at most 10, or auto; "
+            rf"got {value}$",
+        ):
             FineTuneConfig(learning_rate=value)
     for args, message in [
         (["--augment", "flip,rotate"], "unknown --augment rotate; choose from: flip, crop, brightness"),
@@ -167,14 +204,18 @@ def test_the_same_fine_tune_twice_at_once_is_one_line_for_the_second(parent):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242")
         held.flush()
-        with pytest.raises(BottleneckError, match=rf"^the same fine-tune of run {run.name} is already running "
-                                                  r"\(pid 4242\); wait for it to finish"):
+        with pytest.raises(
+            BottleneckError,
+            match=rf"^the same fine-tune of run {run.name} is already running "
+            r"\(pid 4242\); wait for it to finish",
+        ):
             fine_tune(run, config, run.parent)
     # Once the first is done, the same command runs.
     assert fine_tune(run, config, run.parent).run_dir.is_dir()
 
 
 # The recipe: a planted task, discriminative rates, the learning-rate finder.
+
 
 @pytest.fixture(scope="module")
 def far_digits(tmp_path_factory):
@@ -265,8 +306,9 @@ def _train_steps(model, groups, config, pixels, y, rate: float, epochs: int) -> 
     from bottleneck.learn import finetune
 
     finetune.set_trainable(model, [layer for group in groups for layer in group], config.bn)
-    trainer = finetune._Trainer(model, finetune.rate_groups(model, groups, len(groups), config.bn,
-                                                            config.lower_rate_factor), config)
+    trainer = finetune._Trainer(
+        model, finetune.rate_groups(model, groups, len(groups), config.bn, config.lower_rate_factor), config
+    )
     for epoch in range(epochs):
         for batch, labels in finetune._epoch_batches(tf, pixels, y, config, epoch):
             trainer.step(batch, labels, rate)
@@ -299,7 +341,11 @@ def test_batchnorm_modes_train_what_they_say(weak_head, bn):
     after = layer.get_weights()
     affine_moved = not (np.array_equal(gamma, after[0]) and np.array_equal(beta, after[1]))
     statistics_moved = not (np.array_equal(mean, after[2]) and np.array_equal(variance, after[3]))
-    assert (affine_moved, statistics_moved) == {"frozen": (False, False), "affine": (True, False), "train": (True, True)}[bn]
+    assert (affine_moved, statistics_moved) == {
+        "frozen": (False, False),
+        "affine": (True, False),
+        "train": (True, True),
+    }[bn]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ The table and the fingerprint are plain data and tested without KerasHub; buildi
 keras-hub install (`make hub`), and those tests say they were skipped without it. Networks are tiny
 configurations written as local preset folders (`save_to_preset`), the way a downloaded preset is read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,11 +32,22 @@ SIZE = 28  # two 14-pixel patches a side for DINOv2; CLIP, SigLIP and ViT use 14
 # as the real presets' (518 px -> the input's grid) are: on every backend by TensorFlow's bicubic (PyTorch's own
 # differed by 2.2e-3 of the spread).
 TINY = {
-    "dinov2": ("DINOV2Backbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
-                                      position_embedding_shape=(42, 42, 3))),
+    "dinov2": (
+        "DINOV2Backbone",
+        dict(
+            patch_size=14,
+            num_layers=2,
+            hidden_dim=32,
+            num_heads=2,
+            intermediate_dim=64,
+            position_embedding_shape=(42, 42, 3),
+        ),
+    ),
     "clip": ("CLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64)),
-    "siglip": ("SigLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2,
-                                           intermediate_dim=64)),
+    "siglip": (
+        "SigLIPVisionEncoder",
+        dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64),
+    ),
     "vit": ("ViTBackbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, mlp_dim=64)),
 }
 
@@ -60,18 +72,30 @@ def write_preset(folder: Path, family: str, seed: int = 1, registers: int = 0) -
 # ---------------------------------------------------------------------------------------------
 # Plain data: no KerasHub needed
 
+
 def fake_preset(folder: Path, class_name: str = "DINOV2Backbone", hidden: int = 32, weights: bytes = b"w") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"class_name": class_name, "config": {
-        "hidden_dim": hidden, "image_shape": [SIZE, SIZE, 3], "patch_size": 14}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "class_name": class_name,
+                "config": {"hidden_dim": hidden, "image_shape": [SIZE, SIZE, 3], "patch_size": 14},
+            }
+        )
+    )
     (folder / "model.weights.h5").write_bytes(weights)
     return folder
 
 
 def test_defaults_are_pretrained_and_the_models_own_pooling():
     dino = BackboneSpec("dinov2_small")  # the flags' defaults: weights imagenet, pooling avg
-    assert (dino.weights, dino.pooling, dino.input_size, dino.feature_dim, dino.kind) == ("hub", "cls", 224, 384,
-                                                                                           "foundation")
+    assert (dino.weights, dino.pooling, dino.input_size, dino.feature_dim, dino.kind) == (
+        "hub",
+        "cls",
+        224,
+        384,
+        "foundation",
+    )
     assert dino.pretrained and dino.preprocessing.startswith("torch: x / 255")
     assert BackboneSpec("siglip2_b16").pooling == "pooled"
     assert not BackboneSpec("vit_b16", weights="none").pretrained
@@ -80,12 +104,17 @@ def test_defaults_are_pretrained_and_the_models_own_pooling():
 
 def test_stores_never_mix(tmp_path):
     one, other = fake_preset(tmp_path / "one"), fake_preset(tmp_path / "other", weights=b"other weights")
-    specs = [BackboneSpec("dinov2_small", weights=w, pooling=p, image_size=SIZE)
-             for w in ("none", "hub", str(one), str(other)) for p in ("cls", "mean")]
-    specs += [BackboneSpec("dinov2_base", weights="none", image_size=SIZE),
-              BackboneSpec("dinov2_reg_small", weights="none", image_size=SIZE),
-              BackboneSpec("vit_b16", weights="none", image_size=32),
-              BackboneSpec("dinov2_small", weights="none", image_size=2 * SIZE)]
+    specs = [
+        BackboneSpec("dinov2_small", weights=w, pooling=p, image_size=SIZE)
+        for w in ("none", "hub", str(one), str(other))
+        for p in ("cls", "mean")
+    ]
+    specs += [
+        BackboneSpec("dinov2_base", weights="none", image_size=SIZE),
+        BackboneSpec("dinov2_reg_small", weights="none", image_size=SIZE),
+        BackboneSpec("vit_b16", weights="none", image_size=32),
+        BackboneSpec("dinov2_small", weights="none", image_size=2 * SIZE),
+    ]
     fingerprints = [spec.fingerprint() for spec in specs]
     assert len(set(fingerprints)) == len(specs)
     assert fingerprints[4].startswith("dinov2_small-28-preset-cls-")
@@ -98,8 +127,9 @@ def test_hugging_face_snapshots_of_other_models_are_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "hidden_size": 32}))
     with pytest.raises(BackboneError, match="a Hugging Face snapshot of a 'clip' model; KerasHub converts dinov2"):
         BackboneSpec("clip_vit_b16", weights=str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 48, "image_size": 28,
-                                                      "patch_size": 14}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "vit", "hidden_size": 48, "image_size": 28, "patch_size": 14})
+    )
     with pytest.raises(BackboneError, match="holds a vit snapshot, not a dinov2 model"):
         BackboneSpec("dinov2_small", weights=str(tmp_path))
     with pytest.raises(BackboneError, match="has no .safetensors weights"):
@@ -133,7 +163,10 @@ def test_bad_choices_are_one_line(tmp_path):
         BackboneSpec("clip_vit_b16", weights=clip.weights, image_size=2 * SIZE)
     with pytest.raises(BackboneError, match="vit_b16 takes 224x224 images with these weights"):
         BackboneSpec("vit_b16", image_size=112)
-    assert BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "one")), image_size=2 * SIZE).input_size == 2 * SIZE
+    assert (
+        BackboneSpec("dinov2_small", weights=str(fake_preset(tmp_path / "one")), image_size=2 * SIZE).input_size
+        == 2 * SIZE
+    )
 
 
 @pytest.mark.parametrize("side,grid", [(37, (16, 16)), (37, (23, 19)), (37, (48, 64)), (3, (2, 2)), (5, (5, 5))])
@@ -169,6 +202,7 @@ def test_missing_keras_hub_is_one_line(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Built with KerasHub
 
+
 def features_of(spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:
     from bottleneck.backbones.build import build_feature_network
 
@@ -200,11 +234,14 @@ def test_dinov2_pooling_and_preprocessing_match_the_preset(tmp_path, pixels):
     np.testing.assert_allclose(mean, tokens[:, 3:].mean(axis=1), atol=1e-5)  # registers left out
 
 
-@pytest.mark.parametrize("family,name,mean,std", [
-    ("clip", "clip_vit_b16", CLIP_MEAN_RGB, CLIP_STD_RGB),
-    ("siglip", "siglip2_b16", (0.5,) * 3, (0.5,) * 3),
-    ("vit", "vit_b16", (0.5,) * 3, (0.5,) * 3),
-])
+@pytest.mark.parametrize(
+    "family,name,mean,std",
+    [
+        ("clip", "clip_vit_b16", CLIP_MEAN_RGB, CLIP_STD_RGB),
+        ("siglip", "siglip2_b16", (0.5,) * 3, (0.5,) * 3),
+        ("vit", "vit_b16", (0.5,) * 3, (0.5,) * 3),
+    ],
+)
 def test_each_family_matches_its_preset(tmp_path, pixels, family, name, mean, std):
     folder = write_preset(tmp_path / family, family)
     tokens = reference_tokens(folder, pixels, mean, std)
@@ -252,14 +289,35 @@ def test_features_train_head_predict(tmp_path):
     assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *flags, "--no-progress"]) == 0
     (store,) = (tmp_path / "cache").glob("*.h5")
     assert store.name.startswith("dinov2_small-28-preset-mean-")
-    assert main(["train-head", "--data", str(data), "--cache", str(tmp_path / "cache"), *flags[:-2],
-                 "--runs", str(tmp_path / "runs"), "--head", "keras", "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(tmp_path / "cache"),
+                *flags[:-2],
+                "--runs",
+                str(tmp_path / "runs"),
+                "--head",
+                "keras",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     (run,) = (tmp_path / "runs").iterdir()
     assert json.loads((run / "config.json").read_text())["backbone"]["pooling"] == "mean"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["predict", "--run", str(run), str(data), "--json", "--cache", str(tmp_path / "cache"),
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                ["predict", "--run", str(run), str(data), "--json", "--cache", str(tmp_path / "cache"), "--no-progress"]
+            )
+            == 0
+        )
     rows = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith('{"path"')]
     assert len(rows) == len(list(data.rglob("*.png")))
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 1  # predict read the same store
@@ -284,8 +342,24 @@ def on_tensorflow(tmp_path_factory) -> Path:
     make_dataset(root / "data", per_class=2)
     for family, name in NAMES.items():
         write_preset(root / family, family, seed=len(family))
-        assert main(["features", str(root / "data"), "--cache", str(root / f"tf-{family}"), "--backbone", name,
-                     "--weights", str(root / family), "--runtime", "keras", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "features",
+                    str(root / "data"),
+                    "--cache",
+                    str(root / f"tf-{family}"),
+                    "--backbone",
+                    name,
+                    "--weights",
+                    str(root / family),
+                    "--runtime",
+                    "keras",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -308,13 +382,32 @@ def test_every_backend_computes_tensorflows_features(backend, on_tensorflow):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is an optional extra")
     root = on_tensorflow
-    calls = [["features", str(root / "data"), "--cache", str(root / f"{backend}-{family}"), "--backbone", name,
-              "--weights", str(root / family), "--backend", backend, "--no-progress"] for family, name in NAMES.items()]
-    script = ("import sys; from bottleneck.cli import main\n"
-              f"sys.exit(max(main(argv) for argv in {calls!r}))\n")
+    calls = [
+        [
+            "features",
+            str(root / "data"),
+            "--cache",
+            str(root / f"{backend}-{family}"),
+            "--backbone",
+            name,
+            "--weights",
+            str(root / family),
+            "--backend",
+            backend,
+            "--no-progress",
+        ]
+        for family, name in NAMES.items()
+    ]
+    script = f"import sys; from bottleneck.cli import main\nsys.exit(max(main(argv) for argv in {calls!r}))\n"
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for family in NAMES:
         name, reference = store_rows(root / f"tf-{family}")
@@ -334,8 +427,21 @@ def test_cpu_precisions_compute_dinov2_features_near_float32(on_tensorflow, caps
     # int8 0.31 (random weights quantize poorly; the demo's trained network: bench-precision).
     for precision, within in (("bf16", 0.03), ("int8", 0.5)):
         cache = root / f"{precision}-dinov2"
-        code = main(["features", str(root / "data"), "--cache", str(cache), "--backbone", "dinov2_small", "--weights",
-                     str(root / "dinov2"), "--precision", precision, "--no-progress"])
+        code = main(
+            [
+                "features",
+                str(root / "data"),
+                "--cache",
+                str(cache),
+                "--backbone",
+                "dinov2_small",
+                "--weights",
+                str(root / "dinov2"),
+                "--precision",
+                precision,
+                "--no-progress",
+            ]
+        )
         if precision == "bf16" and "BF16" not in cpu_capabilities():
             assert code == 2 and "no bfloat16 instructions" in capsys.readouterr().err
             continue
@@ -347,6 +453,7 @@ def test_cpu_precisions_compute_dinov2_features_near_float32(on_tensorflow, caps
 
 # ---------------------------------------------------------------------------------------------
 # Parity with Hugging Face transformers: the same random weights, converted by KerasHub from a snapshot
+
 
 def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, float]:
     """Our features against transformers' own outputs, relative to the spread, per pooling."""
@@ -393,25 +500,34 @@ def clip_from_transformers(model, folder: Path) -> None:
     config = model.config
     heads, width = config.num_attention_heads, config.hidden_size
     encoder = keras_hub.models.CLIPVisionEncoder(
-        patch_size=config.patch_size, hidden_dim=width, num_layers=config.num_hidden_layers, num_heads=heads,
-        intermediate_dim=config.intermediate_size, image_shape=(config.image_size, config.image_size, 3))
+        patch_size=config.patch_size,
+        hidden_dim=width,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        intermediate_dim=config.intermediate_size,
+        image_shape=(config.image_size, config.image_size, 3),
+    )
     vision = getattr(model, "vision_model", model)  # transformers 5 keeps the layers on the model itself
     state = {key: value.numpy() for key, value in vision.state_dict().items()}
     values = {
         "embedding/class_embedding": state["embeddings.class_embedding"],
         "embedding/patch_embedding/kernel": state["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
         "embedding/position_embedding/embeddings": state["embeddings.position_embedding.weight"],
-        "pre_layer_norm/gamma": state["pre_layrnorm.weight"], "pre_layer_norm/beta": state["pre_layrnorm.bias"],
-        "layer_norm/gamma": state["post_layernorm.weight"], "layer_norm/beta": state["post_layernorm.bias"],
+        "pre_layer_norm/gamma": state["pre_layrnorm.weight"],
+        "pre_layer_norm/beta": state["pre_layrnorm.bias"],
+        "layer_norm/gamma": state["post_layernorm.weight"],
+        "layer_norm/beta": state["post_layernorm.bias"],
     }
     for i in range(config.num_hidden_layers):
         ours, theirs = f"encoder_block_{i}/", f"encoder.layers.{i}."
         for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
             values[f"{ours}attention/{name}/kernel"] = state[f"{theirs}self_attn.{proj}.weight"].T.reshape(
-                width, heads, -1)
+                width, heads, -1
+            )
             values[f"{ours}attention/{name}/bias"] = state[f"{theirs}self_attn.{proj}.bias"].reshape(heads, -1)
         values[f"{ours}attention/attention_output/kernel"] = state[f"{theirs}self_attn.out_proj.weight"].T.reshape(
-            heads, -1, width)
+            heads, -1, width
+        )
         values[f"{ours}attention/attention_output/bias"] = state[f"{theirs}self_attn.out_proj.bias"]
         for n in (1, 2):
             values[f"{ours}layer_norm_{n}/gamma"] = state[f"{theirs}layer_norm{n}.weight"]
@@ -434,9 +550,16 @@ def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
     import torch
 
     torch.manual_seed(0)
-    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
-        image_size=SIZE)).eval()
+    model = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=SIZE,
+        )
+    ).eval()
     clip_from_transformers(model, tmp_path / "keras")
     normalized = (pixels / 255.0 - np.array(CLIP_MEAN_RGB)) / np.array(CLIP_STD_RGB)
     with torch.no_grad():

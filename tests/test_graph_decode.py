@@ -5,6 +5,7 @@ decoded by `decode_image` and by `decode_batch_graph` inside a tf.function with 
 signature. At size 75 that function is first saved as a SavedModel and restored, so those cases
 run the way an exported model serves them; size 299 runs the in-process tf.function.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,7 +44,7 @@ def batch_decoder(size: int) -> Callable:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def graph_decoder(size: int) -> Callable:
     if size != SAVED_MODEL_SIZE:
         return batch_decoder(size)
@@ -74,11 +75,14 @@ def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     """Smooth gradients and waves with mild noise: compresses like a photograph."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    waves = np.stack([
-        128 + 90 * np.sin(xx / 37.0 + yy / 53.0 + seed),
-        128 + 90 * np.cos(xx / 23.0 - yy / 41.0),
-        128 + 60 * np.sin((xx + 2 * yy) / 17.0),
-    ], axis=-1)
+    waves = np.stack(
+        [
+            128 + 90 * np.sin(xx / 37.0 + yy / 53.0 + seed),
+            128 + 90 * np.cos(xx / 23.0 - yy / 41.0),
+            128 + 60 * np.sin((xx + 2 * yy) / 17.0),
+        ],
+        axis=-1,
+    )
     return np.clip(waves + rng.normal(0, 10, waves.shape), 0, 255).astype(np.uint8)
 
 
@@ -117,7 +121,7 @@ def png(pixels: np.ndarray, colour_type: int, depth: int, chunks: tuple[tuple[by
     elif depth == 8:
         rows = [row.astype(np.uint8).tobytes() for row in samples]
     else:
-        bits = np.unpackbits(samples.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth:]
+        bits = np.unpackbits(samples.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth :]
         rows = [np.packbits(row.reshape(-1)).tobytes() for row in bits]
     raw = b"".join(b"\x00" + row for row in rows)
 
@@ -126,7 +130,9 @@ def png(pixels: np.ndarray, colour_type: int, depth: int, chunks: tuple[tuple[by
 
     header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], depth, colour_type, 0, 0, 0)
     body = b"".join(chunk(kind, data) for kind, data in chunks)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def gif_with_offset_frame(transparency: int | None) -> bytes:
@@ -135,7 +141,7 @@ def gif_with_offset_frame(transparency: int | None) -> bytes:
     data = bytearray(encode(image, "GIF", **({} if transparency is None else {"transparency": transparency})))
     descriptor = data.index(b"\x2c\x00\x00\x00\x00")
     data[6:10] = struct.pack("<HH", 44, 29)
-    data[descriptor + 1:descriptor + 5] = struct.pack("<HH", 7, 5)
+    data[descriptor + 1 : descriptor + 5] = struct.pack("<HH", 7, 5)
     return bytes(data)
 
 
@@ -143,7 +149,7 @@ def top_down_bmp() -> bytes:
     pixels = photo(13, 7, seed=5)
     data = bytearray(encode(Image.fromarray(pixels), "BMP"))
     offset, stride = struct.unpack("<I", data[10:14])[0], (13 * 3 + 3) // 4 * 4
-    rows = [data[offset + i * stride: offset + (i + 1) * stride] for i in range(7)]
+    rows = [data[offset + i * stride : offset + (i + 1) * stride] for i in range(7)]
     data[offset:] = b"".join(reversed(rows))
     data[22:26] = struct.pack("<i", -7)
     return bytes(data)
@@ -153,7 +159,7 @@ def transparent_alpha(pixels: np.ndarray, seed: int = 1) -> np.ndarray:
     """Alpha with fully transparent, fully opaque and partial pixels."""
     alpha = noise(pixels.shape[1], pixels.shape[0], 1, seed)
     alpha[: pixels.shape[0] // 3] = 0
-    alpha[-pixels.shape[0] // 3:] = 255
+    alpha[-pixels.shape[0] // 3 :] = 255
     return np.dstack([pixels, alpha])
 
 
@@ -210,13 +216,17 @@ CASES: dict[str, Callable[[], bytes]] = {
     # JPEG metadata: EXIF byte order, XMP orientation fallback, broken EXIF, MPO, Ultra HDR
     "jpeg-exif-big-endian-6": lambda: jpeg(photo(320, 200), exif=big_endian_exif(6)),
     "jpeg-xmp-orientation-attribute": lambda: jpeg(
-        photo(320, 200), xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'),
+        photo(320, 200), xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    ),
     "jpeg-xmp-orientation-element": lambda: jpeg(
-        photo(320, 200), xmp=b"<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>"),
+        photo(320, 200), xmp=b"<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>"
+    ),
     "jpeg-exif-wins-over-xmp": lambda: jpeg(
-        photo(320, 200), exif=orientation_exif(1), xmp=b'<r tiff:Orientation="6"/>'),
+        photo(320, 200), exif=orientation_exif(1), xmp=b'<r tiff:Orientation="6"/>'
+    ),
     "jpeg-broken-exif-no-transpose": lambda: jpeg(
-        photo(320, 200), exif=b"Exif\x00\x00XX\x00\x00garbage", xmp=b'<r tiff:Orientation="6"/>'),
+        photo(320, 200), exif=b"Exif\x00\x00XX\x00\x00garbage", xmp=b'<r tiff:Orientation="6"/>'
+    ),
     "jpeg-mpo-no-draft": lambda: mpo(),
     "jpeg-ultra-hdr-draft": lambda: mpo(xmp=b'<x:xmpmeta><rdf:Description hdrgm:Version="1.0"/></x:xmpmeta>'),
     # PNG: every colour type and bit depth
@@ -235,13 +245,15 @@ CASES: dict[str, Callable[[], bytes]] = {
     "png-4bit-gray": lambda: png(noise(45, 31, 1) % 16, 0, 4),
     "png-4bit-palette": lambda: png(noise(45, 31, 1) % 16, 3, 4, ((b"PLTE", bytes(noise(16, 1, 3, seed=2).ravel())),)),
     "png-4bit-palette-trns": lambda: png(
-        noise(45, 31, 1) % 16, 3, 4, ((b"PLTE", bytes(noise(16, 1, 3, seed=2).ravel())), (b"tRNS", b"\x00\x40\xc0"))),
+        noise(45, 31, 1) % 16, 3, 4, ((b"PLTE", bytes(noise(16, 1, 3, seed=2).ravel())), (b"tRNS", b"\x00\x40\xc0"))
+    ),
     "png-16bit-gray": lambda: encode(Image.fromarray(sixteen_bit(53, 37, 1)[..., 0]), "PNG"),
     "png-16bit-gray-trns": lambda: png(sixteen_bit(53, 37, 1), 0, 16, ((b"tRNS", b"\x12\x34"),)),
     "png-16bit-la": lambda: png(sixteen_bit(53, 37, 2), 4, 16),
     "png-16bit-rgb": lambda: png(sixteen_bit(53, 37, 3), 2, 16),
     "png-16bit-rgb-trns-ignored": lambda: png(
-        np.where(np.arange(37)[:, None, None] < 9, 0, sixteen_bit(53, 37, 3)), 2, 16, ((b"tRNS", b"\x00" * 6),)),
+        np.where(np.arange(37)[:, None, None] < 9, 0, sixteen_bit(53, 37, 3)), 2, 16, ((b"tRNS", b"\x00" * 6),)
+    ),
     "png-16bit-rgba": lambda: png(sixteen_bit(53, 37, 4), 6, 16),
     "png-exif-orientation-6": lambda: encode(Image.fromarray(photo(64, 40)), "PNG", exif=orientation_exif(6)),
     "png-3x500": lambda: encode(Image.fromarray(photo(3, 500)), "PNG"),
@@ -252,8 +264,12 @@ CASES: dict[str, Callable[[], bytes]] = {
     "gif-palette": lambda: encode(Image.fromarray(photo(61, 47)).quantize(64), "GIF"),
     "gif-transparency": lambda: encode(Image.fromarray(photo(61, 47)).quantize(64), "GIF", transparency=3),
     "gif-animated": lambda: encode(
-        Image.fromarray(photo(61, 47, seed=1)).quantize(32), "GIF", save_all=True, duration=80,
-        append_images=[Image.fromarray(photo(61, 47, seed=s)).quantize(32) for s in (2, 3)]),
+        Image.fromarray(photo(61, 47, seed=1)).quantize(32),
+        "GIF",
+        save_all=True,
+        duration=80,
+        append_images=[Image.fromarray(photo(61, 47, seed=s)).quantize(32) for s in (2, 3)],
+    ),
     "gif-grayscale": lambda: encode(Image.fromarray(photo(61, 47)[..., 2]), "GIF"),
     "gif-offset-frame": lambda: gif_with_offset_frame(None),
     "gif-offset-frame-transparency": lambda: gif_with_offset_frame(7),
@@ -266,7 +282,7 @@ CASES: dict[str, Callable[[], bytes]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case_bytes(name: str) -> bytes:
     return CASES[name]()
 
@@ -292,10 +308,16 @@ def pillow_draft_scale(data: bytes, size: int) -> int:
     return -(-width // image.size[0])
 
 
-@pytest.mark.parametrize("name, size, scale", [
-    ("jpeg-draft-2", 75, 2), ("jpeg-draft-4", 75, 4), ("jpeg-draft-8", 75, 8),
-    ("jpeg-draft-8", 299, 2), ("jpeg-draft-4-at-299", 299, 4),
-])
+@pytest.mark.parametrize(
+    "name, size, scale",
+    [
+        ("jpeg-draft-2", 75, 2),
+        ("jpeg-draft-4", 75, 4),
+        ("jpeg-draft-8", 75, 8),
+        ("jpeg-draft-8", 299, 2),
+        ("jpeg-draft-4-at-299", 299, 4),
+    ],
+)
 def test_cases_cover_every_draft_ratio(name: str, size: int, scale: int) -> None:
     assert pillow_draft_scale(case_bytes(name), size) == scale
 
@@ -323,12 +345,15 @@ def test_cmyk_jpeg_is_within_one(size: int) -> None:
 # Files the graph refuses, with a clear error
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(b"", id="empty"),
-    pytest.param(b"not an image at all", id="garbage"),
-    pytest.param(encode(Image.fromarray(photo(20, 20)), "TIFF"), id="tiff"),
-    pytest.param(encode(Image.fromarray(photo(20, 20)), "WEBP"), id="webp"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"not an image at all", id="garbage"),
+        pytest.param(encode(Image.fromarray(photo(20, 20)), "TIFF"), id="tiff"),
+        pytest.param(encode(Image.fromarray(photo(20, 20)), "WEBP"), id="webp"),
+    ],
+)
 def test_unsupported_formats_raise(data: bytes) -> None:
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF or BMP"):
         graph_decode(data, 75)

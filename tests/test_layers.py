@@ -2,6 +2,7 @@
 
 Every import statement is walked, those inside functions too, so a lazy import that runs upward is caught.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,17 @@ import bottleneck
 
 PACKAGE = Path(bottleneck.__file__).parent
 #: Bottom to top; a module may import its own layer and those below. The bottom modules import only each other.
-LAYERS = (("bounds", "errors", "fs", "naming", "quiet", "text"), ("backbones",), ("features",), ("learn",), ("use",),
-          ("inspect",), ("api", "demo"), ("cli",), ("__init__", "__main__"))
+LAYERS = (
+    ("bounds", "errors", "fs", "naming", "quiet", "text"),
+    ("backbones",),
+    ("features",),
+    ("learn",),
+    ("use",),
+    ("inspect",),
+    ("api", "demo"),
+    ("cli",),
+    ("__init__", "__main__"),
+)
 
 
 def _layer(name: str) -> int:

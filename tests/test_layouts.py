@@ -1,4 +1,5 @@
 """DATA laid out in split folders (`DATA/{train,val,test}/<class>/...`): the folders are the splits, end to end."""
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,10 @@ def test_train_and_val_folders_val_is_the_test_split_and_validation_is_drawn_fro
     config = json.loads((run / "config.json").read_text())
     assert config["layout"] == "split-folders" and config["labels"] == ["blue", "green", "red"]
     # the same split again: stable
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "again")]) == 0
+    assert (
+        main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "again")])
+        == 0
+    )
     assert read_split(only_run(tmp_path / "again")) == split
     # predict a held-out folder; the report takes the run like any other
     capsys.readouterr()
@@ -59,12 +63,35 @@ def test_train_and_val_folders_val_is_the_test_split_and_validation_is_drawn_fro
 
 
 def test_train_valid_and_test_folders_in_any_case_give_all_three_splits(tmp_path, capsys):
-    data, cache, runs = split_folders(tmp_path / "data", Train=6, Valid=3, TEST=3), tmp_path / "cache", tmp_path / "runs"
+    data, cache, runs = (
+        split_folders(tmp_path / "data", Train=6, Valid=3, TEST=3),
+        tmp_path / "cache",
+        tmp_path / "runs",
+    )
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs),
-                 "--val-pct", "30", "--test-pct", "30"]) == 0
-    assert "splits: train from the train folder, validation from the validation folder, test from the test folder" in \
-        capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(runs),
+                "--val-pct",
+                "30",
+                "--test-pct",
+                "30",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "splits: train from the train folder, validation from the validation folder, test from the test folder"
+        in capsys.readouterr().err
+    )
     split = read_split(only_run(runs))
     expected = {"Train": "train", "Valid": "validation", "TEST": "test"}
     assert all(split[path] == expected[path.split("/")[0]] for path in split)  # --val-pct/--test-pct: folders win
@@ -92,10 +119,16 @@ def test_an_ambiguous_layout_is_one_line_asking_for_layout(tmp_path, capsys):
     make_dataset(data, per_class=2, classes={"cats": (200, 100, 50)})  # a class folder beside the split folders
     assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *PIXELS, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"bottleneck: error: cannot tell how {data} is laid out: train, val look like split folders, beside "
-                   "cats; pass --layout split-folders (DATA/train/<class>/...) or --layout classes (DATA/<class>/...)")
-    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *PIXELS, "--no-progress",
-                 "--layout", "classes"]) == 0
+    assert err == (
+        f"bottleneck: error: cannot tell how {data} is laid out: train, val look like split folders, beside "
+        "cats; pass --layout split-folders (DATA/train/<class>/...) or --layout classes (DATA/<class>/...)"
+    )
+    assert (
+        main(
+            ["features", str(data), "--cache", str(tmp_path / "cache"), *PIXELS, "--no-progress", "--layout", "classes"]
+        )
+        == 0
+    )
     assert "in 3 classes" in capsys.readouterr().out  # cats, train, val: what the user asked for
     flat = tmp_path / "flat"
     make_dataset(flat, per_class=2)
@@ -112,16 +145,48 @@ def test_pretrain_fine_tune_and_export_from_split_folders(tmp_path, capsys):
 
     data, cache, runs = split_folders(tmp_path / "data", train=6, val=3), tmp_path / "cache", tmp_path / "runs"
     base = tmp_path / "base.keras"
-    assert main(["pretrain", "--data", str(data), "--out", str(base), "--image-size", "16", "--blocks", "2",
-                 "--filters", "4", "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--out",
+                str(base),
+                "--image-size",
+                "16",
+                "--blocks",
+                "2",
+                "--filters",
+                "4",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     _, _, relpaths, splits = load_images(data, 16, wanted=("train", "validation"))
     assert not any(p.startswith("val/") for p in relpaths) and set(splits) == {"train", "validation"}
     backbone = ["--backbone", str(base), "--layer", "features"]
     assert main(["features", str(data), "--cache", str(cache), *backbone, "--no-progress"]) == 0
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *backbone, "--runs", str(runs)]) == 0
     parent = only_run(runs)
-    assert main(["fine-tune", "--run", str(parent), "--runs", str(tmp_path / "tuned"), "--epochs", "1",
-                 "--learning-rate", "1e-3"]) == 0
+    assert (
+        main(
+            [
+                "fine-tune",
+                "--run",
+                str(parent),
+                "--runs",
+                str(tmp_path / "tuned"),
+                "--epochs",
+                "1",
+                "--learning-rate",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
     tuned = only_run(tmp_path / "tuned")
     assert read_split(tuned) == read_split(parent)
     metrics = json.loads((tuned / "metrics.json").read_text())
@@ -148,23 +213,66 @@ def test_a_plain_folder_of_images_is_extracted_and_compared_but_trains_no_head(t
         assert main(["features", str(folder), "--cache", str(cache), *PIXELS, "--no-progress", *layout]) == 0
         out = capsys.readouterr().out
         assert "6 images ->" in out and "a plain folder: 6 images, no labels" in out
-    assert main(["compare", str(folders["a"]), str(folders["b"]), "--cache", str(cache), *PIXELS, "--json",
-                 "--layout", "plain"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(folders["a"]),
+                str(folders["b"]),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--json",
+                "--layout",
+                "plain",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["images_a"] == result["images_b"] == 6 and result["mmd_p_value"] < 0.05
     # the audit of a plain folder: duplicates and outliers, no label issues
     (folders["a"] / "copy.png").write_bytes((folders["a"] / "0.png").read_bytes())
     assert main(["features", str(folders["a"]), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    assert main(["audit", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "audit"),
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--data",
+                str(folders["a"]),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--out",
+                str(tmp_path / "audit"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     audit = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert audit["images"] == 7 and audit["classes"] == {} and audit["label_issues"] == []
     assert [sorted((pair["a"], pair["b"])) for pair in audit["exact_duplicates"]] == [["0.png", "copy.png"]]
     assert any("a plain folder: no labels" in note for note in audit["notes"])
     assert "a plain folder: no labels" in (tmp_path / "audit" / "audit.html").read_text()
-    assert main(["train-head", "--data", str(folders["a"]), "--cache", str(cache), *PIXELS,
-                 "--runs", str(tmp_path / "runs")]) == 2
-    assert capsys.readouterr().err.strip() == (f"bottleneck: error: {folders['a']} holds images but no labels: a head "
-                                               "needs labels, from one sub-folder per class (DATA/<class>/...), split "
-                                               "folders of those, a .cls member beside each image in tar shards, or "
-                                               "--labels FILE")
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(folders["a"]),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        f"bottleneck: error: {folders['a']} holds images but no labels: a head "
+        "needs labels, from one sub-folder per class (DATA/<class>/...), split "
+        "folders of those, a .cls member beside each image in tar shards, or "
+        "--labels FILE"
+    )

@@ -1,5 +1,6 @@
 """Multi-label label files end to end: several labels per image (`a;b`, or one row per pair), one-vs-rest
 and sigmoid heads, thresholds from the validation split only, predict, report, export and audit."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,12 @@ from bottleneck.cli import main
 from .conftest import PIXELS
 
 #: Each label paints its own quadrant of the image, so the labels are learnable from 8x8 pixels.
-PATCHES = {"grass": ((1, 1), (40, 190, 60)), "road": ((1, 0), (90, 90, 90)), "sky": ((0, 0), (60, 90, 230)),
-           "sun": ((0, 1), (240, 220, 40))}
+PATCHES = {
+    "grass": ((1, 1), (40, 190, 60)),
+    "road": ((1, 0), (90, 90, 90)),
+    "sky": ((0, 0), (60, 90, 230)),
+    "sun": ((0, 1), (240, 220, 40)),
+}
 IMAGES = 60
 
 
@@ -25,7 +30,9 @@ def painted(labels: tuple[str, ...], seed: int) -> Image.Image:
     pixels = rng.normal(128, 25, (32, 32, 3))
     for label in labels:
         (row, column), colour = PATCHES[label]
-        pixels[row * 16:(row + 1) * 16, column * 16:(column + 1) * 16] = np.array(colour) + rng.normal(0, 10, (16, 16, 3))
+        pixels[row * 16 : (row + 1) * 16, column * 16 : (column + 1) * 16] = np.array(colour) + rng.normal(
+            0, 10, (16, 16, 3)
+        )
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -55,8 +62,24 @@ def made(tmp_path_factory) -> dict:
     labels_file = write_table(root / "labels.csv", ["path", "label"], [[p, ";".join(t)] for p, t in truth.items()])
     cache, runs = root / "cache", root / "runs"
     assert main(["features", "--labels", str(labels_file), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
-    assert main(["train-head", "--labels", str(labels_file), "--cache", str(cache), "--runs", str(runs),
-                 "--val-pct", "25", "--test-pct", "25"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--labels",
+                str(labels_file),
+                "--cache",
+                str(cache),
+                "--runs",
+                str(runs),
+                "--val-pct",
+                "25",
+                "--test-pct",
+                "25",
+            ]
+        )
+        == 0
+    )
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     return {"root": root, "truth": truth, "labels": labels_file, "cache": cache, "run": run}
 
@@ -68,13 +91,17 @@ def test_both_forms_of_a_multi_label_file_read_alike_and_the_layout_line_says_mu
     rows += [rows[0], ["images/img001.png", " ; "]]  # a row repeated, and an empty label
     pairs = write_table(made["root"] / "pairs.csv", ["path", "label"], rows)
     joined, by_pair = discover_images(None, labels=made["labels"]), discover_images(None, labels=pairs)
-    assert [(im.relpath, im.labels, im.label) for im in joined.images] == \
-        [(im.relpath, im.labels, im.label) for im in by_pair.images]
+    assert [(im.relpath, im.labels, im.label) for im in joined.images] == [
+        (im.relpath, im.labels, im.label) for im in by_pair.images
+    ]
     assert joined.images[2].labels == made["truth"]["images/img002.png"] and joined.images[2].label.count(";") == 2
     assert joined.multi_label and joined.classes == sorted(PATCHES)
     assert joined.layout_line() == "label file labels.csv: 60 images, 4 labels, multi-label (2.0 labels per image)"
     capsys.readouterr()
-    assert main(["features", "--labels", str(made["labels"]), "--cache", str(made["cache"]), *PIXELS, "--no-progress"]) == 0
+    assert (
+        main(["features", "--labels", str(made["labels"]), "--cache", str(made["cache"]), *PIXELS, "--no-progress"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith("60 images in 4 labels (multi-label) -> ")
     assert by_pair.skipped == {"listed again": 1, "empty label": 1}
     single = write_table(made["root"] / "single.csv", ["path", "label"], [[p, t[0]] for p, t in made["truth"].items()])
@@ -104,8 +131,21 @@ def test_logreg_learns_every_label_with_thresholds_from_validation(made, capsys)
 
 @pytest.mark.slow
 def test_the_train_head_summary_shows_map_and_micro_f1(made, capsys):
-    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]),
-                 "--runs", str(made["root"] / "summary-runs"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--labels",
+                str(made["labels"]),
+                "--cache",
+                str(made["cache"]),
+                "--runs",
+                str(made["root"] / "summary-runs"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "multi-label (2.0 labels per image)" in captured.err and "  test       mAP " in captured.err
     assert "micro F1" in captured.err and "thresholds chosen on the validation split" in captured.err
@@ -118,9 +158,18 @@ def test_thresholds_never_see_the_test_labels(made):
     """The same images and splits (a split column), the test rows' labels scrambled: the same thresholds."""
     truth = list(made["truth"].items())
     honest = [[path, ";".join(labels), split_of(i)] for i, (path, labels) in enumerate(truth)]
-    scrambled = [[path, "sky;sun" if split_of(i) == "test" and labels != ("sky", "sun") else
-                  "grass" if split_of(i) == "test" else ";".join(labels), split_of(i)]
-                 for i, (path, labels) in enumerate(truth)]
+    scrambled = [
+        [
+            path,
+            "sky;sun"
+            if split_of(i) == "test" and labels != ("sky", "sun")
+            else "grass"
+            if split_of(i) == "test"
+            else ";".join(labels),
+            split_of(i),
+        ]
+        for i, (path, labels) in enumerate(truth)
+    ]
     thresholds, test_scores = [], []
     for name, rows in (("honest", honest), ("scrambled", scrambled)):
         labels = write_table(made["root"] / f"{name}.csv", ["path", "label", "split"], rows)
@@ -154,13 +203,18 @@ def test_predict_json_gives_every_label_over_its_threshold(made, capsys):
     thresholds = json.loads((made["run"] / "thresholds.json").read_text())["thresholds"]
     for answer in answers:
         assert set(answer["probabilities"]) == set(PATCHES)
-        assert set(answer["labels"]) == {label for label, p in answer["probabilities"].items() if p >= thresholds[label]}
+        assert set(answer["labels"]) == {
+            label for label, p in answer["probabilities"].items() if p >= thresholds[label]
+        }
 
 
 def test_the_report_has_the_per_label_table(made, capsys):
     assert main(["report", "--runs", str(made["run"].parent), "--out", str(made["root"] / "report.html")]) == 0
     markdown = capsys.readouterr().out
-    assert "per-label test metrics" in markdown and "| label | precision | recall | F1 | support | AP | threshold |" in markdown
+    assert (
+        "per-label test metrics" in markdown
+        and "| label | precision | recall | F1 | support | AP | threshold |" in markdown
+    )
     assert "logreg (multi-label)" in markdown and "| mAP " in markdown
     page = (made["root"] / "report.html").read_text()
     assert "per-label test metrics" in page and all(f"<td>{label}</td>" in page for label in PATCHES)
@@ -169,9 +223,30 @@ def test_the_report_has_the_per_label_table(made, capsys):
 @pytest.mark.slow
 def test_the_keras_head_is_a_sigmoid_layer_and_predict_uses_it(made, capsys):
     runs = made["root"] / "keras-runs"
-    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
-                 "--head", "keras", "--epochs", "60", "--learning-rate", "0.03", "--val-pct", "25",
-                 "--test-pct", "25"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--labels",
+                str(made["labels"]),
+                "--cache",
+                str(made["cache"]),
+                "--runs",
+                str(runs),
+                "--head",
+                "keras",
+                "--epochs",
+                "60",
+                "--learning-rate",
+                "0.03",
+                "--val-pct",
+                "25",
+                "--test-pct",
+                "25",
+            ]
+        )
+        == 0
+    )
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["mean_average_precision"] > 0.9
     from bottleneck.learn.run_folder import load_run
@@ -209,9 +284,12 @@ def test_export_saved_model_gives_the_labels_predict_gives(made, capsys):
 
 def test_audit_flags_a_planted_wrong_label_set(made, capsys):
     rows = [[path, ";".join(labels)] for path, labels in made["truth"].items()]
-    planted = {"images/img004.png": "road;sky" if made["truth"]["images/img004.png"] != ("road", "sky") else "grass",
-               "images/img010.png": "grass;road;sun" if made["truth"]["images/img010.png"] != ("grass", "road", "sun")
-               else "sky"}
+    planted = {
+        "images/img004.png": "road;sky" if made["truth"]["images/img004.png"] != ("road", "sky") else "grass",
+        "images/img010.png": "grass;road;sun"
+        if made["truth"]["images/img010.png"] != ("grass", "road", "sun")
+        else "sky",
+    }
     rows = [[path, planted.get(path, labels)] for path, labels in rows]
     noisy = write_table(made["root"] / "noisy.csv", ["path", "label"], rows)
     out = made["root"] / "audit"
@@ -255,11 +333,27 @@ def test_a_sigmoid_head_file_round_trips_and_a_mismatched_head_is_refused(made, 
 @pytest.mark.slow
 def test_a_split_file_gives_the_same_splits_whatever_the_order_of_its_label_sets(made):
     with open(made["run"] / "split.csv", newline="") as handle:
-        saved = [[row["path"], ";".join(reversed(row["label"].split(";"))), row["split"]] for row in csv.DictReader(handle)]
+        saved = [
+            [row["path"], ";".join(reversed(row["label"].split(";"))), row["split"]] for row in csv.DictReader(handle)
+        ]
     split_file = write_table(made["root"] / "reordered-split.csv", ["path", "label", "split"], saved)
     runs = made["root"] / "split-file-runs"
-    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
-                 "--split-file", str(split_file)]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--labels",
+                str(made["labels"]),
+                "--cache",
+                str(made["cache"]),
+                "--runs",
+                str(runs),
+                "--split-file",
+                str(split_file),
+            ]
+        )
+        == 0
+    )
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     assert (run / "split.csv").read_text() == (made["run"] / "split.csv").read_text()
 
@@ -272,8 +366,26 @@ def test_exclude_leaves_a_multi_label_test_split_as_it_was(made):
     train = sorted(row["path"] for row in rows if row["split"] == "train")
     (made["root"] / "exclude.txt").write_text("\n".join(test[:2] + train[:2]) + "\n")
     runs = made["root"] / "exclude-runs"
-    assert main(["train-head", "--labels", str(made["labels"]), "--cache", str(made["cache"]), "--runs", str(runs),
-                 "--val-pct", "25", "--test-pct", "25", "--exclude", str(made["root"] / "exclude.txt")]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--labels",
+                str(made["labels"]),
+                "--cache",
+                str(made["cache"]),
+                "--runs",
+                str(runs),
+                "--val-pct",
+                "25",
+                "--test-pct",
+                "25",
+                "--exclude",
+                str(made["root"] / "exclude.txt"),
+            ]
+        )
+        == 0
+    )
     [run] = [p for p in runs.iterdir() if not p.name.startswith(".")]
     with open(run / "split.csv", newline="") as handle:
         after = list(csv.DictReader(handle))

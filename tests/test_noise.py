@@ -1,4 +1,5 @@
 """Decoder noise goes to a log file: C-level stderr output and Pillow's warnings, terminal kept clean."""
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_python(code: str, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter whose stderr is a pipe: what reaches the terminal."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *flags, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, timeout=120
+    )
     done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()  # keeps '\r' as written
     return done
 
@@ -64,7 +66,8 @@ def tiff_with_bad_field_type(path: Path) -> None:
 
 
 def test_c_level_writes_go_to_the_log_while_sys_stderr_reaches_the_terminal(tmp_path):
-    done = run_python("""
+    done = run_python(
+        """
         import os, sys, threading
         from bottleneck.features.noise import decoder_noise_to, describe
         with decoder_noise_to("noise.log") as noise:
@@ -76,17 +79,23 @@ def test_c_level_writes_go_to_the_log_while_sys_stderr_reaches_the_terminal(tmp_
             print("live", noise.count, file=sys.stderr)
         print(describe(noise), file=sys.stderr)
         os.write(2, b"fd 2 is back\\n")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "progress shows\rmessage shows\nlive 2\n2 decoder warnings (logged to noise.log)\nfd 2 is back\n"
+    assert (
+        done.stderr == "progress shows\rmessage shows\nlive 2\n2 decoder warnings (logged to noise.log)\nfd 2 is back\n"
+    )
     assert (tmp_path / "noise.log").read_text() == "c-level from the main thread\nc-level from a thread\n"
 
 
 @pytest.mark.skipif(not features.check("libtiff"), reason="Pillow built without libtiff")
 def test_a_real_libtiff_warning_goes_to_the_log(tmp_path):
     tiff_with_bad_field_type(tmp_path / "bad.tif")
-    decode = "from bottleneck.features.decode import decode_image\nimport pathlib\n" \
-             "decode_image(pathlib.Path('bad.tif').read_bytes(), 16)\n"
+    decode = (
+        "from bottleneck.features.decode import decode_image\nimport pathlib\n"
+        "decode_image(pathlib.Path('bad.tif').read_bytes(), 16)\n"
+    )
     bare = run_python(decode, tmp_path)
     assert bare.returncode == 0, bare.stderr
     if not bare.stderr.strip():
@@ -121,7 +130,9 @@ def test_pillow_warnings_from_worker_threads_are_logged_counted_and_never_dedupl
     lines = log_path.read_text().splitlines()
     assert len(lines) == 7 and noise.python_warnings == 7 and noise.c_lines == 0
     assert all("UserWarning: Invalid APNG" in line for line in lines)
-    assert sorted(line.split(" while decoding ")[1].split(":")[0] for line in lines[:6]) == [f"img{i}.png" for i in range(6)]
+    assert sorted(line.split(" while decoding ")[1].split(":")[0] for line in lines[:6]) == [
+        f"img{i}.png" for i in range(6)
+    ]
     assert " while decoding " not in lines[6]
     assert all(tuple(p[0, 0]) == (200, 0, 0) for p in pixels)
     assert describe(noise) == f"7 decoder warnings (logged to {log_path})"
@@ -140,19 +151,25 @@ def test_other_warnings_pass_through_and_filters_are_restored(tmp_path):
 
 def test_pillow_warnings_outside_the_context_are_shown_once_and_never_raised(tmp_path):
     (tmp_path / "bad.png").write_bytes(invalid_apng())
-    done = run_python("""
+    done = run_python(
+        """
         import pathlib
         from bottleneck.features.decode import decode_image
         for _ in range(3):
             decode_image(pathlib.Path("bad.png").read_bytes(), 8)
         print("decoded")
-    """, tmp_path, "-W", "error")
+    """,
+        tmp_path,
+        "-W",
+        "error",
+    )
     assert done.returncode == 0 and done.stdout == "decoded\n", done.stderr
     assert done.stderr.count("Invalid APNG") == 2  # one warning: its message and source line
 
 
 def test_everything_is_restored_after_an_exception_or_interrupt(tmp_path):
-    done = run_python("""
+    done = run_python(
+        """
         import os, sys
         from bottleneck.features.noise import decoder_noise_to
         original = sys.stderr
@@ -166,7 +183,9 @@ def test_everything_is_restored_after_an_exception_or_interrupt(tmp_path):
             assert sys.stderr is original
             os.write(2, b"fd 2 restored after " + error.__name__.encode() + b"\\n")
         print("sys.stderr restored", file=sys.stderr)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "fd 2 restored after ValueError\nfd 2 restored after KeyboardInterrupt\nsys.stderr restored\n"
     assert (tmp_path / "noise.log").read_text() == "logged\nlogged\n"
@@ -182,7 +201,8 @@ def test_exception_inside_restores_fd2_in_process(tmp_path):
 
 
 def test_nested_use_is_harmless(tmp_path):
-    done = run_python("""
+    done = run_python(
+        """
         import os, sys
         from bottleneck.features.noise import decoder_noise_to
         with decoder_noise_to("outer.log") as outer:
@@ -194,7 +214,9 @@ def test_nested_use_is_harmless(tmp_path):
                 print("still visible", file=sys.stderr)
             os.write(2, b"three\\n")
         print(outer.count, inner.count, file=sys.stderr)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "still visible\n2 1\n"
     assert (tmp_path / "outer.log").read_text() == "one\nthree\n"
@@ -238,8 +260,25 @@ def test_a_features_run_logs_and_counts_decoder_noise_and_keeps_the_terminal_cle
         Image.new("RGB", (20, 20), (0, 90, 200)).save(data / label / "plain.png")
     (data / "a" / "apng.png").write_bytes(invalid_apng())
     tiff_with_bad_field_type(data / "b" / "odd.tif")
-    done = subprocess.run([sys.executable, "-m", "bottleneck", "features", str(data), "--cache", str(cache),
-                           "--backbone", "pixels", "--json", "--augment", "2"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bottleneck",
+            "features",
+            str(data),
+            "--cache",
+            str(cache),
+            "--backbone",
+            "pixels",
+            "--json",
+            "--augment",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["computed"] == 3 and summary["decoder_warnings"] >= 2

@@ -1,4 +1,5 @@
 """Your own base: `pretrain`, a .keras file cut at a layer as the backbone, the pixels baseline, `compare`."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def test_model_file_errors_are_one_line(base, tmp_path):
         BackboneSpec(architecture=str(result.path), layer="featurs")
     not_model = tmp_path / "photo.keras"
     not_model.write_bytes(b"\x89PNG not a model")
-    with pytest.raises(BackboneError, match=r"^.*photo.keras is not a Keras model file \(.keras, as saved by model.save\)$"):
+    with pytest.raises(
+        BackboneError, match=r"^.*photo.keras is not a Keras model file \(.keras, as saved by model.save\)$"
+    ):
         BackboneSpec(architecture=str(not_model), layer="x")
     with pytest.raises(BackboneError, match=r"^--layer is needed with a model file"):
         BackboneSpec(architecture=str(result.path))
@@ -114,8 +117,23 @@ def test_compare_command_reports_distances(base, capsys):
 
 def test_pretrain_cli_with_zero_epochs_saves_the_untrained_network(base, tmp_path, capsys):
     root, _ = base
-    code = main(["pretrain", "--data", str(root / "source"), "--out", str(tmp_path / "random.keras"),
-                 "--epochs", "0", "--image-size", "16", "--blocks", "2", "--filters", "4"])
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(root / "source"),
+            "--out",
+            str(tmp_path / "random.keras"),
+            "--epochs",
+            "0",
+            "--image-size",
+            "16",
+            "--blocks",
+            "2",
+            "--filters",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "0 epochs" in out and "--layer features" in out
     spec = BackboneSpec(architecture=str(tmp_path / "random.keras"), layer="features")
@@ -138,11 +156,27 @@ def test_a_model_file_with_a_nan_weight_stores_no_features_and_says_why(tmp_path
     model.save(tmp_path / "nan.keras")
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)
-    assert main(["features", str(data), "--cache", str(cache), "--backbone", str(tmp_path / "nan.keras"),
-                 "--layer", "features", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                "--backbone",
+                str(tmp_path / "nan.keras"),
+                "--layer",
+                "features",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no image could be used: all 6 failed" in err and "non-finite features (NaN or infinity)" in err
-    store = open_store(cache, BackboneSpec(architecture=str(tmp_path / "nan.keras"), layer="features"), HashIndex(cache))
+    store = open_store(
+        cache, BackboneSpec(architecture=str(tmp_path / "nan.keras"), layer="features"), HashIndex(cache)
+    )
     contents = store.load()
     assert contents.content_hash == [] and len(contents.failures) == 6
 
@@ -176,4 +210,7 @@ def test_augmented_views_from_a_nan_weight_are_not_stored(tmp_path):
     assert any("non-finite features (NaN or infinity) for 12 views; they are not stored" in line for line in said), said
     from bottleneck.features.maintenance import store_of
 
-    assert views_held(store_of(cache, made.store.stem)) == 2 and store_of(cache, made.store.stem).index().content_hash == []
+    assert (
+        views_held(store_of(cache, made.store.stem)) == 2
+        and store_of(cache, made.store.stem).index().content_hash == []
+    )

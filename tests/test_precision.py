@@ -3,6 +3,7 @@
 The CPU this suite runs on may or may not have bfloat16: the checks that matter read what each
 library was asked for and what it says it does, so they fail on any CPU when a hint goes missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,15 +105,20 @@ def test_a_compiled_model_that_does_not_compute_what_was_asked_is_refused(monkey
     with pytest.raises(BackboneError, match=r"^OpenVINO computes in bf16 on this CPU where float32 was asked for"):
         runtime.compile_on_cpu("model.xml", "float32")
     Core.reads = openvino.Type.f32
-    with pytest.raises(BackboneError, match=r"computes in f32 on this CPU where bf16 was asked for; this CPU has no "
-                                            r"bfloat16"):
+    with pytest.raises(
+        BackboneError,
+        match=r"computes in f32 on this CPU where bf16 was asked for; this CPU has no "
+        r"bfloat16",
+    ):
         runtime.compile_on_cpu("model.xml", "bf16")
     assert runtime.compile_on_cpu("model.xml", "float32").reads == openvino.Type.f32
 
 
 def _float32_settings(backend: str, extra_env: dict) -> tuple[dict, str]:
-    code = ("import json; from bottleneck.backbones.backend import float32_settings, import_keras; "
-            "print(json.dumps(float32_settings(import_keras()), default=str))")
+    code = (
+        "import json; from bottleneck.backbones.backend import float32_settings, import_keras; "
+        "print(json.dumps(float32_settings(import_keras()), default=str))"
+    )
     env = {**os.environ, "KERAS_BACKEND": backend, **extra_env}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -141,10 +147,12 @@ def test_float32_is_float32_arithmetic_on_every_backend_even_when_the_environmen
 
     assert jax.config.jax_default_matmul_precision == "highest"
     if importlib.util.find_spec("torch") is not None:  # in a process of its own: torch beside TensorFlow is no test
-        code = ("import torch; from bottleneck.backbones.backend import strict_float32_backend as s; "
-                "s(type('k', (), {'config': type('c', (), {'backend': staticmethod(lambda: 'torch')})})); "
-                "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, "
-                "torch.get_float32_matmul_precision())")
+        code = (
+            "import torch; from bottleneck.backbones.backend import strict_float32_backend as s; "
+            "s(type('k', (), {'config': type('c', (), {'backend': staticmethod(lambda: 'torch')})})); "
+            "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, "
+            "torch.get_float32_matmul_precision())"
+        )
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["False", "False", "highest"]
@@ -225,8 +233,10 @@ def test_under_auto_a_network_openvino_cannot_convert_runs_on_keras_with_one_lin
     assert main(["features", str(data), "--cache", str(tmp_path / "cache"), *flags]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["computed"] == 3
-    assert "OpenVINO cannot convert odd (an op it lacks); use --runtime tensorflow; computing with Keras instead" \
+    assert (
+        "OpenVINO cannot convert odd (an op it lacks); use --runtime tensorflow; computing with Keras instead"
         in captured.err
+    )
     assert main(["features", str(data), "--cache", str(tmp_path / "cache2"), *flags, "--runtime", "openvino"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bottleneck: error: OpenVINO cannot convert odd")
 
@@ -237,14 +247,29 @@ def test_bf16_is_refused_in_one_line_on_a_cpu_without_it_and_computed_in_bf16_on
     data = tmp_path / "data"
     make_dataset(data, per_class=2)
     model = _tiny_model_file(tmp_path / "net.keras")
-    args = ["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", str(model), "--layer", "gap",
-            "--precision", "bf16", "--no-progress", "--json"]
+    args = [
+        "features",
+        str(data),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--backbone",
+        str(model),
+        "--layer",
+        "gap",
+        "--precision",
+        "bf16",
+        "--no-progress",
+        "--json",
+    ]
     code = main(args)
     captured = capsys.readouterr()
     if "BF16" not in cpu_capabilities():
         assert code == 2
-        assert captured.err.strip().splitlines()[-1].startswith(
-            "bottleneck: error: --precision bf16: this CPU has no bfloat16 instructions")
+        assert (
+            captured.err.strip()
+            .splitlines()[-1]
+            .startswith("bottleneck: error: --precision bf16: this CPU has no bfloat16 instructions")
+        )
         assert not list((tmp_path / "cache").glob("*bf16*.h5"))
         return
     assert code == 0, captured.err
@@ -253,8 +278,21 @@ def test_bf16_is_refused_in_one_line_on_a_cpu_without_it_and_computed_in_bf16_on
 
 
 def _int8_features(data: Path, cache: Path, model: Path, *extra: str) -> list[str]:
-    return ["features", str(data), "--cache", str(cache), "--backbone", str(model), "--layer", "gap",
-            "--precision", "int8", "--no-progress", "--json", *extra]
+    return [
+        "features",
+        str(data),
+        "--cache",
+        str(cache),
+        "--backbone",
+        str(model),
+        "--layer",
+        "gap",
+        "--precision",
+        "int8",
+        "--no-progress",
+        "--json",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -281,8 +319,23 @@ def test_int8_calibrates_once_per_cache_and_every_later_run_on_any_folder_reuses
         int8 = dict(zip((h.decode() for h in handle["content_hash"][:]), handle["features"][:]))
 
     # int8 is close to float32, and a store of its own.
-    assert main(["features", str(data), "--cache", str(cache), "--backbone", str(model), "--layer", "gap",
-                 "--no-progress", "--json"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                "--backbone",
+                str(model),
+                "--layer",
+                "gap",
+                "--no-progress",
+                "--json",
+            ]
+        )
+        == 0
+    )
     exact_store = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["store"]
     assert exact_store != str(store)
     with h5py.File(exact_store, "r") as handle:
@@ -311,11 +364,29 @@ def test_int8_calibrates_once_per_cache_and_every_later_run_on_any_folder_reuses
 
     # train-head finds the int8 store from the flags alone, and the run records the calibration.
     runs = tmp_path / "runs"
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--backbone", str(model), "--layer", "gap",
-                 "--precision", "int8", "--runs", str(runs)]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                "--backbone",
+                str(model),
+                "--layer",
+                "gap",
+                "--precision",
+                "int8",
+                "--runs",
+                str(runs),
+            ]
+        )
+        == 0
+    )
     [run] = runs.iterdir()
     config = json.loads((run / "config.json").read_text())
-    assert config["fingerprint"] == store.name[:-len(".h5")]
+    assert config["fingerprint"] == store.name[: -len(".h5")]
     capsys.readouterr()
 
 
@@ -332,28 +403,42 @@ def test_int8_faults_are_one_line(tmp_path, capsys):
         assert lines[-1].startswith(starts), lines
         assert not any("Traceback" in line for line in lines)
 
-    one_line(["train-head", "--data", str(data), "--cache", str(cache), *flags, "--runs", str(tmp_path / "runs")],
-             f"bottleneck: error: no feature cache in {cache}")
-    one_line(["features", str(data), "--cache", str(cache), *flags, "--runtime", "keras"],
-             "bottleneck: error: --precision int8 runs on the OpenVINO runtime")
-    one_line(["features", str(data), "--cache", str(cache), *flags, "--calibration", str(tmp_path / "nowhere")],
-             f"bottleneck: error: --calibration {tmp_path / 'nowhere'}: not a folder of images")
+    one_line(
+        ["train-head", "--data", str(data), "--cache", str(cache), *flags, "--runs", str(tmp_path / "runs")],
+        f"bottleneck: error: no feature cache in {cache}",
+    )
+    one_line(
+        ["features", str(data), "--cache", str(cache), *flags, "--runtime", "keras"],
+        "bottleneck: error: --precision int8 runs on the OpenVINO runtime",
+    )
+    one_line(
+        ["features", str(data), "--cache", str(cache), *flags, "--calibration", str(tmp_path / "nowhere")],
+        f"bottleneck: error: --calibration {tmp_path / 'nowhere'}: not a folder of images",
+    )
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.jpg").write_bytes(b"not an image")
-    one_line(["features", str(data), "--cache", str(cache), *flags, "--calibration", str(junk)],
-             "bottleneck: error: --precision int8 needs calibration images, and none of the 1 files")
+    one_line(
+        ["features", str(data), "--cache", str(cache), *flags, "--calibration", str(junk)],
+        "bottleneck: error: --precision int8 needs calibration images, and none of the 1 files",
+    )
     with pytest.raises(SystemExit) as exited:
         main(["features", str(data), "--cache", str(cache), *flags, "--calibration-images", "0"])
     assert exited.value.code == 2
     assert "argument --calibration-images: expected a whole number from 1 to 100000, got '0'" in capsys.readouterr().err
     # A first int8 run only after the float32 features exist in the cache: train-head still has no int8 store.
-    assert main(["features", str(data), "--cache", str(cache), "--backbone", str(model), "--layer", "gap",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["features", str(data), "--cache", str(cache), "--backbone", str(model), "--layer", "gap", "--no-progress"]
+        )
+        == 0
+    )
     capsys.readouterr()
-    one_line(["train-head", "--data", str(data), "--cache", str(cache), *flags, "--runs", str(tmp_path / "runs")],
-             f"bottleneck: error: no int8 features in {cache} yet: run `bottleneck features DATA --cache {cache} "
-             "--precision int8` first")
+    one_line(
+        ["train-head", "--data", str(data), "--cache", str(cache), *flags, "--runs", str(tmp_path / "runs")],
+        f"bottleneck: error: no int8 features in {cache} yet: run `bottleneck features DATA --cache {cache} "
+        "--precision int8` first",
+    )
     # A damaged int8 model is named, never run.
     assert main(["features", str(data), "--cache", str(cache), *flags, "--no-progress"]) == 0
     capsys.readouterr()
@@ -366,9 +451,11 @@ def test_int8_faults_are_one_line(tmp_path, capsys):
     runtime._openvino_model.cache_clear()
     (data / "red" / "extra.png").write_bytes((data / "red" / "red_000.png").read_bytes()[:-1] + b"\x00")
     make_dataset(data, per_class=1, start=7)
-    one_line(["features", str(data), "--cache", str(cache), *flags, "--no-progress"],
-             f"bottleneck: error: the int8 model in {folder} does not match the record of its files (model.bin "
-             "changed: damaged?)")
+    one_line(
+        ["features", str(data), "--cache", str(cache), *flags, "--no-progress"],
+        f"bottleneck: error: the int8 model in {folder} does not match the record of its files (model.bin "
+        "changed: damaged?)",
+    )
 
 
 def test_under_auto_a_network_with_a_nan_weight_stores_no_features_and_says_why(tmp_path, capsys):
@@ -384,8 +471,22 @@ def test_under_auto_a_network_with_a_nan_weight_stores_no_features_and_says_why(
     model.save(tmp_path / "nan.keras")
     data = tmp_path / "data"
     make_dataset(data, per_class=2)
-    assert main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", str(tmp_path / "nan.keras"),
-                 "--layer", "features", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--backbone",
+                str(tmp_path / "nan.keras"),
+                "--layer",
+                "features",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "converted nan to OpenVINO" in err and "computing with Keras" not in err
     assert "no image could be used: all 6 failed" in err and "non-finite features (NaN or infinity)" in err

@@ -1,4 +1,5 @@
 """`bottleneck predict`: the run's own test predictions reproduced, cache reuse, bad files and bad runs."""
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,7 @@ import pytest
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features.extract import extract_features
-from bottleneck.learn.run_folder import RunError, load_run
-from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX
+from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX, RunError, load_run
 from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 from bottleneck.use.predict import predict_images
@@ -38,8 +38,9 @@ def recorded_test_predictions(run_dir) -> dict[str, tuple[str, np.ndarray]]:
     with open(run_dir / PREDICTIONS_FILE, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
-        return {row[0]: (row[2], np.array([float(v) for v in row[3:]])) for row in reader}, \
-            [name.removeprefix(PROBABILITY_PREFIX) for name in header[3:]]
+        return {row[0]: (row[2], np.array([float(v) for v in row[3:]])) for row in reader}, [
+            name.removeprefix(PROBABILITY_PREFIX) for name in header[3:]
+        ]
 
 
 @pytest.mark.parametrize("head", ["logreg", "keras"])
@@ -144,4 +145,5 @@ def test_a_keras_run_without_its_labels_is_one_line(trained, tmp_path, capsys):
     (broken / "labels.json").unlink()
     assert main(["predict", "--run", str(broken), str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"bottleneck: error: {broken} is incomplete: cannot read labels.json (FileNotFoundError)")
+        f"bottleneck: error: {broken} is incomplete: cannot read labels.json (FileNotFoundError)"
+    )

@@ -1,5 +1,6 @@
 """Progress and quiet: long commands show a bar at a terminal, TensorFlow's start-up lines never reach it,
 predict --csv has a column per class, and nothing loads a backbone when nothing needs computing."""
+
 from __future__ import annotations
 
 import csv
@@ -13,11 +14,16 @@ import pytest
 from bottleneck.cli import main
 
 from .conftest import PIXELS, make_dataset, synthetic_image
-from .tty import bottleneck_argv, run_in_pty, child_env
+from .tty import bottleneck_argv, child_env, run_in_pty
 
 #: What TensorFlow (and TFLite) print from C++ before any log level applies.
-STARTUP_LINES = ("absl::InitializeLog", "oneDNN custom operations", "XNNPACK", "cpu_feature_guard",
-                 "This TensorFlow binary is optimized")
+STARTUP_LINES = (
+    "absl::InitializeLog",
+    "oneDNN custom operations",
+    "XNNPACK",
+    "cpu_feature_guard",
+    "This TensorFlow binary is optimized",
+)
 
 
 def startup_lines(text: str) -> list[str]:
@@ -28,8 +34,25 @@ def startup_lines(text: str) -> list[str]:
 def pixels_run(pixels_extracted, tmp_path) -> tuple[Path, Path, Path]:
     """(DATA, CACHE, RUN): a logreg run on the 12 images' pixels."""
     data, cache = pixels_extracted
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(tmp_path / "runs"),
-                 "--val-pct", "25", "--test-pct", "25"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--runs",
+                str(tmp_path / "runs"),
+                "--val-pct",
+                "25",
+                "--test-pct",
+                "25",
+            ]
+        )
+        == 0
+    )
     (run,) = (tmp_path / "runs").iterdir()
     return data, cache, run
 
@@ -38,8 +61,11 @@ def pixels_run(pixels_extracted, tmp_path) -> tuple[Path, Path, Path]:
 def test_export_shows_each_stage_with_the_time_left_and_no_startup_lines(pixels_run, tmp_path):
     _, _, run = pixels_run
     env = child_env(TMPDIR=str(tmp_path))  # the native log goes to the temporary folder
-    code, shown = run_in_pty(bottleneck_argv("export", "--run", run, "--out", tmp_path / "exported", "--tflite",
-                                             "--check-images", "3"), env, timeout=300)
+    code, shown = run_in_pty(
+        bottleneck_argv("export", "--run", run, "--out", tmp_path / "exported", "--tflite", "--check-images", "3"),
+        env,
+        timeout=300,
+    )
     assert code == 0, shown
     for stage in ("building the model", "model.keras", "SavedModel", "TFLite", "parity: as given", "parity: png"):
         assert f"export: {stage}" in shown, shown
@@ -66,21 +92,40 @@ def test_compare_shows_the_permutation_test_progress(pixels_extracted, tmp_path)
 def test_a_keras_backbone_is_quiet_and_not_loaded_for_a_copied_folder(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=2)
-    flags = ["--cache", str(cache), "--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
-             "--runtime", "keras", "--no-progress"]
+    flags = [
+        "--cache",
+        str(cache),
+        "--backbone",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--runtime",
+        "keras",
+        "--no-progress",
+    ]
     env = child_env(TMPDIR=str(tmp_path))
-    first = subprocess.run(bottleneck_argv("features", data, *flags), capture_output=True, text=True, env=env,
-                           timeout=300)
+    first = subprocess.run(
+        bottleneck_argv("features", data, *flags), capture_output=True, text=True, env=env, timeout=300
+    )
     assert first.returncode == 0 and "computed 6" in first.stdout, first.stderr
     assert startup_lines(first.stderr) == [], first.stderr
 
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
-    probe = ("import sys; from bottleneck.cli import main; code = main(sys.argv[1:]); "
-             "print('loaded:', sorted(m for m in ('tensorflow', 'keras', 'openvino') if m in sys.modules)); "
-             "sys.exit(code)")
-    again = subprocess.run([sys.executable, "-c", probe, "features", str(copy), *flags], capture_output=True, text=True,
-                           env=env, timeout=300)
+    probe = (
+        "import sys; from bottleneck.cli import main; code = main(sys.argv[1:]); "
+        "print('loaded:', sorted(m for m in ('tensorflow', 'keras', 'openvino') if m in sys.modules)); "
+        "sys.exit(code)"
+    )
+    again = subprocess.run(
+        [sys.executable, "-c", probe, "features", str(copy), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     assert "computed 0, reused 6, failed 0" in again.stdout and "loaded: []" in again.stdout
 
@@ -116,12 +161,22 @@ def test_predict_csv_has_every_column_in_every_row(pixels_run, tmp_path):
     synthetic_image((200, 40, 40), seed=901).save(new / "a.png")
     (new / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "p.csv"
-    assert main(["predict", "--run", str(run), str(new), str(tmp_path / "absent.png"), "--top", "7",
-                 "--csv", str(out)]) == 0
+    assert (
+        main(["predict", "--run", str(run), str(new), str(tmp_path / "absent.png"), "--top", "7", "--csv", str(out)])
+        == 0
+    )
     rows = list(csv.reader(open(out, newline="")))
     header = rows[0]
-    assert header == ["path", "error", "label_1", "label_2", "label_3",
-                      "probability_blue", "probability_green", "probability_red"]
+    assert header == [
+        "path",
+        "error",
+        "label_1",
+        "label_2",
+        "label_3",
+        "probability_blue",
+        "probability_green",
+        "probability_red",
+    ]
     assert len(rows) == 4 and all(len(row) == len(header) for row in rows)
     good = dict(zip(header, next(row for row in rows if row[0].endswith("a.png"))))
     assert good["error"] == "" and good["label_1"] == "red"
@@ -132,17 +187,30 @@ def test_predict_csv_has_every_column_in_every_row(pixels_run, tmp_path):
 
 
 def test_predict_with_no_existing_path_says_so_before_loading_anything(tmp_path):
-    probe = ("import sys; from bottleneck.cli import main; code = main(sys.argv[1:]); "
-             "print('loaded:', sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'torch', 'jax')"
-             " if m in sys.modules)); sys.exit(code)")
-    done = subprocess.run([sys.executable, "-c", probe, "predict", "--run", str(tmp_path / "no-run"),
-                           str(tmp_path / "absent.png")], capture_output=True, text=True, env=child_env(), timeout=60)
+    probe = (
+        "import sys; from bottleneck.cli import main; code = main(sys.argv[1:]); "
+        "print('loaded:', sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'torch', 'jax')"
+        " if m in sys.modules)); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "predict", "--run", str(tmp_path / "no-run"), str(tmp_path / "absent.png")],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == f"bottleneck: error: no such file or folder: {tmp_path / 'absent.png'}"
     assert "loaded: []" in done.stdout
 
-    done = subprocess.run(bottleneck_argv("predict", "--run", tmp_path, "a.png", "b.png", "c.png", "d.png"),
-                          capture_output=True, text=True, env=child_env(), cwd=tmp_path, timeout=60)
+    done = subprocess.run(
+        bottleneck_argv("predict", "--run", tmp_path, "a.png", "b.png", "c.png", "d.png"),
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "bottleneck: error: none of the 4 paths given exists: a.png, b.png, c.png and 1 more"
 
@@ -166,8 +234,14 @@ def test_native_output_goes_to_the_log_and_python_stderr_stays(tmp_path):
         "    os.write(2, b'decoder line\\n')\n"
         "print('after', file=sys.stderr, flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          env=child_env(TMPDIR=str(tmp_path)), timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=child_env(TMPDIR=str(tmp_path)),
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "before\nafter\n"
     (log,) = tmp_path.glob("bottleneck-native*.log")
@@ -182,10 +256,37 @@ def test_long_training_commands_show_progress_with_eta_at_a_terminal(command, pi
     """Every step that can take long draws a bar with the time left on a terminal, and no start-up lines."""
     data, cache = pixels_extracted
     argv = {
-        "train-head --head keras": ["train-head", "--data", data, "--cache", cache, *PIXELS, "--head", "keras",
-                                    "--epochs", "5", "--patience", "100", "--runs", tmp_path / "runs"],
-        "pretrain": ["pretrain", "--data", data, "--out", tmp_path / "base.keras", "--image-size", "16",
-                     "--blocks", "1", "--filters", "4", "--epochs", "3"],
+        "train-head --head keras": [
+            "train-head",
+            "--data",
+            data,
+            "--cache",
+            cache,
+            *PIXELS,
+            "--head",
+            "keras",
+            "--epochs",
+            "5",
+            "--patience",
+            "100",
+            "--runs",
+            tmp_path / "runs",
+        ],
+        "pretrain": [
+            "pretrain",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "base.keras",
+            "--image-size",
+            "16",
+            "--blocks",
+            "1",
+            "--filters",
+            "4",
+            "--epochs",
+            "3",
+        ],
         "audit": ["audit", "--data", data, "--cache", cache, *PIXELS, "--out", tmp_path / "audit", "--folds", "2"],
     }[command]
     code, shown = run_in_pty(bottleneck_argv(*argv), child_env(TMPDIR=str(tmp_path)), timeout=240)

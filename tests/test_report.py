@@ -1,4 +1,5 @@
 """The report: Markdown tables, one self-contained HTML page that a real browser renders."""
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,16 @@ from bottleneck.learn.splits import SplitConfig
 from .conftest import make_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Injected into a copy of the page: the title reports how many images decoded with real pixels.
 PROBE = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images];
@@ -61,9 +70,17 @@ def test_report_page_is_self_contained_and_renders_every_image(runs, tmp_path):
     probe_page = tmp_path / "probe.html"
     probe_page.write_text(page.replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(
-        [browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-         "--dump-dom", probe_page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            browser(),
+            *BROWSER_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe_page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     loaded = re.search(r"<title>IMAGES (\d+)/(\d+)</title>", dom)
     assert loaded, dom[:500]
@@ -73,19 +90,26 @@ def test_report_page_is_self_contained_and_renders_every_image(runs, tmp_path):
 def test_markdown_has_the_comparison_and_per_class_tables(runs):
     _, markdown = write_report(runs, runs / "elsewhere.html")
     lines = markdown.splitlines()
-    assert lines[2].startswith("| run | head | settings | split seed | backbone | excluded | train acc | val acc | "
-                               "test acc [95% CI] | test images | test macro F1 [95% CI] | vs row above (same test images) |")
+    assert lines[2].startswith(
+        "| run | head | settings | split seed | backbone | excluded | train acc | val acc | "
+        "test acc [95% CI] | test images | test macro F1 [95% CI] | vs row above (same test images) |"
+    )
     assert sum(1 for line in lines if "-logreg-" in line or "-keras-" in line) >= 4
     assert markdown.count("per-class test metrics") == 2 and (runs / "elsewhere.html").exists()
 
 
 @pytest.mark.slow
 def test_script_prints_markdown_and_fails_cleanly(runs, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(runs)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--runs", str(runs)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.startswith("# Runs")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--runs", str(tmp_path / "none")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"bottleneck: error: no runs in {tmp_path / 'none'}: train one with `bottleneck train-head --data DATA --runs {tmp_path / 'none'}`")
+        f"bottleneck: error: no runs in {tmp_path / 'none'}: train one with `bottleneck train-head --data DATA --runs {tmp_path / 'none'}`"
+    )
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
@@ -124,8 +148,10 @@ def test_the_comparison_shows_intervals_test_sizes_and_the_paired_difference_on_
     mine, theirs = right(second), right(first)
     expected = paired_difference(np.array([mine[p] for p in sorted(mine)]), np.array([theirs[p] for p in sorted(mine)]))
     lo, hi = expected["ci"]
-    assert cells["vs row above (same test images)"] == \
-        f"{expected['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] on {metrics['images']}"
+    assert (
+        cells["vs row above (same test images)"]
+        == f"{expected['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] on {metrics['images']}"
+    )
     assert _cells(markdown, first.name)["vs row above (same test images)"] == "-"
     assert "paired bootstrap" in markdown and "paired bootstrap" in (runs / "paired.html").read_text()
 
@@ -145,7 +171,9 @@ def test_an_excluded_run_is_compared_on_the_same_test_images(tmp_path):
     train = [p for label in ("blue", "green", "red") for p in sorted(saved) if saved[p] == (label, "train")][::3][:5]
     assert len(train) == 5
     (tmp_path / "exclude.txt").write_text("\n".join(test[:3] + train) + "\n")
-    cleaned = train_head(data, cache, runs, head=HeadConfig("logreg"), split=split, exclude=str(tmp_path / "exclude.txt"))
+    cleaned = train_head(
+        data, cache, runs, head=HeadConfig("logreg"), split=split, exclude=str(tmp_path / "exclude.txt")
+    )
     _, markdown = write_report(runs)
     cells = _cells(markdown, cleaned.run_dir.name)
     assert cells["excluded"] == "5 (+3 listed test images kept)" and cells["test images"] == str(len(test))
@@ -159,14 +187,40 @@ def test_backbone_words_name_each_kind_of_backbone():
     from bottleneck.inspect.report import backbone_words
 
     spec = {"pooling": "avg", "preprocess": None, "precision": "float32", "calibration": None}
-    assert backbone_words({"backbone_spec": dict(spec, architecture="/m/base.keras", weights="imagenet", image_size=64,
-                                                 layer="features"),
-                           "backbone_file": {"name": "base"}}) == "base.keras, layer features"
-    assert backbone_words({"backbone_spec": dict(spec, architecture="inception_v3", weights="imagenet", image_size=299,
-                                                 layer=None)}) == "inception_v3 299 imagenet"
-    assert backbone_words({"backbone_spec": dict(spec, architecture="resnet50", weights="/w/mine.weights.h5",
-                                                 image_size=224, layer=None, precision="int8")}) == \
-        "resnet50 224 mine.weights.h5 int8"
-    assert backbone_words({"backbone_spec": dict(spec, architecture="pixels", weights="none", image_size=32,
-                                                 layer=None)}) == "pixels 32"
+    assert (
+        backbone_words(
+            {
+                "backbone_spec": dict(
+                    spec, architecture="/m/base.keras", weights="imagenet", image_size=64, layer="features"
+                ),
+                "backbone_file": {"name": "base"},
+            }
+        )
+        == "base.keras, layer features"
+    )
+    assert (
+        backbone_words(
+            {"backbone_spec": dict(spec, architecture="inception_v3", weights="imagenet", image_size=299, layer=None)}
+        )
+        == "inception_v3 299 imagenet"
+    )
+    assert (
+        backbone_words(
+            {
+                "backbone_spec": dict(
+                    spec,
+                    architecture="resnet50",
+                    weights="/w/mine.weights.h5",
+                    image_size=224,
+                    layer=None,
+                    precision="int8",
+                )
+            }
+        )
+        == "resnet50 224 mine.weights.h5 int8"
+    )
+    assert (
+        backbone_words({"backbone_spec": dict(spec, architecture="pixels", weights="none", image_size=32, layer=None)})
+        == "pixels 32"
+    )
     assert backbone_words({"fingerprint": "old-run-1a2b"}) == "old-run-1a2b"  # a run from before the spec was recorded

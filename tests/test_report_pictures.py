@@ -1,5 +1,6 @@
 """The report's pictures: the embedding map (hover shows a thumbnail, in Chromium), ROC / precision-recall,
 calibration, nearest training images, and captions that wrap."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,24 @@ def binary_run(tmp_path_factory):
     data, cache, runs = root / "data", root / "cache", root / "runs"
     noisy_dataset(data)
     assert main(["features", str(data), "--cache", str(cache), *PIXELS16, "--no-progress"]) == 0
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--test-pct", "40",
-                 "--val-pct", "10"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                "--runs",
+                str(runs),
+                "--test-pct",
+                "40",
+                "--val-pct",
+                "10",
+            ]
+        )
+        == 0
+    )
     [run] = runs.iterdir()
     assert json.loads((run / "metrics.json").read_text())["misclassified"], "the fixture needs mistakes to show"
     return runs, data, cache
@@ -51,10 +68,23 @@ def binary_run(tmp_path_factory):
 def chromium_title(page: Path, script: str, tmp_path: Path) -> str:
     """Open a copy of `page` with `script` added in headless Chromium; the title the script set."""
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", f"<script>{script}</script></body>"), encoding="utf-8")
-    dom = subprocess.run([browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    probe.write_text(
+        page.read_text(encoding="utf-8").replace("</body>", f"<script>{script}</script></body>"), encoding="utf-8"
+    )
+    dom = subprocess.run(
+        [
+            browser(),
+            *BROWSER_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,900",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     found = re.search(r"<title>(.*?)</title>", dom, re.S)
     assert found, dom[:500]
     return found.group(1)
@@ -79,7 +109,8 @@ def test_embedding_map_shows_a_thumbnail_on_hover_and_needs_no_network(binary_ru
     assert "<h3>embedding map</h3>" in page and "t-SNE of L2-normalised cached features, 50 images" in page
     assert page.count(" data-c=") == 50 and page.count(' data-i="data:image/jpeg;base64,') == 50
     assert page.count('stroke="#000" stroke-width="2" data-c=') == len(
-        json.loads(next(runs.glob("2*/metrics.json")).read_text())["misclassified"])  # each mistake ringed
+        json.loads(next(runs.glob("2*/metrics.json")).read_text())["misclassified"]
+    )  # each mistake ringed
     title = chromium_title(path, HOVER, tmp_path)
     hover = re.fullmatch(r"HOVER shown (\d+) data:image/jpeg (\S+)", title)
     assert hover and int(hover.group(1)) > 0, title
@@ -98,7 +129,9 @@ def test_binary_run_gets_roc_and_precision_recall_with_their_areas_and_calibrati
     assert f"test ROC AUC {auc:.4f}, average precision {ap:.4f} (positive class dog)" in page
     assert 'alt="ROC and precision-recall curves" src="data:image/png;base64,' in page
     ece = json.loads((run / "metrics.json").read_text())["splits"]["test"]["expected_calibration_error"]
-    assert ece == pytest.approx(calibration(predictions.proba, predictions.labels, predictions.classes)["expected_calibration_error"])
+    assert ece == pytest.approx(
+        calibration(predictions.proba, predictions.labels, predictions.classes)["expected_calibration_error"]
+    )
     assert f"expected calibration error {ece:.4f} (15 equal-width bins" in page and 'alt="reliability diagram"' in page
 
 
@@ -128,8 +161,11 @@ def test_nearest_training_images_are_the_cosine_nearest_of_the_train_split(binar
         similarity = X[train] @ X[loaded.relpaths.index(row["path"])]
         best = [train[j] for j in np.argsort(-similarity, kind="stable")[:3]]
         assert [(p, label) for p, label, _ in pictures.neighbours[row["path"]]] == [
-            (loaded.relpaths[i], loaded.labels[i]) for i in best]
-        assert [s for _, _, s in pictures.neighbours[row["path"]]] == pytest.approx(np.sort(similarity)[::-1][:3], abs=1e-5)
+            (loaded.relpaths[i], loaded.labels[i]) for i in best
+        ]
+        assert [s for _, _, s in pictures.neighbours[row["path"]]] == pytest.approx(
+            np.sort(similarity)[::-1][:3], abs=1e-5
+        )
     page = write_report(runs)[0].read_text(encoding="utf-8")
     assert page.count('<div class="neighbours">') == len(wrong)
 
@@ -157,8 +193,9 @@ def test_long_file_names_wrap_inside_their_captions(binary_run, tmp_path):
     long_runs = tmp_path / "runs"
     copy = shutil.copytree(run, long_runs / run.name)
     metrics = json.loads((copy / "metrics.json").read_text())
-    metrics["misclassified"] = [{"path": f"dog/{letter * 200}.png", "true": "dog", "predicted": "cat", "confidence": 0.6}
-                                for letter in "xyz"]  # files that are gone: their captions still have to fit
+    metrics["misclassified"] = [
+        {"path": f"dog/{letter * 200}.png", "true": "dog", "predicted": "cat", "confidence": 0.6} for letter in "xyz"
+    ]  # files that are gone: their captions still have to fit
     (copy / "metrics.json").write_text(json.dumps(metrics))
     path, _ = write_report(long_runs)
     assert chromium_title(path, OVERLAP, tmp_path) == "CAPTIONS 3 0"

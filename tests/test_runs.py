@@ -1,4 +1,5 @@
 """Heads trained from the cache: run folders, metrics, reproducibility, reuse of splits, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,12 @@ def test_logreg_run_folder_has_everything_and_repeats_bit_for_bit(extracted, tmp
     names = sorted(p.name for p in first.run_dir.iterdir())
     assert names == ["config.json", "head.npz", "metrics.json", "model.joblib", "split.csv", "test_predictions.csv"]
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
-    assert metrics["head"] == "logreg" and metrics["excluded"] == {"failed_extraction": 1, "not_in_cache": 0, "non_finite": 0,
-                                                                   "exclude_file": 0}
+    assert metrics["head"] == "logreg" and metrics["excluded"] == {
+        "failed_extraction": 1,
+        "not_in_cache": 0,
+        "non_finite": 0,
+        "exclude_file": 0,
+    }
     for name in ("train", "validation", "test"):
         split = metrics["splits"][name]
         assert {"accuracy", "macro_f1", "log_loss", "per_class", "labels", "confusion_matrix"} <= set(split)
@@ -92,8 +97,16 @@ def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
     data, cache, spec = extracted
     first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
     other_seed = SplitConfig(val_pct=20, test_pct=20, seed=99)
-    reused = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), other_seed,
-                        split_file=str(first.run_dir / "split.csv"), folds=3)
+    reused = train_head(
+        data,
+        cache,
+        tmp_path / "runs",
+        None,
+        HeadConfig("logreg"),
+        other_seed,
+        split_file=str(first.run_dir / "split.csv"),
+        folds=3,
+    )
     assert (reused.run_dir / "split.csv").read_text() == (first.run_dir / "split.csv").read_text()
     cv = reused.metrics["cross_validation"]
     assert cv["folds"] == 3 and len(cv["accuracy"]) == 3 and 0 <= cv["mean_accuracy"] <= 1
@@ -114,8 +127,11 @@ def test_bad_input_gets_one_clear_line(extracted, tmp_path):
     data, cache, spec = extracted
     with pytest.raises(CacheError, match=r"^no feature cache in .*: run `bottleneck features DATA --cache"):
         train_head(data, tmp_path / "empty-cache", tmp_path / "runs")
-    with pytest.raises(CacheError, match=r"^no features for backbone inception_v3-299-none-\w+ in .*another backbone \("
-                       + re.escape(spec.fingerprint())):
+    with pytest.raises(
+        CacheError,
+        match=r"^no features for backbone inception_v3-299-none-\w+ in .*another backbone \("
+        + re.escape(spec.fingerprint()),
+    ):
         train_head(data, cache, tmp_path / "runs", BackboneSpec(weights="none"))
     lonely = tmp_path / "lonely"
     shutil.copytree(data, lonely)
@@ -130,14 +146,32 @@ def test_bad_input_gets_one_clear_line(extracted, tmp_path):
 
 def test_cli_train_head_json(extracted, tmp_path, capsys):
     data, cache, spec = extracted
-    code = main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"),
-                 "--head", "logreg", "--C", "0.5", "--class-weight", "balanced", "--json"])
+    code = main(
+        [
+            "train-head",
+            "--data",
+            str(data),
+            "--cache",
+            str(cache),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--head",
+            "logreg",
+            "--C",
+            "0.5",
+            "--class-weight",
+            "balanced",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"run_dir", "accuracy"} and set(summary["accuracy"]) == {"train", "validation", "test"}
     assert "WARNING: RANDOM WEIGHTS" in err
-    code = main(["train-head", "--data", str(data), "--cache", str(tmp_path / "nothing"), "--runs", str(tmp_path / "r")])
+    code = main(
+        ["train-head", "--data", str(data), "--cache", str(tmp_path / "nothing"), "--runs", str(tmp_path / "r")]
+    )
     assert code == 2 and capsys.readouterr().err.startswith("bottleneck: error: no feature cache in ")
 
 
@@ -205,20 +239,34 @@ def test_exclude_never_changes_the_test_split(tmp_path, variant):
     listing = tmp_path / "exclude.txt"
     listing.write_text("# planted\n" + "\n".join(listed) + "\n")
 
-    cleaned = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file,
-                         exclude=str(listing), **options)
+    cleaned = train_head(
+        data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file, exclude=str(listing), **options
+    )
     after = _split_rows(cleaned.run_dir)
     assert sorted(p for p, s in after.items() if s == "test") == by_split["test"]  # path for path
     assert _predicted_paths(cleaned.run_dir) == _predicted_paths(plain.run_dir)  # the listed test images are scored
     assert set(by_split["test"][:2]) <= set(_predicted_paths(cleaned.run_dir))
-    assert cleaned.metrics["splits"]["test"]["images"] == plain.metrics["splits"]["test"]["images"] == len(by_split["test"])
+    assert (
+        cleaned.metrics["splits"]["test"]["images"]
+        == plain.metrics["splits"]["test"]["images"]
+        == len(by_split["test"])
+    )
     assert not set(listed[2:]) & set(after)  # the listed validation and training images are gone
     assert len(after) == len(splits) - 4
     record = json.loads((cleaned.run_dir / "config.json").read_text())["exclude"]
-    assert {k: record[k] for k in ("listed", "left_out", "train", "validation", "test_kept")} == \
-        {"listed": 6, "left_out": 4, "train": 3, "validation": 1, "test_kept": 2}
-    assert cleaned.metrics["excluded"]["exclude_file"] == 4 and cleaned.metrics["excluded"]["exclude_file_test_kept"] == 2
-    assert "accuracy_ci" in cleaned.metrics["splits"]["test"] and "accuracy_ci" not in cleaned.metrics["splits"]["train"]
+    assert {k: record[k] for k in ("listed", "left_out", "train", "validation", "test_kept")} == {
+        "listed": 6,
+        "left_out": 4,
+        "train": 3,
+        "validation": 1,
+        "test_kept": 2,
+    }
+    assert (
+        cleaned.metrics["excluded"]["exclude_file"] == 4 and cleaned.metrics["excluded"]["exclude_file_test_kept"] == 2
+    )
+    assert (
+        "accuracy_ci" in cleaned.metrics["splits"]["test"] and "accuracy_ci" not in cleaned.metrics["splits"]["train"]
+    )
 
 
 def test_the_bootstrap_interval_covers_the_true_accuracy_at_about_the_nominal_rate():
@@ -257,7 +305,7 @@ def test_split_metrics_carry_seeded_intervals_around_accuracy_and_macro_f1():
     with_unknown = np.where(np.arange(120) < 5, 3, truth)
     for b in range(4):
         expected = f1_score(with_unknown[idx[b]], predicted[idx[b]], labels=[0, 1, 2], average="macro", zero_division=0)
-        assert macro_f1_of_resamples(with_unknown, predicted, 3, idx[b:b + 1])[0] == pytest.approx(expected)
+        assert macro_f1_of_resamples(with_unknown, predicted, 3, idx[b : b + 1])[0] == pytest.approx(expected)
     same = paired_difference(truth == predicted, truth == predicted)
     assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
     better = paired_difference(np.ones(120), truth == predicted)

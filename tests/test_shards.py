@@ -1,4 +1,5 @@
 """Webdataset tar shards as DATA: members read in place, labels from their samples, end to end."""
+
 from __future__ import annotations
 
 import io
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.cli import main
 from bottleneck.features import shards as shards_module
 from bottleneck.features.discover import discover_images
 from bottleneck.features.extract import extract_features
-from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.shards import UNSAFE_NAME, expand_pattern, list_shard, member_of, sample_key
 
 from .conftest import COLOURS, PIXELS, image_bytes, synthetic_image
@@ -38,7 +39,9 @@ def write_shards(folder: Path, per_shard: int, shards: int, label_ext: str = ".c
                 label, colour = classes[number % len(classes)]
                 key = f"sample{number:05d}"
                 add_member(archive, f"{key}.png", image_bytes(synthetic_image(colour, seed=number), "PNG"))
-                payload = {".cls": label, ".txt": label, ".json": json.dumps({"label": label, "caption": "x"})}[label_ext]
+                payload = {".cls": label, ".txt": label, ".json": json.dumps({"label": label, "caption": "x"})}[
+                    label_ext
+                ]
                 add_member(archive, key + label_ext, payload.encode())
         paths.append(path)
     return paths
@@ -51,8 +54,12 @@ def only_run(runs: Path) -> Path:
 
 def test_sample_keys_and_brace_patterns(tmp_path):
     assert sample_key("a/b.seg.JPG") == ("a/b", ".seg.jpg") and sample_key("x.cls") == ("x", ".cls")
-    assert [p.name for p in expand_pattern(str(tmp_path / "s-{08..11}.tar"))] == ["s-08.tar", "s-09.tar", "s-10.tar",
-                                                                                  "s-11.tar"]
+    assert [p.name for p in expand_pattern(str(tmp_path / "s-{08..11}.tar"))] == [
+        "s-08.tar",
+        "s-09.tar",
+        "s-10.tar",
+        "s-11.tar",
+    ]
     assert [p.name for p in expand_pattern("a{1..2}-{0..1}.tar")] == ["a1-0.tar", "a1-1.tar", "a2-0.tar", "a2-1.tar"]
 
 
@@ -84,8 +91,10 @@ def test_shards_end_to_end_features_train_predict_report(tmp_path, capsys):
     # Content keys are the image bytes' SHA-256: the pictures already extracted from files are not computed again.
     assert first["reused"] == 6 and first["computed"] == 30
     # An unchanged rerun settles every member from the hash index without reading one image byte.
-    assert main(["features", f"{data}/train-{{000..002}}.tar", "--cache", str(cache), *PIXELS, "--no-progress",
-                 "--json"]) == 0
+    assert (
+        main(["features", f"{data}/train-{{000..002}}.tar", "--cache", str(cache), *PIXELS, "--no-progress", "--json"])
+        == 0
+    )
     again = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (again["computed"], again["reused"]) == (0, 36)
     assert main(["train-head", "--data", str(data), "--cache", str(cache), *PIXELS, "--runs", str(runs)]) == 0
@@ -124,7 +133,9 @@ def test_a_changed_shard_is_read_again_and_an_unchanged_one_never(tmp_path, monk
     monkeypatch.setattr(shards_module, "read_member", no_reading)
     assert extract_features(data, cache, spec).reused == 6
     monkeypatch.undo()
-    with tarfile.open(shard, "a") as archive:  # one more sample: the shard's mtime changes, its members are hashed again
+    with tarfile.open(
+        shard, "a"
+    ) as archive:  # one more sample: the shard's mtime changes, its members are hashed again
         add_member(archive, "extra.png", image_bytes(synthetic_image((9, 9, 9), seed=99), "PNG"))
         add_member(archive, "extra.cls", b"red")
     os.utime(shard, ns=(1, 10**18))
@@ -193,8 +204,14 @@ def test_unlabelled_shards_serve_features_but_not_a_head(tmp_path, capsys):
     assert "holds images but no labels" in capsys.readouterr().err
 
 
-def write_parquet(path: Path, count: int, struct: bool = True, extra_bytes_column: bool = False,
-                  empty_rows: tuple[int, ...] = (), row_group_size: int = 7) -> None:
+def write_parquet(
+    path: Path,
+    count: int,
+    struct: bool = True,
+    extra_bytes_column: bool = False,
+    empty_rows: tuple[int, ...] = (),
+    row_group_size: int = 7,
+) -> None:
     """A Hugging Face style Parquet file: an image column ({bytes, path} structs or plain bytes), a ClassLabel."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -209,7 +226,9 @@ def write_parquet(path: Path, count: int, struct: bool = True, extra_bytes_colum
     columns = {"image": pa.array(cells), "label": pa.array(labels)}
     if extra_bytes_column:
         columns["thumb"] = pa.array([b"x"] * count)
-    meta = {b"huggingface": json.dumps({"info": {"features": {"label": {"names": names, "_type": "ClassLabel"}}}}).encode()}
+    meta = {
+        b"huggingface": json.dumps({"info": {"features": {"label": {"names": names, "_type": "ClassLabel"}}}}).encode()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns).replace_schema_metadata(meta), path, row_group_size=row_group_size)
 
@@ -224,8 +243,12 @@ def test_parquet_image_bytes_end_to_end(tmp_path, capsys, struct):
     result = json.loads(captured.out.splitlines()[-1])
     assert (result["images"], result["computed"], result["reused"], result["failed"]) == (36, 24, 12, 0)
     assert "Parquet files: 2 files, 36 images in 3 classes (labels from the label column)" in captured.err
-    assert main(["train-head", "--data", str(data / "train-0.parquet"), "--cache", str(cache), *PIXELS,
-                 "--runs", str(runs)]) == 0
+    assert (
+        main(
+            ["train-head", "--data", str(data / "train-0.parquet"), "--cache", str(cache), *PIXELS, "--runs", str(runs)]
+        )
+        == 0
+    )
     capsys.readouterr()
     run = only_run(runs)
     config = json.loads((run / "config.json").read_text())
@@ -242,22 +265,42 @@ def test_parquet_columns_named_or_refused_in_one_line(tmp_path, capsys):
     data, cache = tmp_path / "data", tmp_path / "cache"
     write_parquet(data / "a.parquet", 9, extra_bytes_column=True, empty_rows=(4,))
     assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 2
-    assert "needs one column of image bytes and has several (image, thumb): name it with --image-column" in \
-        capsys.readouterr().err
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--json",
-                 "--image-column", "image"]) == 0
+    assert (
+        "needs one column of image bytes and has several (image, thumb): name it with --image-column"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--no-progress",
+                "--json",
+                "--image-column",
+                "image",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out.splitlines()[-1])
     assert (result["images"], result["computed"], result["failed"]) == (9, 8, 1)  # the empty cell: one failure
     assert "row 4 of column 'image' is empty" in captured.out + captured.err
-    for flags, expected in ((["--image-column", "label"], "column 'label' holds int64, not image bytes"),
-                            (["--image-column", "nope"], "no column 'nope'"),
-                            (["--image-column", "image", "--label-column", "image"], "not labels")):
+    for flags, expected in (
+        (["--image-column", "label"], "column 'label' holds int64, not image bytes"),
+        (["--image-column", "nope"], "no column 'nope'"),
+        (["--image-column", "image", "--label-column", "image"], "not labels"),
+    ):
         assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", *flags]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
     (data / "b.parquet").write_bytes((data / "a.parquet").read_bytes()[:300])  # cut short: one line, the rest goes on
-    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--image-column", "image"]) == 0
+    assert (
+        main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress", "--image-column", "image"]) == 0
+    )
     assert "shard b.parquet: not a readable Parquet file" in capsys.readouterr().err
 
 
@@ -306,7 +349,9 @@ def test_an_unchanged_shard_is_listed_once_for_good(tmp_path, monkeypatch):
     assert extract_features(data, cache, spec).computed == 5  # the Parquet file's first 4 images are the tar's
     shards_module._LISTED.clear()  # a new process: nothing listed in memory
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("an unchanged shard was listed again"))
-    monkeypatch.setattr(shards_module, "_parquet_listing", lambda *a: pytest.fail("an unchanged Parquet file was listed again"))
+    monkeypatch.setattr(
+        shards_module, "_parquet_listing", lambda *a: pytest.fail("an unchanged Parquet file was listed again")
+    )
     monkeypatch.setattr(shards_module, "read_member", lambda *a: pytest.fail("a member was read"))
     again = extract_features(data, cache, spec)
     assert (again.computed, again.reused, again.images) == (0, 9, 9)
@@ -324,15 +369,32 @@ def test_a_label_file_names_images_inside_shards(tmp_path, capsys):
     rows += [f"more.parquet/image/{n},{names[n % 3]}" for n in range(9)]
     rows += ["train-000.tar/nothere.png,red", "more.parquet/image/99,red"]
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
-    assert main(["features", "--labels", str(data / "labels.csv"), "--cache", str(cache), *PIXELS, "--no-progress",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--labels",
+                str(data / "labels.csv"),
+                "--cache",
+                str(cache),
+                *PIXELS,
+                "--no-progress",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out.splitlines()[-1])
     assert (result["images"], result["failed"]) == (27, 0)
-    assert "2 rows of labels.csv left out: missing file (first: train-000.tar/nothere.png, more.parquet/image/99)" in \
-        captured.err
-    assert main(["train-head", "--labels", str(data / "labels.csv"), "--cache", str(cache), *PIXELS,
-                 "--runs", str(runs)]) == 0
+    assert (
+        "2 rows of labels.csv left out: missing file (first: train-000.tar/nothere.png, more.parquet/image/99)"
+        in captured.err
+    )
+    assert (
+        main(["train-head", "--labels", str(data / "labels.csv"), "--cache", str(cache), *PIXELS, "--runs", str(runs)])
+        == 0
+    )
     run = only_run(runs)
     assert json.loads((run / "metrics.json").read_text())["splits"]["test"]["accuracy"] == 1.0
     assert "more.parquet/image/4" in (run / "split.csv").read_text()

@@ -1,4 +1,5 @@
 """Splits: deterministic, stable under additions and removals, grouped, stratified, saved."""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -1,4 +1,5 @@
 """The HDF5 store: atomic parts, merging, de-duplication, crash leftovers, the lock."""
+
 from __future__ import annotations
 
 import h5py

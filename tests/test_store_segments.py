@@ -1,4 +1,5 @@
 """The store grows by segments: new rows written once, old ones never again; one virtual index for readers."""
+
 from __future__ import annotations
 
 import errno
@@ -8,19 +9,21 @@ import h5py
 import numpy as np
 import pytest
 
+from bottleneck import fs
 from bottleneck.cli import main
 from bottleneck.errors import CacheError
-from bottleneck import fs
 from bottleneck.features import store as store_module
-from bottleneck.features.store import write as store_write
 from bottleneck.features.maintenance import collect_garbage, compact, stores_in
 from bottleneck.features.store import Failure, FeatureStore
+from bottleneck.features.store import write as store_write
 
 DIM = 16
 
 
 def make_store(tmp_path, dtype=None, dim=DIM) -> FeatureStore:
-    return FeatureStore(tmp_path, "fp", dim, {"architecture": "test", "pretrained": True, "feature_dim": dim}, dtype=dtype)
+    return FeatureStore(
+        tmp_path, "fp", dim, {"architecture": "test", "pretrained": True, "feature_dim": dim}, dtype=dtype
+    )
 
 
 def rows(n: int, start: int = 0, dim: int = DIM):
@@ -190,7 +193,10 @@ def test_cache_commands(tmp_path, capsys):
     assert result["deleted"] and not store.path.exists() and not store.segments_dir.exists()
     assert not (cache / ".fp.h5.123.tmp").exists()
     assert main(["cache", "compact", "--cache", str(cache), "nope"]) == 2
-    assert capsys.readouterr().err.strip() == f"bottleneck: error: no feature store 'nope' in {cache} (`bottleneck cache info --cache {cache}` lists them)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"bottleneck: error: no feature store 'nope' in {cache} (`bottleneck cache info --cache {cache}` lists them)"
+    )
 
 
 def test_gc_leaves_a_store_being_written_alone(tmp_path):
@@ -217,7 +223,9 @@ def test_hdf5_refusing_to_lock_is_one_clear_line(tmp_path, monkeypatch):
     add(store, 3, 0)
 
     def refuse(*args, **kwargs):
-        raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')")
+        raise OSError(
+            "Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')"
+        )
 
     monkeypatch.setattr(fs.h5py, "File", refuse)
     with pytest.raises(CacheError, match="does not support file locking, which HDF5 uses.*HDF5_USE_FILE_LOCKING=FALSE"):
@@ -236,7 +244,10 @@ def test_a_store_damaged_inside_is_one_clear_line_and_a_damaged_part_is_skipped(
     [segment] = store.segment_files()
     with h5py.File(segment, "a") as handle:
         del handle["features"]
-    with pytest.raises(CacheError, match=r"^the feature store fp.h5 is damaged \(seg-.*features.*\); delete fp.h5 and fp.segments/ to rebuild it$"):
+    with pytest.raises(
+        CacheError,
+        match=r"^the feature store fp.h5 is damaged \(seg-.*features.*\); delete fp.h5 and fp.segments/ to rebuild it$",
+    ):
         store.load()
     with h5py.File(store.path, "a") as handle:
         del handle["segments/name"]

@@ -1,4 +1,5 @@
 """Heads on stores larger than memory: `--max-memory`, streamed training, same results, bounded memory."""
+
 from __future__ import annotations
 
 import csv
@@ -87,8 +88,9 @@ def test_streamed_logreg_equals_in_memory_repeats_and_predicts(extracted, tmp_pa
     store = FeatureStore(cache, SPEC.fingerprint(), 2048, {})
     X = store.read_rows_at(np.arange(6))
     kernel, bias = arrays_from_pipeline(pipeline).as_dense()
-    np.testing.assert_allclose(load_head(streamed.run_dir / "head.npz").predict_proba(X), pipeline.predict_proba(X),
-                               rtol=0, atol=0)
+    np.testing.assert_allclose(
+        load_head(streamed.run_dir / "head.npz").predict_proba(X), pipeline.predict_proba(X), rtol=0, atol=0
+    )
     logits = X @ kernel + bias
     softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
     np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), pipeline.predict_proba(X), atol=1e-5)
@@ -166,8 +168,11 @@ def synthetic_store(cache: Path, rows: int, dim: int, classes: int = 5, seed: in
         for start in range(0, rows, 4096):
             at = np.arange(start, min(rows, start + 4096))
             x = centres[labels[at]] * 0.15 + rng.normal(0, 1, (len(at), dim)).astype(np.float32)
-            writer.commit([hashlib.sha256(str(i).encode()).hexdigest() for i in at], x,
-                          [f"c{labels[i]}/img{i:06d}.png" for i in at])
+            writer.commit(
+                [hashlib.sha256(str(i).encode()).hexdigest() for i in at],
+                x,
+                [f"c{labels[i]}/img{i:06d}.png" for i in at],
+            )
         writer.finish()
 
 
@@ -175,8 +180,20 @@ def synthetic_store(cache: Path, rows: int, dim: int, classes: int = 5, seed: in
 def test_peak_memory_stays_within_the_budget_on_a_store_four_times_larger(tmp_path):
     rows, dim, budget = 16000, 1024, 16 * 2**20  # 62.5 MiB of features, 16 MiB budget
     synthetic_store(tmp_path / "cache", rows, dim)
-    done = subprocess.run([sys.executable, "-c", _TRAIN_IN_A_SUBPROCESS, str(tmp_path / "cache"), str(tmp_path / "runs"),
-                           "16M", str(dim)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TRAIN_IN_A_SUBPROCESS,
+            str(tmp_path / "cache"),
+            str(tmp_path / "runs"),
+            "16M",
+            str(dim),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["training"]["mode"] == "streamed" and result["training"]["feature_bytes"] == rows * dim * 4

@@ -3,6 +3,7 @@
 A run predicts and exports the same after the project folder moves, after `base.keras` is retrained
 in place, and when only the run folder and the cache's `backbones/` reach a colleague.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,9 @@ def save_base(path, seed: int) -> None:
 
     inputs = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv",
-                            kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    x = keras.layers.Conv2D(
+        6, 3, activation="relu", name="conv", kernel_initializer=keras.initializers.GlorotUniform(seed=seed)
+    )(x)
     features = keras.layers.GlobalAveragePooling2D(name="features")(x)
     outputs = keras.layers.Dense(2, activation="softmax")(features)
     keras.Model(inputs, outputs).save(path)
@@ -40,8 +42,25 @@ def train_run(project, capsys) -> object:
     flags = ["--cache", str(project / "cache"), "--backbone", str(project / "base.keras"), "--layer", "features"]
     assert main(["features", str(project / "data"), *flags, "--no-progress"]) == 0
     before = set((project / "runs").iterdir()) if (project / "runs").is_dir() else set()
-    assert main(["train-head", "--data", str(project / "data"), *flags, "--runs", str(project / "runs"), "--val-pct", "20",
-                 "--test-pct", "30", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(project / "data"),
+                *flags,
+                "--runs",
+                str(project / "runs"),
+                "--val-pct",
+                "20",
+                "--test-pct",
+                "30",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     (run,) = set((project / "runs").iterdir()) - before
     return run
@@ -60,8 +79,9 @@ def recorded(run) -> tuple[list[str], np.ndarray]:
     with open(run / PREDICTIONS_FILE, newline="") as handle:
         rows = list(csv.DictReader(handle))
     labels = json.loads((run / "config.json").read_text())["labels"]
-    return [row["path"] for row in rows], np.array([[float(row[PROBABILITY_PREFIX + label]) for label in labels]
-                                                    for row in rows])
+    return [row["path"] for row in rows], np.array(
+        [[float(row[PROBABILITY_PREFIX + label]) for label in labels] for row in rows]
+    )
 
 
 def predicted(run, images: list, capsys, *flags: str) -> tuple[np.ndarray, str]:
@@ -71,8 +91,9 @@ def predicted(run, images: list, capsys, *flags: str) -> tuple[np.ndarray, str]:
     said = capsys.readouterr()
     lines = [json.loads(line) for line in said.out.splitlines()]
     assert [line["path"] for line in lines] == [str(image) for image in images]
-    return np.array([[{t["label"]: t["probability"] for t in line["top"]}[label] for label in labels]
-                     for line in lines]), said.err
+    return np.array(
+        [[{t["label"]: t["probability"] for t in line["top"]}[label] for label in labels] for line in lines]
+    ), said.err
 
 
 @pytest.mark.slow
@@ -99,7 +120,9 @@ def test_a_moved_project_predicts_and_exports_the_same(project, tmp_path, capsys
     summary = json.loads((tmp_path / "exported" / "export.json").read_text())
     assert summary["parity"]["model.keras"]["png"]["images"] >= 5  # the training images found relative to the run
     model = keras.saving.load_model(tmp_path / "exported" / "model.keras")
-    pixels = np.stack([decode_image((moved / "data" / path).read_bytes(), SIZE) for path in relpaths]).astype(np.float32)
+    pixels = np.stack([decode_image((moved / "data" / path).read_bytes(), SIZE) for path in relpaths]).astype(
+        np.float32
+    )
     np.testing.assert_allclose(model.predict(pixels, verbose=0), expected, rtol=0, atol=1e-6)
 
 
@@ -117,8 +140,9 @@ def test_a_retrained_base_leaves_the_old_run_its_own_and_a_new_run_takes_the_new
     new = json.loads((new_run / "config.json").read_text())
     assert new["backbone_file"]["sha256"] == sha256_file(project / "base.keras")
     assert new["fingerprint"] != json.loads((run / "config.json").read_text())["fingerprint"]
-    assert sorted(p.name for p in (project / "cache" / "backbones").glob("*.keras")) == \
-        sorted([f"{old_sha}.keras", f"{new['backbone_file']['sha256']}.keras"])
+    assert sorted(p.name for p in (project / "cache" / "backbones").glob("*.keras")) == sorted(
+        [f"{old_sha}.keras", f"{new['backbone_file']['sha256']}.keras"]
+    )
     new_got, _ = predicted(new_run, images, capsys)
     assert not np.allclose(new_got, got, atol=1e-6)
 
@@ -136,8 +160,13 @@ def test_the_run_folder_alone_works_with_the_caches_backbones(project, tmp_path,
         shutil.copyfile(project / "data" / path, images / f"{index:02d}.png")
     shutil.rmtree(project)  # nothing of the project is left: not base.keras, not its cache
 
-    got, said = predicted(colleague / "inbox" / "from-alice" / run.name, sorted(images.iterdir()), capsys,
-                          "--cache", str(colleague / "cache"))
+    got, said = predicted(
+        colleague / "inbox" / "from-alice" / run.name,
+        sorted(images.iterdir()),
+        capsys,
+        "--cache",
+        str(colleague / "cache"),
+    )
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert f"(computed {len(relpaths)}, from the cache 0, failed 0)" in said  # the kept backbone computed them
     assert (colleague / "cache" / "backbones" / f"{kept['sha256']}.keras").is_file()
@@ -151,8 +180,10 @@ def test_a_run_whose_backbone_is_nowhere_fails_in_one_line_naming_where_it_looke
     image = next((project / "data").rglob("*.png"))
     assert main(["predict", "--run", str(run), str(image)]) == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and error.startswith(f"bottleneck: error: the backbone of run {run.name} (base.keras, "
-                                                  f"sha256 {kept['sha256'][:12]}) is found nowhere: looked at ")
+    assert "\n" not in error and error.startswith(
+        f"bottleneck: error: the backbone of run {run.name} (base.keras, "
+        f"sha256 {kept['sha256'][:12]}) is found nowhere: looked at "
+    )
     for looked in (project / "cache" / "backbones" / f"{kept['sha256']}.keras", project / "base.keras"):
         assert str(looked) in error
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "exported")]) == 2
@@ -163,11 +194,26 @@ def test_a_run_whose_backbone_is_nowhere_fails_in_one_line_naming_where_it_looke
 def test_named_backbones_are_recorded_by_name_and_never_copied(tmp_path, capsys):
     make_dataset(tmp_path / "data", per_class=3)
     cache = tmp_path / "cache"
-    for backbone in (["--backbone", "pixels", "--image-size", "4"],
-                     ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"]):
+    for backbone in (
+        ["--backbone", "pixels", "--image-size", "4"],
+        ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"],
+    ):
         assert main(["features", str(tmp_path / "data"), "--cache", str(cache), *backbone, "--no-progress"]) == 0
-        assert main(["train-head", "--data", str(tmp_path / "data"), "--cache", str(cache), "--runs",
-                     str(tmp_path / "runs"), *backbone]) == 0
+        assert (
+            main(
+                [
+                    "train-head",
+                    "--data",
+                    str(tmp_path / "data"),
+                    "--cache",
+                    str(cache),
+                    "--runs",
+                    str(tmp_path / "runs"),
+                    *backbone,
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     configs = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*/config.json")]
     assert sorted(config["backbone_spec"]["architecture"] for config in configs) == ["mobilenet_v2", "pixels"]
@@ -176,15 +222,21 @@ def test_named_backbones_are_recorded_by_name_and_never_copied(tmp_path, capsys)
 
 
 def test_a_fine_tuned_runs_backbone_is_an_explicit_field_and_old_runs_still_read(tmp_path):
-    from bottleneck.learn.run_folder import referenced_fingerprints
-    from bottleneck.learn.run_folder import backbone_fingerprint
+    from bottleneck.learn.run_folder import backbone_fingerprint, referenced_fingerprints
 
-    new = {"kind": "fine-tune", "fingerprint": "base-16-features-aaa", "store": None,
-           "fine_tuned_from": {"run": "parent", "fingerprint": "base-16-features-aaa"}}
+    new = {
+        "kind": "fine-tune",
+        "fingerprint": "base-16-features-aaa",
+        "store": None,
+        "fine_tuned_from": {"run": "parent", "fingerprint": "base-16-features-aaa"},
+    }
     old = {"kind": "fine-tune", "fingerprint": "base-16-features-bbb fine-tuned"}
     head = {"fingerprint": "pixels-4-raw-ccc", "store": "/gone/cache/pixels-4-raw-ccc.h5"}
-    assert [backbone_fingerprint(config) for config in (new, old, head)] == \
-        ["base-16-features-aaa", "base-16-features-bbb", "pixels-4-raw-ccc"]
+    assert [backbone_fingerprint(config) for config in (new, old, head)] == [
+        "base-16-features-aaa",
+        "base-16-features-bbb",
+        "pixels-4-raw-ccc",
+    ]
     for name, config in {"new": new, "old": old, "head": head}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
@@ -196,8 +248,9 @@ def save_weights(path, seed: int) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
-    keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3),
-                                        pooling="avg").save_weights(path)
+    keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    ).save_weights(path)
 
 
 @pytest.mark.slow
@@ -206,11 +259,34 @@ def test_an_application_keeps_its_weights_file_by_content(tmp_path, capsys):
     project = tmp_path / "project"
     make_dataset(project / "data", per_class=6)
     save_weights(project / "mine.weights.h5", seed=1)
-    flags = ["--cache", str(project / "cache"), "--backbone", "mobilenet_v3_small", "--weights",
-             str(project / "mine.weights.h5"), "--image-size", "32"]
+    flags = [
+        "--cache",
+        str(project / "cache"),
+        "--backbone",
+        "mobilenet_v3_small",
+        "--weights",
+        str(project / "mine.weights.h5"),
+        "--image-size",
+        "32",
+    ]
     assert main(["features", str(project / "data"), *flags, "--no-progress"]) == 0
-    assert main(["train-head", "--data", str(project / "data"), *flags, "--runs", str(project / "runs"),
-                 "--test-pct", "30", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(project / "data"),
+                *flags,
+                "--runs",
+                str(project / "runs"),
+                "--test-pct",
+                "30",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     (run,) = (project / "runs").iterdir()
     kept = json.loads((run / "config.json").read_text())["backbone_file"]

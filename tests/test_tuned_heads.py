@@ -1,5 +1,6 @@
 """Heads that tune themselves: logreg's C chosen by cross-validation (`--C auto`, the default), and the knn head
 (cosine, k chosen on validation): what they choose, what the run records, and every path a run goes through."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def test_C_auto_cross_validates_train_and_validation_and_refits_on_train():
     assert search["grid"] == list(C_GRID) and search["folds"] == 5 and search["rows"] == 90 + 30
     accuracy, loss = search["scores"]["mean_accuracy"], search["scores"]["mean_log_loss"]
     best = max(accuracy)
-    assert head.C_ == search["C"] == min((c for c, a in zip(C_GRID, accuracy) if a == best),
-                                         key=lambda c: loss[C_GRID.index(c)])
+    assert (
+        head.C_
+        == search["C"]
+        == min((c for c, a in zip(C_GRID, accuracy) if a == best), key=lambda c: loss[C_GRID.index(c)])
+    )
     assert head.pipeline_[-1].C == head.C_  # the refit used the chosen C ...
     refit = LogRegHead(C=head.C_).fit(X, y)  # ... on the training rows only
     np.testing.assert_array_equal(head.predict_proba(Xv), refit.predict_proba(Xv))
@@ -95,8 +99,9 @@ def test_train_head_records_the_chosen_C_and_a_given_C_is_kept(extracted, tmp_pa
 def test_streamed_C_auto_keeps_1_and_records_why(extracted, tmp_path):
     data, cache = extracted
     lines = []
-    result = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, stream=True, chunk_rows=7,
-                        log=lines.append)
+    result = train_head(
+        data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, stream=True, chunk_rows=7, log=lines.append
+    )
     assert result.metrics["params"]["C"] == 1.0 and "streamed" in result.metrics["tuning"]["C"]["reason"]
     assert any(line.startswith("C 1 (kept: features streamed") for line in lines)
 
@@ -108,8 +113,10 @@ def test_knn_chooses_k_on_validation_and_votes_by_cosine_similarity():
     search = head.k_search_
     assert search["chosen_on"] == "validation" and search["grid"] == [1, 3, 5, 7, 9, 11, 15, 21, 31]
     best = max(search["accuracy"])
-    assert head.k_ == min((k for k, a in zip(search["grid"], search["accuracy"]) if a == best),
-                          key=lambda k: search["log_loss"][search["grid"].index(k)])
+    assert head.k_ == min(
+        (k for k, a in zip(search["grid"], search["accuracy"]) if a == best),
+        key=lambda k: search["log_loss"][search["grid"].index(k)],
+    )
     # By hand: cosine similarities, the k most similar, similarity-weighted vote shares.
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     query = Xv[:4] / np.linalg.norm(Xv[:4], axis=1, keepdims=True)
@@ -135,13 +142,38 @@ def test_knn_refuses_multi_label_streaming_and_a_bad_k():
 def test_knn_run_predicts_through_the_run_folder_and_export_is_refused_in_one_line(extracted, tmp_path, capsys):
     data, cache = extracted
     runs = tmp_path / "runs"
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--head", "knn",
-                 *PIXELS, "--val-pct", "20", "--test-pct", "20",
-                 "--seed", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                "--runs",
+                str(runs),
+                "--head",
+                "knn",
+                *PIXELS,
+                "--val-pct",
+                "20",
+                "--test-pct",
+                "20",
+                "--seed",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run_dir = summary["run_dir"]
     config = json.loads(open(f"{run_dir}/config.json").read())
-    assert config["head"] == "knn" and config["model"] == "head.npz" and config["params"]["k"] in config["params"]["k_grid"]
+    assert (
+        config["head"] == "knn"
+        and config["model"] == "head.npz"
+        and config["params"]["k"] in config["params"]["k_grid"]
+    )
     assert config["tuning"]["k"]["chosen_on"] == "validation"
     arrays = load_knn(f"{run_dir}/head.npz")
     assert arrays.k == config["params"]["k"] and arrays.features.shape[1] == SPEC.feature_dim
@@ -150,11 +182,14 @@ def test_knn_run_predicts_through_the_run_folder_and_export_is_refused_in_one_li
     run = load_run(run_dir)
     features = np.random.default_rng(0).normal(size=(3, SPEC.feature_dim)).astype(np.float32)
     np.testing.assert_allclose(run.classify(features), arrays.to_head().predict_proba(features))
-    assert summary["accuracy"]["test"] == json.loads(open(f"{run_dir}/metrics.json").read())["splits"]["test"]["accuracy"]
+    assert (
+        summary["accuracy"]["test"] == json.loads(open(f"{run_dir}/metrics.json").read())["splits"]["test"]["accuracy"]
+    )
     assert main(["export", "--run", run_dir, "--out", str(tmp_path / "export")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--k", "3",
-                 *PIXELS]) == 2
+    assert (
+        main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(runs), "--k", "3", *PIXELS]) == 2
+    )
     assert "--k does not apply to the logreg head" in capsys.readouterr().err
 
 
@@ -183,8 +218,13 @@ def test_pretrain_shows_a_line_per_epoch_with_its_scores_and_eta(tmp_path, capsy
 
     make_dataset(tmp_path / "source", per_class=6)
     lines = []
-    pretrain(tmp_path / "source", tmp_path / "base.keras", PretrainConfig(image_size=16, blocks=1, filters=4, epochs=2),
-             log=lines.append, progress=True)
+    pretrain(
+        tmp_path / "source",
+        tmp_path / "base.keras",
+        PretrainConfig(image_size=16, blocks=1, filters=4, epochs=2),
+        log=lines.append,
+        progress=True,
+    )
     err = capsys.readouterr().err.splitlines()
     assert "batches of 8" in lines[0]
     assert [line.split("  ")[0] for line in err[:2]] == ["pretrain: epoch 1/2", "pretrain: epoch 2/2"]
@@ -201,7 +241,11 @@ def test_keras_head_shows_its_epochs_only_when_verbose(capsys):
     assert capsys.readouterr().err == ""
     head = KerasHead(epochs=3, patience=5, verbose=1).fit(X, y, validation_data=(Xv, yv))
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("keras head: epoch 1/3  loss ") and "ETA" in err[0] and err[-1].startswith("keras head: 3 epochs")
+    assert (
+        err[0].startswith("keras head: epoch 1/3  loss ")
+        and "ETA" in err[0]
+        and err[-1].startswith("keras head: 3 epochs")
+    )
     assert len(head.history_["loss"]) == 3
 
 
@@ -214,8 +258,25 @@ def test_keras_head_batch_gives_about_20_steps_per_epoch():
 
 def test_train_head_cli_shows_the_keras_heads_epochs(extracted, tmp_path, capsys):
     data, cache = extracted
-    assert main(["train-head", "--data", str(data), "--cache", str(cache), "--runs", str(tmp_path / "runs"), *PIXELS,
-                 "--head", "keras", "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "train-head",
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                "--runs",
+                str(tmp_path / "runs"),
+                *PIXELS,
+                "--head",
+                "keras",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "keras head: epoch 1/2  loss " in err and "keras head: 2 epochs in" in err
 

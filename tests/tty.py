@@ -3,6 +3,7 @@
 Progress bars are drawn only when stderr is a terminal (`sys.stderr.isatty()`), so a test that
 checks for one runs the command here: stdin, stdout and stderr are the pty's slave end.
 """
+
 from __future__ import annotations
 
 import errno
@@ -33,14 +34,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_in_pty(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120, cwd: str | os.PathLike | None = None,
-               columns: int = 120) -> tuple[int, str]:
+def run_in_pty(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: str | os.PathLike | None = None,
+    columns: int = 120,
+) -> tuple[int, str]:
     """(exit code, everything written to the terminal: stdout and stderr, '\\r' kept) of `argv` under a pty."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     try:
-        child = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True, start_new_session=True
+        )
     finally:
         os.close(slave)
     chunks: list[bytes] = []
@@ -50,7 +57,9 @@ def run_in_pty(argv: list[str], env: dict[str, str] | None = None, timeout: floa
             left = deadline - time.monotonic()
             if left <= 0:
                 child.kill()
-                raise TimeoutError(f"{argv} ran past {timeout} s; it showed:\n" + b"".join(chunks).decode(errors="replace"))
+                raise TimeoutError(
+                    f"{argv} ran past {timeout} s; it showed:\n" + b"".join(chunks).decode(errors="replace")
+                )
             ready, _, _ = select.select([master], [], [], min(left, 1.0))
             if not ready:
                 continue

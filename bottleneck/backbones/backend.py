@@ -5,6 +5,7 @@ Keras 3 runs one model on any of three backends, chosen once per process before 
 the backend is not installed or Keras already runs on another one in this process. Nothing here
 imports a backend until a network is needed, so `--help` and argument errors answer at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 
 from bottleneck.backbones.spec import PRECISIONS
 from bottleneck.errors import BackboneError
@@ -43,8 +44,10 @@ def is_installed(backend: str) -> bool:
 
 
 def missing_backend_message(backend: str) -> str:
-    return (f"the {backend} backend is not installed: pip install 'bottleneck-transfer[{EXTRAS[backend]}]' "
-            "(or choose another --backend)")
+    return (
+        f"the {backend} backend is not installed: pip install 'bottleneck-transfer[{EXTRAS[backend]}]' "
+        "(or choose another --backend)"
+    )
 
 
 def use_backend(name: str | None = None) -> str:
@@ -58,8 +61,10 @@ def use_backend(name: str | None = None) -> str:
     if "keras" in sys.modules:
         running = active_backend()
         if running != backend:
-            raise BackboneError(f"Keras already runs on {running} in this process and cannot switch to {backend}; "
-                                f"run the command in a new process (--backend {backend} or KERAS_BACKEND={backend})")
+            raise BackboneError(
+                f"Keras already runs on {running} in this process and cannot switch to {backend}; "
+                f"run the command in a new process (--backend {backend} or KERAS_BACKEND={backend})"
+            )
         return backend
     os.environ["KERAS_BACKEND"] = backend
     return backend
@@ -85,8 +90,12 @@ def strict_float32_environment() -> None:
     for name, strict in FPMATH_ENV.items():
         given = os.environ.get(name)
         if given and given.upper() != strict:
-            print(f"bottleneck: {name}={given} would compute float32 features in a narrower type; "
-                  f"set to {strict} for this process", file=sys.stderr, flush=True)
+            print(
+                f"bottleneck: {name}={given} would compute float32 features in a narrower type; "
+                f"set to {strict} for this process",
+                file=sys.stderr,
+                flush=True,
+            )
         os.environ[name] = strict
 
 
@@ -200,7 +209,8 @@ def backend_versions(keras) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Devices
 
-@lru_cache(maxsize=None)
+
+@cache
 def accelerators(backend: str) -> tuple[str, ...]:
     """The GPUs (or TPUs) `backend` can run on here, by name; () on a CPU-only machine."""
     with quiet_startup():  # the first import of the backend may happen here (CUDA libraries say a lot)
@@ -233,5 +243,7 @@ def check_precision(precision: str, backend: str) -> None:
     if precision not in PRECISIONS:
         raise BackboneError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision == "mixed" and not accelerators(backend):
-        raise BackboneError(f"--precision mixed needs a GPU, and {backend} sees none here: on a CPU float16 "
-                            "is slower than float32; drop --precision (or use --precision float32)")
+        raise BackboneError(
+            f"--precision mixed needs a GPU, and {backend} sees none here: on a CPU float16 "
+            "is slower than float32; drop --precision (or use --precision float32)"
+        )

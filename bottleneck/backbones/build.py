@@ -7,6 +7,7 @@ Feature extraction (`FeatureModel`, compiled the way each backend does best), th
 and exported classifiers all run this one network, so a model exported from a run computes exactly
 the features its head was trained on. Backends are imported only when a network is built.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,9 +49,11 @@ def import_tensorflow():
             "TensorFlow is not installed: pip install 'bottleneck-transfer[cpu]' (or '[gpu]' on a CUDA machine)"
         ) from None
     if keras.config.backend() != "tensorflow":
-        raise BackboneError(f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on "
-                            f"{keras.config.backend()} here (KERAS_BACKEND): set KERAS_BACKEND=tensorflow for it; "
-                            "`features` and `predict` run on any backend (--backend)")
+        raise BackboneError(
+            f"this step runs on TensorFlow (its graphs, SavedModels and tf.data), but Keras runs on "
+            f"{keras.config.backend()} here (KERAS_BACKEND): set KERAS_BACKEND=tensorflow for it; "
+            "`features` and `predict` run on any backend (--backend)"
+        )
     return tf, keras
 
 
@@ -77,7 +80,7 @@ class _LogCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> "_LogCapture":
+    def __enter__(self) -> _LogCapture:
         logging.getLogger().addHandler(self)
         return self
 
@@ -116,13 +119,16 @@ def load_all_or_nothing(load: Callable[[], T], source: str, architecture: str) -
         if not _PARTIAL_LOAD.search(str(warning.message)):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if partial:
-        raise BackboneError(f"weights file {source} does not fit {architecture} without its top "
-                            f"(only part of it loaded; {what_did_not_load(partial[0])})")
+        raise BackboneError(
+            f"weights file {source} does not fit {architecture} without its top "
+            f"(only part of it loaded; {what_did_not_load(partial[0])})"
+        )
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Backbones
+
 
 def build_keras_backbone(spec: BackboneSpec):
     """The frozen Keras application of `spec`: takes preprocessed float input, returns pooled features."""
@@ -212,8 +218,10 @@ def build_file_backbone(spec: BackboneSpec):
     shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
     if len(shape) != 4 or shape[-1] != 3:
         what = f"{len(inputs)} inputs" if len(inputs) != 1 else f"input of shape {shape[1:]}"
-        raise BackboneError(f"{spec.architecture} takes {what}; a backbone must take one RGB (3-channel) image "
-                            "input: save a model whose Input has shape (height, width, 3)")
+        raise BackboneError(
+            f"{spec.architecture} takes {what}; a backbone must take one RGB (3-channel) image "
+            "input: save a model whose Input has shape (height, width, 3)"
+        )
     output = full.get_layer(spec.layer).output
     if len(output.shape) == 4:
         output = keras.layers.GlobalAveragePooling2D(name="bottleneck_pool")(output)
@@ -265,8 +273,9 @@ def build_foundation_backbone(spec: BackboneSpec):
         except BackboneError:
             raise
         except Exception as exc:
-            raise BackboneError(f"cannot load the preset folder {spec.weights} for {spec.architecture} "
-                                f"({first_line(exc)})") from None
+            raise BackboneError(
+                f"cannot load the preset folder {spec.weights} for {spec.architecture} ({first_line(exc)})"
+            ) from None
     backbone = getattr(backbone, "vision_encoder", backbone)  # a whole CLIP or SigLIP: its vision half
     _number_the_positions(backbone)
     if spec.weights != WEIGHTS_NONE:  # seeded random weights set the resized table itself
@@ -302,13 +311,17 @@ def _resize_positions_as_tensorflow_does(backbone) -> None:
     for layer in backbone._flatten_layers():
         if not (hasattr(layer, "interpolated_position_embeddings") and hasattr(layer, "position_embedding_shape")):
             continue
-        if tuple(layer.position_embedding_shape[:2]) == tuple(layer.image_shape[:2]) or layer.antialias_in_interpolation:
+        if (
+            tuple(layer.position_embedding_shape[:2]) == tuple(layer.image_shape[:2])
+            or layer.antialias_in_interpolation
+        ):
             continue  # nothing resized; or an antialiased resize, which no preset of ours asks for
         keras = import_keras()
         table = np.asarray(keras.ops.convert_to_numpy(layer.position_embeddings), np.float32)
         grid = layer.image_shape[0] // layer.patch_size, layer.image_shape[1] // layer.patch_size
         layer.interpolated_position_embeddings.assign(
-            resize_position_table(table, grid).astype(layer.interpolated_position_embeddings.dtype))
+            resize_position_table(table, grid).astype(layer.interpolated_position_embeddings.dtype)
+        )
 
 
 def _download_preset(keras_hub, spec: BackboneSpec, shape: tuple[int, int, int]):
@@ -340,8 +353,11 @@ def pool_tokens(spec: BackboneSpec, tokens, keras):
     if spec.pooling == "cls":
         first = keras.layers.Cropping1D((0, count - 1), name="pool_cls_token")(tokens)
         return keras.layers.Flatten(name="pool_cls_flatten")(first)
-    skipped = 1 + (spec.foundation.config.get("num_register_tokens", 0) if spec.weights in (WEIGHTS_NONE, "hub")
-                   else spec.preset_folder.register_tokens)
+    skipped = 1 + (
+        spec.foundation.config.get("num_register_tokens", 0)
+        if spec.weights in (WEIGHTS_NONE, "hub")
+        else spec.preset_folder.register_tokens
+    )
     patches = keras.layers.Cropping1D((skipped, 0), name="pool_patch_tokens")(tokens)
     return keras.layers.GlobalAveragePooling1D(name="pool_patch_mean")(patches)
 
@@ -381,16 +397,24 @@ def preprocessing_layers(mode: str) -> list:
     if mode == "torch":
         return [
             layers.Rescaling(1.0 / 255, name="preprocess_torch_unit"),
-            layers.Normalization(axis=-1, mean=list(TORCH_MEAN_RGB), variance=[s * s for s in TORCH_STD_RGB],
-                                 name="preprocess_torch_normalize"),
+            layers.Normalization(
+                axis=-1,
+                mean=list(TORCH_MEAN_RGB),
+                variance=[s * s for s in TORCH_STD_RGB],
+                name="preprocess_torch_normalize",
+            ),
         ]
     if mode == "clip":
         from bottleneck.backbones.foundation import CLIP_MEAN_RGB, CLIP_STD_RGB
 
         return [
             layers.Rescaling(1.0 / 255, name="preprocess_clip_unit"),
-            layers.Normalization(axis=-1, mean=list(CLIP_MEAN_RGB), variance=[s * s for s in CLIP_STD_RGB],
-                                 name="preprocess_clip_normalize"),
+            layers.Normalization(
+                axis=-1,
+                mean=list(CLIP_MEAN_RGB),
+                variance=[s * s for s in CLIP_STD_RGB],
+                name="preprocess_clip_normalize",
+            ),
         ]
     if mode == "caffe":
         return [_caffe_layer(keras)]

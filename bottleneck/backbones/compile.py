@@ -12,6 +12,7 @@ NumPy into the backend and onto its device:
   2-core CPU (75 px) but took 3 minutes to compile, once per process: a win only past ~20,000
   images, so it is opt-in (`BOTTLENECK_TORCH_COMPILE=1`).
 """
+
 from __future__ import annotations
 
 import os

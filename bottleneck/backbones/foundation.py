@@ -11,6 +11,7 @@ before the projection), `mean` (the mean of the patch tokens, registers left out
 own attention-pooling head, its only output). The default is `cls` where there is one: it is what DINOv2's
 and CLIP's linear probes and ViT's classifier read; SigLIP has no class token, so `pooled`.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ from bottleneck.errors import BackboneError
 WEIGHTS_HUB = "hub"
 #: What a missing keras-hub says: it is an opt-in install (its declared dependencies pull the full
 #: tensorflow package beside tensorflow-cpu), see `make hub`.
-HUB_INSTALL = ("pip install regex tokenizers sentencepiece kagglehub && pip install --no-deps 'keras-hub>=0.32' (or `make hub`; "
-               "keras-hub's own dependencies would pull the full tensorflow beside tensorflow-cpu)")
+HUB_INSTALL = (
+    "pip install regex tokenizers sentencepiece kagglehub && pip install --no-deps 'keras-hub>=0.32' (or `make hub`; "
+    "keras-hub's own dependencies would pull the full tensorflow beside tensorflow-cpu)"
+)
 
 #: CLIP's own per-channel statistics (RGB, 0-1), from OpenAI's preprocessing.
 CLIP_MEAN_RGB = (0.48145466, 0.4578275, 0.40821073)
@@ -77,19 +80,47 @@ def _dinov2(size: str, hidden: int, layers: int, heads: int, registers: int = 0)
     name = f"dinov2_{size}" if not registers else f"dinov2_reg_{size}"
     preset = f"dinov2_{size}" if not registers else f"dinov2_with_registers_{size}"
     return FoundationModel(
-        name=name, family="dinov2", keras_hub_class="DINOV2Backbone", preset=preset,
-        config=dict(patch_size=14, num_layers=layers, hidden_dim=hidden, num_heads=heads, intermediate_dim=4 * hidden,
-                    layer_scale_init_value=1.0, num_register_tokens=registers, position_embedding_shape=(518, 518, 3)),
-        default_size=224, feature_dim=hidden, preprocess_mode="torch", poolings=("cls", "mean"), licence="Apache-2.0",
+        name=name,
+        family="dinov2",
+        keras_hub_class="DINOV2Backbone",
+        preset=preset,
+        config=dict(
+            patch_size=14,
+            num_layers=layers,
+            hidden_dim=hidden,
+            num_heads=heads,
+            intermediate_dim=4 * hidden,
+            layer_scale_init_value=1.0,
+            num_register_tokens=registers,
+            position_embedding_shape=(518, 518, 3),
+        ),
+        default_size=224,
+        feature_dim=hidden,
+        preprocess_mode="torch",
+        poolings=("cls", "mean"),
+        licence="Apache-2.0",
     )
 
 
 def _clip(name: str, preset: str, patch: int) -> FoundationModel:
     return FoundationModel(
-        name=name, family="clip", keras_hub_class="CLIPVisionEncoder", preset=preset,
-        config=dict(patch_size=patch, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
-                    intermediate_activation="quick_gelu"),
-        default_size=224, feature_dim=768, preprocess_mode="clip", poolings=("cls", "mean"), licence="MIT",
+        name=name,
+        family="clip",
+        keras_hub_class="CLIPVisionEncoder",
+        preset=preset,
+        config=dict(
+            patch_size=patch,
+            hidden_dim=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_dim=3072,
+            intermediate_activation="quick_gelu",
+        ),
+        default_size=224,
+        feature_dim=768,
+        preprocess_mode="clip",
+        poolings=("cls", "mean"),
+        licence="MIT",
     )
 
 
@@ -102,15 +133,35 @@ _ROWS = [
     _clip("clip_vit_b16", "clip_vit_base_patch16", 16),
     _clip("clip_vit_b32", "clip_vit_base_patch32", 32),
     FoundationModel(
-        name="siglip2_b16", family="siglip", keras_hub_class="SigLIPVisionEncoder", preset="siglip2_base_patch16_224",
-        config=dict(patch_size=16, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
-                    intermediate_activation="gelu_approximate"),
-        default_size=224, feature_dim=768, preprocess_mode="tf", poolings=("pooled",), licence="Apache-2.0",
+        name="siglip2_b16",
+        family="siglip",
+        keras_hub_class="SigLIPVisionEncoder",
+        preset="siglip2_base_patch16_224",
+        config=dict(
+            patch_size=16,
+            hidden_dim=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_dim=3072,
+            intermediate_activation="gelu_approximate",
+        ),
+        default_size=224,
+        feature_dim=768,
+        preprocess_mode="tf",
+        poolings=("pooled",),
+        licence="Apache-2.0",
     ),
     FoundationModel(
-        name="vit_b16", family="vit", keras_hub_class="ViTBackbone", preset="vit_base_patch16_224_imagenet",
+        name="vit_b16",
+        family="vit",
+        keras_hub_class="ViTBackbone",
+        preset="vit_base_patch16_224_imagenet",
         config=dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
-        default_size=224, feature_dim=768, preprocess_mode="tf", poolings=("cls", "mean"), licence="Apache-2.0",
+        default_size=224,
+        feature_dim=768,
+        preprocess_mode="tf",
+        poolings=("cls", "mean"),
+        licence="Apache-2.0",
     ),
 ]
 
@@ -157,8 +208,10 @@ def read_preset_folder(path: str, model: FoundationModel) -> PresetFolder:
     folder = Path(path)
     config_file = folder / "config.json"
     if not folder.is_dir() or not config_file.is_file():
-        raise BackboneError(f"--weights {path}: not a KerasHub preset folder (no config.json); use --weights hub, "
-                            "none, or a folder that Backbone.save_to_preset wrote (config.json + model.weights.h5)")
+        raise BackboneError(
+            f"--weights {path}: not a KerasHub preset folder (no config.json); use --weights hub, "
+            "none, or a folder that Backbone.save_to_preset wrote (config.json + model.weights.h5)"
+        )
     try:
         config = json.loads(config_file.read_text())
         if isinstance(config, dict) and "model_type" in config:
@@ -174,8 +227,10 @@ def read_preset_folder(path: str, model: FoundationModel) -> PresetFolder:
         raise BackboneError(f"--weights {path}: unreadable config.json ({exc})") from None
     allowed = _FAMILY_CLASSES[model.family]
     if class_name not in allowed:
-        raise BackboneError(f"--weights {path} holds a {class_name}, not a {model.family} model "
-                            f"({' or '.join(allowed)}) for --backbone {model.name}")
+        raise BackboneError(
+            f"--weights {path} holds a {class_name}, not a {model.family} model "
+            f"({' or '.join(allowed)}) for --backbone {model.name}"
+        )
     if "vision_encoder" in arguments:  # a whole CLIP or SigLIP: its vision half
         arguments = dict(arguments["vision_encoder"].get("config", arguments["vision_encoder"]))
     return PresetFolder(folder, class_name, arguments)
@@ -190,18 +245,24 @@ def _hugging_face_snapshot(folder: Path, config: dict, model: FoundationModel) -
     model_type = str(config["model_type"])
     class_name = _SNAPSHOT_CLASSES.get(model_type)
     if class_name is None:
-        raise BackboneError(f"--weights {folder}: a Hugging Face snapshot of a {model_type!r} model; KerasHub converts "
-                            f"{' and '.join(_SNAPSHOT_CLASSES)} snapshots only (others: a KerasHub preset folder)")
+        raise BackboneError(
+            f"--weights {folder}: a Hugging Face snapshot of a {model_type!r} model; KerasHub converts "
+            f"{' and '.join(_SNAPSHOT_CLASSES)} snapshots only (others: a KerasHub preset folder)"
+        )
     if class_name not in _FAMILY_CLASSES[model.family]:
-        raise BackboneError(f"--weights {folder} holds a {model_type} snapshot, not a {model.family} model for "
-                            f"--backbone {model.name}")
+        raise BackboneError(
+            f"--weights {folder} holds a {model_type} snapshot, not a {model.family} model for --backbone {model.name}"
+        )
     if not list(folder.glob("*.safetensors")):
         raise BackboneError(f"--weights {folder}: the Hugging Face snapshot has no .safetensors weights")
     try:
         size = int(config["image_size"])
-        arguments = {"hidden_dim": int(config["hidden_size"]), "image_shape": [size, size, 3],
-                     "patch_size": int(config["patch_size"]),
-                     "num_register_tokens": int(config.get("num_register_tokens", 0))}
+        arguments = {
+            "hidden_dim": int(config["hidden_size"]),
+            "image_shape": [size, size, 3],
+            "patch_size": int(config["patch_size"]),
+            "num_register_tokens": int(config.get("num_register_tokens", 0)),
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise BackboneError(f"--weights {folder}: config.json lacks {exc}") from None
     return PresetFolder(folder, class_name, arguments)

@@ -7,14 +7,15 @@ hard-linked: `model.save("base.keras")` rewrites the same inode in place (Keras 
 A copy is made once per content and appears whole or not at all (written under a temporary name
 and renamed to the hash of what was actually copied).
 """
+
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from bottleneck.errors import CacheError, disk_full, is_disk_full
 from bottleneck.fs import sha256_file
@@ -62,8 +63,9 @@ def keep_backbone_file(model_file: str | os.PathLike, cache_dir: str | os.PathLi
         sha256 = sha256_file(source)
         if not holds_content(kept_path(cache_dir, sha256, suffix), sha256):
             sha256 = _copy_by_content(source, folder, suffix)
-        _copy_if_absent(Path(str(source) + SIDECAR_SUFFIX),
-                        Path(str(kept_path(cache_dir, sha256, suffix)) + SIDECAR_SUFFIX))
+        _copy_if_absent(
+            Path(str(source) + SIDECAR_SUFFIX), Path(str(kept_path(cache_dir, sha256, suffix)) + SIDECAR_SUFFIX)
+        )
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(folder) from None

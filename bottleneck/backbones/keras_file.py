@@ -3,6 +3,7 @@
 A `.keras` file is a zip holding `config.json`; reading it directly gives the input size and the
 layer names at once, so a wrong path or layer name is a one-line error before anything heavy runs.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -19,6 +19,7 @@ name. `--precision bf16` asks for bf16 on purpose (a store of its own) and is re
 lack it, where OpenVINO would quietly compute float32; `--precision int8` runs the NNCF-quantized
 model of `bottleneck.backbones.quantize`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,8 @@ from typing import Callable
 import numpy as np
 
 from bottleneck import naming
-from bottleneck.backbones.spec import BackboneSpec
-
 from bottleneck.backbones.build import FeatureModel
+from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.errors import BackboneError, CacheError
 from bottleneck.fs import pid_named_folders, process_alive
 from bottleneck.text import format_bytes
@@ -68,7 +68,9 @@ def _import_openvino():
     try:
         import openvino
     except ImportError:
-        raise BackboneError("--runtime openvino needs the openvino package: pip install 'bottleneck-transfer[openvino]'") from None
+        raise BackboneError(
+            "--runtime openvino needs the openvino package: pip install 'bottleneck-transfer[openvino]'"
+        ) from None
     return openvino
 
 
@@ -102,12 +104,17 @@ def check_cpu_precision(precision: str) -> str | None:
     """One line for `--precision bf16` on a CPU without bfloat16 (a `BackboneError`); a note for int8 without VNNI."""
     flags = cpu_flags()
     if precision == "bf16" and "BF16" not in cpu_capabilities():
-        raise BackboneError("--precision bf16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX"
-                            + ("" if not flags else ", absent from its flags") + "), so OpenVINO would compute "
-                            "float32 and store it under a bf16 name; use --precision float32 (exact) or int8 (faster)")
+        raise BackboneError(
+            "--precision bf16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX"
+            + ("" if not flags else ", absent from its flags")
+            + "), so OpenVINO would compute "
+            "float32 and store it under a bf16 name; use --precision float32 (exact) or int8 (faster)"
+        )
     if precision == "int8" and flags and not any(flag in flags for flag in INT8_FLAGS):
-        return ("this CPU has no VNNI (int8 dot products: AVX512_VNNI, AVX-VNNI or AMX): int8 runs, "
-                "but slower than on CPUs that have it")
+        return (
+            "this CPU has no VNNI (int8 dot products: AVX512_VNNI, AVX-VNNI or AMX): int8 runs, "
+            "but slower than on CPUs that have it"
+        )
     return None
 
 
@@ -122,9 +129,14 @@ def compile_on_cpu(model, precision: str = "float32"):
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": wanted})
     got = compiled.get_property("INFERENCE_PRECISION_HINT")
     if got != getattr(ov.Type, wanted):
-        raise BackboneError(f"OpenVINO computes in {got.get_type_name()} on this CPU where {precision} was asked for; "
-                            + ("this CPU has no bfloat16: use --precision float32 or int8" if precision == "bf16"
-                               else "use --runtime keras"))
+        raise BackboneError(
+            f"OpenVINO computes in {got.get_type_name()} on this CPU where {precision} was asked for; "
+            + (
+                "this CPU has no bfloat16: use --precision float32 or int8"
+                if precision == "bf16"
+                else "use --runtime keras"
+            )
+        )
     return compiled
 
 
@@ -169,16 +181,19 @@ def _check_conversion_matches_keras(network, compiled, size: int) -> float:
     a `BackboneError` if off by more than the tolerance."""
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (1, size, size, 3)).astype(np.float32)
-    ramp = np.broadcast_to(np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(1, size, size, 3),
-                           (1, size, size, 3))
+    ramp = np.broadcast_to(
+        np.linspace(0, 255, size * size * 3, dtype=np.float32).reshape(1, size, size, 3), (1, size, size, 3)
+    )
     pixels = np.concatenate([noise, ramp])[:CHECK_INPUTS]
     expected = np.asarray(network(pixels, training=False), dtype=np.float32)
     got = np.asarray(compiled(pixels)[0], dtype=np.float32)
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL, equal_nan=True):
         off = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
-        raise BackboneError(f"OpenVINO's conversion of {network.name} does not compute TensorFlow's features "
-                            f"(off by up to {off:.3g} on a check input, tolerance {RTOL:g} relative); "
-                            "use --runtime keras")
+        raise BackboneError(
+            f"OpenVINO's conversion of {network.name} does not compute TensorFlow's features "
+            f"(off by up to {off:.3g} on a check input, tolerance {RTOL:g} relative); "
+            "use --runtime keras"
+        )
     finite = np.isfinite(expected)  # a network whose weights hold NaN computes NaN on both: a faithful conversion
     return float(np.max(np.abs(got - expected)[finite])) if finite.any() else 0.0
 
@@ -194,7 +209,9 @@ def _traced(network, size: int, staging: Path):
     import tensorflow as tf
 
     signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
-    return tf.function(lambda pixels: network(pixels, training=False), input_signature=signature).get_concrete_function()
+    return tf.function(
+        lambda pixels: network(pixels, training=False), input_signature=signature
+    ).get_concrete_function()
 
 
 def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], None] | None = None) -> None:
@@ -212,14 +229,19 @@ def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], N
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     except OSError as exc:
-        raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
-                         "use --runtime keras or another --cache") from None
+        raise CacheError(
+            f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
+            "use --runtime keras or another --cache"
+        ) from None
     try:
         try:
             # Full float32 weights: save_model's default fp16 compression costs ~1e-3 relative error,
             # and features must match TensorFlow's to share one store.
-            ov.save_model(ov.convert_model(_traced(network, spec.input_size, staging)), str(staging / "model.xml"),
-                          compress_to_fp16=False)
+            ov.save_model(
+                ov.convert_model(_traced(network, spec.input_size, staging)),
+                str(staging / "model.xml"),
+                compress_to_fp16=False,
+            )
             compiled = compile_on_cpu(str(staging / "model.xml"))
         except OSError:
             raise
@@ -230,18 +252,25 @@ def convert_to_openvino(spec: BackboneSpec, target: Path, log: Callable[[str], N
         del compiled
         shutil.rmtree(staging / "savedmodel", ignore_errors=True)
         (staging / FORMAT_FILE).write_text(FORMAT)
-        record = {"format": FORMAT, "sha256": _file_hashes(staging),
-                  "checked_against_tensorflow": {"inputs": CHECK_INPUTS, "max_abs_difference": difference}}
+        record = {
+            "format": FORMAT,
+            "sha256": _file_hashes(staging),
+            "checked_against_tensorflow": {"inputs": CHECK_INPUTS, "max_abs_difference": difference},
+        }
         (staging / (RECORD_FILE + ".tmp")).write_text(json.dumps(record, indent=1))
         os.replace(staging / (RECORD_FILE + ".tmp"), staging / RECORD_FILE)  # last: the folder is complete
         if target.exists() and conversion_problem(target) is not None:
             _set_aside(target)
         _replace_folder(staging, target)
-        (log or _say)(f"converted {spec.name} to OpenVINO in {time.monotonic() - started:.1f} s "
-                      f"(its features within {difference:.2g} of TensorFlow's on the check inputs)")
+        (log or _say)(
+            f"converted {spec.name} to OpenVINO in {time.monotonic() - started:.1f} s "
+            f"(its features within {difference:.2g} of TensorFlow's on the check inputs)"
+        )
     except OSError as exc:
-        raise CacheError(f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
-                         "use --runtime keras or another --cache") from None
+        raise CacheError(
+            f"cannot write the OpenVINO model into {target.parent} ({exc.strerror or exc}); "
+            "use --runtime keras or another --cache"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -317,8 +346,10 @@ def int8_model_file(spec: BackboneSpec, float_model: Path) -> Path:
     folder = int8_folder(float_model, spec.calibration)
     problem = conversion_problem(folder, INT8_FORMAT)
     if problem is not None:
-        raise CacheError(f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
-                         "DATA --precision int8` again (it quantizes anew; another calibration set is another store)")
+        raise CacheError(
+            f"the int8 model in {folder} {problem}: delete that folder and run `bottleneck features "
+            "DATA --precision int8` again (it quantizes anew; another calibration set is another store)"
+        )
     return folder / "model.xml"
 
 

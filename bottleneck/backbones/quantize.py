@@ -14,6 +14,7 @@ picks another set on purpose.
 Nothing here imports OpenVINO or NNCF until a model is quantized, so commands that only look up
 the calibration answer at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -65,8 +67,9 @@ def calibrations_made(float_model: Path) -> list[dict]:
     for folder in float_model.parent.glob(naming.int8_folders_glob(float_model)):
         try:
             record = json.loads((folder / CALIBRATION_FILE).read_text())
-            records.append({"digest": str(record["calibration"]["digest"]), "created": float(record["created"]),
-                            "folder": folder})
+            records.append(
+                {"digest": str(record["calibration"]["digest"]), "created": float(record["created"]), "folder": folder}
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # cut short or damaged: not a calibration anyone can reuse
     return sorted(records, key=lambda record: (record["created"], record["digest"]))
@@ -101,8 +104,7 @@ def _import_nncf():
     return nncf
 
 
-def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
-             log: Callable[[str], None]) -> Path:
+def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path, log: Callable[[str], None]) -> Path:
     """Quantize the float32 conversion in `float_model` on `calibration` into its int8 folder; return that folder.
 
     Made in a temporary folder (named with the process id, so a killed run's is cleared later) and
@@ -110,18 +112,27 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
     """
     import openvino as ov
 
-    from bottleneck.backbones.openvino import (INT8_FORMAT, RECORD_FILE, _file_hashes, compile_on_cpu,
-                                               conversion_problem, int8_folder, remove_leftovers)
+    from bottleneck.backbones.openvino import (
+        INT8_FORMAT,
+        RECORD_FILE,
+        _file_hashes,
+        compile_on_cpu,
+        conversion_problem,
+        int8_folder,
+        remove_leftovers,
+    )
 
     nncf = _import_nncf()
     target = int8_folder(float_model, calibration.digest)
     remove_leftovers(target)
     count = len(calibration.pixels)
-    log(f"int8: quantizing {spec.name} with NNCF on {count} calibration image{'s' if count != 1 else ''} of "
-        f"{calibration.source} (seeded; once per cache, kept in {target.name})")
+    log(
+        f"int8: quantizing {spec.name} with NNCF on {count} calibration image{'s' if count != 1 else ''} of "
+        f"{calibration.source} (seeded; once per cache, kept in {target.name})"
+    )
     started = time.monotonic()
     model = ov.Core().read_model(str(float_model / "model.xml"))
-    dataset = nncf.Dataset(range(count), lambda i: calibration.pixels[i:i + 1].astype(np.float32))
+    dataset = nncf.Dataset(range(count), lambda i: calibration.pixels[i : i + 1].astype(np.float32))
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: never on our stdout (--json)
         quantized = nncf.quantize(model, dataset, subset_size=count, preset=nncf.QuantizationPreset.PERFORMANCE)
     seconds = time.monotonic() - started
@@ -131,16 +142,28 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
         raise CacheError(f"cannot write the int8 model into {target.parent} ({exc.strerror or exc})") from None
     try:
         ov.save_model(quantized, str(staging / "model.xml"), compress_to_fp16=False)
-        check = _compare_with_float32(compile_on_cpu(str(float_model / "model.xml")),
-                                      compile_on_cpu(str(staging / "model.xml"), "int8"), calibration.pixels)
+        check = _compare_with_float32(
+            compile_on_cpu(str(float_model / "model.xml")),
+            compile_on_cpu(str(staging / "model.xml"), "int8"),
+            calibration.pixels,
+        )
         (staging / "format.txt").write_text(INT8_FORMAT)
-        record = {"format": INT8_FORMAT, "sha256": _file_hashes(staging), "created": time.time(),
-                  "calibration": {"digest": calibration.digest, "images": count, "seed": CALIBRATION_SEED,
-                                  "source": calibration.source, "content_hashes": sorted(calibration.hashes),
-                                  "method": METHOD},
-                  "quantized_in_s": round(seconds, 1),
-                  "versions": {"nncf": str(nncf.__version__), "openvino": str(ov.__version__)},
-                  "against_float32": check}
+        record = {
+            "format": INT8_FORMAT,
+            "sha256": _file_hashes(staging),
+            "created": time.time(),
+            "calibration": {
+                "digest": calibration.digest,
+                "images": count,
+                "seed": CALIBRATION_SEED,
+                "source": calibration.source,
+                "content_hashes": sorted(calibration.hashes),
+                "method": METHOD,
+            },
+            "quantized_in_s": round(seconds, 1),
+            "versions": {"nncf": str(nncf.__version__), "openvino": str(ov.__version__)},
+            "against_float32": check,
+        }
         for name in (CALIBRATION_FILE, RECORD_FILE):  # the record last: the folder is complete
             (staging / (name + ".tmp")).write_text(json.dumps(record, indent=1))
             os.replace(staging / (name + ".tmp"), staging / name)
@@ -153,8 +176,10 @@ def quantize(spec: BackboneSpec, calibration: CalibrationSet, float_model: Path,
         raise CacheError(f"cannot write the int8 model into {target.parent} ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"int8: quantized in {seconds:.0f} s; on {check['images']} calibration images its features are within "
-        f"{check['relative_error']:.3f} (relative) of float32's, cosine {check['cosine']:.4f}")
+    log(
+        f"int8: quantized in {seconds:.0f} s; on {check['images']} calibration images its features are within "
+        f"{check['relative_error']:.3f} (relative) of float32's, cosine {check['cosine']:.4f}"
+    )
     return target
 
 
@@ -165,14 +190,20 @@ def _compare_with_float32(float32, int8, pixels: np.ndarray) -> dict:
     approx = np.asarray(int8(batch)[0], dtype=np.float64)
     relative = np.linalg.norm(approx - exact, axis=1) / np.maximum(np.linalg.norm(exact, axis=1), 1e-12)
     cosine = np.sum(approx * exact, axis=1) / np.maximum(
-        np.linalg.norm(approx, axis=1) * np.linalg.norm(exact, axis=1), 1e-12)
-    return {"images": int(len(batch)), "relative_error": float(np.median(relative)),
-            "cosine": float(np.median(cosine))}
+        np.linalg.norm(approx, axis=1) * np.linalg.norm(exact, axis=1), 1e-12
+    )
+    return {"images": int(len(batch)), "relative_error": float(np.median(relative)), "cosine": float(np.median(cosine))}
 
 
 def quantized_spec(spec: BackboneSpec, chosen: CalibrationSet, float_model: Path, log) -> BackboneSpec:
     """`spec` calibrated on `chosen`, its int8 model quantized first unless the cache holds a sound one."""
-    from bottleneck.backbones.openvino import INT8_FORMAT, _set_aside, conversion_problem, ensure_conversion, int8_folder
+    from bottleneck.backbones.openvino import (
+        INT8_FORMAT,
+        _set_aside,
+        conversion_problem,
+        ensure_conversion,
+        int8_folder,
+    )
 
     target = int8_folder(float_model, chosen.digest)
     problem = conversion_problem(target, INT8_FORMAT)

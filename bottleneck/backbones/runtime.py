@@ -1,6 +1,7 @@
 """The runtime seam: which runtime computes a backbone's features (`resolve_runtime`: `auto` picks OpenVINO on a
 CPU, Keras on a GPU or another backend) and the feature model of a spec, built once per process
 (`get_feature_model`). It sits above the network (`build`) and the OpenVINO runtime (`openvino`)."""
+
 from __future__ import annotations
 
 import os
@@ -54,10 +55,13 @@ def resolve_runtime(runtime: str, spec: BackboneSpec, probe_gpu: bool = True) ->
         return "keras"  # no network: nothing to run
     if spec.precision in ("bf16", "int8"):
         if runtime == "keras":
-            raise BackboneError(f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto "
-                                "or openvino")
+            raise BackboneError(
+                f"--precision {spec.precision} runs on the OpenVINO runtime: use --runtime auto or openvino"
+            )
         if importlib.util.find_spec("openvino") is None:
-            raise BackboneError(f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck-transfer[openvino]'")
+            raise BackboneError(
+                f"--precision {spec.precision} needs OpenVINO: pip install 'bottleneck-transfer[openvino]'"
+            )
         return "openvino"
     if runtime == "auto" and os.environ.get(RUNTIME_ENV):
         chosen = os.environ[RUNTIME_ENV]

@@ -9,6 +9,7 @@ Three kinds of backbone share one `BackboneSpec`:
 A spec is plain data and never imports TensorFlow, so the fingerprint (which names the feature
 store) is known at once; `bottleneck.backbones.build` makes the network from it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,15 @@ from typing import Callable
 import PIL
 
 from bottleneck.backbones.applications import ARCHITECTURES, Architecture
-from bottleneck.backbones.foundation import (FOUNDATION_MODELS, POOLINGS, WEIGHTS_HUB, FoundationModel, PresetFolder,
-                                             preset_files, read_preset_folder)
+from bottleneck.backbones.foundation import (
+    FOUNDATION_MODELS,
+    POOLINGS,
+    WEIGHTS_HUB,
+    FoundationModel,
+    PresetFolder,
+    preset_files,
+    read_preset_folder,
+)
 from bottleneck.backbones.keras_file import read_keras_file
 from bottleneck.bounds import FOUNDATION_IMAGE_SIZE, IMAGE_SIZE, PIXELS_IMAGE_SIZE
 from bottleneck.errors import BackboneError
@@ -80,8 +88,10 @@ class BackboneSpec:
         elif self.kind == "file":
             self._check_model_file()
         elif self.input_size not in PIXELS_IMAGE_SIZE:
-            raise BackboneError(f"--image-size must be between {PIXELS_IMAGE_SIZE.low} and {PIXELS_IMAGE_SIZE.high} for "
-                                f"pixels; got {self.input_size}")
+            raise BackboneError(
+                f"--image-size must be between {PIXELS_IMAGE_SIZE.low} and {PIXELS_IMAGE_SIZE.high} for "
+                f"pixels; got {self.input_size}"
+            )
 
     @property
     def kind(self) -> str:
@@ -102,9 +112,11 @@ class BackboneSpec:
 
     def _check_application(self) -> None:
         arch = ARCHITECTURES[self.architecture]
-        if not arch.min_size <= self.input_size <= IMAGE_SIZE.high:
-            raise BackboneError(f"--image-size must be between {arch.min_size} and {IMAGE_SIZE.high} for {arch.name}; "
-                                f"got {self.input_size}")
+        if not arch.min_size <= self.input_size <= IMAGE_SIZE.top:
+            raise BackboneError(
+                f"--image-size must be between {arch.min_size} and {IMAGE_SIZE.high} for {arch.name}; "
+                f"got {self.input_size}"
+            )
         if self.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and not Path(self.weights).is_file():
             raise BackboneError(f"weights file not found: {self.weights} (use --weights imagenet, none, or a path)")
 
@@ -116,8 +128,10 @@ class BackboneSpec:
         if self.pooling == "avg":
             object.__setattr__(self, "pooling", model.default_pooling)
         if self.pooling not in model.poolings:
-            raise BackboneError(f"--pooling {self.pooling} does not fit {model.name}; choose one of: "
-                                f"{', '.join(f'{p} ({POOLINGS[p]})' for p in model.poolings)}")
+            raise BackboneError(
+                f"--pooling {self.pooling} does not fit {model.name}; choose one of: "
+                f"{', '.join(f'{p} ({POOLINGS[p]})' for p in model.poolings)}"
+            )
         patch, trained_size = model.patch_size, model.default_size
         if self.weights not in (WEIGHTS_NONE, WEIGHTS_HUB):
             folder = self.preset_folder  # also checks the folder holds a model of this family
@@ -125,11 +139,15 @@ class BackboneSpec:
         size = self.input_size
         if self.weights != WEIGHTS_NONE and model.family != "dinov2" and size != trained_size:
             # Only DINOv2 resizes its position embeddings to another grid; the others hold one per patch.
-            raise BackboneError(f"{model.name} takes {trained_size}x{trained_size} images with these weights (its "
-                                f"position embeddings are fixed); got --image-size {size}")
-        if not patch <= size <= FOUNDATION_IMAGE_SIZE.high or size % patch:
-            raise BackboneError(f"--image-size must be a multiple of {model.name}'s patch size {patch} "
-                                f"(between {patch} and {FOUNDATION_IMAGE_SIZE.high}); got {size}")
+            raise BackboneError(
+                f"{model.name} takes {trained_size}x{trained_size} images with these weights (its "
+                f"position embeddings are fixed); got --image-size {size}"
+            )
+        if not patch <= size <= FOUNDATION_IMAGE_SIZE.top or size % patch:
+            raise BackboneError(
+                f"--image-size must be a multiple of {model.name}'s patch size {patch} "
+                f"(between {patch} and {FOUNDATION_IMAGE_SIZE.high}); got {size}"
+            )
 
     @property
     def foundation(self) -> FoundationModel:
@@ -143,17 +161,23 @@ class BackboneSpec:
     def _check_model_file(self) -> None:
         info = read_keras_file(self.architecture)
         if not self.layer:
-            raise BackboneError(f"--layer is needed with a model file; layers of {self.architecture}: "
-                                f"{', '.join(info.layer_names[-5:])}")
+            raise BackboneError(
+                f"--layer is needed with a model file; layers of {self.architecture}: "
+                f"{', '.join(info.layer_names[-5:])}"
+            )
         info.check_layer(self.layer)
         height, width, channels = info.input_shape
         if channels is not None and channels != 3:
-            raise BackboneError(f"{self.architecture} takes {channels}-channel input; a backbone must take RGB "
-                                "(3-channel) images: save a model whose Input has shape (height, width, 3)")
+            raise BackboneError(
+                f"{self.architecture} takes {channels}-channel input; a backbone must take RGB "
+                "(3-channel) images: save a model whose Input has shape (height, width, 3)"
+            )
         if height and width and height != width:
             raise BackboneError(f"{self.architecture} takes {height}x{width} images; only square inputs are supported")
         if height and self.image_size and self.image_size != height:
-            raise BackboneError(f"{self.architecture} takes {height}x{height} images; got --image-size {self.image_size}")
+            raise BackboneError(
+                f"{self.architecture} takes {height}x{height} images; got --image-size {self.image_size}"
+            )
         if not (height or self.image_size):
             raise BackboneError(f"{self.architecture} does not fix its input size: pass --image-size")
         if not height:  # a free input size takes any size; one too large is killed by the kernel, not refused
@@ -162,7 +186,7 @@ class BackboneSpec:
             raise BackboneError(f"unknown --preprocess {self.preprocess!r}; choose one of: {', '.join(PREPROCESSING)}")
 
     @property
-    def float32_spec(self) -> "BackboneSpec":
+    def float32_spec(self) -> BackboneSpec:
         """This backbone in float32: the network OpenVINO converts, which bf16 and int8 are derived from."""
         return replace(self, precision="float32", calibration=None)
 
@@ -302,12 +326,15 @@ def _sha256_of(path: str) -> str:
 
 def spec_record(spec: BackboneSpec) -> dict:
     """`spec` as JSON-able data for a run's config.json, with file paths made absolute."""
+
     def absolute(path: str) -> str:
         return str(Path(path).absolute())
 
     return {
         "architecture": absolute(spec.architecture) if spec.kind == "file" else spec.architecture,
-        "weights": spec.weights if spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE, WEIGHTS_HUB) else absolute(spec.weights),
+        "weights": spec.weights
+        if spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE, WEIGHTS_HUB)
+        else absolute(spec.weights),
         "image_size": spec.input_size,
         "pooling": spec.pooling,
         "layer": spec.layer,
@@ -319,8 +346,17 @@ def spec_record(spec: BackboneSpec) -> dict:
 
 def spec_from_record(record: dict) -> BackboneSpec:
     """The spec a run recorded with `spec_record`."""
-    fields = ("architecture", "weights", "image_size", "pooling", "layer", "preprocess", "precision", "calibration",
-              "file_stem")
+    fields = (
+        "architecture",
+        "weights",
+        "image_size",
+        "pooling",
+        "layer",
+        "preprocess",
+        "precision",
+        "calibration",
+        "file_stem",
+    )
     return BackboneSpec(**{name: record[name] for name in fields if name in record})
 
 
@@ -329,13 +365,23 @@ def spec_from_store_attrs(attrs: dict) -> BackboneSpec:
     architecture = str(attrs["architecture"])
     size = int(attrs["input_size"])
     if architecture in FOUNDATION_MODELS:
-        return BackboneSpec(architecture=architecture, weights=str(attrs["weights"]), image_size=size,
-                            pooling=str(attrs["pooling"]))
+        return BackboneSpec(
+            architecture=architecture, weights=str(attrs["weights"]), image_size=size, pooling=str(attrs["pooling"])
+        )
     if architecture == PIXELS or architecture in ARCHITECTURES:
         weights = str(attrs.get("weights", WEIGHTS_IMAGENET)) if architecture != PIXELS else WEIGHTS_NONE
         precision = str(attrs.get("precision", "float32"))
-        return BackboneSpec(architecture=architecture, weights=weights, image_size=size, precision=precision,
-                            calibration=str(attrs["calibration"]) if precision == "int8" else None)
+        return BackboneSpec(
+            architecture=architecture,
+            weights=weights,
+            image_size=size,
+            precision=precision,
+            calibration=str(attrs["calibration"]) if precision == "int8" else None,
+        )
     by_text = {text: key for key, text in PREPROCESSING.items()}
-    return BackboneSpec(architecture=architecture, layer=str(attrs.get("layer") or "") or None, image_size=size,
-                        preprocess=by_text.get(str(attrs.get("preprocessing", "")), "none"))
+    return BackboneSpec(
+        architecture=architecture,
+        layer=str(attrs.get("layer") or "") or None,
+        image_size=size,
+        preprocess=by_text.get(str(attrs.get("preprocessing", "")), "none"),
+    )

@@ -2,26 +2,53 @@
 
 Errors from the library (`BottleneckError`) become one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bottleneck import __version__
-from bottleneck.cli import (audit, backbones, cache, compare, demo, dump, export, features, fine_tune, predict, pretrain,
-                            report, train_head)
+from bottleneck.cli import (
+    audit,
+    backbones,
+    cache,
+    compare,
+    demo,
+    dump,
+    export,
+    features,
+    fine_tune,
+    predict,
+    pretrain,
+    report,
+    train_head,
+)
 from bottleneck.cli.common import EXIT_USAGE, stderr
 from bottleneck.errors import INTERRUPTED, BottleneckError, DiskFullError, disk_full, is_disk_full
 
 DISK_WAS_FULL = threading.Event()
 
 #: In the order `--help` lists them.
-COMMANDS = (features, train_head, fine_tune, predict, export, dump, report, audit, pretrain, compare, cache, backbones,
-            demo)
+COMMANDS = (
+    features,
+    train_head,
+    fine_tune,
+    predict,
+    export,
+    dump,
+    report,
+    audit,
+    pretrain,
+    compare,
+    cache,
+    backbones,
+    demo,
+)
 
 
 #: What an interrupted command keeps (commands that write one folder or file atomically keep nothing half-done).

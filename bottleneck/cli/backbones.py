@@ -2,6 +2,7 @@
 
 Reads only the application table (no TensorFlow), so it answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,17 @@ def _pixels_row() -> dict:
     from bottleneck.backbones.spec import PIXELS, BackboneSpec
 
     spec = BackboneSpec(architecture=PIXELS)
-    return {"name": PIXELS, "default_size": spec.input_size, "min_size": 1, "feature_dim": spec.feature_dim,
-            "preprocess_mode": "unit", "preprocessing": spec.preprocessing,
-            "weights_file": None, "weights_cached": None, "weights_path": None}
+    return {
+        "name": PIXELS,
+        "default_size": spec.input_size,
+        "min_size": 1,
+        "feature_dim": spec.feature_dim,
+        "preprocess_mode": "unit",
+        "preprocessing": spec.preprocessing,
+        "weights_file": None,
+        "weights_cached": None,
+        "weights_path": None,
+    }
 
 
 def backbone_rows() -> list[dict]:
@@ -26,17 +35,19 @@ def backbone_rows() -> list[dict]:
     rows = []
     for arch in ARCHITECTURES.values():
         cached = arch.cached_weights()
-        rows.append({
-            "name": arch.name,
-            "default_size": arch.default_size,
-            "min_size": arch.min_size,
-            "feature_dim": arch.feature_dim,
-            "preprocess_mode": arch.preprocess_mode,
-            "preprocessing": arch.preprocessing,
-            "weights_file": arch.weights_file,
-            "weights_cached": cached is not None,
-            "weights_path": str(cached) if cached else None,
-        })
+        rows.append(
+            {
+                "name": arch.name,
+                "default_size": arch.default_size,
+                "min_size": arch.min_size,
+                "feature_dim": arch.feature_dim,
+                "preprocess_mode": arch.preprocess_mode,
+                "preprocessing": arch.preprocessing,
+                "weights_file": arch.weights_file,
+                "weights_cached": cached is not None,
+                "weights_path": str(cached) if cached else None,
+            }
+        )
     return [*rows, *foundation_rows(), _pixels_row()]
 
 
@@ -44,11 +55,23 @@ def foundation_rows() -> list[dict]:
     """The KerasHub foundation models: their sizes, pooling (the default first), preprocessing and licence."""
     from bottleneck.backbones.foundation import FOUNDATION_MODELS
 
-    return [{"name": model.name, "default_size": model.default_size, "min_size": model.patch_size,
-             "feature_dim": model.feature_dim, "preprocess_mode": model.preprocess_mode,
-             "preprocessing": model.preprocessing, "pooling": list(model.poolings), "licence": model.licence,
-             "keras_hub_preset": model.preset, "weights_file": None, "weights_cached": None, "weights_path": None}
-            for model in FOUNDATION_MODELS.values()]
+    return [
+        {
+            "name": model.name,
+            "default_size": model.default_size,
+            "min_size": model.patch_size,
+            "feature_dim": model.feature_dim,
+            "preprocess_mode": model.preprocess_mode,
+            "preprocessing": model.preprocessing,
+            "pooling": list(model.poolings),
+            "licence": model.licence,
+            "keras_hub_preset": model.preset,
+            "weights_file": None,
+            "weights_cached": None,
+            "weights_path": None,
+        }
+        for model in FOUNDATION_MODELS.values()
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -59,14 +82,24 @@ def format_table(rows: list[dict]) -> str:
         weights = "-" if row["weights_cached"] is None else ("cached" if row["weights_cached"] else "not cached")
         if row.get("keras_hub_preset"):
             weights = f"hub {row['keras_hub_preset']}; pooling {'|'.join(row['pooling'])}; {row['licence']}"
-        lines.append((row["name"], str(row["default_size"]), str(row["min_size"]), str(row["feature_dim"]),
-                      weights, row["preprocessing"]))
+        lines.append(
+            (
+                row["name"],
+                str(row["default_size"]),
+                str(row["min_size"]),
+                str(row["feature_dim"]),
+                weights,
+                row["preprocessing"],
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     numeric = {1, 2, 3}
     out = []
     for line in lines:
-        cells = [cell.rjust(width) if i in numeric else cell.ljust(width)
-                 for i, (cell, width) in enumerate(zip(line, widths))]
+        cells = [
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths))
+        ]
         out.append("  ".join([*cells, line[-1]]).rstrip())
     return "\n".join(out)
 

@@ -1,4 +1,5 @@
 """`bottleneck cache info | compact | gc`: what a cache folder holds, one file per store, what can go."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,14 @@ def info(args: argparse.Namespace) -> int:
         weights = item["weights"] or "?"
         warning = "" if item["pretrained"] in (None, True) else "  RANDOM WEIGHTS"
         pending = f", {item['pending']} pending (brought in by the next run)" if item["pending"] else ""
-        out(f"{item['fingerprint']}  {item['architecture'] or '?'} ({weights}, {item['input_size'] or '?'} px, "
-            f"{item['feature_dim']}-d {item['dtype']}){warning}")
-        out(f"  {item['rows']} images, {item['failures']} failures, {item['segments']} segments{pending}, "
-            f"{format_bytes(item['bytes'])}, updated {item['updated'] or '?'}")
+        out(
+            f"{item['fingerprint']}  {item['architecture'] or '?'} ({weights}, {item['input_size'] or '?'} px, "
+            f"{item['feature_dim']}-d {item['dtype']}){warning}"
+        )
+        out(
+            f"  {item['rows']} images, {item['failures']} failures, {item['segments']} segments{pending}, "
+            f"{format_bytes(item['bytes'])}, updated {item['updated'] or '?'}"
+        )
         if item.get("computed_by"):
             out("  computed by " + "; ".join(f"{name}: {count}" for name, count in sorted(item["computed_by"].items())))
     if args.json:
@@ -40,17 +45,28 @@ def info(args: argparse.Namespace) -> int:
 
 def compact(args: argparse.Namespace) -> int:
     """Rewrite each store's segments into one file (optionally converting its dtype)."""
-    from bottleneck.features.maintenance import compact as compact_store, stores_in
+    from bottleneck.features.maintenance import compact as compact_store
+    from bottleneck.features.maintenance import stores_in
 
     results = []
     for store in stores_in(args.cache, args.store):
         started = time.monotonic()
         changed, before, after = compact_store(store, args.dtype, args.lock_timeout, on_wait=stderr)
         seconds = time.monotonic() - started
-        results.append({"fingerprint": store.fingerprint, "changed": changed, "bytes_before": before,
-                        "bytes_after": after, "seconds": round(seconds, 3)})
-        line = (f"{store.fingerprint}: {format_bytes(before)} -> {format_bytes(after)} in one segment ({seconds:.1f} s)" if changed
-                else f"{store.fingerprint}: already one segment, nothing to do")
+        results.append(
+            {
+                "fingerprint": store.fingerprint,
+                "changed": changed,
+                "bytes_before": before,
+                "bytes_after": after,
+                "seconds": round(seconds, 3),
+            }
+        )
+        line = (
+            f"{store.fingerprint}: {format_bytes(before)} -> {format_bytes(after)} in one segment ({seconds:.1f} s)"
+            if changed
+            else f"{store.fingerprint}: already one segment, nothing to do"
+        )
         (stderr if args.json else print)(line)
     if args.json:
         print(json.dumps({"stores": results}))
@@ -72,9 +88,14 @@ def gc(args: argparse.Namespace) -> int:
     for fingerprint in busy:
         out(f"skipped {fingerprint}: a run is writing it")
     total = sum(item.bytes for item in garbage)
-    out(f"{verb} {len(garbage)} items, {format_bytes(total)}" + ("" if args.delete or not garbage else "; pass --delete to remove them"))
+    out(
+        f"{verb} {len(garbage)} items, {format_bytes(total)}"
+        + ("" if args.delete or not garbage else "; pass --delete to remove them")
+    )
     if args.json:
-        print(json.dumps({"deleted": args.delete, "bytes": total, "items": [g.as_json() for g in garbage], "busy": busy}))
+        print(
+            json.dumps({"deleted": args.delete, "bytes": total, "items": [g.as_json() for g in garbage], "busy": busy})
+        )
     return 0
 
 
@@ -87,21 +108,38 @@ def add_parser(commands) -> None:
         epilog="example: bottleneck cache info --cache cache; bottleneck cache gc --cache cache --runs runs --delete",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, handler, text in (("info", info, "list stores: backbone, images, failures, segments, size"),
-                                ("compact", compact, "rewrite each store into one segment (optional, explicit)"),
-                                ("gc", gc, "list what can go; --delete removes it")):
+    for name, handler, text in (
+        ("info", info, "list stores: backbone, images, failures, segments, size"),
+        ("compact", compact, "rewrite each store into one segment (optional, explicit)"),
+        ("gc", gc, "list what can go; --delete removes it"),
+    ):
         action = actions.add_parser(name, help=text, description=text)
         action.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
         action.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         if name != "gc":
-            action.add_argument("store", nargs="*", metavar="FINGERPRINT", help="only these stores (a prefix is enough)")
+            action.add_argument(
+                "store", nargs="*", metavar="FINGERPRINT", help="only these stores (a prefix is enough)"
+            )
         action.set_defaults(handler=handler)
         if name == "compact":
-            action.add_argument("--dtype", choices=["float32", "float16"], default=None,
-                                help="also convert the rows (float16 halves the size; heads still compute in float32)")
-            action.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
-                                help="wait at most this long for a run writing the store, %(type)s (default: as long as it takes)")
+            action.add_argument(
+                "--dtype",
+                choices=["float32", "float16"],
+                default=None,
+                help="also convert the rows (float16 halves the size; heads still compute in float32)",
+            )
+            action.add_argument(
+                "--lock-timeout",
+                type=LOCK_TIMEOUT,
+                default=None,
+                metavar="SECONDS",
+                help="wait at most this long for a run writing the store, %(type)s (default: as long as it takes)",
+            )
         if name == "gc":
-            action.add_argument("--runs", action="append", metavar="RUNS",
-                                help="also remove stores that no run in this folder uses (repeatable)")
+            action.add_argument(
+                "--runs",
+                action="append",
+                metavar="RUNS",
+                help="also remove stores that no run in this folder uses (repeatable)",
+            )
             action.add_argument("--delete", action="store_true", help="remove what is listed (default: a dry run)")

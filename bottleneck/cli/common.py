@@ -1,4 +1,5 @@
 """What every command shares: one-line errors, argument types, the backbone flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,10 @@ def memory_budget(text: str | None) -> int | None:
     except (OverflowError, ValueError):  # '1e400': a float infinity
         size = MAX_MEMORY_LIMIT + 1
     if size > MAX_MEMORY_LIMIT:
-        raise MemoryBudgetError(f"--max-memory {text!r} is more than 1P (1 PiB); give a size such as 512M or 2G, "
-                                "or leave the flag out for a quarter of the available memory")
+        raise MemoryBudgetError(
+            f"--max-memory {text!r} is more than 1P (1 PiB); give a size such as 512M or 2G, "
+            "or leave the flag out for a quarter of the available memory"
+        )
     return size
 
 
@@ -122,19 +125,34 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     """`--layout` (how DATA is laid out: class folders, or split folders of class folders) and `--labels FILE`."""
     from bottleneck.features.discover import LAYOUTS
 
-    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
-                        help="DATA/<class>/... (classes), DATA/{train,val,test}/<class>/... (split-folders: the "
-                        "folders are the splits) or images without labels (plain); auto tells them apart and asks "
-                        "when it cannot (default: auto)")
-    parser.add_argument("--labels", default=None, metavar="FILE",
-                        help="a CSV, TSV or Parquet file with columns path,label (and optionally split, group) naming "
-                        "the images and their labels, paths relative to the file's folder or absolute; DATA may then "
-                        "be left out")
-    parser.add_argument("--image-column", default=None, metavar="NAME",
-                        help="Parquet DATA: the column of image bytes (default: the one column of bytes, or of "
-                        "{bytes, path} structs)")
-    parser.add_argument("--label-column", default=None, metavar="NAME",
-                        help="Parquet DATA: the column of labels (default: label, when there is one)")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="DATA/<class>/... (classes), DATA/{train,val,test}/<class>/... (split-folders: the "
+        "folders are the splits) or images without labels (plain); auto tells them apart and asks "
+        "when it cannot (default: auto)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="a CSV, TSV or Parquet file with columns path,label (and optionally split, group) naming "
+        "the images and their labels, paths relative to the file's folder or absolute; DATA may then "
+        "be left out",
+    )
+    parser.add_argument(
+        "--image-column",
+        default=None,
+        metavar="NAME",
+        help="Parquet DATA: the column of image bytes (default: the one column of bytes, or of {bytes, path} structs)",
+    )
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="Parquet DATA: the column of labels (default: label, when there is one)",
+    )
 
 
 def columns_of(args: argparse.Namespace):
@@ -160,13 +178,24 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
     With `optional`, leaving them all out means "the only store in the cache".
     """
     group = parser.add_argument_group("backbone" + (" (default: the only store in the cache)" if optional else ""))
-    group.add_argument("--backbone", default=None if optional else "inception_v3",
-                       help="a Keras application (inception_v3, resnet50, efficientnet_b0, ...: `bottleneck backbones` "
-                       "lists them), a foundation model from KerasHub (dinov2_small, clip_vit_b16, siglip2_b16, vit_b16, ...), pixels "
-                       "(the raw image: a no-transfer baseline), or a .keras model file (default: inception_v3)")
-    group.add_argument("--layer", default=None, help="with a .keras model file: the layer to extract (spatial layers are average-pooled)")
-    group.add_argument("--preprocess", default=None, choices=["none", "unit", "inception"],
-                       help="with a .keras model file: none (the model rescales itself; default), unit (x/255), inception (x/127.5-1)")
+    group.add_argument(
+        "--backbone",
+        default=None if optional else "inception_v3",
+        help="a Keras application (inception_v3, resnet50, efficientnet_b0, ...: `bottleneck backbones` "
+        "lists them), a foundation model from KerasHub (dinov2_small, clip_vit_b16, siglip2_b16, vit_b16, ...), pixels "
+        "(the raw image: a no-transfer baseline), or a .keras model file (default: inception_v3)",
+    )
+    group.add_argument(
+        "--layer",
+        default=None,
+        help="with a .keras model file: the layer to extract (spatial layers are average-pooled)",
+    )
+    group.add_argument(
+        "--preprocess",
+        default=None,
+        choices=["none", "unit", "inception"],
+        help="with a .keras model file: none (the model rescales itself; default), unit (x/255), inception (x/127.5-1)",
+    )
     group.add_argument(
         "--weights",
         default=None if optional else "imagenet",
@@ -174,31 +203,52 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, optional: bool = Fal
         "no-top Keras weights file (.h5 or .weights.h5) (default: imagenet); foundation models: 'hub' (KerasHub "
         "downloads the preset once; the default), 'none', or a local preset folder (config.json + model.weights.h5)",
     )
-    group.add_argument("--image-size", type=IMAGE_SIZE, default=None, metavar="N",
-                       help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
-                       "`bottleneck backbones` lists each one's default and minimum)")
-    group.add_argument("--pooling", choices=["cls", "mean", "pooled"], default=None,
-                       help="foundation models (dinov2_*, clip_*, siglip2_*, vit_*): cls (the class token; the default "
-                       "where there is one), mean (of the patch tokens) or pooled (SigLIP's own head); a store of its own")
-    group.add_argument("--precision", choices=["float32", "mixed", "bf16", "int8"], default=None,
-                       help="float32 (default: exact float32 arithmetic on every CPU and GPU); mixed: float16 compute "
-                       "on a GPU; bf16: bfloat16 on CPUs that have it (AVX512_BF16, AMX), about twice as fast; int8: "
-                       "the network quantized by NNCF on calibration images, fastest on CPUs with VNNI. bf16 and int8 "
-                       "run on OpenVINO. Each changes the features slightly, so each is a store of its own")
+    group.add_argument(
+        "--image-size",
+        type=IMAGE_SIZE,
+        default=None,
+        metavar="N",
+        help="square input size in pixels, %(type)s (default: the backbone's own, e.g. 299 for inception_v3; "
+        "`bottleneck backbones` lists each one's default and minimum)",
+    )
+    group.add_argument(
+        "--pooling",
+        choices=["cls", "mean", "pooled"],
+        default=None,
+        help="foundation models (dinov2_*, clip_*, siglip2_*, vit_*): cls (the class token; the default "
+        "where there is one), mean (of the patch tokens) or pooled (SigLIP's own head); a store of its own",
+    )
+    group.add_argument(
+        "--precision",
+        choices=["float32", "mixed", "bf16", "int8"],
+        default=None,
+        help="float32 (default: exact float32 arithmetic on every CPU and GPU); mixed: float16 compute "
+        "on a GPU; bf16: bfloat16 on CPUs that have it (AVX512_BF16, AMX), about twice as fast; int8: "
+        "the network quantized by NNCF on calibration images, fastest on CPUs with VNNI. bf16 and int8 "
+        "run on OpenVINO. Each changes the features slightly, so each is a store of its own",
+    )
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that pick what runs the backbone, for commands that compute features."""
     group = parser.add_argument_group("backend")
-    group.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=None,
-                       help="the Keras backend that runs the backbone: the same weights give the same features on each, "
-                       "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
-                       "'bottleneck-transfer[jax]', torch: 'bottleneck-transfer[torch]')")
-    group.add_argument("--runtime", choices=["auto", "keras", "openvino"], default="auto",
-                       help="auto (default): OpenVINO on a CPU where it is installed (the same features, faster), Keras "
-                       "on a GPU or with --backend jax/torch; keras: the Keras network on --backend; openvino: "
-                       "converted once per backbone into the cache (pip install "
-                       "'bottleneck-transfer[openvino]')")
+    group.add_argument(
+        "--backend",
+        choices=["tensorflow", "jax", "torch"],
+        default=None,
+        help="the Keras backend that runs the backbone: the same weights give the same features on each, "
+        "so they share one cache (default: $KERAS_BACKEND, else tensorflow; jax: pip install "
+        "'bottleneck-transfer[jax]', torch: 'bottleneck-transfer[torch]')",
+    )
+    group.add_argument(
+        "--runtime",
+        choices=["auto", "keras", "openvino"],
+        default="auto",
+        help="auto (default): OpenVINO on a CPU where it is installed (the same features, faster), Keras "
+        "on a GPU or with --backend jax/torch; keras: the Keras network on --backend; openvino: "
+        "converted once per backbone into the cache (pip install "
+        "'bottleneck-transfer[openvino]')",
+    )
 
 
 def spec_from(args: argparse.Namespace):
@@ -206,12 +256,20 @@ def spec_from(args: argparse.Namespace):
     from bottleneck.backbones.quantize import with_default_calibration
     from bottleneck.backbones.spec import BackboneSpec
 
-    if all(getattr(args, name, None) is None for name in ("backbone", "weights", "image_size", "layer", "preprocess",
-                                                           "precision", "pooling")):
+    if all(
+        getattr(args, name, None) is None
+        for name in ("backbone", "weights", "image_size", "layer", "preprocess", "precision", "pooling")
+    ):
         return None
-    spec = BackboneSpec(architecture=args.backbone or "inception_v3", weights=args.weights or "imagenet",
-                        image_size=args.image_size, layer=args.layer, preprocess=args.preprocess,
-                        precision=args.precision or "float32", pooling=getattr(args, "pooling", None) or "avg")
+    spec = BackboneSpec(
+        architecture=args.backbone or "inception_v3",
+        weights=args.weights or "imagenet",
+        image_size=args.image_size,
+        layer=args.layer,
+        preprocess=args.preprocess,
+        precision=args.precision or "float32",
+        pooling=getattr(args, "pooling", None) or "avg",
+    )
     cache = getattr(args, "cache", None)
     return with_default_calibration(spec, cache) if cache and spec.precision == "int8" else spec
 
@@ -234,9 +292,14 @@ def print_split_scores(metrics: dict, out) -> None:
     for name, scores in metrics["splits"].items():
         if scores and scores.get("multi_label"):
             found = scores["mean_average_precision"]
-            out(f"  {name:<10} mAP {'-' if found is None else f'{found:.4f}'}  micro F1 {scores['micro_f1']:.4f}  "
-                f"macro F1 {scores['macro_f1']:.4f}  exact match {scores['exact_match']:.4f}  ({scores['images']} images)")
+            out(
+                f"  {name:<10} mAP {'-' if found is None else f'{found:.4f}'}  micro F1 {scores['micro_f1']:.4f}  "
+                f"macro F1 {scores['macro_f1']:.4f}  exact match {scores['exact_match']:.4f}  ({scores['images']} images)"
+            )
         elif scores:
             ci = scores.get("accuracy_ci")  # the 95% bootstrap interval over this split's images
-            out(f"  {name:<10} accuracy {scores['accuracy']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                + f"  macro F1 {scores['macro_f1']:.4f}  log loss {scores['log_loss']:.4f}  ({scores['images']} images)")
+            out(
+                f"  {name:<10} accuracy {scores['accuracy']:.4f}"
+                + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                + f"  macro F1 {scores['macro_f1']:.4f}  log loss {scores['log_loss']:.4f}  ({scores['images']} images)"
+            )

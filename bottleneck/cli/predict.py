@@ -1,4 +1,5 @@
 """`bottleneck predict --run RUN PATH...`: top labels of new images, with the run's exact backbone and head."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,22 +10,36 @@ import sys
 from pathlib import Path
 
 from bottleneck import bounds
-from bottleneck.cli.common import (BATCH_SIZE_OR_AUTO, Bounded, LOCK_TIMEOUT, WORKERS, add_backend_arguments,
-                                   select_backend, stderr)
+from bottleneck.cli.common import (
+    BATCH_SIZE_OR_AUTO,
+    LOCK_TIMEOUT,
+    WORKERS,
+    Bounded,
+    add_backend_arguments,
+    select_backend,
+    stderr,
+)
 
 
 def _table(predictions) -> str:
     width = min(60, max((len(p.path) for p in predictions), default=4))
     lines = []
     for p in predictions:
-        shown = p.path if len(p.path) <= width else "..." + p.path[-(width - 3):]
+        shown = p.path if len(p.path) <= width else "..." + p.path[-(width - 3) :]
         if p.error is not None:
             lines.append(f"{shown:<{width}}  error: {p.error}")
         elif p.labels is not None:
-            lines.append(f"{shown:<{width}}  " + ("  ".join(f"{label} {probability:.4f}" for label, probability in p.labels)
-                         or f"(no label over its threshold; most probable: {p.top[0][0]} {p.top[0][1]:.4f})"))
+            lines.append(
+                f"{shown:<{width}}  "
+                + (
+                    "  ".join(f"{label} {probability:.4f}" for label, probability in p.labels)
+                    or f"(no label over its threshold; most probable: {p.top[0][0]} {p.top[0][1]:.4f})"
+                )
+            )
         else:
-            lines.append(f"{shown:<{width}}  " + "  ".join(f"{label} {probability:.4f}" for label, probability in p.top))
+            lines.append(
+                f"{shown:<{width}}  " + "  ".join(f"{label} {probability:.4f}" for label, probability in p.top)
+            )
     return "\n".join(lines)
 
 
@@ -52,8 +67,12 @@ def _check_paths(paths: list[str]) -> None:
         if os.path.lexists(given) or is_pattern(given):
             return True
         text = given.lower()  # a shard member: a shard file somewhere before the member's name
-        return any(os.path.isfile(given[:at + len(suffix)]) for suffix in SUFFIXES
-                   for at in range(len(text)) if text.startswith(suffix + "/", at))
+        return any(
+            os.path.isfile(given[: at + len(suffix)])
+            for suffix in SUFFIXES
+            for at in range(len(text))
+            if text.startswith(suffix + "/", at)
+        )
 
     if any(may_exist(given) for given in paths):
         return
@@ -75,14 +94,22 @@ def _write_csv(path: str, predictions, top: int, labels: list[str], multi_label:
     try:
         with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "error", *(["labels"] if multi_label else ranks),
-                             *(PROBABILITY_PREFIX + label for label in labels)])
+            writer.writerow(
+                [
+                    "path",
+                    "error",
+                    *(["labels"] if multi_label else ranks),
+                    *(PROBABILITY_PREFIX + label for label in labels),
+                ]
+            )
             for p in predictions:
                 probability = p.probabilities or dict(p.top)
                 if multi_label:
-                    named = [joined_labels(tuple(sorted(label for label, _ in p.labels or ()))) if p.error is None else ""]
+                    named = [
+                        joined_labels(tuple(sorted(label for label, _ in p.labels or ()))) if p.error is None else ""
+                    ]
                 else:
-                    named = [label for label, _ in p.top[:len(ranks)]]
+                    named = [label for label, _ in p.top[: len(ranks)]]
                     named += [""] * (len(ranks) - len(named))
                 cells = [*named, *(repr(probability[label]) if label in probability else "" for label in labels)]
                 writer.writerow([p.path, p.error or "", *cells])
@@ -93,16 +120,21 @@ def _write_csv(path: str, predictions, top: int, labels: list[str], multi_label:
 def run(args: argparse.Namespace) -> int:
     """Predict the labels of images (files or folders, recursively) with a trained run."""
     from bottleneck.features.extract import ExtractOptions
-    from bottleneck.use.predict import predict_images
     from bottleneck.learn.run_folder import load_run
+    from bottleneck.use.predict import predict_images
 
     _check_paths(args.paths)
     if args.csv:
         _check_csv_target(args.csv)
     select_backend(args)
-    options = ExtractOptions(batch_size=args.batch_size, workers=args.workers, lock_timeout=args.lock_timeout,
-                             progress=not args.no_progress and sys.stderr.isatty(), runtime=args.runtime,
-                             backend=args.backend)
+    options = ExtractOptions(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        lock_timeout=args.lock_timeout,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        runtime=args.runtime,
+        backend=args.backend,
+    )
     loaded = load_run(args.run, args.cache)
     select_backend(args, loaded.spec)
     result = predict_images(loaded, args.paths, args.top, options, log=stderr, tta=args.tta)
@@ -113,15 +145,21 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(prediction.as_json()))
     elif not args.csv:
         print(_table(result.predictions))
-    stderr(f"predicted {len(result.predictions) - result.failed} of {len(result.predictions)} images with run "
-           f"{loaded.run_id} (computed {result.computed}"
-           + (f" features and {result.views_computed} augmented views" if args.tta is not None else "")
-           + f", from the cache {result.reused}, failed {result.failed}) "
-           f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
-           + (f"; skipped {sum(result.skipped.values())} files in the folders given ("
-              + ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items())) + ")"
-              if result.skipped else "")
-           + (f"; wrote {args.csv}" if args.csv else ""))
+    stderr(
+        f"predicted {len(result.predictions) - result.failed} of {len(result.predictions)} images with run "
+        f"{loaded.run_id} (computed {result.computed}"
+        + (f" features and {result.views_computed} augmented views" if args.tta is not None else "")
+        + f", from the cache {result.reused}, failed {result.failed}) "
+        f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
+        + (
+            f"; skipped {sum(result.skipped.values())} files in the folders given ("
+            + ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items()))
+            + ")"
+            if result.skipped
+            else ""
+        )
+        + (f"; wrote {args.csv}" if args.csv else "")
+    )
     return 0
 
 
@@ -133,24 +171,46 @@ def add_parser(commands) -> None:
         help="predict the labels of new images with a trained run",
         description="Top-k labels with probabilities for every image under PATH (files, or folders searched "
         "recursively), with exactly the decoding, backbone and head of the run; a multi-label run gives every label "
-        "over its threshold (--json: \"labels\": [...], and every label's probability). Cached features are reused; "
+        'over its threshold (--json: "labels": [...], and every label\'s probability). Cached features are reused; '
         "the rest are computed like `features` does, and cached. A file that cannot be read gets its reason.",
         epilog="example: bottleneck predict --run runs/20260101-120000-logreg-ab12 photos/ --top 3 --json",
     )
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
     parser.add_argument("--run", required=True, help="a run folder written by train-head or fine-tune")
-    parser.add_argument("--top", type=Bounded(bounds.TOP), default=3, help="labels shown per image, %(type)s (default: 3)")
+    parser.add_argument(
+        "--top", type=Bounded(bounds.TOP), default=3, help="labels shown per image, %(type)s (default: 3)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")
     parser.add_argument("--csv", default=None, metavar="FILE", help="write the predictions to a CSV file")
-    parser.add_argument("--cache", default=None, help="feature cache folder (default: the one the run was trained from)")
-    parser.add_argument("--batch-size", type=BATCH_SIZE_OR_AUTO, default=DEFAULT_BATCH_SIZE,
-                        help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)")
-    parser.add_argument("--lock-timeout", type=LOCK_TIMEOUT, default=None, metavar="SECONDS",
-                        help="wait at most this long for another run writing the same store, %(type)s (default: no limit)")
-    parser.add_argument("--tta", type=Bounded(bounds.VIEWS), nargs="?", const=0, default=None, metavar="N",
-                        help="test-time augmentation: average the probabilities over each image and N augmented views "
-                        "(cached like features), %(type)s (default N: as many as the run trained on, else 4)")
+    parser.add_argument(
+        "--cache", default=None, help="feature cache folder (default: the one the run was trained from)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=BATCH_SIZE_OR_AUTO,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per backbone call, %(type)s (default: {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--workers", type=WORKERS, default=None, help="decoding threads, %(type)s (default: one per CPU core)"
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=LOCK_TIMEOUT,
+        default=None,
+        metavar="SECONDS",
+        help="wait at most this long for another run writing the same store, %(type)s (default: no limit)",
+    )
+    parser.add_argument(
+        "--tta",
+        type=Bounded(bounds.VIEWS),
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="test-time augmentation: average the probabilities over each image and N augmented views "
+        "(cached like features), %(type)s (default N: as many as the run trained on, else 4)",
+    )
     add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)

@@ -1,4 +1,5 @@
 """`bottleneck report`: the HTML report over a runs folder, tables also as Markdown."""
+
 from __future__ import annotations
 
 import argparse

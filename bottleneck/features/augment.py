@@ -8,6 +8,7 @@ decoded image (the one decoder `features` uses). Its features are computed once 
 store of its own, `<backbone fingerprint>-aug-<recipe digest>`, keyed by sha256(content hash,
 recipe, k), so every experiment reuses them like any feature.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,7 +86,11 @@ def make_view(pixels: np.ndarray, content_hash: str, recipe: AugmentRecipe, k: i
     flip = rng.random() < recipe.flip
     brightness = rng.uniform(1 - recipe.brightness, 1 + recipe.brightness)
     contrast = rng.uniform(1 - recipe.contrast, 1 + recipe.contrast)
-    image = Image.fromarray(pixels).crop((left, top, left + width, top + height)).resize((size, size), Image.Resampling.BILINEAR)
+    image = (
+        Image.fromarray(pixels)
+        .crop((left, top, left + width, top + height))
+        .resize((size, size), Image.Resampling.BILINEAR)
+    )
     out = np.asarray(image, dtype=np.float32)
     if flip:
         out = out[:, ::-1]
@@ -97,10 +102,15 @@ def make_view(pixels: np.ndarray, content_hash: str, recipe: AugmentRecipe, k: i
 def view_store(cache_dir: str | os.PathLike, plain: FeatureStore, recipe: AugmentRecipe) -> FeatureStore:
     """The store of `recipe`'s views of the images whose plain features `plain` holds."""
     recorded = plain.attrs if "architecture" in plain.attrs else plain.index().attrs  # opened by name: read its file
-    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in recorded.items()
-             if k not in ("fingerprint", "format_version", "created", "updated", "dtype")}
+    attrs = {
+        k: (v.item() if hasattr(v, "item") else v)
+        for k, v in recorded.items()
+        if k not in ("fingerprint", "format_version", "created", "updated", "dtype")
+    }
     attrs.update(augment_recipe=json.dumps(recipe.identity()), augments=plain.fingerprint)
-    return FeatureStore(cache_dir, naming.views_fingerprint(plain.fingerprint, recipe.digest()), plain.feature_dim, attrs)
+    return FeatureStore(
+        cache_dir, naming.views_fingerprint(plain.fingerprint, recipe.digest()), plain.feature_dim, attrs
+    )
 
 
 def views_held(store: FeatureStore) -> int:
@@ -122,7 +132,12 @@ def other_view_recipes(cache_dir: str | os.PathLike, plain_fingerprint: str) -> 
         try:
             with h5py.File(path, "r") as handle:
                 recipes.append(recipe_from_record(json.loads(handle.attrs["augment_recipe"])))
-        except (OSError, KeyError, ValueError, TypeError):  # not a view store of ours, or damaged: not a recipe to offer
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            TypeError,
+        ):  # not a view store of ours, or damaged: not a recipe to offer
             continue
     return recipes
 
@@ -135,8 +150,16 @@ class ViewRun:
     in_memory: MemoryWriter | None = None  # a cache that could not be written: the views computed in this process
 
 
-def _views_on_engine(todo: list[tuple[str, str, list[int]]], writer, spec: BackboneSpec, recipe: AugmentRecipe,
-                     views: int, options, cache: Path, log: Callable[[str], None]) -> int:
+def _views_on_engine(
+    todo: list[tuple[str, str, list[int]]],
+    writer,
+    spec: BackboneSpec,
+    recipe: AugmentRecipe,
+    views: int,
+    options,
+    cache: Path,
+    log: Callable[[str], None],
+) -> int:
     """The views of `todo` computed by a sharded engine (Ray) into `writer`'s view store; how many were computed."""
     from bottleneck.features.discover import ImageFile
     from bottleneck.features.engines import Tally, ViewPlan, get_engine
@@ -151,8 +174,12 @@ def _views_on_engine(todo: list[tuple[str, str, list[int]]], writer, spec: Backb
             log(f"warning: no views of {path}: cannot read file: {exc.strerror or exc}")
             continue
         member = None if os.path.isfile(path) else member_of(path)
-        tally.todo.append((ImageFile(Path(path), path, "", size, mtime_ns, inode,
-                                     container=member.shard if member else ""), content_hash))
+        tally.todo.append(
+            (
+                ImageFile(Path(path), path, "", size, mtime_ns, inode, container=member.shard if member else ""),
+                content_hash,
+            )
+        )
     engine = get_engine(options)
     engine.check()
     index = HashIndex(cache)
@@ -167,11 +194,22 @@ def _views_on_engine(todo: list[tuple[str, str, list[int]]], writer, spec: Backb
     return tally.computed
 
 
-def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, spec: BackboneSpec, plain: FeatureStore,
-                  views: int, recipe: AugmentRecipe = DEFAULT_RECIPE, runtime: str = "auto", batch_size: int = 16,
-                  workers: int | None = None, progress: bool = False,
-                  log: Callable[[str], None] = lambda message: None, writable: bool = True,
-                  max_pixels: int | None = None, engine_options=None) -> ViewRun:
+def compute_views(
+    images: list[tuple[str, str]],
+    cache_dir: str | os.PathLike,
+    spec: BackboneSpec,
+    plain: FeatureStore,
+    views: int,
+    recipe: AugmentRecipe = DEFAULT_RECIPE,
+    runtime: str = "auto",
+    batch_size: int = 16,
+    workers: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+    writable: bool = True,
+    max_pixels: int | None = None,
+    engine_options=None,
+) -> ViewRun:
     """Make sure `views` views of each (path, content hash) in `images` are in the view store.
 
     Each image is read and decoded once for all its missing views; batches are committed as they
@@ -184,9 +222,9 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
     from bottleneck.backbones.runtime import get_feature_model
     from bottleneck.errors import stop_if_interrupted
     from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
-    from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
     from bottleneck.features.engines import computed_by, non_finite_rows
     from bottleneck.features.engines.local import bounded_map, make_bar
+    from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
 
     VIEWS.check(views, "--augment", DataError, f"{VIEWS.must} views per image")
     store = view_store(cache_dir, plain, recipe)
@@ -214,8 +252,10 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                 except (UnreadableImage, ImageDecodeError) as exc:  # changed or gone since `features` read it
                     log(f"warning: no views of {path}: {exc}")
                     return []
-                return [(make_view(pixels, content_hash, recipe, k), view_key(content_hash, recipe, k), path)
-                        for k in missing]
+                return [
+                    (make_view(pixels, content_hash, recipe, k), view_key(content_hash, recipe, k), path)
+                    for k in missing
+                ]
 
             def flush() -> None:
                 nonlocal computed, non_finite
@@ -223,8 +263,12 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
                     features = np.asarray(model(np.stack([p for p, _, _ in pending])), np.float32)
                     good = ~non_finite_rows(features)  # as `features` does: NaN or infinity is never stored
                     kept = [item for item, ok in zip(pending, good) if ok]
-                    writer.commit([key for _, key, _ in kept], features[good], [path for _, _, path in kept],
-                                  computed_by=computed_by(model))
+                    writer.commit(
+                        [key for _, key, _ in kept],
+                        features[good],
+                        [path for _, _, path in kept],
+                        computed_by=computed_by(model),
+                    )
                     computed += len(kept)
                     non_finite += len(pending) - len(kept)
                     bar.update(len(pending))
@@ -241,7 +285,9 @@ def compute_views(images: list[tuple[str, str]], cache_dir: str | os.PathLike, s
             finally:
                 bar.close()
         if non_finite:
-            log(f"warning: the backbone gave non-finite features (NaN or infinity) for {non_finite} views; they are not "
-                "stored (a damaged weight?)")
+            log(
+                f"warning: the backbone gave non-finite features (NaN or infinity) for {non_finite} views; they are not "
+                "stored (a damaged weight?)"
+            )
         writer.finish({VIEWS_ATTR: max(views, views_held(store))})
     return ViewRun(computed, reused, store.path, None if writable else writer)

@@ -5,6 +5,7 @@ grayscale / palette / CMYK / 16-bit / float images converted to 8-bit RGB, trans
 composited onto white, animations reduced to their first frame. Anything else raises
 `ImageDecodeError` with a one-line reason; nothing here ever raises another exception type.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,10 @@ def too_large(size_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | No
     limit = max_file_bytes(max_pixels)
     if size_bytes <= limit:
         return None
-    return (f"file of {format_bytes(size_bytes)} is larger than any image bottleneck decodes (limit {format_bytes(limit)}: "
-            f"8 bytes a pixel of --max-pixels {max_pixels:,}, plus 256 MiB); not read")
+    return (
+        f"file of {format_bytes(size_bytes)} is larger than any image bottleneck decodes (limit {format_bytes(limit)}: "
+        f"8 bytes a pixel of --max-pixels {max_pixels:,}, plus 256 MiB); not read"
+    )
 
 
 #: This decoder's version is `DECODE_VERSION`, kept with the fingerprint that records it (`backbones/spec.py`):
@@ -96,9 +99,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         gray = _scale_to_uint8(np.asarray(image), mode)
         return Image.fromarray(gray, "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info
-    ) or (mode in ("L", "RGB", "1") and "transparency" in image.info)
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB", "1") and "transparency" in image.info)
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, _ALPHA_BACKGROUND)
@@ -170,7 +175,9 @@ class UnreadableImage(BottleneckError):
     """A file that is not read at all: not a regular file, too large, or an OS error; the message says which."""
 
 
-def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, tuple[int, int, int]]:
+def read_image_file(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, tuple[int, int, int]]:
     """The bytes of an image file and its stamp (size, mtime_ns, inode), with every guard of the main path,
     or `UnreadableImage`.
 
@@ -189,8 +196,11 @@ def read_image_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXEL
             if not stat.S_ISREG(st.st_mode):
                 raise UnreadableImage(NOT_A_FILE)
             _refuse_unread(st.st_size, max_pixels)  # before reading: a 64 GB file must not take the run down
-            return _within_limit(handle.read(max_file_bytes(max_pixels) + 1), max_pixels), \
-                (st.st_size, st.st_mtime_ns, st.st_ino)
+            return _within_limit(handle.read(max_file_bytes(max_pixels) + 1), max_pixels), (
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ino,
+            )
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
     except ValueError:  # a NUL byte: no file can have that name

@@ -19,20 +19,28 @@ exactly one of its paths involves no symbolic link, that path's class wins and t
 out and reported; otherwise (hard links, two links) the file is a conflict, left out of every
 class and reported.
 """
+
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from bottleneck.errors import DataError
 from bottleneck.features.shards import Columns
 
 #: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
-                 "validation": "validation", "test": "test", "testing": "test"}
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "test": "test",
+    "testing": "test",
+}
 LAYOUTS = ("auto", "classes", "split-folders", "plain", "shards")
 #: A file in two split folders (a link) is held out: the most held-out split wins.
 _HELD_OUT_FIRST = ("test", "validation", "train")
@@ -128,25 +136,37 @@ class Discovery:
         """One line on how DATA was read, for split folders and label files ("" for class folders)."""
         if self.layout == "shards":
             parquet = sum(image.container.lower().endswith(".parquet") for image in self.images)
-            kind, unit, where = (("Parquet files", "file", "the label column") if parquet == len(self.images) else
-                                 ("tar shards", "shard", "the samples' .cls, .txt or .json members") if not parquet else
-                                 ("tar and Parquet shards", "shard", "label members and columns"))
+            kind, unit, where = (
+                ("Parquet files", "file", "the label column")
+                if parquet == len(self.images)
+                else ("tar shards", "shard", "the samples' .cls, .txt or .json members")
+                if not parquet
+                else ("tar and Parquet shards", "shard", "label members and columns")
+            )
             labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
             return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
             per_image = sum(len(image.labels) for image in self.images) / len(self.images)
-            counted = (f"{len(self.images)} images, {len(self.classes)} labels, multi-label ({per_image:.1f} labels "
-                       "per image)" if self.multi_label else f"{len(self.images)} images in {len(self.classes)} classes")
-            return (f"label file {self.label_file.name}: {counted}"
-                    + ("; splits from its split column" if self.folder_splits else "")
-                    + ("; groups from its group column" if self.groups else ""))
+            counted = (
+                f"{len(self.images)} images, {len(self.classes)} labels, multi-label ({per_image:.1f} labels per image)"
+                if self.multi_label
+                else f"{len(self.images)} images in {len(self.classes)} classes"
+            )
+            return (
+                f"label file {self.label_file.name}: {counted}"
+                + ("; splits from its split column" if self.folder_splits else "")
+                + ("; groups from its group column" if self.groups else "")
+            )
         if self.layout == "plain":
             return f"a plain folder: {len(self.images)} images, no labels (one sub-folder per class gives them)"
         if self.layout != "split-folders":
             return ""
         counts = Counter(image.relpath.split("/", 1)[0] for image in self.images)
-        return "split folders: " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) + \
-            "; the sub-folders are the classes"
+        return (
+            "split folders: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+            + "; the sub-folders are the classes"
+        )
 
 
 LINKED_FROM_ANOTHER_CLASS = "link into another class (left out)"
@@ -175,12 +195,16 @@ def _settle_labels(found: list[tuple[ImageFile, bool]], skipped: Counter) -> tup
             skipped[LINKED_FROM_ANOTHER_CLASS] += len(links)
             if len(copies) - 1 > len(links):
                 skipped["same file listed twice"] += len(copies) - 1 - len(links)
-            conflicts.append(f"{links[0].relpath} links to {winner.relpath} (class {winner.label!r}): "
-                             f"the link is left out" + (f" (and {len(links) - 1} more links)" if len(links) > 1 else ""))
+            conflicts.append(
+                f"{links[0].relpath} links to {winner.relpath} (class {winner.label!r}): "
+                f"the link is left out" + (f" (and {len(links) - 1} more links)" if len(links) > 1 else "")
+            )
         else:
             skipped[IN_TWO_CLASSES] += len(copies)
-            conflicts.append(f"{' and '.join(image.relpath for image, _ in copies[:3])} are one file in classes "
-                             f"{', '.join(repr(label) for label in sorted(labels))}: left out of every class")
+            conflicts.append(
+                f"{' and '.join(image.relpath for image, _ in copies[:3])} are one file in classes "
+                f"{', '.join(repr(label) for label in sorted(labels))}: left out of every class"
+            )
     return images, conflicts
 
 
@@ -188,8 +212,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_FOLDERS
 
 
-def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipped: Counter,
-                real_root: str | None = None) -> list[tuple[ImageFile, bool]]:
+def _walk_class(
+    class_dir: Path, root: Path, label: str, seen: set | None, skipped: Counter, real_root: str | None = None
+) -> list[tuple[ImageFile, bool]]:
     """Every image file under `class_dir`, with whether its path involves no symbolic link.
 
     With `seen`, a file already in it is skipped (and added to it otherwise); without, every path is kept.
@@ -235,16 +260,26 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set | None, skipp
             path = Path(entry.path)
             relpath = path.relative_to(root).as_posix()
             real = real_root is not None and os.path.realpath(path) == os.path.join(real_root, *relpath.split("/"))
-            image = ImageFile(path=path.absolute(), relpath=relpath, label=label, size=st.st_size,
-                              mtime_ns=st.st_mtime_ns, inode=st.st_ino, dev=st.st_dev)
+            image = ImageFile(
+                path=path.absolute(),
+                relpath=relpath,
+                label=label,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                inode=st.st_ino,
+                dev=st.st_dev,
+            )
             found.append((image, real))
     return found
 
 
 def holds_images(folder: Path) -> bool:
     try:
-        return any(entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-                   for entry in os.scandir(folder) if not _is_hidden(entry.name))
+        return any(
+            entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            for entry in os.scandir(folder)
+            if not _is_hidden(entry.name)
+        )
     except OSError:
         return False
 
@@ -261,14 +296,18 @@ def shards_in(folder: Path) -> list[Path]:
     from bottleneck.features.shards import SUFFIXES
 
     try:
-        return sorted(Path(entry.path) for entry in os.scandir(folder)
-                      if not _is_hidden(entry.name) and entry.name.lower().endswith(SUFFIXES) and entry.is_file())
+        return sorted(
+            Path(entry.path)
+            for entry in os.scandir(folder)
+            if not _is_hidden(entry.name) and entry.name.lower().endswith(SUFFIXES) and entry.is_file()
+        )
     except OSError:
         return []
 
 
-def shard_members(root: Path, shards: list[Path], columns: Columns | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> tuple[list[ImageFile], Counter, list[str]]:
+def shard_members(
+    root: Path, shards: list[Path], columns: Columns | None = None, cache_dir: str | os.PathLike | None = None
+) -> tuple[list[ImageFile], Counter, list[str]]:
     """The image members of shards (see `bottleneck.features.shards`; `columns` names a Parquet file's image and
     label columns) with their labels ("" for none), relative to `root`; what was skipped; one warning line per
     shard that could not be read whole. Listings are remembered in `cache_dir`'s hash index, where it is a folder."""
@@ -289,10 +328,19 @@ def shard_members(root: Path, shards: list[Path], columns: Columns | None = None
             warnings.append(f"shard {relshard}: {listing.problem}")
         skipped.update(listing.skipped)
         st = listing.shard.stat() if listing.members else None
-        images.extend(ImageFile(path=Path(member.path), relpath=f"{relshard}/{member.name}", label=member.label,
-                                size=member.size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, dev=st.st_dev,
-                                container=member.shard)
-                      for member in listing.members)
+        images.extend(
+            ImageFile(
+                path=Path(member.path),
+                relpath=f"{relshard}/{member.name}",
+                label=member.label,
+                size=member.size,
+                mtime_ns=st.st_mtime_ns,
+                inode=st.st_ino,
+                dev=st.st_dev,
+                container=member.shard,
+            )
+            for member in listing.members
+        )
     return images, skipped, warnings
 
 
@@ -304,26 +352,42 @@ def relpath_or_absolute(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _from_shards(root: Path, shards: list[Path], min_classes: int, columns: Columns | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> Discovery:
+def _from_shards(
+    root: Path,
+    shards: list[Path],
+    min_classes: int,
+    columns: Columns | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Discovery:
     """The image members of shards, labelled by their samples (all of them, when no sample has a label)."""
     images, skipped, warnings = shard_members(root, shards, columns, cache_dir)
     if not images:
-        raise DataError(f"no images found in the {len(shards)} shards of {root}"
-                        + (f" ({warnings[0]})" if warnings else ""))
+        raise DataError(
+            f"no images found in the {len(shards)} shards of {root}" + (f" ({warnings[0]})" if warnings else "")
+        )
     if any(image.label for image in images):
         unlabelled = [image for image in images if not image.label]
         if unlabelled:
             skipped["image without a label member in its sample"] += len(unlabelled)
-            warnings.append(f"{len(unlabelled)} images have no label (no .cls, .txt or .json member in their sample, "
-                            f"or an empty label cell) and are left out (first: {unlabelled[0].relpath})")
+            warnings.append(
+                f"{len(unlabelled)} images have no label (no .cls, .txt or .json member in their sample, "
+                f"or an empty label cell) and are left out (first: {unlabelled[0].relpath})"
+            )
             images = [image for image in images if image.label]
     classes = sorted({image.label for image in images if image.label})
     if classes and len(classes) < min_classes:
-        raise DataError(f"the shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least "
-                        f"{min_classes}")
-    return Discovery(root=root, images=images, classes=classes, skipped=skipped, layout="shards", warnings=warnings,
-                     shards=len(shards))
+        raise DataError(
+            f"the shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least {min_classes}"
+        )
+    return Discovery(
+        root=root,
+        images=images,
+        classes=classes,
+        skipped=skipped,
+        layout="shards",
+        warnings=warnings,
+        shards=len(shards),
+    )
 
 
 def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
@@ -334,7 +398,9 @@ def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
         shards = expand_pattern(data)
         missing = [path for path in shards if not path.is_file()]
         if missing:
-            raise DataError(f"{len(missing)} of the {len(shards)} shards {data} names are not files (first: {missing[0]})")
+            raise DataError(
+                f"{len(missing)} of the {len(shards)} shards {data} names are not files (first: {missing[0]})"
+            )
         return Path(os.path.commonpath([str(path.absolute().parent) for path in shards])), shards
     if data.lower().endswith(SUFFIXES) and os.path.isfile(data):
         return Path(data).absolute().parent, [Path(data)]
@@ -353,8 +419,10 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
     if layout == "split-folders":
         if others or not has_train:
             found = f"it also holds {', '.join(others[:3])}" if others else "it has no train folder"
-            raise DataError(f"--layout split-folders: the top folders of {root} must be train and optionally val "
-                            f"(or valid, validation) and test, each holding one sub-folder per class; {found}")
+            raise DataError(
+                f"--layout split-folders: the top folders of {root} must be train and optionally val "
+                f"(or valid, validation) and test, each holding one sub-folder per class; {found}"
+            )
         return layout
     if not named:
         if top_dirs or not (holds_images(root) or shards_in(root)):
@@ -363,10 +431,17 @@ def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto")
     flat = [name for name in named if not _holds_folders(str(root / name))]
     if not others and has_train and not flat:
         return "split-folders"
-    why = (f"beside {', '.join(others[:3])}" if others else "without a train folder" if not has_train
-           else f"but {flat[0]} holds images, not class folders")
-    raise DataError(f"cannot tell how {root} is laid out: {', '.join(named)} look like split folders, {why}; pass "
-                    "--layout split-folders (DATA/train/<class>/...) or --layout classes (DATA/<class>/...)")
+    why = (
+        f"beside {', '.join(others[:3])}"
+        if others
+        else "without a train folder"
+        if not has_train
+        else f"but {flat[0]} holds images, not class folders"
+    )
+    raise DataError(
+        f"cannot tell how {root} is laid out: {', '.join(named)} look like split folders, {why}; pass "
+        "--layout split-folders (DATA/train/<class>/...) or --layout classes (DATA/<class>/...)"
+    )
 
 
 def _walk_split_folder(split_dir: Path, root: Path, skipped: Counter, real_root: str) -> list[tuple[ImageFile, bool]]:
@@ -393,8 +468,10 @@ def _folder_splits(found: list[tuple[ImageFile, bool]], images: list[ImageFile])
     for image, _ in found:
         split = SPLIT_FOLDERS[image.relpath.split("/", 1)[0].lower()]
         splits_of_file.setdefault((image.dev, image.inode), set()).add(split)
-    return {image.relpath: next(s for s in _HELD_OUT_FIRST if s in splits_of_file[(image.dev, image.inode)])
-            for image in images}
+    return {
+        image.relpath: next(s for s in _HELD_OUT_FIRST if s in splits_of_file[(image.dev, image.inode)])
+        for image in images
+    }
 
 
 def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLike, min_classes: int) -> Discovery:
@@ -405,35 +482,69 @@ def _from_label_file(data_dir: str | os.PathLike | None, labels: str | os.PathLi
     if data_dir is not None and not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     listed, problems = listed_images(labels, root)
-    images = sorted((ImageFile(item.path, item.relpath, item.label, item.stat.st_size, item.stat.st_mtime_ns,
-                               item.stat.st_ino, item.stat.st_dev, container=item.container, labels=item.labels)
-                     for item in listed),
-                    key=lambda im: im.relpath)
+    images = sorted(
+        (
+            ImageFile(
+                item.path,
+                item.relpath,
+                item.label,
+                item.stat.st_size,
+                item.stat.st_mtime_ns,
+                item.stat.st_ino,
+                item.stat.st_dev,
+                container=item.container,
+                labels=item.labels,
+            )
+            for item in listed
+        ),
+        key=lambda im: im.relpath,
+    )
     classes = sorted({label for image in images for label in image.labels})
     if not images:
-        raise DataError(f"label file {labels} names no usable image" + (
-            f" ({'; '.join(problems.lines(Path(labels).name))})" if problems.counts else ""))
+        raise DataError(
+            f"label file {labels} names no usable image"
+            + (f" ({'; '.join(problems.lines(Path(labels).name))})" if problems.counts else "")
+        )
     if len(classes) < min_classes:
-        raise DataError(f"label file {labels} gives {len(classes)} label ({', '.join(classes)}); need at least "
-                        f"{min_classes}")
+        raise DataError(
+            f"label file {labels} gives {len(classes)} label ({', '.join(classes)}); need at least {min_classes}"
+        )
     warnings = problems.lines(Path(labels).name)
     if data_dir is not None:  # images under DATA the file does not name are counted, never dropped silently
         named = {(image.dev, image.inode) for image in images}
-        under = sorted((image for image in walk_images(root, root, "", set(), Counter())
-                        if (image.dev, image.inode) not in named), key=lambda image: image.relpath)
+        under = sorted(
+            (image for image in walk_images(root, root, "", set(), Counter()) if (image.dev, image.inode) not in named),
+            key=lambda image: image.relpath,
+        )
         if under:
-            warnings.append(f"{len(under)} images under {root} are not in {Path(labels).name} and are left out (first: "
-                            + ", ".join(image.relpath for image in under[:3]) + ")")
+            warnings.append(
+                f"{len(under)} images under {root} are not in {Path(labels).name} and are left out (first: "
+                + ", ".join(image.relpath for image in under[:3])
+                + ")"
+            )
     splits = {item.relpath: item.split for item in listed}
     folder_splits = {path: split or "train" for path, split in splits.items()} if any(splits.values()) else {}
-    return Discovery(root=root, images=images, classes=classes, skipped=problems.counts, layout="label-file",
-                     folder_splits=folder_splits, groups={item.relpath: item.group for item in listed if item.group},
-                     warnings=warnings, label_file=Path(labels).absolute())
+    return Discovery(
+        root=root,
+        images=images,
+        classes=classes,
+        skipped=problems.counts,
+        layout="label-file",
+        folder_splits=folder_splits,
+        groups={item.relpath: item.group for item in listed if item.group},
+        warnings=warnings,
+        label_file=Path(labels).absolute(),
+    )
 
 
-def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, layout: str = "auto",
-                    labels: str | os.PathLike | None = None, columns: Columns | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> Discovery:
+def discover_images(
+    data_dir: str | os.PathLike | None,
+    min_classes: int = 2,
+    layout: str = "auto",
+    labels: str | os.PathLike | None = None,
+    columns: Columns | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Discovery:
     """List the images under `data_dir` (see the module's note on layouts), or those a label file names;
     raise `DataError` if unusable. `columns` (`shards.Columns`) names a Parquet file's image and label columns;
     `cache_dir`, where given, remembers the listings of shards."""
@@ -461,8 +572,9 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
     if chosen == "shards":
         return _from_shards(root, shards_in(root), min_classes, columns, cache_dir)
     if chosen == "plain":  # every image under DATA, without a label
-        images = sorted((image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)),
-                        key=lambda im: im.relpath)
+        images = sorted(
+            (image for image, _ in _walk_class(root, root, "", set(), skipped, real_root)), key=lambda im: im.relpath
+        )
         if not images:
             raise DataError(f"no images found in {root}")
         return Discovery(root=root, images=images, classes=[], skipped=skipped, layout="plain")
@@ -487,8 +599,15 @@ def discover_images(data_dir: str | os.PathLike | None, min_classes: int = 2, la
             f"need at least {min_classes}, {where}"
         )
     folder_splits = _folder_splits(found, images) if chosen == "split-folders" else {}
-    return Discovery(root=root, images=images, classes=classes, skipped=skipped, conflicts=conflicts, layout=chosen,
-                     folder_splits=folder_splits)
+    return Discovery(
+        root=root,
+        images=images,
+        classes=classes,
+        skipped=skipped,
+        conflicts=conflicts,
+        layout=chosen,
+        folder_splits=folder_splits,
+    )
 
 
 def walk_images(folder: Path, root: Path, label: str, seen: set, skipped: Counter) -> list[ImageFile]:

@@ -7,6 +7,7 @@ previous batch and each computed batch is committed at once, so an interrupted r
 most the batch in flight; or Ray (`--engine ray`), where shards of a few thousand images are
 computed by a pool of actors and each is written as one segment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,28 +16,27 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from bottleneck import __version__, naming
-from bottleneck.backbones.spec import BackboneSpec
+from bottleneck import __version__, bounds, naming
 from bottleneck.backbones.backend import use_backend
-from bottleneck.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
 from bottleneck.backbones.quantize import DEFAULT_CALIBRATION_IMAGES
+from bottleneck.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, check_runtime, get_feature_model, resolve_runtime
+from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.errors import CacheError, DataError
 from bottleneck.features.calibration import settle_calibration
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS
 from bottleneck.features.discover import ImageFile, discover_images
 from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_engine
-from bottleneck.errors import CacheError, DataError
-from bottleneck import bounds
 from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
-from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 from bottleneck.features.shards import Columns
-
+from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
 
 
 @dataclass
@@ -79,8 +79,11 @@ class ExtractionResult:
             "decoder_warnings": self.decoder_warnings,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
-        } | ({"engine": self.engine, "shards": self.shards, "failed_shards": len(self.failed_shards)}
-             if self.engine != "local" else {})
+        } | (
+            {"engine": self.engine, "shards": self.shards, "failed_shards": len(self.failed_shards)}
+            if self.engine != "local"
+            else {}
+        )
 
 
 def prepare_cache_dir(cache_dir: str | os.PathLike) -> Path:
@@ -147,7 +150,9 @@ class ExtractOptions:
     """How to run an extraction; checked once, before any work starts."""
 
     batch_size: int | str = DEFAULT_BATCH_SIZE  # or 'auto': the fastest that fits on a GPU, the default on a CPU
-    workers: int | None = None  # local: decoding threads (None: one per CPU core); ray: actors (None: one per node or GPU)
+    workers: int | None = (
+        None  # local: decoding threads (None: one per CPU core); ray: actors (None: one per node or GPU)
+    )
     max_pixels: int = DEFAULT_MAX_PIXELS
     lock_timeout: float | None = None  # None: wait for another run as long as it takes
     progress: bool = False
@@ -164,8 +169,13 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.batch_size != "auto" and not isinstance(self.batch_size, numbers.Integral):
             raise DataError(f"--batch-size must be a whole number or auto; got {self.batch_size!r}")
-        checked = {"workers": bounds.WORKERS, "max_pixels": bounds.MAX_PIXELS, "shard_size": bounds.SHARD_SIZE,
-                    "gpus_per_worker": bounds.GPUS_PER_WORKER, "calibration_images": bounds.CALIBRATION_IMAGES}
+        checked = {
+            "workers": bounds.WORKERS,
+            "max_pixels": bounds.MAX_PIXELS,
+            "shard_size": bounds.SHARD_SIZE,
+            "gpus_per_worker": bounds.GPUS_PER_WORKER,
+            "calibration_images": bounds.CALIBRATION_IMAGES,
+        }
         if self.batch_size != "auto":
             checked["batch_size"] = bounds.BATCH_SIZE
         for name, interval in checked.items():
@@ -178,7 +188,9 @@ class ExtractOptions:
         if self.engine not in ENGINES:
             raise DataError(f"unknown --engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
         if self.engine != "ray":
-            given = [name for name in ("shard_size", "ray_address", "gpus_per_worker") if getattr(self, name) is not None]
+            given = [
+                name for name in ("shard_size", "ray_address", "gpus_per_worker") if getattr(self, name) is not None
+            ]
             if given:
                 raise DataError(f"--{given[0].replace('_', '-')} applies to --engine ray only")
 
@@ -232,7 +244,9 @@ def extract_features(
     done = compute_into_store(discovery.images, cache_dir, spec, options, log)
     if done.computed + done.reused == 0:
         first = done.failures[0]
-        raise DataError(f"no image could be used: all {len(done.failures)} failed (first: {first.path}: {first.reason})")
+        raise DataError(
+            f"no image could be used: all {len(done.failures)} failed (first: {first.path}: {first.reason})"
+        )
     return ExtractionResult(
         images=len(discovery.images),
         computed=done.computed,
@@ -256,9 +270,14 @@ def extract_features(
     )
 
 
-def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, spec: BackboneSpec,
-                       options: ExtractOptions, log: Callable[[str], None] = lambda message: None,
-                       read_only_ok: bool = False) -> StoreRun:
+def compute_into_store(
+    images: list[ImageFile],
+    cache_dir: str | os.PathLike,
+    spec: BackboneSpec,
+    options: ExtractOptions,
+    log: Callable[[str], None] = lambda message: None,
+    read_only_ok: bool = False,
+) -> StoreRun:
     """Make sure every image in `images` has features in `spec`'s store (or a recorded failure).
 
     The one pipeline behind `features` and `predict`: unchanged files are settled from the hash
@@ -273,14 +292,23 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
     engine = get_engine(options)
     engine.check()  # bad engine settings are an error before any work
     cache, writable = _cache_folder(cache_dir, read_only_ok, engine.name, log)
-    spec = settle_calibration(spec, cache, [image.path for image in images] if writable else None, options.calibration,
-                              options.calibration_images, options.max_pixels, log)
+    spec = settle_calibration(
+        spec,
+        cache,
+        [image.path for image in images] if writable else None,
+        options.calibration,
+        options.calibration_images,
+        options.max_pixels,
+        log,
+    )
     index = HashIndex(cache)
     noise = None
     try:
         store = open_store(cache, spec, index, options.dtype)
-        with _writer(store, writable, options, log) as writer, \
-                _model_folder(cache, spec, options.runtime, writable) as models:
+        with (
+            _writer(store, writable, options, log) as writer,
+            _model_folder(cache, spec, options.runtime, writable) as models,
+        ):
             tally = _sort_out(images, writer, index)
             needs_backbone = _settle_by_content(tally, writer, index, options)
             try:
@@ -298,13 +326,25 @@ def compute_into_store(images: list[ImageFile], cache_dir: str | os.PathLike, sp
             writer.finish({f"{name}_version": version for name, version in tally.versions.items()})
     finally:
         index.close()
-    return StoreRun(store, tally.computed, tally.reused, tally.failures, tally.hash_of, time.monotonic() - started,
-                    noise.count if noise else 0, describe(noise) if noise else "", engine.name, tally.shards,
-                    tally.failed_shards, writer if not writable else None)
+    return StoreRun(
+        store,
+        tally.computed,
+        tally.reused,
+        tally.failures,
+        tally.hash_of,
+        time.monotonic() - started,
+        noise.count if noise else 0,
+        describe(noise) if noise else "",
+        engine.name,
+        tally.shards,
+        tally.failed_shards,
+        writer if not writable else None,
+    )
 
 
-def _cache_folder(cache_dir: str | os.PathLike, read_only_ok: bool, engine: str,
-                  log: Callable[[str], None]) -> tuple[Path, bool]:
+def _cache_folder(
+    cache_dir: str | os.PathLike, read_only_ok: bool, engine: str, log: Callable[[str], None]
+) -> tuple[Path, bool]:
     """The cache folder and whether it can be written; one that cannot is an error unless `read_only_ok`."""
     try:
         return prepare_cache_dir(cache_dir), True
@@ -312,15 +352,17 @@ def _cache_folder(cache_dir: str | os.PathLike, read_only_ok: bool, engine: str,
         if not read_only_ok or not Path(cache_dir).is_dir() or not os.access(cache_dir, os.R_OK | os.X_OK):
             raise
         if engine != "local":
-            raise CacheError(f"{exc}; --engine {engine} writes what it computes into the cache: use the local "
-                             "engine") from None
+            raise CacheError(
+                f"{exc}; --engine {engine} writes what it computes into the cache: use the local engine"
+            ) from None
         log(f"warning: {exc}: reading what it holds; images it lacks are computed in this process only, not cached")
         return Path(cache_dir), False
 
 
 @contextlib.contextmanager
-def _writer(store: FeatureStore, writable: bool, options: ExtractOptions,
-            log: Callable[[str], None]) -> Iterator[StoreWriter | MemoryWriter]:
+def _writer(
+    store: FeatureStore, writable: bool, options: ExtractOptions, log: Callable[[str], None]
+) -> Iterator[StoreWriter | MemoryWriter]:
     """The store's writer, holding its lock; or, on a cache that cannot be written, one that keeps rows in memory."""
     if not writable:
         yield MemoryWriter(store)
@@ -361,8 +403,9 @@ def _sort_out(images: list[ImageFile], writer: StoreWriter, index: HashIndex) ->
     return tally
 
 
-def _settle_by_content(tally: Tally, writer: StoreWriter | MemoryWriter, index: HashIndex,
-                       options: ExtractOptions) -> bool:
+def _settle_by_content(
+    tally: Tally, writer: StoreWriter | MemoryWriter, index: HashIndex, options: ExtractOptions
+) -> bool:
     """Hash the files the index does not know, in order, until one holds content the store lacks; say whether
     any image needs the backbone.
 
@@ -390,7 +433,8 @@ def _settle_by_content(tally: Tally, writer: StoreWriter | MemoryWriter, index: 
     bar = make_bar(len(tally.todo), options.progress, desc="hashing", leave=False)
     try:
         for position, (image, stamp, content_hash) in enumerate(
-                bounded_map(content_of, [image for image, _ in tally.todo], workers, 4 * workers)):
+            bounded_map(content_of, [image for image, _ in tally.todo], workers, 4 * workers)
+        ):
             path = str(image.path)
             if content_hash is None:
                 remaining.append((image, None))  # unreadable: the engine reads it again and records the reason
@@ -402,7 +446,7 @@ def _settle_by_content(tally: Tally, writer: StoreWriter | MemoryWriter, index: 
                 index.remember(path, stamp, content_hash)
                 tally.failures.append(Failure(path, content_hash, writer.known_failures[content_hash].reason))
             else:  # new content: the backbone is needed; the engine takes this file and every later one
-                tally.todo = remaining + [(image, content_hash)] + tally.todo[position + 1:]
+                tally.todo = remaining + [(image, content_hash)] + tally.todo[position + 1 :]
                 return True
             bar.update(1)
     finally:

@@ -48,6 +48,7 @@ out transparent pixels and crops the screen to the first frame; tf.io.decode_bmp
 indices of 8-bit BMPs. tf.io.decode_webp is deliberately never called: in TensorFlow 2.21 it
 corrupts the heap and aborts the process on an animated WebP.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -243,8 +244,9 @@ def _unsupported_format(reader: _ByteReader) -> Tensor:
         return tf.zeros([1, 1, 3], tf.uint8)
 
 
-def _replace_bytes_if(condition: Tensor, contents: Tensor, position: Tensor, replacement: Tensor,
-                      length: int) -> Tensor:
+def _replace_bytes_if(
+    condition: Tensor, contents: Tensor, position: Tensor, replacement: Tensor, length: int
+) -> Tensor:
     """contents with `length` bytes at `position` replaced by the string `replacement`, if condition."""
     import tensorflow as tf
 
@@ -309,7 +311,7 @@ def _ifd0_entries(
     fields = reader.bytes_at(entries, 12)  # tag, type, count, value or offset
 
     def field(offset: int, count: int) -> Tensor:
-        return tf.reduce_sum(fields[:, offset:offset + count] * _place_values(count, little), axis=-1)
+        return tf.reduce_sum(fields[:, offset : offset + count] * _place_values(count, little), axis=-1)
 
     unit_table = tf.constant([_TIFF_UNIT_SIZES.get(kind, 0) for kind in range(17)], tf.int64)
     tags_read, types, counts, offsets = field(0, 2), field(2, 2), field(4, 4), field(8, 4)
@@ -428,7 +430,7 @@ def _jpeg_segments(reader: _ByteReader) -> dict[str, Tensor]:
     payload_lengths = _big_endian(head[:, 2:4]) - 2
 
     def payload_starts_with(prefix: bytes) -> Tensor:
-        return tf.reduce_all(tf.equal(head[:, 4:4 + len(prefix)], list(prefix)), axis=1)
+        return tf.reduce_all(tf.equal(head[:, 4 : 4 + len(prefix)], list(prefix)), axis=1)
 
     def located(index: Tensor, skip: int) -> tuple[Tensor, Tensor]:
         start = tf.where(index >= 0, _pick(positions, index, -1) + 4 + skip, _i64(-1))
@@ -441,8 +443,12 @@ def _jpeg_segments(reader: _ByteReader) -> dict[str, Tensor]:
     mpf, mpf_length = located(_last_true(app2 & payload_starts_with(b"MPF\x00")), 4)
     scan_index = _last_true(scan)
     return {
-        "exif": exif, "exif_length": exif_length, "xmp": xmp, "xmp_length": xmp_length,
-        "mpf": mpf, "mpf_length": mpf_length,
+        "exif": exif,
+        "exif_length": exif_length,
+        "xmp": xmp,
+        "xmp_length": xmp_length,
+        "mpf": mpf,
+        "mpf_length": mpf_length,
         "scan": tf.where(scan_index >= 0, _pick(positions, scan_index, 0), reader.length),
     }
 
@@ -607,9 +613,7 @@ def _png_gray16(contents: Tensor) -> Tensor:
     return tf.tile(gray, [1, 1, 3])
 
 
-def _png_gray_key(
-    reader: _ByteReader, contents: Tensor, chunks: dict[str, Tensor], depth: Tensor
-) -> Tensor:
+def _png_gray_key(reader: _ByteReader, contents: Tensor, chunks: dict[str, Tensor], depth: Tensor) -> Tensor:
     """1/2/4/8-bit gray with an optional tRNS key, keyed the way Pillow does it.
 
     Pillow compares the 8-bit pixels with the raw tRNS value (1-bit keys become 0 or 255, a
@@ -640,13 +644,16 @@ def _decode_png(reader: _ByteReader, contents: Tensor) -> Tensor:
     opaque_colour = tf.equal(colour_type, 2) | (palette & (chunks["trns"] < 0))
     branch = tf.where(gray & sixteen_bit, 0, tf.where(gray, 1, tf.where(opaque_colour, 2, 3)))
     with tf.control_dependencies([_check_pixel_count(width, height)]):
-        image = tf.switch_case(branch, [
-            lambda: _png_gray16(contents),
-            lambda: _png_gray_key(reader, contents, chunks, depth),
-            lambda: _png_samples(contents, 3, sixteen_bit),
-            # Palette with tRNS (alpha per index), gray+alpha and RGBA.
-            lambda: _composite_on_white(_png_samples(contents, 4, sixteen_bit)),
-        ])
+        image = tf.switch_case(
+            branch,
+            [
+                lambda: _png_gray16(contents),
+                lambda: _png_gray_key(reader, contents, chunks, depth),
+                lambda: _png_samples(contents, 3, sixteen_bit),
+                # Palette with tRNS (alpha per index), gray+alpha and RGBA.
+                lambda: _composite_on_white(_png_samples(contents, 4, sixteen_bit)),
+            ],
+        )
     orientation, _ = _exif_orientation(reader, chunks["exif"], chunks["exif_length"])
     return _apply_orientation(image, orientation)
 
@@ -738,8 +745,9 @@ def _decode_gif(reader: _ByteReader, contents: Tensor) -> Tensor:
     return _place_on_canvas(frame, top, left, canvas_height, canvas_width, background)
 
 
-def _place_on_canvas(frame: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor,
-                     background: Tensor) -> Tensor:
+def _place_on_canvas(
+    frame: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, background: Tensor
+) -> Tensor:
     import tensorflow as tf
 
     frame_height, frame_width = tf.unstack(tf.shape(frame, out_type=tf.int64)[:2])
@@ -776,9 +784,7 @@ def _decode_bmp(reader: _ByteReader, contents: Tensor) -> Tensor:
         )
 
 
-def _bmp_palette_pixels(
-    reader: _ByteReader, contents: Tensor, header_size: Tensor, colours: Tensor
-) -> Tensor:
+def _bmp_palette_pixels(reader: _ByteReader, contents: Tensor, header_size: Tensor, colours: Tensor) -> Tensor:
     """tf.io.decode_bmp returns the indices of an 8-bit BMP; look them up in its BGRX palette."""
     import tensorflow as tf
 
@@ -845,8 +851,9 @@ def _bilinear_coefficients(in_size: Tensor, out_size: int) -> tuple[Tensor, Tens
     position = tf.cast(first[:, None] + taps[None, :], f64)
     weights = tf.maximum(1.0 - tf.abs((position - center[:, None] + 0.5) * inverse_filterscale), 0.0)
     weights = tf.where(taps[None, :] < taps_used[:, None], weights, 0.0)
-    total = tf.foldl(lambda running, column: running + column, tf.transpose(weights),
-                     initializer=tf.zeros([out_size], f64))
+    total = tf.foldl(
+        lambda running, column: running + column, tf.transpose(weights), initializer=tf.zeros([out_size], f64)
+    )
     normalized = tf.where(tf.not_equal(total, 0.0)[:, None], weights / total[:, None], weights)
     fixed = tf.cast(0.5 + normalized * (1 << _PRECISION_BITS), tf.int32)
     return first, fixed

@@ -5,6 +5,7 @@ image at all. SQLite gives us atomic commits and safe concurrent use for free. I
 of hashes, so it never stops a run: a damaged index is rebuilt (with a line saying so), and where
 it cannot be written (a read-only cache, a full disk) hashes are kept in memory for this run.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,13 @@ from pathlib import Path
 from bottleneck import fs
 from bottleneck.fs import sha256_bytes  # also the content key of bytes for this module's callers
 
-
 INDEX_NAME = "file-hashes.sqlite"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT)"
 #: Shard listings (see `bottleneck.features.shards`), remembered by path and stamp: an unchanged shard is not listed again.
-_SHARD_SCHEMA = ("CREATE TABLE IF NOT EXISTS shards (key BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
-                 "listing TEXT)")
+_SHARD_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS shards (key BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
+    "listing TEXT)"
+)
 _DAMAGED = ("file is not a database", "malformed", "database corrupt", "no such table", "no such column")
 
 
@@ -157,8 +159,9 @@ class HashIndex:
     def shard_listing(self, key: str, stamp: tuple[int, int, int]) -> str | None:
         """The listing remembered for shard `key` if its stamp is unchanged, else None."""
         try:
-            row = self._db.execute("SELECT size, mtime_ns, inode, listing FROM shards WHERE key = ?",
-                                   (os.fsencode(key),)).fetchone()
+            row = self._db.execute(
+                "SELECT size, mtime_ns, inode, listing FROM shards WHERE key = ?", (os.fsencode(key),)
+            ).fetchone()
         except sqlite3.Error:  # an index of an older version (read-only), or damaged: list the shard again
             return None
         return row[3] if row is not None and tuple(row[:3]) == tuple(stamp) else None
@@ -169,8 +172,9 @@ class HashIndex:
             return
         try:
             with self._db:
-                self._db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
-                                 (os.fsencode(key), *stamp, listing))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)", (os.fsencode(key), *stamp, listing)
+                )
         except sqlite3.Error:
             self.writable = False
 
@@ -185,4 +189,3 @@ def _is_damaged(exc: sqlite3.Error) -> bool:
 
 def _say(message: str) -> None:
     print(f"bottleneck: {message}", file=sys.stderr, flush=True)
-

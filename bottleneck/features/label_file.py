@@ -10,19 +10,21 @@ Multi-label: an image carries several labels when its label cell lists them sepa
 (`cat;dog`), or when it is listed on several rows with different labels (one row per pair); its
 labels are the union. A file where some image has more than one label is a multi-label file.
 """
+
 from __future__ import annotations
 
 import csv
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from bottleneck.errors import DataError
-from bottleneck.text import first_line
 from bottleneck.features.discover import SPLIT_FOLDERS, relpath_or_absolute
+from bottleneck.text import first_line
 
 if TYPE_CHECKING:
     from bottleneck.features.shards import Member
@@ -59,9 +61,11 @@ class LabelFileProblems:
 
     def lines(self, source: str) -> list[str]:
         """One warning line per kind."""
-        return [f"{count} row{'s' if count != 1 else ''} of {source} left out: {kind} (first: "
-                f"{', '.join(self.named[kind])})"
-                for kind, count in sorted(self.counts.items())]
+        return [
+            f"{count} row{'s' if count != 1 else ''} of {source} left out: {kind} (first: "
+            f"{', '.join(self.named[kind])})"
+            for kind, count in sorted(self.counts.items())
+        ]
 
 
 def _columns(header: list[str], source: Path) -> dict[str, int]:
@@ -69,8 +73,10 @@ def _columns(header: list[str], source: Path) -> dict[str, int]:
     found = {name: lowered.index(name) for name in COLUMNS if name in lowered}
     absent = [name for name in ("path", "label") if name not in found]
     if absent:
-        raise DataError(f"label file {source} needs the columns path and label (and may have split, group); its "
-                        f"header is {', '.join(map(str, header[:6])) or 'empty'}")
+        raise DataError(
+            f"label file {source} needs the columns path and label (and may have split, group); its "
+            f"header is {', '.join(map(str, header[:6])) or 'empty'}"
+        )
     return found
 
 
@@ -87,8 +93,9 @@ def _text_rows(source: Path, delimiter: str) -> Iterator[LabelRow]:
                 if not any(cell.strip() for cell in row):
                     continue
                 cells = {name: (row[i].strip() if i < len(row) else "") for name, i in column.items()}
-                yield LabelRow(reader.line_num, cells["path"], cells["label"], cells.get("split", ""),
-                               cells.get("group", ""))
+                yield LabelRow(
+                    reader.line_num, cells["path"], cells["label"], cells.get("split", ""), cells.get("group", "")
+                )
     except OSError as exc:
         raise DataError(f"cannot read label file {source}: {exc.strerror or exc}") from None
     except csv.Error as exc:
@@ -155,8 +162,14 @@ def _stat_of(path: Path) -> tuple[os.stat_result, Member | None]:
         if member is None:
             raise
         shard = os.stat(member.shard)
-        fields = list(shard)[:10] + [shard.st_atime, shard.st_mtime, shard.st_ctime,
-                                     shard.st_atime_ns, shard.st_mtime_ns, shard.st_ctime_ns]
+        fields = list(shard)[:10] + [
+            shard.st_atime,
+            shard.st_mtime,
+            shard.st_ctime,
+            shard.st_atime_ns,
+            shard.st_mtime_ns,
+            shard.st_ctime_ns,
+        ]
         fields[6] = member.size  # st_size
         return os.stat_result(fields), member
 
@@ -165,8 +178,9 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
     """The usable images a label file names, and what it named that cannot be used."""
     source = Path(source)
     if not source.is_file():  # a FIFO is never opened: reading it could block for good
-        raise DataError(f"label file {source} is not a regular file" if source.exists() else
-                        f"label file not found: {source}")
+        raise DataError(
+            f"label file {source} is not a regular file" if source.exists() else f"label file not found: {source}"
+        )
     base = source.absolute().parent
     problems = LabelFileProblems()
     by_file: dict[tuple[int, int, str], list[tuple[LabelRow, ListedImage]]] = {}
@@ -181,8 +195,10 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
             continue
         split = SPLIT_FOLDERS.get(row.split.lower(), None) if row.split else ""  # the names split folders take
         if split is None:
-            raise DataError(f"label file {source}, line {row.line}: unknown split {row.split!r}; use train, val "
-                            "(or valid, validation) or test, or leave it empty")
+            raise DataError(
+                f"label file {source}, line {row.line}: unknown split {row.split!r}; use train, val "
+                "(or valid, validation) or test, or leave it empty"
+            )
         path = Path(os.path.abspath(Path(row.path) if os.path.isabs(row.path) else base / row.path))
         try:
             st, member = _stat_of(path)
@@ -195,8 +211,16 @@ def listed_images(source: str | os.PathLike, root: Path) -> tuple[list[ListedIma
         if not stat.S_ISREG(st.st_mode):
             problems.add("not a regular file", shown)
             continue
-        image = ListedImage(path, relpath_or_absolute(path, root), joined_labels(labels), st, split, row.group, labels,
-                            member.shard if member else "")
+        image = ListedImage(
+            path,
+            relpath_or_absolute(path, root),
+            joined_labels(labels),
+            st,
+            split,
+            row.group,
+            labels,
+            member.shard if member else "",
+        )
         by_file.setdefault((st.st_dev, st.st_ino, member.name if member else ""), []).append((row, image))
     images = []
     for rows in by_file.values():

@@ -1,12 +1,14 @@
 """Looking after a cache folder: what it holds (`cache info`), one file per store (`cache compact`),
 and what can go (`cache gc`). Every change takes the store's lock, like a run that writes it."""
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import h5py
 
@@ -14,7 +16,6 @@ from bottleneck import naming
 from bottleneck.errors import CacheError
 from bottleneck.features.store import FeatureStore
 from bottleneck.fs import exclusive_lock
-
 
 
 def fingerprints_in(cache: Path) -> list[str]:
@@ -35,7 +36,9 @@ def _feature_dim(cache: Path, fingerprint: str) -> int:
                 return int(handle["features"].shape[1])
         except (OSError, KeyError, IndexError):
             continue
-    raise CacheError(f"no readable file of the feature store {fingerprint} in {cache}; delete {fingerprint}.* to rebuild it")
+    raise CacheError(
+        f"no readable file of the feature store {fingerprint} in {cache}; delete {fingerprint}.* to rebuild it"
+    )
 
 
 def store_of(cache: Path, fingerprint: str) -> FeatureStore:
@@ -57,7 +60,10 @@ def _names_itself(path: Path, fingerprint: str) -> bool:
 def is_ours(cache: Path, fingerprint: str) -> bool:
     """True if `fingerprint` in `cache` is a bottleneck store: its segment or part folders (only we make them), or
     an index file whose attributes name its own fingerprint. A user's `weights.h5` is neither."""
-    if any(folder.is_dir() for folder in (naming.store_segments(cache, fingerprint), naming.store_parts(cache, fingerprint))):
+    if any(
+        folder.is_dir()
+        for folder in (naming.store_segments(cache, fingerprint), naming.store_parts(cache, fingerprint))
+    ):
         return True
     return _names_itself(naming.store_index(cache, fingerprint), fingerprint)
 
@@ -77,11 +83,16 @@ def stores_in(cache_dir: str | os.PathLike, only: Iterable[str] = ()) -> list[Fe
     if not cache.is_dir():
         raise CacheError(f"no cache folder at {cache}")
     wanted = list(only)
-    found = [fp for fp in fingerprints_in(cache) if (not wanted or any(fp.startswith(w) for w in wanted))
-             and is_ours(cache, fp)]
+    found = [
+        fp
+        for fp in fingerprints_in(cache)
+        if (not wanted or any(fp.startswith(w) for w in wanted)) and is_ours(cache, fp)
+    ]
     unmatched = [w for w in wanted if not any(fp.startswith(w) for fp in found)]
     if unmatched:
-        raise CacheError(f"no feature store {unmatched[0]!r} in {cache} (`bottleneck cache info --cache {cache}` lists them)")
+        raise CacheError(
+            f"no feature store {unmatched[0]!r} in {cache} (`bottleneck cache info --cache {cache}` lists them)"
+        )
     return [store_of(cache, fp) for fp in found]
 
 
@@ -89,13 +100,21 @@ def store_info(store: FeatureStore) -> dict:
     """One store, as `cache info` reports it."""
     summary = store.summary()
     attrs = summary.pop("attrs")
-    summary.update({key: attrs.get(key) for key in ("architecture", "weights", "input_size", "feature_dim", "pretrained",
-                                                    "created", "updated")})
+    summary.update(
+        {
+            key: attrs.get(key)
+            for key in ("architecture", "weights", "input_size", "feature_dim", "pretrained", "created", "updated")
+        }
+    )
     return summary
 
 
-def compact(store: FeatureStore, dtype: str | None = None, lock_timeout: float | None = None,
-            on_wait: Callable[[str], None] | None = None) -> tuple[bool, int, int]:
+def compact(
+    store: FeatureStore,
+    dtype: str | None = None,
+    lock_timeout: float | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> tuple[bool, int, int]:
     """Rewrite a store into one segment; return (changed, bytes before, bytes after)."""
     before = _bytes(store.files())
     with store.writer(lock_timeout, on_wait) as writer:
@@ -125,8 +144,9 @@ def _bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def collect_garbage(cache_dir: str | os.PathLike, keep: set[str] | None = None,
-                    delete: bool = False) -> tuple[list[Garbage], list[str]]:
+def collect_garbage(
+    cache_dir: str | os.PathLike, keep: set[str] | None = None, delete: bool = False
+) -> tuple[list[Garbage], list[str]]:
     """What can be removed from a cache folder (removed with `delete`), and the stores skipped as busy.
 
     Always: temporary files of killed runs, and segments whose rows all live on in newer segments
@@ -155,9 +175,11 @@ def collect_garbage(cache_dir: str | os.PathLike, keep: set[str] | None = None,
         except CacheError:
             busy.append(store.fingerprint)
     # Only temporary files named after one of our stores (and not one being written): a user's .*.tmp is theirs.
-    stray = [Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp])) for tmp in cache.glob(naming.TEMPORARY_GLOB)
-             if any(tmp.name.startswith(f".{fp}.") for fp in ours) and not any(tmp.name.startswith(f".{fp}.")
-                                                                              for fp in busy)]
+    stray = [
+        Garbage(tmp, "temporary file of a run that was killed", _bytes([tmp]))
+        for tmp in cache.glob(naming.TEMPORARY_GLOB)
+        if any(tmp.name.startswith(f".{fp}.") for fp in ours) and not any(tmp.name.startswith(f".{fp}.") for fp in busy)
+    ]
     if delete:
         _remove(stray)
     return garbage + stray, busy
@@ -167,11 +189,16 @@ def _leftovers(store: FeatureStore) -> list[Garbage]:
     found = []
     for folder in (store.segments_dir, store.parts_dir):
         if folder.is_dir():
-            found.extend(Garbage(p, "temporary file of a run that was killed", _bytes([p])) for p in folder.glob(naming.TEMPORARY_GLOB))
+            found.extend(
+                Garbage(p, "temporary file of a run that was killed", _bytes([p]))
+                for p in folder.glob(naming.TEMPORARY_GLOB)
+            )
     plan = store._reading(store._plan)
     for source in plan.sources:
         if source.kind == "segment" and not source.indexed and not source.keep.size and not source.failures:
-            found.append(Garbage(source.path, "every row is in a newer segment (an interrupted merge)", _bytes([source.path])))
+            found.append(
+                Garbage(source.path, "every row is in a newer segment (an interrupted merge)", _bytes([source.path]))
+            )
     return found
 
 

@@ -13,6 +13,7 @@ Enter and leave the context from the main thread: fd 2 and `sys.stderr` belong t
 lines (TensorFlow's `absl::InitializeLog` preamble and oneDNN notice, which C++ prints before
 `TF_CPP_MIN_LOG_LEVEL` is read; TFLite's XNNPACK delegate line).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,10 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Optional, TextIO
+from typing import IO, TextIO
 
 from bottleneck.errors import CacheError
 from bottleneck.features.decode import set_pillow_warning_action
@@ -34,7 +36,7 @@ from bottleneck.quiet import STDERR_FD, flush_quietly, temporary_streams
 _SCAN_CHUNK = 1 << 20
 
 _sessions_lock = threading.Lock()
-_sessions: dict[str, "NoiseLog"] = {}  # active logs by absolute path: nested use of one path is shared
+_sessions: dict[str, NoiseLog] = {}  # active logs by absolute path: nested use of one path is shared
 _current = threading.local()  # .path: the file this thread is decoding, for warnings raised meanwhile
 
 
@@ -195,14 +197,14 @@ def _keep_sys_stderr_on(terminal_fd: int, undo: contextlib.ExitStack) -> None:
     undo.callback(_restore_sys_stderr, original, terminal)
 
 
-def _restore_sys_stderr(original: Optional[TextIO], terminal: io.TextIOWrapper) -> None:
+def _restore_sys_stderr(original: TextIO | None, terminal: io.TextIOWrapper) -> None:
     flush_quietly(terminal)
     if sys.stderr is terminal:  # someone who replaced it meanwhile keeps their own
         sys.stderr = original
     terminal.close()
 
 
-def _writes_to_fd2(stream: Optional[IO]) -> bool:
+def _writes_to_fd2(stream: IO | None) -> bool:
     try:
         return stream is not None and stream.fileno() == STDERR_FD
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
@@ -237,7 +239,7 @@ def _pillow_dir() -> str:
     return os.path.dirname(os.path.abspath(PIL.__file__)) + os.sep
 
 
-def _warning_line(message, category: type, filename: str, lineno: int, decoding_path: Optional[str]) -> str:
+def _warning_line(message, category: type, filename: str, lineno: int, decoding_path: str | None) -> str:
     where = f" while decoding {decoding_path}" if decoding_path else ""
     source = f"{Path(filename).parent.name}/{Path(filename).name}:{lineno}"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning{where}: {category.__name__}: {message} ({source})"

@@ -21,6 +21,7 @@ unchanged: the cache's hash index remembers the listing, so an unchanged rerun r
 header nor an image of it. A shard cut short keeps the members it holds whole; one that is not a tar,
 or is compressed (its members have no offset to read at), is one line and the rest go on.
 """
+
 from __future__ import annotations
 
 import functools
@@ -169,13 +170,21 @@ def _listing(path: str, size: int, mtime_ns: int, inode: int) -> ShardListing:
     latest = {info.name: info for info in found}  # a name held twice: the later copy is what extraction leaves
     if len(found) > len(latest):
         listing.skipped["member listed twice"] += len(found) - len(latest)
-    listing.members = [Member(path, info.name, info.offset_data, info.size,
-                              labels.get(sample_key(info.name)[0], (0, ""))[1], (info.size, *stamp_of))
-                       for info in latest.values()]
+    listing.members = [
+        Member(
+            path,
+            info.name,
+            info.offset_data,
+            info.size,
+            labels.get(sample_key(info.name)[0], (0, ""))[1],
+            (info.size, *stamp_of),
+        )
+        for info in latest.values()
+    ]
     return listing
 
 
-def list_shard(path: str | os.PathLike, columns: "Columns | None" = None, index=None) -> ShardListing:
+def list_shard(path: str | os.PathLike, columns: Columns | None = None, index=None) -> ShardListing:
     """The image members of one shard, a tar or a Parquet file; `columns` names a Parquet file's image and label
     columns. Listed once per process while its size and mtime are unchanged, and once for good where `index`
     (the cache's `HashIndex`) remembers the listing."""
@@ -218,15 +227,23 @@ def _keep_listed(key: tuple, listing: ShardListing) -> None:
 
 
 def _listing_as_text(listing: ShardListing) -> str:
-    return json.dumps({"members": [[m.name, m.offset, m.size, m.label] for m in listing.members],
-                       "skipped": dict(listing.skipped), "problem": listing.problem}, separators=(",", ":"))
+    return json.dumps(
+        {
+            "members": [[m.name, m.offset, m.size, m.label] for m in listing.members],
+            "skipped": dict(listing.skipped),
+            "problem": listing.problem,
+        },
+        separators=(",", ":"),
+    )
 
 
 def _listing_from_text(path: str, text: str, st: os.stat_result) -> ShardListing:
     saved = json.loads(text)
     parquet = path.lower().endswith(PARQUET_SUFFIX)
-    members = [Member(path, name, offset, size, label, (0 if parquet else size, st.st_mtime_ns, st.st_ino))
-               for name, offset, size, label in saved["members"]]
+    members = [
+        Member(path, name, offset, size, label, (0 if parquet else size, st.st_mtime_ns, st.st_ino))
+        for name, offset, size, label in saved["members"]
+    ]
     return ShardListing(Path(path), members, Counter(saved["skipped"]), saved["problem"])
 
 
@@ -236,7 +253,7 @@ def member_of(path: str | os.PathLike) -> Member | None:
     for suffix in SUFFIXES:
         marker, start = suffix + "/", 0
         while (at := text.find(marker, start)) >= 0:
-            shard, name = text[: at + len(suffix)], text[at + len(marker):]
+            shard, name = text[: at + len(suffix)], text[at + len(marker) :]
             start = at + 1
             try:
                 if not stat.S_ISREG(os.stat(shard).st_mode):
@@ -294,8 +311,10 @@ def _choose_image_column(schema, asked: str | None) -> str:
         if asked not in schema.names:
             raise DataError(f"no column {asked!r} (it has {', '.join(schema.names[:8])})")
         if not _image_column_kind(schema.field(asked).type):
-            raise DataError(f"column {asked!r} holds {schema.field(asked).type}, not image bytes (binary, or a struct "
-                            "with a binary bytes field)")
+            raise DataError(
+                f"column {asked!r} holds {schema.field(asked).type}, not image bytes (binary, or a struct "
+                "with a binary bytes field)"
+            )
         return asked
     found = [name for name in schema.names if _image_column_kind(schema.field(name).type)]
     if len(found) != 1:
@@ -333,7 +352,9 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError("reading Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow)") from None
+        raise DataError(
+            "reading Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow)"
+        ) from None
     return pq
 
 
@@ -363,8 +384,10 @@ def _parquet_listing(path: str, size: int, mtime_ns: int, inode: int, columns: C
     except (OSError, ValueError, NotImplementedError) as exc:  # what pyarrow raises derives from these
         listing.problem = f"not a readable Parquet file ({first_line(exc)})"
         return listing
-    listing.members = [Member(path, f"{image}/{row}", row, 0, labels[row] if labels else "", (0, mtime_ns, inode))
-                       for row in range(total)]
+    listing.members = [
+        Member(path, f"{image}/{row}", row, 0, labels[row] if labels else "", (0, mtime_ns, inode))
+        for row in range(total)
+    ]
     return listing
 
 
@@ -375,8 +398,12 @@ def _parquet_member(path: str, name: str) -> Member | None:
         schema, _, total = _parquet_layout(path, st.st_mtime_ns)
     except (OSError, ValueError, NotImplementedError, DataError):
         return None
-    if not row.isdigit() or int(row) >= total or column not in schema.names or not _image_column_kind(
-            schema.field(column).type):
+    if (
+        not row.isdigit()
+        or int(row) >= total
+        or column not in schema.names
+        or not _image_column_kind(schema.field(column).type)
+    ):
         return None
     return Member(path, name, int(row), 0, "", (0, st.st_mtime_ns, st.st_ino))
 
@@ -417,7 +444,7 @@ def expand_pattern(pattern: str) -> list[Path]:
         raise DataError(f"the pattern {pattern} counts down ({low}..{high}); write the lower number first")
     paths = []
     for number in range(int(low), int(high) + 1):
-        paths.extend(expand_pattern(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end():]))
+        paths.extend(expand_pattern(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end() :]))
     return paths
 
 

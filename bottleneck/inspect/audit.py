@@ -28,6 +28,7 @@ its flags are mostly hard images, not wrong labels. exclude.txt lists the traini
 leak (the test split is never changed by `train-head --exclude`) and far-out outliers; label
 issues only when asked (`exclude_label_issues`).
 """
+
 from __future__ import annotations
 
 import os
@@ -108,10 +109,16 @@ class AuditResult:
         return [pair for pair in self.near_duplicates + self.exact_duplicates if pair["leakage"]]
 
     def counts(self) -> dict:
-        return {"images": self.images, "classes": len(self.classes), "near_duplicates": len(self.near_duplicates),
-                "exact_duplicates": len(self.exact_duplicates), "leakage": len(self.leakage),
-                "label_issues": len(self.label_issues), "outliers": len(self.outliers),
-                "failed_extraction": self.excluded.get("failed_extraction", 0)}
+        return {
+            "images": self.images,
+            "classes": len(self.classes),
+            "near_duplicates": len(self.near_duplicates),
+            "exact_duplicates": len(self.exact_duplicates),
+            "leakage": len(self.leakage),
+            "label_issues": len(self.label_issues),
+            "outliers": len(self.outliers),
+            "failed_extraction": self.excluded.get("failed_extraction", 0),
+        }
 
     def as_json(self) -> dict:
         record = asdict(self)
@@ -138,17 +145,22 @@ class AuditResult:
         model = self.label_model
         if not model:
             return None
-        line = (f"label issues come from a {model['folds']}-fold cross-validated logistic regression with "
-                f"{model['metric']} {model['value']:.3f} (chance {model['chance']:.3f})")
+        line = (
+            f"label issues come from a {model['folds']}-fold cross-validated logistic regression with "
+            f"{model['metric']} {model['value']:.3f} (chance {model['chance']:.3f})"
+        )
         if not model["trusted"]:
-            return (line + f": TOO WEAK for its flags to be trusted (below {TRUSTED_ACCURACY}); most flagged images are "
-                    "likely hard but correctly labelled. Review them; they are not in exclude.txt unless "
-                    "--exclude-label-issues")
+            return (
+                line + f": TOO WEAK for its flags to be trusted (below {TRUSTED_ACCURACY}); most flagged images are "
+                "likely hard but correctly labelled. Review them; they are not in exclude.txt unless "
+                "--exclude-label-issues"
+            )
         return line + f" (at least {TRUSTED_ACCURACY}: its flags are worth reviewing)"
 
 
 # ---------------------------------------------------------------------------------------------
 # The projected features and the kNN graph
+
 
 def _projection(rows, sample_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(mean, scale, PCA components or None), fitted on a sample of at most `sample_rows` rows."""
@@ -188,7 +200,9 @@ def _require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"the audit needs {module}: pip install 'bottleneck-transfer[audit]' (faiss-cpu and cleanlab)") from None
+        raise DataError(
+            f"the audit needs {module}: pip install 'bottleneck-transfer[audit]' (faiss-cpu and cleanlab)"
+        ) from None
 
 
 def progress_bar(total: int, desc: str, unit: str, progress: bool):
@@ -225,7 +239,10 @@ def knn_graph(Z: np.ndarray, k: int, progress: bool = False) -> tuple[np.ndarray
 # ---------------------------------------------------------------------------------------------
 # The three audits
 
-def near_duplicate_pairs(distances: np.ndarray, neighbours: np.ndarray, factor: float) -> tuple[list[tuple[int, int, float]], float]:
+
+def near_duplicate_pairs(
+    distances: np.ndarray, neighbours: np.ndarray, factor: float
+) -> tuple[list[tuple[int, int, float]], float]:
     """Pairs (i < j, distance) closer than `factor` x the median nearest-neighbour distance; and that threshold."""
     median = float(np.median(distances[:, 0])) if len(distances) else 0.0
     threshold = factor * median
@@ -245,7 +262,9 @@ def outlier_scores(distances: np.ndarray) -> tuple[np.ndarray, float, float]:
     return mean, float(q3 + OUTLIER_IQR * (q3 - q1)), float(q3 + FAR_OUT_IQR * (q3 - q1))
 
 
-def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: int, progress: bool = False) -> np.ndarray:
+def out_of_fold_probabilities(
+    Z: np.ndarray, y: np.ndarray, folds: int, seed: int, progress: bool = False
+) -> np.ndarray:
     """Probabilities each image gets from a logistic regression that never saw it (stratified k-fold)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -266,8 +285,14 @@ def out_of_fold_probabilities(Z: np.ndarray, y: np.ndarray, folds: int, seed: in
 def model_record(metric: str, value: float, chance: float, folds: int) -> dict:
     """The cross-validated model behind the label issues: its score, chance, and whether it is strong enough
     (`TRUSTED_ACCURACY`) for its flags to be trusted."""
-    return {"metric": metric, "value": round(float(value), 6), "chance": round(float(chance), 6), "folds": folds,
-            "trusted": bool(value >= TRUSTED_ACCURACY), "trusted_at_least": TRUSTED_ACCURACY}
+    return {
+        "metric": metric,
+        "value": round(float(value), 6),
+        "chance": round(float(chance), 6),
+        "folds": folds,
+        "trusted": bool(value >= TRUSTED_ACCURACY),
+        "trusted_at_least": TRUSTED_ACCURACY,
+    }
 
 
 def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]]:
@@ -279,15 +304,16 @@ def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]
     return [(int(i), float(1.0 - proba[i, y[i]])) for i in flagged]
 
 
-def out_of_fold_label_probabilities(Z: np.ndarray, truth: np.ndarray, strata: list[str], folds: int,
-                                    seed: int, progress: bool = False) -> np.ndarray:
+def out_of_fold_label_probabilities(
+    Z: np.ndarray, truth: np.ndarray, strata: list[str], folds: int, seed: int, progress: bool = False
+) -> np.ndarray:
     """Each image's probability of each label (truth: (n, k) 0/1) from one-vs-rest logistic regressions that
     never saw it; folds stratified by `strata` (each image's rarest label). A label constant in a fold's
     training images gets that constant."""
+    import warnings
+
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
-
-    import warnings
 
     proba = np.zeros(truth.shape)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -323,6 +349,7 @@ def multi_label_issue_rows(truth: np.ndarray, proba: np.ndarray) -> list[tuple[i
 # ---------------------------------------------------------------------------------------------
 # The whole audit
 
+
 def _check_classes(labels: list[str], folds: int) -> int:
     """The folds cross-validation can use; one line when the classes (multi-label: the labels) cannot be audited."""
     counts = Counter(labels)
@@ -331,8 +358,10 @@ def _check_classes(labels: list[str], folds: int) -> int:
         raise DataError(f"an audit needs at least two classes; {only}")
     label, fewest = min(counts.items(), key=lambda item: (item[1], item[0]))
     if fewest < 2:
-        raise DataError(f"class {label!r} has a single image with features; finding label issues cross-validates, so "
-                        "each class needs at least 2 images (5 or more for 5 folds)")
+        raise DataError(
+            f"class {label!r} has a single image with features; finding label issues cross-validates, so "
+            "each class needs at least 2 images (5 or more for 5 folds)"
+        )
     return min(folds, fewest)
 
 
@@ -354,8 +383,9 @@ def exact_duplicate_pairs(hashes: list[str]) -> list[tuple[int, int]]:
 UNSPLIT = "-"
 
 
-def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed: int,
-                        progress: bool = False) -> tuple[list[dict], dict]:
+def _multi_label_issues(
+    Z: np.ndarray, data, splits: list[str], folds: int, seed: int, progress: bool = False
+) -> tuple[list[dict], dict]:
     """Images with a label set the cross-validated one-vs-rest model doubts (cleanlab's multi-label confident
     learning); `suggested` is the labels it gives over one half. Also the model's record (micro F1 at 0.5)."""
     from sklearn.metrics import f1_score
@@ -371,26 +401,54 @@ def _multi_label_issues(Z: np.ndarray, data, splits: list[str], folds: int, seed
     # chance: the micro F1 of giving every label to every image
     chance = 2 * truth.mean() / (1 + truth.mean())
     model = model_record("micro F1", f1_score(truth, proba >= 0.5, average="micro", zero_division=0), chance, folds)
-    return [{"path": data.relpaths[i], "given": data.labels[i],
-             "suggested": joined_labels(tuple(label for label, p in zip(labels, proba[i]) if p >= 0.5)),
-             "score": round(score, 6), "split": splits[i]} for i, score in multi_label_issue_rows(truth, proba)], model
+    return [
+        {
+            "path": data.relpaths[i],
+            "given": data.labels[i],
+            "suggested": joined_labels(tuple(label for label, p in zip(labels, proba[i]) if p >= 0.5)),
+            "score": round(score, 6),
+            "split": splits[i],
+        }
+        for i, score in multi_label_issue_rows(truth, proba)
+    ], model
 
 
-def _label_issues(Z: np.ndarray, labels: list[str], splits: list[str], relpaths: list[str], folds: int,
-                  seed: int, progress: bool = False) -> tuple[list[dict], dict]:
+def _label_issues(
+    Z: np.ndarray,
+    labels: list[str],
+    splits: list[str],
+    relpaths: list[str],
+    folds: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[list[dict], dict]:
     """Images whose label the cross-validated model doubts most (cleanlab's confident learning), and the model's
     record (its cross-validated accuracy; chance is the largest class's share)."""
     classes = sorted(set(labels))
     y = np.array([classes.index(label) for label in labels])
     proba = out_of_fold_probabilities(Z, y, folds, seed, progress)
     model = model_record("accuracy", np.mean(np.argmax(proba, axis=1) == y), np.bincount(y).max() / len(y), folds)
-    return [{"path": relpaths[i], "given": labels[i], "suggested": classes[int(np.argmax(proba[i]))],
-             "score": round(score, 6), "split": splits[i]} for i, score in label_issue_rows(y, proba)], model
+    return [
+        {
+            "path": relpaths[i],
+            "given": labels[i],
+            "suggested": classes[int(np.argmax(proba[i]))],
+            "score": round(score, 6),
+            "split": splits[i],
+        }
+        for i, score in label_issue_rows(y, proba)
+    ], model
 
 
-def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: BackboneSpec | None = None,
-              config: AuditConfig = AuditConfig(), log: Callable[[str], None] = lambda message: None,
-              max_memory: int | None = None, progress: bool = False) -> AuditResult:
+def run_audit(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    spec: BackboneSpec | None = None,
+    config: AuditConfig = AuditConfig(),
+    log: Callable[[str], None] = lambda message: None,
+    max_memory: int | None = None,
+    progress: bool = False,
+) -> AuditResult:
     """Audit the images under DATA from their cached features (see the module's docstring); `progress` draws
     bars with ETA on stderr for the long steps (the kNN graph, the cross-validation folds)."""
     from bottleneck.learn.dataset import load_labelled_features
@@ -398,14 +456,31 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, layout=config.layout,
-                                  columns=config.columns, labels=config.labels, need_labels=False)
+    data = load_labelled_features(
+        data_dir,
+        cache_dir,
+        spec,
+        log=log,
+        max_memory=max_memory,
+        layout=config.layout,
+        columns=config.columns,
+        labels=config.labels,
+        need_labels=False,
+    )
     labels = list(data.labels)
     unlabelled = not any(labels)  # a plain folder: near-duplicates and outliers only
     each_label = [label for labels in data.label_sets for label in labels] if data.multi_label else labels
     folds = 0 if unlabelled else _check_classes(each_label, config.folds)
-    splits = [UNSPLIT] * len(labels) if unlabelled else splits_for(
-        data, SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed), config.split_file, log)
+    splits = (
+        [UNSPLIT] * len(labels)
+        if unlabelled
+        else splits_for(
+            data,
+            SplitConfig(val_pct=config.val_pct, test_pct=config.test_pct, seed=config.seed),
+            config.split_file,
+            log,
+        )
+    )
     hashes = data.content_hashes
     seconds["load"] = time.perf_counter() - started
 
@@ -421,14 +496,22 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     pairs, threshold = near_duplicate_pairs(distances, neighbours, config.duplicate_factor)
     exact = exact_duplicate_pairs(hashes)
     if not pretrained:
-        notes.append(f"RANDOM WEIGHTS: the features come from an untrained network, so every image looks alike to it; "
-                     f"near-duplicates are not reported ({len(pairs)} pairs would have been). Byte-identical files are.")
+        notes.append(
+            f"RANDOM WEIGHTS: the features come from an untrained network, so every image looks alike to it; "
+            f"near-duplicates are not reported ({len(pairs)} pairs would have been). Byte-identical files are."
+        )
         pairs = []
 
     def pair_record(a: int, b: int, distance: float) -> dict:
-        return {"a": data.relpaths[a], "b": data.relpaths[b], "distance": round(distance, 6),
-                "splits": [splits[a], splits[b]], "labels": [labels[a], labels[b]],
-                "leakage": splits[a] != splits[b], "same_label": labels[a] == labels[b]}
+        return {
+            "a": data.relpaths[a],
+            "b": data.relpaths[b],
+            "distance": round(distance, 6),
+            "splits": [splits[a], splits[b]],
+            "labels": [labels[a], labels[b]],
+            "leakage": splits[a] != splits[b],
+            "same_label": labels[a] == labels[b],
+        }
 
     near = [pair_record(a, b, d) for a, b, d in pairs if not (hashes[a] and hashes[a] == hashes[b])]
     exact_records = [pair_record(a, b, 0.0) for a, b in exact]
@@ -436,9 +519,17 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     started = time.perf_counter()
     mean_distance, outlier_threshold, far_threshold = outlier_scores(distances)
     order = np.argsort(-mean_distance, kind="stable")
-    outliers = [{"path": data.relpaths[i], "label": labels[i], "split": splits[i], "score": round(float(mean_distance[i]), 6),
-                 "far_out": bool(mean_distance[i] > far_threshold)}
-                for i in order if mean_distance[i] > outlier_threshold]
+    outliers = [
+        {
+            "path": data.relpaths[i],
+            "label": labels[i],
+            "split": splits[i],
+            "score": round(float(mean_distance[i]), 6),
+            "far_out": bool(mean_distance[i] > far_threshold),
+        }
+        for i in order
+        if mean_distance[i] > outlier_threshold
+    ]
 
     if unlabelled:
         issues, label_model = [], None
@@ -447,29 +538,62 @@ def run_audit(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, spec: B
     else:
         issues, label_model = _label_issues(Z, labels, splits, data.relpaths, folds, config.seed, progress)
     if unlabelled:
-        notes.append("a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
-                     "byte-identical files and outliers only")
+        notes.append(
+            "a plain folder: no labels, so no label issues and no split to leak across; near-duplicates, "
+            "byte-identical files and outliers only"
+        )
     seconds["label_issues_and_outliers"] = time.perf_counter() - started
     started = time.perf_counter()
-    embedding = audit_embedding(Z, labels, data.relpaths, splits, {
-        "label issue": [i["path"] for i in issues], "outlier": [o["path"] for o in outliers],
-        "duplicate": [path for pair in near + exact_records for path in (pair["a"], pair["b"])]}, config.seed)
+    embedding = audit_embedding(
+        Z,
+        labels,
+        data.relpaths,
+        splits,
+        {
+            "label issue": [i["path"] for i in issues],
+            "outlier": [o["path"] for o in outliers],
+            "duplicate": [path for pair in near + exact_records for path in (pair["a"], pair["b"])],
+        },
+        config.seed,
+    )
     seconds["map"] = time.perf_counter() - started
     if data.missing:
-        notes.append(f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
-                     "and are not audited")
+        notes.append(
+            f"{len(data.missing)} images under DATA have no features yet (run `bottleneck features` first) "
+            "and are not audited"
+        )
     return AuditResult(
-        images=len(labels), classes={} if unlabelled else dict(sorted(Counter(each_label).items())),
+        images=len(labels),
+        classes={} if unlabelled else dict(sorted(Counter(each_label).items())),
         multi_label=data.multi_label,
         splits={} if unlabelled else dict(Counter(splits)),
-        near_duplicates=near, exact_duplicates=exact_records, label_issues=issues, outliers=outliers,
-        excluded={"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
-                  "non_finite": len(data.non_finite)},
-        thresholds={"duplicate_factor": config.duplicate_factor, "median_nearest_distance": round(threshold / config.duplicate_factor, 6)
-                    if config.duplicate_factor else None, "duplicate_distance": round(threshold, 6),
-                    "outlier_mean_knn_distance": round(outlier_threshold, 6),
-                    "far_out_mean_knn_distance": round(far_threshold, 6), "neighbours": int(distances.shape[1]),
-                    "folds": folds, "projected_dim": int(Z.shape[1]), "metric": "cosine on standardised features"},
-        notes=notes, seconds={k: round(v, 2) for k, v in seconds.items()}, pretrained=pretrained,
-        store=str(data.store_path), label_model=label_model, exclude_label_issues=config.exclude_label_issues,
-        embedding=embedding)
+        near_duplicates=near,
+        exact_duplicates=exact_records,
+        label_issues=issues,
+        outliers=outliers,
+        excluded={
+            "failed_extraction": len(data.failed),
+            "not_in_cache": len(data.missing),
+            "non_finite": len(data.non_finite),
+        },
+        thresholds={
+            "duplicate_factor": config.duplicate_factor,
+            "median_nearest_distance": round(threshold / config.duplicate_factor, 6)
+            if config.duplicate_factor
+            else None,
+            "duplicate_distance": round(threshold, 6),
+            "outlier_mean_knn_distance": round(outlier_threshold, 6),
+            "far_out_mean_knn_distance": round(far_threshold, 6),
+            "neighbours": int(distances.shape[1]),
+            "folds": folds,
+            "projected_dim": int(Z.shape[1]),
+            "metric": "cosine on standardised features",
+        },
+        notes=notes,
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+        pretrained=pretrained,
+        store=str(data.store_path),
+        label_model=label_model,
+        exclude_label_issues=config.exclude_label_issues,
+        embedding=embedding,
+    )

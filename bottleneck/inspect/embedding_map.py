@@ -7,6 +7,7 @@ At most `MAX_POINTS` points are projected (the marked ones first, then a seeded 
 and at most `MAX_THUMBNAILS` of them carry a thumbnail; the page says so when it leaves any out.
 The map needs no network: its pictures are data URIs and its script is a few inline lines.
 """
+
 from __future__ import annotations
 
 import html
@@ -28,7 +29,18 @@ MIN_TSNE = 30
 THUMBNAIL_SIDE = 64
 _WIDTH, _HEIGHT, _MARGIN = 640, 480, 12
 #: Distinct colours for labels (Tableau 10), then hues spread by the golden angle.
-_PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+_PALETTE = [
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 _map_ids = itertools.count(1)
 
 
@@ -79,18 +91,30 @@ def project_2d(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         umap = None
     if umap is not None:
         try:
-            return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(X) - 1)).fit_transform(X), "UMAP"
+            return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(X) - 1)).fit_transform(
+                X
+            ), "UMAP"
         except Exception:  # noqa: BLE001 - any failure of an optional library falls back to t-SNE
             pass
     try:
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
-        reduced = PCA(n_components=min(50, *X.shape), svd_solver="randomized", random_state=seed).fit_transform(X) if X.shape[1] > 50 else X
+        reduced = (
+            PCA(n_components=min(50, *X.shape), svd_solver="randomized", random_state=seed).fit_transform(X)
+            if X.shape[1] > 50
+            else X
+        )
         from threadpoolctl import threadpool_limits
 
-        tsne = TSNE(n_components=2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", learning_rate="auto",
-                    max_iter=TSNE_ITERATIONS, random_state=seed)
+        tsne = TSNE(
+            n_components=2,
+            perplexity=min(30.0, (len(X) - 1) / 3),
+            init="pca",
+            learning_rate="auto",
+            max_iter=TSNE_ITERATIONS,
+            random_state=seed,
+        )
         # One OpenMP thread: on a busy machine t-SNE's spinning threads took 10x longer (3 s vs 30 s, 900 points).
         with threadpool_limits(limits=1, user_api="openmp"):
             return tsne.fit_transform(reduced), "t-SNE"
@@ -106,13 +130,20 @@ def _scaled(xy: np.ndarray) -> np.ndarray:
     low, high = xy.min(axis=0), xy.max(axis=0)
     span = np.where(high - low > 1e-12, high - low, 1.0)
     unit = (xy - low) / span
-    return np.column_stack([_MARGIN + unit[:, 0] * (_WIDTH - 2 * _MARGIN), _MARGIN + (1 - unit[:, 1]) * (_HEIGHT - 2 * _MARGIN)])
+    return np.column_stack(
+        [_MARGIN + unit[:, 0] * (_WIDTH - 2 * _MARGIN), _MARGIN + (1 - unit[:, 1]) * (_HEIGHT - 2 * _MARGIN)]
+    )
 
 
 #: How a marked point is drawn: a larger circle with a dark ring, or a square with a red edge.
-_SHAPES = {0: ('<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}"', "circle"),
-           1: ('<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}" stroke="#000" stroke-width="2"', "ringed circle"),
-           2: ('<rect x="{x0:.1f}" y="{y0:.1f}" width="10" height="10" fill="{c}" stroke="#d00" stroke-width="2"', "red-edged square")}
+_SHAPES = {
+    0: ('<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}"', "circle"),
+    1: ('<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}" stroke="#000" stroke-width="2"', "ringed circle"),
+    2: (
+        '<rect x="{x0:.1f}" y="{y0:.1f}" width="10" height="10" fill="{c}" stroke="#d00" stroke-width="2"',
+        "red-edged square",
+    ),
+}
 
 #: Kinds of marked points, and the shape each is drawn with.
 MISCLASSIFIED, FLAGGED = "misclassified", "flagged"
@@ -153,10 +184,16 @@ def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails
     for i, (x, y) in zip(order, _scaled(embedding.xy)[order]):
         template = _SHAPES[shape.get(embedding.kinds[i], 0)][0]
         uri = thumbnail_uri(root / embedding.relpaths[i], THUMBNAIL_SIDE, quality=70) if i in with_thumbnail else None
-        points.append(template.format(x=x, y=y, x0=x - 5, y0=y - 5, c=colour[embedding.labels[i]])
-                      + f' data-c="{html.escape(shown_text(embedding.captions[i]))}"' + (f' data-i="{uri}"' if uri else "") + "/>")
-    legend = [f'<span><i class="swatch" style="background:{colour[label]}"></i>{html.escape(shown_text(label))}</span>'
-              for label in classes[:30]]
+        points.append(
+            template.format(x=x, y=y, x0=x - 5, y0=y - 5, c=colour[embedding.labels[i]])
+            + f' data-c="{html.escape(shown_text(embedding.captions[i]))}"'
+            + (f' data-i="{uri}"' if uri else "")
+            + "/>"
+        )
+    legend = [
+        f'<span><i class="swatch" style="background:{colour[label]}"></i>{html.escape(shown_text(label))}</span>'
+        for label in classes[:30]
+    ]
     if len(classes) > 30:
         legend.append(f"<span>... and {len(classes) - 30} more labels</span>")
     legend += [f"<span>{_SHAPES[shape[kind]][1]}: {html.escape(text)}</span>" for kind, text in marks.items()]
@@ -166,15 +203,18 @@ def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails
         notes.append(f"a seeded sample of {shown} of the {embedding.total} images (marked ones first)")
     if shown > thumbnails:
         notes.append(f"thumbnails on hover for {thumbnails} of them (marked ones first)")
-    return (f'<div class="emap" id="{map_id}"><svg width="{_WIDTH}" height="{_HEIGHT}" '
-            f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" aria-label="embedding map">{"".join(points)}</svg>'
-            '<div class="emap-tip" hidden></div>'
-            f'<div class="emap-legend">{"".join(legend)}</div><p class="note">{html.escape("; ".join(notes))}; '
-            f"hover over a point to see its image</p>{_SCRIPT % map_id}</div>")
+    return (
+        f'<div class="emap" id="{map_id}"><svg width="{_WIDTH}" height="{_HEIGHT}" '
+        f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" aria-label="embedding map">{"".join(points)}</svg>'
+        '<div class="emap-tip" hidden></div>'
+        f'<div class="emap-legend">{"".join(legend)}</div><p class="note">{html.escape("; ".join(notes))}; '
+        f"hover over a point to see its image</p>{_SCRIPT % map_id}</div>"
+    )
 
 
-def audit_embedding(Z: np.ndarray, labels: list[str], relpaths: list[str], splits: list[str],
-                    flags: dict[str, list[str]], seed: int = 0) -> Embedding:
+def audit_embedding(
+    Z: np.ndarray, labels: list[str], relpaths: list[str], splits: list[str], flags: dict[str, list[str]], seed: int = 0
+) -> Embedding:
     """The audit's map: every image (at most `MAX_POINTS`, flagged ones first) of the audit's projected features
     `Z`, flagged ones marked; `flags` maps each reason (label issue, outlier, ...) to the paths it flags."""
     reasons: dict[str, list[str]] = {}
@@ -184,8 +224,19 @@ def audit_embedding(Z: np.ndarray, labels: list[str], relpaths: list[str], split
     kinds = [FLAGGED if path in reasons else "" for path in relpaths]
     chosen = choose_points(kinds, MAX_POINTS, seed)
     xy, method = project_2d(np.asarray(Z)[chosen], seed)
-    captions = [f"{relpaths[i]}\n{labels[i] or '(no label)'}" + (f" ({splits[i]})" if splits[i] != "-" else "")
-                + (f"\n{', '.join(reasons[relpaths[i]])}" if relpaths[i] in reasons else "") for i in chosen]
-    return Embedding(xy, [relpaths[i] for i in chosen], [labels[i] or "(no label)" for i in chosen], captions,
-                     [kinds[i] for i in chosen], method, len(relpaths),
-                     "the audit's standardised features, L2-normalised (its cosine distance)")
+    captions = [
+        f"{relpaths[i]}\n{labels[i] or '(no label)'}"
+        + (f" ({splits[i]})" if splits[i] != "-" else "")
+        + (f"\n{', '.join(reasons[relpaths[i]])}" if relpaths[i] in reasons else "")
+        for i in chosen
+    ]
+    return Embedding(
+        xy,
+        [relpaths[i] for i in chosen],
+        [labels[i] or "(no label)" for i in chosen],
+        captions,
+        [kinds[i] for i in chosen],
+        method,
+        len(relpaths),
+        "the audit's standardised features, L2-normalised (its cosine distance)",
+    )

@@ -4,6 +4,7 @@ Binary tasks: the ROC and precision-recall curves with their areas (the second l
 order, is the positive one). Every single-label task: calibration, the expected calibration error
 over 15 equal-width bins of top-1 confidence and its reliability diagram.
 """
+
 from __future__ import annotations
 
 import html
@@ -27,7 +28,10 @@ def roc_pr_png(truth: np.ndarray, score: np.ndarray, positive: str) -> tuple[str
 
     from bottleneck.inspect.report import _png
 
-    areas = {"roc_auc": float(roc_auc_score(truth, score)), "average_precision": float(average_precision_score(truth, score))}
+    areas = {
+        "roc_auc": float(roc_auc_score(truth, score)),
+        "average_precision": float(average_precision_score(truth, score)),
+    }
     figure, grid = _figure(9, 3.6)
     fpr, tpr, _ = roc_curve(truth, score)
     grid[0][0].plot(fpr, tpr, drawstyle="steps-post")
@@ -36,8 +40,12 @@ def roc_pr_png(truth: np.ndarray, score: np.ndarray, positive: str) -> tuple[str
     precision, recall, _ = precision_recall_curve(truth, score)
     grid[0][1].plot(recall, precision, drawstyle="steps-post")
     grid[0][1].axhline(truth.mean(), linestyle=":", color="grey")  # a classifier that guesses
-    grid[0][1].set(xlabel="recall", ylabel="precision", ylim=(0, 1.02),
-                   title=f"precision-recall, AP {areas['average_precision']:.3f}")
+    grid[0][1].set(
+        xlabel="recall",
+        ylabel="precision",
+        ylim=(0, 1.02),
+        title=f"precision-recall, AP {areas['average_precision']:.3f}",
+    )
     figure.suptitle(f"positive class: {positive}", fontsize=9)
     return _png(figure), areas
 
@@ -52,14 +60,34 @@ def reliability_png(record: dict) -> str:
     figure, grid = _figure(4.2, 4.0)
     axes = grid[0][0]
     filled = count > 0
-    axes.bar(edges[:-1][filled], np.array(record["accuracy"])[filled], width=1 / bins, align="edge",
-             edgecolor="#225", color="#6a8fd0", label="accuracy")
-    axes.bar(edges[:-1][filled], (np.array(record["confidence"]) - np.array(record["accuracy"]))[filled],
-             bottom=np.array(record["accuracy"])[filled], width=1 / bins, align="edge", color="none",
-             edgecolor="#c33", hatch="//", label="gap to confidence")
+    axes.bar(
+        edges[:-1][filled],
+        np.array(record["accuracy"])[filled],
+        width=1 / bins,
+        align="edge",
+        edgecolor="#225",
+        color="#6a8fd0",
+        label="accuracy",
+    )
+    axes.bar(
+        edges[:-1][filled],
+        (np.array(record["confidence"]) - np.array(record["accuracy"]))[filled],
+        bottom=np.array(record["accuracy"])[filled],
+        width=1 / bins,
+        align="edge",
+        color="none",
+        edgecolor="#c33",
+        hatch="//",
+        label="gap to confidence",
+    )
     axes.plot([0, 1], [0, 1], ":", color="grey")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 confidence", ylabel="accuracy",
-             title=f"reliability, ECE {record['expected_calibration_error']:.3f}")
+    axes.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="top-1 confidence",
+        ylabel="accuracy",
+        title=f"reliability, ECE {record['expected_calibration_error']:.3f}",
+    )
     axes.legend(loc="upper left", fontsize=8)
     return _png(figure)
 
@@ -74,15 +102,19 @@ def prediction_pictures(predictions: Predictions) -> str:
         truth = np.array([label == classes[1] for label in predictions.labels], dtype=int)
         if 0 < truth.sum() < len(truth):
             uri, areas = roc_pr_png(truth, predictions.proba[:, 1], classes[1])
-            parts.append(f'<figure><img alt="ROC and precision-recall curves" src="{uri}"><figcaption>test ROC AUC '
-                         f'{areas["roc_auc"]:.4f}, average precision {areas["average_precision"]:.4f} (positive class '
-                         f'{html.escape(classes[1])})</figcaption></figure>')
+            parts.append(
+                f'<figure><img alt="ROC and precision-recall curves" src="{uri}"><figcaption>test ROC AUC '
+                f"{areas['roc_auc']:.4f}, average precision {areas['average_precision']:.4f} (positive class "
+                f"{html.escape(classes[1])})</figcaption></figure>"
+            )
         else:
             parts.append("<p>ROC and precision-recall: the test split has one class only</p>")
     record = calibration(predictions.proba, predictions.labels, classes)
-    parts.append(f'<figure><img alt="reliability diagram" src="{reliability_png(record)}"><figcaption>test '
-                 f'calibration: expected calibration error {record["expected_calibration_error"]:.4f} '
-                 f'({record["bins"]} equal-width bins of top-1 confidence, {len(predictions.paths)} images)'
-                 "</figcaption></figure>")
+    parts.append(
+        f'<figure><img alt="reliability diagram" src="{reliability_png(record)}"><figcaption>test '
+        f"calibration: expected calibration error {record['expected_calibration_error']:.4f} "
+        f"({record['bins']} equal-width bins of top-1 confidence, {len(predictions.paths)} images)"
+        "</figcaption></figure>"
+    )
     parts.append("</div>")
     return "".join(parts)

@@ -4,6 +4,7 @@ The page embeds its pictures (confusion matrices, learning curves, calibration a
 from `plots`, the embedding map and nearest training images from `run_pictures`, thumbnails of
 misclassified test images) as data URIs, so it can be mailed or archived as one file.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,10 +16,16 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
-from bottleneck.text import shown
 from bottleneck.inspect.embedding_map import STYLE as MAP_STYLE
-from bottleneck.learn.run_folder import (CONFIG_FILE, METRICS_FILE, backbone_fingerprint, read_run_json,
-                                         read_test_predictions, run_path)
+from bottleneck.learn.run_folder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    backbone_fingerprint,
+    read_run_json,
+    read_test_predictions,
+    run_path,
+)
+from bottleneck.text import shown
 
 _THUMBNAILS_PER_RUN = 24
 _THUMBNAIL_SIDE = 112
@@ -60,7 +67,9 @@ def _displayable(value):
 
 
 def _json_kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), "a number"
+    )
 
 
 def _shape_problem(config, metrics) -> str | None:
@@ -84,14 +93,18 @@ def _read_run(folder: Path) -> Run:
         raise DataError(problem)
     wrong = metrics.get("misclassified") or []
     data_root = run_path(folder, config, "data") or Path(".")
-    files = [data_root / row["path"] if isinstance(row, dict) and isinstance(row.get("path"), str) else Path("")
-             for row in (wrong if isinstance(wrong, list) else [])]
+    files = [
+        data_root / row["path"] if isinstance(row, dict) and isinstance(row.get("path"), str) else Path("")
+        for row in (wrong if isinstance(wrong, list) else [])
+    ]
     return Run(shown(folder.name), folder, _displayable(config), _displayable(metrics), files)
 
 
 def _skipped(folder: Path, why: str) -> str:
-    return (f"warning: skipped run {shown(folder)}: {why}; the report shows the other runs (train that run again, "
-            "or move its folder out of the runs folder)")
+    return (
+        f"warning: skipped run {shown(folder)}: {why}; the report shows the other runs (train that run again, "
+        "or move its folder out of the runs folder)"
+    )
 
 
 def load_runs(runs_dir: str | os.PathLike, log: Callable[[str], None] = lambda message: None) -> list[Run]:
@@ -108,10 +121,14 @@ def load_runs(runs_dir: str | os.PathLike, log: Callable[[str], None] = lambda m
             log(_skipped(folder, str(exc)))
             skipped += 1
     if not runs and skipped:
-        raise DataError(f"none of the {skipped} runs in {shown(root)} can be read (each named above): train one with "
-                        f"`bottleneck train-head --data DATA --runs {shown(root)}`")
+        raise DataError(
+            f"none of the {skipped} runs in {shown(root)} can be read (each named above): train one with "
+            f"`bottleneck train-head --data DATA --runs {shown(root)}`"
+        )
     if not runs:
-        raise DataError(f"no runs in {shown(root)}: train one with `bottleneck train-head --data DATA --runs {shown(root)}`")
+        raise DataError(
+            f"no runs in {shown(root)}: train one with `bottleneck train-head --data DATA --runs {shown(root)}`"
+        )
     return beside_parents(runs)
 
 
@@ -181,7 +198,9 @@ def _excluded_cell(config: dict) -> str:
     if "test_kept" not in record:  # before the test split was kept whole: its test images may have been removed too
         return f"{record.get('left_out')} (test split too)"
     kept = record.get("test_kept") or 0
-    return f"{record.get('left_out')}" + (f" (+{kept} listed test image{'s' if kept != 1 else ''} kept)" if kept else "")
+    return f"{record.get('left_out')}" + (
+        f" (+{kept} listed test image{'s' if kept != 1 else ''} kept)" if kept else ""
+    )
 
 
 def _data_root(run: Run) -> str:
@@ -194,8 +213,11 @@ def _test_outcomes(run: Run) -> dict[str, tuple[str, bool]] | None:
     if run.multi_label:
         return None
     predictions = read_test_predictions(run.folder)
-    return None if predictions is None else {path: (label, label == predicted)
-                                             for path, (label, predicted) in predictions.items()}
+    return (
+        None
+        if predictions is None
+        else {path: (label, label == predicted) for path, (label, predicted) in predictions.items()}
+    )
 
 
 def paired_comparison(run: Run, other: Run, outcomes: Callable[[Run], dict | None] = _test_outcomes) -> dict | None:
@@ -220,18 +242,35 @@ def _paired_cell(found: dict | None) -> str:
 
 
 #: What the comparison table's numbers are, said under it.
-COMPARISON_NOTE = ("Brackets: 95% percentile bootstrap intervals over the test images (seeded). \"vs row above\": this "
-                   "run's test accuracy minus the run above's on exactly the test images both scored, with a 95% paired "
-                   "bootstrap interval; only such a difference says one run is better. \"excluded\": images "
-                   "train-head --exclude left out of training and validation (the test split never changes).")
+COMPARISON_NOTE = (
+    'Brackets: 95% percentile bootstrap intervals over the test images (seeded). "vs row above": this '
+    "run's test accuracy minus the run above's on exactly the test images both scored, with a 95% paired "
+    'bootstrap interval; only such a difference says one run is better. "excluded": images '
+    "train-head --exclude left out of training and validation (the test split never changes)."
+)
 
 
 def comparison_rows(runs: list[Run]) -> list[list[str]]:
     """Header and one row per run: head, settings, split seed, backbone (in words), images left out by --exclude,
     accuracies (multi-label: mAP, marked), test accuracy and macro F1 with their 95% intervals, test size, the
     paired difference with the row above on their shared test images, training time."""
-    rows = [["run", "head", "settings", "split seed", "backbone", "excluded", "train acc", "val acc",
-             "test acc [95% CI]", "test images", "test macro F1 [95% CI]", "vs row above (same test images)", "train s"]]
+    rows = [
+        [
+            "run",
+            "head",
+            "settings",
+            "split seed",
+            "backbone",
+            "excluded",
+            "train acc",
+            "val acc",
+            "test acc [95% CI]",
+            "test images",
+            "test macro F1 [95% CI]",
+            "vs row above (same test images)",
+            "train s",
+        ]
+    ]
     cache: dict[int, dict | None] = {}
 
     def outcomes(run: Run) -> dict | None:
@@ -243,14 +282,34 @@ def comparison_rows(runs: list[Run]) -> list[list[str]]:
         test = run.metrics["splits"].get("test") or {}
         backbone = backbone_words(run.config) + ("" if run.metrics.get("pretrained", True) else " (RANDOM WEIGHTS)")
         head = run.metrics["head"] + (f" of {run.config['parent_run']}" if run.config.get("parent_run") else "")
-        score = (lambda split, run=run: "mAP " + _fmt(run.accuracy(split))) if run.multi_label else (lambda split, run=run: _fmt(run.accuracy(split)))
+        score = (
+            (lambda split, run=run: "mAP " + _fmt(run.accuracy(split)))
+            if run.multi_label
+            else (lambda split, run=run: _fmt(run.accuracy(split)))
+        )
         test_score = score("test") if run.multi_label else _with_interval(run.accuracy("test"), test.get("accuracy_ci"))
-        versus = "-" if i == 0 or run.multi_label or runs[i - 1].multi_label else _paired_cell(paired_comparison(run, runs[i - 1], outcomes))
-        rows.append([run.run_id, head + (" (multi-label)" if run.multi_label else ""), run.settings(),
-                     str(run.metrics.get("seed")), backbone, _excluded_cell(run.config), score("train"),
-                     score("validation"), test_score, str(test.get("images", "-")),
-                     _with_interval(test.get("macro_f1"), test.get("macro_f1_ci")), versus,
-                     _fmt(run.metrics.get("training_seconds"), 2)])
+        versus = (
+            "-"
+            if i == 0 or run.multi_label or runs[i - 1].multi_label
+            else _paired_cell(paired_comparison(run, runs[i - 1], outcomes))
+        )
+        rows.append(
+            [
+                run.run_id,
+                head + (" (multi-label)" if run.multi_label else ""),
+                run.settings(),
+                str(run.metrics.get("seed")),
+                backbone,
+                _excluded_cell(run.config),
+                score("train"),
+                score("validation"),
+                test_score,
+                str(test.get("images", "-")),
+                _with_interval(test.get("macro_f1"), test.get("macro_f1_ci")),
+                versus,
+                _fmt(run.metrics.get("training_seconds"), 2),
+            ]
+        )
     return rows
 
 
@@ -259,7 +318,13 @@ def per_class_rows(split: dict, thresholds: dict | None = None) -> list[list[str
     also each label's average precision and threshold."""
     rows = [["label", "precision", "recall", "F1", "support"] + (["AP", "threshold"] if thresholds else [])]
     for label, scores in split["per_class"].items():
-        row = [label, _fmt(scores["precision"], 3), _fmt(scores["recall"], 3), _fmt(scores["f1"], 3), str(scores["support"])]
+        row = [
+            label,
+            _fmt(scores["precision"], 3),
+            _fmt(scores["recall"], 3),
+            _fmt(scores["f1"], 3),
+            str(scores["support"]),
+        ]
         if thresholds:
             default = " (default)" if label in thresholds.get("defaulted", []) else ""
             row += [_fmt(scores.get("average_precision"), 3), _fmt(thresholds["thresholds"].get(label), 3) + default]
@@ -269,9 +334,11 @@ def per_class_rows(split: dict, thresholds: dict | None = None) -> list[list[str
 
 def multi_label_summary(split: dict) -> str:
     """One line of a multi-label split's scores."""
-    return (f"mAP {_fmt(split['mean_average_precision'])}, micro F1 {_fmt(split['micro_f1'])}, macro F1 "
-            f"{_fmt(split['macro_f1'])}, exact match {_fmt(split['exact_match'])} ({split['images']} images, "
-            f"{split['labels_per_image']:.2f} labels per image, {split['predicted_per_image']:.2f} predicted)")
+    return (
+        f"mAP {_fmt(split['mean_average_precision'])}, micro F1 {_fmt(split['micro_f1'])}, macro F1 "
+        f"{_fmt(split['macro_f1'])}, exact match {_fmt(split['exact_match'])} ({split['images']} images, "
+        f"{split['labels_per_image']:.2f} labels per image, {split['predicted_per_image']:.2f} predicted)"
+    )
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -285,15 +352,25 @@ def markdown_report(runs: list[Run], summary: dict | None = None) -> str:
     """The comparison table and, per run, the per-class test metrics, in Markdown."""
     parts = []
     if summary:
-        parts += [f"# {summary['title']}", "", markdown_table(summary["rows"]), ""] + [f"- {n}" for n in summary["notes"]] + [""]
+        parts += (
+            [f"# {summary['title']}", "", markdown_table(summary["rows"]), ""]
+            + [f"- {n}" for n in summary["notes"]]
+            + [""]
+        )
     parts += ["# Runs", "", markdown_table(comparison_rows(runs)), "", COMPARISON_NOTE]
     if any(not run.metrics.get("pretrained", True) for run in runs):
         parts += ["", "**WARNING: runs marked RANDOM WEIGHTS use features of an untrained backbone.**"]
     for run in runs:
         test = run.metrics["splits"].get("test")
         if test and run.multi_label:
-            parts += ["", f"## {run.run_id}: per-label test metrics", "", f"test: {multi_label_summary(test)}; thresholds "
-                      "chosen on the validation split", "", markdown_table(per_class_rows(test, run.metrics["thresholds"]))]
+            parts += [
+                "",
+                f"## {run.run_id}: per-label test metrics",
+                "",
+                f"test: {multi_label_summary(test)}; thresholds chosen on the validation split",
+                "",
+                markdown_table(per_class_rows(test, run.metrics["thresholds"])),
+            ]
         elif test:
             parts += ["", f"## {run.run_id}: per-class test metrics", "", markdown_table(per_class_rows(test))]
     return "\n".join(parts) + "\n"
@@ -377,47 +454,71 @@ def _html_table(rows: list[list[str]]) -> str:
 
 
 def _run_section(run: Run) -> str:
-    parts = [f'<section id="{html.escape(run.run_id)}"><h2>{html.escape(run.run_id)}</h2>',
-             f"<p>{html.escape(run.metrics['head'])} head, {html.escape(run.settings())}, split seed "
-             f"{run.metrics.get('seed')}, backbone <code>{html.escape(str(run.config.get('fingerprint', '?')))}</code></p>"]
+    parts = [
+        f'<section id="{html.escape(run.run_id)}"><h2>{html.escape(run.run_id)}</h2>',
+        f"<p>{html.escape(run.metrics['head'])} head, {html.escape(run.settings())}, split seed "
+        f"{run.metrics.get('seed')}, backbone <code>{html.escape(str(run.config.get('fingerprint', '?')))}</code></p>",
+    ]
     if not run.metrics.get("pretrained", True):
         parts.append(f'<p class="warning">{html.escape(run.metrics.get("warning") or "RANDOM WEIGHTS")}</p>')
     cv = run.metrics.get("cross_validation")
     if cv:
-        parts.append(f"<p>{cv['folds']}-fold cross-validation accuracy {cv['mean_accuracy']:.4f} &plusmn; {cv['std_accuracy']:.4f}</p>")
+        parts.append(
+            f"<p>{cv['folds']}-fold cross-validation accuracy {cv['mean_accuracy']:.4f} &plusmn; {cv['std_accuracy']:.4f}</p>"
+        )
     domain = (run.metrics.get("domain") or {}).get("train_vs_test")
     if domain:
-        parts.append(f"<p>train vs test in feature space: Frechet distance {domain['frechet_distance']:.3f}, "
-                     f"MMD&sup2; {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})</p>")
+        parts.append(
+            f"<p>train vs test in feature space: Frechet distance {domain['frechet_distance']:.3f}, "
+            f"MMD&sup2; {domain['mmd2']:.4f} (permutation p = {domain['mmd_p_value']:.3f})</p>"
+        )
     test = run.metrics["splits"].get("test")
     if test and run.multi_label:
-        parts.append(f"<p>multi-label, test: {html.escape(multi_label_summary(test))}; a threshold per label, chosen on "
-                     "the validation split</p><div><h3>per-label test metrics</h3>"
-                     + _html_table(per_class_rows(test, run.metrics["thresholds"])) + "</div>")
+        parts.append(
+            f"<p>multi-label, test: {html.escape(multi_label_summary(test))}; a threshold per label, chosen on "
+            "the validation split</p><div><h3>per-label test metrics</h3>"
+            + _html_table(per_class_rows(test, run.metrics["thresholds"]))
+            + "</div>"
+        )
     elif test:
-        parts.append('<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'
-                     "<figcaption>test confusion matrix (rows true, columns predicted)</figcaption></figure>")
+        parts.append(
+            '<div class="row"><figure><img alt="confusion matrix" src="' + confusion_png(test) + '">'
+            "<figcaption>test confusion matrix (rows true, columns predicted)</figcaption></figure>"
+        )
         parts.append("<div><h3>per-class test metrics</h3>" + _html_table(per_class_rows(test)) + "</div></div>")
     if test and not run.multi_label:
         parts.append(_prediction_pictures(run))
     if run.metrics.get("history"):
-        parts.append('<figure><img alt="learning curve" src="' + learning_curve_png(run.metrics["history"]) + '">'
-                     "<figcaption>learning curve</figcaption></figure>")
+        parts.append(
+            '<figure><img alt="learning curve" src="' + learning_curve_png(run.metrics["history"]) + '">'
+            "<figcaption>learning curve</figcaption></figure>"
+        )
     wrong = run.metrics.get("misclassified") or []
     pictures = _feature_pictures(run)
     parts.append("<h3>embedding map</h3>" + (pictures.map_html or _unavailable("embedding map", pictures.unavailable)))
     if wrong:
         parts.append(f"<h3>misclassified test images ({len(wrong)})</h3>")
-        parts.append(f'<p class="note">beside each, {html.escape(pictures.note)}</p>' if pictures.neighbours
-                     else _unavailable("nearest training images", pictures.unavailable))
+        parts.append(
+            f'<p class="note">beside each, {html.escape(pictures.note)}</p>'
+            if pictures.neighbours
+            else _unavailable("nearest training images", pictures.unavailable)
+        )
         parts.append('<div class="thumbs">')
         for row, image_file in zip(wrong[:_THUMBNAILS_PER_RUN], run.image_files):
             uri = thumbnail_uri(image_file)  # the file's own name, not the printable one
-            picture = f'<img alt="{html.escape(row["path"])}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
-            figure = (f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
-                      f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>")
+            picture = (
+                f'<img alt="{html.escape(row["path"])}" src="{uri}">'
+                if uri
+                else '<div class="missing">file missing</div>'
+            )
+            figure = (
+                f"<figure>{picture}<figcaption>{html.escape(row['path'])}<br>true <b>{html.escape(row['true'])}</b>,"
+                f" predicted <b>{html.escape(row['predicted'])}</b> ({row['confidence']:.2f})</figcaption></figure>"
+            )
             near = pictures.neighbours.get(row["path"])
-            parts.append(f'<div class="mistake">{figure}{_neighbours_html(pictures.root, near)}</div>' if near else figure)
+            parts.append(
+                f'<div class="mistake">{figure}{_neighbours_html(pictures.root, near)}</div>' if near else figure
+            )
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -438,7 +539,9 @@ def _prediction_pictures(run: Run) -> str:
     except RunError as exc:
         return _unavailable("ROC, precision-recall and calibration", str(exc))
     except (ValueError, IndexError) as exc:  # a hand-edited file: its probabilities do not fit its classes
-        return _unavailable("ROC, precision-recall and calibration", f"its test_predictions.csv does not add up ({exc})")
+        return _unavailable(
+            "ROC, precision-recall and calibration", f"its test_predictions.csv does not add up ({exc})"
+        )
 
 
 def _feature_pictures(run: Run):
@@ -450,8 +553,13 @@ def _feature_pictures(run: Run):
     except DataError as exc:
         return FeaturePictures(unavailable=str(exc))
     wrong = metrics.get("misclassified") if isinstance(metrics, dict) else None
-    return feature_pictures(run.folder, config, wrong if isinstance(wrong, list) else [], _THUMBNAILS_PER_RUN,
-                            run.metrics.get("seed") if isinstance(run.metrics.get("seed"), int) else 0)
+    return feature_pictures(
+        run.folder,
+        config,
+        wrong if isinstance(wrong, list) else [],
+        _THUMBNAILS_PER_RUN,
+        run.metrics.get("seed") if isinstance(run.metrics.get("seed"), int) else 0,
+    )
 
 
 def _neighbours_html(root: Path, near: list[tuple[str, str, float]]) -> str:
@@ -459,13 +567,20 @@ def _neighbours_html(root: Path, near: list[tuple[str, str, float]]) -> str:
     figures = []
     for relpath, label, similarity in near:
         uri = thumbnail_uri(root / relpath, 64)
-        picture = f'<img alt="{html.escape(shown(relpath))}" src="{uri}">' if uri else '<div class="missing">file missing</div>'
-        figures.append(f"<figure>{picture}<figcaption>{html.escape(shown(relpath))}<br><b>{html.escape(shown(label))}</b>"
-                       f" ({similarity:.3f})</figcaption></figure>")
+        picture = (
+            f'<img alt="{html.escape(shown(relpath))}" src="{uri}">'
+            if uri
+            else '<div class="missing">file missing</div>'
+        )
+        figures.append(
+            f"<figure>{picture}<figcaption>{html.escape(shown(relpath))}<br><b>{html.escape(shown(label))}</b>"
+            f" ({similarity:.3f})</figcaption></figure>"
+        )
     return '<div class="neighbours"><div class="note">nearest training images</div>' + "".join(figures) + "</div>"
 
 
-_STYLE = """
+_STYLE = (
+    """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
 th { background: #f0f0f0; } td { font-variant-numeric: tabular-nums; }
@@ -479,14 +594,17 @@ figcaption { overflow-wrap: anywhere; } /* a long file name wraps instead of run
 .unavailable { color: #666; font-style: italic; }
 .missing { width: 112px; height: 112px; background: #eee; display: flex; align-items: center; justify-content: center; }
 section { border-top: 2px solid #ddd; margin-top: 2em; }
-""" + MAP_STYLE
+"""
+    + MAP_STYLE
+)
 
 
 def _summary_html(summary: dict | None) -> str:
     if not summary:
         return ""
     notes = "".join(
-        f'<p class="{"warning" if n.startswith("WARNING") else "note"}">{html.escape(n)}</p>' for n in summary["notes"])
+        f'<p class="{"warning" if n.startswith("WARNING") else "note"}">{html.escape(n)}</p>' for n in summary["notes"]
+    )
     return f"<h2>{html.escape(summary['title'])}</h2>{_html_table(summary['rows'])}{notes}"
 
 
@@ -496,8 +614,10 @@ def html_report(runs: list[Run], summary: dict | None = None, sections: dict[int
     if any(not run.metrics.get("pretrained", True) for run in runs):
         warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
     sections = "\n".join((sections or {}).get(id(run)) or _run_section(run) for run in runs)
-    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>bottleneck runs</title><style>{_STYLE}</style></head>"
-            f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}<p class='note'>{html.escape(COMPARISON_NOTE)}</p>{sections}</body></html>\n")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>bottleneck runs</title><style>{_STYLE}</style></head>'
+        f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}<p class='note'>{html.escape(COMPARISON_NOTE)}</p>{sections}</body></html>\n"
+    )
 
 
 #: What reading a metrics.json of an unexpected shape raises, deep inside the tables and pictures.
@@ -513,12 +633,18 @@ def _renderable(runs: list[Run], log: Callable[[str], None]) -> tuple[list[Run],
             markdown_report([run])
             sections[id(run)] = _run_section(run)
         except _SHAPE_ERRORS as exc:
-            log(_skipped(run.folder, f"its metrics.json is not as train-head writes it ({type(exc).__name__}: {shown(exc)})"))
+            log(
+                _skipped(
+                    run.folder, f"its metrics.json is not as train-head writes it ({type(exc).__name__}: {shown(exc)})"
+                )
+            )
             continue
         kept.append(run)
     if not kept:
-        raise DataError(f"none of the {len(runs)} runs in {shown(runs[0].folder.parent)} can be shown (each named above): "
-                        "train one again with `bottleneck train-head`")
+        raise DataError(
+            f"none of the {len(runs)} runs in {shown(runs[0].folder.parent)} can be shown (each named above): "
+            "train one again with `bottleneck train-head`"
+        )
     return kept, sections
 
 
@@ -529,8 +655,12 @@ def _remove(path: Path) -> None:
         pass
 
 
-def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 summary: dict | None = None, log: Callable[[str], None] = lambda message: None) -> tuple[Path, str]:
+def write_report(
+    runs_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    summary: dict | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[Path, str]:
     """Write the HTML report (default RUNS/report.html); return its path and the Markdown tables.
 
     `summary` ({title, rows, notes}) is an extra table shown first, as the demo's comparison.
@@ -542,8 +672,9 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike | None = No
     tmp = target.with_name(f".{target.name}.tmp")
     _remove(tmp)  # left by a killed run
     if target.is_dir():
-        raise DataError(f"--out {shown(target)} is a folder: name the HTML file to write, as "
-                        f"--out {shown(target / 'report.html')}")
+        raise DataError(
+            f"--out {shown(target)} is a folder: name the HTML file to write, as --out {shown(target / 'report.html')}"
+        )
     runs, sections = _renderable(load_runs(runs_dir, log), log)
     page = html_report(runs, summary, sections)
     try:

@@ -4,6 +4,7 @@ misclassified test image its nearest training images (cosine similarity of L2-no
 Both read the run's split.csv, its DATA and its feature cache through `run_folder.run_images`; a run
 sent alone (no cache, no DATA) gets one line saying why they are unavailable instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,8 +73,10 @@ def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) ->
     position = {relpath: i for i, relpath in enumerate(images.relpaths)}
     wrong = [row for row in wrong if isinstance(row, dict) and row.get("path") in position]
     mistakes = {row["path"]: row for row in wrong}
-    kinds = [MISCLASSIFIED if relpath in mistakes and split == "test" else ""
-             for relpath, split in zip(images.relpaths, images.splits)]
+    kinds = [
+        MISCLASSIFIED if relpath in mistakes and split == "test" else ""
+        for relpath, split in zip(images.relpaths, images.splits)
+    ]
     chosen = choose_points(kinds, MAX_POINTS, seed)
     key = (str(config.get("store")), images.rows[chosen].tobytes(), seed)
     if key not in _projections:
@@ -89,13 +92,24 @@ def _pictures(images, config: dict, wrong: list[dict], count: int, seed: int) ->
 
     rotted = len(chosen) - len(kept)
     if not len(kept):
-        raise CacheError(f"all {len(chosen)} of its images have non-finite features (NaN or infinity) in {config.get('store')}")
-    embedding = Embedding(xy, [images.relpaths[i] for i in kept], [images.labels[i] for i in kept],
-                          [caption(i) for i in kept], [kinds[i] for i in kept], method, len(images.relpaths) - rotted)
+        raise CacheError(
+            f"all {len(chosen)} of its images have non-finite features (NaN or infinity) in {config.get('store')}"
+        )
+    embedding = Embedding(
+        xy,
+        [images.relpaths[i] for i in kept],
+        [images.labels[i] for i in kept],
+        [caption(i) for i in kept],
+        [kinds[i] for i in kept],
+        method,
+        len(images.relpaths) - rotted,
+    )
     drawn = map_html(embedding, images.root, {MISCLASSIFIED: "misclassified test image"})
     if rotted:
-        drawn += (f'<p class="warning">{rotted} images have non-finite features (NaN or infinity) in the feature store '
-                  "and are left out of the map (bit rot? `bottleneck cache info` lists its segments)</p>")
+        drawn += (
+            f'<p class="warning">{rotted} images have non-finite features (NaN or infinity) in the feature store '
+            "and are left out of the map (bit rot? `bottleneck cache info` lists its segments)</p>"
+        )
     neighbours, note = _nearest_training(images, [row["path"] for row in wrong[:count]], position, seed)
     if images.left_out:
         note += f"; {images.left_out} images of its split.csv have no file or features any more"
@@ -114,9 +128,14 @@ def _nearest_training(images, paths: list[str], position: dict[str, int], seed: 
     if not len(asked) or not len(train):
         return {}, ""
     found, similarity = nearest(query, pool, NEIGHBOURS)
-    note = (f"nearest of {'a seeded sample of ' if sample else 'the '}{len(train)} training images by cosine similarity "
-            "of cached features")
-    neighbours = {shown(images.relpaths[i]): [(images.relpaths[train[j]], images.labels[train[j]], float(s))
-                                              for j, s in zip(row, sims)]
-                  for i, row, sims in zip(asked, found, similarity)}
+    note = (
+        f"nearest of {'a seeded sample of ' if sample else 'the '}{len(train)} training images by cosine similarity "
+        "of cached features"
+    )
+    neighbours = {
+        shown(images.relpaths[i]): [
+            (images.relpaths[train[j]], images.labels[train[j]], float(s)) for j, s in zip(row, sims)
+        ]
+        for i, row, sims in zip(asked, found, similarity)
+    }
     return neighbours, note

@@ -6,6 +6,7 @@ without this package. A logistic-regression head becomes one Dense softmax layer
 Dense sigmoid layer, a probability per label) with the standardisation folded into its weights; a
 Keras head is nested as it was trained.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,10 @@ def head_layers(run: LoadedRun, features):
     if run.config.get("head") == "knn":
         from bottleneck.errors import BottleneckError
 
-        raise BottleneckError(f"{run.folder} has a knn head, which has no Keras form yet (it keeps every training "
-                              "row), so it is not exported or fine-tuned: train a logreg or keras head for that; `predict` takes this run")
+        raise BottleneckError(
+            f"{run.folder} has a knn head, which has no Keras form yet (it keeps every training "
+            "row), so it is not exported or fine-tuned: train a logreg or keras head for that; `predict` takes this run"
+        )
     _, keras = import_tensorflow()
     if run.config.get("head") == "logreg":
         from bottleneck.learn.head_file import load_head
@@ -49,4 +52,3 @@ def build_classifier(run: LoadedRun):
     inputs = keras.Input((size, size, 3), dtype="float32", name=INPUT_NAME)
     features = build_feature_network(run.spec)(inputs)
     return keras.Model(inputs, head_layers(run, features), name="bottleneck_classifier")
-

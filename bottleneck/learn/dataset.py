@@ -5,25 +5,27 @@ content hash (unchanged files are not even read, thanks to the hash index). Feat
 the memory budget are read into one array; larger ones stay in the store as `FeatureRows` that
 read chunk by chunk (see `bottleneck.learn.memory`).
 """
+
 from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
-from bottleneck.features.discover import discover_images
 from bottleneck.errors import CacheError, DataError
 from bottleneck.features.decode import too_large
+from bottleneck.features.discover import discover_images
 from bottleneck.features.hashing import HashIndex, file_stamp
+from bottleneck.features.shards import Columns
 from bottleneck.features.store import FeatureStore, StoreSnapshot
 from bottleneck.learn.memory import MemoryBudgetError, MemoryPlan, plan_memory
-from bottleneck.features.shards import Columns
 from bottleneck.text import format_bytes
 
 #: Below this share of wanted rows in a span of the store, a chunk reads only its rows, not the span.
@@ -45,9 +47,16 @@ class FeatureRows:
     `load_labelled_features`, which leaves such images out (it reads them with `check_finite=False`).
     """
 
-    def __init__(self, array: np.ndarray | None = None, *, store: StoreSnapshot | None = None,
-                 rows: np.ndarray | None = None, dim: int | None = None, chunk_rows: int = 4096,
-                 check_finite: bool = True):
+    def __init__(
+        self,
+        array: np.ndarray | None = None,
+        *,
+        store: StoreSnapshot | None = None,
+        rows: np.ndarray | None = None,
+        dim: int | None = None,
+        chunk_rows: int = 4096,
+        check_finite: bool = True,
+    ):
         self.array = array
         self.check_finite = check_finite
         self.store = store
@@ -73,22 +82,29 @@ class FeatureRows:
         """Bytes of these features as float32."""
         return len(self) * self.dim * 4
 
-    def subset(self, positions) -> "FeatureRows":
+    def subset(self, positions) -> FeatureRows:
         """The rows at `positions` (indices or a boolean mask), as FeatureRows of the same kind."""
         positions = np.asarray(positions)
         if positions.dtype == bool:
             positions = np.flatnonzero(positions)
         if self.array is not None:
             return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
-        return FeatureRows(store=self.store, rows=self.rows[positions], dim=self.dim, chunk_rows=self.chunk_rows,
-                           check_finite=self.check_finite)
+        return FeatureRows(
+            store=self.store,
+            rows=self.rows[positions],
+            dim=self.dim,
+            chunk_rows=self.chunk_rows,
+            check_finite=self.check_finite,
+        )
 
     def _groups_of(self, chunk_rows: int) -> list[np.ndarray]:
         """Positions grouped by spans of at most `chunk_rows` consecutive store rows, in store order."""
         if chunk_rows not in self._groups:
             groups = []
             if self.array is not None:
-                groups = [np.arange(start, min(start + chunk_rows, len(self))) for start in range(0, len(self), chunk_rows)]
+                groups = [
+                    np.arange(start, min(start + chunk_rows, len(self))) for start in range(0, len(self), chunk_rows)
+                ]
             else:
                 order = np.argsort(self.rows, kind="stable")
                 ordered = self.rows[order]
@@ -121,7 +137,9 @@ class FeatureRows:
                 raise CacheError(non_finite_message(self.store, rows[bad], "and a streamed read stops there"))
         return block
 
-    def chunks(self, chunk_rows: int | None = None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(
+        self, chunk_rows: int | None = None, rng: np.random.Generator | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions, features) chunk by chunk; with `rng`, chunks and the rows in each come shuffled."""
         groups = self._groups_of(int(chunk_rows or self.chunk_rows))
         order = range(len(groups)) if rng is None else rng.permutation(len(groups))
@@ -164,7 +182,9 @@ class LabelledFeatures:
     layout: str = "classes"  # how DATA was read (see `bottleneck.features.discover`)
     columns: Columns | None = None  # a Parquet DATA's image and label columns as given (`shards.Columns`), or None
     multi_label: bool = False  # a label file gave some image several labels
-    label_sets: list[tuple[str, ...]] = field(default_factory=list)  # multi-label: each image's labels (`labels` joins them)
+    label_sets: list[tuple[str, ...]] = field(
+        default_factory=list
+    )  # multi-label: each image's labels (`labels` joins them)
 
     @property
     def classes(self) -> list[str]:
@@ -180,7 +200,8 @@ class LabelledFeatures:
             raise MemoryBudgetError(
                 f"the features of these {len(self.rows)} images ({format_bytes(self.rows.nbytes)}) do not fit the memory "
                 f"budget ({format_bytes(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
-                f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory")
+                f"(`rows.chunks()`), or a sample (`rows.take(...)`), or raise --max-memory"
+            )
         return self.rows.array
 
 
@@ -212,12 +233,18 @@ def non_finite_message(store, rows: np.ndarray, outcome: str, images: int | None
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     segments = damaged_segments(store, rows)
     count = len(rows) if images is None else images
-    fix = (f"delete the damaged segment {segments[0]}" if len(segments) == 1
-           else f"delete the damaged segments {', '.join(segments)}" if segments
-           else "run `bottleneck cache info` to list its segments and delete the damaged one")
-    return (f"{count} image{'s' if count != 1 else ''} ha{'ve' if count != 1 else 's'} non-finite features (NaN or infinity) "
-            f"in the feature store {_store_path(store)} (bit rot?) {outcome}: {fix}, then run `bottleneck features` "
-            "again to recompute them")
+    fix = (
+        f"delete the damaged segment {segments[0]}"
+        if len(segments) == 1
+        else f"delete the damaged segments {', '.join(segments)}"
+        if segments
+        else "run `bottleneck cache info` to list its segments and delete the damaged one"
+    )
+    return (
+        f"{count} image{'s' if count != 1 else ''} ha{'ve' if count != 1 else 's'} non-finite features (NaN or infinity) "
+        f"in the feature store {_store_path(store)} (bit rot?) {outcome}: {fix}, then run `bottleneck features` "
+        "again to recompute them"
+    )
 
 
 def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: HashIndex | None = None) -> FeatureStore:
@@ -231,18 +258,26 @@ def find_store(cache_dir: str | os.PathLike, spec: BackboneSpec | None, index: H
 
     cache = Path(cache_dir)
     found = fingerprints_in(cache) if cache.is_dir() else []
-    found = [name for name in found if not naming.is_views_store(name)]  # augmented views belong to their backbone's store
+    found = [
+        name for name in found if not naming.is_views_store(name)
+    ]  # augmented views belong to their backbone's store
     if not found:
-        raise CacheError(f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first")
+        raise CacheError(
+            f"no feature cache in {cache}: run `bottleneck features DATA --cache {shlex.quote(str(cache))}` first"
+        )
     if spec is None:
         if len(found) > 1:
-            raise CacheError(f"{cache} holds {len(found)} feature stores ({', '.join(found)}); pick one with the backbone "
-                             "flags (--backbone, --weights, --image-size)")
+            raise CacheError(
+                f"{cache} holds {len(found)} feature stores ({', '.join(found)}); pick one with the backbone "
+                "flags (--backbone, --weights, --image-size)"
+            )
         return store_of(cache, found[0])
     spec = with_default_calibration(spec, cache)
     if spec.precision == "int8" and spec.calibration is None:
-        raise CacheError(f"no int8 features in {cache} yet: run `bottleneck features DATA --cache "
-                         f"{shlex.quote(str(cache))} --precision int8` first (it calibrates once, on DATA's images)")
+        raise CacheError(
+            f"no int8 features in {cache} yet: run `bottleneck features DATA --cache "
+            f"{shlex.quote(str(cache))} --precision int8` first (it calibrates once, on DATA's images)"
+        )
     fingerprint = spec.fingerprint(index.hash_file if index else None)
     if fingerprint not in found:
         raise CacheError(
@@ -306,9 +341,11 @@ def load_labelled_features(
     """
     discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns, cache_dir=cache_dir)
     if not discovery.classes and need_labels:
-        raise DataError(f"{discovery.root} holds images but no labels: a head needs labels, from one sub-folder per "
-                        "class (DATA/<class>/...), split folders of those, a .cls member beside each image in tar "
-                        "shards, or --labels FILE")
+        raise DataError(
+            f"{discovery.root} holds images but no labels: a head needs labels, from one sub-folder per "
+            "class (DATA/<class>/...), split folders of those, a .cls member beside each image in tar "
+            "shards, or --labels FILE"
+        )
     if discovery.layout_line():
         log(discovery.layout_line())
     for line in discovery.warnings:
@@ -360,10 +397,17 @@ def load_labelled_features(
             bad = np.flatnonzero(~finite)
             non_finite = [keep[i][0].relpath for i in bad]
             if not finite.any():
-                raise CacheError(non_finite_message(contents, order[bad], "and no image under "
-                                                    f"{discovery.root} is left to use", images=len(bad)))
-            log("warning: " + non_finite_message(contents, order[bad], "and are left out" if len(bad) > 1
-                                                 else "and is left out", images=len(bad)))
+                raise CacheError(
+                    non_finite_message(
+                        contents, order[bad], f"and no image under {discovery.root} is left to use", images=len(bad)
+                    )
+                )
+            log(
+                "warning: "
+                + non_finite_message(
+                    contents, order[bad], "and are left out" if len(bad) > 1 else "and is left out", images=len(bad)
+                )
+            )
             keep = [item for item, ok in zip(keep, finite) if ok]
             array = array[finite]
         features = FeatureRows(array, chunk_rows=memory.chunk_rows)
@@ -442,8 +486,9 @@ def read_exclude_file(path: str | os.PathLike, data_dir: str | os.PathLike) -> l
     return listed
 
 
-def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
-                     kept: frozenset[str] = frozenset()) -> tuple[LabelledFeatures, int]:
+def without_excluded(
+    data: LabelledFeatures, listed: list[str], source: str, kept: frozenset[str] = frozenset()
+) -> tuple[LabelledFeatures, int]:
     """`data` less the images `listed` (relative to DATA) but those in `kept` (train-head keeps the test split's);
     one line if any listed image is not under DATA."""
     from bottleneck.text import printable
@@ -451,9 +496,11 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
     known = set(data.relpaths) | set(data.failed) | set(data.missing) | set(data.non_finite)
     unknown = [p for p in listed if p not in known]
     if unknown:
-        raise DataError(f"--exclude {source} names {len(unknown)} images that are not under DATA, first "
-                        f"{printable(unknown[0])}: is it the list for this folder? (paths are relative to DATA, "
-                        "or absolute)")
+        raise DataError(
+            f"--exclude {source} names {len(unknown)} images that are not under DATA, first "
+            f"{printable(unknown[0])}: is it the list for this folder? (paths are relative to DATA, "
+            "or absolute)"
+        )
     drop = set(listed) - kept
     keep = np.array([p not in drop for p in data.relpaths])
     if keep.all():
@@ -461,8 +508,11 @@ def without_excluded(data: LabelledFeatures, listed: list[str], source: str,
     if not keep.any():
         raise DataError(f"--exclude {source} leaves no image with features to train on")
     kept = replace(  # every other field (where the data came from, how it was split) carries over
-        data, relpaths=[p for p, k in zip(data.relpaths, keep) if k],
-        labels=[label for label, k in zip(data.labels, keep) if k], rows=data.rows.subset(keep),
+        data,
+        relpaths=[p for p, k in zip(data.relpaths, keep) if k],
+        labels=[label for label, k in zip(data.labels, keep) if k],
+        rows=data.rows.subset(keep),
         content_hashes=[h for h, k in zip(data.content_hashes, keep) if k],
-        label_sets=[labels for labels, k in zip(data.label_sets, keep) if k])
+        label_sets=[labels for labels, k in zip(data.label_sets, keep) if k],
+    )
     return kept, int((~keep).sum())

@@ -8,6 +8,7 @@
 
 Each set is subsampled to `max_per_set` rows (seeded) to keep this to a few seconds.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -38,11 +39,14 @@ def _mmd2(kernel: np.ndarray, in_a: np.ndarray) -> float:
     a, b = in_a, ~in_a
     kaa, kbb, kab = kernel[np.ix_(a, a)], kernel[np.ix_(b, b)], kernel[np.ix_(a, b)]
     na, nb = a.sum(), b.sum()
-    return float((kaa.sum() - np.trace(kaa)) / (na * (na - 1)) + (kbb.sum() - np.trace(kbb)) / (nb * (nb - 1)) - 2 * kab.mean())
+    return float(
+        (kaa.sum() - np.trace(kaa)) / (na * (na - 1)) + (kbb.sum() - np.trace(kbb)) / (nb * (nb - 1)) - 2 * kab.mean()
+    )
 
 
-def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 0,
-             tick: Callable[[], None] = lambda: None) -> tuple[float, float, float]:
+def mmd_test(
+    a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 0, tick: Callable[[], None] = lambda: None
+) -> tuple[float, float, float]:
     """(MMD^2, permutation p-value, kernel bandwidth) for the rows of `a` against those of `b`; `tick()` after each
     permutation (a progress bar's)."""
     z = np.concatenate([a, b]).astype(np.float64)
@@ -61,8 +65,14 @@ def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int = 200, seed: int = 
     return observed, (1 + exceed) / (1 + permutations), bandwidth
 
 
-def compare_features(a: np.ndarray, b: np.ndarray, max_per_set: int = 1000, permutations: int = 200, seed: int = 0,
-                     tick: Callable[[], None] = lambda: None) -> dict:
+def compare_features(
+    a: np.ndarray,
+    b: np.ndarray,
+    max_per_set: int = 1000,
+    permutations: int = 200,
+    seed: int = 0,
+    tick: Callable[[], None] = lambda: None,
+) -> dict:
     """Frechet distance and MMD between two feature sets (rows are images); `tick()` after each permutation."""
     if len(a) < 2 or len(b) < 2:
         raise DataError(f"need at least 2 images with features on each side; got {len(a)} and {len(b)}")
@@ -70,5 +80,12 @@ def compare_features(a: np.ndarray, b: np.ndarray, max_per_set: int = 1000, perm
     a = a[rng.choice(len(a), max_per_set, replace=False)] if len(a) > max_per_set else a
     b = b[rng.choice(len(b), max_per_set, replace=False)] if len(b) > max_per_set else b
     mmd2, p_value, bandwidth = mmd_test(a, b, permutations, seed, tick)
-    return {"images_a": len(a), "images_b": len(b), "frechet_distance": frechet_distance(a, b),
-            "mmd2": mmd2, "mmd_p_value": p_value, "mmd_bandwidth": bandwidth, "permutations": permutations}
+    return {
+        "images_a": len(a),
+        "images_b": len(b),
+        "frechet_distance": frechet_distance(a, b),
+        "mmd2": mmd2,
+        "mmd_p_value": p_value,
+        "mmd_bandwidth": bandwidth,
+        "permutations": permutations,
+    }

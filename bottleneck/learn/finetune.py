@@ -21,6 +21,7 @@ every epoch its state is saved in a work folder beside the runs, so Ctrl-C keeps
 so far, and running the same command again resumes where it stopped. The result is a run folder
 like any other, whose `model.keras` is the whole network (pixels in, probabilities out).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,21 +37,38 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import naming
+from bottleneck import bounds, naming
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, DataError, stop_if_interrupted
 from bottleneck.learn.classifier import OUTPUT_NAME, build_classifier
-from bottleneck.learn.finetune_images import (AUGMENTATIONS, _epoch_batches, _load_split_pixels, _predict, _subset,
-                                              augmenter)
-from bottleneck.learn.finetune_network import (choose_unfrozen, rate_groups, set_trainable, soften_head,
-                                               tunable_layers, unfreeze_groups)
-from bottleneck.learn.finetune_work import (_one_at_a_time, _resumable_state, _starting_state, _WorkFolder,
-                                            _without_optimizer, parent_identity, validation_loss)
+from bottleneck.learn.finetune_images import (
+    AUGMENTATIONS,
+    _epoch_batches,
+    _load_split_pixels,
+    _predict,
+    _subset,
+    augmenter,
+)
+from bottleneck.learn.finetune_network import (
+    choose_unfrozen,
+    rate_groups,
+    set_trainable,
+    soften_head,
+    tunable_layers,
+    unfreeze_groups,
+)
+from bottleneck.learn.finetune_work import (
+    _one_at_a_time,
+    _resumable_state,
+    _starting_state,
+    _without_optimizer,
+    _WorkFolder,
+    parent_identity,
+    validation_loss,
+)
 from bottleneck.learn.metrics import misclassified, split_metrics
 from bottleneck.learn.run_folder import FINE_TUNED, load_run
 from bottleneck.learn.splits import SPLITS
-from bottleneck import bounds
-
 
 BN_MODES = ("frozen", "affine", "train")
 AUTO = "auto"
@@ -70,7 +88,9 @@ class FineTuneConfig:
     gradual: bool = False
     seed: int = 0
     head_epochs: int = 0  # first, the base frozen: the head alone
-    bn: str = "affine"  # BatchNormalization: frozen (inference mode), affine (gamma/beta trained, statistics frozen), train
+    bn: str = (
+        "affine"  # BatchNormalization: frozen (inference mode), affine (gamma/beta trained, statistics frozen), train
+    )
     lower_rate_factor: float = 10.0  # the lowest group's rate is the top rate divided by this (geometric in between)
     warmup: float = 0.3  # fraction of a phase's steps spent warming the rate up (one-cycle), then cosine down
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
@@ -81,8 +101,9 @@ class FineTuneConfig:
         if self.unfreeze is not None and self.unfreeze_from is not None:
             raise DataError("give --unfreeze N or --unfreeze-from LAYER, not both")
         if self.learning_rate != AUTO:
-            bounds.LEARNING_RATE.check(self.learning_rate, "--learning-rate", DataError,
-                                       f"{bounds.LEARNING_RATE.must}, or auto")
+            bounds.LEARNING_RATE.check(
+                self.learning_rate, "--learning-rate", DataError, f"{bounds.LEARNING_RATE.must}, or auto"
+            )
         for name, interval in self._bounded().items():
             if getattr(self, name) is not None:
                 interval.check(getattr(self, name), f"--{name.replace('_', '-')}", DataError)
@@ -95,10 +116,17 @@ class FineTuneConfig:
     @staticmethod
     def _bounded() -> dict[str, bounds.Interval]:
         """The numeric fields and their declared bounds (`bottleneck.bounds`), checked in this order."""
-        return {"unfreeze": bounds.UNFREEZE, "epochs": bounds.EPOCHS, "batch_size": bounds.BATCH_SIZE,
-                "patience": bounds.PATIENCE, "head_epochs": bounds.HEAD_EPOCHS,
-                "lower_rate_factor": bounds.LOWER_RATE_FACTOR, "warmup": bounds.WARMUP,
-                "weight_decay": bounds.WEIGHT_DECAY, "label_smoothing": bounds.LABEL_SMOOTHING}
+        return {
+            "unfreeze": bounds.UNFREEZE,
+            "epochs": bounds.EPOCHS,
+            "batch_size": bounds.BATCH_SIZE,
+            "patience": bounds.PATIENCE,
+            "head_epochs": bounds.HEAD_EPOCHS,
+            "lower_rate_factor": bounds.LOWER_RATE_FACTOR,
+            "warmup": bounds.WARMUP,
+            "weight_decay": bounds.WEIGHT_DECAY,
+            "label_smoothing": bounds.LABEL_SMOOTHING,
+        }
 
     def key(self) -> str:
         """Names the work folder: the same command resumes the same work."""
@@ -112,8 +140,9 @@ class FineTuneResult:
     resumed_from_epoch: int = 0
 
 
-def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list[list], state: dict,
-                          log: Callable[[str], None]) -> float:
+def _choose_learning_rate(
+    model, pixels, y, config: FineTuneConfig, groups: list[list], state: dict, log: Callable[[str], None]
+) -> float:
     """The configured rate, or with "auto" the finder's (its curve kept in `state`, so a resumed run reuses it)."""
     if config.learning_rate != AUTO:
         return float(config.learning_rate)
@@ -121,8 +150,10 @@ def _choose_learning_rate(model, pixels, y, config: FineTuneConfig, groups: list
     augment_batch = augmenter(tf, config.augment, pixels.shape[1]) if config.augment else None
     log(f"finding the learning rate: up to {FINDER_STEPS} batches at rates from {FINDER_LOW:g} to {FINDER_HIGH:g}")
     state["lr_find"] = find_learning_rate(model, pixels, y, config, groups, augment_batch)
-    log(f"learning rate {state['lr_find']['chosen']:.3g} ({state['lr_find']['rule']}; steepest descent at "
-        f"{state['lr_find']['steepest']:.3g})")
+    log(
+        f"learning rate {state['lr_find']['chosen']:.3g} ({state['lr_find']['rule']}; steepest descent at "
+        f"{state['lr_find']['steepest']:.3g})"
+    )
     return float(state["lr_find"]["chosen"])
 
 
@@ -180,8 +211,15 @@ def scheduled_rate(peak: float, step: int, total: int, warmup: float) -> float:
 FINDER_STEPS, FINDER_LOW, FINDER_HIGH = 100, 1e-7, 1.0
 
 
-def find_learning_rate(model, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig, groups: list[list],
-                       augment_batch=None, steps: int = FINDER_STEPS) -> dict:
+def find_learning_rate(
+    model,
+    pixels: np.ndarray,
+    y: np.ndarray,
+    config: FineTuneConfig,
+    groups: list[list],
+    augment_batch=None,
+    steps: int = FINDER_STEPS,
+) -> dict:
     """fastai's `lr_find`: train the fully unfrozen network for `steps` batches at rates growing exponentially
     from 1e-7 to 1, stop once the smoothed loss passes 4x its minimum, put the weights back and choose fastai's
     `valley` (the minimum and the steepest-descent point, skipping the first tenth, are recorded too; the old
@@ -211,11 +249,20 @@ def find_learning_rate(model, pixels: np.ndarray, y: np.ndarray, config: FineTun
     skip = max(1, len(tried) // 10)  # the first points average only a batch or two: noise, not a minimum
     curve = np.array([value if math.isfinite(value) else np.inf for value in smoothed])
     lowest = skip + int(np.argmin(curve[skip:])) if len(curve) > skip else int(np.argmin(curve))
-    slopes = np.gradient(curve[skip:lowest + 1], np.log(tried[skip:lowest + 1])) if lowest - skip >= 2 else np.zeros(1)
+    slopes = (
+        np.gradient(curve[skip : lowest + 1], np.log(tried[skip : lowest + 1])) if lowest - skip >= 2 else np.zeros(1)
+    )
     steepest = tried[skip + int(np.argmin(slopes))] if lowest - skip >= 2 else tried[lowest]
-    return {"rates": tried, "losses": losses, "smoothed": [float(v) for v in smoothed], "minimum": tried[lowest],
-            "steepest": steepest, "valley": tried[_valley(curve)], "chosen": tried[_valley(curve)],
-            "rule": "fastai's valley: halfway along the longest run of falling smoothed loss"}
+    return {
+        "rates": tried,
+        "losses": losses,
+        "smoothed": [float(v) for v in smoothed],
+        "minimum": tried[lowest],
+        "steepest": steepest,
+        "valley": tried[_valley(curve)],
+        "chosen": tried[_valley(curve)],
+        "rule": "fastai's valley: halfway along the longest run of falling smoothed loss",
+    }
 
 
 def _valley(curve: np.ndarray) -> int:
@@ -239,7 +286,9 @@ def _progress(total_steps: int, done_steps: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total_steps, initial=done_steps, unit="batch", desc="fine-tune", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total_steps, initial=done_steps, unit="batch", desc="fine-tune", file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def _stage(epoch: int, config: FineTuneConfig, groups: list[list]) -> int:
@@ -249,8 +298,18 @@ def _stage(epoch: int, config: FineTuneConfig, groups: list[list]) -> int:
     return min(epoch - config.head_epochs + 1, len(groups)) if config.gradual else len(groups)
 
 
-def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], work: _WorkFolder, state: dict,
-           log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None) -> dict:
+def _train(
+    model,
+    pixels,
+    y,
+    mask,
+    config: FineTuneConfig,
+    groups: list[list],
+    work: _WorkFolder,
+    state: dict,
+    log: Callable[[str], None],
+    on_epoch_end: Callable[[int], None] | None,
+) -> dict:
     tf, _ = import_tensorflow()
     steps = math.ceil(mask["train"].sum() / config.batch_size)
     total = config.head_epochs + config.epochs
@@ -265,16 +324,29 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
             epoch, started = state["epoch"], time.perf_counter()
             stage, head_phase = _stage(epoch, config, groups), epoch < config.head_epochs
             if trained_stage != stage:
-                set_trainable(model, [layer for group in groups[:stage] for layer in group], config.bn if stage else "frozen")
-                trainer = _Trainer(model, rate_groups(model, groups, stage, config.bn, config.lower_rate_factor), config)
+                set_trainable(
+                    model, [layer for group in groups[:stage] for layer in group], config.bn if stage else "frozen"
+                )
+                trainer = _Trainer(
+                    model, rate_groups(model, groups, stage, config.bn, config.lower_rate_factor), config
+                )
                 # Resuming mid-stage: the optimizers carry on as they would have; at a new stage they start afresh anyway.
-                if (trained_stage is None and epoch > 0 and _stage(epoch - 1, config, groups) == stage
-                        and (epoch - 1 < config.head_epochs) == head_phase and not work.restore_optimizer(trainer.variables, state)):
+                if (
+                    trained_stage is None
+                    and epoch > 0
+                    and _stage(epoch - 1, config, groups) == stage
+                    and (epoch - 1 < config.head_epochs) == head_phase
+                    and not work.restore_optimizer(trainer.variables, state)
+                ):
                     log("note: the optimizer state could not be restored; it starts afresh")
                 trained_stage = stage
-            phase_epoch, phase_epochs = (epoch, config.head_epochs) if head_phase else (epoch - config.head_epochs, config.epochs)
+            phase_epoch, phase_epochs = (
+                (epoch, config.head_epochs) if head_phase else (epoch - config.head_epochs, config.epochs)
+            )
             losses = []
-            for k, (batch, labels) in enumerate(_epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch)):
+            for k, (batch, labels) in enumerate(
+                _epoch_batches(tf, train_pixels, train_y, config, epoch, augment_batch)
+            ):
                 stop_if_interrupted()  # a KeyboardInterrupt TensorFlow swallowed in a callback
                 rate = scheduled_rate(peak, phase_epoch * steps + k, phase_epochs * steps, config.warmup)
                 losses.append(trainer.step(batch, labels, rate))
@@ -287,17 +359,22 @@ def _train(model, pixels, y, mask, config: FineTuneConfig, groups: list[list], w
             state["history"].setdefault("seconds", []).append(time.perf_counter() - started)
             # The head's epochs and the warm-up are not held against patience: the rate is still rising.
             patient = head_phase or (phase_epoch + 1) * steps <= config.warmup * phase_epochs * steps
-            state.update(epoch=epoch + 1, best_loss=min(val_loss, state["best_loss"]),
-                         best_epoch=epoch + 1 if better else state["best_epoch"],
-                         waited=0 if better or patient else state["waited"] + 1)
+            state.update(
+                epoch=epoch + 1,
+                best_loss=min(val_loss, state["best_loss"]),
+                best_epoch=epoch + 1 if better else state["best_epoch"],
+                waited=0 if better or patient else state["waited"] + 1,
+            )
             work.save(model, state, best=better, optimizer_variables=trainer.variables)
             message = f"epoch {epoch + 1}/{total}: loss {np.mean(losses):.4f}, val_loss {val_loss:.4f}"
             bar.set_postfix_str(message) if bar is not None else log(message)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     except KeyboardInterrupt:
-        log(f"interrupted after epoch {state['epoch']}; the best epoch so far ({state['best_epoch']}) is kept in "
-            f"{work.folder}: run the same command again to resume")
+        log(
+            f"interrupted after epoch {state['epoch']}; the best epoch so far ({state['best_epoch']}) is kept in "
+            f"{work.folder}: run the same command again to resume"
+        )
         raise
     finally:
         if bar is not None:
@@ -318,22 +395,37 @@ def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict
     return metrics, test_rows
 
 
-def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfig(), runs_dir: str | os.PathLike | None = None,
-              log: Callable[[str], None] = lambda message: None, argv: list[str] | None = None,
-              on_epoch_end: Callable[[int], None] | None = None, max_memory: int | None = None) -> FineTuneResult:
+def fine_tune(
+    run_dir: str | os.PathLike,
+    config: FineTuneConfig = FineTuneConfig(),
+    runs_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    argv: list[str] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    max_memory: int | None = None,
+) -> FineTuneResult:
     """Fine-tune a run end to end and write a new run folder (in `runs_dir`, default beside the parent).
 
     The run's split is decoded once and held in memory when twice its decoded size fits in `max_memory` bytes
     (default: a quarter of the memory available); otherwise its images are decoded per batch (same results)."""
-    from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths,
-                                             write_lr_find, write_predictions_csv, write_run_record)
+    from bottleneck.learn.run_folder import (
+        PREDICTIONS_FILE,
+        new_run,
+        prepare_runs_dir,
+        relative_paths,
+        write_lr_find,
+        write_predictions_csv,
+        write_run_record,
+    )
     from bottleneck.learn.runs import versions
 
     tf, keras = import_tensorflow()
     run = load_run(run_dir)
     if run.multi_label:
-        raise BottleneckError(f"run {run.run_id} is multi-label, and fine-tune does not support multi-label runs yet "
-                              "(it trains one label per image)")
+        raise BottleneckError(
+            f"run {run.run_id} is multi-label, and fine-tune does not support multi-label runs yet "
+            "(it trains one label per image)"
+        )
     if run.spec.kind == "pixels" and not run.fine_tuned:
         raise BottleneckError("a run on raw pixels has no backbone to fine-tune; train a head on a network's features")
     runs = prepare_runs_dir(runs_dir if runs_dir else run.folder.parent)  # checked before hours of training
@@ -357,20 +449,26 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
             resumed = state["epoch"]
             log(f"resuming from {work.folder} after epoch {resumed} (best epoch {state['best_epoch']})")
         else:
-            softened = soften_head(model, _subset(pixels, mask["validation"]), y[mask["validation"]], log) \
-                if config.soften else None
+            softened = (
+                soften_head(model, _subset(pixels, mask["validation"]), y[mask["validation"]], log)
+                if config.soften
+                else None
+            )
             state = _starting_state(model, _subset(pixels, mask["validation"]), y[mask["validation"]], work)
             if softened:
                 state["softened"] = softened
         state["parent"] = parent
         started = time.perf_counter()
         if "learning_rate" not in state:
-            state["learning_rate"] = _choose_learning_rate(model, _subset(pixels, mask["train"]), y[mask["train"]], config, groups,
-                                                           state, log)
-        log(f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
+            state["learning_rate"] = _choose_learning_rate(
+                model, _subset(pixels, mask["train"]), y[mask["train"]], config, groups, state, log
+            )
+        log(
+            f"fine-tuning {len(unfrozen)} backbone layers (from {unfrozen[0].name if unfrozen else '-'}) and the head on "
             f"{int(mask['train'].sum())} images, {config.head_epochs} head epochs then {config.epochs} at most, "
             f"learning rate {state['learning_rate']:.3g} (lower groups down to 1/{config.lower_rate_factor:g} of it), "
-            f"BatchNorm {config.bn}")
+            f"BatchNorm {config.bn}"
+        )
         state = _train(model, pixels, y, mask, config, groups, work, state, log, on_epoch_end)
         if work.path(state, "best") is not None:
             import warnings
@@ -381,13 +479,21 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
         set_trainable(model, [])
         split_scores, test_rows = _evaluate(model, pixels, y, relpaths, mask, run.labels)
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if v not in (None, ())}
-        metrics = {"head": "fine-tune", "params": params,
-                   "seed": config.seed, "training_seconds": time.perf_counter() - started, "splits": split_scores,
-                   "excluded": {"not_decoded": listed - len(relpaths)},
-                   "misclassified": misclassified(test_rows[2], test_rows[1], test_rows[0], run.labels),
-                   "history": state["history"], "best_epoch": state["best_epoch"], "parent_run": run.run_id,
-                   "unfrozen_layers": [layer.name for layer in unfrozen],
-                   "pretrained": bool(run.spec.pretrained), "warning": "" if run.spec.pretrained else run.spec.random_weights_warning}
+        metrics = {
+            "head": "fine-tune",
+            "params": params,
+            "seed": config.seed,
+            "training_seconds": time.perf_counter() - started,
+            "splits": split_scores,
+            "excluded": {"not_decoded": listed - len(relpaths)},
+            "misclassified": misclassified(test_rows[2], test_rows[1], test_rows[0], run.labels),
+            "history": state["history"],
+            "best_epoch": state["best_epoch"],
+            "parent_run": run.run_id,
+            "unfrozen_layers": [layer.name for layer in unfrozen],
+            "pretrained": bool(run.spec.pretrained),
+            "warning": "" if run.spec.pretrained else run.spec.random_weights_warning,
+        }
         if state.get("lr_find"):
             metrics["lr_find"] = {k: state["lr_find"][k] for k in ("minimum", "steepest", "valley", "chosen", "rule")}
         metrics["learning_rate"] = state["learning_rate"]
@@ -401,13 +507,23 @@ def fine_tune(run_dir: str | os.PathLike, config: FineTuneConfig = FineTuneConfi
             shutil.copyfile(run.folder / "split.csv", staging / "split.csv")
             write_predictions_csv(staging / PREDICTIONS_FILE, *test_rows, run.labels)
             config_json = {
-                "kind": FINE_TUNED, "command": argv if argv is not None else sys.argv, "parent_run": run.run_id,
-                "parent_dir": str(run.folder.absolute()), "data": str(run.data_dir) if run.data_dir else None,
-                "head": "fine-tune", "fine_tune": metrics["params"], "seed": config.seed, "model": "model.keras",
-                "output_layer": OUTPUT_NAME, "cache": str(run.cache_dir.absolute()),
+                "kind": FINE_TUNED,
+                "command": argv if argv is not None else sys.argv,
+                "parent_run": run.run_id,
+                "parent_dir": str(run.folder.absolute()),
+                "data": str(run.data_dir) if run.data_dir else None,
+                "head": "fine-tune",
+                "fine_tune": metrics["params"],
+                "seed": config.seed,
+                "model": "model.keras",
+                "output_layer": OUTPUT_NAME,
+                "cache": str(run.cache_dir.absolute()),
                 "relative": relative_paths(final, cache=run.cache_dir, data=run.data_dir),
-                "fingerprint": run.fingerprint, "fine_tuned_from": {"run": run.run_id, "fingerprint": run.fingerprint},
-                "backbone_spec": run.config.get("backbone_spec"), "backbone": run.config.get("backbone"), "versions": versions(),
+                "fingerprint": run.fingerprint,
+                "fine_tuned_from": {"run": run.run_id, "fingerprint": run.fingerprint},
+                "backbone_spec": run.config.get("backbone_spec"),
+                "backbone": run.config.get("backbone"),
+                "versions": versions(),
             }
             write_run_record(staging, config_json, metrics)
         shutil.rmtree(work.folder, ignore_errors=True)

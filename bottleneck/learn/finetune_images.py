@@ -1,5 +1,6 @@
 """Fine-tune's images: the run's split decoded in memory or per batch (through the one decoder), seeded
 augmentation, and the batches of one epoch."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,10 @@ def augmenter(tf, augment: tuple[str, ...], size: int):
     Run eagerly, `map_fn` builds a `TensorArray` per call, and a Ctrl-C inside one made TensorFlow
     print an "Object was never used" block at exit; in a graph, an interrupt lands between calls.
     """
-    augment_batch = tf.function(lambda pixels, seeds: _augment_batch(tf, pixels, seeds, augment, size),
-                                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32),
-                                                 tf.TensorSpec([None, 2], tf.int32)])
+    augment_batch = tf.function(
+        lambda pixels, seeds: _augment_batch(tf, pixels, seeds, augment, size),
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([None, 2], tf.int32)],
+    )
     augment_batch(tf.zeros([1, size, size, 3]), tf.zeros([1, 2], tf.int32))  # the one trace, before training
     return augment_batch
 
@@ -53,7 +55,9 @@ def _augment_batch(tf, pixels, seeds, augment: tuple[str, ...], size: int):
             image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seed + 2)
             image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
         if "brightness" in augment:
-            image = tf.clip_by_value(tf.image.stateless_random_brightness(image, _BRIGHTNESS_DELTA, seed + 3), 0.0, 255.0)
+            image = tf.clip_by_value(
+                tf.image.stateless_random_brightness(image, _BRIGHTNESS_DELTA, seed + 3), 0.0, 255.0
+            )
         return image
 
     return tf.map_fn(one, (pixels, seeds), fn_output_signature=tf.float32)
@@ -65,7 +69,7 @@ def _epoch_batches(tf, pixels: np.ndarray, y: np.ndarray, config: FineTuneConfig
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(y))
     for start in range(0, len(order), config.batch_size):
-        rows = order[start:start + config.batch_size]
+        rows = order[start : start + config.batch_size]
         batch = tf.constant(_decode(pixels, rows).astype(np.float32))
         if augment_batch is not None:
             seeds = tf.constant(np.stack([np.full(len(rows), config.seed), epoch * len(y) + rows], 1), tf.int32)
@@ -84,7 +88,7 @@ class _StreamedImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, index) -> "_StreamedImages":
+    def subset(self, index) -> _StreamedImages:
         rows = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
         return _StreamedImages([self.paths[i] for i in rows], self.size, self.log_file)
 
@@ -97,8 +101,10 @@ class _StreamedImages:
             pixels = list(pool.map(_decode_or_none, [self.paths[i] for i in rows], [self.size] * len(rows)))
         for i, found in zip(rows, pixels):
             if found is None:
-                raise DataError(f"{self.paths[i]} decoded when fine-tuning began and cannot be decoded now; "
-                                "restore it and run the same command again (finished epochs are kept)")
+                raise DataError(
+                    f"{self.paths[i]} decoded when fine-tuning began and cannot be decoded now; "
+                    "restore it and run the same command again (finished epochs are kept)"
+                )
         return np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8)
 
 
@@ -126,8 +132,12 @@ def _predict(model, pixels) -> np.ndarray:
     """Probabilities in batches of 64, whether the pixels are in memory or decoded 256 at a time (the same batches)."""
     if not isinstance(pixels, _StreamedImages):
         return model.predict(pixels.astype(np.float32), batch_size=64, verbose=0)
-    chunks = [model.predict(pixels.decode(np.arange(start, min(start + 256, len(pixels)))).astype(np.float32),
-                            batch_size=64, verbose=0) for start in range(0, len(pixels), 256)]
+    chunks = [
+        model.predict(
+            pixels.decode(np.arange(start, min(start + 256, len(pixels)))).astype(np.float32), batch_size=64, verbose=0
+        )
+        for start in range(0, len(pixels), 256)
+    ]
     return np.concatenate(chunks) if chunks else np.zeros((0, int(model.output_shape[-1])), np.float32)
 
 
@@ -139,25 +149,40 @@ def _load_split_pixels(run: LoadedRun, size: int, log: Callable[[str], None], ma
 
     data = run.data_dir or Path("")
     if not data.is_dir():
-        raise DataError(f"the images run {run.run_id} was trained on are not at {data} any more; fine-tuning re-reads them")
+        raise DataError(
+            f"the images run {run.run_id} was trained on are not at {data} any more; fine-tuning re-reads them"
+        )
     listed = len(read_split_csv(run.folder / "split.csv"))
     budget = max_memory if max_memory is not None else default_budget()
     needed = 2 * listed * size * size * 3
     columns = Columns(**run.config["columns"]) if run.config.get("columns") else None
     if needed <= budget:
         log(f"decoding the images of run {run.run_id} at {size}x{size}")
-        pixels, labels, relpaths, splits = load_images(data, size, str(run.folder / "split.csv"), SPLITS,
-                                                       layout=run.config.get("layout", "classes"),
-                                                       labels=run.config.get("labels_file"), columns=columns,
-                                                       cache_dir=run.cache_dir)
+        pixels, labels, relpaths, splits = load_images(
+            data,
+            size,
+            str(run.folder / "split.csv"),
+            SPLITS,
+            layout=run.config.get("layout", "classes"),
+            labels=run.config.get("labels_file"),
+            columns=columns,
+            cache_dir=run.cache_dir,
+        )
     else:
-        log(f"the decoded images of run {run.run_id} at {size}x{size} ({format_bytes(needed)}) are over the memory budget "
-            f"({format_bytes(budget)}): checking that each decodes, then decoding them per batch")
+        log(
+            f"the decoded images of run {run.run_id} at {size}x{size} ({format_bytes(needed)}) are over the memory budget "
+            f"({format_bytes(budget)}): checking that each decodes, then decoding them per batch"
+        )
         pixels, labels, relpaths, splits = _streamed_split(run, data, size, columns)
     index = {label: i for i, label in enumerate(run.labels)}
     keep = [i for i, label in enumerate(labels) if label in index]
-    return (_subset(pixels, keep), np.array([index[labels[i]] for i in keep]), [relpaths[i] for i in keep],
-            np.array([splits[i] for i in keep]), listed)
+    return (
+        _subset(pixels, keep),
+        np.array([index[labels[i]] for i in keep]),
+        [relpaths[i] for i in keep],
+        np.array([splits[i] for i in keep]),
+        listed,
+    )
 
 
 def _streamed_split(run: LoadedRun, data: Path, size: int, columns):
@@ -165,11 +190,15 @@ def _streamed_split(run: LoadedRun, data: Path, size: int, columns):
     from bottleneck.features.discover import discover_images
     from bottleneck.features.noise import decoder_log_in
 
-    discovery = discover_images(data, layout=run.config.get("layout", "classes"), labels=run.config.get("labels_file"),
-                                columns=columns)
+    discovery = discover_images(
+        data, layout=run.config.get("layout", "classes"), labels=run.config.get("labels_file"), columns=columns
+    )
     saved = read_split_csv(run.folder / "split.csv")
-    chosen = [(image, saved[image.relpath][1]) for image in discovery.images
-              if saved.get(image.relpath, (None, "unlisted"))[1] in SPLITS]
+    chosen = [
+        (image, saved[image.relpath][1])
+        for image in discovery.images
+        if saved.get(image.relpath, (None, "unlisted"))[1] in SPLITS
+    ]
     cache = run.cache_dir if run.cache_dir and os.path.isdir(run.cache_dir) else Path(tempfile.gettempdir())
     log_file = decoder_log_in(Path(cache), os.access(cache, os.W_OK))
     everything = _StreamedImages([image.path for image, _ in chosen], size, log_file)
@@ -181,5 +210,9 @@ def _streamed_split(run: LoadedRun, data: Path, size: int, columns):
     keep = [i for i, ok in enumerate(decodes) if ok]
     if not keep:
         raise DataError(f"no decodable images in {data} for the splits {', '.join(SPLITS)}")
-    return (everything.subset(keep), [chosen[i][0].label for i in keep], [chosen[i][0].relpath for i in keep],
-            [chosen[i][1] for i in keep])
+    return (
+        everything.subset(keep),
+        [chosen[i][0].label for i in keep],
+        [chosen[i][0].relpath for i in keep],
+        [chosen[i][1] for i in keep],
+    )

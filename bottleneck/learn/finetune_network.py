@@ -4,6 +4,7 @@ The classifier is the backbone's feature network followed by the run's head (`le
 layers with weights are unfrozen in up to 4 groups, each with its own rate (discriminative rates, the lowest
 `lower_rate_factor` times slower), and a sharp logreg head is softened on validation before training.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -39,8 +40,11 @@ def tunable_layers(model) -> list:
     _, keras = import_tensorflow()
     leaves = _leaf_layers(_feature_network(model))
     fixed = (keras.layers.BatchNormalization, keras.layers.Normalization, keras.layers.Rescaling)
-    return [leaf for leaf in leaves if leaf.weights and not isinstance(leaf, fixed)
-            and not leaf.name.startswith("bottleneck_")]
+    return [
+        leaf
+        for leaf in leaves
+        if leaf.weights and not isinstance(leaf, fixed) and not leaf.name.startswith("bottleneck_")
+    ]
 
 
 def choose_unfrozen(layers: list, config: FineTuneConfig) -> list:
@@ -49,10 +53,12 @@ def choose_unfrozen(layers: list, config: FineTuneConfig) -> list:
         names = [layer.name for layer in layers]
         if config.unfreeze_from not in names:
             close = difflib.get_close_matches(config.unfreeze_from, names, n=5, cutoff=0.3) or names[-5:]
-            raise DataError(f"--unfreeze-from {config.unfreeze_from!r} is not a trainable layer of this backbone; "
-                            f"nearest names: {', '.join(close)}")
-        return layers[names.index(config.unfreeze_from):]
-    return layers[-config.unfreeze:] if config.unfreeze else list(layers)
+            raise DataError(
+                f"--unfreeze-from {config.unfreeze_from!r} is not a trainable layer of this backbone; "
+                f"nearest names: {', '.join(close)}"
+            )
+        return layers[names.index(config.unfreeze_from) :]
+    return layers[-config.unfreeze :] if config.unfreeze else list(layers)
 
 
 def unfreeze_groups(unfrozen: list) -> list[list]:
@@ -62,7 +68,7 @@ def unfreeze_groups(unfrozen: list) -> list[list]:
         return [unfrozen]
     count = min(4, len(unfrozen))
     bounds = np.linspace(len(unfrozen), 0, count + 1).round().astype(int)
-    return [unfrozen[bounds[i + 1]:bounds[i]] for i in range(count)]
+    return [unfrozen[bounds[i + 1] : bounds[i]] for i in range(count)]
 
 
 def group_rate_factors(count: int, lower_rate_factor: float) -> list[float]:
@@ -162,10 +168,15 @@ def soften_head(model, pixels, y: np.ndarray, log: Callable[[str], None]) -> dic
     kernel, bias = dense.get_weights()
     logits = _predict(features, pixels).astype(np.float64) @ kernel + bias
     temperature = fit_temperature(logits, y)
-    record = {"temperature": temperature, "validation_loss_before": _cross_entropy(logits, y),
-              "validation_loss_after": _cross_entropy(logits / temperature, y)}
+    record = {
+        "temperature": temperature,
+        "validation_loss_before": _cross_entropy(logits, y),
+        "validation_loss_after": _cross_entropy(logits / temperature, y),
+    }
     if temperature > 1.0:
         dense.set_weights([kernel / temperature, bias / temperature])
-        log(f"softened the parent's head: temperature {temperature:.3g} fitted on validation (validation loss "
-            f"{record['validation_loss_before']:.3g} -> {record['validation_loss_after']:.3g}, same predictions)")
+        log(
+            f"softened the parent's head: temperature {temperature:.3g} fitted on validation (validation loss "
+            f"{record['validation_loss_before']:.3g} -> {record['validation_loss_after']:.3g}, same predictions)"
+        )
     return record

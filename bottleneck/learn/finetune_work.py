@@ -1,5 +1,6 @@
 """Fine-tune's work folder beside the runs: per-epoch weights, optimizer and state (so Ctrl-C keeps the best
 epoch and the same command resumes), the parent it started from, and the lock that runs one at a time."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ class _WorkFolder:
         a run killed at any moment resumes from one consistent epoch."""
         self.folder.mkdir(parents=True, exist_ok=True)
         epoch = state["epoch"]
-        names = {"last": f"last-{epoch}.weights.h5", "optimizer": f"optimizer-{epoch}.npz",
-                 "best": f"best-{epoch}.weights.h5" if best else state.get("files", {}).get("best")}
+        names = {
+            "last": f"last-{epoch}.weights.h5",
+            "optimizer": f"optimizer-{epoch}.npz",
+            "best": f"best-{epoch}.weights.h5" if best else state.get("files", {}).get("best"),
+        }
         _save_weights_atomically(model, self.folder / names["last"])
         if best:
             _save_weights_atomically(model, self.folder / names["best"])
@@ -61,7 +65,9 @@ class _WorkFolder:
             saved = np.load(self.path(state, "optimizer"))
         except (OSError, TypeError):
             return False
-        if len(saved.files) != len(variables) or any(saved[f"v{i}"].shape != tuple(v.shape) for i, v in enumerate(variables)):
+        if len(saved.files) != len(variables) or any(
+            saved[f"v{i}"].shape != tuple(v.shape) for i, v in enumerate(variables)
+        ):
             return False
         for i, variable in enumerate(variables):
             variable.assign(saved[f"v{i}"])
@@ -84,7 +90,13 @@ def validation_loss(model, pixels: np.ndarray, y: np.ndarray) -> float:
 
 def _starting_state(model, pixels: np.ndarray, y: np.ndarray, work: _WorkFolder) -> dict:
     """Epoch 0 is the parent run itself: fine-tuning keeps it when no epoch beats its validation loss."""
-    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "waited": 0, "history": {"loss": [], "val_loss": []}}
+    state = {
+        "epoch": 0,
+        "best_loss": float("inf"),
+        "best_epoch": 0,
+        "waited": 0,
+        "history": {"loss": [], "val_loss": []},
+    }
     if len(y):
         state["best_loss"] = validation_loss(model, pixels, y)
         work.folder.mkdir(parents=True, exist_ok=True)
@@ -112,8 +124,10 @@ def _resumable_state(work: _WorkFolder, parent: str, run_id: str, log: Callable[
     if state is None or work.path(state, "last") is None:
         return None
     if state.get("parent") != parent:
-        log(f"warning: the head or backbone of run {run_id} changed since {work.folder} saved epoch {state['epoch']} "
-            "(a file of the run was replaced): its epochs belong to the old parent, so fine-tuning starts again")
+        log(
+            f"warning: the head or backbone of run {run_id} changed since {work.folder} saved epoch {state['epoch']} "
+            "(a file of the run was replaced): its epochs belong to the old parent, so fine-tuning starts again"
+        )
         return None
     return state
 
@@ -130,8 +144,10 @@ def _one_at_a_time(folder: Path, run_id: str):
     from bottleneck.fs import exclusive_lock
 
     def busy(holder: str) -> BottleneckError:
-        return BottleneckError(f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
-                               "to finish (its epochs are kept) or change a setting to start another")
+        return BottleneckError(
+            f"the same fine-tune of run {run_id} is already running (pid {holder}); wait for it "
+            "to finish (its epochs are kept) or change a setting to start another"
+        )
 
     lock = naming.lock_beside(folder)
     with exclusive_lock(lock, timeout=0, busy=busy):

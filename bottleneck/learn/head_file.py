@@ -11,6 +11,7 @@ scikit-learn Pipeline, and nothing of ours ever loads it.
 A knn head (`kind` knn) is written the same way: its L2-normalised training rows (`features`), each row's
 class index (`targets`), the `classes` and `k` (`save_knn`, `load_knn`).
 """
+
 from __future__ import annotations
 
 import os
@@ -106,23 +107,37 @@ def arrays_from_pipeline(pipeline, classes=None) -> LogRegArrays:
     scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
     if hasattr(logreg, "estimators_"):  # OneVsRestClassifier: one binary logistic regression per label
         arrays = arrays_from_pipeline(_stacked(scaler, logreg.estimators_))
-        return LogRegArrays(arrays.mean, arrays.scale, arrays.coef, arrays.intercept,
-                            np.asarray([str(c) for c in classes], dtype=np.str_), SIGMOID)
+        return LogRegArrays(
+            arrays.mean,
+            arrays.scale,
+            arrays.coef,
+            arrays.intercept,
+            np.asarray([str(c) for c in classes], dtype=np.str_),
+            SIGMOID,
+        )
     d = np.asarray(logreg.coef_).shape[1]
     mean = scaler.mean_ if getattr(scaler, "with_mean", True) and scaler.mean_ is not None else np.zeros(d)
     scale = scaler.scale_ if getattr(scaler, "with_std", True) and scaler.scale_ is not None else np.ones(d)
     # Each array keeps its dtype (a head trained on float32 features has float32 coefficients), so the
     # rebuilt Pipeline computes exactly what the trained one did.
-    return LogRegArrays(np.asarray(mean), np.asarray(scale), np.asarray(logreg.coef_), np.asarray(logreg.intercept_),
-                        np.asarray([str(c) for c in logreg.classes_], dtype=np.str_))
+    return LogRegArrays(
+        np.asarray(mean),
+        np.asarray(scale),
+        np.asarray(logreg.coef_),
+        np.asarray(logreg.intercept_),
+        np.asarray([str(c) for c in logreg.classes_], dtype=np.str_),
+    )
 
 
 def _stacked(scaler, estimators):
     """A stand-in Pipeline whose one logistic regression holds every binary estimator's row (one-vs-rest)."""
     from types import SimpleNamespace
 
-    stacked = SimpleNamespace(coef_=np.vstack([e.coef_ for e in estimators]),
-                              intercept_=np.concatenate([e.intercept_ for e in estimators]), classes_=[])
+    stacked = SimpleNamespace(
+        coef_=np.vstack([e.coef_ for e in estimators]),
+        intercept_=np.concatenate([e.intercept_ for e in estimators]),
+        classes_=[],
+    )
     return SimpleNamespace(steps=[("scaler", scaler), ("logreg", stacked)])
 
 
@@ -169,8 +184,14 @@ def save_knn(arrays: KnnArrays, folder: str | os.PathLike) -> Path:
     """Write a knn head to `folder/head.npz`; return its path."""
     path = Path(folder) / HEAD_FILE
     with open(path, "wb") as handle:
-        np.savez(handle, features=arrays.features, targets=arrays.targets, classes=arrays.classes,
-                 k=np.int64(arrays.k), kind=np.str_(KNN))
+        np.savez(
+            handle,
+            features=arrays.features,
+            targets=arrays.targets,
+            classes=arrays.classes,
+            k=np.int64(arrays.k),
+            kind=np.str_(KNN),
+        )
     return path
 
 
@@ -207,7 +228,9 @@ def _read_arrays(path: Path, names: tuple[str, ...], what: str) -> tuple[dict, s
     except ValueError as exc:  # np.load refuses pickles: object arrays inside a .npz, or a pickle file itself
         if zipfile.is_zipfile(path):
             raise HeadFileError(f"{path} holds something other than plain arrays ({exc}); not loaded") from None
-        raise HeadFileError(f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)") from None
+        raise HeadFileError(
+            f"{path} is not a readable head file (not a NumPy .npz; a pickle is never loaded)"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise HeadFileError(f"{path} is not a readable head file ({type(exc).__name__}: {exc})") from None
     return values, kind
@@ -244,9 +267,15 @@ def _check_consistent(arrays: LogRegArrays, path: Path) -> None:
     if arrays.coef.ndim != 2:
         raise HeadFileError(f"{path}: 'coef' must be a matrix")
     rows, d = arrays.coef.shape
-    if rows != (1 if k == 2 and not arrays.multi_label else k) or arrays.intercept.shape != (rows,) or arrays.mean.shape != (d,) or \
-            arrays.scale.shape != (d,):
-        raise HeadFileError(f"{path}: its arrays do not fit together ({k} classes, coef {arrays.coef.shape}, "
-                            f"intercept {arrays.intercept.shape}, mean {arrays.mean.shape}, scale {arrays.scale.shape})")
+    if (
+        rows != (1 if k == 2 and not arrays.multi_label else k)
+        or arrays.intercept.shape != (rows,)
+        or arrays.mean.shape != (d,)
+        or arrays.scale.shape != (d,)
+    ):
+        raise HeadFileError(
+            f"{path}: its arrays do not fit together ({k} classes, coef {arrays.coef.shape}, "
+            f"intercept {arrays.intercept.shape}, mean {arrays.mean.shape}, scale {arrays.scale.shape})"
+        )
     if not all(np.isfinite(a).all() for a in numeric) or (arrays.scale == 0).any():
         raise HeadFileError(f"{path}: its numbers are not all finite (or a scale is 0)")

@@ -17,6 +17,7 @@ Both also train on features too large for memory (`fit_rows`, `predict_proba_row
 The logistic regression lives here; `KerasHead` in `heads_keras`, `KnnHead` in `heads_knn`, what they share in
 `heads_common`; every name is importable from here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,19 +28,41 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from bottleneck.errors import BottleneckError
-from bottleneck.learn.heads_common import (FeaturesError, SparseFeaturesError, _check_features, _label_classes,
-                                           _predicted, _proba_by_chunks, _sample_weights, _streamed_multi_label,
-                                           _streamed_scaler, _training_data, multi_hot)
+from bottleneck.learn.heads_common import (
+    FeaturesError,
+    SparseFeaturesError,
+    _check_features,
+    _label_classes,
+    _predicted,
+    _proba_by_chunks,
+    _sample_weights,
+    _streamed_multi_label,
+    _streamed_scaler,
+    _training_data,
+    multi_hot,
+)
 from bottleneck.learn.heads_keras import KerasHead
 from bottleneck.learn.heads_knn import K_GRID, KnnHead
 
 #: The heads and what goes with them, wherever they live (`heads_common`, `heads_keras`, `heads_knn`).
-__all__ = ["C_FOLDS", "C_GRID", "C_SEARCH_ROWS", "FeaturesError", "HEADS", "K_GRID", "KerasHead", "KnnHead",
-           "LogRegHead", "SparseFeaturesError", "make_head", "multi_hot"]
+__all__ = [
+    "C_FOLDS",
+    "C_GRID",
+    "C_SEARCH_ROWS",
+    "FeaturesError",
+    "HEADS",
+    "K_GRID",
+    "KerasHead",
+    "KnnHead",
+    "LogRegHead",
+    "SparseFeaturesError",
+    "make_head",
+    "multi_hot",
+]
 
 
 #: `C="auto"`'s log grid, 1e-4 to 1e2 (CLIP's linear probes sweep a similar one).
-C_GRID = tuple(float(10.0 ** e) for e in range(-4, 3))
+C_GRID = tuple(float(10.0**e) for e in range(-4, 3))
 #: Most folds `C="auto"` cross-validates over (fewer when the smallest class has fewer images).
 C_FOLDS = 5
 #: Most rows `C="auto"` cross-validates on (a seeded sample, every class kept): its cost stays bounded
@@ -93,8 +116,13 @@ def _cross_validated_C(X: np.ndarray, y, multi_label: bool, class_weight, max_it
         folds = min(C_FOLDS, int(min(np.unique(y, return_counts=True)[1])))
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if folds >= 2 else None
     if folds < 2:
-        return {"C": 1.0, "grid": list(C_GRID), "folds": folds, "rows": len(X),
-                "reason": "a class has a single training or validation image: nothing to cross-validate, C 1 kept"}
+        return {
+            "C": 1.0,
+            "grid": list(C_GRID),
+            "folds": folds,
+            "rows": len(X),
+            "reason": "a class has a single training or validation image: nothing to cross-validate, C 1 kept",
+        }
     accuracy = np.zeros((folds, len(C_GRID)))
     loss = np.zeros((folds, len(C_GRID)))
     for f, (fit_rows, held) in enumerate(splitter.split(X, target if not multi_label else None)):
@@ -102,14 +130,16 @@ def _cross_validated_C(X: np.ndarray, y, multi_label: bool, class_weight, max_it
         X_fit, X_held = scaler.transform(X[fit_rows]), scaler.transform(X[held])
         if multi_label:
             for c, C in enumerate(C_GRID):  # one-vs-rest clones its estimator: no warm start here
-                model = OneVsRestClassifier(LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
-                                                               random_state=seed)).fit(X_fit, target[fit_rows])
+                model = OneVsRestClassifier(
+                    LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, random_state=seed)
+                ).fit(X_fit, target[fit_rows])
                 p = np.clip(np.asarray(model.predict_proba(X_held), np.float64), 1e-15, 1 - 1e-15)
                 truth = target[held]
                 loss[f, c] = float(-np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p)))
             continue
-        model = LogisticRegression(C=C_GRID[0], class_weight=class_weight, max_iter=max_iter, random_state=seed,
-                                   warm_start=True)
+        model = LogisticRegression(
+            C=C_GRID[0], class_weight=class_weight, max_iter=max_iter, random_state=seed, warm_start=True
+        )
         for c, C in enumerate(C_GRID):
             model.set_params(C=C).fit(X_fit, target[fit_rows])
             proba = model.predict_proba(X_held)
@@ -155,8 +185,15 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     multi_label : bool, one-vs-rest over label tuples instead of a softmax over one label per image.
     """
 
-    def __init__(self, *, C: float | str = 1.0, class_weight: str | None = None, max_iter: int = 1000, random_state: int = 0,
-                 multi_label: bool = False):
+    def __init__(
+        self,
+        *,
+        C: float | str = 1.0,
+        class_weight: str | None = None,
+        max_iter: int = 1000,
+        random_state: int = 0,
+        multi_label: bool = False,
+    ):
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -166,15 +203,16 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def _logreg(self):
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter,
-                                  random_state=self.random_state)
+        return LogisticRegression(
+            C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+        )
 
     def _fixed_C(self) -> float:
         if isinstance(self.C, str) or not np.isfinite(self.C) or self.C <= 0:
             raise BottleneckError(f"C must be a positive number or 'auto'; got {self.C!r}")
         return float(self.C)
 
-    def fit(self, X, y, validation_data=None) -> "LogRegHead":
+    def fit(self, X, y, validation_data=None) -> LogRegHead:
         """Fit on X of shape (n_samples, n_features) and string labels y (multi-label: label tuples);
         validation_data (X, y) only takes part in choosing C when C is 'auto'."""
         from sklearn.pipeline import make_pipeline
@@ -182,10 +220,12 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         X, y = _training_data(X, y, type(self).__name__, self.multi_label)
         if self.C == "auto":
-            X_all, y_all = _search_sample(*_with_validation(X, y, validation_data, self.multi_label), self.multi_label,
-                                          self.random_state)
-            self.C_search_ = _cross_validated_C(X_all, y_all, self.multi_label, self.class_weight, self.max_iter,
-                                                self.random_state)
+            X_all, y_all = _search_sample(
+                *_with_validation(X, y, validation_data, self.multi_label), self.multi_label, self.random_state
+            )
+            self.C_search_ = _cross_validated_C(
+                X_all, y_all, self.multi_label, self.class_weight, self.max_iter, self.random_state
+            )
             self.C_ = self.C_search_["C"]
         else:
             self.C_, self.C_search_ = self._fixed_C(), None
@@ -215,7 +255,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.pipeline_.fit(X, multi_hot(y, self.classes_).astype(np.int64))
         self.arrays_ = arrays_from_pipeline(self.pipeline_, self.classes_)
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "LogRegHead":
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> LogRegHead:
         """Fit on features too large for memory (`FeatureRows`), reading `chunk_rows` rows at a time.
 
         Why this solver: it minimises exactly the objective `fit` does (scikit-learn's
@@ -239,8 +279,14 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         if self.multi_label:
             raise _streamed_multi_label(self)
         if self.C == "auto":  # each fit is a read of the store per L-BFGS iteration: a grid of them is too dear
-            self.C_, self.C_search_ = 1.0, {"C": 1.0, "grid": None, "reason": "features streamed from the store are "
-                                            "not cross-validated: C 1 kept (pass --C to choose)"}
+            self.C_, self.C_search_ = (
+                1.0,
+                {
+                    "C": 1.0,
+                    "grid": None,
+                    "reason": "features streamed from the store are not cross-validated: C 1 kept (pass --C to choose)",
+                },
+            )
         else:
             self.C_, self.C_search_ = self._fixed_C(), None
         y = np.asarray(y)
@@ -288,11 +334,17 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
             gradient[:, :d] += l2 * w[:, :d]
             return loss, gradient.ravel()
 
-        result = minimize(loss_and_gradient, np.zeros(outputs * (d + 1)), method="L-BFGS-B", jac=True,
-                          options={"maxiter": self.max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+        result = minimize(
+            loss_and_gradient,
+            np.zeros(outputs * (d + 1)),
+            method="L-BFGS-B",
+            jac=True,
+            options={"maxiter": self.max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps},
+        )
         w = result.x.reshape(outputs, d + 1)
-        logreg = LogisticRegression(C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter,
-                                    random_state=self.random_state)
+        logreg = LogisticRegression(
+            C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+        )
         logreg.classes_ = classes
         logreg.coef_ = np.ascontiguousarray(w[:, :d])
         logreg.intercept_ = w[:, d].copy()
@@ -333,7 +385,6 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         joblib.dump(self.pipeline_, Path(folder) / "model.joblib")
         return save_head(self.arrays_ if self.multi_label else arrays_from_pipeline(self.pipeline_), folder)
-
 
 
 HEADS = {"logreg": LogRegHead, "keras": KerasHead, "knn": KnnHead}

@@ -1,5 +1,6 @@
 """What the heads share: checking features and labels as scikit-learn does, multi-hot label sets, streamed
 scaling and class weights, predictions from probabilities, probabilities by chunks (`heads.py` gathers the heads)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,8 +44,10 @@ def multi_hot(y, classes) -> np.ndarray:
 
 
 def _streamed_multi_label(head) -> BottleneckError:
-    return BottleneckError(f"a multi-label {type(head).__name__} trains on features in memory, and these are streamed "
-                           "from the store: raise --max-memory")
+    return BottleneckError(
+        f"a multi-label {type(head).__name__} trains on features in memory, and these are streamed "
+        "from the store: raise --max-memory"
+    )
 
 
 class FeaturesError(BottleneckError, ValueError):
@@ -67,8 +70,10 @@ def _check_features(X, expected: int | None = None, head: str = "this head") -> 
     _check_sparse(X, head)
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
-        raise FeaturesError(f"features must be a 2-d array (n_samples, n_features); got shape {X.shape}. "
-                            "Reshape your data: X.reshape(1, -1) for one sample")
+        raise FeaturesError(
+            f"features must be a 2-d array (n_samples, n_features); got shape {X.shape}. "
+            "Reshape your data: X.reshape(1, -1) for one sample"
+        )
     if X.shape[0] == 0 or X.shape[1] == 0:  # an empty array would crash oneDNN inside Keras, not raise
         raise FeaturesError(f"{X.shape[1]} feature(s) (shape={X.shape}) while a minimum of 1 is required.")
     if expected is not None and X.shape[1] != expected:
@@ -95,8 +100,6 @@ def _training_data(X, y, head: str, multi_label: bool) -> tuple[np.ndarray, Any]
     return _check_features(X, head=head), y
 
 
-
-
 def _predicted(head, X) -> np.ndarray:
     proba = head.predict_proba(X)
     return (proba >= 0.5).astype(np.int64) if head.multi_label else head.classes_[np.argmax(proba, axis=1)]
@@ -107,4 +110,3 @@ def _proba_by_chunks(predict_proba, rows, n_classes: int, chunk_rows: int) -> np
     for positions, block in rows.chunks(chunk_rows):
         out[positions] = predict_proba(block)
     return out
-

@@ -1,4 +1,5 @@
 """`KerasHead`: a Keras softmax (or, multi-label, sigmoid) layer on standardised features (see `heads.py`)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,17 @@ from sklearn.utils.validation import check_is_fitted
 
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError
-from bottleneck.learn.heads_common import (_check_features, _label_classes, _predicted, _proba_by_chunks,
-                                           _sample_weights, _streamed_multi_label, _streamed_scaler, _training_data,
-                                           multi_hot)
+from bottleneck.learn.heads_common import (
+    _check_features,
+    _label_classes,
+    _predicted,
+    _proba_by_chunks,
+    _sample_weights,
+    _streamed_multi_label,
+    _streamed_scaler,
+    _training_data,
+    multi_hot,
+)
 
 
 class KerasHead(ClassifierMixin, BaseEstimator):
@@ -40,9 +49,20 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     #: The largest batch `batch_size=None` picks.
     MAX_AUTO_BATCH = 64
 
-    def __init__(self, *, epochs: int = 300, learning_rate: float = 1e-2, dropout: float = 0.0,
-                 batch_size: int | None = None, patience: int = 20, l2: float = 1e-2, class_weight: str | None = None,
-                 random_state: int = 0, multi_label: bool = False, verbose: int = 0):
+    def __init__(
+        self,
+        *,
+        epochs: int = 300,
+        learning_rate: float = 1e-2,
+        dropout: float = 0.0,
+        batch_size: int | None = None,
+        patience: int = 20,
+        l2: float = 1e-2,
+        class_weight: str | None = None,
+        random_state: int = 0,
+        multi_label: bool = False,
+        verbose: int = 0,
+    ):
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.dropout = dropout
@@ -93,15 +113,17 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     def _multi_label_targets(self, y, validation_data) -> tuple[np.ndarray, tuple | None]:
         """(multi-hot training targets, (validation features, multi-hot targets) or None); sets `classes_`."""
         if self.class_weight is not None:
-            raise BottleneckError("--class-weight balanced weighs one class per image: a multi-label keras head does "
-                                  "not take it (the logreg head weighs each label's positives)")
+            raise BottleneckError(
+                "--class-weight balanced weighs one class per image: a multi-label keras head does "
+                "not take it (the logreg head weighs each label's positives)"
+            )
         self.classes_ = _label_classes(y)
         validation = None
         if validation_data is not None and len(validation_data[1]):
             validation = (_check_features(validation_data[0]), multi_hot(validation_data[1], self.classes_))
         return multi_hot(y, self.classes_), validation
 
-    def fit(self, X, y, validation_data=None) -> "KerasHead":
+    def fit(self, X, y, validation_data=None) -> KerasHead:
         """Fit on X of shape (n_samples, n_features) and string labels y; stop early on validation loss."""
         tf, keras = import_tensorflow()
         keras.utils.set_random_seed(self.random_state)
@@ -130,17 +152,27 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         self._fit_model(keras, X, y_index, validation, weights)
         return self
 
-    def _fit_model(self, keras, X: np.ndarray, targets: np.ndarray, validation: tuple | None, weights: dict | None) -> None:
+    def _fit_model(
+        self, keras, X: np.ndarray, targets: np.ndarray, validation: tuple | None, weights: dict | None
+    ) -> None:
         """Build the model on X and train it, early stopping on the validation loss (else the training loss)."""
         self.model_ = self._build(X, len(self.classes_))
-        history = self.model_.fit(X, targets, validation_data=validation, epochs=self.epochs, batch_size=self._batch(len(X)),
-                                  class_weight=weights, callbacks=self._callbacks(keras, "val_loss" if validation else "loss"),
-                                  verbose=0, shuffle=True)
+        history = self.model_.fit(
+            X,
+            targets,
+            validation_data=validation,
+            epochs=self.epochs,
+            batch_size=self._batch(len(X)),
+            class_weight=weights,
+            callbacks=self._callbacks(keras, "val_loss" if validation else "loss"),
+            verbose=0,
+            shuffle=True,
+        )
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = X.shape[1]
         self.solver_ = "adam"
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KerasHead":
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> KerasHead:
         """Fit on features too large for memory (`FeatureRows`), streamed from the store chunk by chunk.
 
         Each epoch visits the chunks in a seeded random order and the rows of each chunk in a
@@ -176,7 +208,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                     yield batch + ((weights[at].astype(np.float32),) if weights is not None else ())
 
         train = tf.data.Dataset.from_generator(training_batches, output_signature=signature).apply(
-            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, batch_size)))
+            tf.data.experimental.assert_cardinality(rows.batches(chunk_rows, batch_size))
+        )
         validation = None
         if validation_data is not None and len(validation_data[1]):
             val_rows, yv = validation_data
@@ -191,10 +224,17 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                             yield block[start : start + 1024], yv_index[positions[start : start + 1024]]
 
                 validation = tf.data.Dataset.from_generator(validation_batches, output_signature=signature[:2]).apply(
-                    tf.data.experimental.assert_cardinality(val_rows.batches(chunk_rows, 1024)))
+                    tf.data.experimental.assert_cardinality(val_rows.batches(chunk_rows, 1024))
+                )
         self.model_ = self._build(None, len(self.classes_), (d, scaler.mean_, scaler.var_))
-        history = self.model_.fit(train, validation_data=validation, epochs=self.epochs, verbose=0, shuffle=False,
-                                  callbacks=self._callbacks(keras, "val_loss" if validation is not None else "loss"))
+        history = self.model_.fit(
+            train,
+            validation_data=validation,
+            epochs=self.epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=self._callbacks(keras, "val_loss" if validation is not None else "loss"),
+        )
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.n_features_in_ = d
         self.solver_ = "adam, streamed"

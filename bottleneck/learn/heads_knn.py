@@ -1,4 +1,5 @@
 """`KnnHead`: k nearest neighbours by cosine similarity, for few-shot and retrieval-style use (see `heads.py`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from bottleneck.errors import BottleneckError
 from bottleneck.learn.heads_common import FeaturesError, _check_features, _predicted, _training_data
-
 
 #: The k `KnnHead` chooses from (those up to the number of training rows).
 K_GRID = (1, 3, 5, 7, 9, 11, 15, 21, 31, 51)
@@ -32,7 +32,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         self.k = k
         self.multi_label = multi_label
 
-    def fit(self, X, y, validation_data=None) -> "KnnHead":
+    def fit(self, X, y, validation_data=None) -> KnnHead:
         """Keep the normalised training rows and their labels; choose k unless it is given."""
         if self.multi_label:
             raise BottleneckError("the knn head takes one label per image; train a multi-label logreg or keras head")
@@ -95,13 +95,18 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     def _votes(self, similarity: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
         weights = np.maximum(similarity.astype(np.float64), 1e-6)
         proba = np.zeros((len(similarity), len(self.classes_)))
-        np.add.at(proba, (np.repeat(np.arange(len(similarity)), neighbours.shape[1]), self.targets_[neighbours].ravel()),
-                  weights.ravel())
+        np.add.at(
+            proba,
+            (np.repeat(np.arange(len(similarity)), neighbours.shape[1]), self.targets_[neighbours].ravel()),
+            weights.ravel(),
+        )
         return proba / proba.sum(axis=1, keepdims=True)
 
-    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> "KnnHead":
-        raise BottleneckError("the knn head keeps every training row in memory, and these features are streamed from "
-                              "the store: raise --max-memory, or train a logreg head")
+    def fit_rows(self, rows, y, validation_data=None, chunk_rows: int = 4096) -> KnnHead:
+        raise BottleneckError(
+            "the knn head keeps every training row in memory, and these features are streamed from "
+            "the store: raise --max-memory, or train a logreg head"
+        )
 
     def predict_proba(self, X) -> np.ndarray:
         """Similarity-weighted vote shares of the k nearest training rows, columns in `classes_` order."""
@@ -115,8 +120,12 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     def arrays(self):
         from bottleneck.learn.head_file import KnnArrays
 
-        return KnnArrays(self.features_, self.targets_.astype(np.int64), np.asarray([str(c) for c in self.classes_],
-                                                                                   dtype=np.str_), self.k_)
+        return KnnArrays(
+            self.features_,
+            self.targets_.astype(np.int64),
+            np.asarray([str(c) for c in self.classes_], dtype=np.str_),
+            self.k_,
+        )
 
     def save(self, folder: Path) -> Path:
         """Write `head.npz`: the normalised training rows, their class indices, the classes and k (plain arrays)."""

@@ -5,6 +5,7 @@ split, a scaler and a solver make), fit the budget; otherwise it is streamed fro
 chunks of `chunk_rows`, each of which, times `STREAM_FACTOR` (the store's read buffers, the
 chunk itself and its standardised copy), fits the budget. Sizes use binary units: 1K = 1024.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ def parse_size(text: str | int | float) -> int:
     else:
         match = _SIZE.match(str(text))
         if not match:
-            raise MemoryBudgetError(f"--max-memory {text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 512M, 2G, 1.5GB)")
+            raise MemoryBudgetError(
+                f"--max-memory {text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 512M, 2G, 1.5GB)"
+            )
         value, unit = float(match.group(1)), match.group(2).lower()
     size = int(value * _UNITS[unit])
     if size <= 0:
@@ -90,8 +93,14 @@ class MemoryPlan:
         return self.mode == "streamed"
 
     def record(self) -> dict:
-        return {"mode": self.mode, "max_memory_bytes": self.max_memory_bytes, "feature_bytes": self.feature_bytes,
-                "chunk_rows": self.chunk_rows, "reason": self.reason, "max_memory_from": self.budget_source}
+        return {
+            "mode": self.mode,
+            "max_memory_bytes": self.max_memory_bytes,
+            "feature_bytes": self.feature_bytes,
+            "chunk_rows": self.chunk_rows,
+            "reason": self.reason,
+            "max_memory_from": self.budget_source,
+        }
 
 
 def chunk_rows_for(budget: int, dim: int, min_rows: int = MIN_CHUNK_ROWS) -> int:
@@ -104,12 +113,19 @@ def chunk_rows_for(budget: int, dim: int, min_rows: int = MIN_CHUNK_ROWS) -> int
         need = min_rows * row_bytes * STREAM_FACTOR
         raise MemoryBudgetError(
             f"--max-memory {format_bytes(budget)} cannot hold one batch of {min_rows} rows of {dim} features "
-            f"(about {format_bytes(need)} while training); give at least {-(-need // 2**20)}M")
+            f"(about {format_bytes(need)} while training); give at least {-(-need // 2**20)}M"
+        )
     return int(min(rows, MAX_CHUNK_ROWS))
 
 
-def plan_memory(rows: int, dim: int, budget: int | None, batch_size: int = 0, stream: bool | None = None,
-                chunk_rows: int | None = None) -> MemoryPlan:
+def plan_memory(
+    rows: int,
+    dim: int,
+    budget: int | None,
+    batch_size: int = 0,
+    stream: bool | None = None,
+    chunk_rows: int | None = None,
+) -> MemoryPlan:
     """In memory when `rows` x `dim` float32 features fit the budget with room to spare; else streamed.
 
     Streaming needs chunks of at least MIN_CHUNK_ROWS rows and one batch (`batch_size`): a smaller
@@ -126,6 +142,12 @@ def plan_memory(rows: int, dim: int, budget: int | None, batch_size: int = 0, st
     chunk = chunk_rows or chunk_rows_for(budget, dim, max(MIN_CHUNK_ROWS, batch_size))
     if fits:
         return MemoryPlan("streamed", budget, feature_bytes, chunk, "streaming was asked for", source)
-    return MemoryPlan("streamed", budget, feature_bytes, chunk,
-                      f"the features ({format_bytes(feature_bytes)}, about {format_bytes(feature_bytes * IN_MEMORY_FACTOR)} to train "
-                      f"in memory) exceed the memory budget of {format_bytes(budget)}", source)
+    return MemoryPlan(
+        "streamed",
+        budget,
+        feature_bytes,
+        chunk,
+        f"the features ({format_bytes(feature_bytes)}, about {format_bytes(feature_bytes * IN_MEMORY_FACTOR)} to train "
+        f"in memory) exceed the memory budget of {format_bytes(budget)}",
+        source,
+    )

@@ -5,6 +5,7 @@ interval over the split's images (`<name>_ci: [low, high]`), seeded, so a score 
 another draw of test images of that size could move it. `paired_difference` is the same bootstrap
 for two runs scored on the same images.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -20,16 +21,22 @@ CI_SEED = 0
 _BLOCK_ELEMENTS = 250_000
 
 
-def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, resamples: int = RESAMPLES,
-                       level: float = LEVEL, seed: int = CI_SEED) -> list[float] | None:
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = CI_SEED,
+) -> list[float] | None:
     """The percentile bootstrap interval of a statistic of n images: `statistic` takes a (b, n) array of
     resampled image indices (drawn with replacement) and returns the b values. None for no image."""
     if n == 0:
         return None
     rng = np.random.default_rng(seed)
     block = max(1, _BLOCK_ELEMENTS // n)
-    values = np.concatenate([statistic(rng.integers(0, n, (min(block, resamples - start), n)))
-                             for start in range(0, resamples, block)])
+    values = np.concatenate(
+        [statistic(rng.integers(0, n, (min(block, resamples - start), n))) for start in range(0, resamples, block)]
+    )
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return [float(low), float(high)]
@@ -59,9 +66,12 @@ def macro_f1_of_resamples(truth: np.ndarray, predicted: np.ndarray, k: int, idx:
 def classification_intervals(truth: np.ndarray, predicted: np.ndarray, k: int, seed: int = CI_SEED) -> dict:
     """accuracy_ci and macro_f1_ci of one split (class indices)."""
     hit = (truth == predicted).astype(np.float64)
-    return {"accuracy_ci": bootstrap_interval(lambda idx: hit[idx].mean(axis=1), len(hit), seed=seed),
-            "macro_f1_ci": bootstrap_interval(lambda idx: macro_f1_of_resamples(truth, predicted, k, idx), len(hit),
-                                              seed=seed)}
+    return {
+        "accuracy_ci": bootstrap_interval(lambda idx: hit[idx].mean(axis=1), len(hit), seed=seed),
+        "macro_f1_ci": bootstrap_interval(
+            lambda idx: macro_f1_of_resamples(truth, predicted, k, idx), len(hit), seed=seed
+        ),
+    }
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = CI_SEED) -> dict | None:
@@ -70,8 +80,11 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = 
     diff = np.asarray(correct_a, np.float64) - np.asarray(correct_b, np.float64)
     if len(diff) == 0:
         return None
-    return {"images": int(len(diff)), "difference": float(diff.mean()),
-            "ci": bootstrap_interval(lambda idx: diff[idx].mean(axis=1), len(diff), seed=seed)}
+    return {
+        "images": int(len(diff)),
+        "difference": float(diff.mean()),
+        "ci": bootstrap_interval(lambda idx: diff[idx].mean(axis=1), len(diff), seed=seed),
+    }
 
 
 def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str], intervals: bool = True) -> dict | None:
@@ -82,9 +95,7 @@ def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str], inter
     proba = proba / proba.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only roughly
     labels_array = np.array(labels)
     predicted = labels_array[np.argmax(proba, axis=1)]
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, predicted, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, predicted, labels=labels, zero_division=0)
     result = {
         "images": len(y_true),
         "accuracy": float(accuracy_score(y_true, predicted)),
@@ -100,10 +111,17 @@ def split_metrics(proba: np.ndarray, y_true: list[str], labels: list[str], inter
     if not intervals:
         return result
     index = {label: i for i, label in enumerate(labels)}
-    result.update(classification_intervals(np.array([index.get(t, len(labels)) for t in y_true]),
-                                           np.argmax(proba, axis=1), len(labels)))
-    result["ci"] = {"level": LEVEL, "resamples": RESAMPLES, "method": "percentile bootstrap over the split's images",
-                    "seed": CI_SEED}
+    result.update(
+        classification_intervals(
+            np.array([index.get(t, len(labels)) for t in y_true]), np.argmax(proba, axis=1), len(labels)
+        )
+    )
+    result["ci"] = {
+        "level": LEVEL,
+        "resamples": RESAMPLES,
+        "method": "percentile bootstrap over the split's images",
+        "seed": CI_SEED,
+    }
     if len(labels) > 5:
         index = {label: i for i, label in enumerate(labels)}
         top5 = np.argsort(-proba, axis=1)[:, :5]
@@ -122,8 +140,9 @@ def misclassified(proba: np.ndarray, y_true: list[str], paths: list[str], labels
     return sorted(wrong, key=lambda row: -row["confidence"])
 
 
-def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str], decided: np.ndarray,
-                        intervals: bool = True) -> dict | None:
+def multi_label_metrics(
+    proba: np.ndarray, truth: np.ndarray, labels: list[str], decided: np.ndarray, intervals: bool = True
+) -> dict | None:
     """Multi-label scores of one split: mean average precision, micro and macro F1, exact-match accuracy and per-label
     precision, recall, F1, support and average precision. `truth` and `decided` are (n, k) 0/1 (decided: thresholded).
 
@@ -135,8 +154,9 @@ def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str],
         return None
     truth, decided = np.asarray(truth, bool), np.asarray(decided, bool)
     precision, recall, f1, support = precision_recall_fscore_support(truth, decided, average=None, zero_division=0)
-    precision_avg = {j: float(average_precision_score(truth[:, j], proba[:, j]))
-                     for j in range(len(labels)) if truth[:, j].any()}
+    precision_avg = {
+        j: float(average_precision_score(truth[:, j], proba[:, j])) for j in range(len(labels)) if truth[:, j].any()
+    }
     return {
         "images": int(len(truth)),
         "multi_label": True,
@@ -147,8 +167,13 @@ def multi_label_metrics(proba: np.ndarray, truth: np.ndarray, labels: list[str],
         "labels_per_image": float(truth.sum(axis=1).mean()),
         "predicted_per_image": float(decided.sum(axis=1).mean()),
         "per_class": {
-            label: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
-                    "support": int(support[j]), "average_precision": precision_avg.get(j)}
+            label: {
+                "precision": float(precision[j]),
+                "recall": float(recall[j]),
+                "f1": float(f1[j]),
+                "support": int(support[j]),
+                "average_precision": precision_avg.get(j),
+            }
             for j, label in enumerate(labels)
         },
         "labels": list(labels),
@@ -166,14 +191,21 @@ def multi_label_intervals(truth: np.ndarray, decided: np.ndarray, seed: int = CI
         hits, total = 2 * tp[idx].sum(axis=1), 2 * tp[idx].sum(axis=1) + wrong[idx].sum(axis=1)
         return np.divide(hits, total, out=np.zeros_like(hits), where=total > 0)
 
-    return {"micro_f1_ci": bootstrap_interval(micro_f1, len(tp), seed=seed),
-            "exact_match_ci": bootstrap_interval(lambda idx: exact[idx].mean(axis=1), len(tp), seed=seed),
-            "ci": {"level": LEVEL, "resamples": RESAMPLES, "method": "percentile bootstrap over the split's images",
-                   "seed": CI_SEED}}
+    return {
+        "micro_f1_ci": bootstrap_interval(micro_f1, len(tp), seed=seed),
+        "exact_match_ci": bootstrap_interval(lambda idx: exact[idx].mean(axis=1), len(tp), seed=seed),
+        "ci": {
+            "level": LEVEL,
+            "resamples": RESAMPLES,
+            "method": "percentile bootstrap over the split's images",
+            "seed": CI_SEED,
+        },
+    }
 
 
-def multi_label_mistakes(proba: np.ndarray, truth: np.ndarray, decided: np.ndarray, paths: list[str],
-                         labels: list[str]) -> list[dict]:
+def multi_label_mistakes(
+    proba: np.ndarray, truth: np.ndarray, decided: np.ndarray, paths: list[str], labels: list[str]
+) -> list[dict]:
     """Images whose predicted label set is not their true one: path, true and predicted sets (`a;b`), and the
     confidence of the surest wrong decision (p of a label wrongly given, 1 - p of one wrongly missed); surest first."""
     from bottleneck.features.label_file import joined_labels
@@ -182,8 +214,14 @@ def multi_label_mistakes(proba: np.ndarray, truth: np.ndarray, decided: np.ndarr
     wrong = []
     for i in np.flatnonzero((truth != decided).any(axis=1)):
         sure = np.where(decided[i], proba[i], 1 - proba[i])[truth[i] != decided[i]]
-        wrong.append({"path": paths[i], "true": joined_labels(tuple(np.array(labels)[truth[i]])),
-                      "predicted": joined_labels(tuple(np.array(labels)[decided[i]])), "confidence": float(sure.max())})
+        wrong.append(
+            {
+                "path": paths[i],
+                "true": joined_labels(tuple(np.array(labels)[truth[i]])),
+                "predicted": joined_labels(tuple(np.array(labels)[decided[i]])),
+                "confidence": float(sure.max()),
+            }
+        )
     return sorted(wrong, key=lambda row: -row["confidence"])
 
 
@@ -208,5 +246,10 @@ def calibration(proba: np.ndarray, y_true: list[str], labels: list[str], bins: i
     accuracy = np.divide(hits, count, out=np.zeros(bins), where=filled)
     mean_confidence = np.divide(sure, count, out=np.zeros(bins), where=filled)
     ece = float(np.sum(count / len(y_true) * np.abs(accuracy - mean_confidence)))
-    return {"expected_calibration_error": ece, "bins": bins, "count": count.tolist(),
-            "accuracy": accuracy.tolist(), "confidence": mean_confidence.tolist()}
+    return {
+        "expected_calibration_error": ece,
+        "bins": bins,
+        "count": count.tolist(),
+        "accuracy": accuracy.tolist(),
+        "confidence": mean_confidence.tolist(),
+    }

@@ -6,6 +6,7 @@ The base is a few conv / batch-norm / ReLU blocks and global average pooling (th
 model file alone says how to feed it. `--epochs 0` saves the seeded, untrained network: the
 "same architecture, random weights" baseline.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,12 @@ import numpy as np
 
 from bottleneck import bounds
 from bottleneck.backbones.build import import_tensorflow
+from bottleneck.errors import BottleneckError, DataError
 from bottleneck.features.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, UnreadableImage, decode_image_file
 from bottleneck.features.discover import discover_images
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, decoding
-from bottleneck.errors import BottleneckError, DataError
-from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
 from bottleneck.features.shards import Columns
+from bottleneck.learn.splits import SplitConfig, assign_splits, read_split_csv, splits_from_folders
 
 FEATURE_LAYER = "features"
 #: Steps per epoch `--batch-size auto` aims at.
@@ -55,11 +56,15 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         size, blocks = bounds.PRETRAIN_IMAGE_SIZE, bounds.BLOCKS
         size.check(self.image_size, "--image-size", BottleneckError, f"between {size.low} and {size.high}")
-        if self.blocks not in blocks or self.image_size < 2 ** self.blocks:
-            raise BottleneckError(f"--blocks must be between {blocks.low} and {blocks.high} and leave at least 1 pixel; "
-                                  f"got {self.blocks}")
-        for name, interval in (("epochs", bounds.PRETRAIN_EPOCHS), ("filters", bounds.FILTERS),
-                               ("batch_size", bounds.BATCH_SIZE)):
+        if self.blocks not in blocks or self.image_size < 2**self.blocks:
+            raise BottleneckError(
+                f"--blocks must be between {blocks.low} and {blocks.high} and leave at least 1 pixel; got {self.blocks}"
+            )
+        for name, interval in (
+            ("epochs", bounds.PRETRAIN_EPOCHS),
+            ("filters", bounds.FILTERS),
+            ("batch_size", bounds.BATCH_SIZE),
+        ):
             if getattr(self, name) is not None:
                 interval.check(getattr(self, name), f"--{name.replace('_', '-')}", BottleneckError)
 
@@ -74,11 +79,17 @@ class PretrainResult:
     seconds: float
 
 
-def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None = None,
-                wanted: tuple[str, ...] = ("train", "validation", "test"),
-                layout: str = "auto", labels: str | None = None, columns: Columns | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None
-                ) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+def load_images(
+    data_dir: str | os.PathLike,
+    size: int,
+    split_file: str | None = None,
+    wanted: tuple[str, ...] = ("train", "validation", "test"),
+    layout: str = "auto",
+    labels: str | None = None,
+    columns: Columns | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the images of DATA (those in `wanted` splits of `split_file`, if given, else of the split
     folders or the default split), with the guards of `features`; decoder warnings go to `cache_dir`'s log.
 
@@ -89,16 +100,21 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
 
     discovery = discover_images(data_dir, layout=layout, labels=labels, columns=columns)
     if discovery.multi_label:
-        raise DataError(f"{discovery.layout_line()}: pretrain and fine-tune learn one label per image, not yet "
-                        "several; train a multi-label head with `bottleneck train-head`")
+        raise DataError(
+            f"{discovery.layout_line()}: pretrain and fine-tune learn one label per image, not yet "
+            "several; train a multi-label head with `bottleneck train-head`"
+        )
     images = discovery.images
     if split_file:
         saved = read_split_csv(split_file)
         splits = [saved.get(image.relpath, (image.label, "unlisted"))[1] for image in images]
     else:
         items = [(im.relpath, im.label) for im in images]
-        drawn = (splits_from_folders(items, discovery.folder_splits, SplitConfig(), discovery.groups)[0]
-                 if discovery.folder_splits else assign_splits(items, SplitConfig(), discovery.groups))
+        drawn = (
+            splits_from_folders(items, discovery.folder_splits, SplitConfig(), discovery.groups)[0]
+            if discovery.folder_splits
+            else assign_splits(items, SplitConfig(), discovery.groups)
+        )
         splits = [drawn[im.relpath] for im in images]
 
     def decode(path: Path) -> np.ndarray | None:
@@ -117,8 +133,12 @@ def load_images(data_dir: str | os.PathLike, size: int, split_file: str | None =
     keep = [i for i, p in enumerate(pixels) if p is not None]
     if not keep:
         raise DataError(f"no decodable images in {data_dir} for the splits {', '.join(wanted)}")
-    return (np.stack([pixels[i] for i in keep]), [chosen[i][0].label for i in keep],
-            [chosen[i][0].relpath for i in keep], [chosen[i][1] for i in keep])
+    return (
+        np.stack([pixels[i] for i in keep]),
+        [chosen[i][0].label for i in keep],
+        [chosen[i][0].relpath for i in keep],
+        [chosen[i][1] for i in keep],
+    )
 
 
 def build_base(n_classes: int, config: PretrainConfig):
@@ -128,7 +148,9 @@ def build_base(n_classes: int, config: PretrainConfig):
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     x = keras.layers.Rescaling(1 / 255.0, name="rescale")(inputs)
     for block in range(config.blocks):
-        x = keras.layers.Conv2D(config.filters * 2**block, 3, padding="same", use_bias=False, name=f"conv{block + 1}")(x)
+        x = keras.layers.Conv2D(config.filters * 2**block, 3, padding="same", use_bias=False, name=f"conv{block + 1}")(
+            x
+        )
         # A short momentum: small datasets give few steps per epoch for the moving statistics to settle.
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block + 1}")(x)
         x = keras.layers.ReLU(name=f"relu{block + 1}")(x)
@@ -137,8 +159,11 @@ def build_base(n_classes: int, config: PretrainConfig):
     features = keras.layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="predictions")(features)
     model = keras.Model(inputs, outputs, name="bottleneck_base")
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     return model
 
 
@@ -146,10 +171,17 @@ def labels_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".labels.json")
 
 
-def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(),
-             split_file: str | None = None, log: Callable[[str], None] = lambda message: None,
-             layout: str = "auto", labels: str | None = None, columns: Columns | None = None,
-             progress: bool = False) -> PretrainResult:
+def pretrain(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    config: PretrainConfig = PretrainConfig(),
+    split_file: str | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    layout: str = "auto",
+    labels: str | None = None,
+    columns: Columns | None = None,
+    progress: bool = False,
+) -> PretrainResult:
     """Train the base on DATA's train split (validation split for early stopping) and save it to `out`;
     `progress` shows each epoch on stderr (a bar on a terminal, else a line)."""
     tf, keras = import_tensorflow()
@@ -158,8 +190,9 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     if out.suffix != ".keras":
         raise BottleneckError(f"--out must end in .keras; got {out}")
     started = time.perf_counter()
-    pixels, names, _, splits = load_images(data_dir, config.image_size, split_file, ("train", "validation"), layout,
-                                           labels, columns)
+    pixels, names, _, splits = load_images(
+        data_dir, config.image_size, split_file, ("train", "validation"), layout, labels, columns
+    )
     classes = sorted(set(names))
     index = {label: i for i, label in enumerate(classes)}
     y = np.array([index[label] for label in names])
@@ -171,30 +204,54 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
         from bottleneck.learn.progress import epoch_callback
 
         batch_size = config.batch_for(int(train.sum()))
-        log(f"pretraining on {int(train.sum())} images of {len(classes)} classes for up to {config.epochs} epochs, "
-            f"batches of {batch_size} ({-(-int(train.sum()) // batch_size)} steps per epoch)")
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss" if validation else "loss", patience=config.patience,
-                                             restore_best_weights=True)
+        log(
+            f"pretraining on {int(train.sum())} images of {len(classes)} classes for up to {config.epochs} epochs, "
+            f"batches of {batch_size} ({-(-int(train.sum()) // batch_size)} steps per epoch)"
+        )
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss" if validation else "loss", patience=config.patience, restore_best_weights=True
+        )
         shown = epoch_callback("pretrain", config.epochs, progress)
-        history = model.fit(pixels[train], y[train], validation_data=validation, epochs=config.epochs,
-                            batch_size=batch_size, callbacks=[stop] + ([shown] if shown else []), verbose=0).history
+        history = model.fit(
+            pixels[train],
+            y[train],
+            validation_data=validation,
+            epochs=config.epochs,
+            batch_size=batch_size,
+            callbacks=[stop] + ([shown] if shown else []),
+            verbose=0,
+        ).history
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.keras")
     model.save(tmp)
     os.replace(tmp, out)  # a model file appears whole or not at all
     labels_file(out).write_text(json.dumps(classes))
     val_acc = history.get("val_accuracy")
-    result = PretrainResult(out, FEATURE_LAYER, classes, len(history.get("loss", [])),
-                            float(max(val_acc)) if val_acc else None, time.perf_counter() - started)
+    result = PretrainResult(
+        out,
+        FEATURE_LAYER,
+        classes,
+        len(history.get("loss", [])),
+        float(max(val_acc)) if val_acc else None,
+        time.perf_counter() - started,
+    )
     # Read by BackboneSpec.pretrained: an untrained base must be flagged as random weights everywhere.
-    out.with_name(out.name + ".info.json").write_text(json.dumps(
-        {"classes": classes, "epochs_run": result.epochs_run, "validation_accuracy": result.validation_accuracy,
-         "config": config.__dict__}))
+    out.with_name(out.name + ".info.json").write_text(
+        json.dumps(
+            {
+                "classes": classes,
+                "epochs_run": result.epochs_run,
+                "validation_accuracy": result.validation_accuracy,
+                "config": config.__dict__,
+            }
+        )
+    )
     return result
 
 
-def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLike, split_file: str | None,
-                        split: str = "test") -> dict:
+def evaluate_classifier(
+    model_path: str | os.PathLike, data_dir: str | os.PathLike, split_file: str | None, split: str = "test"
+) -> dict:
     """Accuracy and macro F1 of a pretrained model's own softmax on one split of DATA."""
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -205,5 +262,8 @@ def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLi
     size = int(model.input_shape[1])
     pixels, labels, _, _ = load_images(data_dir, size, split_file, (split,))
     predicted = [classes[i] for i in np.argmax(model.predict(pixels, batch_size=256, verbose=0), axis=1)]
-    return {"images": len(labels), "accuracy": float(accuracy_score(labels, predicted)),
-            "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0))}
+    return {
+        "images": len(labels),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }

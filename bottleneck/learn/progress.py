@@ -1,6 +1,7 @@
 """Progress of Keras training (the keras head, `pretrain`) on stderr: a tqdm bar on a terminal (the house style of
 `features`), else a line per epoch, at most one every few seconds (and the last), for logs: epoch, loss, validation
 accuracy and the ETA if every remaining epoch runs (early stopping may end sooner)."""
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,14 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
-def epoch_callback(desc: str, epochs: int, enabled: bool, tty: bool | None = None,
-                   write: Callable[[str], None] = _stderr, every: float = 5.0):
+def epoch_callback(
+    desc: str,
+    epochs: int,
+    enabled: bool,
+    tty: bool | None = None,
+    write: Callable[[str], None] = _stderr,
+    every: float = 5.0,
+):
     """A Keras callback that shows training's progress per epoch; None when not `enabled`.
 
     `tty` (default: whether stderr is a terminal) picks the bar; otherwise lines, `every` seconds apart at most.
@@ -59,8 +66,11 @@ def epoch_callback(desc: str, epochs: int, enabled: bool, tty: bool | None = Non
                 return
             self.last = now
             eta = (now - self.started) / done * (epochs - done)
-            write(f"{desc}: epoch {done}/{epochs}  " + "  ".join(f"{k} {v}" for k, v in scores.items())
-                  + f"  ETA {_eta(eta)} (if no early stop)")
+            write(
+                f"{desc}: epoch {done}/{epochs}  "
+                + "  ".join(f"{k} {v}" for k, v in scores.items())
+                + f"  ETA {_eta(eta)} (if no early stop)"
+            )
 
         def on_train_end(self, logs=None):
             if self.bar is not None:

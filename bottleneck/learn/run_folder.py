@@ -10,6 +10,7 @@ its backbone (a multi-label run gives each label its own probability, decided by
 beside its head); a fine-tuned run holds a whole network (pixels in, probabilities out), whose
 outputs are cached like features under their own fingerprint, so both kinds share one pipeline.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,10 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -131,12 +133,21 @@ def write_lr_find(staging: Path, curve: dict) -> None:
 
 def relative_paths(run_folder: Path, **paths: str | os.PathLike | None) -> dict[str, str]:
     """Each path relative to the run folder: what the run finds them by once the project folder has moved."""
-    return {key: os.path.relpath(Path(path).absolute(), run_folder.absolute()) for key, path in paths.items()
-            if path is not None}
+    return {
+        key: os.path.relpath(Path(path).absolute(), run_folder.absolute())
+        for key, path in paths.items()
+        if path is not None
+    }
 
 
-def write_predictions_csv(path: Path, paths: list[str], labels: list[str], proba: np.ndarray, classes: list[str],
-                          thresholds: Thresholds | None = None) -> None:
+def write_predictions_csv(
+    path: Path,
+    paths: list[str],
+    labels: list[str],
+    proba: np.ndarray,
+    classes: list[str],
+    thresholds: Thresholds | None = None,
+) -> None:
     """`test_predictions.csv`: path, true label, predicted label and the probability of every class.
 
     Probability columns are `probability_<class>`, so a class named `path` or `label` is no second
@@ -240,17 +251,21 @@ def kept_backbone_file(folder: Path, config: dict, cache_dir: Path | None = None
         return None
     sha256, suffix = kept["sha256"], str(kept.get("suffix", ".keras"))
     cache_dir = cache_dir or run_cache(folder, config)
-    candidates = [Path(os.path.normpath(folder.absolute() / str(kept.get("path", "")))),
-                  kept_path(cache_dir, sha256, suffix)]
+    candidates = [
+        Path(os.path.normpath(folder.absolute() / str(kept.get("path", "")))),
+        kept_path(cache_dir, sha256, suffix),
+    ]
     if isinstance(kept.get("hint"), str):
         candidates.append(Path(kept["hint"]))
     candidates = list(dict.fromkeys(candidates))
     found = first_with_content(candidates, sha256)
     if found is None:
         shown = Path(str(kept.get("hint") or f"{kept.get('name')}{suffix}")).name
-        raise RunError(f"the backbone of run {folder.name} ({shown}, sha256 {sha256[:12]}) is found "
-                       f"nowhere: looked at {', '.join(map(str, candidates))} (missing, or other content); copy the "
-                       f"cache's {kept_path(cache_dir, sha256).parent.name}/ folder with the run, or pass --cache")
+        raise RunError(
+            f"the backbone of run {folder.name} ({shown}, sha256 {sha256[:12]}) is found "
+            f"nowhere: looked at {', '.join(map(str, candidates))} (missing, or other content); copy the "
+            f"cache's {kept_path(cache_dir, sha256).parent.name}/ folder with the run, or pass --cache"
+        )
     return found
 
 
@@ -304,21 +319,27 @@ def _check_head_fits(folder: Path, name: str, labels: list[str], width: int | No
     """The head's classes are the run's labels and its input is the backbone's feature width; else one line."""
     recorded = config.get("labels")
     if isinstance(recorded, list) and [str(label) for label in recorded] != labels:
-        raise RunError(f"{folder / name} classifies {', '.join(labels)}, but the run was trained on "
-                       f"{', '.join(map(str, recorded))}: the head belongs to another run")
+        raise RunError(
+            f"{folder / name} classifies {', '.join(labels)}, but the run was trained on "
+            f"{', '.join(map(str, recorded))}: the head belongs to another run"
+        )
     expected = _expected_width(config)
     if expected is not None and width is not None and width != expected:
-        raise RunError(f"{folder / name} takes {width} features, but the run's backbone gives {expected}: "
-                       "the head belongs to another run")
+        raise RunError(
+            f"{folder / name} takes {width} features, but the run's backbone gives {expected}: "
+            "the head belongs to another run"
+        )
 
 
 def _logreg_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]:
     from bottleneck.learn.head_file import HEAD_FILE, HeadFileError, load_head
 
     if config["model"] != HEAD_FILE:
-        raise RunError(f"{folder} keeps its head as a pickle ({config['model']}), which bottleneck does not load: "
-                       "a pickle runs code when it is opened; train the head again (runs now keep plain arrays, "
-                       f"{HEAD_FILE})")
+        raise RunError(
+            f"{folder} keeps its head as a pickle ({config['model']}), which bottleneck does not load: "
+            "a pickle runs code when it is opened; train the head again (runs now keep plain arrays, "
+            f"{HEAD_FILE})"
+        )
     try:
         head = load_head(folder / HEAD_FILE)
     except HeadFileError as exc:
@@ -342,8 +363,10 @@ def _knn_classifier(folder: Path, config: dict) -> tuple[list[str], Callable]:
 def _check_head_kind(path: Path, sigmoid: bool, config: dict) -> None:
     """A multi-label run's head gives one sigmoid per label, a single-label run's a softmax; else one line."""
     if sigmoid != bool(config.get("multi_label")):
-        raise RunError(f"{path} is a {'sigmoid (multi-label)' if sigmoid else 'softmax'} head, but the run is "
-                       f"{'multi-label' if config.get('multi_label') else 'single-label'}: the head belongs to another run")
+        raise RunError(
+            f"{path} is a {'sigmoid (multi-label)' if sigmoid else 'softmax'} head, but the run is "
+            f"{'multi-label' if config.get('multi_label') else 'single-label'}: the head belongs to another run"
+        )
 
 
 def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
@@ -354,19 +377,23 @@ def _keras_classifier(path: Path, config: dict) -> tuple[list[str], Callable]:
     try:
         # safe_mode refuses Lambda layers (code stored in the file); anything else unreadable is one line too.
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001: Keras raises many kinds for a file that is not its model
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a file that is not its model
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RunError(f"{path} is not a Keras head this run can load ({text})") from None
     outputs = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
     inputs = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
     if outputs is not None and outputs != len(labels):
-        raise RunError(f"{path} gives {outputs} probabilities, but {path.parent / 'labels.json'} lists {len(labels)} "
-                       "labels: the head or the labels belong to another run")
+        raise RunError(
+            f"{path} gives {outputs} probabilities, but {path.parent / 'labels.json'} lists {len(labels)} "
+            "labels: the head or the labels belong to another run"
+        )
     _check_head_fits(path.parent, path.name, labels, inputs, config)
     last = model.layers[-1].get_config().get("activation") if getattr(model, "layers", None) else None
     if last in ("sigmoid", "softmax"):
         _check_head_kind(path, last == "sigmoid", config)
-    return labels, lambda X: np.asarray(model.predict(np.asarray(X, np.float32), batch_size=1024, verbose=0), np.float64)
+    return labels, lambda X: np.asarray(
+        model.predict(np.asarray(X, np.float32), batch_size=1024, verbose=0), np.float64
+    )
 
 
 def _labels(folder: Path) -> list[str]:
@@ -405,8 +432,17 @@ def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Loaded
         else:
             raise RunError(f"{folder}/config.json names an unknown head {head!r}")
     thresholds = _run_thresholds(folder, labels) if config.get("multi_label") else None
-    return LoadedRun(folder, config, spec, fingerprint, Path(cache_dir) if cache_dir else run_cache(folder, config),
-                     labels, classify, thresholds, run_path(folder, config, "data"))
+    return LoadedRun(
+        folder,
+        config,
+        spec,
+        fingerprint,
+        Path(cache_dir) if cache_dir else run_cache(folder, config),
+        labels,
+        classify,
+        thresholds,
+        run_path(folder, config, "data"),
+    )
 
 
 def _run_thresholds(folder: Path, labels: list[str]) -> Thresholds:
@@ -453,8 +489,13 @@ def read_predictions_csv(folder: Path) -> Predictions:
         proba = np.array([[float(p) for p in row[3:]] for row in body], np.float64).reshape(len(body), len(header) - 3)
     except ValueError:
         raise RunError(f"its {PREDICTIONS_FILE} has a row whose probabilities are not numbers") from None
-    return Predictions([r[0] for r in body], [r[1] for r in body], [r[2] for r in body],
-                       [c[len(PROBABILITY_PREFIX):] for c in header[3:]], proba)
+    return Predictions(
+        [r[0] for r in body],
+        [r[1] for r in body],
+        [r[2] for r in body],
+        [c[len(PROBABILITY_PREFIX) :] for c in header[3:]],
+        proba,
+    )
 
 
 @dataclass
@@ -466,7 +507,7 @@ class RunImages:
     labels: list[str]
     splits: list[str]
     rows: np.ndarray  # each image's row in `store`
-    store: object  # a snapshot of the FeatureStore the run learnt from
+    store: Any  # a snapshot of the FeatureStore the run learnt from
     left_out: int = 0  # rows of split.csv whose file or features are gone
 
     def features(self, positions) -> np.ndarray:
@@ -509,9 +550,15 @@ def run_images(folder: Path, config: dict) -> RunImages:
     keep = [i for i, h in enumerate(hashes) if h and h in stored]
     if not keep:
         raise RunError(f"none of its {len(relpaths)} images has features in {store_path} any more")
-    return RunImages(root, [relpaths[i] for i in keep], [rows[relpaths[i]][0] for i in keep],
-                     [rows[relpaths[i]][1] for i in keep], np.array([stored[hashes[i]] for i in keep], np.int64), store,
-                     len(relpaths) - len(keep))
+    return RunImages(
+        root,
+        [relpaths[i] for i in keep],
+        [rows[relpaths[i]][0] for i in keep],
+        [rows[relpaths[i]][1] for i in keep],
+        np.array([stored[hashes[i]] for i in keep], np.int64),
+        store,
+        len(relpaths) - len(keep),
+    )
 
 
 def referenced_fingerprints(runs_dirs: Iterable[str | os.PathLike]) -> set[str]:

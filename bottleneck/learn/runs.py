@@ -1,5 +1,6 @@
 """One experiment: a head trained on cached features, written to RUNS/<run-id>/ with everything
 needed to reproduce and compare it (config, split.csv, model, metrics.json)."""
+
 from __future__ import annotations
 
 import os
@@ -16,17 +17,34 @@ import numpy as np
 from bottleneck import __version__, naming
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
 from bottleneck.bounds import FOLDS
-from bottleneck.learn.dataset import (FeatureRows, LabelledFeatures, load_labelled_features, read_exclude_file,
-                                      without_excluded)
 from bottleneck.errors import BackboneError, BottleneckError, DataError
+from bottleneck.features.shards import Columns
+from bottleneck.learn.dataset import (
+    FeatureRows,
+    LabelledFeatures,
+    load_labelled_features,
+    read_exclude_file,
+    without_excluded,
+)
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
-from bottleneck.learn.run_folder import (PREDICTIONS_FILE, new_run, prepare_runs_dir, relative_paths, write_predictions_csv,
-                                         write_run_record)
-from bottleneck.learn.metrics import calibration, misclassified, multi_label_metrics, multi_label_mistakes, split_metrics
+from bottleneck.learn.metrics import (
+    calibration,
+    misclassified,
+    multi_label_metrics,
+    multi_label_mistakes,
+    split_metrics,
+)
+from bottleneck.learn.run_folder import (
+    PREDICTIONS_FILE,
+    new_run,
+    prepare_runs_dir,
+    relative_paths,
+    write_predictions_csv,
+    write_run_record,
+)
 from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
 from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
-from bottleneck.features.shards import Columns
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,9 @@ class RunResult:
         return {name: (split or {}).get(key) for name, split in self.metrics["splits"].items()}
 
 
-def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None) -> None:
+def _check_classes(
+    data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None
+) -> None:
     """Refuse, before any training, what no head can learn from: one class, a class without training images,
     more folds than the smallest class has images for."""
     if data.multi_label:
@@ -72,15 +92,24 @@ def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str
     labels = data.labels
     counts = Counter(labels)
     if len(counts) < 2:
-        left_out = {"failed extraction": data.failed, "not in the cache": data.missing,
-                    "damaged features": data.non_finite}
+        left_out = {
+            "failed extraction": data.failed,
+            "not in the cache": data.missing,
+            "damaged features": data.non_finite,
+        }
         others = sorted({p.split("/", 1)[0] for paths in left_out.values() for p in paths if "/" in p} - set(counts))
-        why = (f"; the images of {len(others)} other class{'es' if len(others) > 1 else ''} "
-               f"({', '.join(repr(c) for c in others[:3])}{', ...' if len(others) > 3 else ''}) were left out: "
-               + ", ".join(f"{reason} {len(paths)}" for reason, paths in left_out.items() if paths) if others else "")
+        why = (
+            f"; the images of {len(others)} other class{'es' if len(others) > 1 else ''} "
+            f"({', '.join(repr(c) for c in others[:3])}{', ...' if len(others) > 3 else ''}) were left out: "
+            + ", ".join(f"{reason} {len(paths)}" for reason, paths in left_out.items() if paths)
+            if others
+            else ""
+        )
         only = f"only class {next(iter(counts))!r} has images with features" if counts else "no image has features"
-        raise DataError(f"{only}{why}; a head needs at least 2 classes: fix or remove the failed images and run "
-                        "`bottleneck features` again")
+        raise DataError(
+            f"{only}{why}; a head needs at least 2 classes: fix or remove the failed images and run "
+            "`bottleneck features` again"
+        )
     single = sorted(label for label, n in counts.items() if n < 2)
     if single:
         raise DataError(
@@ -91,7 +120,9 @@ def _check_classes(data: LabelledFeatures, splits: list[str], log: Callable[[str
     train_classes = {label for label, split in zip(labels, splits) if split == "train"}
     absent = sorted(set(counts) - train_classes)
     if absent:
-        raise DataError(f"class {absent[0]!r} has no training image in this split; give it more images or another split")
+        raise DataError(
+            f"class {absent[0]!r} has no training image in this split; give it more images or another split"
+        )
     small = sorted(label for label, n in counts.items() if n < 3)
     if small:
         log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
@@ -108,18 +139,24 @@ def _check_labels(data: LabelledFeatures, splits: list[str], log: Callable[[str]
         raise DataError(f"only label {next(iter(counts))!r} has images with features; a head needs at least 2")
     single = sorted(label for label, n in counts.items() if n < 2)
     if single:
-        raise DataError(f"label {single[0]!r} is on a single image with features"
-                        + (f" (and {len(single) - 1} more labels)" if len(single) > 1 else "")
-                        + "; each label needs at least 2 (3 for train, validation and test)")
+        raise DataError(
+            f"label {single[0]!r} is on a single image with features"
+            + (f" (and {len(single) - 1} more labels)" if len(single) > 1 else "")
+            + "; each label needs at least 2 (3 for train, validation and test)"
+        )
     training = [labels for labels, split in zip(data.label_sets, splits) if split == "train"]
     on_train = Counter(label for labels in training for label in labels)
     absent = sorted(set(counts) - set(on_train))
     if absent:
-        raise DataError(f"label {absent[0]!r} is on no training image in this split; give it more images or another split")
+        raise DataError(
+            f"label {absent[0]!r} is on no training image in this split; give it more images or another split"
+        )
     everywhere = sorted(label for label, n in on_train.items() if n == len(training))
     if everywhere:
-        raise DataError(f"label {everywhere[0]!r} is on every training image: a head cannot learn when it is absent; "
-                        "leave it out of the label file or add images without it")
+        raise DataError(
+            f"label {everywhere[0]!r} is on every training image: a head cannot learn when it is absent; "
+            "leave it out of the label file or add images without it"
+        )
     small = sorted(label for label, n in counts.items() if n < 3)
     if small:
         log(f"warning: {len(small)} labels are on fewer than 3 images and miss a split: {', '.join(small[:5])}")
@@ -140,9 +177,11 @@ def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
     label, fewest = min(((label, len(keys)) for label, keys in groups.items()), key=lambda item: (item[1], item[0]))
     if fewest < folds:
         fix = f"use --folds {fewest}" + (" or fewer" if fewest > 2 else "") if fewest >= 2 else "leave --folds out"
-        raise DataError(f"--folds {folds} is more than class {label!r} can fill: it has {fewest} training and "
-                        f"validation image{'s' if fewest != 1 else ''} (near-duplicates named _nohash_ count once); "
-                        f"{fix}, or give that class more images")
+        raise DataError(
+            f"--folds {folds} is more than class {label!r} can fill: it has {fewest} training and "
+            f"validation image{'s' if fewest != 1 else ''} (near-duplicates named _nohash_ count once); "
+            f"{fix}, or give that class more images"
+        )
 
 
 def _fit(model, rows: FeatureRows, y: np.ndarray, validation: tuple[FeatureRows, np.ndarray], chunk_rows: int) -> None:
@@ -157,8 +196,16 @@ def _proba(model, rows: FeatureRows, chunk_rows: int) -> np.ndarray:
     return model.predict_proba(rows.array) if rows.in_memory else model.predict_proba_rows(rows, chunk_rows)
 
 
-def _cross_validate(head: HeadConfig, seed: int, X: FeatureRows, y: list[str], paths: list[str], folds: int,
-                    chunk_rows: int, groups: dict[str, str] | None = None) -> dict:
+def _cross_validate(
+    head: HeadConfig,
+    seed: int,
+    X: FeatureRows,
+    y: list[str],
+    paths: list[str],
+    folds: int,
+    chunk_rows: int,
+    groups: dict[str, str] | None = None,
+) -> dict:
     fold_of = assign_folds(list(zip(paths, y)), folds, seed, groups)
     scores = []
     for k in range(folds):
@@ -168,7 +215,12 @@ def _cross_validate(head: HeadConfig, seed: int, X: FeatureRows, y: list[str], p
         _fit(model, X.subset(~held), y_arr[~held], (X.subset(held), y_arr[held]), chunk_rows)
         predicted = model.classes_[np.argmax(_proba(model, X.subset(held), chunk_rows), axis=1)]
         scores.append(float(np.mean(predicted == y_arr[held])))
-    return {"folds": folds, "accuracy": scores, "mean_accuracy": float(np.mean(scores)), "std_accuracy": float(np.std(scores))}
+    return {
+        "folds": folds,
+        "accuracy": scores,
+        "mean_accuracy": float(np.mean(scores)),
+        "std_accuracy": float(np.std(scores)),
+    }
 
 
 def _domain_sample(rows: FeatureRows, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -220,18 +272,44 @@ def train_head(
     budget = None if max_memory is None else parse_size(max_memory)
     prepare_runs_dir(runs_dir)  # a --runs that cannot be written fails now, not after training
     batch_size = (head.batch_size or KerasHead.MAX_AUTO_BATCH) if head.head == "keras" else 0
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=budget, batch_size=batch_size,
-                                  stream=stream, chunk_rows=chunk_rows, layout=layout, labels=labels,
-                                  columns=columns)
+    data = load_labelled_features(
+        data_dir,
+        cache_dir,
+        spec,
+        log=log,
+        max_memory=budget,
+        batch_size=batch_size,
+        stream=stream,
+        chunk_rows=chunk_rows,
+        layout=layout,
+        labels=labels,
+        columns=columns,
+    )
     data_dir = data.root  # a label file without DATA: paths are relative to its folder
     listed = read_exclude_file(exclude, data_dir) if exclude else None
-    return train_on_features(data, runs_dir, head, split, split_file=split_file, folds=folds, log=log, argv=argv,
-                             data_dir=data_dir, spec=spec, exclude=exclude, exclude_listed=listed, augment=augment,
-                             augment_flip=augment_flip, labels_file=labels, progress=progress)
+    return train_on_features(
+        data,
+        runs_dir,
+        head,
+        split,
+        split_file=split_file,
+        folds=folds,
+        log=log,
+        argv=argv,
+        data_dir=data_dir,
+        spec=spec,
+        exclude=exclude,
+        exclude_listed=listed,
+        augment=augment,
+        augment_flip=augment_flip,
+        labels_file=labels,
+        progress=progress,
+    )
 
 
-def leave_out_of_training(data: LabelledFeatures, splits: list[str], listed: list[str], source: str,
-                          log: Callable[[str], None]) -> tuple[LabelledFeatures, list[str], dict]:
+def leave_out_of_training(
+    data: LabelledFeatures, splits: list[str], listed: list[str], source: str, log: Callable[[str], None]
+) -> tuple[LabelledFeatures, list[str], dict]:
     """`--exclude`: the listed images leave the training and validation splits, and only those.
 
     `splits` were drawn on every image, so the test split is the one a run without the list gets, path for
@@ -242,11 +320,22 @@ def leave_out_of_training(data: LabelledFeatures, splits: list[str], listed: lis
     kept = frozenset(p for p, s in zip(data.relpaths, splits) if s == "test" and p in listed_set)
     remaining, count = without_excluded(data, listed, source, kept)
     remaining_splits = [s for p, s in zip(data.relpaths, splits) if s == "test" or p not in listed_set]
-    record = {"file": str(Path(source).absolute()), "listed": len(listed_set), "left_out": count,
-              "train": where["train"], "validation": where["validation"], "test_kept": where["test"]}
-    log(f"left out {count} images listed in {source} (train {where['train']}, validation {where['validation']})"
-        + (f"; {where['test']} listed test image{'s' if where['test'] != 1 else ''} stay in the test split: --exclude never changes the test split"
-           if where["test"] else ""))
+    record = {
+        "file": str(Path(source).absolute()),
+        "listed": len(listed_set),
+        "left_out": count,
+        "train": where["train"],
+        "validation": where["validation"],
+        "test_kept": where["test"],
+    }
+    log(
+        f"left out {count} images listed in {source} (train {where['train']}, validation {where['validation']})"
+        + (
+            f"; {where['test']} listed test image{'s' if where['test'] != 1 else ''} stay in the test split: --exclude never changes the test split"
+            if where["test"]
+            else ""
+        )
+    )
     return remaining, remaining_splits, record
 
 
@@ -290,8 +379,9 @@ def train_on_features(
     train_X, train_y = X.subset(mask["train"]), labels_all[mask["train"]]
     augmented = None
     if augment is not None:
-        views, view_labels, augmented = augmented_training_rows(data, mask["train"], augment, data_dir, log,
-                                                                augment_flip)
+        views, view_labels, augmented = augmented_training_rows(
+            data, mask["train"], augment, data_dir, log, augment_flip
+        )
         train_X = FeatureRows(np.concatenate([train_X.materialise(), views]), chunk_rows=chunk_rows)
         train_y = np.concatenate([train_y, view_labels])
     started = time.perf_counter()
@@ -299,12 +389,23 @@ def train_on_features(
     training_seconds = time.perf_counter() - started
     labels = [str(c) for c in model.classes_]
     params, tuning = _fitted_params(model, head, log)
-    metrics: dict = {"head": head.head, "params": params, "tuning": tuning, "seed": split.seed, "training_seconds": training_seconds,
-                     "splits": {}, "excluded": {"failed_extraction": len(data.failed), "not_in_cache": len(data.missing),
-                                  "non_finite": len(data.non_finite),
-                                  "exclude_file": excluded["left_out"] if excluded else 0,
-                                  **({"exclude_file_test_kept": excluded["test_kept"]} if excluded else {})},
-                     "pretrained": bool(data.attrs.get("pretrained", True)), "warning": str(data.attrs.get("warning", ""))}
+    metrics: dict = {
+        "head": head.head,
+        "params": params,
+        "tuning": tuning,
+        "seed": split.seed,
+        "training_seconds": training_seconds,
+        "splits": {},
+        "excluded": {
+            "failed_extraction": len(data.failed),
+            "not_in_cache": len(data.missing),
+            "non_finite": len(data.non_finite),
+            "exclude_file": excluded["left_out"] if excluded else 0,
+            **({"exclude_file_test_kept": excluded["test_kept"]} if excluded else {}),
+        },
+        "pretrained": bool(data.attrs.get("pretrained", True)),
+        "warning": str(data.attrs.get("warning", "")),
+    }
     if augmented:
         metrics["augment"] = augmented
     if data.memory:
@@ -324,13 +425,23 @@ def train_on_features(
         rng = np.random.default_rng(split.seed)  # the draw compare_features would make: the same rows
         train_sample = _domain_sample(X.subset(mask["train"]), 500, rng)
         test_sample = _domain_sample(X.subset(mask["test"]), 500, rng)
-        metrics["domain"] = {"train_vs_test": compare_features(train_sample, test_sample, max_per_set=500,
-                                                               permutations=100, seed=split.seed)}
+        metrics["domain"] = {
+            "train_vs_test": compare_features(
+                train_sample, test_sample, max_per_set=500, permutations=100, seed=split.seed
+            )
+        }
     if folds:
         trainval = mask["train"] | mask["validation"]
         metrics["cross_validation"] = _cross_validate(
-            head, split.seed, X.subset(trainval), list(labels_all[trainval]),
-            [p for p, m in zip(data.relpaths, trainval) if m], folds, chunk_rows, data.groups)
+            head,
+            split.seed,
+            X.subset(trainval),
+            list(labels_all[trainval]),
+            [p for p, m in zip(data.relpaths, trainval) if m],
+            folds,
+            chunk_rows,
+            data.groups,
+        )
 
     with new_run(Path(runs_dir), head.head) as (final, staging):
         write_split_csv(staging / "split.csv", list(zip(data.relpaths, data.labels, splits)))
@@ -378,8 +489,14 @@ def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> tuple
     if search:
         params.update(C=search["C"], C_grid=search["grid"])
         tuning["C"] = search
-        log(f"C {search['C']:g} " + (f"(kept: {search['reason']})" if "reason" in search else
-                                     f"chosen by {search['folds']}-fold cross-validation over train+validation"))
+        log(
+            f"C {search['C']:g} "
+            + (
+                f"(kept: {search['reason']})"
+                if "reason" in search
+                else f"chosen by {search['folds']}-fold cross-validation over train+validation"
+            )
+        )
     found = getattr(model, "k_search_", None)
     if found:
         params.update(k=found["k"], k_grid=found["grid"])
@@ -388,25 +505,44 @@ def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> tuple
     return params, tuning
 
 
-def _evaluate(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
-              metrics: dict) -> tuple:
+def _evaluate(
+    model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int, metrics: dict
+) -> tuple:
     """Each split's scores and the test split's mistakes into `metrics`; returns the test predictions."""
     for name in SPLITS:
         idx = np.flatnonzero(mask[name])
         known = [i for i in idx if data.labels[i] in labels]
-        proba = _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows) if known else np.zeros((0, len(labels)))
+        proba = (
+            _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows)
+            if known
+            else np.zeros((0, len(labels)))
+        )
         # intervals for the held-out splits: an interval around the training accuracy says nothing
-        metrics["splits"][name] = split_metrics(proba, [data.labels[i] for i in known], labels, intervals=name != "train")
+        metrics["splits"][name] = split_metrics(
+            proba, [data.labels[i] for i in known], labels, intervals=name != "train"
+        )
         if metrics["splits"][name]:  # how far its confidences are from its accuracy (15 bins)
-            metrics["splits"][name]["expected_calibration_error"] = calibration(proba, [data.labels[i] for i in known], labels)["expected_calibration_error"]
+            metrics["splits"][name]["expected_calibration_error"] = calibration(
+                proba, [data.labels[i] for i in known], labels
+            )["expected_calibration_error"]
         if name == "test":
-            metrics["misclassified"] = misclassified(proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels)
+            metrics["misclassified"] = misclassified(
+                proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels
+            )
             test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
     return test_predictions
 
 
-def _evaluate_multi_label(model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int,
-                          metrics: dict, log: Callable[[str], None]) -> tuple[Thresholds, tuple]:
+def _evaluate_multi_label(
+    model,
+    X: FeatureRows,
+    data: LabelledFeatures,
+    mask: dict,
+    labels: list[str],
+    chunk_rows: int,
+    metrics: dict,
+    log: Callable[[str], None],
+) -> tuple[Thresholds, tuple]:
     """Thresholds from the validation split alone, then each split's multi-label scores and the test split's
     mistakes into `metrics`; returns the thresholds and the test predictions."""
     from bottleneck.learn.heads import multi_hot
@@ -417,22 +553,37 @@ def _evaluate_multi_label(model, X: FeatureRows, data: LabelledFeatures, mask: d
         proba[name] = _proba(model, X.subset(idx), chunk_rows) if len(idx) else np.zeros((0, len(labels)))
         truth[name] = multi_hot([data.label_sets[i] for i in idx], labels)
     thresholds = choose_thresholds(proba["validation"], truth["validation"], labels)
-    log(f"thresholds chosen on the validation split ({int(mask['validation'].sum())} images), each maximising its "
-        "label's F1" + (f"; {len(thresholds.defaulted)} labels have no validation positive and keep 0.5: "
-                        f"{', '.join(thresholds.defaulted[:5])}" if thresholds.defaulted else ""))
+    log(
+        f"thresholds chosen on the validation split ({int(mask['validation'].sum())} images), each maximising its "
+        "label's F1"
+        + (
+            f"; {len(thresholds.defaulted)} labels have no validation positive and keep 0.5: "
+            f"{', '.join(thresholds.defaulted[:5])}"
+            if thresholds.defaulted
+            else ""
+        )
+    )
     metrics["thresholds"] = thresholds.record()
     for name in SPLITS:
-        metrics["splits"][name] = multi_label_metrics(proba[name], truth[name], labels, thresholds.decide(proba[name]),
-                                                      intervals=name != "train")
+        metrics["splits"][name] = multi_label_metrics(
+            proba[name], truth[name], labels, thresholds.decide(proba[name]), intervals=name != "train"
+        )
     test = np.flatnonzero(mask["test"])
     paths = [data.relpaths[i] for i in test]
-    metrics["misclassified"] = multi_label_mistakes(proba["test"], truth["test"], thresholds.decide(proba["test"]),
-                                                    paths, labels)
+    metrics["misclassified"] = multi_label_mistakes(
+        proba["test"], truth["test"], thresholds.decide(proba["test"]), paths, labels
+    )
     return thresholds, (paths, [data.labels[i] for i in test], proba["test"])
 
 
-def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: int, data_dir, log: Callable[[str], None],
-                            flip: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def augmented_training_rows(
+    data: LabelledFeatures,
+    train: np.ndarray,
+    views: int,
+    data_dir,
+    log: Callable[[str], None],
+    flip: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, labels, record) of the cached views of the training images only (`train` is their mask).
 
     `views` per image, or 0 for every view the view store holds; `flip` picks the recipe as
@@ -442,26 +593,34 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     from bottleneck.features.maintenance import store_of
 
     if not data.rows.in_memory:
-        raise DataError("--augment trains in memory, and these features are streamed from the store: raise --max-memory "
-                        "or train without --augment")
+        raise DataError(
+            "--augment trains in memory, and these features are streamed from the store: raise --max-memory "
+            "or train without --augment"
+        )
     recipe = recipe_from(flip)
     cache = data.store_path.parent
     fingerprint = naming.views_fingerprint(data.store_path.stem, recipe.digest())
     flip_flag = f" --augment-flip {flip:g}" if flip is not None else ""
-    command = (f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
-               f"{views or 4}{flip_flag}` with the same backbone flags first")
+    command = (
+        f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
+        f"{views or 4}{flip_flag}` with the same backbone flags first"
+    )
     if not naming.store_index(cache, fingerprint).exists():
         others = other_view_recipes(cache, data.store_path.stem)
         if others:
             held_flips = " or ".join(f"--augment-flip {recipe.flip:g}" for recipe in others)
-            raise DataError(f"--augment: {cache} holds views of these features for another recipe ({held_flips}), "
-                            f"not for --augment-flip {recipe.flip:g}: pass {held_flips.split(' or ')[0]}, or {command}")
+            raise DataError(
+                f"--augment: {cache} holds views of these features for another recipe ({held_flips}), "
+                f"not for --augment-flip {recipe.flip:g}: pass {held_flips.split(' or ')[0]}, or {command}"
+            )
         raise DataError(f"--augment: {cache} holds no augmented views of these features; {command}")
     store = store_of(cache, fingerprint)
     held = views_held(store)
     count = views or held
     if count > held:
-        raise DataError(f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}")
+        raise DataError(
+            f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}"
+        )
     positions = np.flatnonzero(train)
     targets = _targets(data)
     hashes = [data.content_hashes[i] for i in positions]
@@ -479,10 +638,17 @@ def augmented_training_rows(data: LabelledFeatures, train: np.ndarray, views: in
     if not keys:
         raise DataError(f"--augment: none of the training images has views in {store.path.name}; {command}")
     if missing:
-        log(f"warning: {missing} views of training images are not in the cache (images added since?) and are left out; "
-            f"{command} to add them")
-    record = {"recipe": recipe.identity(), "digest": recipe.digest(), "views_per_image": count,
-              "rows_added": len(keys), "store": str(store.path.absolute())}
+        log(
+            f"warning: {missing} views of training images are not in the cache (images added since?) and are left out; "
+            f"{command} to add them"
+        )
+    record = {
+        "recipe": recipe.identity(),
+        "digest": recipe.digest(),
+        "views_per_image": count,
+        "rows_added": len(keys),
+        "store": str(store.path.absolute()),
+    }
     return store.read_rows(keys), _as_array(labels, targets.dtype), record
 
 
@@ -502,8 +668,11 @@ def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder
     from bottleneck.backbones.kept import file_suffix, keep_backbone_file
     from bottleneck.backbones.spec import WEIGHTS_IMAGENET, WEIGHTS_NONE
 
-    if spec is None or spec.kind == "pixels" or (spec.kind == "application"
-                                                 and spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE)):
+    if (
+        spec is None
+        or spec.kind == "pixels"
+        or (spec.kind == "application" and spec.weights in (WEIGHTS_IMAGENET, WEIGHTS_NONE))
+    ):
         return None
     if spec.kind == "foundation":  # a preset folder is named, not copied: its fingerprint covers every file of it
         return None
@@ -511,11 +680,18 @@ def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder
     kept = keep_backbone_file(source, data.store_path.parent)
     trained_on = str(data.attrs.get("weights_id", ""))
     if trained_on.startswith("sha256:") and trained_on != f"sha256:{kept.sha256}":
-        raise BackboneError(f"{source} changed after its features were computed: run `bottleneck features` "
-                            "again with it, then train the head")
-    return {"sha256": kept.sha256, "path": os.path.relpath(kept.path.absolute(), run_folder.absolute()),
-            "name": spec.name, "hint": str(Path(source).absolute()), "suffix": file_suffix(source),
-            "role": "model" if spec.kind == "file" else "weights"}
+        raise BackboneError(
+            f"{source} changed after its features were computed: run `bottleneck features` "
+            "again with it, then train the head"
+        )
+    return {
+        "sha256": kept.sha256,
+        "path": os.path.relpath(kept.path.absolute(), run_folder.absolute()),
+        "name": spec.name,
+        "hint": str(Path(source).absolute()),
+        "suffix": file_suffix(source),
+        "role": "model" if spec.kind == "file" else "weights",
+    }
 
 
 def _recorded_spec(spec: BackboneSpec | None, attrs: dict) -> dict | None:
@@ -532,8 +708,22 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"bottleneck": __version__, "python": sys.version.split()[0]}
-    for package in ("numpy", "scikit-learn", "h5py", "joblib", "tensorflow", "tensorflow-cpu", "keras", "Pillow",
-                    "jax", "jaxlib", "torch", "openvino", "nncf", "keras-hub"):
+    for package in (
+        "numpy",
+        "scikit-learn",
+        "h5py",
+        "joblib",
+        "tensorflow",
+        "tensorflow-cpu",
+        "keras",
+        "Pillow",
+        "jax",
+        "jaxlib",
+        "torch",
+        "openvino",
+        "nncf",
+        "keras-hub",
+    ):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -7,6 +7,7 @@ the machine. Adding or removing files never moves another file, except in a clas
 draw left a split empty: then the groups nearest the empty split's range move into it, so every
 class with at least three groups has a train, a validation and a test image.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,7 +38,7 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.val_pct in PERCENT and self.test_pct in PERCENT and self.val_pct + self.test_pct < PERCENT.high):
+        if not (self.val_pct in PERCENT and self.test_pct in PERCENT and self.val_pct + self.test_pct < PERCENT.top):
             raise DataError(
                 f"--val-pct and --test-pct must be between 0 and 100 and leave some training images; "
                 f"got {self.val_pct:g} and {self.test_pct:g}"
@@ -108,7 +109,9 @@ def rarest_labels(label_sets: list[tuple[str, ...]]) -> list[str]:
     return [min(labels, key=lambda label: (counts[label], label)) for labels in label_sets]
 
 
-def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dict[str, str] | None = None) -> dict[str, str]:
+def assign_splits(
+    items: list[tuple[str, str]], config: SplitConfig, groups: dict[str, str] | None = None
+) -> dict[str, str]:
     """Map each (relpath, label) to 'train', 'validation' or 'test'; files of one group (`groups`) share one."""
     ranges = config.ranges()
     by_class: dict[str, dict[str, float]] = defaultdict(dict)
@@ -124,8 +127,13 @@ def assign_splits(items: list[tuple[str, str]], config: SplitConfig, groups: dic
     return {relpath: group_split[(label, group_of(relpath, groups))] for relpath, label in items}
 
 
-def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, str], config: SplitConfig,
-                        groups: dict[str, str] | None = None, source: str = "the {} folder") -> tuple[dict[str, str], str]:
+def splits_from_folders(
+    items: list[tuple[str, str]],
+    folder_splits: dict[str, str],
+    config: SplitConfig,
+    groups: dict[str, str] | None = None,
+    source: str = "the {} folder",
+) -> tuple[dict[str, str], str]:
     """Splits of DATA laid out in split folders (or given by a label file), and one line saying where each came from.
 
     The test split is the test folder, else the val folder; validation is the val folder when
@@ -135,25 +143,33 @@ def splits_from_folders(items: list[tuple[str, str]], folder_splits: dict[str, s
     """
     present = set(folder_splits.values())
     if "train" not in present:
-        raise DataError(f"no image comes from {source.format('train')}: the other splits are held out, so nothing "
-                        "would be trained on")
+        raise DataError(
+            f"no image comes from {source.format('train')}: the other splits are held out, so nothing "
+            "would be trained on"
+        )
     if "test" in present:
         held = {split: split for split in ("validation", "test") if split in present}
     else:  # train and val (the ants/bees set): val is the exam; or a train folder alone
         held = {"validation": "test"} if "validation" in present else {}
     from_folders = {relpath: held[folder_splits[relpath]] for relpath, _ in items if folder_splits[relpath] != "train"}
-    drawn_pct = {"validation": 0.0 if "validation" in held.values() else config.val_pct,
-                 "test": 0.0 if "test" in held.values() else config.test_pct}
+    drawn_pct = {
+        "validation": 0.0 if "validation" in held.values() else config.val_pct,
+        "test": 0.0 if "test" in held.values() else config.test_pct,
+    }
     train_items = [(relpath, label) for relpath, label in items if folder_splits[relpath] == "train"]
     drawn = assign_splits(train_items, SplitConfig(drawn_pct["validation"], drawn_pct["test"], config.seed), groups)
-    said = [f"{split} from {source.format('val' if split == 'test' and held.get('validation') == 'test' else split)}"
-            for split in ("validation", "test") if split in held.values()]
+    said = [
+        f"{split} from {source.format('val' if split == 'test' and held.get('validation') == 'test' else split)}"
+        for split in ("validation", "test")
+        if split in held.values()
+    ]
     said += [f"{split} drawn from train ({pct:g}%)" for split, pct in drawn_pct.items() if pct]
     return {**drawn, **from_folders}, f"splits: train from {source.format('train')}, " + ", ".join(said)
 
 
-def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
-                 groups: dict[str, str] | None = None) -> dict[str, int]:
+def assign_folds(
+    items: list[tuple[str, str]], folds: int, seed: int, groups: dict[str, str] | None = None
+) -> dict[str, int]:
     """Map each (relpath, label) to a fold in 0..folds-1, stratified by class, grouped by key."""
     by_class: dict[str, set[str]] = defaultdict(set)
     for relpath, label in items:
@@ -165,13 +181,14 @@ def assign_folds(items: list[tuple[str, str]], folds: int, seed: int,
     return {relpath: fold_of[(label, group_of(relpath, groups))] for relpath, label in items}
 
 
-def _strata(data: "LabelledFeatures") -> list[str]:
+def _strata(data: LabelledFeatures) -> list[str]:
     """What each image's split is stratified by: its class, or a multi-label image's rarest label."""
     return rarest_labels(data.label_sets) if data.multi_label else list(data.labels)
 
 
-def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | None,
-               log: Callable[[str], None]) -> list[str]:
+def splits_for(
+    data: LabelledFeatures, config: SplitConfig, split_file: str | None, log: Callable[[str], None]
+) -> list[str]:
     """Each image's split as `train-head` draws it: split folders or a split column, else drawn by `config`;
     `split_file` (a saved split.csv) wins for the images it lists."""
     items = list(zip(data.relpaths, _strata(data)))
@@ -187,8 +204,9 @@ def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | 
         from bottleneck.features.label_file import joined_labels, split_labels
 
         saved = {p: (joined_labels(split_labels(label)), split) for p, (label, split) in saved.items()}
-    contradicted = [(p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels)
-                    if p in saved and saved[p][0] != label]
+    contradicted = [
+        (p, saved[p][0], label) for p, label in zip(data.relpaths, data.labels) if p in saved and saved[p][0] != label
+    ]
     if contradicted:
         from bottleneck.text import printable
 
@@ -196,7 +214,8 @@ def splits_for(data: "LabelledFeatures", config: SplitConfig, split_file: str | 
         raise DataError(
             f"split file {split_file} labels {len(contradicted)} images other than their class folders do, first "
             f"{printable(path)} ({printable(said)!r}, folder {printable(folder)!r}); labels come from the folders: "
-            "move the images or fix the label column")
+            "move the images or fix the label column"
+        )
     unknown = [p for p in data.relpaths if p not in saved]
     if unknown:
         log(f"warning: {len(unknown)} images are not in {split_file}; they get the split drawn for them")
@@ -231,14 +250,18 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
                 if not row:
                     continue
                 if len(row) < width:
-                    raise DataError(f"split file {path}, line {line}: {len(row)} of the {width} columns "
-                                    f"{','.join(header[:width])}; complete or delete that row")
+                    raise DataError(
+                        f"split file {path}, line {line}: {len(row)} of the {width} columns "
+                        f"{','.join(header[:width])}; complete or delete that row"
+                    )
                 relpath, label, split = (row[column[name]] for name in ("path", "label", "split"))
                 if split not in SPLITS:
                     bad.setdefault(split, line)
                 if relpath in rows and rows[relpath] != (label, split):
-                    raise DataError(f"split file {path}, line {line}: {_shown(relpath)!r} again, with another label or split "
-                                    f"than on line {where[relpath]}; keep one of the two rows")
+                    raise DataError(
+                        f"split file {path}, line {line}: {_shown(relpath)!r} again, with another label or split "
+                        f"than on line {where[relpath]}; keep one of the two rows"
+                    )
                 rows[relpath] = (label, split)
                 where.setdefault(relpath, line)
     except OSError as exc:
@@ -247,8 +270,10 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
         raise DataError(f"split file {path}, line {reader.line_num if reader else 1}: not CSV ({exc})") from None
     if bad:
         names = sorted(bad, key=bad.get)
-        raise DataError(f"split file {path} has unknown split names: {', '.join(_shown(n) if n else repr(n) for n in names)} "
-                        f"(first on line {bad[names[0]]}; use train, validation, test)")
+        raise DataError(
+            f"split file {path} has unknown split names: {', '.join(_shown(n) if n else repr(n) for n in names)} "
+            f"(first on line {bad[names[0]]}; use train, validation, test)"
+        )
     return rows
 
 

@@ -6,6 +6,7 @@ validation split (never the test split, whose scores would then flatter the run)
 a validation positive has nothing to tune on and keeps 0.5, and the run says so. The thresholds
 are written beside the head (`thresholds.json`) and used by evaluation, `predict` and `export`.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,13 @@ class Thresholds:
         return [(self.labels[i], float(probabilities[i])) for i in order]
 
     def record(self) -> dict:
-        return {"chosen_on": "validation", "maximising": "each label's F1", "default": DEFAULT_THRESHOLD,
-                "thresholds": {label: float(value) for label, value in zip(self.labels, self.values)},
-                "defaulted": list(self.defaulted)}
+        return {
+            "chosen_on": "validation",
+            "maximising": "each label's F1",
+            "default": DEFAULT_THRESHOLD,
+            "thresholds": {label: float(value) for label, value in zip(self.labels, self.values)},
+            "defaulted": list(self.defaulted),
+        }
 
 
 def best_threshold(scores: np.ndarray, positives: np.ndarray) -> float | None:
@@ -97,7 +102,9 @@ def read_thresholds(folder: str | os.PathLike, labels: list[str]) -> Thresholds:
         values = np.array([float(given[label]) for label in labels], np.float64)
         defaulted = [str(label) for label in record.get("defaulted", [])]
     except FileNotFoundError:
-        raise ThresholdsError(f"{path.parent} is a multi-label run without its {THRESHOLDS_FILE}: train it again") from None
+        raise ThresholdsError(
+            f"{path.parent} is a multi-label run without its {THRESHOLDS_FILE}: train it again"
+        ) from None
     except KeyError as exc:
         raise ThresholdsError(f"{path} gives no threshold for label {exc}: it belongs to another run") from None
     except (OSError, ValueError, TypeError, AttributeError) as exc:

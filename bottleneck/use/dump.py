@@ -9,6 +9,7 @@ Parquet is written a row group at a time, each group's features read from the st
 so a store larger than the memory budget never sits in memory whole. npz holds one array, so it
 needs the features to fit the budget. Either file is written under a temporary name and renamed.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,15 @@ class DumpResult:
     seconds: float
 
     def summary(self) -> dict:
-        return {"out": str(self.out), "rows": self.rows, "columns": self.columns, "feature_dim": self.feature_dim,
-                "row_groups": self.row_groups, "streamed": self.streamed, "seconds": round(self.seconds, 3)}
+        return {
+            "out": str(self.out),
+            "rows": self.rows,
+            "columns": self.columns,
+            "feature_dim": self.feature_dim,
+            "row_groups": self.row_groups,
+            "streamed": self.streamed,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def checked_out(out: str | os.PathLike) -> Path:
@@ -70,8 +78,10 @@ def checked_out(out: str | os.PathLike) -> Path:
         example = target / f"features{target.suffix}"
         raise DumpError(f"--out {out} is a folder: name the file to write, as --out {example}")
     if not stat.S_ISREG(mode):
-        raise DumpError(f"--out {out} exists and is not a regular file (a link, a pipe, a device): it is never "
-                        "replaced; name another file")
+        raise DumpError(
+            f"--out {out} exists and is not a regular file (a link, a pipe, a device): it is never "
+            "replaced; name another file"
+        )
     return target
 
 
@@ -81,13 +91,15 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise DumpError("writing Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow), or write "
-                        ".npz") from None
+        raise DumpError(
+            "writing Parquet needs pyarrow: pip install 'bottleneck-transfer[parquet]' (or pyarrow), or write .npz"
+        ) from None
     return pa, pq
 
 
-def splits_of(data: LabelledFeatures, split: SplitConfig, split_file: str | None,
-              log: Callable[[str], None]) -> list[str] | None:
+def splits_of(
+    data: LabelledFeatures, split: SplitConfig, split_file: str | None, log: Callable[[str], None]
+) -> list[str] | None:
     """Each image's split, exactly as `train-head` draws it with the same flags; None for unlabelled images."""
     if not any(data.labels):
         return None
@@ -110,8 +122,10 @@ def backbone_metadata(data: LabelledFeatures) -> dict[str, str | int | bool]:
 
 def _parquet_metadata(metadata: dict) -> dict[str, str]:
     """Schema metadata is text: keys under `bottleneck.`, true/false for flags."""
-    return {f"bottleneck.{key}": str(value).lower() if isinstance(value, bool) else str(value)
-            for key, value in metadata.items()}
+    return {
+        f"bottleneck.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in metadata.items()
+    }
 
 
 def _text(value: str) -> str:
@@ -154,14 +168,26 @@ def dump_features(
     parquet = target.suffix.lower() == ".parquet"
     if parquet:
         _pyarrow()  # a missing pyarrow fails before any work
-    data = load_labelled_features(data_dir, cache_dir, spec, log=log, max_memory=max_memory, stream=stream,
-                                  chunk_rows=chunk_rows, layout=layout, labels=labels, columns=columns,
-                                  need_labels=False)
+    data = load_labelled_features(
+        data_dir,
+        cache_dir,
+        spec,
+        log=log,
+        max_memory=max_memory,
+        stream=stream,
+        chunk_rows=chunk_rows,
+        layout=layout,
+        labels=labels,
+        columns=columns,
+        need_labels=False,
+    )
     streamed = bool(data.memory and data.memory.streamed)
     if streamed and not parquet:
-        raise DumpError(f"the features of these {len(data.rows)} images ({format_bytes(data.rows.nbytes)}) exceed the memory "
-                        f"budget ({format_bytes(data.memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
-                        "which is streamed in row groups, or raise --max-memory")
+        raise DumpError(
+            f"the features of these {len(data.rows)} images ({format_bytes(data.rows.nbytes)}) exceed the memory "
+            f"budget ({format_bytes(data.memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
+            "which is streamed in row groups, or raise --max-memory"
+        )
     splits = splits_of(data, split, split_file, log)
     metadata = backbone_metadata(data)
     tmp = naming.temporary_path(target)
@@ -182,8 +208,7 @@ def dump_features(
         tmp.unlink(missing_ok=True)
         raise
     names = ["path", _label_column(data), "split", "content_hash", "features"]
-    return DumpResult(target, len(data.rows), names, data.rows.dim, row_groups, streamed,
-                      time.perf_counter() - started)
+    return DumpResult(target, len(data.rows), names, data.rows.dim, row_groups, streamed, time.perf_counter() - started)
 
 
 def _rows_per_group(data: LabelledFeatures) -> int:
@@ -196,9 +221,16 @@ def _write_parquet(path: Path, data: LabelledFeatures, splits: list[str] | None,
     """Write the rows in DATA's order, one row group per block, each block's features read on their own."""
     pa, pq = _pyarrow()
     label_type = pa.list_(pa.string()) if data.multi_label else pa.string()
-    schema = pa.schema([("path", pa.string()), (_label_column(data), label_type), ("split", pa.string()),
-                        ("content_hash", pa.string()), ("features", pa.list_(pa.float32(), data.rows.dim))],
-                       metadata=_parquet_metadata(metadata))
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            (_label_column(data), label_type),
+            ("split", pa.string()),
+            ("content_hash", pa.string()),
+            ("features", pa.list_(pa.float32(), data.rows.dim)),
+        ],
+        metadata=_parquet_metadata(metadata),
+    )
     step = _rows_per_group(data)
     groups = 0
     with pq.ParquetWriter(path, schema) as writer:
@@ -206,16 +238,23 @@ def _write_parquet(path: Path, data: LabelledFeatures, splits: list[str] | None,
             positions = np.arange(start, min(start + step, len(data.rows)))
             block = np.ascontiguousarray(data.rows.take(positions), dtype=np.float32)
             features = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), data.rows.dim)
-            label_values = ([list(map(_text, data.label_sets[i])) for i in positions] if data.multi_label
-                            else [_text(data.labels[i]) for i in positions])
-            table = pa.Table.from_arrays([
-                pa.array([_text(data.relpaths[i]) for i in positions], pa.string()),
-                pa.array(label_values, label_type),
-                pa.nulls(len(positions), pa.string()) if splits is None
-                else pa.array([splits[i] for i in positions], pa.string()),
-                pa.array([data.content_hashes[i] for i in positions], pa.string()),
-                features,
-            ], schema=schema)
+            label_values = (
+                [list(map(_text, data.label_sets[i])) for i in positions]
+                if data.multi_label
+                else [_text(data.labels[i]) for i in positions]
+            )
+            table = pa.Table.from_arrays(
+                [
+                    pa.array([_text(data.relpaths[i]) for i in positions], pa.string()),
+                    pa.array(label_values, label_type),
+                    pa.nulls(len(positions), pa.string())
+                    if splits is None
+                    else pa.array([splits[i] for i in positions], pa.string()),
+                    pa.array([data.content_hashes[i] for i in positions], pa.string()),
+                    features,
+                ],
+                schema=schema,
+            )
             writer.write_table(table, row_group_size=len(positions))
             groups += 1
     return groups

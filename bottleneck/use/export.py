@@ -15,6 +15,7 @@ Parity is measured, not assumed: the run's test images (and each of them re-enco
 as PNG) go through `predict` and through every exported artefact, and the largest difference in
 any probability is written down.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,10 @@ import numpy as np
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
 from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
-from bottleneck.quiet import native_startup_quiet
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
+from bottleneck.quiet import native_startup_quiet
 from bottleneck.use.predict import predict_images
 
 #: Probabilities of an export may differ from `predict`'s by at most this much (float32 arithmetic in another order).
@@ -93,9 +94,12 @@ def write_saved_model(model, labels: list[str], size: int, path: Path, threshold
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    archive.add_endpoint("serve_pixels", from_pixels,
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)])
+    archive.add_endpoint(
+        "serving_default", from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
+    )
+    archive.add_endpoint(
+        "serve_pixels", from_pixels, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)]
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -139,7 +143,9 @@ def _reencoded(images: list[Path], folder: Path) -> dict[str, list[Path]]:
 
 def _compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     difference = np.abs(reference - np.asarray(candidate, np.float64))
-    worst = float(np.max(difference, initial=0.0)) if np.isfinite(difference).all() else float("inf")  # NaN is a failure
+    worst = (
+        float(np.max(difference, initial=0.0)) if np.isfinite(difference).all() else float("inf")
+    )  # NaN is a failure
     return {"images": int(len(reference)), "max_abs_diff": worst}
 
 
@@ -147,8 +153,14 @@ def _compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
 PARITY_FORMATS = ("as given", "jpeg", "png")
 
 
-def measure_parity(run: LoadedRun, out: Path, tflite: bool, limit: int, log: Callable[[str], None],
-                   stage: Callable[[str], None] = lambda name: None) -> dict:
+def measure_parity(
+    run: LoadedRun,
+    out: Path,
+    tflite: bool,
+    limit: int,
+    log: Callable[[str], None],
+    stage: Callable[[str], None] = lambda name: None,
+) -> dict:
     """Largest probability difference between `predict` and each artefact in `out`, per input format.
 
     `stage(name)` is told as each step begins (loading the artefacts, then each input format)."""
@@ -228,8 +240,11 @@ def _check_replaceable(out: Path) -> None:
     extra = sorted(names - EXPORT_FILES)
     if _EXPORT_MARK not in names or extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise ExportError(f"{out} exists and is not an earlier export" + (f" (it also holds {shown})" if extra else "")
-                          + "; choose another --out or remove it")
+        raise ExportError(
+            f"{out} exists and is not an earlier export"
+            + (f" (it also holds {shown})" if extra else "")
+            + "; choose another --out or remove it"
+        )
 
 
 def _remove_killed_stagings(out: Path) -> None:
@@ -254,8 +269,10 @@ def _writing_to(out: Path):
         text = str(exc)
         if "No space left on device" in text or type(exc).__name__ == "ResourceExhaustedError":
             raise disk_full(out.parent) from None
-        if type(exc).__name__ in ("PermissionDeniedError", "FailedPreconditionError", "UnavailableError") or \
-                "Read-only file system" in text:
+        if (
+            type(exc).__name__ in ("PermissionDeniedError", "FailedPreconditionError", "UnavailableError")
+            or "Read-only file system" in text
+        ):
             first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ExportError(f"cannot write the export to {out}: {first}") from None
         raise
@@ -310,9 +327,15 @@ class _Stages:
         self.bar.close()
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool = False, check_images: int = 32,
-               cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None,
-               progress: bool = False) -> ExportResult:
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    tflite: bool = False,
+    check_images: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    progress: bool = False,
+) -> ExportResult:
     """Write the run's exports into `out` (whole or not at all) and measure their parity with `predict`.
 
     `progress`: a bar on stderr naming each stage (building the model, model.keras, SavedModel, TFLite,
@@ -324,8 +347,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
         staging = _staging_for(out)
     stages = _Stages(tflite, progress, log)
     if run.spec.precision in ("bf16", "int8"):
-        stages.log(f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes "
-                   "them in float32, as TensorFlow does everywhere: the parity below measures the difference")
+        stages.log(
+            f"note: this run's head learnt from {run.spec.precision} features (OpenVINO); the export computes "
+            "them in float32, as TensorFlow does everywhere: the parity below measures the difference"
+        )
     try:
         with _writing_to(out):
             stages.start("building the model")
@@ -333,8 +358,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
             stages.start("model.keras")
             model.save(staging / "model.keras")
             stages.start("SavedModel")
-            write_saved_model(model, run.labels, run.spec.input_size, staging / "saved_model",
-                              run.thresholds.values if run.thresholds is not None else None)
+            write_saved_model(
+                model,
+                run.labels,
+                run.spec.input_size,
+                staging / "saved_model",
+                run.thresholds.values if run.thresholds is not None else None,
+            )
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in run.labels), encoding="utf-8")
             if tflite:
                 stages.start("TFLite")
@@ -342,11 +372,17 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tflite: bool 
             parity = measure_parity(run, staging, tflite, check_images, stages.log, stages.start)
             stages.finish()
             result = ExportResult(out, sorted(p.name for p in staging.iterdir()) + ["README.md", _EXPORT_MARK], parity)
-            summary = {"run": str(run.folder.absolute()), "labels": run.labels, "input_size": run.spec.input_size,
-                       "backbone": run.fingerprint, "parity": parity, "tolerance": PARITY_TOLERANCE,
-                       "pretrained": run.spec.pretrained,
-                       "warning": "" if run.spec.pretrained else run.spec.random_weights_warning,
-                       "multi_label": run.multi_label}
+            summary = {
+                "run": str(run.folder.absolute()),
+                "labels": run.labels,
+                "input_size": run.spec.input_size,
+                "backbone": run.fingerprint,
+                "parity": parity,
+                "tolerance": PARITY_TOLERANCE,
+                "pretrained": run.spec.pretrained,
+                "warning": "" if run.spec.pretrained else run.spec.random_weights_warning,
+                "multi_label": run.multi_label,
+            }
             if run.thresholds is not None:
                 summary["thresholds"] = run.thresholds.record()
             (staging / _EXPORT_MARK).write_text(json.dumps(summary, indent=2))
@@ -374,24 +410,38 @@ def parity_rows(parity: dict) -> list[list[str]]:
 def _multi_label_readme(run: LoadedRun, parity: dict) -> str:
     """The paragraph on a multi-label run's outputs and thresholds."""
     shown = ", ".join(f"`{label}` {value:.4f}" for label, value in zip(run.labels, run.thresholds.values))
-    differ = [f"{fmt} {figures['label_sets_differ']} of {figures['images']}"
-              for fmt, figures in parity.get("saved_model", {}).items() if "label_sets_differ" in figures]
-    return (f"""
+    differ = [
+        f"{fmt} {figures['label_sets_differ']} of {figures['images']}"
+        for fmt, figures in parity.get("saved_model", {}).items()
+        if "label_sets_differ" in figures
+    ]
+    return f"""
 Multi-label: each output is its own label's probability (a sigmoid, they do not sum to 1). An image
 gets every label whose probability reaches that label's threshold, chosen on the run's validation
 split: {shown} (also in `export.json`). The SavedModel applies them: its outputs `given` ((n, labels)
 booleans) and `given_labels` (the label where given, else '') are the labels `bottleneck predict` gives.
-""" + (f"Images whose label set from `serving_default` differs from predict's: {', '.join(differ)}.\n" if differ else ""))
+""" + (
+        f"Images whose label set from `serving_default` differs from predict's: {', '.join(differ)}.\n"
+        if differ
+        else ""
+    )
 
 
 def export_readme(run: LoadedRun, parity: dict, tflite: bool) -> str:
     """How to call each artefact, and what was measured."""
     size = run.spec.input_size
     warning = "" if run.spec.pretrained else f"\n**WARNING: {run.spec.random_weights_warning}.**\n"
-    table = "\n".join("| " + " | ".join(row) + " |" + ("\n|---|---|---|---|" if i == 0 else "")
-                      for i, row in enumerate(parity_rows(parity))) if parity else "Not measured: the run's test images were not found."
+    table = (
+        "\n".join(
+            "| " + " | ".join(row) + " |" + ("\n|---|---|---|---|" if i == 0 else "")
+            for i, row in enumerate(parity_rows(parity))
+        )
+        if parity
+        else "Not measured: the run's test images were not found."
+    )
     multi_label = "" if run.thresholds is None else _multi_label_readme(run, parity)
-    tflite_text = f"""
+    tflite_text = (
+        f"""
 ## model.tflite (float32)
 
 ```python
@@ -400,7 +450,10 @@ interpreter = tf.lite.Interpreter(model_path="model.tflite"); interpreter.alloca
 interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels[None])  # (1, {size}, {size}, 3) float32
 interpreter.invoke(); probabilities = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
 ```
-""" if tflite else ""
+"""
+        if tflite
+        else ""
+    )
     return f"""# Exported classifier: run {run.run_id}
 
 Labels (one per output unit, in order): `labels.txt`. Backbone `{run.fingerprint}`, input {size}x{size} RGB.

@@ -7,6 +7,7 @@ Images whose content is already cached are not decoded again; the rest are read,
 computed by the same threaded, batched code as `features` (and cached, so a second prediction
 is free). A file that cannot be used gets its one-line reason; the others go on.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,13 @@ from typing import Callable
 import numpy as np
 
 from bottleneck import naming
-from bottleneck.errors import DataError
-from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
-from bottleneck.features.decode import NOT_A_FILE
-from bottleneck.features.shards import member_of
-from bottleneck.features.extract import ExtractOptions, compute_into_store
-from bottleneck.learn.run_folder import LoadedRun, load_run
 from bottleneck.bounds import TOP
+from bottleneck.errors import DataError
+from bottleneck.features.decode import NOT_A_FILE
+from bottleneck.features.discover import ImageFile, holds_images, shard_members, shard_source_of, shards_in, walk_images
+from bottleneck.features.extract import ExtractOptions, compute_into_store
+from bottleneck.features.shards import member_of
+from bottleneck.learn.run_folder import LoadedRun, load_run
 
 
 @dataclass
@@ -46,8 +47,11 @@ class Prediction:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         if self.labels is not None:
-            return {"path": self.path, "labels": [label for label, _ in self.labels],
-                    "probabilities": {label: p for label, p in self.top}}
+            return {
+                "path": self.path,
+                "labels": [label for label, _ in self.labels],
+                "probabilities": {label: p for label, p in self.top},
+            }
         return {"path": self.path, "top": [{"label": label, "probability": p} for label, p in self.top]}
 
 
@@ -73,8 +77,9 @@ class PredictResult:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def list_inputs(paths: list[str], cache_dir: str | os.PathLike | None = None
-                ) -> tuple[list[ImageFile], list[Prediction], Counter]:
+def list_inputs(
+    paths: list[str], cache_dir: str | os.PathLike | None = None
+) -> tuple[list[ImageFile], list[Prediction], Counter]:
     """The image files named by `paths` (folders searched recursively, shards listed: their listings remembered
     in `cache_dir`), and a failure for each missing path.
 
@@ -86,9 +91,13 @@ def list_inputs(paths: list[str], cache_dir: str | os.PathLike | None = None
     seen: set[tuple[int, int]] = set()
     for given in paths:
         path = Path(given)
-        shards = shard_source_of(given) or ((path, shards_in(path)) if path.is_dir() and not holds_images(path) else None)
+        shards = shard_source_of(given) or (
+            (path, shards_in(path)) if path.is_dir() and not holds_images(path) else None
+        )
         if shards is not None and shards[1]:  # tar shards, or a folder of them: their image members
-            found, found_skipped, _ = shard_members(path if path.is_dir() else shards[0], shards[1], cache_dir=cache_dir)
+            found, found_skipped, _ = shard_members(
+                path if path.is_dir() else shards[0], shards[1], cache_dir=cache_dir
+            )
             skipped.update(found_skipped)
             images.extend(replace(image, relpath=_shown(given, image, path.is_dir())) for image in found)
             continue
@@ -98,8 +107,11 @@ def list_inputs(paths: list[str], cache_dir: str | os.PathLike | None = None
             continue
         member = member_of(given)
         if member is not None:  # one image inside a tar shard
-            images.append(ImageFile(path.absolute(), given, "", member.size, member.stamp[1], member.stamp[2],
-                                    container=member.shard))
+            images.append(
+                ImageFile(
+                    path.absolute(), given, "", member.size, member.stamp[1], member.stamp[2], container=member.shard
+                )
+            )
             continue
         try:
             st = path.stat()
@@ -135,12 +147,23 @@ def _predicted(shown: str, probabilities: np.ndarray, run: LoadedRun, top: int) 
     every = {label: float(p) for label, p in zip(run.labels, probabilities)}
     if run.thresholds is None:
         return Prediction(shown, _top(probabilities, run.labels, top), probabilities=every)
-    return Prediction(shown, _top(probabilities, run.labels, len(run.labels)),
-                      labels=run.thresholds.labels_above(probabilities), probabilities=every)
+    return Prediction(
+        shown,
+        _top(probabilities, run.labels, len(run.labels)),
+        labels=run.thresholds.labels_above(probabilities),
+        probabilities=every,
+    )
 
 
-def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabilities: np.ndarray, tta: int,
-                         options: ExtractOptions, log: Callable[[str], None]) -> tuple[np.ndarray, int]:
+def _averaged_over_views(
+    run: LoadedRun,
+    usable: list[ImageFile],
+    done,
+    probabilities: np.ndarray,
+    tta: int,
+    options: ExtractOptions,
+    log: Callable[[str], None],
+) -> tuple[np.ndarray, int]:
     """The mean of the head's probabilities over each image and its cached augmented views, and the views computed."""
     from bottleneck.features.augment import compute_views, recipe_from_record, view_key
 
@@ -148,13 +171,25 @@ def _averaged_over_views(run: LoadedRun, usable: list[ImageFile], done, probabil
     recipe = recipe_from_record(recorded.get("recipe"))  # the views the head trained on, else the default
     trained = recorded.get("views_per_image")
     if not trained:
-        log(f"warning: run {run.run_id} was trained without augmented views; averaging over views it never saw "
-            "usually costs accuracy (-16 points on the demo): train with `train-head --augment` for --tta")
+        log(
+            f"warning: run {run.run_id} was trained without augmented views; averaging over views it never saw "
+            "usually costs accuracy (-16 points on the demo): train with `train-head --augment` for --tta"
+        )
     views = tta or trained or 4
     hashes = [done.hash_of[str(image.path)] for image in usable]
-    made = compute_views(list(zip((str(im.path) for im in usable), hashes)), run.cache_dir, run.spec, done.store, views,
-                         recipe, runtime=options.runtime, batch_size=options.batch_size if options.batch_size != "auto" else 16,
-                         workers=options.workers, log=log, writable=done.in_memory is None)
+    made = compute_views(
+        list(zip((str(im.path) for im in usable), hashes)),
+        run.cache_dir,
+        run.spec,
+        done.store,
+        views,
+        recipe,
+        runtime=options.runtime,
+        batch_size=options.batch_size if options.batch_size != "auto" else 16,
+        workers=options.workers,
+        log=log,
+        writable=done.in_memory is None,
+    )
     from bottleneck.features.maintenance import store_of
 
     store = made.in_memory or store_of(run.cache_dir, made.store.stem)
@@ -187,8 +222,10 @@ def predict_images(
     if images:
         store_file = naming.store_index(run.cache_dir, run.fingerprint)
         if not run.fine_tuned and not store_file.exists():
-            log(f"warning: the feature store of run {run.run_id} ({store_file}) is gone; "
-                "every image is computed and cached anew")
+            log(
+                f"warning: the feature store of run {run.run_id} ({store_file}) is gone; "
+                "every image is computed and cached anew"
+            )
         done = compute_into_store(images, run.cache_dir, run.spec, options or ExtractOptions(), log, read_only_ok=True)
         computed, reused = done.computed, done.reused
         usable = [image for image in images if str(image.path) in done.hash_of]
@@ -196,20 +233,26 @@ def predict_images(
         finite = np.isfinite(features).all(axis=1)
         reasons = {failure.path: failure.reason for failure in done.failures}
         for image in (im for im, ok in zip(usable, finite) if not ok):  # bit rot in the store: never a guess
-            reasons[str(image.path)] = ("its cached features are not finite (NaN or infinity: bit rot in the store?); "
-                                        "`bottleneck cache info` lists the store's segments: delete the damaged one")
+            reasons[str(image.path)] = (
+                "its cached features are not finite (NaN or infinity: bit rot in the store?); "
+                "`bottleneck cache info` lists the store's segments: delete the damaged one"
+            )
         usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
         probabilities = run.classify(features) if usable else []
         if tta is not None and usable:
-            probabilities, views_computed = _averaged_over_views(run, usable, done, probabilities, tta,
-                                                                 options or ExtractOptions(), log)
+            probabilities, views_computed = _averaged_over_views(
+                run, usable, done, probabilities, tta, options or ExtractOptions(), log
+            )
         by_path = {str(image.path): _predicted(image.relpath, p, run, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)
-            predictions.append(by_path.get(key) or
-                               Prediction(image.relpath, error=reasons.get(key, "no features were computed")))
+            predictions.append(
+                by_path.get(key) or Prediction(image.relpath, error=reasons.get(key, "no features were computed"))
+            )
     result = PredictResult(predictions, computed, reused, time.monotonic() - started, skipped, views_computed)
     if result.failed == len(predictions):
         first = predictions[0]
-        raise DataError(f"no image could be predicted: all {len(predictions)} failed (first: {first.path}: {first.error})")
+        raise DataError(
+            f"no image could be predicted: all {len(predictions)} failed (first: {first.path}: {first.error})"
+        )
     return result

@@ -21,12 +21,23 @@ implementing `ShardedEngine.map_shards` alone:
 The driver holds the store's lock all along; it adds each shard's hashes to the hash index as
 results arrive and, at the end, `finish` brings every segment into the store.
 """
+
 from __future__ import annotations
 
-from bottleneck.features.engines.base import (DEFAULT_BATCH_SIZE, NON_FINITE, Engine, Tally, computed_by,
-                                              non_finite_rows)
-from bottleneck.features.engines.sharded import (DEFAULT_SHARD_SIZE, FAULT_ENV, SHARD_TRIES, Shard, ShardedEngine, ShardJob,
-                                                 ShardResult, ShardRunner, ViewPlan, make_job, plan_shards)
+from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, Engine, Tally, computed_by, non_finite_rows
+from bottleneck.features.engines.sharded import (
+    DEFAULT_SHARD_SIZE,
+    FAULT_ENV,
+    SHARD_TRIES,
+    Shard,
+    ShardedEngine,
+    ShardJob,
+    ShardResult,
+    ShardRunner,
+    ViewPlan,
+    make_job,
+    plan_shards,
+)
 
 ENGINES = ("local", "ray")
 
@@ -42,6 +53,24 @@ def get_engine(options) -> Engine:
     return LocalEngine(options)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SHARD_SIZE", "ENGINES", "FAULT_ENV", "NON_FINITE", "SHARD_TRIES", "Engine", "Shard",
-           "ShardJob", "ShardResult", "ShardRunner", "ShardedEngine", "Tally", "ViewPlan", "computed_by", "get_engine",
-           "make_job", "non_finite_rows", "plan_shards"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_SHARD_SIZE",
+    "ENGINES",
+    "FAULT_ENV",
+    "NON_FINITE",
+    "SHARD_TRIES",
+    "Engine",
+    "Shard",
+    "ShardJob",
+    "ShardResult",
+    "ShardRunner",
+    "ShardedEngine",
+    "Tally",
+    "ViewPlan",
+    "computed_by",
+    "get_engine",
+    "make_job",
+    "non_finite_rows",
+    "plan_shards",
+]

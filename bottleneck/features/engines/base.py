@@ -1,5 +1,6 @@
 """What every engine shares: the `Engine` seam, the run's `Tally`, the batch size, non-finite rows and what a
 model computed with (see `bottleneck.features.engines`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from bottleneck.features.store import Failure, StoreWriter
 DEFAULT_BATCH_SIZE = 16
 
 
-NON_FINITE = ("the backbone gave non-finite features (NaN or infinity) for this image: its weights or model "
-              "file may be damaged")
+NON_FINITE = (
+    "the backbone gave non-finite features (NaN or infinity) for this image: its weights or model file may be damaged"
+)
 
 
 def non_finite_rows(features: np.ndarray) -> np.ndarray:
@@ -55,7 +57,6 @@ class Engine(Protocol):
 
     def stop(self) -> None:
         """Release what `start` took (always called)."""
-
 
 
 def computed_by(model) -> str:

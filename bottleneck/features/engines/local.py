@@ -5,30 +5,32 @@ previous batch, and each computed batch is committed to the store at once by ano
 an interrupted run loses at most the batch in flight. `--workers` is the number of decoding
 threads here. The reading and decoding helpers are shared with the sharded engines' workers.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import numpy as np
 
-from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 from bottleneck.backbones.compile import auto_batch_size
+from bottleneck.backbones.runtime import get_feature_model, resolve_runtime
 from bottleneck.backbones.spec import BackboneSpec
+from bottleneck.errors import stop_if_interrupted
 from bottleneck.features.decode import ImageDecodeError, UnreadableImage, decode_image, read_image_file
 from bottleneck.features.discover import ImageFile
+from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
-from bottleneck.errors import stop_if_interrupted
-from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -94,7 +96,9 @@ def _lower_thread_priority() -> None:
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
     """`map` over a thread pool, in order, with at most `ahead` items in flight."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=_lower_thread_priority) as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="decode", initializer=_lower_thread_priority
+    ) as pool:
         pending: deque = deque()
         source = iter(items)
         try:
@@ -117,8 +121,15 @@ class _Batcher:
     loses at most the batch being computed and the one being written.
     """
 
-    def __init__(self, spec: BackboneSpec, writer: StoreWriter, batch_size: int, runtime: str,
-                 on_model: Callable[[str], None], model_dir: Path):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        writer: StoreWriter,
+        batch_size: int,
+        runtime: str,
+        on_model: Callable[[str], None],
+        model_dir: Path,
+    ):
         self.spec, self.writer, self.batch_size, self.runtime = spec, writer, batch_size, runtime
         self.model_dir = model_dir  # where OpenVINO conversions live: the cache, or scratch beside a read-only one
         self.on_model = on_model
@@ -168,8 +179,9 @@ class _Batcher:
             self.hashes = [h for h, is_bad in zip(self.hashes, bad) if not is_bad]
             self.paths = [p for p, is_bad in zip(self.paths, bad) if not is_bad]
         self._wait_for_commit()
-        self._in_flight = self._committer.submit(self.writer.commit, self.hashes, features, self.paths,
-                                                 computed_by(self.model))
+        self._in_flight = self._committer.submit(
+            self.writer.commit, self.hashes, features, self.paths, computed_by(self.model)
+        )
         self.computed += len(self.hashes)
         self.pixels, self.hashes, self.paths = [], [], []
 
@@ -226,8 +238,14 @@ class LocalEngine:
         options = self.options
         batch_size = self.batch_size or DEFAULT_BATCH_SIZE
         bar = make_bar(len(tally.todo), options.progress)
-        batcher = _Batcher(spec, writer, batch_size, options.runtime, on_model=bar.write if options.progress else log,
-                           model_dir=self.model_dir or writer.store.cache_dir)
+        batcher = _Batcher(
+            spec,
+            writer,
+            batch_size,
+            options.runtime,
+            on_model=bar.write if options.progress else log,
+            model_dir=self.model_dir or writer.store.cache_dir,
+        )
         workers = options.workers or os.cpu_count() or 1
         ahead = max(2 * batch_size, 4 * workers)
 
@@ -242,7 +260,9 @@ class LocalEngine:
                 if outcome.failure is not None:
                     tally.failures.append(outcome.failure)
                     writer.add_failure(outcome.failure)
-                elif outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash):
+                elif (
+                    outcome.known or outcome.content_hash in writer.known_hashes or batcher.holds(outcome.content_hash)
+                ):
                     tally.reused += 1
                     tally.hash_of[str(outcome.image.path)] = outcome.content_hash
                 else:

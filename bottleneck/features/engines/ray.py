@@ -14,6 +14,7 @@ one segment by whichever actor is free (see `bottleneck.features.engines` for th
 On a cluster, DATA and the cache must be on a file system every node sees at the same paths.
 Ray is imported only here, and only in functions: `import bottleneck` never loads it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ import pickle
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -136,8 +138,12 @@ class RayEngine(ShardedEngine):
         options = self.options
         if not ray.is_initialized():
             address = options.ray_address or "local"
-            settings = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                            runtime_env={"env_vars": self._worker_env()})
+            settings = dict(
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                runtime_env={"env_vars": self._worker_env()},
+            )
             if address == "local":
                 # One logical CPU more than the actors take, so Ray Data's own tasks are never starved.
                 settings["num_cpus"] = max(os.cpu_count() or 1, (options.workers or 1) + 1)
@@ -147,15 +153,19 @@ class RayEngine(ShardedEngine):
                     ray.init(address=address, **settings)
             except (ConnectionError, TimeoutError, RuntimeError, ValueError, OSError) as exc:
                 text = str(exc).strip().splitlines()
-                raise DataError(f"cannot connect to Ray at {address}: {text[0] if text else type(exc).__name__}") from None
+                raise DataError(
+                    f"cannot connect to Ray at {address}: {text[0] if text else type(exc).__name__}"
+                ) from None
             self._started_ray = True
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))
         want = options.gpus_per_worker or 0
         if want and gpus < want:
             where = "this machine has" if not options.ray_address else "the Ray cluster has"
-            raise DataError(f"--gpus-per-worker {want:g}: {where} {'no' if not gpus else f'only {gpus:g}'} GPU"
-                            f"{'' if gpus == 1 else 's'}")
+            raise DataError(
+                f"--gpus-per-worker {want:g}: {where} {'no' if not gpus else f'only {gpus:g}'} GPU"
+                f"{'' if gpus == 1 else 's'}"
+            )
         if options.workers:
             self._actors = options.workers
         elif want:
@@ -166,15 +176,23 @@ class RayEngine(ShardedEngine):
 
         if resolve_runtime(options.runtime, spec) == "openvino":
             get_feature_model(spec, options.runtime, cache_dir)  # convert once here, not in every actor at once
-        log(f"ray: {self._actors} worker{'s' if self._actors != 1 else ''}"
+        log(
+            f"ray: {self._actors} worker{'s' if self._actors != 1 else ''}"
             + (f" with {want:g} GPU{'s' if want != 1 else ''} each" if want else "")
-            + f" on {int(resources.get('CPU', 0))} CPUs")
+            + f" on {int(resources.get('CPU', 0))} CPUs"
+        )
 
     @staticmethod
     def _worker_env() -> dict[str, str]:
-        env = {"PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), _PYTHONWARNINGS_PANDAS])),
-               "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
-        for name in (FAULT_ENV, "KERAS_BACKEND", "BOTTLENECK_RUNTIME"):  # the workers run the backbone as this process does
+        env = {
+            "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), _PYTHONWARNINGS_PANDAS])),
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        }
+        for name in (
+            FAULT_ENV,
+            "KERAS_BACKEND",
+            "BOTTLENECK_RUNTIME",
+        ):  # the workers run the backbone as this process does
             if os.environ.get(name):
                 env[name] = os.environ[name]
         return env
@@ -196,8 +214,9 @@ class RayEngine(ShardedEngine):
         context.enable_progress_bars = False  # ours counts images
         context.print_on_execution_start = False
         want = self.options.gpus_per_worker or 0
-        dataset = ray.data.from_items([{"shard": pickle.dumps(shard)} for shard in shards],
-                                      override_num_blocks=len(shards))
+        dataset = ray.data.from_items(
+            [{"shard": pickle.dumps(shard)} for shard in shards], override_num_blocks=len(shards)
+        )
         results = dataset.map_batches(
             ShardWorker,
             fn_constructor_kwargs={"job": job},

@@ -1,14 +1,16 @@
 """A sharded engine's three steps (plan shards, compute one shard, write one segment) and the driver that
 takes in their results; `ShardedEngine.map_shards` is all a scheduler implements (see `bottleneck.features.engines`)."""
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -101,16 +103,30 @@ class ShardJob:
 
         for k in range(self.views.count):
             key = view_key(content_hash, self.views.recipe, k)
-            yield key, (None if pixels is None or key in self.known_hashes
-                        else make_view(pixels, content_hash, self.views.recipe, k))
+            yield (
+                key,
+                (
+                    None
+                    if pixels is None or key in self.known_hashes
+                    else make_view(pixels, content_hash, self.views.recipe, k)
+                ),
+            )
 
 
-def make_job(writer: StoreWriter, spec: BackboneSpec, options, threads: int | None = None,
-             views: ViewPlan | None = None) -> ShardJob:
-    return ShardJob(spec=spec, runtime=options.runtime, store=writer.store, batch_size=options.batch_size,
-                    max_pixels=options.max_pixels, known_hashes=frozenset(writer.known_hashes),
-                    known_failures=tuple(writer.known_failures.items()), threads=threads, views=views)
-
+def make_job(
+    writer: StoreWriter, spec: BackboneSpec, options, threads: int | None = None, views: ViewPlan | None = None
+) -> ShardJob:
+    return ShardJob(
+        spec=spec,
+        runtime=options.runtime,
+        store=writer.store,
+        batch_size=options.batch_size,
+        max_pixels=options.max_pixels,
+        known_hashes=frozenset(writer.known_hashes),
+        known_failures=tuple(writer.known_failures.items()),
+        threads=threads,
+        views=views,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +238,7 @@ class ShardRunner:
                     result = self.write(self.compute(shard))
                 result.tries = attempt
                 return result
-            except Exception as exc:  # noqa: BLE001: reported per shard, never lost
+            except Exception as exc:  # noqa: BLE001 - reported per shard, never lost
                 error = error_line(exc)
         return ShardResult(shard.index, shard.name, len(shard.items), tries=self.job.tries, error=error)
 
@@ -271,8 +287,11 @@ class ShardRunner:
         features = np.concatenate(blocks) if blocks else np.zeros((0, self.store.feature_dim), np.float32)
         bad = non_finite_rows(features)
         if bad.any():
-            result.failures.extend(Failure(path, content_hash, NON_FINITE)
-                                   for (path, content_hash), is_bad in zip(result.rows, bad) if is_bad)
+            result.failures.extend(
+                Failure(path, content_hash, NON_FINITE)
+                for (path, content_hash), is_bad in zip(result.rows, bad)
+                if is_bad
+            )
             result.rows = [row for row, is_bad in zip(result.rows, bad) if not is_bad]
             features = features[~bad]
         return ShardOutput(result, features)
@@ -280,9 +299,14 @@ class ShardRunner:
     def write(self, output: ShardOutput) -> ShardResult:
         """Write the shard's rows and failures as one segment (temporary name, rename)."""
         result = output.result
-        self.store.write_segment(result.name, [h for _, h in result.rows], output.features,
-                                 [p for p, _ in result.rows], result.failures,
-                                 computed_by=computed_by(self.model) if self.model is not None else "numpy")
+        self.store.write_segment(
+            result.name,
+            [h for _, h in result.rows],
+            output.features,
+            [p for p, _ in result.rows],
+            result.failures,
+            computed_by=computed_by(self.model) if self.model is not None else "numpy",
+        )
         return result
 
     def summarise_written(self, shard: Shard) -> ShardResult:
@@ -352,8 +376,15 @@ class ShardedEngine:
     def job(self, writer: StoreWriter, spec: BackboneSpec, views: ViewPlan | None = None) -> ShardJob:
         return make_job(writer, spec, self.options, views=views)
 
-    def run(self, tally: Tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None],
-            views: ViewPlan | None = None) -> None:
+    def run(
+        self,
+        tally: Tally,
+        writer: StoreWriter,
+        index,
+        spec: BackboneSpec,
+        log: Callable[[str], None],
+        views: ViewPlan | None = None,
+    ) -> None:
         """Compute `tally.todo` into `writer`'s store: plain features, or with `views` the augmented views of
         each image (`tally.computed` then counts views)."""
         store = writer.store
@@ -368,8 +399,16 @@ class ShardedEngine:
         """Where the engine's own native output goes while it runs (nowhere else by default)."""
         return contextlib.nullcontext()
 
-    def _run(self, shards: list[Shard], tally: Tally, writer: StoreWriter, index, spec: BackboneSpec,
-             log: Callable[[str], None], views: ViewPlan | None = None) -> None:
+    def _run(
+        self,
+        shards: list[Shard],
+        tally: Tally,
+        writer: StoreWriter,
+        index,
+        spec: BackboneSpec,
+        log: Callable[[str], None],
+        views: ViewPlan | None = None,
+    ) -> None:
         store = writer.store
         bar = _make_bar(len(tally.todo), self.options.progress)
         self._remove_temporaries(store)  # the driver holds the lock: what is there is left by a dead run
@@ -383,18 +422,23 @@ class ShardedEngine:
                     continue  # a second answer for a shard already taken in
                 self._take(result, shard, tally, seen, index, say)
                 bar.update(result.images)
-                bar.set_postfix_str(f"shards {len(shards) - len(missing)}/{len(shards)}, computed {tally.computed}, "
-                                    f"reused {tally.reused}, failed {len(tally.failures)}")
+                bar.set_postfix_str(
+                    f"shards {len(shards) - len(missing)}/{len(shards)}, computed {tally.computed}, "
+                    f"reused {tally.reused}, failed {len(tally.failures)}"
+                )
         finally:
             bar.close()
             index.flush()
             self._remove_temporaries(store)
         for shard in missing.values():  # no answer: its worker was lost on every try
-            lost = ShardResult(shard.index, shard.name, len(shard.items), tries=0, error="its worker was lost on every try")
+            lost = ShardResult(
+                shard.index, shard.name, len(shard.items), tries=0, error="its worker was lost on every try"
+            )
             self._take(lost, shard, tally, seen, index, log)
 
-    def _take(self, result: ShardResult, shard: Shard, tally: Tally, seen: set[str], index,
-              log: Callable[[str], None]) -> None:
+    def _take(
+        self, result: ShardResult, shard: Shard, tally: Tally, seen: set[str], index, log: Callable[[str], None]
+    ) -> None:
         if result.error:  # nothing of it is kept; its images count as failed (not recorded: a rerun retries them)
             tries = f" after {result.tries} tries" if result.tries else ""
             first = printable(str(shard.items[0][0].path))
@@ -428,6 +472,7 @@ class ShardedEngine:
     def _remove_temporaries(store: FeatureStore) -> None:
         """Segments a killed worker was writing, and try counters (no worker runs; the driver holds the lock)."""
         if store.segments_dir.is_dir():
-            for tmp in [leftover for pattern in naming.SHARD_LEFTOVER_GLOBS for leftover in store.segments_dir.glob(pattern)]:
+            for tmp in [
+                leftover for pattern in naming.SHARD_LEFTOVER_GLOBS for leftover in store.segments_dir.glob(pattern)
+            ]:
                 tmp.unlink(missing_ok=True)
-

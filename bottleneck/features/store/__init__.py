@@ -22,10 +22,33 @@ index); the next run reads them as they are and brings them in.
 A store written before segments existed (format 1) holds its rows in FP.h5 itself; it is read
 as it is and becomes the first segment (a rename, not a copy) the next time rows are added.
 """
-from bottleneck.features.store.layout import (COMPUTED_BY, DTYPES, FORMAT_VERSION, SMALL_SEGMENT_BYTES, UNRECORDED,
-                                              Failure, StoredFeatures, StoreIndex, add_counts)
+
+from bottleneck.features.store.layout import (
+    COMPUTED_BY,
+    DTYPES,
+    FORMAT_VERSION,
+    SMALL_SEGMENT_BYTES,
+    UNRECORDED,
+    Failure,
+    StoredFeatures,
+    StoreIndex,
+    add_counts,
+)
 from bottleneck.features.store.read import FeatureStore, StoreSnapshot
 from bottleneck.features.store.write import MemoryWriter, StoreWriter
 
-__all__ = ["COMPUTED_BY", "DTYPES", "FORMAT_VERSION", "SMALL_SEGMENT_BYTES", "UNRECORDED", "Failure", "FeatureStore",
-           "MemoryWriter", "StoreIndex", "StoreSnapshot", "StoreWriter", "StoredFeatures", "add_counts"]
+__all__ = [
+    "COMPUTED_BY",
+    "DTYPES",
+    "FORMAT_VERSION",
+    "SMALL_SEGMENT_BYTES",
+    "UNRECORDED",
+    "Failure",
+    "FeatureStore",
+    "MemoryWriter",
+    "StoreIndex",
+    "StoreSnapshot",
+    "StoreWriter",
+    "StoredFeatures",
+    "add_counts",
+]

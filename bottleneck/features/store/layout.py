@@ -1,5 +1,6 @@
 """The store's format: its datasets and attributes, the rows of one file, and the plan of which rows of
 which files make up a store (see `bottleneck.features.store` for the layout on disk)."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,6 @@ class StoreIndex:
         return {h: i for i, h in enumerate(self.content_hash)}
 
 
-
 def _string_array(values: list[str]) -> np.ndarray:
     return np.array([printable(v) for v in values], dtype=object)
 
@@ -96,7 +96,9 @@ def _as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         features = np.asarray(features, dtype=np.float32)
         if np.any(np.abs(features[np.isfinite(features)]) > _FLOAT16_MAX):
-            raise CacheError("these features exceed float16's range (65504); keep this store in float32 (--dtype float32)")
+            raise CacheError(
+                "these features exceed float16's range (65504); keep this store in float32 (--dtype float32)"
+            )
     return np.asarray(features, dtype=dtype)
 
 
@@ -137,7 +139,9 @@ def add_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 def _is_run(values: np.ndarray) -> bool:
     """Consecutive increasing integers (a, a+1, ..., b)."""
-    return values.size > 0 and int(values[-1]) - int(values[0]) == values.size - 1 and bool(np.all(np.diff(values) == 1))
+    return (
+        values.size > 0 and int(values[-1]) - int(values[0]) == values.size - 1 and bool(np.all(np.diff(values) == 1))
+    )
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -181,5 +185,6 @@ class _Plan:
     @property
     def current(self) -> bool:
         """The index already describes exactly these rows: nothing to write."""
-        return self.indexed and not self.missing and all(
-            s.indexed and (s.keep.size or s.failures) for s in self.sources)
+        return (
+            self.indexed and not self.missing and all(s.indexed and (s.keep.size or s.failures) for s in self.sources)
+        )

@@ -1,21 +1,37 @@
 """The store's read path: `FeatureStore` (its files, reading rows by content or number, the summary) and
 `StoreSnapshot`; readers take no lock and read again when a writer merges files away under them."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import h5py
 import numpy as np
 
 from bottleneck import naming
 from bottleneck.errors import CacheError
-from bottleneck.features.store.layout import (_COPY_ROWS, DTYPES, FORMAT_VERSION, Failure, StoredFeatures, StoreIndex, T,
-                                              _computed_by, _is_run, _PartMerged, _Plan, _read_failures, _read_hashes,
-                                              _Source, add_counts)
+from bottleneck.features.store.layout import (
+    _COPY_ROWS,
+    DTYPES,
+    FORMAT_VERSION,
+    Failure,
+    StoredFeatures,
+    StoreIndex,
+    T,
+    _computed_by,
+    _is_run,
+    _PartMerged,
+    _Plan,
+    _read_failures,
+    _read_hashes,
+    _Source,
+    add_counts,
+)
 from bottleneck.fs import NO_HDF5_LOCKS, exclusive_lock, is_lock_failure
 from bottleneck.text import first_line
 
@@ -26,8 +42,9 @@ if TYPE_CHECKING:
 class FeatureStore:
     """The feature store of one backbone in one cache folder."""
 
-    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str, feature_dim: int, attrs: dict,
-                 dtype: str | None = None):
+    def __init__(
+        self, cache_dir: str | os.PathLike, fingerprint: str, feature_dim: int, attrs: dict, dtype: str | None = None
+    ):
         if dtype is not None and dtype not in DTYPES:
             raise CacheError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         self.cache_dir = Path(cache_dir)
@@ -79,11 +96,20 @@ class FeatureStore:
         if stored and self.requested_dtype and stored != self.requested_dtype:
             raise CacheError(
                 f"the store {self.path.name} keeps its features as {stored}, not {self.requested_dtype}: "
-                f"pass --dtype {stored}, or convert it with `bottleneck cache compact --dtype {self.requested_dtype}`")
+                f"pass --dtype {stored}, or convert it with `bottleneck cache compact --dtype {self.requested_dtype}`"
+            )
         return stored or self.requested_dtype or "float32"
 
-    def write_segment(self, name: str, hashes: list[str], features: np.ndarray, paths: list[str],
-                      failures: list[Failure] = (), dtype: str | None = None, computed_by: str = "") -> Path:
+    def write_segment(
+        self,
+        name: str,
+        hashes: list[str],
+        features: np.ndarray,
+        paths: list[str],
+        failures: list[Failure] = (),
+        dtype: str | None = None,
+        computed_by: str = "",
+    ) -> Path:
         """Write one segment of rows atomically, without the store's lock (names must be unique per writer).
 
         An engine's shard writes its rows this way; the next `finish` of a writer holding the lock
@@ -123,8 +149,10 @@ class FeatureStore:
             try:
                 return True, [str(n) for n in handle["segments/name"].asstr()[()]], attrs
             except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                raise CacheError(f"the index {self.path.name} is damaged ({first_line(exc, 200)}); delete it and the next "
-                                 f"`bottleneck features` run rebuilds it from {self.segments_dir.name}/") from None
+                raise CacheError(
+                    f"the index {self.path.name} is damaged ({first_line(exc, 200)}); delete it and the next "
+                    f"`bottleneck features` run rebuilds it from {self.segments_dir.name}/"
+                ) from None
 
     def _listing(self, tolerate_missing: bool) -> tuple[list[tuple[Path, str, bool]], _Plan]:
         plan = _Plan()
@@ -182,8 +210,10 @@ class FeatureStore:
             except (KeyError, ValueError, UnicodeDecodeError, CacheError) as exc:
                 if kind == "part" or (kind == "segment" and not indexed):
                     continue  # cut short by a killed run: the next writer drops it and its rows are computed again
-                raise CacheError(f"the feature store {self.path.name} is damaged ({path.name}: {first_line(exc, 200)}); "
-                                 f"delete {self.path.name} and {self.segments_dir.name}/ to rebuild it") from None
+                raise CacheError(
+                    f"the feature store {self.path.name} is damaged ({path.name}: {first_line(exc, 200)}); "
+                    f"delete {self.path.name} and {self.segments_dir.name}/ to rebuild it"
+                ) from None
             before = len(plan.seen)
             plan.seen.update(file_hashes)
             if len(plan.seen) - before == len(file_hashes):  # the common case, no duplicate: at C speed
@@ -197,8 +227,18 @@ class FeatureStore:
                         plan.seen.add(h)
                         chosen.append(i)
                 keep, kept = np.array(chosen, dtype=np.int64), [file_hashes[i] for i in chosen]
-            plan.sources.append(_Source(path, kind, len(file_hashes), keep, kept, file_failures, indexed,
-                                        _computed_by(attrs, len(file_hashes), int(keep.size))))
+            plan.sources.append(
+                _Source(
+                    path,
+                    kind,
+                    len(file_hashes),
+                    keep,
+                    kept,
+                    file_failures,
+                    indexed,
+                    _computed_by(attrs, len(file_hashes), int(keep.size)),
+                )
+            )
             plan.hashes.extend(kept)
             for failure in file_failures:
                 failures[failure.key] = failure
@@ -258,6 +298,7 @@ class FeatureStore:
 
     def index(self) -> StoreIndex:
         """Hashes, paths and failures of every row, in `read_rows_at` order, without reading features."""
+
         def read(tolerate_missing: bool) -> StoreIndex:
             plan = self._plan(tolerate_missing)
             return StoreIndex(plan.hashes, self._paths(plan), plan.failures, plan.attrs)
@@ -302,12 +343,13 @@ class FeatureStore:
             start += source.keep.size
         return features
 
-    def snapshot(self) -> "StoreSnapshot":
+    def snapshot(self) -> StoreSnapshot:
         """The store as it is now: its row hashes, and reads by row number that stay right while writers merge."""
         return StoreSnapshot(self)
 
     def read_rows(self, hashes: list[str]) -> np.ndarray:
         """Features of `hashes`, in that order, reading only their rows (each must be in the store or a part)."""
+
         def read(tolerate_missing: bool) -> np.ndarray:
             plan = self._plan(tolerate_missing)
             row_of = {h: i for i, h in enumerate(plan.hashes)}
@@ -344,7 +386,9 @@ class FeatureStore:
     # ---- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writer(self, lock_timeout: float | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator["StoreWriter"]:
+    def writer(
+        self, lock_timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[StoreWriter]:
         """Hold this store's lock and yield a `StoreWriter`; release the lock at exit."""
         from bottleneck.features.store.write import StoreWriter
 
@@ -394,6 +438,8 @@ class StoreSnapshot:
         row_of = {h: i for i, h in enumerate(self._plan.hashes)}
         translate = np.array([row_of.get(h, -1) for h in self.content_hash], dtype=np.int64)
         if (translate < 0).any():
-            raise CacheError(f"rows of the feature store {self.store.path} vanished while being read (a segment was "
-                             "deleted?); run the command again")
+            raise CacheError(
+                f"rows of the feature store {self.store.path} vanished while being read (a segment was "
+                "deleted?); run the command again"
+            )
         self._translate = translate

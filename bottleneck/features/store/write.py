@@ -1,6 +1,7 @@
 """The store's write path: `StoreWriter` (batches committed as atomic parts; `finish` turns them into a
 segment, merges small segments and rebuilds the index; `compact`) and `MemoryWriter` (a cache that cannot
 be written: rows kept in this process)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,17 +18,38 @@ import numpy as np
 
 from bottleneck import naming
 from bottleneck.errors import CacheError
-from bottleneck.features.store.layout import (_HASH_DTYPE, COMPUTED_BY, SMALL_SEGMENT_BYTES, UNRECORDED,
-                                              Failure, _Plan, _Source, _as_stored, _read_hashes, _runs, _string_array,
-                                              _write_failures, _write_rows, add_counts)
+from bottleneck.features.store.layout import (
+    _HASH_DTYPE,
+    COMPUTED_BY,
+    SMALL_SEGMENT_BYTES,
+    UNRECORDED,
+    Failure,
+    _as_stored,
+    _Plan,
+    _read_hashes,
+    _runs,
+    _Source,
+    _string_array,
+    _write_failures,
+    _write_rows,
+    add_counts,
+)
 from bottleneck.fs import fsync_dir, write_hdf5_atomically
 
 if TYPE_CHECKING:
     from bottleneck.features.store.read import FeatureStore
 
 
-def write_segment(store: FeatureStore, name: str, hashes: list[str], features: np.ndarray, paths: list[str],
-                  failures: list[Failure] = (), dtype: str | None = None, computed_by: str = "") -> Path:
+def write_segment(
+    store: FeatureStore,
+    name: str,
+    hashes: list[str],
+    features: np.ndarray,
+    paths: list[str],
+    failures: list[Failure] = (),
+    dtype: str | None = None,
+    computed_by: str = "",
+) -> Path:
     """`FeatureStore.write_segment`: one segment of rows, atomically, without the store's lock."""
     target = store.segment_path(name)
     if target.exists():
@@ -71,7 +93,9 @@ class MemoryWriter:
     def commit(self, hashes: list[str], features: np.ndarray, paths: list[str], computed_by: str = "") -> None:
         """Keep one batch in memory."""
         if features.shape != (len(hashes), self.store.feature_dim):
-            raise CacheError(f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}")
+            raise CacheError(
+                f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}"
+            )
         with self._lock:
             self.rows.update(zip(hashes, np.asarray(features, np.float32)))
             self.known_hashes.update(hashes)
@@ -126,7 +150,7 @@ class StoreWriter:
             try:
                 with h5py.File(path, "r") as handle:
                     _read_hashes(handle)
-                    handle["features"].shape
+                    handle["features"].shape  # noqa: B018 - reading it checks the dataset opens
             except (OSError, KeyError):
                 path.unlink(missing_ok=True)
 
@@ -139,7 +163,9 @@ class StoreWriter:
     def commit(self, hashes: list[str], features: np.ndarray, paths: list[str], computed_by: str = "") -> None:
         """Write one batch (and pending failures) as a part file, atomically; `computed_by` names the runtime."""
         if features.shape != (len(hashes), self.store.feature_dim):
-            raise CacheError(f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}")
+            raise CacheError(
+                f"batch of shape {features.shape} does not fit a store of dimension {self.store.feature_dim}"
+            )
         self.store.parts_dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = naming.new_file_name("part", self._seq)
@@ -213,9 +239,14 @@ class StoreWriter:
                 kept.append(source)
         tail_rows = sum(int(s.keep.size) for s in consumed if s.kind == "part")
         itemsize = np.dtype(self.dtype).itemsize
-        while tail_rows and kept and kept[-1].kind == "segment" and kept[-1].keep.size == kept[-1].rows \
-                and _segment_bytes(kept[-1], self.store.feature_dim, itemsize) < SMALL_SEGMENT_BYTES \
-                and kept[-1].keep.size <= 2 * tail_rows:
+        while (
+            tail_rows
+            and kept
+            and kept[-1].kind == "segment"
+            and kept[-1].keep.size == kept[-1].rows
+            and _segment_bytes(kept[-1], self.store.feature_dim, itemsize) < SMALL_SEGMENT_BYTES
+            and kept[-1].keep.size <= 2 * tail_rows
+        ):
             merged = kept.pop()
             consumed.insert(0, merged)
             tail_rows += int(merged.keep.size)
@@ -252,8 +283,15 @@ class StoreWriter:
 
         computed_by = add_counts(*(s.computed_by for s in ordered))
         write_hdf5_atomically(path, write, len(hashes) * self.store.feature_dim * np.dtype(self.dtype).itemsize)
-        return _Source(path, "segment", len(hashes), np.arange(len(hashes), dtype=np.int64), hashes, failures,
-                       computed_by=computed_by)
+        return _Source(
+            path,
+            "segment",
+            len(hashes),
+            np.arange(len(hashes), dtype=np.int64),
+            hashes,
+            failures,
+            computed_by=computed_by,
+        )
 
     def _legacy_as_segment(self, source: _Source) -> _Source:
         """A format-1 store file becomes the first segment: a hard link (no copy) where the disk allows."""
@@ -267,8 +305,9 @@ class StoreWriter:
                 shutil.copyfile(source.path, tmp)
             os.replace(tmp, target)
             fsync_dir(self.store.segments_dir)
-        return _Source(target, "segment", source.rows, source.keep, source.hashes, source.failures,
-                       computed_by=source.computed_by)
+        return _Source(
+            target, "segment", source.rows, source.keep, source.hashes, source.failures, computed_by=source.computed_by
+        )
 
     def _write_index(self, segments: list[_Source], plan: _Plan, extra: dict) -> None:
         """The index: virtual `features` and `content_hash` over the segments' kept rows, atomically."""
@@ -291,8 +330,12 @@ class StoreWriter:
                 for number, start, count in runs:
                     source = segments[number]
                     relative = f"{self.store.segments_dir.name}/{source.path.name}"
-                    features[at : at + count] = h5py.VirtualSource(relative, "features", shape=(source.rows, dim))[start : start + count]
-                    content[at : at + count] = h5py.VirtualSource(relative, "content_hash", shape=(source.rows,))[start : start + count]
+                    features[at : at + count] = h5py.VirtualSource(relative, "features", shape=(source.rows, dim))[
+                        start : start + count
+                    ]
+                    content[at : at + count] = h5py.VirtualSource(relative, "content_hash", shape=(source.rows,))[
+                        start : start + count
+                    ]
                     at += count
                 handle.create_virtual_dataset("features", features, fillvalue=np.nan)
                 handle.create_virtual_dataset("content_hash", content)
