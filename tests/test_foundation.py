@@ -417,6 +417,7 @@ def test_every_backend_computes_tensorflows_features(backend, on_tensorflow):
         assert np.linalg.norm(reference - other, axis=1).max() / spread < 1e-4, family
 
 
+@pytest.mark.slow
 def test_cpu_precisions_compute_dinov2_features_near_float32(on_tensorflow, capsys):
     from bottleneck.backbones.openvino import cpu_capabilities
 
