@@ -7,6 +7,8 @@ the top), every rate on one cycle (linear warm-up, then cosine), label smoothing
 weight decay, BatchNorm frozen, its affine parameters trained (the default) or fully trained, early
 stopping on validation loss, seeded augmentation. `learning_rate="auto"` runs fastai's learning-rate
 finder first. With `gradual`, each epoch after the head's unfreezes the next group (ULMFiT).
+A sharp logreg parent is softened first (`soften`: its logits divided by the temperature fitted on
+validation; same predictions, and a gradient left for the base).
 
 Why the old recipe (Adam at 1e-5, 10 epochs, every layer at one rate) never moved: the parent's
 logistic head is sharp (fitted to separate the few training images, its standardisation folded in,
