@@ -103,13 +103,59 @@ def write_hdf5(path: Path, write: Callable[[h5py.File], None]) -> None:
         raise error
 
 
+#: Files up to this size are built in memory and written with one plain write: HDF5 never meets a full disk.
+IN_MEMORY_HDF5_BYTES = 64 << 20
+#: Room a file needs beyond its rows (HDF5's metadata, the strings beside them).
+_HDF5_OVERHEAD_BYTES = 1 << 20
+
+
+def hdf5_image(write: Callable[[h5py.File], None]) -> memoryview:
+    """The bytes of the HDF5 file that `write` makes, built in memory."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        write(handle)
+    return buffer.getbuffer()
+
+
+def write_bytes_synced(path: Path, data: memoryview | bytes) -> None:
+    """Create `path` holding `data`, flushed to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def require_room(folder: Path, needed_bytes: int) -> None:
+    """Refuse with one line before writing `needed_bytes` (and HDF5's overhead) into `folder` if they cannot fit."""
+    try:
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    except (OSError, AttributeError):  # no statvfs: let the write find out
+        return
+    if free < needed_bytes + _HDF5_OVERHEAD_BYTES:
+        raise disk_full(folder, needed_bytes)
+
+
 def write_hdf5_atomically(target: Path, write: Callable[[h5py.File], None], needed_bytes: int | None = None) -> None:
-    """Write the HDF5 file `target` under a temporary name, flush it and rename it; a full disk is one line."""
+    """Write the HDF5 file `target` under a temporary name, flush it and rename it; a full disk is one line.
+
+    A file of at most IN_MEMORY_HDF5_BYTES (every part, the index, most segments) is built in memory and
+    written with one plain write, so a full disk is an ordinary OSError: HDF5 left with a half-flushed
+    file would complain from its deallocators later, wherever the process is. A larger one is checked
+    against the free space first and written by HDF5 directly.
+    """
     tmp = naming.temporary_path(target)
     try:
-        write_hdf5(tmp, write)
-        with open(tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
+        if needed_bytes is None or needed_bytes <= IN_MEMORY_HDF5_BYTES:
+            image = hdf5_image(write)
+            try:
+                write_bytes_synced(tmp, image)
+            finally:
+                image.release()
+        else:
+            require_room(target.parent, needed_bytes)
+            write_hdf5(tmp, write)
+            with open(tmp, "rb+") as raw:
+                os.fsync(raw.fileno())
         os.replace(tmp, target)
     except OSError as exc:
         if is_disk_full(exc):

@@ -243,3 +243,36 @@ def test_predict_on_a_read_only_cache_converts_for_openvino_in_a_scratch_folder(
     assert converted.computed == keras_made.computed == 3
     for ours, reference in zip(converted.predictions, keras_made.predictions):
         assert ours.path == reference.path and dict(ours.top) == pytest.approx(dict(reference.top), abs=1e-4)
+
+
+_WRITE_BIG_FILE = """
+import sys
+from pathlib import Path
+import numpy as np
+from bottleneck import fs
+from bottleneck.errors import DiskFullError
+fs.IN_MEMORY_HDF5_BYTES = 0  # HDF5 writes to the disk itself, as for a segment over 64 MiB
+
+def write(handle):
+    handle.create_dataset("features", data=np.ones((1000, 1000), dtype="float32"))
+
+try:
+    fs.write_hdf5_atomically(Path(sys.argv[1]) / "big.h5", write, needed_bytes=int(sys.argv[2]))
+except DiskFullError as exc:
+    sys.exit(f"bottleneck: error: {exc}")
+"""
+
+
+@pytest.mark.parametrize("stated", [4_000_000, 1], ids=["refused-before-writing", "size-understated"])
+def test_a_file_too_big_to_build_in_memory_on_a_full_disk(small_disk, stated):
+    """Over IN_MEMORY_HDF5_BYTES HDF5 writes directly: the free space is checked first, and where the size was
+    understated and HDF5 meets the full disk itself, it is still one line."""
+    import sys
+
+    small_disk.resize("2m")
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_BIG_FILE, str(small_disk), str(stated)], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    one_disk_full_line(done.stderr)
+    assert list(small_disk.iterdir()) == []

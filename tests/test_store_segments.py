@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import h5py
 import numpy as np
@@ -221,17 +222,20 @@ def test_a_file_system_without_locks_is_one_clear_line(tmp_path, monkeypatch):
 def test_hdf5_refusing_to_lock_is_one_clear_line(tmp_path, monkeypatch):
     store = make_store(tmp_path)
     add(store, 3, 0)
+    real_file = fs.h5py.File
 
-    def refuse(*args, **kwargs):
-        raise OSError(
-            "Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')"
-        )
+    def refuse_on_disk(name, *args, **kwargs):
+        if isinstance(name, (str, os.PathLike)):
+            raise OSError(
+                "Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')"
+            )
+        return real_file(name, *args, **kwargs)
 
-    monkeypatch.setattr(fs.h5py, "File", refuse)
+    monkeypatch.setattr(fs.h5py, "File", refuse_on_disk)
     with pytest.raises(CacheError, match="does not support file locking, which HDF5 uses.*HDF5_USE_FILE_LOCKING=FALSE"):
         store.load()
-    with pytest.raises(CacheError, match="does not support file locking"):
-        store.write_segment("x", *rows(2, 10))
+    # a segment is built in memory and written with a plain write: HDF5 takes no lock on disk
+    assert store.write_segment("x", *rows(2, 10)).is_file()
 
 
 def test_a_store_damaged_inside_is_one_clear_line_and_a_damaged_part_is_skipped(tmp_path):
