@@ -4,7 +4,6 @@ needed to reproduce and compare it (config, split.csv, model, metrics.json)."""
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import time
 from collections import Counter
@@ -14,11 +13,11 @@ from typing import Callable
 
 import numpy as np
 
-from bottleneck import __version__, naming
+from bottleneck import __version__
 from bottleneck.backbones.spec import BackboneSpec, spec_from_store_attrs, spec_record
-from bottleneck.bounds import FOLDS
-from bottleneck.errors import BackboneError, BottleneckError, DataError
+from bottleneck.errors import BackboneError, BottleneckError
 from bottleneck.features.shards import Columns
+from bottleneck.learn.augmented_rows import augmented_training_rows
 from bottleneck.learn.dataset import (
     FeatureRows,
     LabelledFeatures,
@@ -28,13 +27,8 @@ from bottleneck.learn.dataset import (
 )
 from bottleneck.learn.heads import KerasHead, make_head
 from bottleneck.learn.memory import parse_size
-from bottleneck.learn.metrics import (
-    calibration,
-    misclassified,
-    multi_label_metrics,
-    multi_label_mistakes,
-    split_metrics,
-)
+from bottleneck.learn.run_checks import _check_classes, _targets
+from bottleneck.learn.run_evaluation import _evaluate, _evaluate_multi_label, _fit, _proba
 from bottleneck.learn.run_folder import (
     PREDICTIONS_FILE,
     new_run,
@@ -43,8 +37,8 @@ from bottleneck.learn.run_folder import (
     write_predictions_csv,
     write_run_record,
 )
-from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, group_of, splits_for, write_split_csv
-from bottleneck.learn.thresholds import Thresholds, choose_thresholds, write_thresholds
+from bottleneck.learn.splits import SPLITS, SplitConfig, assign_folds, splits_for, write_split_csv
+from bottleneck.learn.thresholds import write_thresholds
 
 
 @dataclass(frozen=True)
@@ -79,121 +73,6 @@ class RunResult:
     def scores(self, key: str) -> dict:
         """One score of every split ({split: value or None}), e.g. accuracy, or mean_average_precision (multi-label)."""
         return {name: (split or {}).get(key) for name, split in self.metrics["splits"].items()}
-
-
-def _check_classes(
-    data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None = None
-) -> None:
-    """Refuse, before any training, what no head can learn from: one class, a class without training images,
-    more folds than the smallest class has images for."""
-    if data.multi_label:
-        _check_labels(data, splits, log, folds)
-        return
-    labels = data.labels
-    counts = Counter(labels)
-    if len(counts) < 2:
-        left_out = {
-            "failed extraction": data.failed,
-            "not in the cache": data.missing,
-            "damaged features": data.non_finite,
-        }
-        others = sorted({p.split("/", 1)[0] for paths in left_out.values() for p in paths if "/" in p} - set(counts))
-        why = (
-            f"; the images of {len(others)} other class{'es' if len(others) > 1 else ''} "
-            f"({', '.join(repr(c) for c in others[:3])}{', ...' if len(others) > 3 else ''}) were left out: "
-            + ", ".join(f"{reason} {len(paths)}" for reason, paths in left_out.items() if paths)
-            if others
-            else ""
-        )
-        only = f"only class {next(iter(counts))!r} has images with features" if counts else "no image has features"
-        raise DataError(
-            f"{only}{why}; a head needs at least 2 classes: fix or remove the failed images and run "
-            "`bottleneck features` again"
-        )
-    single = sorted(label for label, n in counts.items() if n < 2)
-    if single:
-        raise DataError(
-            f"class {single[0]!r} has a single image with features"
-            + (f" (and {len(single) - 1} more classes)" if len(single) > 1 else "")
-            + "; each class needs at least 2 (3 for train, validation and test)"
-        )
-    train_classes = {label for label, split in zip(labels, splits) if split == "train"}
-    absent = sorted(set(counts) - train_classes)
-    if absent:
-        raise DataError(
-            f"class {absent[0]!r} has no training image in this split; give it more images or another split"
-        )
-    small = sorted(label for label, n in counts.items() if n < 3)
-    if small:
-        log(f"warning: {len(small)} classes have fewer than 3 images and miss a split: {', '.join(small[:5])}")
-    if folds is not None:
-        _check_folds(data, splits, folds)
-
-
-def _check_labels(data: LabelledFeatures, splits: list[str], log: Callable[[str], None], folds: int | None) -> None:
-    """The multi-label `_check_classes`: each label on at least 2 images, on a training image and off another."""
-    if folds is not None:
-        raise DataError("--folds cross-validates heads of one label per image; multi-label runs do not take it yet")
-    counts = Counter(label for labels in data.label_sets for label in labels)
-    if len(counts) < 2:
-        raise DataError(f"only label {next(iter(counts))!r} has images with features; a head needs at least 2")
-    single = sorted(label for label, n in counts.items() if n < 2)
-    if single:
-        raise DataError(
-            f"label {single[0]!r} is on a single image with features"
-            + (f" (and {len(single) - 1} more labels)" if len(single) > 1 else "")
-            + "; each label needs at least 2 (3 for train, validation and test)"
-        )
-    training = [labels for labels, split in zip(data.label_sets, splits) if split == "train"]
-    on_train = Counter(label for labels in training for label in labels)
-    absent = sorted(set(counts) - set(on_train))
-    if absent:
-        raise DataError(
-            f"label {absent[0]!r} is on no training image in this split; give it more images or another split"
-        )
-    everywhere = sorted(label for label, n in on_train.items() if n == len(training))
-    if everywhere:
-        raise DataError(
-            f"label {everywhere[0]!r} is on every training image: a head cannot learn when it is absent; "
-            "leave it out of the label file or add images without it"
-        )
-    small = sorted(label for label, n in counts.items() if n < 3)
-    if small:
-        log(f"warning: {len(small)} labels are on fewer than 3 images and miss a split: {', '.join(small[:5])}")
-
-
-def _targets(data: LabelledFeatures) -> np.ndarray:
-    """What a head learns for each image: its class, or (multi-label) the tuple of its labels."""
-    return _as_array(data.label_sets, object) if data.multi_label else np.array(data.labels)
-
-
-def _check_folds(data: LabelledFeatures, splits: list[str], folds: int) -> None:
-    """K-fold needs each class in every fold: at least `folds` groups of training and validation images."""
-    FOLDS.check(folds, "--folds", DataError)
-    groups: dict[str, set[str]] = {}
-    for relpath, label, split in zip(data.relpaths, data.labels, splits):
-        if split != "test":
-            groups.setdefault(label, set()).add(group_of(relpath, data.groups))
-    label, fewest = min(((label, len(keys)) for label, keys in groups.items()), key=lambda item: (item[1], item[0]))
-    if fewest < folds:
-        fix = f"use --folds {fewest}" + (" or fewer" if fewest > 2 else "") if fewest >= 2 else "leave --folds out"
-        raise DataError(
-            f"--folds {folds} is more than class {label!r} can fill: it has {fewest} training and "
-            f"validation image{'s' if fewest != 1 else ''} (near-duplicates named _nohash_ count once); "
-            f"{fix}, or give that class more images"
-        )
-
-
-def _fit(model, rows: FeatureRows, y: np.ndarray, validation: tuple[FeatureRows, np.ndarray], chunk_rows: int) -> None:
-    """In memory exactly as ever; streamed (`fit_rows`) when the rows are left in the store."""
-    if rows.in_memory:
-        model.fit(rows.array, y, validation_data=(validation[0].materialise(), validation[1]))
-    else:
-        model.fit_rows(rows, y, validation_data=validation, chunk_rows=chunk_rows)
-
-
-def _proba(model, rows: FeatureRows, chunk_rows: int) -> np.ndarray:
-    return model.predict_proba(rows.array) if rows.in_memory else model.predict_proba_rows(rows, chunk_rows)
 
 
 def _cross_validate(
@@ -503,162 +382,6 @@ def _fitted_params(model, head: HeadConfig, log: Callable[[str], None]) -> tuple
         tuning["k"] = found
         log(f"k {found['k']} chosen on {found['chosen_on']}")
     return params, tuning
-
-
-def _evaluate(
-    model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int, metrics: dict
-) -> tuple:
-    """Each split's scores and the test split's mistakes into `metrics`; returns the test predictions."""
-    for name in SPLITS:
-        idx = np.flatnonzero(mask[name])
-        known = [i for i in idx if data.labels[i] in labels]
-        proba = (
-            _proba(model, X.subset(np.array(known, dtype=np.int64)), chunk_rows)
-            if known
-            else np.zeros((0, len(labels)))
-        )
-        # intervals for the held-out splits: an interval around the training accuracy says nothing
-        metrics["splits"][name] = split_metrics(
-            proba, [data.labels[i] for i in known], labels, intervals=name != "train"
-        )
-        if metrics["splits"][name]:  # how far its confidences are from its accuracy (15 bins)
-            metrics["splits"][name]["expected_calibration_error"] = calibration(
-                proba, [data.labels[i] for i in known], labels
-            )["expected_calibration_error"]
-        if name == "test":
-            metrics["misclassified"] = misclassified(
-                proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels
-            )
-            test_predictions = ([data.relpaths[i] for i in known], [data.labels[i] for i in known], proba)
-    return test_predictions
-
-
-def _evaluate_multi_label(
-    model,
-    X: FeatureRows,
-    data: LabelledFeatures,
-    mask: dict,
-    labels: list[str],
-    chunk_rows: int,
-    metrics: dict,
-    log: Callable[[str], None],
-) -> tuple[Thresholds, tuple]:
-    """Thresholds from the validation split alone, then each split's multi-label scores and the test split's
-    mistakes into `metrics`; returns the thresholds and the test predictions."""
-    from bottleneck.learn.heads import multi_hot
-
-    proba, truth = {}, {}
-    for name in SPLITS:
-        idx = np.flatnonzero(mask[name])
-        proba[name] = _proba(model, X.subset(idx), chunk_rows) if len(idx) else np.zeros((0, len(labels)))
-        truth[name] = multi_hot([data.label_sets[i] for i in idx], labels)
-    thresholds = choose_thresholds(proba["validation"], truth["validation"], labels)
-    log(
-        f"thresholds chosen on the validation split ({int(mask['validation'].sum())} images), each maximising its "
-        "label's F1"
-        + (
-            f"; {len(thresholds.defaulted)} labels have no validation positive and keep 0.5: "
-            f"{', '.join(thresholds.defaulted[:5])}"
-            if thresholds.defaulted
-            else ""
-        )
-    )
-    metrics["thresholds"] = thresholds.record()
-    for name in SPLITS:
-        metrics["splits"][name] = multi_label_metrics(
-            proba[name], truth[name], labels, thresholds.decide(proba[name]), intervals=name != "train"
-        )
-    test = np.flatnonzero(mask["test"])
-    paths = [data.relpaths[i] for i in test]
-    metrics["misclassified"] = multi_label_mistakes(
-        proba["test"], truth["test"], thresholds.decide(proba["test"]), paths, labels
-    )
-    return thresholds, (paths, [data.labels[i] for i in test], proba["test"])
-
-
-def augmented_training_rows(
-    data: LabelledFeatures,
-    train: np.ndarray,
-    views: int,
-    data_dir,
-    log: Callable[[str], None],
-    flip: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(features, labels, record) of the cached views of the training images only (`train` is their mask).
-
-    `views` per image, or 0 for every view the view store holds; `flip` picks the recipe as
-    `features --augment-flip` did. One line when the cache holds none.
-    """
-    from bottleneck.features.augment import other_view_recipes, recipe_from, view_key, views_held
-    from bottleneck.features.maintenance import store_of
-
-    if not data.rows.in_memory:
-        raise DataError(
-            "--augment trains in memory, and these features are streamed from the store: raise --max-memory "
-            "or train without --augment"
-        )
-    recipe = recipe_from(flip)
-    cache = data.store_path.parent
-    fingerprint = naming.views_fingerprint(data.store_path.stem, recipe.digest())
-    flip_flag = f" --augment-flip {flip:g}" if flip is not None else ""
-    command = (
-        f"run `bottleneck features {shlex.quote(str(data_dir))} --cache {shlex.quote(str(cache))} --augment "
-        f"{views or 4}{flip_flag}` with the same backbone flags first"
-    )
-    if not naming.store_index(cache, fingerprint).exists():
-        others = other_view_recipes(cache, data.store_path.stem)
-        if others:
-            held_flips = " or ".join(f"--augment-flip {recipe.flip:g}" for recipe in others)
-            raise DataError(
-                f"--augment: {cache} holds views of these features for another recipe ({held_flips}), "
-                f"not for --augment-flip {recipe.flip:g}: pass {held_flips.split(' or ')[0]}, or {command}"
-            )
-        raise DataError(f"--augment: {cache} holds no augmented views of these features; {command}")
-    store = store_of(cache, fingerprint)
-    held = views_held(store)
-    count = views or held
-    if count > held:
-        raise DataError(
-            f"--augment {count}: the cache holds {held} views per image; {command.replace(f'--augment {views}', f'--augment {count}')}"
-        )
-    positions = np.flatnonzero(train)
-    targets = _targets(data)
-    hashes = [data.content_hashes[i] for i in positions]
-    known = set(store.index().content_hash)
-    keys, labels = [], []
-    missing = 0
-    for i, content_hash in zip(positions, hashes):
-        for k in range(count):
-            key = view_key(content_hash, recipe, k)
-            if key in known:
-                keys.append(key)
-                labels.append(targets[i])
-            else:
-                missing += 1
-    if not keys:
-        raise DataError(f"--augment: none of the training images has views in {store.path.name}; {command}")
-    if missing:
-        log(
-            f"warning: {missing} views of training images are not in the cache (images added since?) and are left out; "
-            f"{command} to add them"
-        )
-    record = {
-        "recipe": recipe.identity(),
-        "digest": recipe.digest(),
-        "views_per_image": count,
-        "rows_added": len(keys),
-        "store": str(store.path.absolute()),
-    }
-    return store.read_rows(keys), _as_array(labels, targets.dtype), record
-
-
-def _as_array(values: list, dtype) -> np.ndarray:
-    """`values` as a 1-d array of `dtype`; an object array keeps tuples whole (numpy would make them a matrix)."""
-    if dtype != object:  # noqa: E721 - a numpy dtype equals `object` when it is the object dtype
-        return np.array(values)
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 def _kept_backbone(spec: BackboneSpec | None, data: LabelledFeatures, run_folder: Path) -> dict | None:
