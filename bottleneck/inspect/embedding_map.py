@@ -171,7 +171,7 @@ STYLE = """
 def map_html(embedding: Embedding, root: Path, marks: dict[str, str], thumbnails: int = MAX_THUMBNAILS) -> str:
     """The map as HTML (inline SVG, legend, tooltip, script); `marks` maps each kind of marked point
     (`MISCLASSIFIED`, `FLAGGED`) to its legend text; thumbnails read from `root`/relpath."""
-    from bottleneck.inspect.report import thumbnail_uri
+    from bottleneck.inspect.report_figures import thumbnail_uri
     from bottleneck.text import shown as shown_text
 
     map_id = f"emap-{next(_map_ids)}"

@@ -16,7 +16,7 @@ from bottleneck.learn.run_folder import Predictions
 
 
 def _figure(width: float, height: float):
-    from bottleneck.inspect.report import _pyplot
+    from bottleneck.inspect.report_figures import _pyplot
 
     return _pyplot().subplots(1, 2 if width > height * 1.5 else 1, figsize=(width, height), squeeze=False)
 
@@ -26,7 +26,7 @@ def roc_pr_png(truth: np.ndarray, score: np.ndarray, positive: str) -> tuple[str
     areas: ROC AUC and average precision (the area under the precision-recall curve as scikit-learn sums it)."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-    from bottleneck.inspect.report import _png
+    from bottleneck.inspect.report_figures import _png
 
     areas = {
         "roc_auc": float(roc_auc_score(truth, score)),
@@ -52,7 +52,7 @@ def roc_pr_png(truth: np.ndarray, score: np.ndarray, positive: str) -> tuple[str
 
 def reliability_png(record: dict) -> str:
     """The reliability diagram of a `calibration` record: accuracy per confidence bin against the diagonal."""
-    from bottleneck.inspect.report import _png
+    from bottleneck.inspect.report_figures import _png
 
     bins = record["bins"]
     edges = np.linspace(0, 1, bins + 1)
