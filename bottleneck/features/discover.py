@@ -24,12 +24,29 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bottleneck.errors import DataError
+from bottleneck.features.image_files import IMAGE_EXTENSIONS, Discovery, ImageFile, _is_hidden, relpath_or_absolute
+from bottleneck.features.shard_discovery import _from_shards, shard_members, shard_source_of, shards_in
 from bottleneck.features.shards import Columns
+
+#: What other modules import from here, wherever it lives (`image_files`, `shard_discovery`).
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "SPLIT_FOLDERS",
+    "Discovery",
+    "ImageFile",
+    "choose_layout",
+    "discover_images",
+    "holds_images",
+    "relpath_or_absolute",
+    "shard_members",
+    "shard_source_of",
+    "shards_in",
+    "walk_images",
+]
 
 #: Folder names (compared in lower case) that hold a split rather than a class, and the split they hold.
 SPLIT_FOLDERS = {
@@ -44,130 +61,6 @@ SPLIT_FOLDERS = {
 LAYOUTS = ("auto", "classes", "split-folders", "plain", "shards")
 #: A file in two split folders (a link) is held out: the most held-out split wins.
 _HELD_OUT_FIRST = ("test", "validation", "train")
-
-#: Folders that tools create beside real data and that never hold a class.
-JUNK_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
-
-# Pillow plugins that only identify a format and cannot decode it.
-_STUB_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "FITSSTUB", "MPEG", "WMF"})
-
-
-def _subclasses(cls: type) -> Iterator[type]:
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
-def _is_stub(fmt: str, image_class: object) -> bool:
-    from PIL import ImageFile
-
-    # Pillow marks identify-only plugins by their base class; the list covers the others (MPEG).
-    stub_class = isinstance(image_class, type) and issubclass(image_class, ImageFile.StubImageFile)
-    return fmt in _STUB_FORMATS or stub_class
-
-
-def _readable_formats() -> set[str]:
-    """Formats Pillow can decode, including those opened through another format's opener."""
-    from PIL import Image, ImageFile
-
-    readable = {fmt for fmt, (opener, _accept) in Image.OPEN.items() if not _is_stub(fmt, opener)}
-    # Some formats register extensions but no opener of their own: Pillow's JPEG opener turns a
-    # JPEG holding several pictures into an MpoImageFile, so MPO is never in Image.OPEN and
-    # `.mpo` files were skipped. Such an image class derives from the class of the format whose
-    # opener makes it.
-    for cls in _subclasses(ImageFile.ImageFile):
-        fmt = getattr(cls, "format", None)
-        if not fmt or fmt in readable or _is_stub(fmt, cls):
-            continue
-        if any(getattr(base, "format", None) in readable for base in cls.__mro__[1:]):
-            readable.add(fmt)
-    return readable
-
-
-def _pillow_extensions() -> frozenset[str]:
-    from PIL import Image
-
-    Image.init()  # imports every plugin, so their extensions and classes are all registered
-    readable = _readable_formats()
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in readable)
-
-
-#: Lower-case extensions of every format Pillow can decode (.jpg, .png, .gif, .bmp, .webp, .tif, ...).
-IMAGE_EXTENSIONS = _pillow_extensions()
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    """One image found under the data folder."""
-
-    path: Path  # absolute
-    relpath: str  # relative to the data folder, with '/' separators
-    label: str  # the class folder's name, unchanged
-    size: int
-    mtime_ns: int
-    inode: int
-    dev: int = 0
-    container: str = ""  # the tar or Parquet shard holding this image (`path` is inside it), "" for a file
-    labels: tuple[str, ...] = ()  # a label file's labels of this image (several: multi-label); () from folders
-
-
-@dataclass
-class Discovery:
-    """What `discover_images` found: the images, their classes, and what it skipped and why."""
-
-    root: Path
-    images: list[ImageFile]
-    classes: list[str]
-    skipped: Counter = field(default_factory=Counter)
-    conflicts: list[str] = field(default_factory=list)  # one line per file reachable from two classes
-    layout: str = "classes"  # or "split-folders", "label-file", "plain", "shards"
-    folder_splits: dict[str, str] = field(default_factory=dict)  # relpath -> train/validation/test, when given
-    groups: dict[str, str] = field(default_factory=dict)  # label files: relpath -> the group it shares a split with
-    warnings: list[str] = field(default_factory=list)  # what a label file named but cannot be used, and the like
-    label_file: Path | None = None
-    shards: int = 0  # shards (tar or Parquet files) read
-
-    @property
-    def multi_label(self) -> bool:
-        """Whether some image carries more than one label (a label file's `a;b`, or one row per pair)."""
-        return any(len(image.labels) > 1 for image in self.images)
-
-    def layout_line(self) -> str:
-        """One line on how DATA was read, for split folders and label files ("" for class folders)."""
-        if self.layout == "shards":
-            parquet = sum(image.container.lower().endswith(".parquet") for image in self.images)
-            kind, unit, where = (
-                ("Parquet files", "file", "the label column")
-                if parquet == len(self.images)
-                else ("tar shards", "shard", "the samples' .cls, .txt or .json members")
-                if not parquet
-                else ("tar and Parquet shards", "shard", "label members and columns")
-            )
-            labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
-            return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
-        if self.layout == "label-file":
-            per_image = sum(len(image.labels) for image in self.images) / len(self.images)
-            counted = (
-                f"{len(self.images)} images, {len(self.classes)} labels, multi-label ({per_image:.1f} labels per image)"
-                if self.multi_label
-                else f"{len(self.images)} images in {len(self.classes)} classes"
-            )
-            return (
-                f"label file {self.label_file.name}: {counted}"
-                + ("; splits from its split column" if self.folder_splits else "")
-                + ("; groups from its group column" if self.groups else "")
-            )
-        if self.layout == "plain":
-            return f"a plain folder: {len(self.images)} images, no labels (one sub-folder per class gives them)"
-        if self.layout != "split-folders":
-            return ""
-        counts = Counter(image.relpath.split("/", 1)[0] for image in self.images)
-        return (
-            "split folders: "
-            + ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
-            + "; the sub-folders are the classes"
-        )
-
 
 LINKED_FROM_ANOTHER_CLASS = "link into another class (left out)"
 IN_TWO_CLASSES = "in two classes (left out)"
@@ -206,10 +99,6 @@ def _settle_labels(found: list[tuple[ImageFile, bool]], skipped: Counter) -> tup
                 f"{', '.join(repr(label) for label in sorted(labels))}: left out of every class"
             )
     return images, conflicts
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name in JUNK_FOLDERS
 
 
 def _walk_class(
@@ -289,122 +178,6 @@ def _holds_folders(folder: str) -> bool:
         return any(entry.is_dir() and not _is_hidden(entry.name) for entry in os.scandir(folder))
     except OSError:
         return False
-
-
-def shards_in(folder: Path) -> list[Path]:
-    """The shards (tar or Parquet files) directly in `folder`, by name."""
-    from bottleneck.features.shards import SUFFIXES
-
-    try:
-        return sorted(
-            Path(entry.path)
-            for entry in os.scandir(folder)
-            if not _is_hidden(entry.name) and entry.name.lower().endswith(SUFFIXES) and entry.is_file()
-        )
-    except OSError:
-        return []
-
-
-def shard_members(
-    root: Path, shards: list[Path], columns: Columns | None = None, cache_dir: str | os.PathLike | None = None
-) -> tuple[list[ImageFile], Counter, list[str]]:
-    """The image members of shards (see `bottleneck.features.shards`; `columns` names a Parquet file's image and
-    label columns) with their labels ("" for none), relative to `root`; what was skipped; one warning line per
-    shard that could not be read whole. Listings are remembered in `cache_dir`'s hash index, where it is a folder."""
-    from bottleneck.features.hashing import HashIndex
-    from bottleneck.features.shards import list_shard
-
-    skipped: Counter = Counter()
-    warnings, images = [], []
-    index = HashIndex(cache_dir) if cache_dir is not None and os.path.isdir(cache_dir) else None
-    try:
-        listings = [list_shard(shard, columns, index) for shard in shards]
-    finally:
-        if index is not None:
-            index.close()
-    for shard, listing in zip(shards, listings):
-        relshard = relpath_or_absolute(shard.absolute(), root)
-        if listing.problem:
-            warnings.append(f"shard {relshard}: {listing.problem}")
-        skipped.update(listing.skipped)
-        st = listing.shard.stat() if listing.members else None
-        images.extend(
-            ImageFile(
-                path=Path(member.path),
-                relpath=f"{relshard}/{member.name}",
-                label=member.label,
-                size=member.size,
-                mtime_ns=st.st_mtime_ns,
-                inode=st.st_ino,
-                dev=st.st_dev,
-                container=member.shard,
-            )
-            for member in listing.members
-        )
-    return images, skipped, warnings
-
-
-def relpath_or_absolute(path: Path, root: Path) -> str:
-    """`path` relative to `root` with '/' separators when inside it, else absolute."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _from_shards(
-    root: Path,
-    shards: list[Path],
-    min_classes: int,
-    columns: Columns | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Discovery:
-    """The image members of shards, labelled by their samples (all of them, when no sample has a label)."""
-    images, skipped, warnings = shard_members(root, shards, columns, cache_dir)
-    if not images:
-        raise DataError(
-            f"no images found in the {len(shards)} shards of {root}" + (f" ({warnings[0]})" if warnings else "")
-        )
-    if any(image.label for image in images):
-        unlabelled = [image for image in images if not image.label]
-        if unlabelled:
-            skipped["image without a label member in its sample"] += len(unlabelled)
-            warnings.append(
-                f"{len(unlabelled)} images have no label (no .cls, .txt or .json member in their sample, "
-                f"or an empty label cell) and are left out (first: {unlabelled[0].relpath})"
-            )
-            images = [image for image in images if image.label]
-    classes = sorted({image.label for image in images if image.label})
-    if classes and len(classes) < min_classes:
-        raise DataError(
-            f"the shards of {root} give {len(classes)} label ({', '.join(classes)}); need at least {min_classes}"
-        )
-    return Discovery(
-        root=root,
-        images=images,
-        classes=classes,
-        skipped=skipped,
-        layout="shards",
-        warnings=warnings,
-        shards=len(shards),
-    )
-
-
-def shard_source_of(data: str) -> tuple[Path, list[Path]] | None:
-    """(root, shards) when DATA names shards by a brace pattern or is one .tar or .parquet file; None otherwise."""
-    from bottleneck.features.shards import SUFFIXES, expand_pattern, is_pattern
-
-    if is_pattern(data):
-        shards = expand_pattern(data)
-        missing = [path for path in shards if not path.is_file()]
-        if missing:
-            raise DataError(
-                f"{len(missing)} of the {len(shards)} shards {data} names are not files (first: {missing[0]})"
-            )
-        return Path(os.path.commonpath([str(path.absolute().parent) for path in shards])), shards
-    if data.lower().endswith(SUFFIXES) and os.path.isfile(data):
-        return Path(data).absolute().parent, [Path(data)]
-    return None
 
 
 def choose_layout(root: Path, top_dirs: list[os.DirEntry], layout: str = "auto") -> str:

@@ -99,7 +99,7 @@ def _label_of(extension: str, data: bytes) -> str:
 
 
 def _image_extensions() -> frozenset[str]:
-    from bottleneck.features.discover import IMAGE_EXTENSIONS
+    from bottleneck.features.image_files import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
 
