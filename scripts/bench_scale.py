@@ -28,12 +28,9 @@ Prints a markdown table, writes `OUT/results.json` and a log-log plot (`--plot`)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -45,131 +42,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-FINGERPRINT = "synthetic-bench-scale"
-CLASSES = 10
+import bench_scale_measure  # noqa: E402 - Meter reads the write counter main picks
+from bench_scale_measure import Meter, available_memory, drop_from_page_cache, peak_rss, pick_write_counter  # noqa: E402
+from bench_scale_report import ADD_ROWS, MB, fmt, median, report  # noqa: E402
+from bench_scale_synthetic import CLASSES, SEED, centres, open_store, synthetic_rows  # noqa: E402
+
 SEGMENT_ROWS = 50_000
-ADD_ROWS = 1_000
 COMMIT_ROWS = 16  # extraction's default batch size
 CHUNK_ROWS = 16_384
-SEED = 0
-MB = 1e6
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# ---- measuring ---------------------------------------------------------------------------------
-
-
-def io_counters() -> dict[str, int]:
-    try:
-        with open("/proc/self/io", encoding="ascii") as handle:
-            return {k: int(v) for k, v in (line.split(": ") for line in handle.read().splitlines() if line)}
-    except OSError:
-        return {}
-
-
-WRITE_COUNTER = "write_bytes"
-
-
-def pick_write_counter() -> str:
-    """write_bytes when this kernel accounts it (it counts what reaches the disk), else wchar."""
-    probe = Path(f".bench-scale-io-{os.getpid()}")
-    before = io_counters()
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"\0" * 65536)
-            handle.flush()
-            os.fsync(handle.fileno())
-    finally:
-        probe.unlink(missing_ok=True)
-    after = io_counters()
-    if after.get("write_bytes", 0) - before.get("write_bytes", 0) > 0:
-        return "write_bytes"
-    return "wchar"
-
-
-class Meter:
-    """Wall time and bytes written by this process inside a `with` block."""
-
-    def __enter__(self) -> Meter:
-        self._io = io_counters()
-        self._t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._t
-        self.written = io_counters().get(WRITE_COUNTER, 0) - self._io.get(WRITE_COUNTER, 0)
-
-
-def median(values):
-    return float(statistics.median(values))
-
-
-def available_memory() -> int:
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 4 * 2**30
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory (VmHWM): unlike ru_maxrss, not inherited from the parent across exec."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def drop_from_page_cache(paths) -> None:
-    """Evict these files' (clean) pages, so the next read comes from the disk; other files are untouched."""
-    for path in paths:
-        if not Path(path).is_file():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# ---- synthetic rows ----------------------------------------------------------------------------
-
-
-def centres(dim: int) -> np.ndarray:
-    return (np.random.default_rng(SEED).standard_normal((CLASSES, dim)) * 0.1).astype(np.float32)
-
-
-def synthetic_rows(start: int, stop: int, dim: int, centre: np.ndarray):
-    """Hashes, features and paths of rows start..stop-1 (the same for every run: seeded by `start`)."""
-    rng = np.random.default_rng([SEED, start])
-    numbers = np.arange(start, stop)
-    features = rng.standard_normal((stop - start, dim), dtype=np.float32)
-    features += centre[numbers % CLASSES]
-    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in numbers]
-    paths = [f"synthetic/c{i % CLASSES}/{i:08d}.png" for i in numbers]
-    return hashes, features, paths
-
-
-def open_store(cache: Path, dim: int):
-    from bottleneck.features.store import FeatureStore
-
-    attrs = {
-        "architecture": "synthetic",
-        "feature_dim": dim,
-        "pretrained": True,
-        "warning": "",
-        "input_size": 0,
-        "pooling": "avg",
-        "layer": "",
-        "preprocessing": "none",
-    }
-    return FeatureStore(cache, FINGERPRINT, dim, attrs, dtype="float32")
 
 
 # ---- the steps ---------------------------------------------------------------------------------
@@ -456,139 +342,6 @@ def file_system(work: Path, files: int, repeats: int = 3) -> dict:
     }
 
 
-# ---- report ------------------------------------------------------------------------------------
-
-
-def fmt(value, digits=3):
-    if value is None:
-        return "–"
-    if isinstance(value, str):
-        return value
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
-
-
-def table(results: dict) -> str:
-    fs = results.get("file_system") or {}
-    lines = [
-        "| rows | store | add 1,000: s (open / commits / finish) | add 1,000: MB written | unchanged finish: s / bytes | known(): s "
-        "| rerun per 10k images: s | load(): MB/s | snapshot, 16k chunks: MB/s | same chunks, h5py: MB/s | one chunk: ms "
-        "| head (logreg) | s per pass | peak RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for entry in results["sizes"]:
-        n = entry["rows"]
-        adds = entry.get("add", [])
-        rerun = entry.get("unchanged", {})
-        rd = entry.get("reads", {})
-        hd = entry.get("head", {})
-        per_10k = None
-        if fs and rerun:
-            per_10k = fs["rerun_per_10k_s"] + rerun["finish_s"] * 10_000 / n
-        head_cell = "–"
-        if hd and "error" not in hd:
-            head_cell = f"{hd['mode']}, {hd['passes']} passes, {fmt(hd['fit_s'] + hd['read_s'])} s"
-        elif hd:
-            head_cell = "failed"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"{n:,}",
-                    f"{entry['store_bytes'] / 2**30:.2f} GiB",
-                    (
-                        f"{fmt(median([a['seconds'] for a in adds]))} ({fmt(median([a['open_s'] for a in adds]), 2)} / "
-                        f"{fmt(median([a['commit_s'] for a in adds]), 2)} / {fmt(median([a['finish_s'] for a in adds]), 2)})"
-                    )
-                    if adds
-                    else "–",
-                    fmt(statistics.mean(a["bytes_written"] for a in adds) / MB) if adds else "–",
-                    f"{fmt(rerun.get('finish_s'))} / {rerun.get('finish_bytes', '–')}" if rerun else "–",
-                    fmt(rerun.get("known_s")),
-                    fmt(per_10k),
-                    fmt(rd.get("load_MBps")) if "load_MBps" in rd else ("skipped" if rd else "–"),
-                    fmt(rd.get("stream_MBps")),
-                    fmt(rd.get("raw_stream_MBps")),
-                    fmt(rd["chunk_warm_s"] * 1000) if "chunk_warm_s" in rd else "–",
-                    head_cell,
-                    fmt(hd.get("seconds_per_pass")),
-                    f"{hd['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in hd else "–",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: dict, target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [e for e in results["sizes"] if e.get("add")]
-    if not sizes:
-        return
-    n = np.array([e["rows"] for e in sizes], dtype=float)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-
-    def series(axis, values, label, style):
-        pairs = [(x, v) for x, v in zip(n, values) if v is not None and v > 0]
-        if pairs:
-            axis.plot(*zip(*pairs), style, label=label)
-
-    series(left, [median([a["seconds"] for a in e["add"]]) for e in sizes], "add 1,000 rows", "o-")
-    series(left, [e["unchanged"]["finish_s"] for e in sizes], "unchanged finish (no-op)", "s-")
-    series(left, [e["unchanged"]["known_s"] for e in sizes], "known(): every hash", "^-")
-    series(left, [e["reads"].get("load_s") for e in sizes], "load() every row", "v-")
-    series(left, [e["reads"].get("stream_s") for e in sizes], "snapshot pass, 16k chunks", "D-")
-    series(left, [e["reads"].get("raw_stream_s") for e in sizes], "same chunks, h5py on the index", "d--")
-    series(left, [e["reads"].get("chunk_warm_s") for e in sizes], "one 16k chunk (warm)", "x--")
-    series(
-        left, [e.get("head", {}).get("seconds_per_pass") for e in sizes], "logreg head: one pass over the rows", "P-"
-    )
-    lo, hi = left.get_ylim()
-    anchor = min(v for v in [e["reads"].get("stream_s") or e["unchanged"]["known_s"] for e in sizes])
-    left.plot(n, anchor * n / n[0], ":", color="grey", label="O(n) reference")
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="rows in the store",
-        ylabel="seconds",
-        title=f"Time vs store size ({results['dim']} float32 features)",
-    )
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=7)
-
-    series(
-        right,
-        [statistics.mean(a["bytes_written"] for a in e["add"]) / MB for e in sizes],
-        "written to add 1,000 rows",
-        "o-",
-    )
-    series(right, [e["store_bytes"] / MB for e in sizes], "store size on disk", "s-")
-    series(right, [e.get("head", {}).get("peak_rss_bytes", 0) / MB for e in sizes], "head training: peak RSS", "P-")
-    payload = ADD_ROWS * results["dim"] * 4 / MB
-    right.plot(n, [payload] * len(n), ":", color="grey", label="1,000 rows of features (O(new))")
-    right.plot(n, sizes[0]["store_bytes"] / MB * n / n[0], "--", color="lightgrey", label="O(n) reference")
-    right.set(
-        xscale="log",
-        yscale="log",
-        xlabel="rows in the store",
-        ylabel="MB",
-        title=f"Bytes vs store size (head --max-memory {results['max_memory']})",
-    )
-    right.grid(True, which="both", alpha=0.3)
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-
-
 # ---- main --------------------------------------------------------------------------------------
 
 
@@ -636,10 +389,9 @@ def main(argv=None) -> int:
         results = json.loads(Path(args.report).read_text())
         report(results, Path(args.plot) if args.plot else None)
         return 0
-    global WRITE_COUNTER
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    WRITE_COUNTER = pick_write_counter()
+    bench_scale_measure.WRITE_COUNTER = pick_write_counter()
     sizes = [2000, 20000] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     files = min(args.files, 300) if args.quick else args.files
     plot_path = Path(args.plot) if args.plot else None
@@ -652,7 +404,7 @@ def main(argv=None) -> int:
         "max_memory": args.max_memory,
         "head_iters": args.head_iters,
         "head_iters_large": args.head_iters_large,
-        "write_counter": WRITE_COUNTER,
+        "write_counter": bench_scale_measure.WRITE_COUNTER,
         "chunk_rows": CHUNK_ROWS,
         "segment_rows": SEGMENT_ROWS,
         "commit_rows": COMMIT_ROWS,
@@ -733,24 +485,6 @@ def main(argv=None) -> int:
     report(results, plot_path)
     print(f"results: {out / 'results.json'}")
     return 0
-
-
-def report(results: dict, plot_path: Path | None) -> None:
-    print(
-        f"\nStore growth, {results['dim']} float32 features per row; bytes counted by /proc/self/io "
-        f"{results['write_counter']}.\n"
-    )
-    print(table(results))
-    fs = results.get("file_system")
-    if fs:
-        print(
-            f"\nFile-system part of a rerun: {fs['files']} unchanged tiny PNGs in {fs['rerun_s']:.3f} s "
-            f"= {fs['rerun_per_10k_s']:.2f} s per 10k images (in process; the CLI, start-up included: "
-            f"{fmt(fs['cli_rerun_s'])} s)."
-        )
-    if plot_path:
-        plot(results, plot_path)
-        print(f"plot: {plot_path}")
 
 
 if __name__ == "__main__":
