@@ -227,7 +227,8 @@ def run_demo(
         earlier.seconds = time.perf_counter() - started
         return earlier
     shutil.rmtree(runs, ignore_errors=True)  # the report shows this demo's runs only
-    rows, logreg_runs = [], {}
+    rows: list[dict] = []
+    logreg_runs: dict = {}
     for name, spec in backbones.items():
         keras_head = HeadConfig("keras", epochs=config.keras_epochs)  # the head's own defaults
         for head in (HeadConfig("logreg"), keras_head):

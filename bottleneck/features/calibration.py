@@ -40,7 +40,9 @@ def choose_calibration(
     """
     ordered = sorted(paths, key=str)
     order = np.random.default_rng(CALIBRATION_SEED).permutation(len(ordered))
-    pixels, hashes, seen = [], [], set()
+    pixels: list[np.ndarray] = []
+    hashes: list[str] = []
+    seen: set[str] = set()
     for position in order:
         if len(pixels) >= count:
             break

@@ -17,6 +17,7 @@ _STUB_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "FITSSTUB", "MPEG", "WMF"})
 
 
 def _subclasses(cls: type) -> Iterator[type]:
+    sub: type
     for sub in cls.__subclasses__():
         yield sub
         yield from _subclasses(sub)

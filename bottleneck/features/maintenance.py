@@ -186,7 +186,7 @@ def collect_garbage(
 
 
 def _leftovers(store: FeatureStore) -> list[Garbage]:
-    found = []
+    found: list[Garbage] = []
     for folder in (store.segments_dir, store.parts_dir):
         if folder.is_dir():
             found.extend(

@@ -36,7 +36,8 @@ def shard_members(
     from bottleneck.features.shards import list_shard
 
     skipped: Counter = Counter()
-    warnings, images = [], []
+    warnings: list[str] = []
+    images: list[ImageFile] = []
     index = HashIndex(cache_dir) if cache_dir is not None and os.path.isdir(cache_dir) else None
     try:
         listings = [list_shard(shard, columns, index) for shard in shards]

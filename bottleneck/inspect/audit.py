@@ -427,6 +427,8 @@ def run_audit(
         if mean_distance[i] > outlier_threshold
     ]
 
+    issues: list[dict]
+    label_model: dict | None
     if unlabelled:
         issues, label_model = [], None
     elif data.multi_label:

@@ -110,6 +110,7 @@ def prediction_pictures(predictions: Predictions) -> str:
         else:
             parts.append("<p>ROC and precision-recall: the test split has one class only</p>")
     record = calibration(predictions.proba, predictions.labels, classes)
+    assert record is not None  # the test split has predictions (checked above)
     parts.append(
         f'<figure><img alt="reliability diagram" src="{reliability_png(record)}"><figcaption>test '
         f"calibration: expected calibration error {record['expected_calibration_error']:.4f} "

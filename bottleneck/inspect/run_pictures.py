@@ -22,7 +22,7 @@ NEIGHBOURS = 3
 MAX_POOL = 20_000
 
 # Runs of one DATA and backbone share their points: their projection is computed once per report.
-_projections: dict[tuple, tuple[np.ndarray, str]] = {}
+_projections: dict[tuple, tuple[np.ndarray, np.ndarray, str]] = {}
 
 
 @dataclass

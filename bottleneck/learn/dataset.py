@@ -89,6 +89,7 @@ class FeatureRows:
             positions = np.flatnonzero(positions)
         if self.array is not None:
             return FeatureRows(self.array[positions], chunk_rows=self.chunk_rows)
+        assert self.rows is not None  # not in memory: rows of a store
         return FeatureRows(
             store=self.store,
             rows=self.rows[positions],
@@ -106,6 +107,7 @@ class FeatureRows:
                     np.arange(start, min(start + chunk_rows, len(self))) for start in range(0, len(self), chunk_rows)
                 ]
             else:
+                assert self.rows is not None  # not in memory: rows of a store
                 order = np.argsort(self.rows, kind="stable")
                 ordered = self.rows[order]
                 i = 0
@@ -125,6 +127,7 @@ class FeatureRows:
         """Features at `positions`, which lie within one span of `chunk_rows` store rows."""
         if self.array is not None:
             return self.array[positions]
+        assert self.rows is not None and self._reader is not None  # not in memory: rows of a store
         rows = self.rows[positions]
         first, last = int(rows.min()), int(rows.max())
         if len(rows) >= _DENSE_ENOUGH * (last - first + 1):  # one contiguous read beats a scattered one
@@ -196,7 +199,7 @@ class LabelledFeatures:
     @property
     def features(self) -> np.ndarray:
         """All features as one array; refused when they were left in the store for being over the memory budget."""
-        if not self.rows.in_memory:
+        if self.rows.array is None:
             raise MemoryBudgetError(
                 f"the features of these {len(self.rows)} images ({format_bytes(self.rows.nbytes)}) do not fit the memory "
                 f"budget ({format_bytes(self.memory.max_memory_bytes) if self.memory else '?'}): read them in chunks "
@@ -507,7 +510,7 @@ def without_excluded(
         return data, 0
     if not keep.any():
         raise DataError(f"--exclude {source} leaves no image with features to train on")
-    kept = replace(  # every other field (where the data came from, how it was split) carries over
+    remaining = replace(  # every other field (where the data came from, how it was split) carries over
         data,
         relpaths=[p for p, k in zip(data.relpaths, keep) if k],
         labels=[label for label, k in zip(data.labels, keep) if k],
@@ -515,4 +518,4 @@ def without_excluded(
         content_hashes=[h for h, k in zip(data.content_hashes, keep) if k],
         label_sets=[labels for labels, k in zip(data.label_sets, keep) if k],
     )
-    return kept, int((~keep).sum())
+    return remaining, int((~keep).sum())

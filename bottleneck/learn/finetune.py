@@ -384,9 +384,11 @@ def _train(
     return state
 
 
-def _evaluate(model, pixels, y, relpaths, mask, labels: list[str]) -> tuple[dict, tuple]:
+def _evaluate(
+    model, pixels, y, relpaths, mask, labels: list[str]
+) -> tuple[dict, tuple[list[str], list[str], np.ndarray]]:
     metrics: dict = {}
-    test_rows: tuple = ([], [], np.zeros((0, len(labels))))
+    test_rows: tuple[list[str], list[str], np.ndarray] = ([], [], np.zeros((0, len(labels))))
     for name in SPLITS:
         rows = np.flatnonzero(mask[name])
         proba = _predict(model, _subset(pixels, rows)).astype(np.float64) if len(rows) else np.zeros((0, len(labels)))

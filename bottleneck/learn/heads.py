@@ -185,6 +185,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     multi_label : bool, one-vs-rest over label tuples instead of a softmax over one label per image.
     """
 
+    pipeline_: Any  # the fitted scikit-learn pipeline (scaler, then one or many logistic regressions)
+
     def __init__(
         self,
         *,

@@ -89,13 +89,16 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         """The model; the normalisation is adapted on X, or set from streamed (dim, mean, variance)."""
         _, keras = import_tensorflow()
 
-        dim = X.shape[1] if X is not None else moments[0]
-        inputs = keras.Input((dim,), name="features")
         if X is not None:
+            dim = X.shape[1]
             normalise = keras.layers.Normalization(name="standardise")
             normalise.adapt(X)
+        elif moments is not None:
+            dim, mean, variance = moments
+            normalise = keras.layers.Normalization(name="standardise", mean=mean, variance=variance)
         else:
-            normalise = keras.layers.Normalization(name="standardise", mean=moments[1], variance=moments[2])
+            raise ValueError("a head is built from its data or from its data's (dim, mean, variance)")
+        inputs = keras.Input((dim,), name="features")
         x = normalise(inputs)
         if self.dropout:
             x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)

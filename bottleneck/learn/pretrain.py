@@ -130,11 +130,12 @@ def load_images(
     log_file = decoder_log_in(cache, cache_dir is not None and os.access(cache, os.W_OK))
     with ThreadPoolExecutor() as pool, decoder_noise_to(log_file):
         pixels = list(pool.map(decode, [im.path for im, _ in chosen]))
-    keep = [i for i, p in enumerate(pixels) if p is not None]
+    decoded = [(i, p) for i, p in enumerate(pixels) if p is not None]
+    keep = [i for i, _ in decoded]
     if not keep:
         raise DataError(f"no decodable images in {data_dir} for the splits {', '.join(wanted)}")
     return (
-        np.stack([pixels[i] for i in keep]),
+        np.stack([p for _, p in decoded]),
         [chosen[i][0].label for i in keep],
         [chosen[i][0].relpath for i in keep],
         [chosen[i][1] for i in keep],

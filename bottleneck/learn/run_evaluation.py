@@ -33,7 +33,7 @@ def _proba(model, rows: FeatureRows, chunk_rows: int) -> np.ndarray:
 
 def _evaluate(
     model, X: FeatureRows, data: LabelledFeatures, mask: dict, labels: list[str], chunk_rows: int, metrics: dict
-) -> tuple:
+) -> tuple[list[str], list[str], np.ndarray]:
     """Each split's scores and the test split's mistakes into `metrics`; returns the test predictions."""
     for name in SPLITS:
         idx = np.flatnonzero(mask[name])
@@ -48,9 +48,9 @@ def _evaluate(
             proba, [data.labels[i] for i in known], labels, intervals=name != "train"
         )
         if metrics["splits"][name]:  # how far its confidences are from its accuracy (15 bins)
-            metrics["splits"][name]["expected_calibration_error"] = calibration(
-                proba, [data.labels[i] for i in known], labels
-            )["expected_calibration_error"]
+            record = calibration(proba, [data.labels[i] for i in known], labels)
+            assert record is not None  # the split has images: it has metrics
+            metrics["splits"][name]["expected_calibration_error"] = record["expected_calibration_error"]
         if name == "test":
             metrics["misclassified"] = misclassified(
                 proba, [data.labels[i] for i in known], [data.relpaths[i] for i in known], labels
@@ -68,7 +68,7 @@ def _evaluate_multi_label(
     chunk_rows: int,
     metrics: dict,
     log: Callable[[str], None],
-) -> tuple[Thresholds, tuple]:
+) -> tuple[Thresholds, tuple[list[str], list[str], np.ndarray]]:
     """Thresholds from the validation split alone, then each split's multi-label scores and the test split's
     mistakes into `metrics`; returns the thresholds and the test predictions."""
     from bottleneck.learn.heads import multi_hot

@@ -81,7 +81,7 @@ def _fill_empty_splits(groups: dict[str, float], assigned: dict[str, str], confi
     ranges = config.ranges()
     wanted = [s for s in ("validation", "test", "train") if ranges[s][1] > ranges[s][0]]
     for split in wanted:
-        counts = defaultdict(int)
+        counts: defaultdict[str, int] = defaultdict(int)
         for s in assigned.values():
             counts[s] += 1
         if counts[split]:
@@ -148,7 +148,7 @@ def splits_from_folders(
             "would be trained on"
         )
     if "test" in present:
-        held = {split: split for split in ("validation", "test") if split in present}
+        held: dict[str, str] = {split: split for split in ("validation", "test") if split in present}
     else:  # train and val (the ants/bees set): val is the exam; or a train folder alone
         held = {"validation": "test"} if "validation" in present else {}
     from_folders = {relpath: held[folder_splits[relpath]] for relpath, _ in items if folder_splits[relpath] != "train"}

@@ -238,7 +238,7 @@ def predict_images(
                 "`bottleneck cache info` lists the store's segments: delete the damaged one"
             )
         usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
-        probabilities = run.classify(features) if usable else []
+        probabilities: np.ndarray | list = run.classify(features) if usable else []
         if tta is not None and usable:
             probabilities, views_computed = _averaged_over_views(
                 run, usable, done, probabilities, tta, options or ExtractOptions(), log

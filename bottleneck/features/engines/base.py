@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.store import Failure, StoreWriter
+
+if TYPE_CHECKING:
+    from bottleneck.features.engines.sharded import ViewPlan
 
 #: Images per backbone call unless `--batch-size` says otherwise (`auto` keeps it on a CPU).
 DEFAULT_BATCH_SIZE = 16
@@ -52,8 +55,17 @@ class Engine(Protocol):
     def start(self, spec: BackboneSpec, cache_dir: Path, log: Callable[[str], None]) -> None:
         """Get ready to compute (load the model, connect to a cluster); called only when there is work."""
 
-    def run(self, tally: Tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
-        """Compute `tally.todo`; the caller's `writer.finish` then brings everything into the store."""
+    def run(
+        self,
+        tally: Tally,
+        writer: StoreWriter,
+        index,
+        spec: BackboneSpec,
+        log: Callable[[str], None],
+        views: ViewPlan | None = None,
+    ) -> None:
+        """Compute `tally.todo`; the caller's `writer.finish` then brings everything into the store. With `views`
+        (the sharded engines only), the augmented views of each image instead."""
 
     def stop(self) -> None:
         """Release what `start` took (always called)."""

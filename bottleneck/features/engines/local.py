@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, com
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
 from bottleneck.features.store import Failure, StoreWriter
+
+if TYPE_CHECKING:
+    from bottleneck.features.engines.sharded import ViewPlan
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -133,7 +136,7 @@ class _Batcher:
         self.spec, self.writer, self.batch_size, self.runtime = spec, writer, batch_size, runtime
         self.model_dir = model_dir  # where OpenVINO conversions live: the cache, or scratch beside a read-only one
         self.on_model = on_model
-        self.model = None
+        self.model: Any = None  # the runtime's feature model, loaded at the first batch
         self.pixels: list[np.ndarray] = []
         self.hashes: list[str] = []
         self.paths: list[str] = []
@@ -233,8 +236,18 @@ class LocalEngine:
     def stop(self) -> None:
         """Nothing to release."""
 
-    def run(self, tally, writer: StoreWriter, index, spec: BackboneSpec, log: Callable[[str], None]) -> None:
+    def run(
+        self,
+        tally,
+        writer: StoreWriter,
+        index,
+        spec: BackboneSpec,
+        log: Callable[[str], None],
+        views: ViewPlan | None = None,
+    ) -> None:
         """Read, hash, decode and compute `tally.todo`; commit as it goes."""
+        if views is not None:  # augment.py computes views in this process with its own loop
+            raise ValueError("the local engine computes plain features only")
         options = self.options
         batch_size = self.batch_size or DEFAULT_BATCH_SIZE
         bar = make_bar(len(tally.todo), options.progress)

@@ -193,7 +193,7 @@ class ShardRunner:
         self.store = job.store
         self.known = _Known(job)
         self.model = None
-        self._batch_size = job.batch_size if job.batch_size != "auto" else None
+        self._batch_size: int | None = int(job.batch_size) if job.batch_size != "auto" else None
 
     def load_model(self):
         if self.model is None:

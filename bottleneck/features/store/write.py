@@ -317,7 +317,8 @@ class StoreWriter:
         failures = {f.key: f for s in segments for f in s.failures}
         failures.update({f.key: f for f in plan.failures})
         attrs = self._merged_attrs(plan.attrs, extra)
-        names, runs = [], []
+        names: list[str] = []
+        runs: list[tuple[int, int, int]] = []
         for number, source in enumerate(segments):
             names.append(source.path.name)
             runs.extend((number, start, count) for start, count in _runs(source.keep))
