@@ -324,37 +324,3 @@ def test_a_sharded_engine_computes_the_same_views_and_resumes_a_written_shard(tm
     assert sorted(results["local"]) == sorted(results["sharded"]) and len(results["local"]) == 12
     for key, row in results["local"].items():
         np.testing.assert_array_equal(row, results["sharded"][key])
-
-
-@pytest.mark.slow
-def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, capsys):
-    pytest.importorskip("ray")
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    make_dataset(data, per_class=2)
-    assert (
-        main(
-            [
-                "features",
-                str(data),
-                "--cache",
-                str(cache),
-                "--backbone",
-                "pixels",
-                "--image-size",
-                "8",
-                "--engine",
-                "ray",
-                "--workers",
-                "2",
-                "--shard-size",
-                "3",
-                "--augment",
-                "2",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert "augmented views (2 per image): computed 12, reused 0" in capsys.readouterr().out
-    [view_segments] = [p for p in cache.glob("*-aug-*.segments")]
-    assert len(list(view_segments.glob("seg-*.h5"))) == 2

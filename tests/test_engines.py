@@ -1,4 +1,5 @@
-"""Engines: the same store from the local engine and from Ray at any shard size; faults; bad input.
+"""Engines: the same store from the local engine and from Ray at any shard size; faults; bad input; tar shards and
+augmented views on Ray.
 
 One local Ray instance (3 logical CPUs on this 2-core machine: two actors and room for Ray Data's
 own tasks) is shared by the tests of this module.
@@ -21,6 +22,7 @@ from bottleneck.features.extract import ExtractOptions, extract_features, open_s
 from bottleneck.features.hashing import HashIndex
 
 from .conftest import TEST_SIZE, make_dataset
+from .test_shards import write_shards
 
 INCEPTION = BackboneSpec(weights="none", image_size=TEST_SIZE)
 PIXELS = BackboneSpec(architecture="pixels", image_size=8)
@@ -52,29 +54,37 @@ def ray_options(**values) -> ExtractOptions:
 
 @pytest.mark.slow
 def test_the_same_images_give_the_same_store_under_every_engine_and_shard_size(tmp_path, ray_session):
+    """Ray's workers against the local engine: a real network over four shards on two workers (each worker process
+    imports Keras and builds it: the cost of this test), and one shard on one worker with the `pixels` backbone (the
+    shard plan and the store's rows, without a third network build)."""
     data = tmp_path / "data"
     make_dataset(data, per_class=4)
     (data / "red" / "copy.png").write_bytes((data / "blue" / "blue_001.png").read_bytes())  # one content twice
     (data / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a picture")
-    local = extract_features(data, tmp_path / "local", INCEPTION, batch_size=4)
-    assert (local.computed, local.reused, local.failed) == (12, 1, 1)
-    reference = stored(tmp_path / "local", INCEPTION)
+    local, reference = {}, {}
+    for spec in (INCEPTION, PIXELS):
+        local[spec] = extract_features(data, tmp_path / f"local-{spec.architecture}", spec, batch_size=4)
+        assert (local[spec].computed, local[spec].reused, local[spec].failed) == (12, 1, 1)
+        reference[spec] = stored(tmp_path / f"local-{spec.architecture}", spec)
 
-    for name, options in [
-        ("two-workers", ray_options(workers=2, shard_size=4, batch_size=3)),
-        ("one-worker", ray_options(workers=1, shard_size=100)),
+    for name, spec, options in [
+        ("two-workers", INCEPTION, ray_options(workers=2, shard_size=4, batch_size=3)),
+        ("one-worker", PIXELS, ray_options(workers=1, shard_size=100)),
     ]:
-        run = extract_features(data, tmp_path / name, INCEPTION, options)
+        run = extract_features(data, tmp_path / name, spec, options)
         assert (run.computed, run.reused, run.failed, run.failed_shards) == (12, 1, 1, []), name
         assert run.shards == (4 if name == "two-workers" else 1)
-        assert run.failures[0].reason == local.failures[0].reason
-        got = stored(tmp_path / name, INCEPTION)
-        assert sorted(got.content_hash) == sorted(reference.content_hash)
+        assert run.failures[0].reason == local[spec].failures[0].reason
+        got = stored(tmp_path / name, spec)
+        assert sorted(got.content_hash) == sorted(reference[spec].content_hash)
         rows = got.rows_by_hash()
         np.testing.assert_allclose(
-            got.features[[rows[h] for h in reference.content_hash]], reference.features, rtol=1e-5, atol=1e-6
+            got.features[[rows[h] for h in reference[spec].content_hash]],
+            reference[spec].features,
+            rtol=1e-5,
+            atol=1e-6,
         )
-        assert [f.reason for f in got.failures] == [f.reason for f in reference.failures]
+        assert [f.reason for f in got.failures] == [f.reason for f in reference[spec].failures]
         assert leftovers(tmp_path / name) == []
 
     again = extract_features(data, tmp_path / "two-workers", INCEPTION, ray_options(workers=2, shard_size=4))
@@ -157,6 +167,51 @@ def test_a_resumed_job_computes_only_the_shards_without_a_segment(tmp_path, engi
     resumed = extract_features(data, cache, PIXELS, options)
     assert (resumed.computed, resumed.reused) == (4, 8)
     assert len(stored(cache, PIXELS).content_hash) == 12
+
+
+# The Ray tests of tar shards and of augmented views live here, on this module's one Ray instance: each Ray start
+# costs seconds.
+@pytest.mark.slow
+def test_ray_reads_shards_in_parallel_and_writes_a_segment_per_shard(tmp_path, ray_session):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_shards(data, per_shard=5, shards=3)
+    result = extract_features(data, cache, PIXELS, engine="ray", workers=2)
+    assert (result.computed, result.shards, result.failed) == (15, 3, 0)
+    segments = list((cache / f"{result.store.stem}.segments").glob("seg-*.h5"))
+    assert len(segments) == 3
+
+
+@pytest.mark.slow
+def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, ray_session, capsys):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=2)
+    assert (
+        main(
+            [
+                "features",
+                str(data),
+                "--cache",
+                str(cache),
+                "--backbone",
+                "pixels",
+                "--image-size",
+                "8",
+                "--engine",
+                "ray",
+                "--workers",
+                "2",
+                "--shard-size",
+                "3",
+                "--augment",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "augmented views (2 per image): computed 12, reused 0" in capsys.readouterr().out
+    [view_segments] = [p for p in cache.glob("*-aug-*.segments")]
+    assert len(list(view_segments.glob("seg-*.h5"))) == 2
 
 
 @pytest.mark.parametrize(

@@ -251,11 +251,15 @@ def test_native_output_goes_to_the_log_and_python_stderr_stays(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train-head --head keras", "pretrain", "audit"])
-def test_long_training_commands_show_progress_with_eta_at_a_terminal(command, pixels_extracted, tmp_path):
-    """Every step that can take long draws a bar with the time left on a terminal, and no start-up lines."""
+@pytest.mark.parametrize(
+    "commands", [("train-head --head keras", "pretrain"), ("audit",)], ids=["train-head keras, pretrain", "audit"]
+)
+def test_long_training_commands_show_progress_with_eta_at_a_terminal(commands, pixels_extracted, tmp_path):
+    """Every step that can take long draws a bar with the time left on a terminal, and no start-up lines.
+
+    The two Keras trainings run one after the other in one process: one TensorFlow start-up, two bars."""
     data, cache = pixels_extracted
-    argv = {
+    argvs = {
         "train-head --head keras": [
             "train-head",
             "--data",
@@ -288,9 +292,19 @@ def test_long_training_commands_show_progress_with_eta_at_a_terminal(command, pi
             "3",
         ],
         "audit": ["audit", "--data", data, "--cache", cache, *PIXELS, "--out", tmp_path / "audit", "--folds", "2"],
-    }[command]
-    code, shown = run_in_pty(bottleneck_argv(*argv), child_env(TMPDIR=str(tmp_path)), timeout=240)
+    }
+    if len(commands) == 1:
+        argv = bottleneck_argv(*argvs[commands[0]])
+    else:
+        calls = [[str(arg) for arg in argvs[command]] for command in commands]
+        argv = [
+            sys.executable,
+            "-c",
+            f"import sys; from bottleneck.cli import main; sys.exit(max([main(argv) for argv in {calls!r}]))",
+        ]
+    code, shown = run_in_pty(argv, child_env(TMPDIR=str(tmp_path)), timeout=240)
     assert code == 0, shown
     bars = {"train-head --head keras": "5/5 [", "pretrain": "3/3 [", "audit": "audit: cross-validation"}
-    assert bars[command] in shown and "<" in shown, shown  # tqdm's [elapsed<remaining]
+    for command in commands:
+        assert bars[command] in shown and "<" in shown, (command, shown)  # tqdm's [elapsed<remaining]
     assert startup_lines(shown) == [], shown

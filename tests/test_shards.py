@@ -330,17 +330,6 @@ def test_hostile_member_names_and_links_are_read_in_place_never_followed(tmp_pat
     assert not (tmp_path / "escape.png").exists()
 
 
-@pytest.mark.slow
-def test_ray_reads_shards_in_parallel_and_writes_a_segment_per_shard(tmp_path):
-    pytest.importorskip("ray")
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    write_shards(data, per_shard=5, shards=3)
-    result = extract_features(data, cache, BackboneSpec(architecture="pixels", image_size=8), engine="ray", workers=2)
-    assert (result.computed, result.shards, result.failed) == (15, 3, 0)
-    segments = list((cache / f"{result.store.stem}.segments").glob("seg-*.h5"))
-    assert len(segments) == 3
-
-
 def test_an_unchanged_shard_is_listed_once_for_good(tmp_path, monkeypatch):
     data, cache = tmp_path / "data", tmp_path / "cache"
     [shard] = write_shards(data, per_shard=4, shards=1)
