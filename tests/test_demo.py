@@ -6,8 +6,10 @@ import pytest
 
 from bottleneck.demo import DemoConfig, run_demo
 
-# Fewer epochs than `make demo` (which takes about 2.5 minutes here): the same story, in the suite's budget.
-QUICK = DemoConfig(pretrain_epochs=6, keras_epochs=100, scratch_epochs=100, fine_tune_epochs=5)
+# Fewer epochs than `make demo` (which takes about 2.5 minutes here): the same story, in the suite's budget. The
+# keras heads get 30 epochs (100 cost twice the time): the best baseline is the logreg head on random-weights
+# features either way (0.914), and the close source stays 0.048 above it (0.051 with 100 epochs).
+QUICK = DemoConfig(pretrain_epochs=6, keras_epochs=30, scratch_epochs=100, fine_tune_epochs=5)
 
 
 @pytest.mark.slow
