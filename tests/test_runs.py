@@ -21,6 +21,9 @@ from bottleneck.learn.splits import SplitConfig, read_split_csv
 from .conftest import make_dataset
 
 SPLIT = SplitConfig(val_pct=20, test_pct=20, seed=1)
+#: A logreg head with C given: where the split, the folds or the exclusions are the subject, not C's search (36 fits a
+#: run, and again in every fold; test_tuned_heads checks it).
+LOGREG_C1 = HeadConfig("logreg", C=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +98,14 @@ def test_keras_head_saves_a_plain_keras_model_and_repeats(extracted, tmp_path):
 @pytest.mark.slow
 def test_saved_split_is_reused_and_folds_are_reported(extracted, tmp_path):
     data, cache, spec = extracted
-    first = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT)
+    first = train_head(data, cache, tmp_path / "runs", None, LOGREG_C1, SPLIT)
     other_seed = SplitConfig(val_pct=20, test_pct=20, seed=99)
     reused = train_head(
         data,
         cache,
         tmp_path / "runs",
         None,
-        HeadConfig("logreg"),
+        LOGREG_C1,
         other_seed,
         split_file=str(first.run_dir / "split.csv"),
         folds=3,
@@ -118,7 +121,7 @@ def test_new_images_without_features_are_counted_and_named(extracted, tmp_path):
     shutil.copytree(data, copy)
     make_dataset(copy, per_class=1, start=90)
     warnings = []
-    result = train_head(copy, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, log=warnings.append)
+    result = train_head(copy, cache, tmp_path / "runs", None, LOGREG_C1, SPLIT, log=warnings.append)
     assert result.metrics["excluded"]["not_in_cache"] == 3
     assert warnings[0].startswith("warning: 3 images under ") and "run `bottleneck features" in warnings[0]
 
@@ -230,9 +233,9 @@ def test_exclude_never_changes_the_test_split(tmp_path, variant):
     options = dict(stream=True, chunk_rows=5) if variant == "streamed" else {}
     split_file = None
     if variant == "split-file":  # a saved split, written from a first draw
-        first = train_head(data, cache, tmp_path / "first", None, HeadConfig("logreg"), SPLIT)
+        first = train_head(data, cache, tmp_path / "first", None, LOGREG_C1, SPLIT)
         split_file = str(first.run_dir / "split.csv")
-    plain = train_head(data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file, **options)
+    plain = train_head(data, cache, tmp_path / "runs", None, LOGREG_C1, SPLIT, split_file, **options)
     splits = _split_rows(plain.run_dir)
     by_split = {name: sorted(p for p, s in splits.items() if s == name) for name in ("train", "validation", "test")}
     listed = by_split["test"][:2] + by_split["validation"][:1] + by_split["train"][:3]
@@ -240,7 +243,7 @@ def test_exclude_never_changes_the_test_split(tmp_path, variant):
     listing.write_text("# planted\n" + "\n".join(listed) + "\n")
 
     cleaned = train_head(
-        data, cache, tmp_path / "runs", None, HeadConfig("logreg"), SPLIT, split_file, exclude=str(listing), **options
+        data, cache, tmp_path / "runs", None, LOGREG_C1, SPLIT, split_file, exclude=str(listing), **options
     )
     after = _split_rows(cleaned.run_dir)
     assert sorted(p for p, s in after.items() if s == "test") == by_split["test"]  # path for path
