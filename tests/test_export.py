@@ -56,7 +56,8 @@ print(json.dumps({"exports": results, "bottleneck_imported": imported}))
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def features(tmp_path_factory):
+    """Images (JPEG and PNG), a small pretrained base and its features: (root, data, cache, spec)."""
     root = tmp_path_factory.mktemp("export")
     data, cache = root / "data", root / "cache"
     make_dataset(data, per_class=6, fmt="JPEG")
@@ -65,10 +66,20 @@ def runs(tmp_path_factory):
     pretrain(data, base, PretrainConfig(image_size=24, blocks=2, filters=8, epochs=2))
     spec = BackboneSpec(architecture=str(base), layer="features")
     extract_features(data, cache, spec)
-    return {
-        head: train_head(data, cache, root / "runs", spec, HeadConfig(head, **extra), SPLIT).run_dir
-        for head, extra in (("logreg", {}), ("keras", {"epochs": 10}))
-    }, data
+    return root, data, cache, spec
+
+
+@pytest.fixture(scope="module")
+def runs(features):
+    root, data, cache, spec = features
+    return {"logreg": train_head(data, cache, root / "runs", spec, HeadConfig("logreg"), SPLIT).run_dir}, data
+
+
+@pytest.fixture(scope="module")
+def keras_run(features):
+    """A keras head on the same features, trained only for the test that exports it (a slow one)."""
+    root, data, cache, spec = features
+    return train_head(data, cache, root / "runs", spec, HeadConfig("keras", epochs=10), SPLIT).run_dir
 
 
 def test_test_split_mixes_jpeg_and_png(runs):
@@ -77,9 +88,9 @@ def test_test_split_mixes_jpeg_and_png(runs):
 
 
 @pytest.mark.slow
-def test_exports_load_without_bottleneck_and_equal_predict(runs, tmp_path):
+def test_exports_load_without_bottleneck_and_equal_predict(runs, keras_run, tmp_path):
     """Both heads (logreg, keras) exported with TFLite; one plain interpreter loads both (one TensorFlow start)."""
-    run_of, data = runs
+    run_of, data = {**runs[0], "keras": keras_run}, runs[1]
     jobs = []
     for head in ("logreg", "keras"):
         run, out = run_of[head], tmp_path / head / "exported"
