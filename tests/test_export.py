@@ -26,33 +26,38 @@ from .conftest import COLOURS, make_dataset
 SPLIT = SplitConfig(val_pct=20, test_pct=30, seed=4)
 
 # Run in a plain interpreter: only TensorFlow, Keras and NumPy; the test checks bottleneck was never imported.
+# One interpreter loads every export named in its argument (a JSON list of {"out", "pixels", "paths"}).
 PLAIN_LOADER = """
 import json, sys
 sys.modules["bottleneck"] = None  # this package made unimportable (pandas, imported by TensorFlow, would try it)
 import numpy as np, tensorflow as tf, keras
-out, pixels_file, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
-pixels = np.load(pixels_file)
-result = {"labels": open(out + "/labels.txt").read().split()}
-model = keras.saving.load_model(out + "/model.keras", safe_mode=True)
-result["model.keras"] = model.predict(pixels, verbose=0).tolist()
-serve = tf.saved_model.load(out + "/saved_model").signatures["serving_default"]
-served = serve(images=tf.constant([open(p, "rb").read() for p in paths]))
-result["saved_model"] = served["probabilities"].numpy().tolist()
-result["top_label"] = [t.decode() for t in served["top_label"].numpy()]
-interpreter = tf.lite.Interpreter(model_path=out + "/model.tflite"); interpreter.allocate_tensors()
-rows = []
-for image in pixels:
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
-    interpreter.invoke()
-    rows.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].tolist())
-result["model.tflite"] = rows
-result["bottleneck_imported"] = any(name.startswith("bottleneck") and sys.modules[name] is not None for name in sys.modules)
-print(json.dumps(result))
+results = []
+for job in json.loads(sys.argv[1]):
+    out, paths = job["out"], job["paths"]
+    pixels = np.load(job["pixels"])
+    result = {"labels": open(out + "/labels.txt").read().split()}
+    model = keras.saving.load_model(out + "/model.keras", safe_mode=True)
+    result["model.keras"] = model.predict(pixels, verbose=0).tolist()
+    serve = tf.saved_model.load(out + "/saved_model").signatures["serving_default"]
+    served = serve(images=tf.constant([open(p, "rb").read() for p in paths]))
+    result["saved_model"] = served["probabilities"].numpy().tolist()
+    result["top_label"] = [t.decode() for t in served["top_label"].numpy()]
+    interpreter = tf.lite.Interpreter(model_path=out + "/model.tflite"); interpreter.allocate_tensors()
+    rows = []
+    for image in pixels:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].tolist())
+    result["model.tflite"] = rows
+    results.append(result)
+imported = any(name.startswith("bottleneck") and sys.modules[name] is not None for name in sys.modules)
+print(json.dumps({"exports": results, "bottleneck_imported": imported}))
 """
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def features(tmp_path_factory):
+    """Images (JPEG and PNG), a small pretrained base and its features: (root, data, cache, spec)."""
     root = tmp_path_factory.mktemp("export")
     data, cache = root / "data", root / "cache"
     make_dataset(data, per_class=6, fmt="JPEG")
@@ -61,10 +66,20 @@ def runs(tmp_path_factory):
     pretrain(data, base, PretrainConfig(image_size=24, blocks=2, filters=8, epochs=2))
     spec = BackboneSpec(architecture=str(base), layer="features")
     extract_features(data, cache, spec)
-    return {
-        head: train_head(data, cache, root / "runs", spec, HeadConfig(head, **extra), SPLIT).run_dir
-        for head, extra in (("logreg", {}), ("keras", {"epochs": 10}))
-    }, data
+    return root, data, cache, spec
+
+
+@pytest.fixture(scope="module")
+def runs(features):
+    root, data, cache, spec = features
+    return {"logreg": train_head(data, cache, root / "runs", spec, HeadConfig("logreg"), SPLIT).run_dir}, data
+
+
+@pytest.fixture(scope="module")
+def keras_run(features):
+    """A keras head on the same features, trained only for the test that exports it (a slow one)."""
+    root, data, cache, spec = features
+    return train_head(data, cache, root / "runs", spec, HeadConfig("keras", epochs=10), SPLIT).run_dir
 
 
 def test_test_split_mixes_jpeg_and_png(runs):
@@ -73,45 +88,50 @@ def test_test_split_mixes_jpeg_and_png(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["logreg", "keras"])
-def test_exports_load_without_bottleneck_and_equal_predict(runs, head, tmp_path):
-    run, data = runs[0][head], runs[1]
-    out = tmp_path / "exported"
-    result = export_run(run, out, tflite=True)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md",
-        "export.json",
-        "labels.txt",
-        "model.keras",
-        "model.tflite",
-        "saved_model",
-    ]
-    assert result.parity["saved_model"]["jpeg"]["images"] >= 5 and result.parity["saved_model"]["png"]["images"] >= 5
-    assert result.worst <= PARITY_TOLERANCE, result.parity
-    assert "Parity with `bottleneck predict`" in (out / "README.md").read_text()
+def test_exports_load_without_bottleneck_and_equal_predict(runs, keras_run, tmp_path):
+    """Both heads (logreg, keras) exported with TFLite; one plain interpreter loads both (one TensorFlow start)."""
+    run_of, data = {**runs[0], "keras": keras_run}, runs[1]
+    jobs = []
+    for head in ("logreg", "keras"):
+        run, out = run_of[head], tmp_path / head / "exported"
+        result = export_run(run, out, tflite=True)
+        assert sorted(p.name for p in out.iterdir()) == [
+            "README.md",
+            "export.json",
+            "labels.txt",
+            "model.keras",
+            "model.tflite",
+            "saved_model",
+        ], head
+        parity = result.parity["saved_model"]
+        assert parity["jpeg"]["images"] >= 5 and parity["png"]["images"] >= 5, head
+        assert result.worst <= PARITY_TOLERANCE, (head, result.parity)
+        assert "Parity with `bottleneck predict`" in (out / "README.md").read_text()
 
-    tests = [line.split(",")[0] for line in (run / PREDICTIONS_FILE).read_text().splitlines()[1:]]
-    paths = [str(data / relpath) for relpath in tests]
-    pixels = np.stack([decode_image(open(p, "rb").read(), 24) for p in paths]).astype(np.float32)
-    np.save(tmp_path / "pixels.npy", pixels)
+        tests = [line.split(",")[0] for line in (run / PREDICTIONS_FILE).read_text().splitlines()[1:]]
+        paths = [str(data / relpath) for relpath in tests]
+        pixels = np.stack([decode_image(open(p, "rb").read(), 24) for p in paths]).astype(np.float32)
+        np.save(tmp_path / head / "pixels.npy", pixels)
+        jobs.append({"out": str(out), "pixels": str(tmp_path / head / "pixels.npy"), "paths": paths})
     done = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOADER, str(out), str(tmp_path / "pixels.npy"), *paths],
+        [sys.executable, "-c", PLAIN_LOADER, json.dumps(jobs)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not loaded["bottleneck_imported"]
-    assert loaded["labels"] == sorted(COLOURS)
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not answer["bottleneck_imported"]
 
-    predicted = predict_images(run, paths, top=3)
-    expected = np.array([[dict(p.top)[label] for label in loaded["labels"]] for p in predicted.predictions])
-    for artefact in ("model.keras", "saved_model", "model.tflite"):
-        np.testing.assert_allclose(
-            np.array(loaded[artefact]), expected, rtol=0, atol=PARITY_TOLERANCE, err_msg=artefact
-        )
-    assert loaded["top_label"] == [p.top[0][0] for p in predicted.predictions]
+    for head, job, loaded in zip(("logreg", "keras"), jobs, answer["exports"]):
+        assert loaded["labels"] == sorted(COLOURS), head
+        predicted = predict_images(run_of[head], job["paths"], top=3)
+        expected = np.array([[dict(p.top)[label] for label in loaded["labels"]] for p in predicted.predictions])
+        for artefact in ("model.keras", "saved_model", "model.tflite"):
+            np.testing.assert_allclose(
+                np.array(loaded[artefact]), expected, rtol=0, atol=PARITY_TOLERANCE, err_msg=f"{head} {artefact}"
+            )
+        assert loaded["top_label"] == [p.top[0][0] for p in predicted.predictions], head
 
 
 @pytest.mark.slow
