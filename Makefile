@@ -42,12 +42,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once.
+# Two workers (the machine's two cores); a test file stays on one worker, so module fixtures are built once. The
+# slowest 20 are listed at the end (tests/conftest.py starts the longest files first).
 test: $(STAMP) torch hub-test browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # The suite less its end-to-end cases marked `slow` (InceptionV3 extractions, whole demos, fine-tuning): every module
-# still tested, in under two minutes on two cores.
+# still tested, in about two minutes on two cores.
 test-fast: $(STAMP) torch hub-test browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 

@@ -80,15 +80,19 @@ def pixels_extracted(tmp_path: Path) -> tuple[Path, Path]:
 #: workers (--dist loadfile), and a long file begun last would leave one worker alone at the end.
 LONGEST_FIRST = (
     "test_foundation.py",
+    "test_api.py",
+    "test_demo.py",
     "test_backends.py",
     "test_export.py",
-    "test_audit.py",
-    "test_demo.py",
-    "test_multilabel.py",
+    "test_fine_tune.py",
     "test_engines.py",
-    "test_backbone.py",
+    "test_applications.py",
+    "test_extract.py",
     "test_quiet.py",
-    "test_shards.py",
+    "test_precision.py",
+    "test_faults_disk.py",
+    "test_backbone.py",
+    "test_audit.py",
 )
 
 
