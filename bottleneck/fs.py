@@ -10,6 +10,7 @@ import gc
 import hashlib
 import io
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,8 +129,8 @@ def write_bytes_synced(path: Path, data: memoryview | bytes) -> None:
 def require_room(folder: Path, needed_bytes: int) -> None:
     """Refuse with one line before writing `needed_bytes` (and HDF5's overhead) into `folder` if they cannot fit."""
     try:
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    except (OSError, AttributeError):  # no statvfs: let the write find out
+        free = shutil.disk_usage(folder).free  # as disk_full reports it
+    except OSError:  # cannot tell: let the write find out
         return
     if free < needed_bytes + _HDF5_OVERHEAD_BYTES:
         raise disk_full(folder, needed_bytes)
