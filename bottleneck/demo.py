@@ -258,11 +258,13 @@ def run_demo(
         tuned = fine_tune(parent, tuning, runs, log=log)
         accuracy, macro_f1 = _test_scores(tuned.metrics)
         best = tuned.metrics["best_epoch"]
-        head = f"logreg, then end to end (best epoch {best}" + (": the parent, no epoch beat it)" if best == 0 else ")")
+        head_words = f"logreg, then end to end (best epoch {best}" + (
+            ": the parent, no epoch beat it)" if best == 0 else ")"
+        )
         rows.append(
             {
                 "approach": f"(e) fine-tuned from {descriptions[key]}",
-                "head": head,
+                "head": head_words,
                 "test_accuracy": accuracy,
                 "test_macro_f1": macro_f1,
             }

@@ -23,6 +23,8 @@ temporary_streams: weakref.WeakSet[io.TextIOWrapper] = weakref.WeakSet()  # term
 
 def flush_quietly(stream: IO | None) -> None:
     """Flush `stream` if it can be (it may be None, closed or not a stream)."""
+    if stream is None:
+        return
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.flush()
 

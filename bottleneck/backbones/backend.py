@@ -154,7 +154,8 @@ def _jax_kept_out(keep_out: bool):
     if not keep_out or "tensorflow" in sys.modules or "jax" in sys.modules:
         yield
         return
-    sys.modules["jax"] = None  # the import system's own marker for "cannot be imported"
+    # typeshed types sys.modules' values as modules only; None is documented and is what we mean.
+    sys.modules["jax"] = None  # type: ignore[assignment]  # the import system's own marker for "cannot be imported"
     try:
         importlib.import_module("tensorflow")  # loaded here, without JAX
         yield

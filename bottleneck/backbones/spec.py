@@ -301,8 +301,11 @@ class BackboneSpec:
             tag = {WEIGHTS_IMAGENET: "imagenet", WEIGHTS_NONE: "none"}.get(self.weights, "file")
         elif self.kind == "foundation":
             tag = {WEIGHTS_HUB: "hub", WEIGHTS_NONE: "none"}.get(self.weights, "preset") + f"-{self.pooling}"
-        else:
-            tag = {"file": self.layer, "pixels": "raw"}[self.kind]
+        elif self.kind == "file":
+            assert self.layer is not None  # __post_init__ refuses a model file without --layer
+            tag = self.layer
+        else:  # pixels
+            tag = "raw"
         if self.precision != "float32":
             tag += f"-{self.precision}"
         if self.calibration:

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def recipe_from_record(record: dict | None) -> AugmentRecipe:
     """The recipe a run recorded (JSON turns its pairs into lists), or the default one."""
     if not record:
         return DEFAULT_RECIPE
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
     return AugmentRecipe(**fields)
 
 
@@ -290,4 +290,4 @@ def compute_views(
                 "stored (a damaged weight?)"
             )
         writer.finish({VIEWS_ATTR: max(views, views_held(store))})
-    return ViewRun(computed, reused, store.path, None if writable else writer)
+    return ViewRun(computed, reused, store.path, writer if isinstance(writer, MemoryWriter) else None)

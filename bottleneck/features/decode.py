@@ -13,6 +13,7 @@ import io
 import os
 import stat
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -56,7 +57,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S"})
 PILLOW_MODULES = r"PIL\."
 
 
-def set_pillow_warning_action(action: str) -> None:
+def set_pillow_warning_action(action: Literal["default", "always"]) -> None:
     """Give Pillow's warnings `action` ('default' or 'always'); bomb warnings stay ignored.
 
     An explicit action also overrides `-W error`: a warning about a damaged EXIF block or TIFF tag

@@ -36,7 +36,7 @@ from bottleneck.features.engines import DEFAULT_BATCH_SIZE, ENGINES, Tally, get_
 from bottleneck.features.hashing import HashIndex, sha256_bytes
 from bottleneck.features.noise import decoder_log_in, decoder_noise_to, describe
 from bottleneck.features.shards import Columns
-from bottleneck.features.store import DTYPES, Failure, FeatureStore, MemoryWriter, StoreWriter
+from bottleneck.features.store import DTYPES, Failure, FeatureStore, FeatureWriter, MemoryWriter
 
 
 @dataclass
@@ -218,7 +218,7 @@ class StoreRun:
 
 
 def extract_features(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
     spec: BackboneSpec,
     options: ExtractOptions | None = None,
@@ -338,7 +338,7 @@ def compute_into_store(
         engine.name,
         tally.shards,
         tally.failed_shards,
-        writer if not writable else None,
+        writer if isinstance(writer, MemoryWriter) else None,  # a cache that could not be written
     )
 
 
@@ -362,7 +362,7 @@ def _cache_folder(
 @contextlib.contextmanager
 def _writer(
     store: FeatureStore, writable: bool, options: ExtractOptions, log: Callable[[str], None]
-) -> Iterator[StoreWriter | MemoryWriter]:
+) -> Iterator[FeatureWriter]:
     """The store's writer, holding its lock; or, on a cache that cannot be written, one that keeps rows in memory."""
     if not writable:
         yield MemoryWriter(store)
@@ -388,7 +388,7 @@ def _model_folder(cache: Path, spec: BackboneSpec, runtime: str, writable: bool)
         yield Path(scratch)
 
 
-def _sort_out(images: list[ImageFile], writer: StoreWriter, index: HashIndex) -> Tally:
+def _sort_out(images: list[ImageFile], writer: FeatureWriter, index: HashIndex) -> Tally:
     """Settle unchanged files from the hash index alone; the rest must be read."""
     tally = Tally()
     for image in images:
@@ -403,9 +403,7 @@ def _sort_out(images: list[ImageFile], writer: StoreWriter, index: HashIndex) ->
     return tally
 
 
-def _settle_by_content(
-    tally: Tally, writer: StoreWriter | MemoryWriter, index: HashIndex, options: ExtractOptions
-) -> bool:
+def _settle_by_content(tally: Tally, writer: FeatureWriter, index: HashIndex, options: ExtractOptions) -> bool:
     """Hash the files the index does not know, in order, until one holds content the store lacks; say whether
     any image needs the backbone.
 

@@ -69,7 +69,7 @@ class HashIndex:
         self.writable = True
         self._db = self._connect()
         self._known: dict[str, tuple[int, int, int, str]] | None = None
-        self._pending: list[tuple[str, int, int, int, str]] = []
+        self._pending: list[tuple[bytes, int, int, int, str]] = []
 
     def _connect(self) -> sqlite3.Connection:
         db = None

@@ -111,6 +111,7 @@ class Discovery:
             labels = f"in {len(self.classes)} classes (labels from {where})" if self.classes else "without labels"
             return f"{kind}: {self.shards} {unit}{'s' if self.shards != 1 else ''}, {len(self.images)} images {labels}"
         if self.layout == "label-file":
+            assert self.label_file is not None  # discover's label-file layout always names its file
             per_image = sum(len(image.labels) for image in self.images) / len(self.images)
             counted = (
                 f"{len(self.images)} images, {len(self.classes)} labels, multi-label ({per_image:.1f} labels per image)"

@@ -49,7 +49,9 @@ def shard_members(
         if listing.problem:
             warnings.append(f"shard {relshard}: {listing.problem}")
         skipped.update(listing.skipped)
-        st = listing.shard.stat() if listing.members else None
+        if not listing.members:
+            continue  # nothing to stat
+        st = listing.shard.stat()
         images.extend(
             ImageFile(
                 path=Path(member.path),

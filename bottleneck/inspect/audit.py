@@ -50,7 +50,7 @@ from bottleneck.inspect.audit_graph import (
     progress_bar,
     project,
 )
-from bottleneck.inspect.embedding_map import audit_embedding
+from bottleneck.inspect.embedding_map import Embedding, audit_embedding
 
 #: Datalab's near-duplicate rule: closer than this x the median distance to the nearest neighbour.
 DUPLICATE_FACTOR = 0.13
@@ -98,7 +98,7 @@ class AuditResult:
     multi_label: bool = False  # `classes` counts each label of a multi-label label file
     label_model: dict | None = None  # the cross-validated model behind the label issues (`model_record`)
     exclude_label_issues: bool = False
-    embedding: object = field(default=None, repr=False)  # the page's map (`embedding_map.Embedding`); not in audit.json
+    embedding: Embedding | None = field(default=None, repr=False)  # the page's map; not in audit.json
 
     @property
     def leakage(self) -> list[dict]:

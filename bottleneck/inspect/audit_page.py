@@ -92,7 +92,7 @@ def audit_html(result: AuditResult, data_dir: str | os.PathLike) -> str:
     if result.label_model:  # the model behind the label issues, stated always; a warning when too weak
         notes += (
             f'<p class="{"note" if result.label_model["trusted"] else "warning"}">'
-            f"{html.escape(result.model_line())}</p>"
+            f"{html.escape(result.model_line() or '')}</p>"  # a line whenever label_model is set
         )
     t = result.thresholds
     sections = [

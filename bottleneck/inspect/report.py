@@ -45,7 +45,7 @@ def backbone_words(config: dict) -> str:
     `pixels 32`), from its recorded spec; its fingerprint when the run records none."""
     record = config.get("backbone_spec")
     architecture = record.get("architecture") if isinstance(record, dict) else None
-    if not isinstance(architecture, str):
+    if not isinstance(record, dict) or not isinstance(architecture, str):
         return backbone_fingerprint(config) or "?"
     size = record.get("image_size")
     if architecture == "pixels":
@@ -353,12 +353,13 @@ def _feature_pictures(run: Run):
     except DataError as exc:
         return FeaturePictures(unavailable=str(exc))
     wrong = metrics.get("misclassified") if isinstance(metrics, dict) else None
+    seed = run.metrics.get("seed")
     return feature_pictures(
         run.folder,
         config,
         wrong if isinstance(wrong, list) else [],
         _THUMBNAILS_PER_RUN,
-        run.metrics.get("seed") if isinstance(run.metrics.get("seed"), int) else 0,
+        seed if isinstance(seed, int) else 0,
     )
 
 
@@ -413,10 +414,10 @@ def html_report(runs: list[Run], summary: dict | None = None, sections: dict[int
     warning = ""
     if any(not run.metrics.get("pretrained", True) for run in runs):
         warning = '<p class="warning">Some runs use features of an untrained backbone (RANDOM WEIGHTS): their scores say nothing about transfer.</p>'
-    sections = "\n".join((sections or {}).get(id(run)) or _run_section(run) for run in runs)
+    body = "\n".join((sections or {}).get(id(run)) or _run_section(run) for run in runs)
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>bottleneck runs</title><style>{_STYLE}</style></head>'
-        f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}<p class='note'>{html.escape(COMPARISON_NOTE)}</p>{sections}</body></html>\n"
+        f"<body><h1>bottleneck runs</h1>{_summary_html(summary)}{warning}<h2>All runs</h2>{_html_table(comparison_rows(runs))}<p class='note'>{html.escape(COMPARISON_NOTE)}</p>{body}</body></html>\n"
     )
 
 

@@ -71,8 +71,8 @@ def thumbnail_uri(path: Path, side: int = _THUMBNAIL_SIDE, quality: int = 85) ->
 
     try:
         data, _ = read_image_file(path)  # the guarded reader: a FIFO or a 64 GB file is never read; shard members are
-        with Image.open(io.BytesIO(data)) as image:
-            image = to_rgb(ImageOps.exif_transpose(image))
+        with Image.open(io.BytesIO(data)) as opened:
+            image = to_rgb(ImageOps.exif_transpose(opened))
             image.thumbnail((side, side))
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=quality)

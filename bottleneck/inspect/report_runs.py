@@ -124,8 +124,9 @@ def beside_parents(runs: list[Run]) -> list[Run]:
         return parent if isinstance(parent, str) and parent in ids else None
 
     for run in runs:
-        if parent_of(run):
-            children.setdefault(parent_of(run), []).append(run)
+        parent = parent_of(run)
+        if parent:
+            children.setdefault(parent, []).append(run)
     ordered: list[Run] = []
 
     def visit(run: Run) -> None:

@@ -61,7 +61,12 @@ class FeatureRows:
         self.check_finite = check_finite
         self.store = store
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self.dim = int(array.shape[1]) if array is not None else int(dim)
+        if array is not None:
+            self.dim = int(array.shape[1])
+        elif dim is not None:
+            self.dim = int(dim)
+        else:
+            raise TypeError("rows of a store need their dim")  # int(None) raised a TypeError here before
         self.chunk_rows = max(1, int(chunk_rows))
         self._groups: dict[int, list[np.ndarray]] = {}
         self._reader = store.read_rows_at if store is not None else None
@@ -71,7 +76,10 @@ class FeatureRows:
         return self.array is not None
 
     def __len__(self) -> int:
-        return len(self.array) if self.array is not None else len(self.rows)
+        if self.array is not None:
+            return len(self.array)
+        assert self.rows is not None  # not in memory: rows of a store
+        return len(self.rows)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -320,7 +328,7 @@ def _content_hash(index: HashIndex, path: Path) -> str:
 
 
 def load_labelled_features(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
     spec: BackboneSpec | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -359,6 +367,7 @@ def load_labelled_features(
     index = HashIndex(cache) if cache.is_dir() else None
     try:
         store = find_store(cache, spec, index)
+        assert index is not None  # find_store refuses a cache that is not a folder
         hashes = [_content_hash(index, image.path) for image in discovery.images]
     finally:
         if index:

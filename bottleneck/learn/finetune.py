@@ -342,6 +342,7 @@ def _train(
                 ):
                     log("note: the optimizer state could not be restored; it starts afresh")
                 trained_stage = stage
+            assert trainer is not None  # made at the first epoch: trained_stage starts as None, never a stage
             phase_epoch, phase_epochs = (
                 (epoch, config.head_epochs) if head_phase else (epoch - config.head_epochs, config.epochs)
             )

@@ -99,13 +99,15 @@ class _StreamedImages:
 
         with ThreadPoolExecutor() as pool, decoder_noise_to(self.log_file):
             pixels = list(pool.map(_decode_or_none, [self.paths[i] for i in rows], [self.size] * len(rows)))
+        decoded: list[np.ndarray] = []
         for i, found in zip(rows, pixels):
             if found is None:
                 raise DataError(
                     f"{self.paths[i]} decoded when fine-tuning began and cannot be decoded now; "
                     "restore it and run the same command again (finished epochs are kept)"
                 )
-        return np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8)
+            decoded.append(found)
+        return np.stack(decoded) if decoded else np.zeros((0, self.size, self.size, 3), np.uint8)
 
 
 def _decode_or_none(path: Path, size: int) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,7 +46,8 @@ class _WorkFolder:
         if best:
             _save_weights_atomically(model, self.folder / names["best"])
         tmp = self.folder / ".optimizer.tmp.npz"
-        np.savez(tmp, **{f"v{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
+        arrays: dict[str, Any] = {f"v{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)}  # see dump.py
+        np.savez(tmp, **arrays)
         os.replace(tmp, self.folder / names["optimizer"])
         state["files"] = names
         tmp_state = self.folder / ".state.json.tmp"
@@ -61,8 +62,11 @@ class _WorkFolder:
         return self.folder / name if name and (self.folder / name).exists() else None
 
     def restore_optimizer(self, variables: list, state: dict) -> bool:
+        path = self.path(state, "optimizer")
+        if path is None:  # no optimizer file (np.load(None) raised the TypeError caught below)
+            return False
         try:
-            saved = np.load(self.path(state, "optimizer"))
+            saved = np.load(path)
         except (OSError, TypeError):
             return False
         if len(saved.files) != len(variables) or any(

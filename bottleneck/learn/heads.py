@@ -186,6 +186,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     """
 
     pipeline_: Any  # the fitted scikit-learn pipeline (scaler, then one or many logistic regressions)
+    C_search_: dict | None  # how C was chosen (None: C was given)
 
     def __init__(
         self,

@@ -195,7 +195,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         weights = _sample_weights(y_index, len(self.classes_), self.class_weight)
         scaler = _streamed_scaler(rows, chunk_rows)
         d = rows.dim
-        signature = (tf.TensorSpec((None, d), tf.float32), tf.TensorSpec((None,), tf.int64))
+        signature: tuple = (tf.TensorSpec((None, d), tf.float32), tf.TensorSpec((None,), tf.int64))
         if weights is not None:
             signature += (tf.TensorSpec((None,), tf.float32),)
         epoch = [0]

@@ -8,10 +8,13 @@ for two runs scored on the same images.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 #: The bootstrap behind every interval: resamples, level, seed (fixed: the same predictions give the same interval).
 RESAMPLES = 1000
@@ -74,7 +77,7 @@ def classification_intervals(truth: np.ndarray, predicted: np.ndarray, k: int, s
     }
 
 
-def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = CI_SEED) -> dict | None:
+def paired_difference(correct_a: ArrayLike, correct_b: ArrayLike, seed: int = CI_SEED) -> dict | None:
     """Accuracy of A minus accuracy of B on the same images (0/1 per image, aligned), with its 95% paired
     bootstrap interval (the same images resampled for both). None for no shared image."""
     diff = np.asarray(correct_a, np.float64) - np.asarray(correct_b, np.float64)

@@ -205,7 +205,7 @@ class LoadedRun:
         return self.folder.name
 
 
-def read_run_files(run_dir: str | Path) -> tuple[Path, dict]:
+def read_run_files(run_dir: str | os.PathLike) -> tuple[Path, dict]:
     """The run folder and its config, or a one-line `RunError` saying what is missing."""
     folder = Path(run_dir)
     if not folder.is_dir():
@@ -411,7 +411,7 @@ def _normalised(outputs: np.ndarray) -> np.ndarray:
     return outputs / outputs.sum(axis=1, keepdims=True)
 
 
-def load_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> LoadedRun:
     """Read a run folder; `cache_dir` overrides where its cached features live (default: where it was trained)."""
     folder, config = read_run_files(run_dir)
     if config.get("kind") == FINE_TUNED:

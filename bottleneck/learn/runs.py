@@ -110,7 +110,7 @@ def _domain_sample(rows: FeatureRows, count: int, rng: np.random.Generator) -> n
 
 
 def train_head(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
     runs_dir: str | os.PathLike,
     spec: BackboneSpec | None = None,
@@ -164,8 +164,9 @@ def train_head(
         labels=labels,
         columns=columns,
     )
-    data_dir = data.root  # a label file without DATA: paths are relative to its folder
-    listed = read_exclude_file(exclude, data_dir) if exclude else None
+    root = data.root  # a label file without DATA: paths are relative to its folder
+    assert root is not None  # load_labelled_features records the images' root
+    listed = read_exclude_file(exclude, root) if exclude else None
     return train_on_features(
         data,
         runs_dir,
@@ -175,7 +176,7 @@ def train_head(
         folds=folds,
         log=log,
         argv=argv,
-        data_dir=data_dir,
+        data_dir=root,
         spec=spec,
         exclude=exclude,
         exclude_listed=listed,

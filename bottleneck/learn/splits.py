@@ -269,7 +269,7 @@ def read_split_csv(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
     except csv.Error as exc:
         raise DataError(f"split file {path}, line {reader.line_num if reader else 1}: not CSV ({exc})") from None
     if bad:
-        names = sorted(bad, key=bad.get)
+        names = sorted(bad, key=lambda name: bad[name])
         raise DataError(
             f"split file {path} has unknown split names: {', '.join(_shown(n) if n else repr(n) for n in names)} "
             f"(first on line {bad[names[0]]}; use train, validation, test)"

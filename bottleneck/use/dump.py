@@ -17,7 +17,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -181,11 +181,12 @@ def dump_features(
         columns=columns,
         need_labels=False,
     )
-    streamed = bool(data.memory and data.memory.streamed)
-    if streamed and not parquet:
+    memory = data.memory
+    streamed = bool(memory and memory.streamed)
+    if memory is not None and streamed and not parquet:
         raise DumpError(
             f"the features of these {len(data.rows)} images ({format_bytes(data.rows.nbytes)}) exceed the memory "
-            f"budget ({format_bytes(data.memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
+            f"budget ({format_bytes(memory.max_memory_bytes)}) and npz holds one array: write .parquet, "
             "which is streamed in row groups, or raise --max-memory"
         )
     splits = splits_of(data, split, split_file, log)
@@ -262,7 +263,7 @@ def _write_parquet(path: Path, data: LabelledFeatures, splits: list[str] | None,
 
 def _write_npz(path: Path, data: LabelledFeatures, splits: list[str] | None, metadata: dict) -> None:
     """One array per column (text as fixed-width unicode, never objects, so `allow_pickle=False` reads it)."""
-    arrays = {
+    arrays: dict[str, Any] = {  # Any: numpy's stub reads **arrays as its allow_pickle flag
         "path": np.array([_text(p) for p in data.relpaths], dtype=str),
         _label_column(data): np.array([_text(label) for label in data.labels], dtype=str),
         "split": np.array(splits if splits is not None else [""] * len(data.rows), dtype=str),

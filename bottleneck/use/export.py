@@ -38,6 +38,7 @@ from bottleneck.features.decode import UnreadableImage, decode_image, read_image
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
+from bottleneck.learn.thresholds import Thresholds
 from bottleneck.quiet import native_startup_quiet
 from bottleneck.use.predict import predict_images
 
@@ -413,9 +414,9 @@ def parity_rows(parity: dict) -> list[list[str]]:
     return rows
 
 
-def _multi_label_readme(run: LoadedRun, parity: dict) -> str:
+def _multi_label_readme(labels: list[str], thresholds: Thresholds, parity: dict) -> str:
     """The paragraph on a multi-label run's outputs and thresholds."""
-    shown = ", ".join(f"`{label}` {value:.4f}" for label, value in zip(run.labels, run.thresholds.values))
+    shown = ", ".join(f"`{label}` {value:.4f}" for label, value in zip(labels, thresholds.values))
     differ = [
         f"{fmt} {figures['label_sets_differ']} of {figures['images']}"
         for fmt, figures in parity.get("saved_model", {}).items()
@@ -445,7 +446,7 @@ def export_readme(run: LoadedRun, parity: dict, tflite: bool) -> str:
         if parity
         else "Not measured: the run's test images were not found."
     )
-    multi_label = "" if run.thresholds is None else _multi_label_readme(run, parity)
+    multi_label = "" if run.thresholds is None else _multi_label_readme(run.labels, run.thresholds, parity)
     tflite_text = (
         f"""
 ## model.tflite (float32)

@@ -185,7 +185,7 @@ def _averaged_over_views(
         views,
         recipe,
         runtime=options.runtime,
-        batch_size=options.batch_size if options.batch_size != "auto" else 16,
+        batch_size=16 if options.batch_size == "auto" else int(options.batch_size),  # validated: auto or whole
         workers=options.workers,
         log=log,
         writable=done.in_memory is None,
@@ -230,7 +230,7 @@ def predict_images(
         computed, reused = done.computed, done.reused
         usable = [image for image in images if str(image.path) in done.hash_of]
         features = done.read_rows([done.hash_of[str(im.path)] for im in usable]) if usable else np.zeros((0, 1))
-        finite = np.isfinite(features).all(axis=1)
+        finite = np.asarray(np.isfinite(features).all(axis=1))  # an array: numpy's stub also allows a scalar
         reasons = {failure.path: failure.reason for failure in done.failures}
         for image in (im for im, ok in zip(usable, finite) if not ok):  # bit rot in the store: never a guess
             reasons[str(image.path)] = (
@@ -238,11 +238,13 @@ def predict_images(
                 "`bottleneck cache info` lists the store's segments: delete the damaged one"
             )
         usable, features = [im for im, ok in zip(usable, finite) if ok], features[finite]
-        probabilities: np.ndarray | list = run.classify(features) if usable else []
-        if tta is not None and usable:
-            probabilities, views_computed = _averaged_over_views(
-                run, usable, done, probabilities, tta, options or ExtractOptions(), log
-            )
+        probabilities: np.ndarray | list = []
+        if usable:
+            probabilities = run.classify(features)
+            if tta is not None:
+                probabilities, views_computed = _averaged_over_views(
+                    run, usable, done, probabilities, tta, options or ExtractOptions(), log
+                )
         by_path = {str(image.path): _predicted(image.relpath, p, run, top) for image, p in zip(usable, probabilities)}
         for image in images:
             key = str(image.path)

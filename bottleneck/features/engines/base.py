@@ -11,7 +11,7 @@ import numpy as np
 
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import ImageFile
-from bottleneck.features.store import Failure, StoreWriter
+from bottleneck.features.store import Failure, FeatureWriter
 
 if TYPE_CHECKING:
     from bottleneck.features.engines.sharded import ViewPlan
@@ -58,7 +58,7 @@ class Engine(Protocol):
     def run(
         self,
         tally: Tally,
-        writer: StoreWriter,
+        writer: FeatureWriter,
         index,
         spec: BackboneSpec,
         log: Callable[[str], None],

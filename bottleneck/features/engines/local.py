@@ -30,7 +30,7 @@ from bottleneck.features.discover import ImageFile
 from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, computed_by, non_finite_rows
 from bottleneck.features.hashing import sha256_bytes
 from bottleneck.features.noise import decoding
-from bottleneck.features.store import Failure, StoreWriter
+from bottleneck.features.store import Failure, FeatureWriter
 
 if TYPE_CHECKING:
     from bottleneck.features.engines.sharded import ViewPlan
@@ -127,7 +127,7 @@ class _Batcher:
     def __init__(
         self,
         spec: BackboneSpec,
-        writer: StoreWriter,
+        writer: FeatureWriter,
         batch_size: int,
         runtime: str,
         on_model: Callable[[str], None],
@@ -151,6 +151,7 @@ class _Batcher:
 
     def add(self, outcome: Outcome) -> bool:
         """Queue one decoded image; return True when that completed a batch."""
+        assert outcome.pixels is not None  # only a decoded image whose content has no features yet is added
         self.pixels.append(outcome.pixels)
         self.hashes.append(outcome.content_hash)
         self._taken.add(outcome.content_hash)
@@ -239,7 +240,7 @@ class LocalEngine:
     def run(
         self,
         tally,
-        writer: StoreWriter,
+        writer: FeatureWriter,
         index,
         spec: BackboneSpec,
         log: Callable[[str], None],

@@ -10,7 +10,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -18,8 +18,11 @@ from bottleneck import naming
 from bottleneck.backbones.spec import BackboneSpec
 from bottleneck.features.discover import ImageFile
 from bottleneck.features.engines.base import DEFAULT_BATCH_SIZE, NON_FINITE, Tally, computed_by, non_finite_rows
-from bottleneck.features.store import Failure, FeatureStore, StoreWriter
+from bottleneck.features.store import Failure, FeatureStore, FeatureWriter
 from bottleneck.text import error_line, printable
+
+if TYPE_CHECKING:
+    from bottleneck.features.augment import AugmentRecipe
 
 DEFAULT_SHARD_SIZE = 2000
 #: Tries of a shard inside one worker (Python errors); a killed worker is restarted by the engine.
@@ -75,7 +78,7 @@ class ViewPlan:
     """A job of augmented views instead of plain features: `count` views of each image by `recipe`
     (`bottleneck.features.augment`), each row keyed by its view key, into the view store."""
 
-    recipe: object  # an AugmentRecipe (plain data)
+    recipe: AugmentRecipe  # plain data
     count: int
 
 
@@ -114,7 +117,11 @@ class ShardJob:
 
 
 def make_job(
-    writer: StoreWriter, spec: BackboneSpec, options, threads: int | None = None, views: ViewPlan | None = None
+    writer: FeatureWriter,
+    spec: BackboneSpec,
+    options,
+    threads: int | None = None,
+    views: ViewPlan | None = None,
 ) -> ShardJob:
     return ShardJob(
         spec=spec,
@@ -373,13 +380,13 @@ class ShardedEngine:
         """Yield one result per shard, in any order (a shard may be missing: it is reported as failed)."""
         raise NotImplementedError
 
-    def job(self, writer: StoreWriter, spec: BackboneSpec, views: ViewPlan | None = None) -> ShardJob:
+    def job(self, writer: FeatureWriter, spec: BackboneSpec, views: ViewPlan | None = None) -> ShardJob:
         return make_job(writer, spec, self.options, views=views)
 
     def run(
         self,
         tally: Tally,
-        writer: StoreWriter,
+        writer: FeatureWriter,
         index,
         spec: BackboneSpec,
         log: Callable[[str], None],
@@ -403,7 +410,7 @@ class ShardedEngine:
         self,
         shards: list[Shard],
         tally: Tally,
-        writer: StoreWriter,
+        writer: FeatureWriter,
         index,
         spec: BackboneSpec,
         log: Callable[[str], None],

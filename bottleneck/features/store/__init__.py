@@ -35,7 +35,7 @@ from bottleneck.features.store.layout import (
     add_counts,
 )
 from bottleneck.features.store.read import FeatureStore, StoreSnapshot
-from bottleneck.features.store.write import MemoryWriter, StoreWriter
+from bottleneck.features.store.write import FeatureWriter, MemoryWriter, StoreWriter
 
 __all__ = [
     "COMPUTED_BY",
@@ -45,6 +45,7 @@ __all__ = [
     "UNRECORDED",
     "Failure",
     "FeatureStore",
+    "FeatureWriter",
     "MemoryWriter",
     "StoreIndex",
     "StoreSnapshot",

@@ -124,7 +124,7 @@ def _computed_by(attrs: dict, rows: int, kept: int) -> dict[str, int]:
     if kept == rows or not kept:
         return counts if kept else {}
     shares = {name: count * kept // rows for name, count in counts.items()}  # duplicates dropped: in proportion
-    first = max(counts, key=counts.get)
+    first = max(counts, key=lambda name: counts[name])
     shares[first] += kept - sum(shares.values())
     return {name: count for name, count in shares.items() if count}
 

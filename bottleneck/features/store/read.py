@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -106,7 +106,7 @@ class FeatureStore:
         hashes: list[str],
         features: np.ndarray,
         paths: list[str],
-        failures: list[Failure] = (),
+        failures: Sequence[Failure] = (),
         dtype: str | None = None,
         computed_by: str = "",
     ) -> Path:

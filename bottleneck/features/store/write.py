@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ def write_segment(
     hashes: list[str],
     features: np.ndarray,
     paths: list[str],
-    failures: list[Failure] = (),
+    failures: Sequence[Failure] = (),
     dtype: str | None = None,
     computed_by: str = "",
 ) -> Path:
@@ -262,8 +263,8 @@ class StoreWriter:
                 with self.store._open(source.path) as handle:
                     file_paths = handle["source_path"].asstr()[()]
                 paths.extend(str(file_paths[i]) for i in source.keep)
-        failures = {f.key: f for s in ordered for f in s.failures}
-        failures = [f for f in failures.values() if f.content_hash not in plan.seen]
+        by_key = {f.key: f for s in ordered for f in s.failures}
+        failures = [f for f in by_key.values() if f.content_hash not in plan.seen]
         self._seq += 1
         path = self.store.segments_dir / naming.new_file_name("seg", self._seq)
         self.store.segments_dir.mkdir(parents=True, exist_ok=True)
@@ -362,3 +363,7 @@ class StoreWriter:
         merged.setdefault("created", now)
         merged["updated"] = now
         return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in merged.items()}
+
+
+#: What computes into a store: its own writer, or the in-memory one used where the cache cannot be written.
+FeatureWriter = StoreWriter | MemoryWriter
