@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,openvino,test,ray,jax,audit,parquet
-# PyTorch is optional (its wheels are large): WITH_TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
-# installs the CPU build for the torch backend's tests; empty: those tests say they were skipped.
-WITH_TORCH ?=
+# PyTorch (the torch backend and the Hugging Face parity tests need it). The pin finds the CPU build this machine
+# keeps on disk; elsewhere pip downloads PyPI's larger CUDA build, so on a CPU box prefer
+# WITH_TORCH='torch --index-url https://download.pytorch.org/whl/cpu'. WITH_TORCH= (empty) installs nothing, and
+# the tests that need torch then say they were skipped.
+WITH_TORCH ?= torch==2.13.0
 
 DATA ?= data
 CACHE ?= cache
@@ -24,18 +26,21 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# Whether a module is installed, without importing it (importing keras_hub starts TensorFlow: seconds per target).
+HAS = $(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$(1)') is None)"
+
 torch: $(STAMP)
-	@test -z "$(WITH_TORCH)" || $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(WITH_TORCH)
+	@test -z "$(WITH_TORCH)" || $(call HAS,torch) || $(BIN)/python -m pip install --quiet $(WITH_TORCH)
 
 # Foundation-model backbones (opt-in): keras-hub without its declared dependencies (tensorflow-text would pull the
 # full tensorflow beside tensorflow-cpu), plus the few its vision models import.
 hub: $(STAMP)
-	$(BIN)/python -c "import keras_hub" 2>/dev/null || ($(BIN)/python -m pip install --quiet -e ".[hub]" && \
+	@$(call HAS,keras_hub) || ($(BIN)/python -m pip install --quiet -e ".[hub]" && \
 	  $(BIN)/python -m pip install --quiet --no-deps "keras-hub>=0.32")
 
 # The suite tests the foundation models too, against Hugging Face transformers' own (those tests need torch).
 hub-test: hub
-	@$(BIN)/python -c "import transformers" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[hub,hub-test]"
+	@$(call HAS,transformers) || $(BIN)/python -m pip install --quiet -e ".[hub,hub-test]"
 
 # The report test opens the page in headless Chromium; install it where it is missing (Debian, as root).
 browser:
