@@ -37,8 +37,11 @@ def weights_files(tmp_path_factory):
     return modern, legacy, model.predict(x, verbose=0)
 
 
-def test_fingerprint_names_the_exact_backbone(tmp_path, weights_files):
-    modern, legacy, _ = weights_files
+def test_fingerprint_names_the_exact_backbone(tmp_path):
+    # The fingerprint hashes a weights file's bytes, so two files of different bytes stand for two trained networks.
+    modern, legacy = tmp_path / "mine.weights.h5", tmp_path / "inception_v3_notop.h5"
+    modern.write_bytes(b"weights of one training")
+    legacy.write_bytes(b"weights of another")
     base = BackboneSpec(weights="none", image_size=TEST_SIZE)
     assert base.fingerprint() == BackboneSpec(weights="none", image_size=TEST_SIZE).fingerprint()
     assert base.fingerprint().startswith("inception_v3-75-none-")

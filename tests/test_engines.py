@@ -222,14 +222,17 @@ def test_features_augment_on_ray_writes_the_views_a_segment_per_shard(tmp_path, 
             ["--engine", "ray", "--ray-address", "127.0.0.1:1"],
             "bottleneck: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused",
         ),
-        (
+        pytest.param(  # asks a running Ray for its GPUs: starting one takes the fast suite 8 s
             ["--engine", "ray", "--gpus-per-worker", "1"],
             "bottleneck: error: --gpus-per-worker 1: this machine has no GPUs",
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["shard-size-local", "unreachable", "no-gpu"],
 )
-def test_bad_engine_input_is_one_line_and_exit_code_2(capsys, tmp_path, ray_session, argv, message):
+def test_bad_engine_input_is_one_line_and_exit_code_2(capsys, tmp_path, request, argv, message):
+    if "--gpus-per-worker" in argv:
+        request.getfixturevalue("ray_session")
     data = tmp_path / "data"
     make_dataset(data, per_class=1)
     code = main(["features", str(data), "--cache", str(tmp_path / "cache"), "--backbone", "pixels", *argv])

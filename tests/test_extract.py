@@ -22,6 +22,8 @@ from bottleneck.features.hashing import HashIndex, sha256_file
 from .conftest import TEST_SIZE, image_bytes, make_dataset, synthetic_image
 
 SPEC = BackboneSpec(weights="none", image_size=TEST_SIZE)
+#: For the tests of the store's bookkeeping (reuse, failures, locks), not of the network: features in milliseconds.
+PIXELS = BackboneSpec(architecture="pixels", image_size=8)
 
 
 def add_odd_files(root: Path) -> dict[str, str]:
@@ -71,8 +73,8 @@ def independent_features(paths: list[Path]) -> np.ndarray:
     return model.predict(keras.applications.inception_v3.preprocess_input(pixels.astype("float32")), verbose=0)
 
 
-def stored(cache: Path):
-    return open_store(cache, SPEC, HashIndex(cache)).load()
+def stored(cache: Path, spec: BackboneSpec = SPEC):
+    return open_store(cache, spec, HashIndex(cache)).load()
 
 
 @pytest.mark.slow
@@ -100,18 +102,18 @@ def test_features_match_an_independent_computation_and_bad_files_are_recorded(tm
 def test_rerun_computes_nothing_and_new_images_only_are_computed(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data, per_class=3)
-    first = extract_features(data, cache, SPEC)
+    first = extract_features(data, cache, PIXELS)
     assert (first.computed, first.reused) == (9, 0)
-    again = extract_features(data, cache, SPEC)
+    again = extract_features(data, cache, PIXELS)
     assert (again.computed, again.reused, again.failed) == (0, 9, 0)
 
     make_dataset(data, per_class=1, start=50)  # three new images
     duplicate = data / "red" / "copy_of_red_000.png"
     duplicate.write_bytes((data / "red" / "red_000.png").read_bytes())
     os.utime(data / "blue" / "blue_000.png")  # touched, content unchanged
-    more = extract_features(data, cache, SPEC)
+    more = extract_features(data, cache, PIXELS)
     assert (more.images, more.computed, more.reused) == (13, 3, 10)
-    assert len(stored(cache).content_hash) == 12
+    assert len(stored(cache, PIXELS).content_hash) == 12
 
 
 def test_identical_images_in_two_places_are_computed_once(tmp_path):
@@ -119,7 +121,7 @@ def test_identical_images_in_two_places_are_computed_once(tmp_path):
     make_dataset(data, per_class=2)
     for label in ("red", "green"):
         (data / label / "same.png").write_bytes(image_bytes(synthetic_image((9, 9, 9), 5), "PNG"))
-    result = extract_features(data, tmp_path / "cache", SPEC)
+    result = extract_features(data, tmp_path / "cache", PIXELS)
     assert (result.images, result.computed, result.reused) == (8, 7, 1)
 
 
@@ -143,7 +145,7 @@ def test_unreadable_file_is_a_failure_not_a_crash(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", guarded_open)
     monkeypatch.setattr(os, "open", guarded_os_open)
-    result = extract_features(data, tmp_path / "cache", SPEC)
+    result = extract_features(data, tmp_path / "cache", PIXELS)
     assert result.failed == 1 and result.failures[0].reason == "cannot read file: Permission denied"
 
 
@@ -153,23 +155,23 @@ def test_all_images_failing_is_an_error(tmp_path):
         (data / label).mkdir(parents=True)
         (data / label / "x.jpg").write_text("text")
     with pytest.raises(DataError, match=r"^no image could be used: all 2 failed \(first: .*x.jpg: not an image"):
-        extract_features(data, tmp_path / "cache", SPEC)
+        extract_features(data, tmp_path / "cache", PIXELS)
 
 
 def test_unwritable_cache_is_a_clear_error(tmp_path, dataset):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(CacheError, match=r"^cannot write to cache folder .*file/cache: Not a directory$"):
-        extract_features(dataset, blocker / "cache", SPEC)
+        extract_features(dataset, blocker / "cache", PIXELS)
 
 
 def test_busy_store_makes_the_second_run_refuse(tmp_path, dataset):
     cache = tmp_path / "cache"
-    extract_features(dataset, cache, SPEC)
-    store = open_store(cache, SPEC, HashIndex(cache))
+    extract_features(dataset, cache, PIXELS)
+    store = open_store(cache, PIXELS, HashIndex(cache))
     with store.writer():
         with pytest.raises(CacheError, match="^another bottleneck run"):
-            extract_features(dataset, cache, SPEC, lock_timeout=0.2)
+            extract_features(dataset, cache, PIXELS, lock_timeout=0.2)
 
 
 def _features_command(data: Path, cache: Path, *extra: str) -> list[str]:
@@ -241,11 +243,11 @@ def test_file_names_that_are_not_utf8_are_stored(tmp_path):
     odd = os.fsdecode(b"caf\xe9 latin-1.png")  # a name written by an old Windows tool
     synthetic_image((1, 2, 3), 99).save(data / "red" / odd, "PNG")
     (data / "blue" / os.fsdecode(b"broken \xff.jpg")).write_text("not an image")
-    result = extract_features(data, tmp_path / "cache", SPEC)
+    result = extract_features(data, tmp_path / "cache", PIXELS)
     assert (result.computed, result.failed) == (4, 1)
-    again = extract_features(data, tmp_path / "cache", SPEC)
+    again = extract_features(data, tmp_path / "cache", PIXELS)
     assert (again.computed, again.reused) == (0, 4)
-    assert any("caf" in p for p in stored(tmp_path / "cache").source_path)  # paths live in the segments
+    assert any("caf" in p for p in stored(tmp_path / "cache", PIXELS).source_path)  # paths live in the segments
 
 
 @pytest.mark.slow

@@ -23,9 +23,9 @@ from bottleneck.learn.run_folder import PREDICTIONS_FILE, PROBABILITY_PREFIX
 from bottleneck.learn.runs import HeadConfig, train_head
 from bottleneck.learn.splits import SplitConfig
 
-from .conftest import TEST_SIZE, make_dataset
+from .conftest import make_dataset
 
-SPEC = BackboneSpec(weights="none", image_size=TEST_SIZE)
+SPEC = BackboneSpec(architecture="pixels", image_size=16)  # 768 features
 SPLIT = SplitConfig(val_pct=20, test_pct=30, seed=2)
 
 
@@ -57,9 +57,9 @@ def test_sizes_parse_and_bad_budgets_are_one_line(extracted, tmp_path, capsys):
     assert main(base + ["--max-memory", "lots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bottleneck: error: --max-memory 'lots' is not a size") and err.count("\n") == 1
-    assert main(base + ["--max-memory", "100K"]) == 2  # the 30 rows do not fit; nor does one chunk of 64
+    assert main(base + ["--max-memory", "50K"]) == 2  # the 30 rows do not fit; nor does one chunk of 64
     err = capsys.readouterr().err
-    assert "cannot hold one batch of 64 rows of 2048 features" in err and err.count("\n") == 1
+    assert "cannot hold one batch of 64 rows of 768 features" in err and err.count("\n") == 1
     assert not runs.exists() or not any(runs.iterdir())
 
 
@@ -85,7 +85,7 @@ def test_streamed_logreg_equals_in_memory_repeats_and_predicts(extracted, tmp_pa
     # the artefact is the usual Pipeline, and it folds into one Dense softmax as export does
     pipeline = joblib.load(streamed.run_dir / "model.joblib")
     assert list(pipeline.classes_) == ["blue", "green", "red"]
-    store = FeatureStore(cache, SPEC.fingerprint(), 2048, {})
+    store = FeatureStore(cache, SPEC.fingerprint(), SPEC.feature_dim, {})
     X = store.read_rows_at(np.arange(6))
     kernel, bias = arrays_from_pipeline(pipeline).as_dense()
     np.testing.assert_allclose(
