@@ -26,29 +26,18 @@ from tests.conftest import make_dataset
 # Nothing here downloads; offline, Hugging Face's hub client would otherwise wait on the network (~100 s measured).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+NO_TORCH = "PyTorch is an optional extra: make test installs it unless WITH_TORCH= is empty"
 SIZE = 28  # two 14-pixel patches a side for DINOv2; CLIP, SigLIP and ViT use 14-pixel patches too here
 
 # DINOv2's preset is trained at 42 px (a 3x3 patch grid) and used at 28 (2x2), so its position table is resized
 # as the real presets' (518 px -> the input's grid) are: on every backend by TensorFlow's bicubic (PyTorch's own
 # differed by 2.2e-3 of the spread).
+TINY_LAYERS = dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2)
 TINY = {
-    "dinov2": (
-        "DINOV2Backbone",
-        dict(
-            patch_size=14,
-            num_layers=2,
-            hidden_dim=32,
-            num_heads=2,
-            intermediate_dim=64,
-            position_embedding_shape=(42, 42, 3),
-        ),
-    ),
-    "clip": ("CLIPVisionEncoder", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64)),
-    "siglip": (
-        "SigLIPVisionEncoder",
-        dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64),
-    ),
-    "vit": ("ViTBackbone", dict(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, mlp_dim=64)),
+    "dinov2": ("DINOV2Backbone", dict(TINY_LAYERS, intermediate_dim=64, position_embedding_shape=(42, 42, 3))),
+    "clip": ("CLIPVisionEncoder", dict(TINY_LAYERS, intermediate_dim=64)),
+    "siglip": ("SigLIPVisionEncoder", dict(TINY_LAYERS, intermediate_dim=64)),
+    "vit": ("ViTBackbone", dict(TINY_LAYERS, mlp_dim=64)),
 }
 
 
@@ -459,11 +448,8 @@ def test_cpu_precisions_compute_dinov2_features_near_float32(on_tensorflow, caps
 def hugging_face_parity(tmp_path, family: str, pixels: np.ndarray) -> dict[str, float]:
     """Our features against transformers' own outputs, relative to the spread, per pooling."""
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip(
-        "torch", reason="PyTorch is an optional extra: make test installs it unless WITH_TORCH= is empty"
-    )
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
     keras_hub = pytest.importorskip("keras_hub")
-    import torch
 
     torch.manual_seed(0)
     tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=SIZE)
@@ -550,11 +536,8 @@ def clip_from_transformers(model, folder: Path) -> None:
 @pytest.mark.slow
 def test_clip_features_equal_hugging_face_transformers(tmp_path, pixels):
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip(
-        "torch", reason="PyTorch is an optional extra: make test installs it unless WITH_TORCH= is empty"
-    )
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
     pytest.importorskip("keras_hub")
-    import torch
 
     torch.manual_seed(0)
     model = transformers.CLIPVisionModel(
