@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 from PIL import Image, TiffImagePlugin, features
 
 from bottleneck.errors import CacheError
-from bottleneck.features.decode import decode_image
+from bottleneck.features.decode import ImageDecodeError, decode_image
 from bottleneck.features.noise import decoder_noise_to, decoding, describe
+from tests.conftest import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +65,19 @@ def tiff_with_bad_field_type(path: Path) -> None:
         if struct.unpack_from("<H", data, at)[0] == 65000:
             struct.pack_into("<H", data, at + 2, 99)  # no such TIFF type
     path.write_bytes(bytes(data))
+
+
+def tiff_with_too_many_samples() -> bytes:
+    """A TIFF claiming 65,535 samples per pixel: Pillow logs an error (not a warning) and refuses it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 277:  # SamplesPerPixel
+            struct.pack_into("<H", data, at + 8, 65535)
+    return bytes(data)
 
 
 def test_c_level_writes_go_to_the_log_while_sys_stderr_reaches_the_terminal(tmp_path):
@@ -138,6 +153,21 @@ def test_pillow_warnings_from_worker_threads_are_logged_counted_and_never_dedupl
     assert describe(noise) == f"7 decoder warnings (logged to {log_path})"
 
 
+def test_what_pillow_logs_goes_to_the_log_and_its_logger_is_set_back(tmp_path):
+    log_path, logger = tmp_path / "noise.log", logging.getLogger("PIL")
+    before = (logger.handlers[:], logger.propagate)
+    with decoder_noise_to(log_path) as noise:
+        with decoding("many.tif"), pytest.raises(ImageDecodeError):
+            decode_image(tiff_with_too_many_samples(), 8)
+        logging.getLogger("PIL.Image").debug("below WARNING: not noise")
+        assert noise.count == 1 and noise.python_warnings == 1
+    assert (logger.handlers, logger.propagate) == before
+    [line] = log_path.read_text().splitlines()
+    assert line.endswith(
+        " error while decoding many.tif: More samples per pixel than can be decoded: 65535 (PIL.TiffImagePlugin)"
+    )
+
+
 def test_other_warnings_pass_through_and_filters_are_restored(tmp_path):
     filters, show = list(warnings.filters), warnings.showwarning
     with warnings.catch_warnings(record=True) as seen:
@@ -154,7 +184,7 @@ def test_pillow_warnings_outside_the_context_are_shown_once_and_never_raised(tmp
     done = run_python(
         """
         import pathlib
-        from bottleneck.features.decode import decode_image
+        from bottleneck.features.decode import ImageDecodeError, decode_image
         for _ in range(3):
             decode_image(pathlib.Path("bad.png").read_bytes(), 8)
         print("decoded")
@@ -260,6 +290,7 @@ def test_a_features_run_logs_and_counts_decoder_noise_and_keeps_the_terminal_cle
         Image.new("RGB", (20, 20), (0, 90, 200)).save(data / label / "plain.png")
     (data / "a" / "apng.png").write_bytes(invalid_apng())
     tiff_with_bad_field_type(data / "b" / "odd.tif")
+    (data / "b" / "many.tif").write_bytes(tiff_with_too_many_samples())
     done = subprocess.run(
         [
             sys.executable,
@@ -284,7 +315,35 @@ def test_a_features_run_logs_and_counts_decoder_noise_and_keeps_the_terminal_cle
     assert summary["computed"] == 3 and summary["decoder_warnings"] >= 2
     # the augmented views decode the same files again: their warnings go to the log too, not to the terminal
     assert "augmented views (2 per image): computed 6" in done.stdout + done.stderr
-    assert "Invalid APNG" not in done.stderr and "TIFF" not in done.stderr
+    assert "Invalid APNG" not in done.stderr and "TIFF" not in done.stderr and "samples per pixel" not in done.stderr
     assert f"decoder warnings (logged to {cache / 'decoder-warnings.log'})" in done.stderr
     log = (cache / "decoder-warnings.log").read_text()
     assert "Invalid APNG" in log and "apng.png" in log
+    assert "error while decoding " in log and "many.tif: More samples per pixel than can be decoded: 65535" in log
+
+
+def test_report_and_audit_thumbnails_log_their_decoders_noise_and_keep_the_terminal_clean(tmp_path):
+    """The pages' thumbnails decode every image a run names: their warnings go to a log beside the page."""
+    data, cache, runs, audit = (tmp_path / name for name in ("data", "cache", "runs", "audit"))
+    make_dataset(data, per_class=6)
+    for label in ("red", "green", "blue"):
+        (data / label / "apng.png").write_bytes(invalid_apng())
+    pixels = ["--backbone", "pixels", "--image-size", "8"]
+    done = run_python(
+        f"""
+        from bottleneck.cli import main
+        assert main(["features", {str(data)!r}, "--cache", {str(cache)!r}, *{pixels!r}, "--no-progress"]) == 0
+        assert main(["train-head", "--data", {str(data)!r}, "--cache", {str(cache)!r}, "--runs", {str(runs)!r},
+                     "--C", "1", "--val-pct", "30", "--test-pct", "30"]) == 0
+        assert main(["report", "--runs", {str(runs)!r}]) == 0
+        assert main(["audit", "--data", {str(data)!r}, "--cache", {str(cache)!r}, *{pixels!r},
+                     "--out", {str(audit)!r}, "--folds", "2"]) == 0
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "APNG" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert "thumbnails: " in done.stderr and f"(logged to {runs / 'decoder-warnings.log'})" in done.stderr
+    assert f"thumbnails: decoder warnings logged to {audit / 'decoder-warnings.log'}" in done.stdout
+    for log in (runs / "decoder-warnings.log", audit / "decoder-warnings.log"):
+        assert "UserWarning: Invalid APNG" in log.read_text() and "apng.png" in log.read_text()

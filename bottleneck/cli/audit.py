@@ -54,6 +54,8 @@ def _print_summary(result, files: dict, out) -> None:
             + (f"{outlier['label']}, " if outlier["label"] else "")
             + f"{outlier['score']:.3f})"
         )
+    if "decoder_warnings" in files:
+        out(f"  thumbnails: decoder warnings logged to {files['decoder_warnings']}")
     removals = sum(len(paths) for paths in result.suggested_removals().values())
     listed = (
         "leaked training copies, far-out outliers and label issues"

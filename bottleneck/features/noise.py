@@ -3,8 +3,8 @@
 libtiff and other C decoders print warnings straight to file descriptor 2, below Python, and
 Pillow warns about damaged files (invalid APNG chunks, short EXIF or TIFF tags). Over a long
 extraction that floods the terminal and hides the progress bar. While `decoder_noise_to(path)`
-is active, fd 2 points at the log file, Pillow's warnings (from any thread) are appended there,
-and Python's `sys.stderr` still reaches the real terminal, so progress bars and one-line
+is active, fd 2 points at the log file, Pillow's warnings and logged errors (from any thread) are
+appended there, and Python's `sys.stderr` still reaches the real terminal, so progress bars and one-line
 messages are unaffected. `NoiseLog.count` says how many lines of noise were logged.
 
 Enter and leave the context from the main thread: fd 2 and `sys.stderr` belong to the process.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -106,6 +107,15 @@ def decoder_log_in(cache: Path, writable: bool = True) -> Path:
 
 
 @contextlib.contextmanager
+def decoder_noise_beside(folder: str | os.PathLike) -> Iterator[NoiseLog]:
+    """`decoder_noise_to` the log in `folder` (a report's or an audit's), else, where it cannot be written, the
+    temporary one: pages that show thumbnails decode whatever images the runs name."""
+    folder = Path(folder)
+    with decoder_noise_to(decoder_log_in(folder, os.access(folder, os.W_OK))) as noise:
+        yield noise
+
+
+@contextlib.contextmanager
 def decoding(path: str | os.PathLike) -> Iterator[None]:
     """Name `path` in the log for Python warnings this thread raises meanwhile (cheap: use per image)."""
     previous = getattr(_current, "path", None)
@@ -136,6 +146,7 @@ def decoder_noise_to(log_path: str | os.PathLike) -> Iterator[NoiseLog]:
         terminal_fd = _redirect_fd2(noise, undo)
         _keep_sys_stderr_on(terminal_fd, undo)
         _route_warnings(noise, undo)
+        _route_pillow_logging(noise, undo)
         with _sessions_lock:
             _sessions[key] = noise
         undo.callback(_sessions.pop, key, None)
@@ -231,6 +242,44 @@ def _route_warnings(noise: NoiseLog, undo: contextlib.ExitStack) -> None:
             passed_on(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+
+
+class _PillowLogToNoise(logging.Handler):
+    """Writes Pillow's logged warnings and errors to the noise log, naming the file being decoded."""
+
+    def __init__(self, noise: NoiseLog) -> None:
+        super().__init__(logging.WARNING)
+        self.noise = noise
+
+    def emit(self, record: logging.LogRecord) -> None:
+        decoding_path = getattr(_current, "path", None)
+        where = f" while decoding {decoding_path}" if decoding_path else ""
+        try:
+            message = record.getMessage()
+            self.noise.write_warning(
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname.lower()}{where}: {message} ({record.name})"
+            )
+        except Exception:  # noqa: BLE001 - the log cannot take it: better on the terminal than lost
+            if logging.lastResort is not None:
+                logging.lastResort.handle(record)
+
+
+def _route_pillow_logging(noise: NoiseLog, undo: contextlib.ExitStack) -> None:
+    """Send what Pillow logs at WARNING and above to the log (a TIFF it refuses logs 'More samples per pixel...').
+
+    Without a handler, Python's last resort prints such records on `sys.stderr`, the terminal. The `PIL` logger's
+    handlers and propagation are set back on exit; a nested session's handler stands in for the outer one's.
+    """
+    logger = logging.getLogger("PIL")
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers = [_PillowLogToNoise(noise)]
+    logger.propagate = False
+    undo.callback(_restore_logger, logger, handlers, propagate)
+
+
+def _restore_logger(logger: logging.Logger, handlers: list[logging.Handler], propagate: bool) -> None:
+    logger.handlers = handlers
+    logger.propagate = propagate
 
 
 def _pillow_dir() -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bottleneck import naming
 from bottleneck.errors import DataError, disk_full, is_disk_full
+from bottleneck.features.noise import decoder_noise_beside
 from bottleneck.inspect.audit import AuditResult
 from bottleneck.inspect.report import _STYLE, _html_table, thumbnail_uri
 
@@ -188,7 +189,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_audit(result: AuditResult, data_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Path]:
-    """Write audit.html, audit.json and exclude.txt into `out`; return their paths."""
+    """Write audit.html, audit.json and exclude.txt into `out`; return their paths (and the decoder-warnings log's
+    where the thumbnails' decoders warned)."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise DataError(f"--out {folder} is a file: name a folder for audit.html, audit.json and exclude.txt")
@@ -199,5 +201,9 @@ def write_audit(result: AuditResult, data_dir: str | os.PathLike, out: str | os.
     files = {"html": folder / "audit.html", "json": folder / "audit.json", "exclude": folder / "exclude.txt"}
     _write(files["json"], json.dumps(result.as_json(), indent=1))
     _write(files["exclude"], exclude_text(result))
-    _write(files["html"], audit_html(result, data_dir))
+    with decoder_noise_beside(folder) as noise:  # the thumbnails' decoders
+        page = audit_html(result, data_dir)
+    _write(files["html"], page)
+    if noise.count:
+        files["decoder_warnings"] = noise.path
     return files

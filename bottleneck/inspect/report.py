@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from bottleneck.errors import DataError, disk_full, is_disk_full
+from bottleneck.features.noise import decoder_noise_beside, describe
 from bottleneck.inspect.embedding_map import STYLE as MAP_STYLE
 from bottleneck.inspect.report_figures import confusion_png, learning_curve_png, thumbnail_uri
 from bottleneck.inspect.report_runs import Run, _skipped, load_runs
@@ -476,8 +477,11 @@ def write_report(
         raise DataError(
             f"--out {shown(target)} is a folder: name the HTML file to write, as --out {shown(target / 'report.html')}"
         )
-    runs, sections = _renderable(load_runs(runs_dir, log), log)
-    page = html_report(runs, summary, sections)
+    with decoder_noise_beside(target.parent) as noise:  # thumbnails decode whatever images the runs name
+        runs, sections = _renderable(load_runs(runs_dir, log), log)
+        page = html_report(runs, summary, sections)
+    if noise.count:
+        log(f"thumbnails: {describe(noise)}")
     try:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, target)

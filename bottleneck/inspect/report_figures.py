@@ -68,12 +68,16 @@ def thumbnail_uri(path: Path, side: int = _THUMBNAIL_SIDE, quality: int = 85) ->
     from PIL import Image, ImageOps
 
     from bottleneck.features.decode import read_image_file, to_rgb
+    from bottleneck.features.noise import decoding
 
     try:
-        data, _ = read_image_file(path)  # the guarded reader: a FIFO or a 64 GB file is never read; shard members are
-        with Image.open(io.BytesIO(data)) as opened:
-            image = to_rgb(ImageOps.exif_transpose(opened))
-            image.thumbnail((side, side))
+        # The guarded reader: a FIFO or a 64 GB file is never read; shard members are. `decoding` names the file in
+        # the decoder-warnings log of the page being written.
+        with decoding(path):
+            data, _ = read_image_file(path)
+            with Image.open(io.BytesIO(data)) as opened:
+                image = to_rgb(ImageOps.exif_transpose(opened))
+                image.thumbnail((side, side))
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=quality)
     except Exception:  # a moved or damaged file must not break the report
