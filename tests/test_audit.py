@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -189,6 +190,29 @@ def test_the_audit_states_the_cross_validated_accuracy_behind_its_label_issues(p
     page = (planted["out"] / "audit.html").read_text()
     assert f"cross-validated logistic regression with accuracy {model['value']:.3f}" in page and "TOO WEAK" not in page
     assert f"accuracy {model['value']:.3f} (chance" in (planted["out"] / "exclude.txt").read_text()
+
+
+def test_fits_that_stop_before_converging_are_counted_in_one_line_not_warned(tmp_path, capsys, monkeypatch):
+    """scikit-learn's ConvergenceWarning is nine lines per fit on the terminal; the audit counts them instead."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    import bottleneck.inspect.audit as audit
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data, per_class=10)
+    assert main(["features", str(data), "--cache", str(cache), *PIXELS, "--no-progress"]) == 0
+    monkeypatch.setattr(audit, "MAX_ITER", 2)  # stops every fit early
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        argv = ["audit", "--data", str(data), "--cache", str(cache), *PIXELS, "--out", str(tmp_path / "a"), "--json"]
+        assert main(argv) == 0
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    captured = capsys.readouterr()
+    model = json.loads(captured.out.strip().splitlines()[-1])["label_model"]
+    assert (model["fits"], model["not_converged"], model["max_iter"]) == (5, 5, 2)
+    assert "; 5 of its 5 fits stopped at 2 iterations before converging" in captured.err
+    assert "ConvergenceWarning" not in captured.err
 
 
 def test_a_weak_model_says_its_label_issues_cannot_be_trusted(tmp_path, capsys):

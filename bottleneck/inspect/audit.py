@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -59,6 +60,8 @@ FOLDS = 5
 #: Below this cross-validated accuracy (multi-label: micro F1) the model behind the label issues is too weak for
 #: its flags to be trusted: at 0.74 most of what confident learning flags are hard but correctly labelled images.
 TRUSTED_ACCURACY = 0.85
+#: L-BFGS iterations of each cross-validated logistic regression.
+MAX_ITER = 300
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,11 @@ class AuditResult:
             f"label issues come from a {model['folds']}-fold cross-validated logistic regression with "
             f"{model['metric']} {model['value']:.3f} (chance {model['chance']:.3f})"
         )
+        if model.get("not_converged"):
+            line += (
+                f"; {model['not_converged']} of its {model['fits']} fits stopped at {model['max_iter']} iterations "
+                "before converging"
+            )
         if not model["trusted"]:
             return (
                 line + f": TOO WEAK for its flags to be trusted (below {TRUSTED_ACCURACY}); most flagged images are "
@@ -158,29 +166,54 @@ class AuditResult:
 # Label issues (the kNN graph's near-duplicates and outliers: `audit_graph`)
 
 
+class FitCount:
+    """The cross-validated model's fits, and how many stopped at `MAX_ITER` before converging.
+
+    scikit-learn says so with a ConvergenceWarning of nine lines per fit, on the terminal; the audit counts them
+    instead, and its line on the model (and audit.json) says how many. Other warnings pass on unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.fits = 0
+        self.not_converged = 0
+
+    def fit(self, model, X: np.ndarray, y: np.ndarray):
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(X, y)
+        self.fits += 1
+        self.not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model
+
+
 def out_of_fold_probabilities(
-    Z: np.ndarray, y: np.ndarray, folds: int, seed: int, progress: bool = False
+    Z: np.ndarray, y: np.ndarray, folds: int, seed: int, progress: bool = False, fits: FitCount | None = None
 ) -> np.ndarray:
     """Probabilities each image gets from a logistic regression that never saw it (stratified k-fold)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    fits = fits or FitCount()
     n_classes = int(y.max()) + 1
     proba = np.zeros((len(y), n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     bar = progress_bar(folds, "audit: cross-validation", "fold", progress)
     for train, held_out in splitter.split(Z, y):
-        model = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
-        model.fit(Z[train], y[train])
+        model = fits.fit(LogisticRegression(max_iter=MAX_ITER, C=1.0, random_state=seed), Z[train], y[train])
         proba[np.ix_(held_out, model.classes_)] = model.predict_proba(Z[held_out])
         bar.update()
     bar.close()
     return proba
 
 
-def model_record(metric: str, value: float, chance: float, folds: int) -> dict:
-    """The cross-validated model behind the label issues: its score, chance, and whether it is strong enough
-    (`TRUSTED_ACCURACY`) for its flags to be trusted."""
+def model_record(metric: str, value: float, chance: float, folds: int, fits: FitCount) -> dict:
+    """The cross-validated model behind the label issues: its score, chance, whether it is strong enough
+    (`TRUSTED_ACCURACY`) for its flags to be trusted, and how many of its fits stopped before converging."""
     return {
         "metric": metric,
         "value": round(float(value), 6),
@@ -188,6 +221,9 @@ def model_record(metric: str, value: float, chance: float, folds: int) -> dict:
         "folds": folds,
         "trusted": bool(value >= TRUSTED_ACCURACY),
         "trusted_at_least": TRUSTED_ACCURACY,
+        "fits": fits.fits,
+        "not_converged": fits.not_converged,
+        "max_iter": MAX_ITER,
     }
 
 
@@ -201,16 +237,21 @@ def label_issue_rows(y: np.ndarray, proba: np.ndarray) -> list[tuple[int, float]
 
 
 def out_of_fold_label_probabilities(
-    Z: np.ndarray, truth: np.ndarray, strata: list[str], folds: int, seed: int, progress: bool = False
+    Z: np.ndarray,
+    truth: np.ndarray,
+    strata: list[str],
+    folds: int,
+    seed: int,
+    progress: bool = False,
+    fits: FitCount | None = None,
 ) -> np.ndarray:
     """Each image's probability of each label (truth: (n, k) 0/1) from one-vs-rest logistic regressions that
     never saw it; folds stratified by `strata` (each image's rarest label). A label constant in a fold's
     training images gets that constant."""
-    import warnings
-
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    fits = fits or FitCount()
     proba = np.zeros(truth.shape)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # a rarest label on fewer images than folds: stratified as well as it can be
@@ -223,7 +264,7 @@ def out_of_fold_label_probabilities(
             if column.min() == column.max():
                 proba[held_out, j] = float(column[0])
                 continue
-            model = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(Z[train], column)
+            model = fits.fit(LogisticRegression(max_iter=MAX_ITER, C=1.0, random_state=seed), Z[train], column)
             proba[held_out, j] = model.predict_proba(Z[held_out])[:, 1]
         bar.update()
     bar.close()
@@ -293,10 +334,12 @@ def _multi_label_issues(
     labels = data.classes
     truth = multi_hot(data.label_sets, labels).astype(np.int64)
     strata = rarest_labels(data.label_sets)
-    proba = out_of_fold_label_probabilities(Z, truth, strata, folds, seed, progress)
+    fits = FitCount()
+    proba = out_of_fold_label_probabilities(Z, truth, strata, folds, seed, progress, fits)
     # chance: the micro F1 of giving every label to every image
     chance = 2 * truth.mean() / (1 + truth.mean())
-    model = model_record("micro F1", f1_score(truth, proba >= 0.5, average="micro", zero_division=0), chance, folds)
+    micro_f1 = f1_score(truth, proba >= 0.5, average="micro", zero_division=0)
+    model = model_record("micro F1", micro_f1, chance, folds, fits)
     return [
         {
             "path": data.relpaths[i],
@@ -322,8 +365,10 @@ def _label_issues(
     record (its cross-validated accuracy; chance is the largest class's share)."""
     classes = sorted(set(labels))
     y = np.array([classes.index(label) for label in labels])
-    proba = out_of_fold_probabilities(Z, y, folds, seed, progress)
-    model = model_record("accuracy", np.mean(np.argmax(proba, axis=1) == y), np.bincount(y).max() / len(y), folds)
+    fits = FitCount()
+    proba = out_of_fold_probabilities(Z, y, folds, seed, progress, fits)
+    accuracy = np.mean(np.argmax(proba, axis=1) == y)
+    model = model_record("accuracy", accuracy, np.bincount(y).max() / len(y), folds, fits)
     return [
         {
             "path": relpaths[i],
