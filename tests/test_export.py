@@ -233,3 +233,42 @@ def test_tensorflow_loads_without_jax_for_the_tensorflow_backend():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "(2,)"]  # not loaded with TensorFlow; importable when asked for
+
+
+def test_parity_images_re_encode_whatever_their_mode_and_transparency(tmp_path):
+    """A 1-bit and a 16-bit PNG with a tRNS colour: `convert("RGB")` carried an integer `transparency` into RGB,
+    and PNG's encoder raised (a traceback from `export`, found on Pillow's own test images)."""
+    from PIL import Image
+
+    from bottleneck.use.export import _reencoded
+
+    one_bit, sixteen = tmp_path / "one.png", tmp_path / "sixteen.png"
+    Image.new("1", (9, 7), 1).save(one_bit, transparency=1)
+    Image.new("I;16", (9, 7), 300).save(sixteen, transparency=300)
+    assert isinstance(Image.open(one_bit).info["transparency"], int)
+    folder = tmp_path / "re-encoded"
+    folder.mkdir()
+    sets = _reencoded([one_bit, sixteen], folder)
+    assert [len(paths) for paths in sets.values()] == [2, 2, 2]
+    for path in sets["png"]:
+        assert decode_image(path.read_bytes(), 8).shape == (8, 8, 3)
+
+
+def test_images_the_saved_model_refuses_are_counted_and_the_rest_measured():
+    """The graph decoder reads JPEG, PNG, GIF and BMP; a TIFF in a batch fails the whole batch."""
+    import tensorflow as tf
+
+    from bottleneck.use.export import _serve, parity_rows
+
+    def serving(images):
+        values = images.numpy().tolist()
+        if any(value.startswith(b"II*") for value in values):
+            raise tf.errors.InvalidArgumentError(None, None, "graph decoder: not a JPEG, PNG, GIF or BMP file")
+        return {"probabilities": tf.constant([[float(len(value)), 0.0] for value in values])}
+
+    served, kept = _serve(tf, serving, [b"\x89PNG a", b"II*\x00 tiff", b"\xff\xd8\xff jpeg"], 2)
+    assert kept == [0, 2] and served["probabilities"][:, 0].tolist() == [6.0, 8.0]
+    none, nothing = _serve(tf, serving, [b"II*\x00"], 2)
+    assert nothing == [] and none["probabilities"].shape == (0, 2)
+    rows = parity_rows({"saved_model": {"as given": {"images": 2, "max_abs_diff": 0.0, "refused": 1}}})
+    assert rows[1] == ["saved_model", "as given", "2 (1 refused)", "0.00e+00"]

@@ -34,7 +34,7 @@ import numpy as np
 
 from bottleneck.backbones.build import import_tensorflow
 from bottleneck.errors import BottleneckError, disk_full, is_disk_full, stop_if_interrupted
-from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file
+from bottleneck.features.decode import UnreadableImage, decode_image, read_image_file, to_rgb
 from bottleneck.features.shards import is_file_or_member
 from bottleneck.learn.classifier import INPUT_NAME, build_classifier
 from bottleneck.learn.run_folder import LoadedRun, load_run
@@ -132,13 +132,15 @@ def _reencoded(images: list[Path], folder: Path) -> dict[str, list[Path]]:
     for i, source in enumerate(images):
         try:
             with Image.open(io.BytesIO(read_image_file(source)[0])) as image:
-                rgb = image.convert("RGB")
-                for fmt, ext in (("jpeg", "jpg"), ("png", "png")):
-                    target = folder / f"{i:05d}.{ext}"
-                    rgb.save(target, fmt.upper(), quality=90) if fmt == "jpeg" else rgb.save(target, "PNG")
-                    sets[fmt].append(target)
-        except (OSError, UnreadableImage):
-            continue
+                # The decoder's own conversion, as a new image: a palette's `transparency` carried into RGB's info
+                # made PNG's encoder raise ("transparency for RGB must be list or tuple").
+                rgb = Image.frombytes("RGB", image.size, to_rgb(image).tobytes())
+            for fmt, ext in (("jpeg", "jpg"), ("png", "png")):
+                target = folder / f"{i:05d}.{ext}"
+                rgb.save(target, fmt.upper(), quality=90) if fmt == "jpeg" else rgb.save(target, "PNG")
+                sets[fmt].append(target)
+        except (OSError, ValueError, UnreadableImage, Image.DecompressionBombError):
+            continue  # an image that cannot be re-encoded is measured as given only
     return sets
 
 
@@ -195,14 +197,41 @@ def measure_parity(
             encoded = [read_image_file(p)[0] for p in usable]
             pixels = np.stack([decode_image(data, size) for data in encoded]).astype(np.float32)
             parity["model.keras"][fmt] = _compare(reference, _keras_predict(keras_model, pixels))
-            served = serving(images=tf.constant(encoded))
-            parity["saved_model"][fmt] = _compare(reference, served["probabilities"].numpy())
+            served, kept = _serve(tf, serving, encoded, len(run.labels))
+            parity["saved_model"][fmt] = _compare(reference[kept], served["probabilities"])
+            if len(kept) < len(encoded):
+                parity["saved_model"][fmt]["refused"] = len(encoded) - len(kept)
+                log(
+                    f"note: the SavedModel refused {len(encoded) - len(kept)} of {len(encoded)} test images "
+                    f"({fmt}): its graph decoder reads JPEG, PNG, GIF and BMP"
+                )
             if run.thresholds is not None:  # the labels it gives, against those predict gives
-                differ = (served["given"].numpy() != run.thresholds.decide(reference)).any(axis=1)
+                differ = (served["given"] != run.thresholds.decide(reference[kept])).any(axis=1)
                 parity["saved_model"][fmt]["label_sets_differ"] = int(differ.sum())
             if interpreter is not None:
                 parity["model.tflite"][fmt] = _compare(reference, _run_tflite(interpreter, pixels))
     return parity
+
+
+def _serve(tf, serving, encoded: list[bytes], classes: int) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The SavedModel's outputs for the images it accepts, and their positions in `encoded`.
+
+    One batch first; if it is refused, one image at a time: the graph decoder fails a whole batch on one image
+    in a format it does not read (a TIFF or a TGA that `predict` decodes)."""
+    try:
+        return {k: v.numpy() for k, v in serving(images=tf.constant(encoded)).items()}, list(range(len(encoded)))
+    except tf.errors.InvalidArgumentError:
+        pass
+    kept, parts = [], []
+    for i, data in enumerate(encoded):
+        try:
+            parts.append({k: v.numpy() for k, v in serving(images=tf.constant([data])).items()})
+        except tf.errors.InvalidArgumentError:
+            continue
+        kept.append(i)
+    if not parts:
+        return {"probabilities": np.zeros((0, classes)), "given": np.zeros((0, classes), bool)}, []
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}, kept
 
 
 def _predict_probabilities(run: LoadedRun, paths: list[Path]) -> tuple[np.ndarray, list[Path]]:
@@ -410,7 +439,8 @@ def parity_rows(parity: dict) -> list[list[str]]:
     rows = [["artefact", "input", "images", "max |p - predict|"]]
     for artefact, formats in parity.items():
         for fmt, figures in formats.items():
-            rows.append([artefact, fmt, str(figures["images"]), f"{figures['max_abs_diff']:.2e}"])
+            images = str(figures["images"]) + (f" ({figures['refused']} refused)" if figures.get("refused") else "")
+            rows.append([artefact, fmt, images, f"{figures['max_abs_diff']:.2e}"])
     return rows
 
 
