@@ -5,10 +5,20 @@ One unit system for sizes: binary units (KiB, MiB, GiB, TiB) with one decimal, a
 
 from __future__ import annotations
 
+import re
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 def printable(text: str) -> str:
     """UTF-8-safe text: file names that are not valid UTF-8 keep their bytes as U+FFFD (what the store keeps)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a newline as \\n, ESC as \\x1b): a file
+    name can then neither break a printed line nor send the terminal an escape sequence."""
+    return _CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def shown(value) -> str:
@@ -26,9 +36,14 @@ def _message_lines(error: BaseException | str) -> list[str]:
 
 
 def first_line(error: BaseException | str, limit: int | None = None) -> str:
-    """The first line of an error's message (or of a text), at most `limit` characters; its type's name if empty."""
+    """The first line of an error's message (or of a text), at most `limit` characters (a cut one ends in '...');
+    its type's name if empty."""
     lines = _message_lines(error)
-    return lines[0][:limit] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    if limit is not None and len(lines[0]) > limit:
+        return lines[0][: max(0, limit - 3)] + "..."
+    return lines[0]
 
 
 def error_line(error: BaseException) -> str:

@@ -99,3 +99,33 @@ def test_json_summary_is_the_last_line_and_strict_fails_on_bad_files(capsys, tmp
     assert code == 2
     assert json.loads(out.strip().splitlines()[-1])["reused"] == 6
     assert err.strip().splitlines()[-1] == "bottleneck: error: 2 images failed and --strict is set (see the list above)"
+
+
+def test_file_names_with_control_characters_stay_on_their_line_and_send_no_escape(capsys, tmp_path):
+    """A newline or an ESC in a file name, printed as is, split a line or coloured the terminal."""
+    data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
+    make_dataset(data, per_class=3)
+    (data / "red" / "two\nlines.png").write_bytes(b"not an image")
+    (data / "blue" / "esc\x1b[31mred.png").write_bytes(b"not an image")
+    pixels = ["--backbone", "pixels", "--image-size", "8"]
+    code, out, err = run_cli(capsys, "features", str(data), "--cache", str(cache), *pixels, "--no-progress")
+    assert code == 0 and "\x1b" not in out + err
+    assert "/red/two\\nlines.png: not an image Pillow can read" in out
+    assert "/blue/esc\\x1b[31mred.png: not an image Pillow can read" in out
+    argv = ["train-head", "--data", str(data), "--cache", str(cache), *pixels, "--runs", str(runs), "--C", "1"]
+    assert run_cli(capsys, *argv)[0] == 0
+    [run] = runs.iterdir()
+    code, out, err = run_cli(capsys, "predict", "--run", str(run), str(data))
+    rows = [line for line in out.splitlines() if "lines.png" in line or "red.png" in line]
+    assert code == 0 and len(rows) == 2 and all("error: not an image Pillow can read" in row for row in rows)
+    code, out, err = run_cli(capsys, "predict", "--run", str(run), str(data / "red" / "two\nlines.png"))
+    assert code == 2 and err.count("\n") == 1 and "two\\nlines.png: not an image Pillow can read" in err
+
+
+def test_text_helpers():
+    from bottleneck.text import first_line, one_line
+
+    assert one_line("a\nb\tc\x1b[0m\x7f\x85 é") == "a\\nb\\tc\\x1b[0m\\x7f\\x85 é"
+    assert first_line(ValueError("x" * 300), 200) == "x" * 197 + "..." and len(first_line("y" * 201, 200)) == 200
+    assert first_line("short\nsecond", 200) == "short" and first_line(KeyError("key")) == "key"
+    assert first_line(ValueError()) == "ValueError"

@@ -19,6 +19,7 @@ from bottleneck.cli.common import (
     spec_from,
     stderr,
 )
+from bottleneck.text import one_line
 
 _SHOWN = 5
 
@@ -98,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)
-    out = stderr if args.json else print
-    _print_summary(result, files, out)
+    write = stderr if args.json else print
+    _print_summary(result, files, lambda line: write(one_line(line)))  # it quotes file names
     if args.json:
         record = result.as_json()
         record["files"] = {name: str(path) for name, path in files.items()}

@@ -19,13 +19,15 @@ from bottleneck.cli.common import (
     select_backend,
     stderr,
 )
+from bottleneck.text import one_line
 
 
 def _table(predictions) -> str:
-    width = min(60, max((len(p.path) for p in predictions), default=4))
+    paths = [one_line(p.path) for p in predictions]  # a name holding a newline stays on its row
+    width = min(60, max((len(path) for path in paths), default=4))
     lines = []
-    for p in predictions:
-        shown = p.path if len(p.path) <= width else "..." + p.path[-(width - 3) :]
+    for p, path in zip(predictions, paths):
+        shown = path if len(path) <= width else "..." + path[-(width - 3) :]
         if p.error is not None:
             lines.append(f"{shown:<{width}}  error: {p.error}")
         elif p.labels is not None:
