@@ -30,6 +30,7 @@ from bottleneck.cli import (
 )
 from bottleneck.cli.common import EXIT_USAGE, stderr
 from bottleneck.errors import INTERRUPTED, BottleneckError, DiskFullError, disk_full, is_disk_full
+from bottleneck.text import one_line
 
 DISK_WAS_FULL = threading.Event()
 
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BottleneckError as exc:
         if isinstance(exc, DiskFullError):
             DISK_WAS_FULL.set()
-        stderr(f"bottleneck: error: {exc}")  # one line (`stderr` escapes a file name's newline)
+        stderr(f"bottleneck: error: {one_line(str(exc))}")  # one line, whatever file name it quotes
         return EXIT_USAGE
     except BrokenPipeError:  # `bottleneck predict ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,14 +8,12 @@ import sys
 
 from bottleneck import bounds
 from bottleneck.bounds import Interval
-from bottleneck.text import one_line
 
 EXIT_USAGE = 2
 
 
 def stderr(message: str) -> None:
-    """One line to stderr, control characters escaped: log lines quote file and run names (`text.one_line`)."""
-    print(one_line(message), file=sys.stderr, flush=True)
+    print(message, file=sys.stderr, flush=True)
 
 
 class Bounded:
