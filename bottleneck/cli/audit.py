@@ -16,10 +16,10 @@ from bottleneck.cli.common import (
     columns_of,
     data_or_labels,
     memory_budget,
+    one_line_each,
     spec_from,
     stderr,
 )
-from bottleneck.text import one_line
 
 _SHOWN = 5
 
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     files = write_audit(result, args.data if args.data is not None else Path(args.labels).absolute().parent, args.out)
-    write = stderr if args.json else print
-    _print_summary(result, files, lambda line: write(one_line(line)))  # it quotes file names
+    _print_summary(result, files, one_line_each(stderr if args.json else print))
     if args.json:
         record = result.as_json()
         record["files"] = {name: str(path) for name, path in files.items()}

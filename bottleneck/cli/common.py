@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 
 from bottleneck import bounds
 from bottleneck.bounds import Interval
+from bottleneck.text import one_line
 
 EXIT_USAGE = 2
 
 
 def stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def one_line_each(write: Callable[[str], None]) -> Callable[[str], None]:
+    """`write` with control characters escaped, for summaries that quote file names (a name may hold a newline);
+    not for `stderr` itself, which also prints multi-line tables."""
+    return lambda line: write(one_line(line))
 
 
 class Bounded:

@@ -18,12 +18,12 @@ from bottleneck.cli.common import (
     add_layout_argument,
     columns_of,
     data_or_labels,
+    one_line_each,
     select_backend,
     spec_from,
     stderr,
 )
 from bottleneck.errors import StrictModeError
-from bottleneck.text import one_line
 
 _FAILURES_SHOWN = 10
 
@@ -78,11 +78,6 @@ def _summarise_features(result, out: Callable[[str], None]) -> None:
             out(f"    ... and {len(result.failures) - _FAILURES_SHOWN} more (all in the store's 'failures' group)")
 
 
-def _one_line_each(write: Callable[[str], None]) -> Callable[[str], None]:
-    """`write` with control characters escaped: the summary quotes file names (a name may hold a newline)."""
-    return lambda line: write(one_line(line))
-
-
 def run(args: argparse.Namespace) -> int:
     """Compute the backbone features of every image under DATA into the cache."""
     data_or_labels(args)
@@ -120,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         columns=columns_of(args),
     )
-    out = _one_line_each(stderr if args.json else print)
+    out = one_line_each(stderr if args.json else print)
     _summarise_features(result, out)
     if args.augment:
         views = _augment(args, spec, options)
