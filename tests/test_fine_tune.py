@@ -389,3 +389,31 @@ def test_a_split_over_the_memory_budget_is_decoded_per_batch_with_the_same_resul
     for name in ("train", "validation", "test"):
         assert streamed.metrics["splits"][name]["accuracy"] == held.metrics["splits"][name]["accuracy"]
         assert abs(streamed.metrics["splits"][name]["log_loss"] - held.metrics["splits"][name]["log_loss"]) < 1e-6
+
+
+def test_a_damaged_optimizer_file_starts_the_optimizer_afresh_not_a_traceback(tmp_path):
+    """Resuming reads the last epoch's optimizer.npz; a cut, garbled or renamed one means a fresh optimizer."""
+    from bottleneck.learn.finetune_work import _WorkFolder
+
+    class Variable:
+        def __init__(self, shape):
+            self.shape, self.value = shape, None
+
+        def assign(self, array):
+            self.value = array
+
+    work = _WorkFolder(tmp_path)
+    state = {"files": {"optimizer": "opt.npz"}}
+    np.savez(tmp_path / "opt.npz", v0=np.ones(3), v1=np.zeros((2, 2)))
+    vs = [Variable((3,)), Variable((2, 2))]
+    assert work.restore_optimizer(vs, state) and vs[1].value.shape == (2, 2)
+    good = (tmp_path / "opt.npz").read_bytes()
+    for damaged in (
+        good[: len(good) // 2],
+        b"PK\x03\x04" + b"\x00" * 40,
+        b"garbage",
+        good.replace(b"v1.npy", b"w1.npy"),
+    ):
+        (tmp_path / "opt.npz").write_bytes(damaged)
+        assert not work.restore_optimizer([Variable((3,)), Variable((2, 2))], state), damaged[:10]
+    assert not work.restore_optimizer(vs, {"files": {}})

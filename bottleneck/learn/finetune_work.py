@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,19 +63,20 @@ class _WorkFolder:
         return self.folder / name if name and (self.folder / name).exists() else None
 
     def restore_optimizer(self, variables: list, state: dict) -> bool:
+        """Set the optimizer's variables from the saved epoch; False (it starts afresh) where the file is missing,
+        damaged or of another optimizer."""
         path = self.path(state, "optimizer")
-        if path is None:  # no optimizer file (np.load(None) raised the TypeError caught below)
+        if path is None:
             return False
         try:
-            saved = np.load(path)
-        except (OSError, TypeError):
+            with np.load(path) as saved:
+                arrays = [saved[f"v{i}"] for i in range(len(saved.files))]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged file: not a traceback
             return False
-        if len(saved.files) != len(variables) or any(
-            saved[f"v{i}"].shape != tuple(v.shape) for i, v in enumerate(variables)
-        ):
+        if len(arrays) != len(variables) or any(a.shape != tuple(v.shape) for a, v in zip(arrays, variables)):
             return False
-        for i, variable in enumerate(variables):
-            variable.assign(saved[f"v{i}"])
+        for array, variable in zip(arrays, variables):
+            variable.assign(array)
         return True
 
 
